@@ -1,0 +1,1 @@
+"""ATMA in JAX/Flax."""

@@ -1,0 +1,331 @@
+"""Typed, frozen configuration for atma-jax.
+
+One `Config` holds everything a run needs: the model architecture (`ModelConfig`, every knob of
+ATMA_SPEC §1), the data, the optimizer recipe (§6), the mesh, training and evaluation settings.
+Presets are Python files in `configs/` exposing `config() -> Config`.
+
+Command-line overrides address any field by dotted name (`model.num_layers=4`) and parse the
+value by the field's declared type; unknown names and unparsable values raise `ConfigError`
+naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, get_args, get_origin
+
+
+class ConfigError(ValueError):
+  """A configuration problem, with a message that says how to fix it."""
+
+
+AttnType = Literal["polar", "nope", "rope"]
+KernelImpl = Literal["auto", "pallas", "xla"]
+InitScheme = Literal["reference", "live_mixers"]
+SigRegMode = Literal["baseline", "weak", "discrete", "strong", "zipfian"]
+DType = Literal["float32", "bfloat16", "float16", "float64"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+  """Architecture (ATMA_SPEC §1-§5). Defaults are the canonical 378M Polar+memory model."""
+
+  vocab_size: int = 50304
+  num_layers: int = 16
+  hidden_size: int = 1024
+  head_dim: int = 128
+  gqa_ratio: int = 4  # query heads per KV head (fixed 4 in the reference)
+  attn_kernel_size: int = 4  # Canon depthwise conv width on q/k/v
+  conv_kernel_size: int = 3  # LFM2 depthwise conv width
+  mlp_ratio: int = 4  # MLP hidden = mlp_ratio * hidden_size (fc outputs twice that)
+  global_every: int = 4  # block l is global iff l % global_every == global_offset
+  global_offset: int = 2
+  attn_type: AttnType = "polar"
+  attn_window: Optional[int] = None  # sliding window (None = full causal)
+  mem_enabled: bool = True
+  mem_chunk: int = 64  # chunk of the chunked gated-delta scan (math does not depend on it)
+  mem_gamma_bias: float = 3.9  # constant added to the retention logit at run time
+  mem_beta_bias: float = 0.0  # constant added to the write logit at run time
+  num_random_keys: int = 0  # distractor keys R (training only; 0 disables)
+  rope_scale: float = 0.12  # softmax scale of the RoPE core (not 1/sqrt(d))
+  init_scheme: InitScheme = "reference"
+  param_dtype: DType = "float32"
+  embed_dtype: DType = "bfloat16"  # the reference stores the embedding table in bf16
+  compute_dtype: DType = "bfloat16"  # activation dtype
+  kernel_impl: KernelImpl = "auto"  # polar / gated-delta backend
+  remat: bool = False  # rematerialize each block in the backward pass
+
+  @property
+  def num_heads(self) -> int:
+    return self.hidden_size // self.head_dim
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.num_heads // self.gqa_ratio
+
+  def is_global(self, layer: int) -> bool:
+    return layer % self.global_every == self.global_offset
+
+  def validate(self) -> None:
+    if self.hidden_size % self.head_dim:
+      raise ConfigError(
+          f"model.hidden_size={self.hidden_size} is not a multiple of model.head_dim={self.head_dim};"
+          " choose hidden_size = num_heads * head_dim.")
+    if self.num_heads % self.gqa_ratio:
+      raise ConfigError(
+          f"num_heads={self.num_heads} (hidden_size/head_dim) is not divisible by"
+          f" model.gqa_ratio={self.gqa_ratio}; pick a gqa_ratio that divides the head count.")
+    if self.attn_window is not None and self.attn_window < 1:
+      raise ConfigError(f"model.attn_window={self.attn_window} must be >= 1 or None (full causal).")
+    for name in ("num_layers", "vocab_size", "attn_kernel_size", "conv_kernel_size", "mem_chunk",
+                 "mlp_ratio", "global_every"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"model.{name}={getattr(self, name)} must be a positive integer.")
+    if self.num_random_keys < 0:
+      raise ConfigError("model.num_random_keys must be >= 0 (0 disables the distractor loss).")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+  """Where training/validation tokens come from (see atma_jax/data)."""
+
+  source: Literal["embedded", "english", "bin", "hf"] = "embedded"
+  path: str = ""  # english: prepared shard dir; bin: glob of reference .bin shards
+  val_path: str = ""  # bin: validation shard glob (default: the *_val_* files of `path`)
+  hf_name: str = ""  # hf: dataset name (needs network)
+  hf_text_field: str = "text"
+  cache_dir: str = "data_cache"  # tokenized embedded/english corpora are cached here
+  val_fraction: float = 0.05  # embedded: deterministic share of documents held out
+  seed: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+  """The reference recipe (ATMA_SPEC §6.3-§6.5)."""
+
+  muon_lr: float = 0.02
+  muon_momentum: float = 0.95
+  muon_weight_decay: float = 0.01
+  muon_ns_steps: int = 12
+  muon_ns_coeffs: Literal["reference", "optax"] = "reference"  # (2,-1.5,0.5) or optax's quintic
+  embed_lr: float = 0.3
+  head_lr: float = 1.0 / 320.0
+  scalar_lr: float = 0.01
+  adam_b1: float = 0.8
+  adam_b2: float = 0.95
+  adam_eps: float = 1e-10
+  cooldown_frac: float = 0.7
+  clip_norm: float = 1.0
+  loss_reduction: Literal["sum", "mean"] = "sum"  # the reference backprops the token SUM
+  sigreg_mode: SigRegMode = "baseline"
+  sigreg_alpha: float = 0.0
+  distractor_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh. -1 on one axis means "all remaining devices"."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+  seq_len: int = 2048
+  global_batch: int = 256  # sequences per optimizer step
+  micro_batch: int = 16  # sequences per micro-step (global, across all devices)
+  steps: int = 18722
+  seed: int = 0
+  run_dir: str = "runs/default"
+  log_every: int = 10
+  eval_every: int = 125
+  eval_batches: int = 8  # validation micro-batches per evaluation
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+  lengths: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768, 65536)
+  depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+  trials: int = 16
+  num_docs: int = 4
+  seed: int = 1234
+  logits_chunk: int = 8192
+
+
+@dataclass(frozen=True)
+class Config:
+  name: str = "atma_378m"
+  model: ModelConfig = field(default_factory=ModelConfig)
+  data: DataConfig = field(default_factory=DataConfig)
+  optim: OptimConfig = field(default_factory=OptimConfig)
+  mesh: MeshConfig = field(default_factory=MeshConfig)
+  train: TrainConfig = field(default_factory=TrainConfig)
+  eval: EvalConfig = field(default_factory=EvalConfig)
+
+  def validate(self) -> "Config":
+    self.model.validate()
+    t = self.train
+    if t.global_batch % t.micro_batch:
+      raise ConfigError(
+          f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch="
+          f"{t.micro_batch}; set global_batch to k * micro_batch.")
+    if t.seq_len < 2:
+      raise ConfigError("train.seq_len must be >= 2.")
+    if not 0.0 <= self.optim.cooldown_frac <= 1.0:
+      raise ConfigError("optim.cooldown_frac must lie in [0, 1].")
+    return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides, (de)serialization, presets.
+
+
+def _parse_bool(text: str) -> bool:
+  low = text.strip().lower()
+  if low in ("1", "true", "yes", "on"):
+    return True
+  if low in ("0", "false", "no", "off"):
+    return False
+  raise ValueError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _parse_value(text: str, tp: Any, where: str) -> Any:
+  """Parses `text` as a value of the annotated type `tp`."""
+  origin = get_origin(tp)
+  args = get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    non_none = [a for a in args if a is not type(None)]
+    if type(None) in args and text.strip().lower() in ("none", "null", ""):
+      return None
+    errors = []
+    for a in non_none:
+      try:
+        return _parse_value(text, a, where)
+      except (ValueError, ConfigError) as e:
+        errors.append(str(e))
+    raise ValueError("; ".join(errors))
+  if origin is Literal:
+    if text in args:
+      return text
+    raise ValueError(f"expected one of {list(args)}, got {text!r}")
+  if origin is tuple:
+    items = [s for s in text.replace("(", "").replace(")", "").split(",") if s.strip()]
+    inner = args[0] if args else str
+    return tuple(_parse_value(s.strip(), inner, where) for s in items)
+  if tp is bool:
+    return _parse_bool(text)
+  if tp is int:
+    return int(text.replace("_", ""))
+  if tp is float:
+    return float(text)
+  if tp is str:
+    return text
+  raise ValueError(f"cannot parse a value of type {tp}")
+
+
+def _field_types(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def override(cfg: Config, assignments: list[str]) -> Config:
+  """Applies `section.field=value` assignments; raises ConfigError on unknown names/bad values."""
+  for item in assignments:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form section.field=value "
+                        "(e.g. --set model.num_layers=4).")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    cfg = _set_path(cfg, parts, value, key)
+  return cfg.validate()
+
+
+def _set_path(obj: Any, parts: list[str], value: str, full: str) -> Any:
+  names = [f.name for f in dataclasses.fields(obj)]
+  head = parts[0]
+  if head not in names:
+    raise ConfigError(
+        f"unknown config key {full!r}: {type(obj).__name__} has no field {head!r}. "
+        f"Valid fields here: {', '.join(names)}.")
+  tp = _field_types(type(obj))[head]
+  current = getattr(obj, head)
+  if len(parts) > 1:
+    if not dataclasses.is_dataclass(current):
+      raise ConfigError(f"config key {full!r}: {head!r} is a value, not a section.")
+    return dataclasses.replace(obj, **{head: _set_path(current, parts[1:], value, full)})
+  if dataclasses.is_dataclass(current):
+    raise ConfigError(f"config key {full!r} names a whole section; set one of its fields, "
+                      f"e.g. {full}.{dataclasses.fields(current)[0].name}=...")
+  try:
+    parsed = _parse_value(value, tp, full)
+  except ValueError as e:
+    raise ConfigError(f"bad value for {full}: {e}. Expected type {tp}.") from None
+  return dataclasses.replace(obj, **{head: parsed})
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+  return dataclasses.asdict(cfg)
+
+
+def to_json(cfg: Config) -> str:
+  return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def _from_dict(cls, data: dict[str, Any], where: str):
+  if not isinstance(data, dict):
+    raise ConfigError(f"config section {where or 'root'} must be a JSON object.")
+  hints = _field_types(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(data) - names
+  if unknown:
+    raise ConfigError(f"unknown config keys in {where or 'root'}: {sorted(unknown)}; "
+                      f"valid keys: {sorted(names)}.")
+  kwargs = {}
+  for k, v in data.items():
+    tp = hints[k]
+    if dataclasses.is_dataclass(tp):
+      kwargs[k] = _from_dict(tp, v, f"{where}.{k}".lstrip("."))
+    elif get_origin(tp) is tuple:
+      kwargs[k] = tuple(v)
+    else:
+      kwargs[k] = v
+  return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+  return _from_dict(Config, data, "").validate()
+
+
+def from_json(text: str) -> Config:
+  return from_dict(json.loads(text))
+
+
+PRESETS = ("tiny", "atma_378m")
+
+
+def load_preset(name: str) -> Config:
+  """Loads `configs/<name>.py` (a module with `config() -> Config`)."""
+  if name.endswith(".json"):
+    with open(name) as f:
+      return from_json(f.read())
+  mod_name = name[:-3].replace("/", ".") if name.endswith(".py") else f"configs.{name}"
+  try:
+    mod = importlib.import_module(mod_name)
+  except ModuleNotFoundError:
+    raise ConfigError(f"unknown config preset {name!r}; available presets: {', '.join(PRESETS)} "
+                      "(or pass a path to a saved config .json).") from None
+  return mod.config().validate()
+
+
+def resolve(preset: str, assignments: list[str] | None = None) -> Config:
+  return override(load_preset(preset), list(assignments or []))

@@ -1,0 +1,1 @@
+"""Config presets: each module exposes `config() -> atma_jax.config.Config`."""
