@@ -1,0 +1,161 @@
+"""Shared test harness for every backend of the Polar core op `attention_stats`.
+
+A backend passes if, on fresh random inputs, its forward (o, lse, p2) and its backward (given
+the api prologue's delta' and cq) match the fp64 materialized oracle and the oracle's autodiff
+VJP for random cotangents on all three outputs.
+
+  from tests.polar_cases import CASES, SMALL_CASES, check_backend
+  @pytest.mark.parametrize("case", SMALL_CASES, ids=str)
+  def test_mine(case):
+    check_backend(functools.partial(mod.attention_stats_fwd, block_k=16),
+                  functools.partial(mod.attention_stats_bwd, block_k=16),
+                  case, jnp.float32, atol=2e-5, rtol=2e-5)
+
+`fwd(q, k, v, scale, *, window, q_offset)` and `bwd(q, k, v, scale, lse, do, delta_prime, cq,
+*, window, q_offset)` are the backend contract of `pallas_kernels/polar_attention/api.py`
+(bind block sizes with functools.partial). x64 is switched on only inside the oracle call.
+
+Dimension glossary: B batch, Tq query rows, Tk key rows, H query heads, G KV heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.polar_attention import reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One shape of the op. `Tk` defaults to q_offset + Tq (the KV prefix up to the last row)."""
+  Tq: int
+  H: int = 4
+  G: int = 1
+  D: int = 16
+  B: int = 1
+  window: int | None = None
+  q_offset: int = 0
+  Tk: int | None = None
+
+  @property
+  def tk(self) -> int:
+    return self.Tk if self.Tk is not None else self.q_offset + self.Tq
+
+  def __str__(self) -> str:
+    w = "full" if self.window is None else f"w{self.window}"
+    return (f"B{self.B}_Tq{self.Tq}_Tk{self.tk}_off{self.q_offset}_H{self.H}G{self.G}"
+            f"_D{self.D}_{w}")
+
+
+# Every case a backend should pass. Blocks in tests are 16-64, so T=7 / 33 are smaller than /
+# not a multiple of a block.
+CASES = (
+    Case(Tq=1, H=2, G=2),                                  # single token, 1:1
+    Case(Tq=7, H=4, G=1),                                  # T < block, GQA 4:1
+    Case(Tq=33, H=4, G=2),                                 # odd T, GQA 2:1
+    Case(Tq=100, H=4, G=1, B=2),                           # odd T, several blocks
+    Case(Tq=33, H=4, G=1, window=1),                       # window 1: only self
+    Case(Tq=33, H=4, G=2, window=4),
+    Case(Tq=100, H=4, G=1, window=7),
+    Case(Tq=100, H=2, G=2, window=32),
+    Case(Tq=33, H=4, G=1, window=64),                      # window larger than T
+    Case(Tq=1, Tk=100, q_offset=99, H=4, G=1),             # decode
+    Case(Tq=1, Tk=100, q_offset=99, H=4, G=2, window=32),  # decode, windowed
+    Case(Tq=1, Tk=50, q_offset=20, H=4, G=1, window=7),    # decode into a longer (padded) cache
+    Case(Tq=17, Tk=80, q_offset=63, H=4, G=1),             # chunked prefill, Tq < Tk
+    Case(Tq=40, Tk=73, q_offset=33, H=4, G=2, window=16),  # chunked prefill, windowed
+)
+
+# A handful of cheap cases for slow (interpret-mode) backends: covers GQA, windows, odd T,
+# decode and chunked prefill.
+SMALL_CASES = (
+    Case(Tq=7, H=4, G=1),
+    Case(Tq=33, H=4, G=2, window=4),
+    Case(Tq=1, Tk=40, q_offset=39, H=4, G=1, window=16),
+    Case(Tq=17, Tk=48, q_offset=31, H=2, G=2),
+)
+
+
+def random_inputs(case: Case, dtype=jnp.float32, seed: int = 0):
+  """Fresh q, k (unit RMS, like post-QK-norm), v and a positive per-row scale in [0.1, 0.5].
+
+  q/k/v are in `dtype`; scale is fp32 (fp64 when dtype is fp64), as the model passes it.
+  """
+  rng = np.random.default_rng(seed)
+  B, Tq, Tk, H, G, D = case.B, case.Tq, case.tk, case.H, case.G, case.D
+  q = rng.standard_normal((B, Tq, H, D))
+  k = rng.standard_normal((B, Tk, G, D))
+  v = rng.standard_normal((B, Tk, G, D))
+  scale = rng.uniform(0.1, 0.5, (B, Tq, H))
+  sdt = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+  return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
+          jnp.asarray(scale, sdt))
+
+
+def random_cotangents(case: Case, seed: int = 0):
+  """numpy fp64 cotangents (do_BTHD, dlse_BTH, dp2_BTH) for the three outputs."""
+  rng = np.random.default_rng(seed + 1_000_003)
+  B, Tq, H, D = case.B, case.Tq, case.H, case.D
+  return (rng.standard_normal((B, Tq, H, D)), rng.standard_normal((B, Tq, H)),
+          rng.standard_normal((B, Tq, H)))
+
+
+def oracle_fwd_vjp(case: Case, q, k, v, scale, cotangents):
+  """fp64 oracle outputs and VJP as numpy: ((o, lse, p2), (dq, dk, dv, dscale))."""
+  args = [np.asarray(x, np.float64) for x in (q, k, v, scale)]
+  with jax.enable_x64(True):
+    f = lambda *a: reference.attention_stats_materialized(
+        *a, window=case.window, q_offset=case.q_offset)
+    outs, vjp = jax.vjp(f, *[jnp.asarray(a, jnp.float64) for a in args])
+    grads = vjp(tuple(jnp.asarray(c, jnp.float64) for c in cotangents))
+    return tuple(np.asarray(x) for x in outs), tuple(np.asarray(x) for x in grads)
+
+
+def backend_fwd_vjp(fwd, bwd, case: Case, q, k, v, scale, cotangents):
+  """A backend's outputs and its closed-form VJP (prologue from reference), as numpy."""
+  kw = dict(window=case.window, q_offset=case.q_offset)
+  o, lse, p2 = fwd(q, k, v, scale, **kw)
+  do, dlse, dp2 = (jnp.asarray(c, reference.stats_dtype(q.dtype)) for c in cotangents)
+  delta, cq = reference.stats_vjp_prologue(o, p2, do, dlse, dp2)
+  grads = bwd(q, k, v, scale, lse, do.astype(q.dtype), delta, cq, **kw)
+  return (tuple(np.asarray(x, np.float64) for x in (o, lse, p2)),
+          tuple(np.asarray(x, np.float64) for x in grads))
+
+
+def assert_close(name: str, got, want, atol: float, rtol: float, case=None):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  if got.shape != want.shape:
+    raise AssertionError(f"{name}: shape {got.shape} != oracle {want.shape} ({case})")
+  if not np.all(np.isfinite(got)):
+    raise AssertionError(f"{name}: non-finite values ({case})")
+  err = np.abs(got - want)
+  bad = err > atol + rtol * np.abs(want)
+  if bad.any():
+    idx = np.unravel_index(np.argmax(err - rtol * np.abs(want)), err.shape)
+    raise AssertionError(
+        f"{name}: {bad.sum()} / {bad.size} entries off; max abs err {err.max():.3e} "
+        f"(at {idx}: got {got[idx]:.6e}, oracle {want[idx]:.6e}); atol={atol} rtol={rtol} "
+        f"({case})")
+
+
+def check_backend(fwd, bwd, case: Case, dtype=jnp.float32, atol=1e-5, rtol=1e-5, seed=0):
+  """Forward (o, lse, p2) and VJP (dq, dk, dv, dscale) of a backend vs the fp64 oracle.
+
+  Returns the max abs errors per output for reporting.
+  """
+  q, k, v, scale = random_inputs(case, dtype, seed)
+  cot = random_cotangents(case, seed)
+  want_out, want_grad = oracle_fwd_vjp(case, q, k, v, scale, cot)
+  got_out, got_grad = backend_fwd_vjp(fwd, bwd, case, q, k, v, scale, cot)
+  names = ("o", "lse", "p2", "dq", "dk", "dv", "dscale")
+  errs = {}
+  for name, got, want in zip(names, got_out + got_grad, want_out + want_grad):
+    # Gradients scale with the number of rows/keys summed: compare relative to their size.
+    g_atol = atol * max(1.0, float(np.max(np.abs(want)))) if name.startswith("d") else atol
+    assert_close(name, got, want, g_atol, rtol, case)
+    errs[name] = float(np.max(np.abs(np.asarray(got) - want)))
+  return errs
