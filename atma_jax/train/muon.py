@@ -1,0 +1,115 @@
+"""Muon for the matrix parameters of the blocks (ATMA_SPEC §6.3, pitfalls §10.18).
+
+Per parameter `P` with (already clipped) gradient `g` and momentum buffer `Mb`:
+
+    Mb <- mu Mb + (1 - mu) g                     (lerp towards the gradient, mu = 0.95)
+    U  <- (1 - mu) g + mu Mb                      (Nesterov blend)
+    U  <- NS(U) * sqrt(max(1, rows / cols))       (torch (out, in) orientation)
+    P  <- P (1 - lr_t wd) - lr_t U                (decoupled weight decay first)
+
+`NS` is the Newton-Schulz orthogonalization in bf16: work on the transpose if rows > cols,
+`X = U / (||U||_F + 1e-7)`, then `steps` times `A = X X^T; X <- a X + (b A + c A A) X` with the
+reference coefficients (a, b, c) = (2, -1.5, 0.5) and 12 steps. `ns_coeffs="optax"` swaps in
+optax's own Newton-Schulz (its quintic coefficients and step count).
+
+The algorithm is defined on torch's layouts; our leaves are stored differently, so each leaf
+has a *kind* that says how to view it as a (batch of) torch matrices:
+
+| kind     | our leaf            | torch view                | NS matrix                |
+|----------|---------------------|---------------------------|--------------------------|
+| "linear" | kernel `[in, out]`  | weight `(out, in)`        | the transpose            |
+| "conv"   | kernel `[K, C]`     | weight `(C, 1, K)`        | C separate `1 x K` rows  |
+| "matrix" | e.g. v_null `[H, d]`| same layout               | the leaf itself          |
+
+Dimension glossary: R, C = rows, columns of the torch-orientation matrix; K = conv taps;
+Ch = conv channels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+REFERENCE_NS_COEFFS = (2.0, -1.5, 0.5)
+MUON_KINDS = ("linear", "conv", "matrix")
+
+
+def _bf16_matmul(a, b):
+  """bf16 x bf16 -> bf16 with fp32 accumulation (what a torch bf16 matmul does)."""
+  return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+
+def newton_schulz_reference(u_RC: jax.Array, steps: int = 12,
+                            coeffs=REFERENCE_NS_COEFFS, eps: float = 1e-7) -> jax.Array:
+  """The reference's bf16 Newton-Schulz over the last two axes (batched over leading axes)."""
+  a, b, c = coeffs
+  x = u_RC.astype(jnp.bfloat16)
+  tall = x.shape[-2] > x.shape[-1]
+  if tall:
+    x = jnp.swapaxes(x, -1, -2)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(-2, -1), keepdims=True))
+  x = x / (norm.astype(jnp.bfloat16) + eps)
+  for _ in range(steps):
+    a_RR = _bf16_matmul(x, jnp.swapaxes(x, -1, -2))
+    b_RR = b * a_RR + c * _bf16_matmul(a_RR, a_RR)
+    x = a * x + _bf16_matmul(b_RR, x)
+  if tall:
+    x = jnp.swapaxes(x, -1, -2)
+  return x
+
+
+def newton_schulz_optax(u_RC: jax.Array) -> jax.Array:
+  """optax's own Newton-Schulz (its default coefficients and steps), per matrix."""
+  from optax.contrib._muon import orthogonalize_via_newton_schulz
+  coeffs = jnp.asarray((3.4445, -4.7750, 2.0315), jnp.float32)
+  fn = lambda m: orthogonalize_via_newton_schulz(m, coeffs, 5)
+  for _ in range(u_RC.ndim - 2):
+    fn = jax.vmap(fn)
+  return fn(u_RC.astype(jnp.float32))
+
+
+def to_torch_view(x, kind: str):
+  """Our leaf layout -> batch of torch-orientation matrices `[..., R, C]`."""
+  if kind == "linear":
+    return jnp.swapaxes(x, -1, -2)
+  if kind == "conv":  # [K, Ch] -> (Ch, 1, K)
+    return jnp.swapaxes(x, -1, -2)[..., :, None, :]
+  if kind == "matrix":
+    return x
+  raise ValueError(f"unknown Muon parameter kind {kind!r}; expected one of {MUON_KINDS}")
+
+
+def from_torch_view(x, kind: str):
+  if kind == "linear":
+    return jnp.swapaxes(x, -1, -2)
+  if kind == "conv":
+    return jnp.swapaxes(x[..., :, 0, :], -1, -2)
+  return x
+
+
+def orthogonalized_update(u, kind: str, *, ns_steps: int = 12, ns_coeffs: str = "reference"):
+  """NS(U) * sqrt(max(1, R / C)) in torch orientation, returned in our layout (fp32)."""
+  t = to_torch_view(u, kind)
+  rows, cols = t.shape[-2], t.shape[-1]
+  if ns_coeffs == "reference":
+    o = newton_schulz_reference(t, steps=ns_steps)
+  elif ns_coeffs == "optax":
+    o = newton_schulz_optax(t)
+  else:
+    raise ValueError(f"optim.muon_ns_coeffs={ns_coeffs!r}; expected 'reference' or 'optax'.")
+  o = o.astype(jnp.float32) * jnp.float32(max(1.0, rows / cols) ** 0.5)
+  return from_torch_view(o, kind)
+
+
+def muon_leaf_update(g, mb, p, kind: str, lr_t, *, momentum: float, weight_decay: float,
+                     ns_steps: int, ns_coeffs: str):
+  """One Muon step for one leaf -> (update to add to `p`, new momentum buffer `mb`).
+
+  The update is `-lr_t (wd P + U)`, so `P + update = P (1 - lr_t wd) - lr_t U`.
+  """
+  g = g.astype(jnp.float32)
+  mb = mb + (1.0 - momentum) * (g - mb)  # lerp towards the gradient
+  u = g + momentum * (mb - g)  # Nesterov blend (1 - mu) g + mu Mb
+  o = orthogonalized_update(u, kind, ns_steps=ns_steps, ns_coeffs=ns_coeffs)
+  upd = -lr_t * (weight_decay * p.astype(jnp.float32) + o)
+  return upd, mb
