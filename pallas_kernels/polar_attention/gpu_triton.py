@@ -1,0 +1,367 @@
+"""Pallas-Triton (GPU) kernels of the Polar core op `attention_stats` (KERNELS.md §2a).
+
+Forward: `(o f32, lse f32, p2 f32) = attention_stats(q, k, v, scale)` — tempered softmax
+attention with the extra row statistic p2 = sum pi^2 (online: Q2 <- alpha^2 Q2 + sum p^2,
+p2 = Q2 / L^2). Backward: a dQ kernel (query-parallel; also gives dscale) and a dK/dV kernel
+(key-parallel; walks the GQA group's query heads and the query tiles in the band, so dK/dV are
+summed in-kernel), both with ds = pi (dp - delta') + cq pi^2.
+
+Every kernel reads the model's batch-major layout `[B, T, heads, D]` directly (strided rows,
+no transposes). Lengths are padded to a multiple of the block; padded keys are masked, padded
+query rows get lse = +1e30 so that pi = 0 for them in the backward.
+
+Each key (or query) loop runs only over the blocks in the causal/window band, split in three
+phases: masked edge blocks, unmasked interior blocks, masked edge blocks. Logits are kept in
+base 2 (`scale * log2 e` folded into the per-row scale); statistics are fp32; dot operands are
+in the input dtype (bf16 in training) with fp32 accumulation.
+
+The Triton backend of Pallas is deprecated in JAX 0.11 but works; its warning is silenced here.
+On a machine without a GPU the kernels run in interpret mode (tests).
+
+Dimension glossary
+  B batch   Tq/Tk query/key rows   H query heads   G KV heads   R = H // G   D head dim
+  bq/bk query/key block   nq/nk number of query/key blocks (after padding)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.polar_attention import reference
+
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
+
+LOG2E = math.log2(math.e)
+NEG = reference.MASK_SENTINEL  # finite sentinel for invisible logits (spec §3.4)
+PAD_LSE = 1e30  # lse of padded query rows: exp(s - lse) = 0, so they add nothing to dK/dV
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """Tile sizes and launch parameters (powers of two >= 16 for the blocks)."""
+  block_q: int = 128
+  block_k: int = 64
+  num_warps: int = 8
+  num_stages: int = 2
+  dq_block_q: int = 64
+  dq_block_k: int = 64
+  dkv_block_q: int = 64
+  dkv_block_k: int = 64
+  bwd_num_warps: int = 4
+  bwd_num_stages: int = 2
+
+
+DEFAULT_CONFIG = BlockConfig()
+
+
+def is_supported(q, k, v, *, window=None, q_offset=0) -> bool:
+  """True when these kernels can run this call (else the api falls back to XLA)."""
+  D = q.shape[-1]
+  return (q.ndim == 4 and k.shape == v.shape and k.shape[-1] == D
+          and D >= 16 and D & (D - 1) == 0 and D <= 256
+          and q.shape[2] % k.shape[2] == 0
+          and isinstance(q_offset, int)
+          and (window is None or isinstance(window, int))
+          and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
+                                     jnp.dtype(jnp.float32)))
+
+
+def _interpret() -> bool:
+  return jax.default_backend() != "gpu"
+
+
+def _fit_block(block: int, t: int) -> int:
+  """Largest useful power-of-two block: min(block, next_pow2(t)), at least 16 (Triton dots)."""
+  return max(16, min(block, pl.next_power_of_2(t)))
+
+
+def _pad_axis1(x, t_pad, value=0.0):
+  t = x.shape[1]
+  if t == t_pad:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (0, t_pad - t)
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _cdiv(x, n: int):
+  """ceil(x / n) for a traced x >= 0."""
+  return lax.div(x + (n - 1), n)
+
+
+def _clip(x, lo, hi):
+  return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def _visible(rows, cols, *, tk, window):
+  """bool mask of visible (row, key) pairs; rows/cols are absolute positions, broadcastable."""
+  valid = (cols <= rows) & (cols < tk)
+  if window is not None:
+    valid = valid & (cols > rows - window)
+  return valid
+
+
+def _dot(a, b, *, trans_b=False):
+  """MXU/tensor-core dot with fp32 accumulation (full fp32 precision for fp32 operands)."""
+  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return pltriton.dot(a, b, trans_b=trans_b, precision=prec)
+
+
+def _key_band(p0, p1, *, bk, tk, window):
+  """Key blocks for query rows at positions [p0, p1] -> (lo, full_lo, full_hi, hi).
+
+  Blocks [full_lo, full_hi) are visible to every row (no mask); [lo, full_lo) and
+  [full_hi, hi) need the mask; blocks outside [lo, hi) are wholly invisible and skipped.
+  """
+  hi = _cdiv(jnp.minimum(p1 + 1, tk), bk)
+  if window is None:
+    lo = jnp.int32(0)
+    full_lo = jnp.int32(0)
+  else:
+    lo = lax.div(jnp.maximum(p0 - window + 1, 0), bk)
+    full_lo = _cdiv(jnp.maximum(p1 - window + 1, 0), bk)
+  full_hi = jnp.minimum(lax.div(p0 + 1, bk), tk // bk)
+  full_lo = _clip(full_lo, lo, hi)
+  full_hi = _clip(full_hi, full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+def _query_band(k0, k1, *, bq, nq, q_offset, tk_block_ok, window):
+  """Query blocks whose rows see keys [k0, k1] -> (lo, full_lo, full_hi, hi) as in _key_band."""
+  lo = lax.div(jnp.maximum(k0 - q_offset, 0), bq)
+  full_lo = _cdiv(jnp.maximum(k1 - q_offset, 0), bq)
+  if window is None:
+    hi = jnp.int32(nq)
+    full_hi = jnp.int32(nq)
+  else:
+    hi = jnp.minimum(_cdiv(jnp.maximum(k1 + window - q_offset, 0), bq), nq)
+    full_hi = _cdiv(jnp.maximum(k0 + window - q_offset - bq + 1, 0), bq)
+  full_hi = jnp.where(tk_block_ok, full_hi, 0)  # a key block crossing Tk is always masked
+  full_lo = _clip(full_lo, lo, hi)
+  full_hi = _clip(full_hi, full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+def _three_phase(lo, full_lo, full_hi, hi, body, carry):
+  """Runs body(idx, carry, masked) over [lo, full_lo) masked, [full_lo, full_hi), rest masked."""
+  carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, *, bq, bk, tk,
+                q_offset, window):
+  i = pl.program_id(0)
+  q = q_ref[...]
+  scale2_q = s_ref[...].astype(jnp.float32) * LOG2E
+  p0 = q_offset + i * bq
+  rows_q = p0 + jnp.arange(bq)
+
+  def body(kb, carry, masked):
+    m_q, l_q, q2_q, acc_qd = carry
+    start = pl.multiple_of(kb * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    s_qk = _dot(q, k, trans_b=True) * scale2_q[:, None]
+    if masked:
+      valid = _visible(rows_q[:, None], (start + jnp.arange(bk))[None, :], tk=tk, window=window)
+      s_qk = jnp.where(valid, s_qk, NEG)
+    m_new = jnp.maximum(m_q, jnp.max(s_qk, axis=1))
+    alpha = jnp.exp2(m_q - m_new)
+    p_qk = jnp.exp2(s_qk - m_new[:, None])
+    if masked:
+      p_qk = jnp.where(valid, p_qk, 0.0)
+    l_q = alpha * l_q + jnp.sum(p_qk, axis=1)
+    q2_q = alpha * alpha * q2_q + jnp.sum(p_qk * p_qk, axis=1)
+    acc_qd = acc_qd * alpha[:, None] + _dot(p_qk.astype(v.dtype), v)
+    return m_new, l_q, q2_q, acc_qd
+
+  band = _key_band(p0, p0 + bq - 1, bk=bk, tk=tk, window=window)
+  zeros_q = jnp.zeros((bq,), jnp.float32)
+  init = (zeros_q + NEG, zeros_q, zeros_q, jnp.zeros(q.shape, jnp.float32))
+  m_q, l_q, q2_q, acc_qd = _three_phase(*band, body, init)
+  l_safe = jnp.where(l_q > 0.0, l_q, 1.0)
+  o_ref[...] = acc_qd / l_safe[:, None]
+  lse_ref[...] = (m_q + jnp.log2(l_safe)) / LOG2E
+  p2_ref[...] = q2_q / (l_safe * l_safe)
+
+
+def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_offset=0,
+                        block_k=None, config: BlockConfig = DEFAULT_CONFIG):
+  """Forward kernel: (o_BTHD f32, lse_BTH f32, p2_BTH f32)."""
+  reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
+                                   q_offset=q_offset)
+  B, Tq, H, D = q_BTHD.shape
+  Tk, G = k_BTGD.shape[1], k_BTGD.shape[2]
+  R = H // G
+  bq = _fit_block(config.block_q, Tq)
+  bk = _fit_block(block_k or config.block_k, Tk)
+  tq_pad, tk_pad = pl.cdiv(Tq, bq) * bq, pl.cdiv(Tk, bk) * bk
+  q = _pad_axis1(q_BTHD, tq_pad)
+  k, v = _pad_axis1(k_BTGD, tk_pad), _pad_axis1(v_BTGD, tk_pad)
+  scale = _pad_axis1(scale_BTH.astype(jnp.float32), tq_pad)
+
+  kernel = functools.partial(_fwd_kernel, bq=bq, bk=bk, tk=Tk, q_offset=q_offset,
+                             window=window)
+  row_spec = pl.BlockSpec((None, bq, None), lambda i, bh: (bh // H, i, bh % H))
+  tile_spec = pl.BlockSpec((None, bq, None, D), lambda i, bh: (bh // H, i, bh % H, 0))
+  kv_spec = pl.BlockSpec((None, tk_pad, None, D), lambda i, bh: (bh // H, 0, (bh % H) // R, 0))
+  o, lse, p2 = pl.pallas_call(
+      kernel,
+      grid=(tq_pad // bq, B * H),
+      in_specs=[tile_spec, kv_spec, kv_spec, row_spec],
+      out_specs=[tile_spec, row_spec, row_spec],
+      out_shape=[jax.ShapeDtypeStruct((B, tq_pad, H, D), jnp.float32),
+                 jax.ShapeDtypeStruct((B, tq_pad, H), jnp.float32),
+                 jax.ShapeDtypeStruct((B, tq_pad, H), jnp.float32)],
+      compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
+                                              num_stages=config.num_stages),
+      interpret=_interpret(),
+      name="polar_attention_fwd",
+  )(q, k, v, scale)
+  return o[:, :Tq], lse[:, :Tq], p2[:, :Tq]
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dq_ref, dsc_ref,
+               *, bq, bk, tk, q_offset, window):
+  i = pl.program_id(0)
+  q = q_ref[...]
+  do = do_ref[...]
+  scale_q = s_ref[...]
+  scale2_q = scale_q * LOG2E
+  lse2_q = lse_ref[...] * LOG2E
+  delta_q = dl_ref[...]
+  cq_q = cq_ref[...]
+  p0 = q_offset + i * bq
+  rows_q = p0 + jnp.arange(bq)
+
+  def body(kb, acc_qd, masked):
+    start = pl.multiple_of(kb * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    s_qk = _dot(q, k, trans_b=True) * scale2_q[:, None]
+    if masked:
+      valid = _visible(rows_q[:, None], (start + jnp.arange(bk))[None, :], tk=tk, window=window)
+      s_qk = jnp.where(valid, s_qk, NEG)
+    pi_qk = jnp.exp2(s_qk - lse2_q[:, None])
+    dp_qk = _dot(do, v, trans_b=True)
+    ds_qk = pi_qk * (dp_qk - delta_q[:, None]) + cq_q[:, None] * pi_qk * pi_qk
+    return acc_qd + _dot(ds_qk.astype(k.dtype), k)
+
+  band = _key_band(p0, p0 + bq - 1, bk=bk, tk=tk, window=window)
+  acc_qd = _three_phase(*band, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (acc_qd * scale_q[:, None]).astype(dq_ref.dtype)
+  dsc_ref[...] = jnp.sum(acc_qd * q.astype(jnp.float32), axis=1)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dk_ref, dv_ref,
+                *, bq, bk, tk, nq, q_offset, window, group):
+  kb = pl.program_id(0)
+  k = k_ref[...]
+  v = v_ref[...]
+  k0 = kb * bk
+  cols_k = k0 + jnp.arange(bk)
+  band = _query_band(k0, k0 + bk - 1, bq=bq, nq=nq, q_offset=q_offset,
+                     tk_block_ok=(kb + 1) * bk <= tk, window=window)
+  dk_kd = jnp.zeros(k.shape, jnp.float32)
+  dv_kd = jnp.zeros(v.shape, jnp.float32)
+  for r in range(group):  # the GQA group's query heads, summed here
+
+    def body(qb, carry, masked, r=r):
+      dk_kd, dv_kd = carry
+      start = pl.multiple_of(qb * bq, bq)
+      rows = pl.ds(start, bq)
+      q = q_ref.at[rows, r, :][...]
+      do = do_ref.at[rows, r, :][...]
+      scale_q = s_ref.at[rows, r][...]
+      lse2_q = lse_ref.at[rows, r][...] * LOG2E
+      delta_q = dl_ref.at[rows, r][...]
+      cq_q = cq_ref.at[rows, r][...]
+      s_kq = _dot(k, q, trans_b=True) * (scale_q * LOG2E)[None, :]
+      if masked:
+        valid = _visible((q_offset + start + jnp.arange(bq))[None, :], cols_k[:, None], tk=tk,
+                         window=window)
+        s_kq = jnp.where(valid, s_kq, NEG)
+      pi_kq = jnp.exp2(s_kq - lse2_q[None, :])
+      dv_kd = dv_kd + _dot(pi_kq.astype(do.dtype), do)
+      dp_kq = _dot(v, do, trans_b=True)
+      ds_kq = pi_kq * (dp_kq - delta_q[None, :]) + cq_q[None, :] * pi_kq * pi_kq
+      dk_kd = dk_kd + _dot((ds_kq * scale_q[None, :]).astype(q.dtype), q)
+      return dk_kd, dv_kd
+
+    dk_kd, dv_kd = _three_phase(*band, body, (dk_kd, dv_kd))
+  dk_ref[...] = dk_kd.astype(dk_ref.dtype)
+  dv_ref[...] = dv_kd.astype(dv_ref.dtype)
+
+
+def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, delta_BTH, cq_BTH,
+                        *, window=None, q_offset=0, block_k=None,
+                        config: BlockConfig = DEFAULT_CONFIG):
+  """Backward kernels: (dq, dk, dv in the input dtype, dscale f32), dK/dV summed over GQA."""
+  reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
+                                   q_offset=q_offset)
+  B, Tq, H, D = q_BTHD.shape
+  Tk, G = k_BTGD.shape[1], k_BTGD.shape[2]
+  R = H // G
+  dq_bq = _fit_block(config.dq_block_q, Tq)
+  dq_bk = _fit_block(block_k or config.dq_block_k, Tk)
+  kv_bq = _fit_block(config.dkv_block_q, Tq)
+  kv_bk = _fit_block(block_k or config.dkv_block_k, Tk)
+  tq_pad = pl.cdiv(Tq, max(dq_bq, kv_bq)) * max(dq_bq, kv_bq)
+  tk_pad = pl.cdiv(Tk, max(dq_bk, kv_bk)) * max(dq_bk, kv_bk)
+  f32 = jnp.float32
+  q = _pad_axis1(q_BTHD, tq_pad)
+  do = _pad_axis1(do_BTHD.astype(q_BTHD.dtype), tq_pad)
+  k, v = _pad_axis1(k_BTGD, tk_pad), _pad_axis1(v_BTGD, tk_pad)
+  scale = _pad_axis1(scale_BTH.astype(f32), tq_pad)
+  lse = _pad_axis1(lse_BTH.astype(f32), tq_pad, PAD_LSE)
+  delta = _pad_axis1(delta_BTH.astype(f32), tq_pad)
+  cq = _pad_axis1(cq_BTH.astype(f32), tq_pad)
+  common = dict(tk=Tk, q_offset=q_offset, window=window)
+  params = pltriton.CompilerParams(num_warps=config.bwd_num_warps,
+                                   num_stages=config.bwd_num_stages)
+
+  # dQ (+ dscale): query-parallel, grid (query blocks, B*H).
+  row_spec = pl.BlockSpec((None, dq_bq, None), lambda i, bh: (bh // H, i, bh % H))
+  tile_spec = pl.BlockSpec((None, dq_bq, None, D), lambda i, bh: (bh // H, i, bh % H, 0))
+  kv_spec = pl.BlockSpec((None, tk_pad, None, D), lambda i, bh: (bh // H, 0, (bh % H) // R, 0))
+  dq, dscale = pl.pallas_call(
+      functools.partial(_dq_kernel, bq=dq_bq, bk=dq_bk, **common),
+      grid=(tq_pad // dq_bq, B * H),
+      in_specs=[tile_spec, kv_spec, kv_spec, row_spec, tile_spec, row_spec, row_spec, row_spec],
+      out_specs=[tile_spec, row_spec],
+      out_shape=[jax.ShapeDtypeStruct((B, tq_pad, H, D), q.dtype),
+                 jax.ShapeDtypeStruct((B, tq_pad, H), f32)],
+      compiler_params=params, interpret=_interpret(), name="polar_attention_bwd_dq",
+  )(q, k, v, scale, do, lse, delta, cq)
+
+  # dK, dV: key-parallel, grid (key blocks, B*G); the kernel walks the group's R query heads.
+  grp_rows = pl.BlockSpec((None, tq_pad, R), lambda j, bg: (bg // G, 0, bg % G))
+  grp_tiles = pl.BlockSpec((None, tq_pad, R, D), lambda j, bg: (bg // G, 0, bg % G, 0))
+  key_tile = pl.BlockSpec((None, kv_bk, None, D), lambda j, bg: (bg // G, j, bg % G, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, bq=kv_bq, bk=kv_bk, nq=tq_pad // kv_bq, group=R, **common),
+      grid=(tk_pad // kv_bk, B * G),
+      in_specs=[grp_tiles, key_tile, key_tile, grp_rows, grp_tiles, grp_rows, grp_rows,
+                grp_rows],
+      out_specs=[key_tile, key_tile],
+      out_shape=[jax.ShapeDtypeStruct((B, tk_pad, G, D), k.dtype),
+                 jax.ShapeDtypeStruct((B, tk_pad, G, D), v.dtype)],
+      compiler_params=params, interpret=_interpret(), name="polar_attention_bwd_dkv",
+  )(q, k, v, scale, do, lse, delta, cq)
+  return dq[:, :Tq], dk[:, :Tk], dv[:, :Tk], dscale[:, :Tq]
