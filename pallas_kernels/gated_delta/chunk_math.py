@@ -1,0 +1,203 @@
+"""In-kernel chunk math of the gated delta rule, shared by the Pallas GPU (Triton) and TPU kernels.
+
+Every function here works on values already loaded into a kernel (registers / VMEM): plain 2-D
+`jnp` arrays, `lax.dot_general`, `iota` masks, `exp`, row/column sums. Nothing here calls
+`cumsum` or `triangular_solve` (neither Mosaic backend lowers them). The same functions run
+unchanged outside a kernel, which is how `tests/` checks them against the sequential oracle.
+
+Chunk math (KERNELS.md §2b), one chunk of C tokens, `gc` = chunk-local inclusive cumsum of
+`log_gamma` (so `gc <= 0` and non-increasing), `D_ij = exp(gc_i - gc_j)` for `i >= j` else 0:
+
+  A   = strict_tril(diag(beta) K K^T)          T0 = (I + A)^-1   (doubling, f32)
+  T   = T0 * D                                  (gate-free inverse: exact for scalar gates)
+  u   = T (beta V),   w = T (beta e^gc K)
+  v'  = u - w S                                 (v_new)
+  o   = (Q e^gc) S + ((Q K^T) * D) v'
+  S  <- e^gc_C S + (K e^(gc_C - gc))^T v'
+
+Every exponent is <= 0. Backward (one chunk; S = state entering the chunk, dS1 = cotangent of
+the state leaving it; Y = V - e^gc (K S) so that v' = T diag(beta) Y):
+
+  dv'  = P^T dO + (K r) dS1                     P = (Q K^T) * D,  r = e^(gc_C - gc)
+  dS   = e^gc_C dS1 + (Q e)^T dO - w^T dv'      (reverse state pass)
+  dZ   = T^T dv',  dY = beta dZ,  dV = dY,  dT = dv' (beta Y)^T (lower)
+  dP   = (dO v'^T) (lower),  dQ = e (dO S^T) + (dP * D) K
+  dA   = -T0^T (dT * D) T0^T (strict lower)
+  dK   = (dP * D)^T Q + r (v' dS1^T) - e (dY S^T) + beta (dA K) + dA^T (beta K)
+  dbeta = rowsum(dZ * Y) + rowsum(dA * K K^T)
+  dgc  = rowsum(M) - colsum(M) + e rowsum(dO * Q S) - e rowsum(dY * K S) - s + [last] (e^gc_C <dS1,S> + sum s)
+         M = (dO v'^T) * P + dT * T,  s = r rowsum(K * (v' dS1^T))
+  dlog_gamma = reverse chunk-local cumsum of dgc (done by the caller).
+
+Layout convention: per-token gate vectors are passed both as a column `(C, 1)` and a row
+`(1, C)` so no kernel needs a narrow transpose; the gate gradient comes back as a column part
+plus a row part (the caller adds them).
+
+Dimension glossary
+  C   chunk length        K   key / query dim        V   value dim (or a block of it)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+def mm(a, b, *, ta: bool = False, tb: bool = False, dtype=jnp.float32):
+  """`op(a) @ op(b)` with f32 accumulation; operands cast to `dtype` (bf16 or f32).
+
+  f32 operands use full precision (IEEE on GPU, HIGHEST on TPU); bf16 operands feed the tensor
+  cores / MXU directly.
+  """
+  a = a.astype(dtype)
+  b = b.astype(dtype)
+  dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=HIGHEST, preferred_element_type=jnp.float32)
+
+
+def iota2(n: int, m: int):
+  """(row index, column index) int32 grids of shape (n, m)."""
+  return (lax.broadcasted_iota(jnp.int32, (n, m), 0), lax.broadcasted_iota(jnp.int32, (n, m), 1))
+
+
+def inverse_unit_lower(a_CC):
+  """`(I + a)^-1` for strictly-lower `a` (C a power of 2) by doubling, all in f32.
+
+  With `N = -a` (nilpotent, N^C = 0): `(I - N)^-1 = prod_{i<log2 C} (I + N^(2^i))`.
+  log2(C) - 1 squarings and as many products; no triangular solve.
+  """
+  C = a_CC.shape[0]
+  row, col = iota2(C, C)
+  eye = jnp.where(row == col, 1.0, 0.0).astype(jnp.float32)
+  n = -a_CC.astype(jnp.float32)
+  x = eye + n
+  p = n
+  steps = C.bit_length() - 2  # log2(C) - 1
+  for _ in range(steps):
+    p = mm(p, p)
+    x = x + mm(x, p)
+  return x
+
+
+def decay_lower(gc_C1, gc_1C):
+  """`D_ij = exp(gc_i - gc_j)` on and below the diagonal, 0 above (exponents <= 0)."""
+  C = gc_C1.shape[0]
+  row, col = iota2(C, C)
+  diff = jnp.where(row >= col, gc_C1 - gc_1C, -jnp.inf)
+  return jnp.exp(diff)
+
+
+def last_of(x_C1):
+  """The last entry of a column as a scalar (a masked sum: no dynamic indexing)."""
+  C = x_C1.shape[0]
+  row = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+  return jnp.sum(jnp.where(row == C - 1, x_C1, 0.0))
+
+
+def chunk_inverse(k_CK, beta_C1, *, dtype):
+  """T0 = (I + strict_tril(diag(beta) K K^T))^-1 (f32)."""
+  C = k_CK.shape[0]
+  row, col = iota2(C, C)
+  kk = mm(k_CK, k_CK, tb=True, dtype=dtype)
+  a = jnp.where(row > col, beta_C1 * kk, 0.0)
+  return inverse_unit_lower(a)
+
+
+def chunk_wy(k_CK, v_CV, beta_C1, gc_C1, gc_1C, *, dtype):
+  """Per-chunk prepass: returns (T = T0*D, w = T(beta e^gc K), u = T(beta V)), all f32."""
+  t0 = chunk_inverse(k_CK, beta_C1, dtype=dtype)
+  t = t0 * decay_lower(gc_C1, gc_1C)
+  kf = k_CK.astype(jnp.float32)
+  w = mm(t, kf * (beta_C1 * jnp.exp(gc_C1)), dtype=jnp.float32)
+  u = mm(t, v_CV.astype(jnp.float32) * beta_C1, dtype=jnp.float32)
+  return t, w, u
+
+
+def chunk_state_step(q_CK, k_CK, w_CK, u_CV, gc_C1, gc_1C, s_KV, *, dtype, with_output=True):
+  """One chunk of the sequential state pass: returns (o_CV | None, new state S_KV), f32.
+
+  `s_KV` may be a V-block of the state (all columns are independent).
+  """
+  C = q_CK.shape[0]
+  row, col = iota2(C, C)
+  gl = last_of(gc_C1)
+  v_new = u_CV - mm(w_CK, s_KV, dtype=dtype)
+  o = None
+  if with_output:
+    qf = q_CK.astype(jnp.float32)
+    p = jnp.where(row >= col, mm(q_CK, k_CK, tb=True, dtype=dtype), 0.0) * decay_lower(gc_C1, gc_1C)
+    o = mm(qf * jnp.exp(gc_C1), s_KV, dtype=dtype) + mm(p, v_new, dtype=dtype)
+  kr = k_CK.astype(jnp.float32) * jnp.exp(gl - gc_C1)
+  s_new = jnp.exp(gl) * s_KV + mm(kr, v_new, ta=True, dtype=dtype)
+  return o, s_new
+
+
+def chunk_state_bwd_step(q_CK, k_CK, w_CK, do_CV, gc_C1, gc_1C, ds_KV, *, dtype):
+  """One chunk of the reverse state pass: cotangent of the state leaving the chunk -> entering."""
+  C = q_CK.shape[0]
+  row, col = iota2(C, C)
+  gl = last_of(gc_C1)
+  p = jnp.where(row >= col, mm(q_CK, k_CK, tb=True, dtype=dtype), 0.0) * decay_lower(gc_C1, gc_1C)
+  kr = k_CK.astype(jnp.float32) * jnp.exp(gl - gc_C1)
+  dv_new = mm(p, do_CV, ta=True, dtype=dtype) + mm(kr, ds_KV, dtype=dtype)
+  qe = q_CK.astype(jnp.float32) * jnp.exp(gc_C1)
+  return (jnp.exp(gl) * ds_KV + mm(qe, do_CV, ta=True, dtype=dtype)
+          - mm(w_CK, dv_new, ta=True, dtype=dtype))
+
+
+def chunk_grads(q_CK, k_CK, v_CV, beta_C1, gc_C1, gc_1C, do_CV, s_KV, ds1_KV, *, dtype):
+  """All input gradients of one chunk, given the state entering it and the cotangent leaving it.
+
+  Returns (dq_CK, dk_CK, dv_CV, dbeta_C1, dgc_C1, dgc_1C): the gate-cumsum gradient is the sum
+  of the column part and the row part (f32 throughout).
+  """
+  f32 = jnp.float32
+  C = q_CK.shape[0]
+  row, col = iota2(C, C)
+  lower = row >= col
+  qf, kf, vf = q_CK.astype(f32), k_CK.astype(f32), v_CV.astype(f32)
+  do = do_CV.astype(f32)
+  gl = last_of(gc_C1)
+  e = jnp.exp(gc_C1)
+  r = jnp.exp(gl - gc_C1)
+  d = decay_lower(gc_C1, gc_1C)
+  # recompute the forward quantities of the chunk
+  kk = mm(k_CK, k_CK, tb=True, dtype=dtype)
+  t0 = inverse_unit_lower(jnp.where(row > col, beta_C1 * kk, 0.0))
+  t = t0 * d
+  ks = mm(k_CK, s_KV, dtype=dtype)                      # K S   (C, V)
+  y = vf - e * ks                                       # Y = V - e K S
+  by = beta_C1 * y
+  v_new = mm(t, by)                                     # v' = T beta Y
+  qk = jnp.where(lower, mm(q_CK, k_CK, tb=True, dtype=dtype), 0.0)
+  p = qk * d
+  # backward
+  dv_new = mm(p, do, ta=True, dtype=dtype) + mm(kf * r, ds1_KV, dtype=dtype)
+  dz = mm(t, dv_new, ta=True)
+  dy = beta_C1 * dz
+  dbeta = jnp.sum(dz * y, axis=1, keepdims=True)
+  dt = jnp.where(lower, mm(dv_new, by, tb=True), 0.0)
+  dp_raw = jnp.where(lower, mm(do, v_new, tb=True, dtype=dtype), 0.0)
+  dpd = dp_raw * d
+  s_t = s_KV
+  dq = e * mm(do, s_t, tb=True, dtype=dtype) + mm(dpd, kf, dtype=dtype)
+  vds = mm(v_new, ds1_KV, tb=True, dtype=dtype)         # v' dS1^T   (C, K)
+  da = -mm(mm(t0, dt * d, ta=True), t0, tb=True)
+  da = jnp.where(row > col, da, 0.0)
+  dbeta = dbeta + jnp.sum(da * kk, axis=1, keepdims=True)
+  dk = (mm(dpd, qf, ta=True, dtype=dtype) + r * vds - e * mm(dy, s_t, tb=True, dtype=dtype)
+        + beta_C1 * mm(da, kf) + mm(da, kf * beta_C1, ta=True))
+  dv = dy
+  # gate-cumsum gradient
+  m = dp_raw * p + dt * t
+  qs = mm(q_CK, s_KV, dtype=dtype)
+  s_vec = r * jnp.sum(kf * vds, axis=1, keepdims=True)
+  last = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
+  tail = jnp.exp(gl) * jnp.sum(ds1_KV * s_KV) + jnp.sum(s_vec)
+  dgc_col = (jnp.sum(m, axis=1, keepdims=True) + e * jnp.sum(do * qs, axis=1, keepdims=True)
+             - e * jnp.sum(dy * ks, axis=1, keepdims=True) - s_vec + jnp.where(last, tail, 0.0))
+  dgc_row = -jnp.sum(m, axis=0, keepdims=True)
+  return dq, dk, dv, dbeta, dgc_col, dgc_row

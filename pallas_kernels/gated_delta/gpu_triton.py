@@ -1,0 +1,353 @@
+"""Pallas GPU (Triton lowering) kernels of the chunked gated delta rule, forward and backward.
+
+Math: `chunk_math.py` (KERNELS.md §2b). Kernels (all on the native `[B, T, H, D]` layout, no
+transposes; T padded to a multiple of the chunk with identity tokens k = v = q = beta = g = 0):
+
+  forward
+    1. `_prepass`   grid (B, H, NC), parallel: T0 by doubling (f32), w, u per chunk.
+    2. `_state`     grid (B, H, P, V/BV): one program per (b, h, sequence piece, V block) walks the
+                    chunks of its piece in order with the state block [K, BV] in registers;
+                    writes o, the piece's end state and (for the backward) each chunk's entry
+                    state.
+    sequence split (B*H*V/BV too small to fill the GPU, e.g. B=1, 64K): each piece's chunk map
+    is affine in its start state, `S_end = A S_start + E`. `_state` in "affine" mode runs every
+    piece from the augmented start state [0 | I] with values [u | 0] (width V + K) and returns
+    [E | A]; a P-step `lax.scan` in XLA composes the pieces exactly; then `_state` reruns each
+    piece from its true start state to write o.
+  backward (residuals = the primal inputs; everything else is recomputed)
+    1. prepass + state pass (states per chunk, f32 [B, H, NC, K, V], no o).
+    2. `_state_bwd` grid (B, H, V/BV): reverse chunk walk of dS; writes the cotangent leaving
+       each chunk and d(initial state).
+    3. `_grads`     grid (B, H, NC), parallel: dq, dk, dv, dbeta, dgc per chunk.
+    4. XLA: reverse chunk-local cumsum dgc -> dlog_gamma.
+
+Public: `gated_delta_fwd`, `gated_delta_bwd`, `is_supported` (contract of
+`tests/gated_delta_cases.py`). Pass `interpret=True` to run on CPU.
+
+Dimension glossary
+  B batch  T tokens (Tp padded)  H heads  K key dim  V value dim  C chunk  NC chunks
+  P sequence pieces  CP chunks per piece  BV value block
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.gated_delta import chunk_math as cm
+
+_MIN_PROGRAMS = 256  # split the sequence until the state pass has about this many programs
+
+
+def _pow2(n: int) -> bool:
+  return n >= 1 and (n & (n - 1)) == 0
+
+
+def is_supported(q, k, v, *, chunk_size: int) -> bool:
+  """True when these kernels take the shapes: K, V, chunk powers of 2 with 16 <= chunk <= 128,
+  16 <= K, V <= 256 (Triton dots need every dimension >= 16), dtypes f32/bf16/f16."""
+  K, V = q.shape[-1], v.shape[-1]
+  return (_pow2(chunk_size) and 16 <= chunk_size <= 128 and _pow2(K) and _pow2(V)
+          and 16 <= K <= 256 and 16 <= V <= 256
+          and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
+          and k.dtype == q.dtype and v.dtype == q.dtype)
+
+
+def _check(q, k, v, chunk_size):
+  if not is_supported(q, k, v, chunk_size=chunk_size):
+    raise ValueError(
+        f"gated_delta gpu_triton: unsupported shapes/dtypes q {q.shape} {q.dtype}, v {v.shape} "
+        f"{v.dtype}, chunk {chunk_size}: need power-of-2 chunk in [16, 128], power-of-2 K, V in "
+        "[16, 256] and one f32/bf16/f16 dtype for q, k, v; use impl='xla' otherwise")
+
+
+def _compute_dtype(dtype):
+  return jnp.float32 if dtype == jnp.float32 else dtype
+
+
+def _pad_time(x, tp):
+  t = x.shape[1]
+  return x if t == tp else jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+
+
+def _chunk_cumsum(log_gamma_BTH, nc, c):
+  b, _, h = log_gamma_BTH.shape
+  g = log_gamma_BTH.astype(jnp.float32).reshape(b, nc, c, h)
+  return jnp.cumsum(g, axis=2).reshape(b, nc * c, h)
+
+
+def _gates(beta_ref, gc_ref, start, c):
+  sl = pl.ds(start, c)
+  gc = gc_ref[sl]
+  return beta_ref[sl].reshape(c, 1), gc.reshape(c, 1), gc.reshape(1, c)
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+
+def _prepass_kernel(k_ref, v_ref, beta_ref, gc_ref, w_ref, u_ref, *, dtype):
+  c = k_ref.shape[0]
+  beta_c1, gc_c1, gc_1c = _gates(beta_ref, gc_ref, 0, c)
+  _, w, u = cm.chunk_wy(k_ref[...], v_ref[...], beta_c1, gc_c1, gc_1c, dtype=dtype)
+  w_ref[...] = w.astype(w_ref.dtype)
+  u_ref[...] = u.astype(u_ref.dtype)
+
+
+def _state_kernel(q_ref, k_ref, w_ref, u_ref, gc_ref, s0_ref, *out_refs, c, cp, nvb, mode, dtype):
+  """mode: "output" (o + end state [+ per-chunk states]) or "affine" (end state of [u | 0])."""
+  p = pl.program_id(2)
+  vb = pl.program_id(3)
+  if mode == "output":
+    o_ref, send_ref, *states_ref = out_refs
+  else:
+    (send_ref,) = out_refs
+    states_ref = []
+  kdim, bv = s0_ref.shape
+  if mode == "affine":
+    is_a = vb >= nvb
+    row, col = cm.iota2(kdim, bv)
+    eye = jnp.where(row == col + (vb - nvb) * bv, 1.0, 0.0)
+    s_init = jnp.where(is_a, eye, 0.0).astype(jnp.float32)
+  else:
+    s_init = s0_ref[...].astype(jnp.float32)
+
+  def body(i, s):
+    idx = p * cp + i
+    sl = pl.ds(idx * c, c)
+    gc = gc_ref[sl]
+    u = u_ref[sl, :].astype(jnp.float32)
+    if mode == "affine":
+      u = jnp.where(is_a, 0.0, u)
+    if states_ref:
+      states_ref[0][idx] = s
+    o, s_new = cm.chunk_state_step(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], u,
+                                   gc.reshape(c, 1), gc.reshape(1, c), s, dtype=dtype,
+                                   with_output=mode == "output")
+    if mode == "output":
+      o_ref[sl, :] = o.astype(o_ref.dtype)
+    return s_new
+
+  s_end = jax.lax.fori_loop(0, cp, body, s_init)
+  send_ref[...] = s_end
+
+
+def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, dsT_ref, dstates_ref, ds0_ref, *, c,
+                      nc, dtype):
+  def body(i, ds):
+    idx = nc - 1 - i
+    sl = pl.ds(idx * c, c)
+    gc = gc_ref[sl]
+    dstates_ref[idx] = ds
+    return cm.chunk_state_bwd_step(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], do_ref[sl, :],
+                                   gc.reshape(c, 1), gc.reshape(1, c), ds, dtype=dtype)
+
+  ds0_ref[...] = jax.lax.fori_loop(0, nc, body, dsT_ref[...].astype(jnp.float32))
+
+
+def _grads_kernel(q_ref, k_ref, v_ref, beta_ref, gc_ref, do_ref, s_ref, ds_ref,
+                  dq_ref, dk_ref, dv_ref, dbeta_ref, dgc_ref, *, dtype):
+  c = q_ref.shape[0]
+  beta_c1, gc_c1, gc_1c = _gates(beta_ref, gc_ref, 0, c)
+  dq, dk, dv, dbeta, dgc_col, dgc_row = cm.chunk_grads(
+      q_ref[...], k_ref[...], v_ref[...], beta_c1, gc_c1, gc_1c, do_ref[...], s_ref[...],
+      ds_ref[...], dtype=dtype)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+  dbeta_ref[...] = dbeta.reshape(c)
+  dgc_ref[...] = dgc_col.reshape(c) + dgc_row.reshape(c)
+
+
+# ------------------------------------------------------------------------------------ drivers
+
+
+def _params(num_warps, num_stages=2):
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _prepass(k, v, beta, gc, *, c, interpret):
+  b, tp, h, kd = k.shape
+  vd = v.shape[-1]
+  nc = tp // c
+  tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
+  gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
+  wdt = k.dtype
+  return pl.pallas_call(
+      functools.partial(_prepass_kernel, dtype=_compute_dtype(k.dtype)),
+      grid=(b, h, nc),
+      in_specs=[tok(kd), tok(vd), gate, gate],
+      out_specs=[tok(kd), tok(vd)],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), wdt),
+                 jax.ShapeDtypeStruct((b, tp, h, vd), wdt)],
+      compiler_params=_params(4, 1), interpret=interpret, name="gdn_prepass",
+  )(k, v, beta, gc)
+
+
+def _block_v(kd, vd):
+  return min(64, kd, vd)
+
+
+def _state_pass(q, k, w, u, gc, s_start, *, c, mode, save_states, interpret):
+  """s_start [B, H, P, K, V]. Returns per mode (see `_state_kernel`)."""
+  b, tp, h, kd = q.shape
+  vd = u.shape[-1]
+  npieces = s_start.shape[2]
+  nc = tp // c
+  cp = nc // npieces
+  bv = _block_v(kd, vd)
+  nvb = vd // bv
+  full = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, p, n: (i, 0, j, 0))
+  if mode == "affine":
+    nblocks = (vd + kd) // bv
+    vblock = pl.BlockSpec((None, tp, None, bv),
+                          lambda i, j, p, n: (i, 0, j, jnp.minimum(n, nvb - 1)))
+    s0_spec = pl.BlockSpec((None, None, None, kd, bv),
+                           lambda i, j, p, n: (i, j, p, 0, jnp.minimum(n, nvb - 1)))
+    out_specs = [pl.BlockSpec((None, None, None, kd, bv), lambda i, j, p, n: (i, j, p, 0, n))]
+    out_shape = [jax.ShapeDtypeStruct((b, h, npieces, kd, vd + kd), jnp.float32)]
+  else:
+    nblocks = nvb
+    vblock = pl.BlockSpec((None, tp, None, bv), lambda i, j, p, n: (i, 0, j, n))
+    s0_spec = pl.BlockSpec((None, None, None, kd, bv), lambda i, j, p, n: (i, j, p, 0, n))
+    out_specs = [vblock, s0_spec]
+    out_shape = [jax.ShapeDtypeStruct((b, tp, h, vd), jnp.float32),
+                 jax.ShapeDtypeStruct((b, h, npieces, kd, vd), jnp.float32)]
+    if save_states:
+      out_specs.append(pl.BlockSpec((None, None, nc, kd, bv), lambda i, j, p, n: (i, j, 0, 0, n)))
+      out_shape.append(jax.ShapeDtypeStruct((b, h, nc, kd, vd), jnp.float32))
+  gate = pl.BlockSpec((None, tp, None), lambda i, j, p, n: (i, 0, j))
+  return pl.pallas_call(
+      functools.partial(_state_kernel, c=c, cp=cp, nvb=nvb, mode=mode,
+                        dtype=_compute_dtype(q.dtype)),
+      grid=(b, h, npieces, nblocks),
+      in_specs=[full(kd), full(kd), full(kd), vblock, gate, s0_spec],
+      out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_params(4, 2), interpret=interpret,
+      name="gdn_state_affine" if mode == "affine" else "gdn_state",
+  )(q, k, w, u, gc, s_start)
+
+
+def _num_pieces(b, h, nc, kd, vd, pieces):
+  if pieces is not None:
+    if nc % pieces:
+      raise ValueError(f"pieces={pieces} must divide the number of chunks {nc}")
+    return pieces
+  programs = b * h * (vd // _block_v(kd, vd))
+  p = 1
+  while programs * p < _MIN_PROGRAMS and nc % (2 * p) == 0 and nc // (2 * p) >= 4:
+    p *= 2
+  return p
+
+
+def _forward_states(q, k, w, u, gc, s0, *, c, pieces, save_states, interpret):
+  """Runs the state pass (split into pieces when useful). Returns (o, final state[, states])."""
+  b, tp, h, kd = q.shape
+  vd = u.shape[-1]
+  npieces = _num_pieces(b, h, tp // c, kd, vd, pieces)
+  if npieces == 1:
+    s_start = s0[:, :, None]
+  else:
+    aug = _state_pass(q, k, w, u, gc, jnp.zeros((b, h, npieces, kd, vd), jnp.float32), c=c,
+                      mode="affine", save_states=False, interpret=interpret)[0]
+    e_PBHKV = jnp.moveaxis(aug[..., :vd], 2, 0)
+    a_PBHKK = jnp.moveaxis(aug[..., vd:], 2, 0)
+
+    def step(s, ea):
+      e, a = ea
+      return jnp.einsum("bhkj,bhjv->bhkv", a, s, precision=cm.HIGHEST) + e, s
+
+    _, starts = jax.lax.scan(step, s0, (e_PBHKV, a_PBHKK))
+    s_start = jnp.moveaxis(starts, 0, 2)
+  outs = _state_pass(q, k, w, u, gc, s_start, c=c, mode="output", save_states=save_states,
+                     interpret=interpret)
+  o, s_end = outs[0], outs[1]
+  return (o, s_end[:, :, -1]) + tuple(outs[2:])
+
+
+def _prepare(q, k, v, log_gamma, beta, initial_state, chunk_size):
+  _check(q, k, v, chunk_size)
+  b, t, h, kd = q.shape
+  vd = v.shape[-1]
+  c = chunk_size
+  nc = max(1, -(-t // c))
+  tp = nc * c
+  q, k, v = (_pad_time(x, tp) for x in (q, k, v))
+  gc = _chunk_cumsum(_pad_time(log_gamma, tp), nc, c)
+  beta = _pad_time(beta.astype(jnp.float32), tp)
+  s0 = (jnp.zeros((b, h, kd, vd), jnp.float32) if initial_state is None
+        else initial_state.astype(jnp.float32))
+  return q, k, v, gc, beta, s0
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "pieces", "interpret"))
+def gated_delta_fwd(q, k, v, log_gamma, beta, initial_state=None, *, chunk_size=64, pieces=None,
+                    interpret=False):
+  """(o_BTHV f32, final_state_BHKV f32). `pieces`: sequence split (None = automatic)."""
+  t = q.shape[1]
+  q, k, v, gc, beta, s0 = _prepare(q, k, v, log_gamma, beta, initial_state, chunk_size)
+  w, u = _prepass(k, v, beta, gc, c=chunk_size, interpret=interpret)
+  o, s_final = _forward_states(q, k, w, u, gc, s0, c=chunk_size, pieces=pieces,
+                               save_states=False, interpret=interpret)
+  return o[:, :t], s_final
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "pieces", "interpret"))
+def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *, chunk_size=64,
+                    pieces=None, interpret=False):
+  """VJP from the primal inputs: (dq, dk, dv, dlog_gamma, dbeta, dinitial_state).
+
+  dq/dk/dv in the input dtype, the rest f32. `dfinal_state=None` means a zero cotangent.
+  """
+  b, t, h, kd = q.shape
+  vd = v.shape[-1]
+  c = chunk_size
+  in_dtypes = (q.dtype, k.dtype, v.dtype)
+  gates_dtype = (log_gamma.dtype, beta.dtype)
+  q, k, v, gc, beta_p, s0 = _prepare(q, k, v, log_gamma, beta, initial_state, c)
+  tp = q.shape[1]
+  nc = tp // c
+  do = _pad_time(do.astype(jnp.float32), tp)
+  dsT = (jnp.zeros((b, h, kd, vd), jnp.float32) if dfinal_state is None
+         else dfinal_state.astype(jnp.float32))
+  w, u = _prepass(k, v, beta_p, gc, c=c, interpret=interpret)
+  _, _, states = _forward_states(q, k, w, u, gc, s0, c=c, pieces=pieces, save_states=True,
+                                 interpret=interpret)
+  cdt = _compute_dtype(q.dtype)
+  bv = _block_v(kd, vd)
+  full = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, n: (i, 0, j, 0))
+  dstates, ds0 = pl.pallas_call(
+      functools.partial(_state_bwd_kernel, c=c, nc=nc, dtype=cdt),
+      grid=(b, h, vd // bv),
+      in_specs=[full(kd), full(kd), full(kd),
+                pl.BlockSpec((None, tp, None, bv), lambda i, j, n: (i, 0, j, n)),
+                pl.BlockSpec((None, tp, None), lambda i, j, n: (i, 0, j)),
+                pl.BlockSpec((None, None, kd, bv), lambda i, j, n: (i, j, 0, n))],
+      out_specs=[pl.BlockSpec((None, None, nc, kd, bv), lambda i, j, n: (i, j, 0, 0, n)),
+                 pl.BlockSpec((None, None, kd, bv), lambda i, j, n: (i, j, 0, n))],
+      out_shape=[jax.ShapeDtypeStruct((b, h, nc, kd, vd), jnp.float32),
+                 jax.ShapeDtypeStruct((b, h, kd, vd), jnp.float32)],
+      compiler_params=_params(4, 2), interpret=interpret, name="gdn_state_bwd",
+  )(q, k, w, do, gc, dsT)
+  tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
+  gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
+  st = pl.BlockSpec((None, None, None, kd, vd), lambda i, j, n: (i, j, n, 0, 0))
+  dq, dk, dv, dbeta, dgc = pl.pallas_call(
+      functools.partial(_grads_kernel, dtype=cdt),
+      grid=(b, h, nc),
+      in_specs=[tok(kd), tok(kd), tok(vd), gate, gate, tok(vd), st, st],
+      out_specs=[tok(kd), tok(kd), tok(vd), gate, gate],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), in_dtypes[0]),
+                 jax.ShapeDtypeStruct((b, tp, h, kd), in_dtypes[1]),
+                 jax.ShapeDtypeStruct((b, tp, h, vd), in_dtypes[2]),
+                 jax.ShapeDtypeStruct((b, tp, h), jnp.float32),
+                 jax.ShapeDtypeStruct((b, tp, h), jnp.float32)],
+      compiler_params=_params(8, 1), interpret=interpret, name="gdn_grads",
+  )(q, k, v, beta_p, gc, do, states, dstates)
+  dg = dgc.reshape(b, nc, c, h)
+  dlog_gamma = jnp.flip(jnp.cumsum(jnp.flip(dg, 2), 2), 2).reshape(b, tp, h)
+  return (dq[:, :t], dk[:, :t], dv[:, :t], dlog_gamma[:, :t].astype(gates_dtype[0]),
+          dbeta[:, :t].astype(gates_dtype[1]), ds0)
