@@ -1,0 +1,117 @@
+"""The ATMA language model (ATMA_SPEC §2.1): embedding, L pre-norm blocks, final norm, capped head.
+
+Dimension glossary: B batch, T time, D hidden, V vocab.
+
+  h0 = E[ids]                          embedding stored in cfg.embed_dtype (bf16 in the reference)
+  h_{l+1} = Block_l(h_l)               global (attention + memory) iff cfg.is_global(l)
+  h = RMSNorm(h_L)                     returned by __call__ (compute dtype)
+  logits = cap(proj(h)) in fp32        cap(z) = 15 z / sqrt(z^2 + 225) (rational, not tanh)
+
+Attribute names mirror the torch state-dict keys (`embed.embedding` <-> `embed.weight`,
+`blocks.<i>.…`, `norm.weight`, `proj.kernel/bias` <-> `proj.weight/bias`), so checkpoint
+interop is a rename plus a transpose of Linear kernels and conv weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atma_jax.config import ConfigError, ModelConfig
+from atma_jax.model import aux_losses
+from atma_jax.model.block import ACT_AXES, Block
+from atma_jax.model.init import apply_init_scheme
+from atma_jax.model.layers import Embed, Linear, RMSNorm
+from atma_jax.sharding import constrain
+
+SOFT_CAP = 15.0
+
+
+def soft_cap(z: jax.Array) -> jax.Array:
+  """15 z / sqrt(z^2 + 15^2), elementwise in fp32 (fp64 for fp64 input)."""
+  return SOFT_CAP * z * jax.lax.rsqrt(z * z + SOFT_CAP * SOFT_CAP)
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+  """cfg.validate() plus the constraints the modules themselves rely on."""
+  cfg.validate()
+  if cfg.attn_type == "rope" and cfg.head_dim % 4:
+    raise ConfigError(f"model.attn_type='rope' needs model.head_dim divisible by 4 (got "
+                      f"{cfg.head_dim}): RoPE rotates head_dim/4 frequency pairs.")
+  if cfg.num_kv_heads < 1:
+    raise ConfigError(f"num_heads={cfg.num_heads} < model.gqa_ratio={cfg.gqa_ratio}: no KV head "
+                      "left; lower gqa_ratio or raise hidden_size / head_dim.")
+
+
+class Atma(nnx.Module):
+  """ATMA LM. `Atma(cfg, rngs=nnx.Rngs(seed))`; see the module docstring."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    check_model_config(cfg)
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.embed_dtype),
+                       rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, l, rngs=rngs) for l in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, param_dtype=pd)
+    self.proj = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), param_dtype=pd,
+                       rngs=rngs)
+    apply_init_scheme(self, cfg.init_scheme)
+
+  @property
+  def num_global(self) -> int:
+    return sum(1 for b in self.blocks if b.is_global)
+
+  def embed_tokens(self, ids_BT: jax.Array) -> jax.Array:
+    if ids_BT.ndim != 2 or not jnp.issubdtype(ids_BT.dtype, jnp.integer):
+      raise ValueError(f"ids must be an integer array [B, T]; got {ids_BT.dtype}{ids_BT.shape}")
+    return constrain(self.embed(ids_BT, jnp.dtype(self.cfg.compute_dtype)), ACT_AXES)
+
+  def forward_embeddings(self, x_BTD: jax.Array, *, rng: jax.Array | None = None, q_offset=0,
+                         mem: bool = True, sigreg_mode: str = "baseline"):
+    """Blocks + final norm on given input embeddings: (h_BTD, aux)."""
+    cfg = self.cfg
+    aux_losses.check_sigreg_mode(sigreg_mode)
+    if isinstance(q_offset, int) and q_offset != 0:
+      raise ValueError(
+          f"q_offset={q_offset}: Atma.__call__ recomputes the whole context (no KV, conv or "
+          "memory caches), so its rows must start at position 0; pass the full sequence.")
+    reg = jnp.zeros((), jnp.float32)
+    align = jnp.zeros((), jnp.float32)
+    x = x_BTD
+    for l, block in enumerate(self.blocks):
+      rng_l = None if rng is None else jax.random.fold_in(rng, l)
+      x, reg_l, align_l = self._run_block(block, x, rng_l, q_offset=q_offset, mem=mem,
+                                          sigreg_mode=sigreg_mode)
+      reg = reg + reg_l
+      align = align + align_l
+    h_BTD = self.norm(x)
+    aux = {"reg": reg / len(self.blocks), "align": align / max(self.num_global, 1)}
+    return h_BTD, aux
+
+  def _run_block(self, block: Block, x, rng, **kw):
+    if not self.cfg.remat:
+      return block(x, rng=rng, **kw)
+    graphdef, state = nnx.split(block)
+
+    def run(state, x, rng):
+      return nnx.merge(graphdef, state)(x, rng=rng, **kw)
+
+    return jax.checkpoint(run)(state, x, rng)
+
+  def __call__(self, ids_BT: jax.Array, *, rng: jax.Array | None = None, q_offset=0,
+               mem: bool = True, sigreg_mode: str = "baseline"):
+    """ids [B, T] -> (h [B, T, D] final-normed, compute dtype; aux {"reg", "align"} fp32).
+
+    `rng` (training only) draws distractor keys (when cfg.num_random_keys > 0) and SigReg
+    sketches; without it both aux losses are 0. `mem=False` drops the memory branch.
+    """
+    return self.forward_embeddings(self.embed_tokens(ids_BT), rng=rng, q_offset=q_offset,
+                                   mem=mem, sigreg_mode=sigreg_mode)
+
+  def logits(self, h_BTD: jax.Array) -> jax.Array:
+    """Biased LM head (rounded to the compute dtype, as the reference) then the fp32 soft cap."""
+    z = self.proj(h_BTD)
+    acc = jnp.float64 if z.dtype == jnp.float64 else jnp.float32
+    return soft_cap(z.astype(acc))

@@ -1,0 +1,149 @@
+"""Global mixer: the attention surround shared by the Polar / NoPE / RoPE cores (ATMA_SPEC §2.6, §3, §5).
+
+Dimension glossary
+  B batch   T time   D hidden   H query heads   G KV heads (H / gqa_ratio)   d head dim
+  r GQA group size (H / G)   K Canon taps (4)   R distractor keys
+
+Given the normed block input x:
+  1. [q | gate] = q(x) reshaped [B, T, H, 2d]: per head the first d are the query, the last d
+     the output gate (interleaved per head, NOT [all q | all gates]).
+  2. k(x), v(x) -> [B, T, G, d].
+  3. QK-norm: weightless per-head RMS-norm (eps 2^-23) on q and k; v is not normed.
+  4. polar / nope: Canon residual depthwise conv (width K) on flattened q, k, v, after the norm.
+     rope: no Canon; rotary on q and k instead.
+  5. core: polar_core (-> direction c, magnitude mag) or softmax_attention (-> y), GQA handled
+     by the core (head h uses KV head h // r).
+  6. out = proj(flat(y) * sigmoid(flat(gate))) [+ mu_proj(mag) for polar] [+ mem(...)].
+Memory inputs (GQA expanded by repeat-interleave): post-norm post-Canon q, k, v (polar, nope);
+post-norm pre-rotary q, k and raw v (rope).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atma_jax.config import ModelConfig
+from atma_jax.model import aux_losses, init
+from atma_jax.model.layers import DepthwiseConv, Linear, rms_norm
+from atma_jax.model.memory import Memory
+from atma_jax.model.rope import apply_rope
+from pallas_kernels.polar_attention.api import polar_core, softmax_attention
+
+
+class GlobalMixer(nnx.Module):
+  """Attention (+ memory) mixer of a global block; attribute names are the torch names."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    D, H, G, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    K = cfg.attn_kernel_size
+    pd = jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.q = Linear(D, 2 * H * d, axes=("embed", "heads"), param_dtype=pd, rngs=rngs)
+    self.k = Linear(D, G * d, axes=("embed", "kv"), param_dtype=pd, rngs=rngs)
+    self.v = Linear(D, G * d, axes=("embed", "kv"), param_dtype=pd, rngs=rngs)
+    if cfg.attn_type != "rope":
+      self.canon_q = DepthwiseConv(H * d, K, channel_axis="heads", param_dtype=pd, rngs=rngs)
+      self.canon_k = DepthwiseConv(G * d, K, channel_axis="kv", param_dtype=pd, rngs=rngs)
+      self.canon_v = DepthwiseConv(G * d, K, channel_axis="kv", param_dtype=pd, rngs=rngs)
+    self.proj = Linear(H * d, D, axes=("heads", "embed"), param_dtype=pd, rngs=rngs)
+    if cfg.attn_type == "polar":
+      self.mu_proj = Linear(H, D, axes=("head_scalars", "embed"), param_dtype=pd, rngs=rngs)
+      self.v_null = init.param(jnp.zeros((H, d), pd), ("head_scalars", "head_dim"))
+      self.null_base = init.param(jnp.full((H,), init.NULL_BASE_INIT, pd), ("head_scalars",))
+      self.null_slope_raw = init.param(jnp.full((H,), init.NULL_SLOPE_RAW_INIT, pd),
+                                       ("head_scalars",))
+      self.len_gain_raw = init.param(jnp.full((H,), init.LEN_GAIN_RAW_INIT, pd),
+                                     ("head_scalars",))
+      self.mag_beta_raw = init.param(jnp.full((H,), init.MAG_BETA_RAW_INIT, pd),
+                                     ("head_scalars",))
+    if cfg.mem_enabled:
+      self.mem = Memory(cfg, rngs=rngs)
+
+  # -- pieces ------------------------------------------------------------------------------------
+
+  def _canon(self, conv: DepthwiseConv, x_BTNd: jax.Array) -> jax.Array:
+    """Canon-B residual conv on head-major flattened channels: x + conv(x)."""
+    B, T, N, d = x_BTNd.shape
+    x_BTC = x_BTNd.reshape(B, T, N * d)
+    return (x_BTC + conv(x_BTC)).reshape(B, T, N, d)
+
+  def project_qkv(self, x_BTD: jax.Array):
+    """q [B,T,H,d] (QK-normed), gate [B,T,H,d], k [B,T,G,d] (QK-normed), v [B,T,G,d] (raw)."""
+    cfg = self.cfg
+    B, T, _ = x_BTD.shape
+    H, G, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qg_BTH2d = self.q(x_BTD).reshape(B, T, H, 2 * d)
+    q_BTHd, gate_BTHd = qg_BTH2d[..., :d], qg_BTH2d[..., d:]
+    k_BTGd = self.k(x_BTD).reshape(B, T, G, d)
+    v_BTGd = self.v(x_BTD).reshape(B, T, G, d)
+    return rms_norm(q_BTHd), gate_BTHd, rms_norm(k_BTGd), v_BTGd
+
+  def _random_kv(self, x_BTD: jax.Array, rng: jax.Array, normed: bool):
+    """Detached distractor keys/values k(xi), v(xi) for xi ~ N(0, 1) [B, R, D] (no Canon)."""
+    cfg = self.cfg
+    B, _, D = x_BTD.shape
+    R, G, d = cfg.num_random_keys, cfg.num_kv_heads, cfg.head_dim
+    xi_BRD = jax.random.normal(rng, (B, R, D), jnp.float32).astype(x_BTD.dtype)
+    k_BRGd = self.k(xi_BRD).reshape(B, R, G, d)
+    if normed:
+      k_BRGd = rms_norm(k_BRGd)
+    v_BRGd = self.v(xi_BRD).reshape(B, R, G, d)
+    return jax.lax.stop_gradient(k_BRGd), jax.lax.stop_gradient(v_BRGd)
+
+  # -- forward -----------------------------------------------------------------------------------
+
+  def __call__(self, x_BTD: jax.Array, *, q_offset=0, mem: bool = True,
+               rng: jax.Array | None = None):
+    """Returns (out [B, T, D], align f32 scalar). `rng` enables the distractor loss."""
+    cfg = self.cfg
+    B, T, D = x_BTD.shape
+    H, G, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    r = H // G
+    W = cfg.attn_window
+    q_BTHd, gate_BTHd, k_BTGd, v_BTGd = self.project_qkv(x_BTD)
+
+    if cfg.attn_type == "rope":
+      q_att, k_att, v_att = apply_rope(q_BTHd, q_offset), apply_rope(k_BTGd, q_offset), v_BTGd
+      q_mem, k_mem, v_mem = q_BTHd, k_BTGd, v_BTGd
+    else:
+      q_att = self._canon(self.canon_q, q_BTHd)
+      k_att = self._canon(self.canon_k, k_BTGd)
+      v_att = self._canon(self.canon_v, v_BTGd)
+      q_mem, k_mem, v_mem = q_att, k_att, v_att
+
+    distract = rng is not None and cfg.num_random_keys > 0
+    align = jnp.zeros((), jnp.float32)
+    gate_BTF = jax.nn.sigmoid(gate_BTHd.astype(jnp.float32)).astype(x_BTD.dtype)
+    gate_BTF = gate_BTF.reshape(B, T, H * d)
+
+    if cfg.attn_type == "polar":
+      c_BTHd, mag_BTH = polar_core(
+          q_att, k_att, v_att, self.v_null.value, self.len_gain_raw.value, self.null_base.value,
+          self.null_slope_raw.value, self.mag_beta_raw.value, window=W, q_offset=q_offset,
+          impl=cfg.kernel_impl)
+      out_BTD = self.proj(c_BTHd.reshape(B, T, H * d) * gate_BTF)
+      out_BTD = out_BTD + self.mu_proj(mag_BTH.astype(x_BTD.dtype))
+      if distract:
+        k_rand, _ = self._random_kv(x_BTD, rng, normed=True)
+        align = aux_losses.polar_distractor(
+            q_att, k_rand, self.len_gain_raw.value, self.null_base.value,
+            self.null_slope_raw.value, q_offset=q_offset)
+    else:
+      scale = cfg.rope_scale if cfg.attn_type == "rope" else 1.0 / math.sqrt(d)
+      y_BTHd = softmax_attention(q_att, k_att, v_att, scale=scale, window=W, q_offset=q_offset,
+                                 impl=cfg.kernel_impl)
+      out_BTD = self.proj(y_BTHd.reshape(B, T, H * d) * gate_BTF)
+      if distract:
+        k_rand, v_rand = self._random_kv(x_BTD, rng, normed=cfg.attn_type == "rope")
+        align = aux_losses.softmax_distractor(
+            q_att, k_att, v_att, k_rand, v_rand, y_BTHd, scale=scale, q_offset=q_offset,
+            impl=cfg.kernel_impl)
+
+    if cfg.mem_enabled and mem:
+      expand = lambda t: jnp.repeat(t, r, axis=2)  # repeat-interleave: head h <- KV head h // r
+      out_BTD = out_BTD + self.mem(x_BTD, q_mem, expand(k_mem), expand(v_mem))
+    return out_BTD, align

@@ -1,0 +1,50 @@
+"""Pre-norm residual block (ATMA_SPEC §2.2): y = x + Mixer(norm1(x)); out = y + MLP(norm2(y)).
+
+Dimension glossary: B batch, T time, D hidden.
+
+The mixer is the LFM2 gated conv (conv blocks) or the attention + memory `GlobalMixer` (global
+blocks, `cfg.is_global(layer)`). SigReg is computed on the block output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atma_jax.config import ModelConfig
+from atma_jax.model import aux_losses
+from atma_jax.model.attention import GlobalMixer
+from atma_jax.model.layers import MLP, RMSNorm
+from atma_jax.model.lfm2 import LFM2Conv
+from atma_jax.sharding import constrain
+
+ACT_AXES = ("batch", "seq", "act_embed")
+
+
+class Block(nnx.Module):
+  """Attributes `norm1`, `attn` (LFM2Conv or GlobalMixer), `norm2`, `mlp` (torch names)."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.is_global = cfg.is_global(layer)
+    self.norm1 = RMSNorm(cfg.hidden_size, param_dtype=pd)
+    self.attn = GlobalMixer(cfg, rngs=rngs) if self.is_global else LFM2Conv(cfg, rngs=rngs)
+    self.norm2 = RMSNorm(cfg.hidden_size, param_dtype=pd)
+    self.mlp = MLP(cfg.hidden_size, cfg.mlp_ratio, param_dtype=pd, rngs=rngs)
+
+  def __call__(self, x_BTD: jax.Array, *, q_offset=0, mem: bool = True,
+               rng: jax.Array | None = None, sigreg_mode: str = "baseline"):
+    """Returns (out [B, T, D], reg f32, align f32). `rng` draws distractor keys and sketches."""
+    rng_attn = rng_reg = None
+    if rng is not None:
+      rng_attn, rng_reg = jax.random.split(rng)
+    h_BTD = self.norm1(x_BTD)
+    if self.is_global:
+      mix_BTD, align = self.attn(h_BTD, q_offset=q_offset, mem=mem, rng=rng_attn)
+    else:
+      mix_BTD, align = self.attn(h_BTD), jnp.zeros((), jnp.float32)
+    y_BTD = constrain(x_BTD + mix_BTD, ACT_AXES)
+    out_BTD = constrain(y_BTD + self.mlp(self.norm2(y_BTD)), ACT_AXES)
+    reg = aux_losses.sigreg(out_BTD, sigreg_mode, rng_reg)
+    return out_BTD, reg, align

@@ -1,0 +1,128 @@
+"""Basic layers: Linear, Embed, RMSNorm (learnable and weightless), depthwise causal conv, MLP.
+
+Dimension glossary
+  B batch   T time   C channels   K conv taps   D hidden   F MLP hidden (= mlp_ratio * D)
+
+Numerics (ATMA_SPEC §2.3, §2.4, §2.5): parameters are stored in the param dtype and cast to the
+activation dtype at use (torch `weight.type_as(x)`); matmuls accumulate in fp32 and round once to
+the activation dtype (the cuBLAS epilogue adds the bias before rounding); norm statistics and
+conv accumulation are fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atma_jax.model import init
+
+# Weightless RMS-norm eps: torch's default for F.rms_norm without eps is the machine epsilon of
+# the computation type, fp32 for bf16/fp16/fp32 inputs (spec §2.3).
+FP32_EPS = 2.0 ** -23
+RMSNORM_EPS = 1e-6  # learnable-weight RMSNorm modules (hard-coded 1e-6 in the reference)
+
+
+def _stats_dtype(dtype) -> jnp.dtype:
+  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def rms_norm(x: jax.Array, eps: float = FP32_EPS) -> jax.Array:
+  """Weightless RMS-norm over the last axis; mean square in fp32 (fp64 for fp64 input)."""
+  xf = x.astype(_stats_dtype(x.dtype))
+  ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
+  return (xf * jax.lax.rsqrt(ms + eps)).astype(x.dtype)
+
+
+def l2_normalize(x: jax.Array, floor: float = 1e-12) -> jax.Array:
+  """x / max(||x||, floor) over the last axis (torch F.normalize), finite gradient at x = 0."""
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, floor * floor))
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias with kernel [in, out]; torch-default init U(+-1/sqrt(in))."""
+
+  def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str | None],
+               param_dtype, rngs: nnx.Rngs):
+    in_axis, out_axis = axes
+    bound = init.linear_bound(in_features)
+    self.in_features, self.out_features = in_features, out_features
+    self.kernel = init.param(
+        init.uniform(rngs.params(), (in_features, out_features), bound, param_dtype),
+        (in_axis, out_axis))
+    self.bias = init.param(init.uniform(rngs.params(), (out_features,), bound, param_dtype),
+                           (out_axis,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    y = jnp.einsum("...i,io->...o", x, self.kernel.value.astype(x.dtype),
+                   preferred_element_type=acc)
+    return (y + self.bias.value.astype(acc)).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding table `embedding [V, D]`, N(0, 1), stored in `dtype` (bf16 in the reference)."""
+
+  def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.embedding = init.param(init.normal(rngs.params(), (vocab_size, dim), dtype),
+                                ("vocab", "embed"))
+
+  def __call__(self, ids_BT: jax.Array, dtype) -> jax.Array:
+    return jnp.take(self.embedding.value, ids_BT, axis=0).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Learnable RMSNorm (eps 1e-6): statistics in fp32, weight cast to the activation dtype."""
+
+  def __init__(self, dim: int, *, param_dtype, eps: float = RMSNORM_EPS):
+    self.eps = eps
+    self.weight = init.param(jnp.ones((dim,), param_dtype), ("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.eps) * self.weight.value.astype(x.dtype)
+
+
+def causal_depthwise_conv(x_BTC: jax.Array, w_KC: jax.Array) -> jax.Array:
+  """y_t[c] = sum_m w[m, c] x_{t-(K-1)+m}[c], zero left padding (tap K-1 = current token).
+
+  Cross-correlation orientation of torch's Conv1d; accumulated in fp32, returned in x's dtype.
+  """
+  K = w_KC.shape[0]
+  T = x_BTC.shape[1]
+  acc = _stats_dtype(x_BTC.dtype)
+  xf = x_BTC.astype(acc)
+  w = w_KC.astype(x_BTC.dtype).astype(acc)  # torch casts the weight to the activation dtype
+  x_pad = jnp.pad(xf, ((0, 0), (K - 1, 0), (0, 0)))
+  y = sum(x_pad[:, m:m + T, :] * w[m] for m in range(K))
+  return y.astype(x_BTC.dtype)
+
+
+class DepthwiseConv(nnx.Module):
+  """Depthwise causal conv weights `kernel [K, C]` (torch [C, 1, K]); default U(+-1/sqrt(K))."""
+
+  def __init__(self, channels: int, kernel_size: int, *, channel_axis: str, param_dtype,
+               rngs: nnx.Rngs):
+    self.kernel = init.param(
+        init.uniform(rngs.params(), (kernel_size, channels), init.conv_bound(kernel_size),
+                     param_dtype),
+        ("conv_taps", channel_axis))
+
+  def __call__(self, x_BTC: jax.Array) -> jax.Array:
+    return causal_depthwise_conv(x_BTC, self.kernel.value)
+
+
+class MLP(nnx.Module):
+  """proj(g * relu(a)^2) with [a | g] = fc(x): squared ReLU on the FIRST half (spec §2.4)."""
+
+  def __init__(self, dim: int, ratio: int, *, param_dtype, rngs: nnx.Rngs):
+    hidden = ratio * dim
+    self.fc = Linear(dim, 2 * hidden, axes=("embed", "mlp"), param_dtype=param_dtype, rngs=rngs)
+    self.proj = Linear(hidden, dim, axes=("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    a_BTF, g_BTF = jnp.split(self.fc(x_BTD), 2, axis=-1)
+    r_BTF = jax.nn.relu(a_BTF)
+    return self.proj(g_BTF * (r_BTF * r_BTF))

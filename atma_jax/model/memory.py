@@ -1,0 +1,60 @@
+"""Titans gated-delta compression memory, the additive MAG branch of global blocks (ATMA_SPEC §4).
+
+Dimension glossary
+  B batch   T time   D hidden   H memory heads (= query heads)   d head dim
+
+  log_gamma = log_sigmoid(w_gamma(x) + mem_gamma_bias)      fp32, <= 0   (retention)
+  beta      = sigmoid(w_beta(x) + mem_beta_bias)             fp32, [0, 1] (write strength)
+  q^, k^    = unit-L2 q~, k~ per head (floor 1e-12); v~ as given
+  r         = gated_delta_rule(q^, k^, v~, log_gamma, beta)  fp32 [B, T, H, d]
+  mem       = proj( rms_norm(r) * sigmoid(gate(x)) )        rms_norm weightless, per head
+
+The constants `mem_gamma_bias` / `mem_beta_bias` are added at run time on top of the learned
+biases (they are not part of any parameter). `proj` is zero-initialized, so the branch is an
+exact no-op at step 0.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atma_jax.config import ModelConfig
+from atma_jax.model.layers import Linear, l2_normalize, rms_norm
+from pallas_kernels.gated_delta.api import gated_delta_rule
+
+L2_FLOOR = 1e-12  # F.normalize default eps
+
+
+def _f32(dtype) -> jnp.dtype:
+  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+class Memory(nnx.Module):
+  """Parameters `w_gamma [D, H]`, `w_beta [D, H]`, `gate [D, H*d]`, `proj [H*d, D]`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    D, H, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.w_gamma = Linear(D, H, axes=("embed", "head_scalars"), param_dtype=pd, rngs=rngs)
+    self.w_beta = Linear(D, H, axes=("embed", "head_scalars"), param_dtype=pd, rngs=rngs)
+    self.gate = Linear(D, H * d, axes=("embed", "heads"), param_dtype=pd, rngs=rngs)
+    self.proj = Linear(H * d, D, axes=("heads", "embed"), param_dtype=pd, rngs=rngs)
+
+  def __call__(self, x_BTD: jax.Array, q_BTHd: jax.Array, k_BTHd: jax.Array,
+               v_BTHd: jax.Array) -> jax.Array:
+    """x: normed block input; q, k, v: memory inputs already expanded to H heads."""
+    cfg = self.cfg
+    B, T, H, d = q_BTHd.shape
+    sd = _f32(x_BTD.dtype)
+    log_gamma_BTH = jax.nn.log_sigmoid(self.w_gamma(x_BTD).astype(sd) + cfg.mem_gamma_bias)
+    beta_BTH = jax.nn.sigmoid(self.w_beta(x_BTD).astype(sd) + cfg.mem_beta_bias)
+    qn_BTHd = l2_normalize(q_BTHd.astype(sd), L2_FLOOR).astype(x_BTD.dtype)
+    kn_BTHd = l2_normalize(k_BTHd.astype(sd), L2_FLOOR).astype(x_BTD.dtype)
+    r_BTHd, _ = gated_delta_rule(qn_BTHd, kn_BTHd, v_BTHd.astype(x_BTD.dtype), log_gamma_BTH,
+                                 beta_BTH, chunk_size=cfg.mem_chunk, impl=cfg.kernel_impl)
+    r_BTF = rms_norm(r_BTHd).reshape(B, T, H * d).astype(x_BTD.dtype)
+    gate_BTF = jax.nn.sigmoid(self.gate(x_BTD).astype(sd)).astype(x_BTD.dtype)
+    return self.proj(r_BTF * gate_BTF)

@@ -1,0 +1,43 @@
+"""Half-truncated rotary embedding of the RoPE ablation (ATMA_SPEC §5.2).
+
+Dimension glossary
+  B batch   T time   H heads   d head dim   F frequencies (= d / 2)
+
+d/4 log-spaced frequencies `omega_k = 1024^(-k/(d/4-1))` (1.0 down to 1/1024) followed by d/4
+zero frequencies; pairs are split halves `(x[m], x[m + d/2])`; with `theta = pos * omega_m`:
+  y[m]       =  x[m] cos(theta) + x[m + d/2] sin(theta)
+  y[m + d/2] = -x[m] sin(theta) + x[m + d/2] cos(theta)
+computed in fp32 and cast back. Positions are absolute (`q_offset + t`), 0-based.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ROPE_BASE_INV = 1.0 / 1024.0
+
+
+def rope_frequencies(head_dim: int) -> jax.Array:
+  """fp32 [d/2]: d/4 frequencies (1/1024)^linspace(0, 1, d/4), then d/4 zeros (torch buffer)."""
+  if head_dim % 4:
+    raise ValueError(f"RoPE needs head_dim divisible by 4 (got {head_dim}); choose another "
+                     "model.head_dim or model.attn_type")
+  quarter = head_dim // 4
+  freq = jnp.power(jnp.float32(ROPE_BASE_INV), jnp.linspace(0.0, 1.0, quarter, dtype=jnp.float32))
+  return jnp.concatenate([freq, jnp.zeros((quarter,), jnp.float32)])
+
+
+def apply_rope(x_BTHd: jax.Array, q_offset=0) -> jax.Array:
+  """Rotates `x [B, T, H, d]` at absolute positions q_offset + t; returns x's dtype."""
+  T, d = x_BTHd.shape[1], x_BTHd.shape[-1]
+  freq_F = rope_frequencies(d)
+  pos_T = (jnp.arange(T) + q_offset).astype(jnp.float32)
+  theta_TF = pos_T[:, None] * freq_F[None, :]
+  cos = jnp.cos(theta_TF)[None, :, None, :]
+  sin = jnp.sin(theta_TF)[None, :, None, :]
+  xf = x_BTHd.astype(jnp.float64 if x_BTHd.dtype == jnp.float64 else jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  y1 = x1 * cos + x2 * sin
+  y2 = -x1 * sin + x2 * cos
+  return jnp.concatenate([y1, y2], axis=-1).astype(x_BTHd.dtype)
