@@ -82,6 +82,7 @@ def tokenize_to_shards(docs: Iterable[sources.Document], tokenizer: Tokenizer, o
   train = _ShardWriter(out_dir, prefix, "train", 1, shard_tokens, seed)
   heldout = 0
   text_bytes = 0
+  by_source: dict[str, dict[str, int]] = {}  # name prefix ("py", "kernel", ...) -> counts
   for n, (name, text) in enumerate(docs):
     split = sources.split_of(name, val_fraction)
     if split == "heldout":
@@ -91,6 +92,9 @@ def tokenize_to_shards(docs: Iterable[sources.Document], tokenizer: Tokenizer, o
     text_bytes += len(text.encode("utf-8"))
     arr = pack_documents([ids], tokenizer.eot_id).astype(np.uint16)
     (val if split == "val" else train).add(arr)
+    counts = by_source.setdefault(name.split(":", 1)[0], {"train": 0, "val": 0, "docs": 0})
+    counts[split] += int(arr.shape[0])
+    counts["docs"] += 1
     if log and n % 2000 == 0 and n:
       log(f"  {n} documents, {train.tokens + train.pending + val.tokens + val.pending:,} tokens, "
           f"{time.time() - t0:.0f}s")
@@ -108,7 +112,7 @@ def tokenize_to_shards(docs: Iterable[sources.Document], tokenizer: Tokenizer, o
       "heldout_fraction": sources.HELDOUT_FRACTION,
       "train_tokens": train.tokens, "val_tokens": val.tokens, "train_docs": train.num_docs,
       "val_docs": val.num_docs, "heldout_docs": heldout, "text_bytes": text_bytes,
-      "seconds": round(time.time() - t0, 2),
+      "seconds": round(time.time() - t0, 2), "tokens_by_source": by_source,
       "train_files": [os.path.basename(f) for f in train.files],
       "val_files": [os.path.basename(f) for f in val.files],
   }
