@@ -58,7 +58,9 @@ def use_mesh(mesh: Mesh | None):
     if mesh is None:
       yield
     else:
-      with jax.sharding.use_mesh(mesh):
+      # jax >= 0.7 renamed `jax.sharding.use_mesh` to `jax.set_mesh`
+      set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+      with set_mesh(mesh):
         yield
   finally:
     _state.mesh = prev
