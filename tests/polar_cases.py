@@ -21,6 +21,7 @@ Dimension glossary: B batch, Tq query rows, Tk key rows, H query heads, G KV hea
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -110,18 +111,22 @@ def oracle_fwd_vjp(case: Case, q, k, v, scale, cotangents):
   with jax.enable_x64(True):
     f = lambda *a: reference.attention_stats_materialized(
         *a, window=case.window, q_offset=case.q_offset)
-    outs, vjp = jax.vjp(f, *[jnp.asarray(a, jnp.float64) for a in args])
-    grads = vjp(tuple(jnp.asarray(c, jnp.float64) for c in cotangents))
+    def fwd_vjp(args, cots):
+      outs, vjp = jax.vjp(f, *args)
+      return outs, vjp(cots)
+    outs, grads = jax.jit(fwd_vjp)([jnp.asarray(a, jnp.float64) for a in args],
+                                   tuple(jnp.asarray(c, jnp.float64) for c in cotangents))
     return tuple(np.asarray(x) for x in outs), tuple(np.asarray(x) for x in grads)
 
 
 def backend_fwd_vjp(fwd, bwd, case: Case, q, k, v, scale, cotangents):
   """A backend's outputs and its closed-form VJP (prologue from reference), as numpy."""
   kw = dict(window=case.window, q_offset=case.q_offset)
-  o, lse, p2 = fwd(q, k, v, scale, **kw)
+  fwd, bwd = jax.jit(functools.partial(fwd, **kw)), jax.jit(functools.partial(bwd, **kw))
+  o, lse, p2 = fwd(q, k, v, scale)
   do, dlse, dp2 = (jnp.asarray(c, reference.stats_dtype(q.dtype)) for c in cotangents)
   delta, cq = reference.stats_vjp_prologue(o, p2, do, dlse, dp2)
-  grads = bwd(q, k, v, scale, lse, do.astype(q.dtype), delta, cq, **kw)
+  grads = bwd(q, k, v, scale, lse, do.astype(q.dtype), delta, cq)
   return (tuple(np.asarray(x, np.float64) for x in (o, lse, p2)),
           tuple(np.asarray(x, np.float64) for x in grads))
 
