@@ -42,20 +42,31 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from typing import Any, NamedTuple
 
 HIGHEST = lax.Precision.HIGHEST
 
 
-def mm(a, b, *, ta: bool = False, tb: bool = False, dtype=jnp.float32):
-  """`op(a) @ op(b)` with f32 accumulation; operands cast to `dtype` (bf16 or f32).
+class Dots(NamedTuple):
+  """How the kernel's matmuls run.
 
-  f32 operands use full precision (IEEE on GPU, HIGHEST on TPU); bf16 operands feed the tensor
-  cores / MXU directly.
+  `dtype`: operand dtype of the big q/k/v/state dots (bf16 feeds tensor cores / MXU directly).
+  `f32_precision`: precision of the f32 dots (the inverse, T, gradients through it):
+  `lax.Precision.HIGHEST` (exact f32: CPU interpret, TPU) or a `lax.DotAlgorithmPreset` such as
+  `TF32_TF32_F32_X3` (near-f32 on GPU tensor cores).
   """
-  a = a.astype(dtype)
-  b = b.astype(dtype)
+  dtype: Any = jnp.float32
+  f32_precision: Any = HIGHEST
+
+
+def mm(a, b, *, ta: bool = False, tb: bool = False, cfg: Dots = Dots(), low: bool = False):
+  """`op(a) @ op(b)` with f32 accumulation. `low`: operands in `cfg.dtype`, else f32."""
+  dt = cfg.dtype if low else jnp.float32
+  a = a.astype(dt)
+  b = b.astype(dt)
+  prec = cfg.f32_precision if dt == jnp.float32 else HIGHEST
   dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
-  return lax.dot_general(a, b, dims, precision=HIGHEST, preferred_element_type=jnp.float32)
+  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
 def iota2(n: int, m: int):
@@ -63,7 +74,7 @@ def iota2(n: int, m: int):
   return (lax.broadcasted_iota(jnp.int32, (n, m), 0), lax.broadcasted_iota(jnp.int32, (n, m), 1))
 
 
-def inverse_unit_lower(a_CC):
+def inverse_unit_lower(a_CC, cfg: Dots = Dots()):
   """`(I + a)^-1` for strictly-lower `a` (C a power of 2) by doubling, all in f32.
 
   With `N = -a` (nilpotent, N^C = 0): `(I - N)^-1 = prod_{i<log2 C} (I + N^(2^i))`.
@@ -77,8 +88,8 @@ def inverse_unit_lower(a_CC):
   p = n
   steps = C.bit_length() - 2  # log2(C) - 1
   for _ in range(steps):
-    p = mm(p, p)
-    x = x + mm(x, p)
+    p = mm(p, p, cfg=cfg)
+    x = x + mm(x, p, cfg=cfg)
   return x
 
 
@@ -97,26 +108,26 @@ def last_of(x_C1):
   return jnp.sum(jnp.where(row == C - 1, x_C1, 0.0))
 
 
-def chunk_inverse(k_CK, beta_C1, *, dtype):
+def chunk_inverse(k_CK, beta_C1, *, cfg):
   """T0 = (I + strict_tril(diag(beta) K K^T))^-1 (f32)."""
   C = k_CK.shape[0]
   row, col = iota2(C, C)
-  kk = mm(k_CK, k_CK, tb=True, dtype=dtype)
+  kk = mm(k_CK, k_CK, tb=True, cfg=cfg, low=True)
   a = jnp.where(row > col, beta_C1 * kk, 0.0)
-  return inverse_unit_lower(a)
+  return inverse_unit_lower(a, cfg)
 
 
-def chunk_wy(k_CK, v_CV, beta_C1, gc_C1, gc_1C, *, dtype):
+def chunk_wy(k_CK, v_CV, beta_C1, gc_C1, gc_1C, *, cfg):
   """Per-chunk prepass: returns (T = T0*D, w = T(beta e^gc K), u = T(beta V)), all f32."""
-  t0 = chunk_inverse(k_CK, beta_C1, dtype=dtype)
+  t0 = chunk_inverse(k_CK, beta_C1, cfg=cfg)
   t = t0 * decay_lower(gc_C1, gc_1C)
   kf = k_CK.astype(jnp.float32)
-  w = mm(t, kf * (beta_C1 * jnp.exp(gc_C1)), dtype=jnp.float32)
-  u = mm(t, v_CV.astype(jnp.float32) * beta_C1, dtype=jnp.float32)
+  w = mm(t, kf * (beta_C1 * jnp.exp(gc_C1)), cfg=cfg)
+  u = mm(t, v_CV.astype(jnp.float32) * beta_C1, cfg=cfg)
   return t, w, u
 
 
-def chunk_state_step(q_CK, k_CK, w_CK, u_CV, gc_C1, gc_1C, s_KV, *, dtype, with_output=True):
+def chunk_state_step(q_CK, k_CK, w_CK, u_CV, gc_C1, gc_1C, s_KV, *, cfg, with_output=True):
   """One chunk of the sequential state pass: returns (o_CV | None, new state S_KV), f32.
 
   `s_KV` may be a V-block of the state (all columns are independent).
@@ -124,31 +135,31 @@ def chunk_state_step(q_CK, k_CK, w_CK, u_CV, gc_C1, gc_1C, s_KV, *, dtype, with_
   C = q_CK.shape[0]
   row, col = iota2(C, C)
   gl = last_of(gc_C1)
-  v_new = u_CV - mm(w_CK, s_KV, dtype=dtype)
+  v_new = u_CV - mm(w_CK, s_KV, cfg=cfg, low=True)
   o = None
   if with_output:
     qf = q_CK.astype(jnp.float32)
-    p = jnp.where(row >= col, mm(q_CK, k_CK, tb=True, dtype=dtype), 0.0) * decay_lower(gc_C1, gc_1C)
-    o = mm(qf * jnp.exp(gc_C1), s_KV, dtype=dtype) + mm(p, v_new, dtype=dtype)
+    p = jnp.where(row >= col, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0) * decay_lower(gc_C1, gc_1C)
+    o = mm(qf * jnp.exp(gc_C1), s_KV, cfg=cfg, low=True) + mm(p, v_new, cfg=cfg, low=True)
   kr = k_CK.astype(jnp.float32) * jnp.exp(gl - gc_C1)
-  s_new = jnp.exp(gl) * s_KV + mm(kr, v_new, ta=True, dtype=dtype)
+  s_new = jnp.exp(gl) * s_KV + mm(kr, v_new, ta=True, cfg=cfg, low=True)
   return o, s_new
 
 
-def chunk_state_bwd_step(q_CK, k_CK, w_CK, do_CV, gc_C1, gc_1C, ds_KV, *, dtype):
+def chunk_state_bwd_step(q_CK, k_CK, w_CK, do_CV, gc_C1, gc_1C, ds_KV, *, cfg):
   """One chunk of the reverse state pass: cotangent of the state leaving the chunk -> entering."""
   C = q_CK.shape[0]
   row, col = iota2(C, C)
   gl = last_of(gc_C1)
-  p = jnp.where(row >= col, mm(q_CK, k_CK, tb=True, dtype=dtype), 0.0) * decay_lower(gc_C1, gc_1C)
+  p = jnp.where(row >= col, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0) * decay_lower(gc_C1, gc_1C)
   kr = k_CK.astype(jnp.float32) * jnp.exp(gl - gc_C1)
-  dv_new = mm(p, do_CV, ta=True, dtype=dtype) + mm(kr, ds_KV, dtype=dtype)
+  dv_new = mm(p, do_CV, ta=True, cfg=cfg, low=True) + mm(kr, ds_KV, cfg=cfg, low=True)
   qe = q_CK.astype(jnp.float32) * jnp.exp(gc_C1)
-  return (jnp.exp(gl) * ds_KV + mm(qe, do_CV, ta=True, dtype=dtype)
-          - mm(w_CK, dv_new, ta=True, dtype=dtype))
+  return (jnp.exp(gl) * ds_KV + mm(qe, do_CV, ta=True, cfg=cfg, low=True)
+          - mm(w_CK, dv_new, ta=True, cfg=cfg, low=True))
 
 
-def chunk_grads(q_CK, k_CK, v_CV, beta_C1, gc_C1, gc_1C, do_CV, s_KV, ds1_KV, *, dtype):
+def chunk_grads(q_CK, k_CK, v_CV, beta_C1, gc_C1, gc_1C, do_CV, s_KV, ds1_KV, *, cfg):
   """All input gradients of one chunk, given the state entering it and the cotangent leaving it.
 
   Returns (dq_CK, dk_CK, dv_CV, dbeta_C1, dgc_C1, dgc_1C): the gate-cumsum gradient is the sum
@@ -165,35 +176,35 @@ def chunk_grads(q_CK, k_CK, v_CV, beta_C1, gc_C1, gc_1C, do_CV, s_KV, ds1_KV, *,
   r = jnp.exp(gl - gc_C1)
   d = decay_lower(gc_C1, gc_1C)
   # recompute the forward quantities of the chunk
-  kk = mm(k_CK, k_CK, tb=True, dtype=dtype)
-  t0 = inverse_unit_lower(jnp.where(row > col, beta_C1 * kk, 0.0))
+  kk = mm(k_CK, k_CK, tb=True, cfg=cfg, low=True)
+  t0 = inverse_unit_lower(jnp.where(row > col, beta_C1 * kk, 0.0), cfg)
   t = t0 * d
-  ks = mm(k_CK, s_KV, dtype=dtype)                      # K S   (C, V)
+  ks = mm(k_CK, s_KV, cfg=cfg, low=True)                      # K S   (C, V)
   y = vf - e * ks                                       # Y = V - e K S
   by = beta_C1 * y
-  v_new = mm(t, by)                                     # v' = T beta Y
-  qk = jnp.where(lower, mm(q_CK, k_CK, tb=True, dtype=dtype), 0.0)
+  v_new = mm(t, by, cfg=cfg)                                     # v' = T beta Y
+  qk = jnp.where(lower, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0)
   p = qk * d
   # backward
-  dv_new = mm(p, do, ta=True, dtype=dtype) + mm(kf * r, ds1_KV, dtype=dtype)
-  dz = mm(t, dv_new, ta=True)
+  dv_new = mm(p, do, ta=True, cfg=cfg, low=True) + mm(kf * r, ds1_KV, cfg=cfg, low=True)
+  dz = mm(t, dv_new, ta=True, cfg=cfg)
   dy = beta_C1 * dz
   dbeta = jnp.sum(dz * y, axis=1, keepdims=True)
-  dt = jnp.where(lower, mm(dv_new, by, tb=True), 0.0)
-  dp_raw = jnp.where(lower, mm(do, v_new, tb=True, dtype=dtype), 0.0)
+  dt = jnp.where(lower, mm(dv_new, by, tb=True, cfg=cfg), 0.0)
+  dp_raw = jnp.where(lower, mm(do, v_new, tb=True, cfg=cfg, low=True), 0.0)
   dpd = dp_raw * d
   s_t = s_KV
-  dq = e * mm(do, s_t, tb=True, dtype=dtype) + mm(dpd, kf, dtype=dtype)
-  vds = mm(v_new, ds1_KV, tb=True, dtype=dtype)         # v' dS1^T   (C, K)
-  da = -mm(mm(t0, dt * d, ta=True), t0, tb=True)
+  dq = e * mm(do, s_t, tb=True, cfg=cfg, low=True) + mm(dpd, kf, cfg=cfg, low=True)
+  vds = mm(v_new, ds1_KV, tb=True, cfg=cfg, low=True)         # v' dS1^T   (C, K)
+  da = -mm(mm(t0, dt * d, ta=True, cfg=cfg), t0, tb=True, cfg=cfg)
   da = jnp.where(row > col, da, 0.0)
   dbeta = dbeta + jnp.sum(da * kk, axis=1, keepdims=True)
-  dk = (mm(dpd, qf, ta=True, dtype=dtype) + r * vds - e * mm(dy, s_t, tb=True, dtype=dtype)
-        + beta_C1 * mm(da, kf) + mm(da, kf * beta_C1, ta=True))
+  dk = (mm(dpd, qf, ta=True, cfg=cfg, low=True) + r * vds - e * mm(dy, s_t, tb=True, cfg=cfg, low=True)
+        + beta_C1 * mm(da, kf, cfg=cfg) + mm(da, kf * beta_C1, ta=True, cfg=cfg))
   dv = dy
   # gate-cumsum gradient
   m = dp_raw * p + dt * t
-  qs = mm(q_CK, s_KV, dtype=dtype)
+  qs = mm(q_CK, s_KV, cfg=cfg, low=True)
   s_vec = r * jnp.sum(kf * vds, axis=1, keepdims=True)
   last = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
   tail = jnp.exp(gl) * jnp.sum(ds1_KV * s_KV) + jnp.sum(s_vec)

@@ -32,6 +32,7 @@ Dimension glossary
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,33 +41,58 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gated_delta import chunk_math as cm
 
-_MIN_PROGRAMS = 256  # split the sequence until the state pass has about this many programs
+
+
+class Tuning(NamedTuple):
+  """Launch knobs (static). `min_programs`: split the sequence into pieces until the state pass
+  has at least this many programs."""
+  block_v: int = 64
+  prepass_warps: int = 4
+  state_warps: int = 4
+  state_stages: int = 2
+  bwd_state_warps: int = 4
+  grads_warps: int = 8
+  min_programs: int = 256
+
+
+DEFAULT_TUNING = Tuning()
 
 
 def _pow2(n: int) -> bool:
   return n >= 1 and (n & (n - 1)) == 0
 
 
-def is_supported(q, k, v, *, chunk_size: int) -> bool:
-  """True when these kernels take the shapes: K, V, chunk powers of 2 with 16 <= chunk <= 128,
-  16 <= K, V <= 256 (Triton dots need every dimension >= 16), dtypes f32/bf16/f16."""
+def unsupported_reason(q, k, v, *unused, chunk_size: int) -> str | None:
+  """None when these kernels take the inputs, else what is wrong (and the fix)."""
+  del unused  # log_gamma, beta, initial_state: any shapes check_gated_delta_shapes accepts
   K, V = q.shape[-1], v.shape[-1]
-  return (_pow2(chunk_size) and 16 <= chunk_size <= 128 and _pow2(K) and _pow2(V)
-          and 16 <= K <= 256 and 16 <= V <= 256
-          and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
-          and k.dtype == q.dtype and v.dtype == q.dtype)
+  if not (_pow2(chunk_size) and 16 <= chunk_size <= 128):
+    return f"chunk_size={chunk_size}: the Triton kernels need a power of 2 in [16, 128]"
+  if not (_pow2(K) and _pow2(V) and 16 <= K <= 256 and 16 <= V <= 256):
+    return (f"K={K}, V={V}: the Triton kernels need powers of 2 in [16, 256] (Triton dots need "
+            "every dimension >= 16); use impl='xla'")
+  if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16) or not (k.dtype == v.dtype == q.dtype):
+    return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: need one of f32/bf16/f16 for all three"
+  return None
+
+
+def is_supported(q, k, v, *unused, chunk_size: int) -> bool:
+  """True when `unsupported_reason` finds nothing (extra positional args are ignored)."""
+  return unsupported_reason(q, k, v, chunk_size=chunk_size) is None
 
 
 def _check(q, k, v, chunk_size):
-  if not is_supported(q, k, v, chunk_size=chunk_size):
-    raise ValueError(
-        f"gated_delta gpu_triton: unsupported shapes/dtypes q {q.shape} {q.dtype}, v {v.shape} "
-        f"{v.dtype}, chunk {chunk_size}: need power-of-2 chunk in [16, 128], power-of-2 K, V in "
-        "[16, 256] and one f32/bf16/f16 dtype for q, k, v; use impl='xla' otherwise")
+  reason = unsupported_reason(q, k, v, chunk_size=chunk_size)
+  if reason is not None:
+    raise ValueError(f"gated_delta gpu_triton: {reason}")
 
 
-def _compute_dtype(dtype):
-  return jnp.float32 if dtype == jnp.float32 else dtype
+def _dots(dtype, interpret: bool) -> cm.Dots:
+  """bf16/f16 operands for the q/k/v/state dots when the inputs are; f32 dots as 3xTF32 on the
+  GPU (near-f32 on tensor cores), exact f32 in interpret mode."""
+  prec = (jax.lax.Precision.HIGHEST if interpret
+          else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+  return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=prec)
 
 
 def _pad_time(x, tp):
@@ -89,23 +115,26 @@ def _gates(beta_ref, gc_ref, start, c):
 # ------------------------------------------------------------------------------------ kernels
 
 
-def _prepass_kernel(k_ref, v_ref, beta_ref, gc_ref, w_ref, u_ref, *, dtype):
+def _prepass_kernel(k_ref, v_ref, beta_ref, gc_ref, w_ref, u_ref, *, cfg):
   c = k_ref.shape[0]
   beta_c1, gc_c1, gc_1c = _gates(beta_ref, gc_ref, 0, c)
-  _, w, u = cm.chunk_wy(k_ref[...], v_ref[...], beta_c1, gc_c1, gc_1c, dtype=dtype)
+  _, w, u = cm.chunk_wy(k_ref[...], v_ref[...], beta_c1, gc_c1, gc_1c, cfg=cfg)
   w_ref[...] = w.astype(w_ref.dtype)
   u_ref[...] = u.astype(u_ref.dtype)
 
 
-def _state_kernel(q_ref, k_ref, w_ref, u_ref, gc_ref, s0_ref, *out_refs, c, cp, nvb, mode, dtype):
-  """mode: "output" (o + end state [+ per-chunk states]) or "affine" (end state of [u | 0])."""
+def _state_kernel(q_ref, k_ref, w_ref, u_ref, gc_ref, s0_ref, *out_refs, c, cp, nvb, mode, cfg):
+  """mode: "output" (o + end state), "states" (end state + each chunk's entry state, for the
+  backward) or "affine" (end state from [0 | I] with values [u | 0])."""
   p = pl.program_id(2)
   vb = pl.program_id(3)
+  states_ref = []
   if mode == "output":
-    o_ref, send_ref, *states_ref = out_refs
+    o_ref, send_ref = out_refs
+  elif mode == "states":
+    send_ref, *states_ref = out_refs
   else:
     (send_ref,) = out_refs
-    states_ref = []
   kdim, bv = s0_ref.shape
   if mode == "affine":
     is_a = vb >= nvb
@@ -125,7 +154,7 @@ def _state_kernel(q_ref, k_ref, w_ref, u_ref, gc_ref, s0_ref, *out_refs, c, cp, 
     if states_ref:
       states_ref[0][idx] = s
     o, s_new = cm.chunk_state_step(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], u,
-                                   gc.reshape(c, 1), gc.reshape(1, c), s, dtype=dtype,
+                                   gc.reshape(c, 1), gc.reshape(1, c), s, cfg=cfg,
                                    with_output=mode == "output")
     if mode == "output":
       o_ref[sl, :] = o.astype(o_ref.dtype)
@@ -136,25 +165,25 @@ def _state_kernel(q_ref, k_ref, w_ref, u_ref, gc_ref, s0_ref, *out_refs, c, cp, 
 
 
 def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, dsT_ref, dstates_ref, ds0_ref, *, c,
-                      nc, dtype):
+                      nc, cfg):
   def body(i, ds):
     idx = nc - 1 - i
     sl = pl.ds(idx * c, c)
     gc = gc_ref[sl]
     dstates_ref[idx] = ds
     return cm.chunk_state_bwd_step(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], do_ref[sl, :],
-                                   gc.reshape(c, 1), gc.reshape(1, c), ds, dtype=dtype)
+                                   gc.reshape(c, 1), gc.reshape(1, c), ds, cfg=cfg)
 
   ds0_ref[...] = jax.lax.fori_loop(0, nc, body, dsT_ref[...].astype(jnp.float32))
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, beta_ref, gc_ref, do_ref, s_ref, ds_ref,
-                  dq_ref, dk_ref, dv_ref, dbeta_ref, dgc_ref, *, dtype):
+                  dq_ref, dk_ref, dv_ref, dbeta_ref, dgc_ref, *, cfg):
   c = q_ref.shape[0]
   beta_c1, gc_c1, gc_1c = _gates(beta_ref, gc_ref, 0, c)
   dq, dk, dv, dbeta, dgc_col, dgc_row = cm.chunk_grads(
       q_ref[...], k_ref[...], v_ref[...], beta_c1, gc_c1, gc_1c, do_ref[...], s_ref[...],
-      ds_ref[...], dtype=dtype)
+      ds_ref[...], cfg=cfg)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -169,7 +198,7 @@ def _params(num_warps, num_stages=2):
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _prepass(k, v, beta, gc, *, c, interpret):
+def _prepass(k, v, beta, gc, *, c, tuning, interpret):
   b, tp, h, kd = k.shape
   vd = v.shape[-1]
   nc = tp // c
@@ -177,28 +206,29 @@ def _prepass(k, v, beta, gc, *, c, interpret):
   gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
   wdt = k.dtype
   return pl.pallas_call(
-      functools.partial(_prepass_kernel, dtype=_compute_dtype(k.dtype)),
+      functools.partial(_prepass_kernel, cfg=_dots(k.dtype, interpret)),
       grid=(b, h, nc),
       in_specs=[tok(kd), tok(vd), gate, gate],
       out_specs=[tok(kd), tok(vd)],
       out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), wdt),
                  jax.ShapeDtypeStruct((b, tp, h, vd), wdt)],
-      compiler_params=_params(4, 1), interpret=interpret, name="gdn_prepass",
+      compiler_params=_params(tuning.prepass_warps, 1), interpret=interpret,
+      name="gdn_prepass",
   )(k, v, beta, gc)
 
 
-def _block_v(kd, vd):
-  return min(64, kd, vd)
+def _block_v(kd, vd, tuning):
+  return min(tuning.block_v, kd, vd)
 
 
-def _state_pass(q, k, w, u, gc, s_start, *, c, mode, save_states, interpret):
+def _state_pass(q, k, w, u, gc, s_start, *, c, mode, tuning, interpret):
   """s_start [B, H, P, K, V]. Returns per mode (see `_state_kernel`)."""
   b, tp, h, kd = q.shape
   vd = u.shape[-1]
   npieces = s_start.shape[2]
   nc = tp // c
   cp = nc // npieces
-  bv = _block_v(kd, vd)
+  bv = _block_v(kd, vd, tuning)
   nvb = vd // bv
   full = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, p, n: (i, 0, j, 0))
   if mode == "affine":
@@ -213,46 +243,51 @@ def _state_pass(q, k, w, u, gc, s_start, *, c, mode, save_states, interpret):
     nblocks = nvb
     vblock = pl.BlockSpec((None, tp, None, bv), lambda i, j, p, n: (i, 0, j, n))
     s0_spec = pl.BlockSpec((None, None, None, kd, bv), lambda i, j, p, n: (i, j, p, 0, n))
-    out_specs = [vblock, s0_spec]
-    out_shape = [jax.ShapeDtypeStruct((b, tp, h, vd), jnp.float32),
-                 jax.ShapeDtypeStruct((b, h, npieces, kd, vd), jnp.float32)]
-    if save_states:
+    out_specs = [s0_spec]
+    out_shape = [jax.ShapeDtypeStruct((b, h, npieces, kd, vd), jnp.float32)]
+    if mode == "output":
+      out_specs.insert(0, vblock)
+      out_shape.insert(0, jax.ShapeDtypeStruct((b, tp, h, vd), jnp.float32))
+    else:
       out_specs.append(pl.BlockSpec((None, None, nc, kd, bv), lambda i, j, p, n: (i, j, 0, 0, n)))
       out_shape.append(jax.ShapeDtypeStruct((b, h, nc, kd, vd), jnp.float32))
   gate = pl.BlockSpec((None, tp, None), lambda i, j, p, n: (i, 0, j))
   return pl.pallas_call(
       functools.partial(_state_kernel, c=c, cp=cp, nvb=nvb, mode=mode,
-                        dtype=_compute_dtype(q.dtype)),
+                        cfg=_dots(q.dtype, interpret)),
       grid=(b, h, npieces, nblocks),
       in_specs=[full(kd), full(kd), full(kd), vblock, gate, s0_spec],
       out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_params(4, 2), interpret=interpret,
+      compiler_params=_params(tuning.state_warps, tuning.state_stages), interpret=interpret,
       name="gdn_state_affine" if mode == "affine" else "gdn_state",
   )(q, k, w, u, gc, s_start)
 
 
-def _num_pieces(b, h, nc, kd, vd, pieces):
+def _num_pieces(b, h, nc, kd, vd, pieces, tuning):
   if pieces is not None:
     if nc % pieces:
       raise ValueError(f"pieces={pieces} must divide the number of chunks {nc}")
     return pieces
-  programs = b * h * (vd // _block_v(kd, vd))
+  programs = b * h * (vd // _block_v(kd, vd, tuning))
   p = 1
-  while programs * p < _MIN_PROGRAMS and nc % (2 * p) == 0 and nc // (2 * p) >= 4:
+  while programs * p < tuning.min_programs and nc % (2 * p) == 0 and nc // (2 * p) >= 4:
     p *= 2
   return p
 
 
-def _forward_states(q, k, w, u, gc, s0, *, c, pieces, save_states, interpret):
-  """Runs the state pass (split into pieces when useful). Returns (o, final state[, states])."""
+def _forward_states(q, k, w, u, gc, s0, *, c, pieces, save_states, tuning, interpret):
+  """Runs the state pass (split into pieces when useful).
+
+  Returns (o, final state), or (None, final state, per-chunk entry states) with `save_states`.
+  """
   b, tp, h, kd = q.shape
   vd = u.shape[-1]
-  npieces = _num_pieces(b, h, tp // c, kd, vd, pieces)
+  npieces = _num_pieces(b, h, tp // c, kd, vd, pieces, tuning)
   if npieces == 1:
     s_start = s0[:, :, None]
   else:
     aug = _state_pass(q, k, w, u, gc, jnp.zeros((b, h, npieces, kd, vd), jnp.float32), c=c,
-                      mode="affine", save_states=False, interpret=interpret)[0]
+                      mode="affine", tuning=tuning, interpret=interpret)[0]
     e_PBHKV = jnp.moveaxis(aug[..., :vd], 2, 0)
     a_PBHKK = jnp.moveaxis(aug[..., vd:], 2, 0)
 
@@ -262,10 +297,13 @@ def _forward_states(q, k, w, u, gc, s0, *, c, pieces, save_states, interpret):
 
     _, starts = jax.lax.scan(step, s0, (e_PBHKV, a_PBHKK))
     s_start = jnp.moveaxis(starts, 0, 2)
-  outs = _state_pass(q, k, w, u, gc, s_start, c=c, mode="output", save_states=save_states,
-                     interpret=interpret)
-  o, s_end = outs[0], outs[1]
-  return (o, s_end[:, :, -1]) + tuple(outs[2:])
+  if save_states:
+    s_end, states = _state_pass(q, k, w, u, gc, s_start, c=c, mode="states", tuning=tuning,
+                                interpret=interpret)
+    return None, s_end[:, :, -1], states
+  o, s_end = _state_pass(q, k, w, u, gc, s_start, c=c, mode="output", tuning=tuning,
+                         interpret=interpret)
+  return o, s_end[:, :, -1]
 
 
 def _prepare(q, k, v, log_gamma, beta, initial_state, chunk_size):
@@ -283,21 +321,21 @@ def _prepare(q, k, v, log_gamma, beta, initial_state, chunk_size):
   return q, k, v, gc, beta, s0
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "pieces", "interpret"))
+@functools.partial(jax.jit, static_argnames=("chunk_size", "pieces", "tuning", "interpret"))
 def gated_delta_fwd(q, k, v, log_gamma, beta, initial_state=None, *, chunk_size=64, pieces=None,
-                    interpret=False):
+                    tuning=DEFAULT_TUNING, interpret=False):
   """(o_BTHV f32, final_state_BHKV f32). `pieces`: sequence split (None = automatic)."""
   t = q.shape[1]
   q, k, v, gc, beta, s0 = _prepare(q, k, v, log_gamma, beta, initial_state, chunk_size)
-  w, u = _prepass(k, v, beta, gc, c=chunk_size, interpret=interpret)
+  w, u = _prepass(k, v, beta, gc, c=chunk_size, tuning=tuning, interpret=interpret)
   o, s_final = _forward_states(q, k, w, u, gc, s0, c=chunk_size, pieces=pieces,
-                               save_states=False, interpret=interpret)
+                               save_states=False, tuning=tuning, interpret=interpret)
   return o[:, :t], s_final
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "pieces", "interpret"))
+@functools.partial(jax.jit, static_argnames=("chunk_size", "pieces", "tuning", "interpret"))
 def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *, chunk_size=64,
-                    pieces=None, interpret=False):
+                    pieces=None, tuning=DEFAULT_TUNING, interpret=False):
   """VJP from the primal inputs: (dq, dk, dv, dlog_gamma, dbeta, dinitial_state).
 
   dq/dk/dv in the input dtype, the rest f32. `dfinal_state=None` means a zero cotangent.
@@ -313,14 +351,14 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   do = _pad_time(do.astype(jnp.float32), tp)
   dsT = (jnp.zeros((b, h, kd, vd), jnp.float32) if dfinal_state is None
          else dfinal_state.astype(jnp.float32))
-  w, u = _prepass(k, v, beta_p, gc, c=c, interpret=interpret)
+  w, u = _prepass(k, v, beta_p, gc, c=c, tuning=tuning, interpret=interpret)
   _, _, states = _forward_states(q, k, w, u, gc, s0, c=c, pieces=pieces, save_states=True,
-                                 interpret=interpret)
-  cdt = _compute_dtype(q.dtype)
-  bv = _block_v(kd, vd)
+                                 tuning=tuning, interpret=interpret)
+  cfg = _dots(q.dtype, interpret)
+  bv = _block_v(kd, vd, tuning)
   full = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, n: (i, 0, j, 0))
   dstates, ds0 = pl.pallas_call(
-      functools.partial(_state_bwd_kernel, c=c, nc=nc, dtype=cdt),
+      functools.partial(_state_bwd_kernel, c=c, nc=nc, cfg=cfg),
       grid=(b, h, vd // bv),
       in_specs=[full(kd), full(kd), full(kd),
                 pl.BlockSpec((None, tp, None, bv), lambda i, j, n: (i, 0, j, n)),
@@ -330,13 +368,14 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
                  pl.BlockSpec((None, None, kd, bv), lambda i, j, n: (i, j, 0, n))],
       out_shape=[jax.ShapeDtypeStruct((b, h, nc, kd, vd), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, kd, vd), jnp.float32)],
-      compiler_params=_params(4, 2), interpret=interpret, name="gdn_state_bwd",
+      compiler_params=_params(tuning.bwd_state_warps, tuning.state_stages),
+      interpret=interpret, name="gdn_state_bwd",
   )(q, k, w, do, gc, dsT)
   tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
   gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
   st = pl.BlockSpec((None, None, None, kd, vd), lambda i, j, n: (i, j, n, 0, 0))
   dq, dk, dv, dbeta, dgc = pl.pallas_call(
-      functools.partial(_grads_kernel, dtype=cdt),
+      functools.partial(_grads_kernel, cfg=cfg),
       grid=(b, h, nc),
       in_specs=[tok(kd), tok(kd), tok(vd), gate, gate, tok(vd), st, st],
       out_specs=[tok(kd), tok(kd), tok(vd), gate, gate],
@@ -345,7 +384,7 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
                  jax.ShapeDtypeStruct((b, tp, h, vd), in_dtypes[2]),
                  jax.ShapeDtypeStruct((b, tp, h), jnp.float32),
                  jax.ShapeDtypeStruct((b, tp, h), jnp.float32)],
-      compiler_params=_params(8, 1), interpret=interpret, name="gdn_grads",
+      compiler_params=_params(tuning.grads_warps, 1), interpret=interpret, name="gdn_grads",
   )(q, k, v, beta_p, gc, do, states, dstates)
   dg = dgc.reshape(b, nc, c, h)
   dlog_gamma = jnp.flip(jnp.cumsum(jnp.flip(dg, 2), 2), 2).reshape(b, tp, h)
