@@ -21,6 +21,9 @@ Training / validation batches (`atma_jax.data.pipeline`), for `cfg.data.source` 
   make_eval_batches(cfg, num_batches=None, *, process_index=0, process_count=1, batch_rows=None)
       -> list of the same dicts with `batch_rows` (default train.micro_batch) global rows each,
          from the start of the validation split; num_batches defaults to train.eval_batches.
+      With orbax: item handler `grain.checkpoint.CheckpointHandler()`, save with
+      `grain.checkpoint.CheckpointSave(it)`, restore into a fresh iterator with
+      `grain.checkpoint.CheckpointRestore(it)` (tested: the next batch matches).
   train_windows(cfg, ...) -> StepWindows          # len() = steps per epoch
   resolve_shards(cfg) -> (train_files, val_files) # tokenizes into data.cache_dir on first use
 
