@@ -38,8 +38,8 @@ def test_space_digit_is_one_token(tok):
 
 
 def _random_text(rng: random.Random, n: int) -> str:
-  pools = ["abc XYZ the and of", "0123456789", " \t\n\n  ", "'s 're 'll 'd", "éüßçñ", "日本語中文",
-           "😀🚀", "<|endoftext|>", "()[]{}#=+-*/\\\"'.,;:!?"]
+  pools = ["abc XYZ the and of", "0123456789", " \t\n\n  ", "'s 're 'll 'd", "éüßçñ",
+           "日本語中文", "😀🚀", "<|endoftext|>", "()[]{}#=+-*/\\\"'.,;:!?"]
   return "".join(rng.choice(rng.choice(pools)) for _ in range(n))
 
 

@@ -118,8 +118,7 @@ class _Reader:
     elif kind == ALTREP_SXP:
       self.item()  # class info
       state = self.item()
-      attrs = self.item()
-      del attrs
+      self.item()  # attributes
       return state
     else:
       raise RDataError(f"R object type {kind} is not supported by this minimal reader.")
@@ -140,7 +139,7 @@ def unserialize(data: bytes) -> Any:
 def _inflate(record: bytes) -> bytes:
   size = struct.unpack(">I", record[:4])[0]
   body = record[4:]
-  if body[:1] in (b"Z", b"2", b"X", b"0") and not body[:2] == b"x\x9c":
+  if body[:1] in (b"Z", b"2", b"X", b"0"):  # R's typed compression; zlib streams start 0x78
     kind, body = body[:1], body[1:]
     out = {b"Z": zlib.decompress, b"2": bz2.decompress, b"X": lzma.decompress,
            b"0": lambda b: b}[kind](body)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -137,18 +137,3 @@ def split_train_val(pattern: str, val_pattern: str = "") -> tuple[list[str], lis
     raise ShardError(f"no validation shard found for {pattern!r}: name one `*_val_*.bin` or set "
                      "data.val_path.")
   return train, val
-
-
-class ShardStream:
-  """Several shards viewed as a list of memory-mapped token arrays (ids checked lazily once)."""
-
-  def __init__(self, files: Iterable[str], vocab_size: int | None = None):
-    self.files = list(files)
-    self.arrays = [read_shard(f) for f in self.files]
-    if vocab_size is not None:
-      for f, a in zip(self.files, self.arrays):
-        check_vocab(f, a, vocab_size)
-
-  @property
-  def num_tokens(self) -> int:
-    return sum(int(a.shape[0]) for a in self.arrays)

@@ -213,12 +213,14 @@ def kjv_text() -> str:
 def hf_documents(name: str, text_field: str = "text", split: str = "train") -> Iterator[Document]:
   """Streams `(f"hf:{name}:{i}", row[text_field])`. Needs `datasets` and network access."""
   if not name:
-    raise SourceError("data.source=hf needs data.hf_name (e.g. data.hf_name=roneneldan/TinyStories).")
+    raise SourceError("data.source=hf needs data.hf_name "
+                      "(e.g. data.hf_name=roneneldan/TinyStories).")
   try:
     import datasets
   except ImportError:
     raise SourceError("data.source=hf needs the `datasets` package (pip install datasets) and "
-                      "network access; offline, use data.source=embedded, english or bin.") from None
+                      "network access; offline, use data.source=embedded, english or bin."
+                      ) from None
   try:
     ds = datasets.load_dataset(name, split=split, streaming=True)
   except Exception as e:  # network / hub errors come in many types
