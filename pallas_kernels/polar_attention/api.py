@@ -1,0 +1,230 @@
+"""The Polar attention op the model imports: one custom VJP, backend dispatch, sharding.
+
+  attention_stats(q, k, v, scale, *, window, q_offset, impl) -> (o f32, lse f32, p2 f32)
+  polar_core(q, k, v, v_null, len_gain_raw, null_base, null_slope_raw, mag_beta_raw, ...)
+      -> (c_BTHD, mag_BTH) in q.dtype      (spec §3.2 as prologue + attention_stats + epilogue)
+  softmax_attention(q, k, v, *, scale, window, q_offset, impl) -> o_BTHD in q.dtype
+
+Backends are modules with `attention_stats_fwd`, `attention_stats_bwd` and `is_supported`
+(`xla_streaming`; Pallas `gpu_triton` on GPU and `tpu` on TPU, imported lazily). `impl`:
+"xla" -> streaming XLA; "pallas" -> the platform's Pallas kernel (error if it cannot take the
+shape); "auto" -> Pallas when available and supported, else XLA. Decided at trace time.
+
+When an `atma_jax.sharding` mesh is active, backend calls run under `jax.shard_map`, split over
+batch and (when both H and G divide the tensor axis) over heads; otherwise heads are replicated.
+
+Dimension glossary: B batch, Tq query rows, Tk key rows, H query heads, G KV heads (head h uses
+KV head h // (H // G)), D head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import math
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from atma_jax import sharding
+from pallas_kernels.polar_attention import reference, xla_streaming
+
+IMPLS = ("auto", "pallas", "xla")
+_PALLAS_MODULES = {"gpu": "pallas_kernels.polar_attention.gpu_triton",
+                   "cuda": "pallas_kernels.polar_attention.gpu_triton",
+                   "tpu": "pallas_kernels.polar_attention.tpu"}
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+@functools.cache
+def _import_pallas(platform: str):
+  name = _PALLAS_MODULES.get(platform)
+  if name is None:
+    return None
+  try:
+    return importlib.import_module(name)
+  except ImportError as e:  # module not written yet, or its deps missing on this machine
+    warnings.warn(f"Polar attention: Pallas backend {name} unavailable ({e}); using XLA.")
+    return None
+
+
+def _platform(x) -> str:
+  try:
+    return next(iter(x.devices())).platform
+  except Exception:  # tracers have no devices: use the default backend
+    return jax.default_backend()
+
+
+def select_backend(q, k, v, *, window=None, q_offset=0, impl="auto"):
+  """The backend module `attention_stats` uses for these inputs (trace-time decision)."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+  if impl == "xla":
+    return xla_streaming
+  platform = _platform(q)
+  mod = _import_pallas(platform)
+  if impl == "auto":
+    if mod is not None and mod.is_supported(q, k, v, window=window, q_offset=q_offset):
+      return mod
+    return xla_streaming
+  if mod is None:
+    raise ValueError(f"impl='pallas': no Pallas Polar kernel for platform {platform!r} "
+                     f"(have {sorted(set(_PALLAS_MODULES))}); use impl='xla' or 'auto'")
+  if not mod.is_supported(q, k, v, window=window, q_offset=q_offset):
+    why = getattr(mod, "why_unsupported", None)
+    reason = why(q, k, v, window=window, q_offset=q_offset) if why else "see its is_supported"
+    raise ValueError(f"impl='pallas': {mod.__name__} cannot take q {q.shape} {q.dtype}, "
+                     f"k {k.shape}, window={window}, q_offset={q_offset}: {reason}; "
+                     f"use impl='auto' to fall back to XLA")
+  return mod
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def _specs(mesh, B: int, H: int, G: int):
+  """(spec_BTHD for q/o, spec_BTGD for k/v, spec_BTH for rows) under `mesh`."""
+  full = sharding.logical_to_spec(("batch", "seq", "act_heads", "head_dim"), mesh)
+  batch_axes, head_axis = full[0], full[2]
+  size = lambda axes: math.prod(mesh.shape[a] for a in
+                                ((axes,) if isinstance(axes, str) else (axes or ())))
+  if batch_axes is not None and B % size(batch_axes):
+    batch_axes = None  # e.g. B=1 decode on a data-parallel mesh: replicate the batch
+  if head_axis is not None and (H % size(head_axis) or G % size(head_axis)):
+    head_axis = None  # each shard must hold whole GQA groups with their KV heads
+  return (P(batch_axes, None, head_axis, None), P(batch_axes, None, head_axis, None),
+          P(batch_axes, None, head_axis))
+
+
+def _maybe_shard(fn, in_specs, out_specs):
+  mesh = sharding.current_mesh()
+  if mesh is None:
+    return fn
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+# ----------------------------------------------------------------------------- custom VJP
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  backend: Any         # module
+  window: int | None
+  q_offset: int | None  # None: the offset is the traced primal argument
+
+
+def _offset(cfg: _Static, off):
+  return cfg.q_offset if cfg.q_offset is not None else off
+
+
+def _run_fwd(cfg, q, k, v, scale, off):
+  B, _, H, _ = q.shape
+  sq, skv, srow = _specs(sharding.current_mesh(), B, H, k.shape[2]) \
+      if sharding.current_mesh() is not None else (None,) * 3
+
+  def fwd(q, k, v, scale, off):
+    return cfg.backend.attention_stats_fwd(q, k, v, scale, window=cfg.window,
+                                           q_offset=_offset(cfg, off))
+
+  return _maybe_shard(fwd, (sq, skv, skv, srow, P()), (sq, srow, srow))(q, k, v, scale, off)
+
+
+def _run_bwd(cfg, q, k, v, scale, lse, do, delta, cq, off):
+  B, _, H, _ = q.shape
+  sq, skv, srow = _specs(sharding.current_mesh(), B, H, k.shape[2]) \
+      if sharding.current_mesh() is not None else (None,) * 3
+
+  def bwd(q, k, v, scale, lse, do, delta, cq, off):
+    return cfg.backend.attention_stats_bwd(q, k, v, scale, lse, do, delta, cq,
+                                           window=cfg.window, q_offset=_offset(cfg, off))
+
+  in_specs = (sq, skv, skv, srow, srow, sq, srow, srow, P())
+  return _maybe_shard(bwd, in_specs, (sq, skv, skv, srow))(q, k, v, scale, lse, do, delta, cq,
+                                                           off)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _stats(cfg, q, k, v, scale, off):
+  return _run_fwd(cfg, q, k, v, scale, off)
+
+
+def _stats_fwd(cfg, q, k, v, scale, off):
+  o, lse, p2 = _run_fwd(cfg, q, k, v, scale, off)
+  return (o, lse, p2), (q, k, v, scale, off, o, lse, p2)
+
+
+def _stats_bwd(cfg, res, cotangents):
+  q, k, v, scale, off, o, lse, p2 = res
+  do, dlse, dp2 = cotangents
+  delta, cq = reference.stats_vjp_prologue(o, p2, do, dlse, dp2)
+  dq, dk, dv, dscale = _run_bwd(cfg, q, k, v, scale, lse, do.astype(q.dtype), delta, cq, off)
+  return dq, dk, dv, dscale.astype(scale.dtype), None
+
+
+_stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+def attention_stats(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_offset=0,
+                    impl="auto"):
+  """Tempered softmax attention with row statistics: (o_BTHD, lse_BTH, p2_BTH), fp32.
+
+  a_ij = scale_i,h (q_i . k_j) over visible keys; o = sum pi v; lse = logsumexp a;
+  p2 = sum pi^2. Differentiable in q, k, v and scale. `q_offset` may be an int or a traced
+  int32 scalar (then the caller guarantees Tk >= q_offset + Tq).
+  """
+  reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
+                                   q_offset=q_offset)
+  backend = select_backend(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset, impl=impl)
+  static_off = int(q_offset) if isinstance(q_offset, int) else None
+  cfg = _Static(backend, window, static_off)
+  sdt = reference.stats_dtype(q_BTHD.dtype)
+  off = jnp.asarray(q_offset, jnp.int32)
+  return _stats(cfg, q_BTHD, k_BTGD, v_BTGD, scale_BTH.astype(sdt), off)
+
+
+# ----------------------------------------------------------------------------- model-facing ops
+
+def polar_core(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
+               null_slope_raw_H, mag_beta_raw_H, *, window=None, q_offset=0, impl="auto"):
+  """Polar attention core (spec §3.2): (c_BTHD unit direction, mag_BTH), both in q.dtype.
+
+  Prologue: t = 1 + softplus(len_gain_raw) ln n~, nu = null_base + softplus(null_slope_raw)
+  sqrt(ln(n~+1)) with n~ = min(n, W); the real keys use scale t / sqrt(D) in attention_stats.
+  Epilogue (null fold in the log domain): w_N = sigmoid(t nu - lse),
+  c = normalize((1 - w_N) o + w_N v_null), m_eff = (1 - w_N) / p2,
+  mag = tanh(softplus(mag_beta_raw) log1p(m_eff)). Differentiated by autodiff.
+  """
+  B, Tq, H, D = q_BTHD.shape
+  cdt = reference.stats_dtype(q_BTHD.dtype)
+  t_TH, nu_TH = reference.polar_temperature_null(
+      len_gain_raw_H, null_base_H, null_slope_raw_H, Tq, q_offset=q_offset, window=window,
+      dtype=cdt)
+  scale_BTH = jnp.broadcast_to(t_TH / math.sqrt(D), (B, Tq, H))
+  o_BTHD, lse_BTH, p2_BTH = attention_stats(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
+                                            q_offset=q_offset, impl=impl)
+  a_null_TH = t_TH * nu_TH
+  w_null_BTH = jax.nn.sigmoid(a_null_TH - lse_BTH)
+  w_real_BTH = jax.nn.sigmoid(lse_BTH - a_null_TH)  # 1 - w_null without cancellation
+  s_BTHD = (w_real_BTH[..., None] * o_BTHD
+            + w_null_BTH[..., None] * v_null_HD.astype(cdt)[None, None])
+  c_BTHD = reference.safe_normalize(s_BTHD)
+  m_eff_BTH = w_real_BTH / p2_BTH
+  beta_H = jax.nn.softplus(mag_beta_raw_H.astype(cdt))
+  mag_BTH = jnp.tanh(beta_H * jnp.log1p(m_eff_BTH))
+  return c_BTHD.astype(q_BTHD.dtype), mag_BTH.astype(q_BTHD.dtype)
+
+
+def softmax_attention(q_BTHD, k_BTGD, v_BTGD, *, scale, window=None, q_offset=0, impl="auto"):
+  """Plain causal (optionally windowed) softmax attention with a constant scale; q.dtype out.
+
+  NoPE uses scale = 1/sqrt(D), RoPE scale = 0.12 (spec §5).
+  """
+  B, Tq, H, _ = q_BTHD.shape
+  sdt = reference.stats_dtype(q_BTHD.dtype)
+  scale_BTH = jnp.full((B, Tq, H), scale, sdt)
+  o_BTHD, _, _ = attention_stats(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
+                                 q_offset=q_offset, impl=impl)
+  return o_BTHD.astype(q_BTHD.dtype)
