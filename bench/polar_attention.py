@@ -1,0 +1,253 @@
+"""Benchmark: Pallas Polar attention (`attention_stats`) vs cuDNN softmax attention vs the XLA
+streaming path, forward and forward+backward, bf16, 8 query / 2 KV heads, head dim 128, causal.
+
+  python3 bench/polar_attention.py --out bench/results/polar_attention_h100.json [--sweep]
+
+Order: (1) correctness of the Pallas kernels vs the XLA streaming path (and the materialized
+oracle) at small shapes, (2) an optional block-size sweep at (B, T) = (4, 8K), (3) the table.
+Times are wall-clock per call (dispatch included): warm-up, `block_until_ready`, median of
+`--reps` runs. Prints a table and writes JSON (device, jax version, shapes, medians).
+"Pallas fwd+bwd" = forward kernel + the api's per-row prologue + dQ and dK/dV kernels (what the
+custom VJP runs); cuDNN fwd+bwd = `jax.vjp` of `jax.nn.dot_product_attention(implementation=
+"cudnn", is_causal=True)` (no p2 statistic, no per-row scale: a plain softmax attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.polar_attention import gpu_triton, reference, xla_streaming  # noqa: E402
+
+H, G, D = 8, 2, 128
+SHAPES = ((16, 2048), (4, 8192), (1, 32768))
+FWD_ONLY_SHAPES = ((1, 65536),)
+FWD_SWEEP = (  # block_q, block_k, num_warps, num_stages
+    (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 2),
+    (64, 128, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3))
+BWD_SWEEP = (  # dq_block_q, dq_block_k, dkv_block_q, dkv_block_k, num_warps, num_stages
+    (64, 64, 64, 64, 4, 2), (128, 32, 32, 128, 4, 3), (128, 64, 64, 128, 8, 2),
+    (64, 64, 64, 64, 4, 3), (128, 32, 32, 128, 8, 2), (128, 64, 64, 128, 8, 3),
+    (64, 64, 64, 128, 8, 2), (64, 32, 32, 64, 4, 3))
+
+
+def inputs(B, Tq, Tk=None, dtype=jnp.bfloat16, seed=0):
+  Tk = Tk or Tq
+  ks = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(ks[0], (B, Tq, H, D), jnp.float32).astype(dtype)
+  k = jax.random.normal(ks[1], (B, Tk, G, D), jnp.float32).astype(dtype)
+  v = jax.random.normal(ks[2], (B, Tk, G, D), jnp.float32).astype(dtype)
+  scale = jax.random.uniform(ks[3], (B, Tq, H), jnp.float32, 1.0, 3.0) / np.sqrt(D)
+  do = jax.random.normal(ks[4], (B, Tq, H, D), jnp.float32).astype(dtype)
+  return q, k, v, scale, do
+
+
+def fwd_bwd_fn(mod, **kw):
+  """fwd -> per-row prologue -> bwd, as the custom VJP runs it (random dO, dlse = dp2 = 0.1)."""
+  def f(q, k, v, scale, do):
+    o, lse, p2 = mod.attention_stats_fwd(q, k, v, scale, **kw)
+    dl = jnp.full_like(lse, 0.1)
+    delta, cq = reference.stats_vjp_prologue(o, p2, do, dl, dl)
+    return mod.attention_stats_bwd(q, k, v, scale, lse, do, delta, cq, **kw)
+  return f
+
+
+def cudnn_fns(implementation="cudnn"):
+  attn = functools.partial(jax.nn.dot_product_attention, implementation=implementation,
+                           is_causal=True)
+
+  def fb(q, k, v, do):
+    o, vjp = jax.vjp(attn, q, k, v)
+    return vjp(do)
+  return jax.jit(attn), jax.jit(fb)
+
+
+def timeit(f, *args, reps=10, warmup=2, max_s=20.0):
+  for _ in range(warmup):
+    jax.block_until_ready(f(*args))
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    ts.append(time.perf_counter() - t0)
+    if sum(ts) > max_s and len(ts) >= 3:
+      break
+  return 1e3 * statistics.median(ts), len(ts)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.max(np.abs(a - b)) / max(1e-6, float(np.max(np.abs(b)))))
+
+
+def correctness(cfg, small=False):
+  """Pallas vs XLA streaming (bf16) and vs the materialized oracle (fp32 inputs)."""
+  out = []
+  cases = ((2, 1000, 1000, 0, None), (1, 1000, 1000, 0, 256), (1, 1, 4096, 4095, None),
+           (1, 300, 1800, 1500, 512))
+  if small:
+    cases = ((1, 100, 100, 0, 40), (1, 1, 130, 129, None))
+  for (B, Tq, Tk, off, win) in cases:
+    kw = dict(window=win, q_offset=off)
+    q, k, v, scale, do = inputs(B, Tq, Tk, seed=1)
+    got = jax.jit(functools.partial(gpu_triton.attention_stats_fwd, config=cfg, **kw))(
+        q, k, v, scale)
+    got_g = jax.jit(fwd_bwd_fn(gpu_triton, config=cfg, **kw))(q, k, v, scale, do)
+    want = jax.jit(functools.partial(xla_streaming.attention_stats_fwd, **kw))(q, k, v, scale)
+    want_g = jax.jit(fwd_bwd_fn(xla_streaming, **kw))(q, k, v, scale, do)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    orc = reference.attention_stats_materialized(*f32, scale, **kw)
+    names = ("o", "lse", "p2", "dq", "dk", "dv", "dscale")
+    row = {"B": B, "Tq": Tq, "Tk": Tk, "q_offset": off, "window": win,
+           "rel_err_vs_xla": {n: rel_err(a, b) for n, a, b in
+                              zip(names, tuple(got) + tuple(got_g), tuple(want) + tuple(want_g))},
+           "rel_err_vs_oracle_fwd": {n: rel_err(a, b) for n, a, b in zip(names, got, orc)}}
+    out.append(row)
+    print(f"check B{B} Tq{Tq} Tk{Tk} off{off} w{win}: vs xla "
+          + " ".join(f"{n}={e:.1e}" for n, e in row["rel_err_vs_xla"].items())
+          + " | fwd vs oracle " + " ".join(f"{n}={e:.1e}"
+                                           for n, e in row["rel_err_vs_oracle_fwd"].items()))
+  return out
+
+
+def sweep(reps, shape=(4, 8192), n_cfg=None):
+  B, T = shape
+  q, k, v, scale, do = inputs(B, T)
+  res = {"shape": [B, T], "fwd": [], "bwd": []}
+  best_f, best_b = None, None
+  for bq, bk, w, s in FWD_SWEEP[:n_cfg]:
+    cfg = gpu_triton.BlockConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
+    try:
+      ms, _ = timeit(jax.jit(functools.partial(gpu_triton.attention_stats_fwd, config=cfg,
+                                               window=None, q_offset=0)), q, k, v, scale,
+                     reps=reps)
+    except Exception as e:  # noqa: BLE001 - a config that does not compile is recorded
+      ms = None
+      print(f"fwd {bq}x{bk} w{w} s{s}: FAILED {type(e).__name__}: {str(e)[:200]}")
+    res["fwd"].append({"block_q": bq, "block_k": bk, "num_warps": w, "num_stages": s,
+                       "ms": ms})
+    if ms is not None:
+      print(f"fwd {bq}x{bk} w{w} s{s}: {ms:.3f} ms")
+      if best_f is None or ms < best_f[0]:
+        best_f = (ms, dict(block_q=bq, block_k=bk, num_warps=w, num_stages=s))
+  o, lse, p2 = jax.jit(functools.partial(gpu_triton.attention_stats_fwd, window=None,
+                                         q_offset=0))(q, k, v, scale)
+  delta, cq = reference.stats_vjp_prologue(o, p2, do, lse * 0 + 0.1, lse * 0 + 0.1)
+  for dqq, dqk, kvq, kvk, w, s in BWD_SWEEP[:n_cfg]:
+    cfg = gpu_triton.BlockConfig(dq_block_q=dqq, dq_block_k=dqk, dkv_block_q=kvq,
+                                 dkv_block_k=kvk, bwd_num_warps=w, bwd_num_stages=s)
+    try:
+      ms, _ = timeit(jax.jit(functools.partial(gpu_triton.attention_stats_bwd, config=cfg,
+                                               window=None, q_offset=0)),
+                     q, k, v, scale, lse, do, delta, cq, reps=reps)
+    except Exception as e:  # noqa: BLE001
+      ms = None
+      print(f"bwd dq{dqq}x{dqk} dkv{kvq}x{kvk} w{w} s{s}: FAILED {type(e).__name__}: "
+            f"{str(e)[:200]}")
+    res["bwd"].append({"dq_block_q": dqq, "dq_block_k": dqk, "dkv_block_q": kvq,
+                       "dkv_block_k": kvk, "num_warps": w, "num_stages": s, "ms": ms})
+    if ms is not None:
+      print(f"bwd dq{dqq}x{dqk} dkv{kvq}x{kvk} w{w} s{s}: {ms:.3f} ms")
+      if best_b is None or ms < best_b[0]:
+        best_b = (ms, dict(dq_block_q=dqq, dq_block_k=dqk, dkv_block_q=kvq, dkv_block_k=kvk,
+                           bwd_num_warps=w, bwd_num_stages=s))
+  best = gpu_triton.DEFAULT_CONFIG
+  if best_f:
+    best = dataclasses.replace(best, **best_f[1])
+  if best_b:
+    best = dataclasses.replace(best, **best_b[1])
+  res["best"] = dataclasses.asdict(best)
+  return best, res
+
+
+def causal_tflops(B, T, ms, mult):
+  """Causal attention FLOPs (4 B H T^2 D / 2 per forward; fwd+bwd = 3.5x) per second."""
+  return mult * 2.0 * B * H * T * T * D / (ms * 1e-3) / 1e12
+
+
+def table(cfg, reps, xla_max_t, shapes, fwd_only_shapes, save, cudnn="cudnn"):
+  rows = []
+  cud_f, cud_fb = cudnn_fns(cudnn)
+  for (B, T), fb in [(s, True) for s in shapes] + [(s, False) for s in fwd_only_shapes]:
+    q, k, v, scale, do = inputs(B, T)
+    impls = {
+        "pallas": (jax.jit(functools.partial(gpu_triton.attention_stats_fwd, config=cfg,
+                                             window=None, q_offset=0)),
+                   jax.jit(fwd_bwd_fn(gpu_triton, config=cfg, window=None, q_offset=0))),
+        cudnn: (cud_f, cud_fb),
+    }
+    if T <= xla_max_t:
+      impls["xla_streaming"] = (
+          jax.jit(functools.partial(xla_streaming.attention_stats_fwd, window=None, q_offset=0)),
+          jax.jit(fwd_bwd_fn(xla_streaming, window=None, q_offset=0)))
+    for name, (f_fwd, f_fb) in impls.items():
+      args = (q, k, v) if name == cudnn else (q, k, v, scale)
+      for mode in ("fwd", "fwd+bwd") if fb else ("fwd",):
+        fn = f_fwd if mode == "fwd" else f_fb
+        a = args if mode == "fwd" else args + (do,)
+        try:
+          ms, n = timeit(fn, *a, reps=reps)
+        except Exception as e:  # noqa: BLE001 - record and keep going
+          print(f"B{B} T{T} {name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}")
+          rows.append({"B": B, "T": T, "impl": name, "mode": mode, "error": str(e)[:300]})
+          continue
+        tf = causal_tflops(B, T, ms, 1.0 if mode == "fwd" else 3.5)
+        rows.append({"B": B, "T": T, "impl": name, "mode": mode, "median_ms": ms, "runs": n,
+                     "causal_tflops": tf})
+        print(f"B{B:>2} T{T:>6} {name:>14} {mode:>8}: {ms:9.3f} ms  ({tf:6.1f} TF/s, n={n})",
+              flush=True)
+      save(rows)
+    del q, k, v, scale, do
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default="bench/results/polar_attention.json")
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--xla-max-t", type=int, default=32768)
+  ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-runnable (no cuDNN)")
+  args = ap.parse_args()
+  shapes, fwd_only, sweep_shape, n_cfg, cudnn = SHAPES, FWD_ONLY_SHAPES, (4, 8192), None, "cudnn"
+  if args.smoke:
+    shapes, fwd_only, sweep_shape, n_cfg, cudnn = ((1, 128),), ((1, 256),), (1, 128), 2, "xla"
+  dev = jax.devices()[0]
+  result = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+            "heads": {"H": H, "G": G, "D": D}, "dtype": "bfloat16", "causal": True,
+            "timing": f"wall-clock per call, median of {args.reps} after 2 warm-up calls"}
+  print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+  def save(rows=None):
+    if rows is not None:
+      result["rows"] = rows
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+  cfg = gpu_triton.DEFAULT_CONFIG
+  result["correctness"] = correctness(cfg, small=args.smoke)
+  save()
+  if args.sweep:
+    cfg, result["sweep"] = sweep(args.reps, sweep_shape, n_cfg)
+    print("best config", cfg, flush=True)
+  result["config"] = dataclasses.asdict(cfg)
+  save()
+  table(cfg, args.reps, args.xla_max_t, shapes, fwd_only, save, cudnn)
+  print("wrote", args.out)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,94 @@
+"""Pallas-Triton GPU kernels of `attention_stats` vs the fp64 oracle (shared harness).
+
+On CPU the kernels run in Pallas interpret mode with small blocks (16-32) so that short
+sequences still span several blocks: odd lengths, T smaller than a block, windows smaller and
+larger than T, GQA, decode offsets and a longer cache. A lowering test checks that the kernels
+lower to Triton IR for an H100 (no GPU needed). The `gpu` tests run compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.polar_attention import gpu_triton
+from tests.polar_cases import CASES, SMALL_CASES, Case, check_backend
+
+# Small, mixed blocks: several key/query blocks at T ~ 33-100, different dq/dkv tilings.
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+
+SMALL_BLOCKS = gpu_triton.BlockConfig(block_q=16, block_k=16, dq_block_q=16, dq_block_k=32,
+                                      dkv_block_q=32, dkv_block_k=16)
+
+
+def _backend(config):
+  return (functools.partial(gpu_triton.attention_stats_fwd, config=config),
+          functools.partial(gpu_triton.attention_stats_bwd, config=config))
+
+
+@pytest.mark.parametrize("case", SMALL_CASES, ids=str)
+def test_fp32_matches_oracle(case):
+  check_backend(*_backend(SMALL_BLOCKS), case, jnp.float32, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("case", [
+    Case(Tq=100, H=4, G=2, D=32, window=40),               # odd T, GQA, window < T
+    Case(Tq=1, Tk=70, q_offset=69, H=4, G=1, D=32),        # decode, full context
+], ids=str)
+def test_bf16_matches_oracle(case):
+  check_backend(*_backend(SMALL_BLOCKS), case, jnp.bfloat16, atol=3e-2, rtol=3e-2)
+
+
+def test_window_larger_than_t_and_block_larger_than_t():
+  # Default (large) blocks on short inputs: one padded block, window wider than T.
+  check_backend(*_backend(gpu_triton.DEFAULT_CONFIG), Case(Tq=33, H=4, G=2, window=64),
+                jnp.float32, atol=2e-5, rtol=2e-5)
+
+
+def test_is_supported():
+  q = jnp.zeros((1, 8, 4, 16))
+  k = jnp.zeros((1, 8, 2, 16))
+  assert gpu_triton.is_supported(q, k, k, window=None, q_offset=0)
+  assert not gpu_triton.is_supported(q[..., :12], k[..., :12], k[..., :12], window=None,
+                                     q_offset=0)
+  assert not gpu_triton.is_supported(q, k, k, window=None, q_offset=jnp.int32(3))
+
+
+def test_lowers_to_triton_for_h100(monkeypatch):
+  """Traces and lowers fwd + both bwd kernels to Triton IR for an abstract H100 (bf16, D=128)."""
+  monkeypatch.setattr(gpu_triton, "_interpret", lambda: False)
+  mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
+      device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132))
+  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  B, T, H, G, D = 1, 300, 8, 2, 128
+  q = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((B, T, G, D), jnp.bfloat16)
+  row = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
+  kw = dict(window=100, q_offset=0)
+  with jax.sharding.use_abstract_mesh(mesh):
+    fwd = jax.export.export(jax.jit(functools.partial(gpu_triton.attention_stats_fwd, **kw)),
+                            platforms=["cuda"], disabled_checks=checks)(q, kv, kv, row)
+    bwd = jax.export.export(jax.jit(functools.partial(gpu_triton.attention_stats_bwd, **kw)),
+                            platforms=["cuda"], disabled_checks=checks)(
+                                q, kv, kv, row, row, q, row, row)
+  assert fwd.mlir_module().count("xla.gpu.triton") == 1
+  assert bwd.mlir_module().count("xla.gpu.triton") == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_compiled_on_gpu_fp32(case):
+  check_backend(*_backend(gpu_triton.DEFAULT_CONFIG), case, jnp.float32, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [
+    Case(Tq=333, H=8, G=2, D=128),
+    Case(Tq=333, H=8, G=2, D=128, window=100),
+    Case(Tq=1, Tk=1000, q_offset=999, H=8, G=2, D=128),
+], ids=str)
+def test_compiled_on_gpu_bf16(case):
+  check_backend(*_backend(gpu_triton.DEFAULT_CONFIG), case, jnp.bfloat16, atol=3e-2, rtol=3e-2)
