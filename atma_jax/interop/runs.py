@@ -37,7 +37,45 @@ def check_out_dir(run_dir: str) -> None:
                        "(--out) so no training state is overwritten.")
 
 
+class _ImportedDataState:
+  """Data item of an imported checkpoint: no data has been consumed yet.
+
+  The trainer's checkpoints carry the data iterator state; an imported model has none. Its
+  state says so; restoring it into a real iterator is refused with a clear message.
+  """
+
+  STATE = {"atma_interop": "imported checkpoint: no data consumed; start the data from scratch"}
+
+  def get_state(self):
+    return dict(self.STATE)
+
+  def set_state(self, state):
+    raise InteropError("this checkpoint was made by `atma_jax.interop import` and has no data "
+                       "iterator state; start a new run from its params instead of resuming.")
+
+
 def save_run(run_dir: str, cfg, graphdef, params) -> str:
-  """Writes an eval-loadable step-0 checkpoint of `params` under `run_dir`; returns its path."""
+  """Writes an eval-loadable step-0 checkpoint of `params` under `run_dir`; returns its path.
+
+  Uses the trainer's own pieces (`setup_state`, `make_manager`, `save`): the `state` item is a
+  fresh TrainState (step 0, optimizer state initialized from the imported params), `config` the
+  resolved Config, `data` a marker that no data was consumed.
+  """
+  del graphdef  # the trainer rebuilds it from the config
   check_out_dir(run_dir)
-  return _checkpoint_module().save_model(run_dir, cfg, params, graphdef=graphdef)
+  ck = _checkpoint_module()
+  import jax
+  from atma_jax.config import MeshConfig
+  from atma_jax.train import state as state_mod
+  from atma_jax.train.mesh import make_mesh
+
+  mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  setup = state_mod.setup_state(cfg, mesh)
+  params = jax.device_put(params, setup.shardings.params)
+  train_state = jax.jit(lambda p: state_mod._fresh(p, setup.optimizer, cfg.train.seed),
+                        out_shardings=setup.shardings)(params)
+  mngr = ck.make_manager(run_dir, keep=max(1, cfg.train.keep_checkpoints), async_save=False)
+  ck.save(mngr, 0, train_state, _ImportedDataState(), cfg, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  return str(ck.checkpoint_dir(run_dir) / "0")
