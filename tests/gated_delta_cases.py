@@ -115,26 +115,36 @@ def random_cotangents(case: Case, seed: int = 0):
           rng.standard_normal((case.B, case.H, case.K, case.V)))
 
 
+def _fwd_and_vjp(f):
+  """jit of inputs, cotangents -> (f's outputs, VJP): one compile instead of eager dispatch."""
+  def run(inputs, cotangents):
+    outs, vjp = jax.vjp(f, *inputs)
+    return outs, vjp(cotangents)
+  return jax.jit(run)
+
+
+_oracle = _fwd_and_vjp(reference.gated_delta_sequential)
+
+
 def oracle_fwd_vjp(inputs, cotangents):
   """fp64 oracle outputs and VJP as numpy: ((o, final_state), (dq, dk, dv, dlg, dbeta, ds0))."""
   args = [np.asarray(x, np.float64) for x in inputs]
   with jax.enable_x64(True):
-    outs, vjp = jax.vjp(reference.gated_delta_sequential, *[jnp.asarray(a) for a in args])
-    grads = vjp(tuple(jnp.asarray(c, jnp.float64) for c in cotangents))
+    outs, grads = _oracle(tuple(jnp.asarray(a) for a in args),
+                          tuple(jnp.asarray(c, jnp.float64) for c in cotangents))
     return tuple(np.asarray(x) for x in outs), tuple(np.asarray(x) for x in grads)
 
 
 def backend_fwd_vjp(fwd, case: Case, inputs, cotangents, bwd=None):
-  """A backend's outputs and VJP (its `bwd`, or autodiff of `fwd`), as numpy fp64."""
+  """A backend's outputs and VJP (its `bwd`, or autodiff of `fwd`), as numpy fp64 (jitted)."""
   call = lambda *a: fwd(*a, chunk_size=case.chunk)
   sdt = reference.state_dtype(inputs[0].dtype)
   cot = tuple(jnp.asarray(c, sdt) for c in cotangents)
   if bwd is None:
-    outs, vjp = jax.vjp(call, *inputs)
-    grads = vjp(cot)
+    outs, grads = _fwd_and_vjp(call)(tuple(inputs), cot)
   else:
-    outs = call(*inputs)
-    grads = bwd(*inputs, *cot, chunk_size=case.chunk)
+    outs = jax.jit(call)(*inputs)
+    grads = jax.jit(lambda *a: bwd(*a, chunk_size=case.chunk))(*inputs, *cot)
   return (tuple(np.asarray(x, np.float64) for x in outs),
           tuple(np.asarray(x, np.float64) for x in grads))
 

@@ -1,0 +1,161 @@
+"""The gated delta rule op the model imports: dispatch, custom VJP, sharding (docs/DESIGN.md).
+
+  gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, *, initial_state=None,
+                   output_final_state=False, chunk_size=64, impl="auto")
+      -> (o_BTHV f32, final_state_BHKV f32 | None)
+  gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV)
+      -> (o_BHV f32, state_BHKV f32)
+
+Convention and math: `reference.py` (ATMA_SPEC §4.4): per token `S <- gamma S;
+u = beta (v - S^T k); S <- S + k u^T; o = S^T q`, state `[K, V]`. q, k unit-normalized by the
+caller; log_gamma <= 0, beta in [0, 1], fp32. Differentiable in q, k, v, log_gamma, beta and
+the initial state.
+
+`impl` (decided at trace time):
+  "xla"    chunked XLA path (`xla_chunked.py`), differentiated by checkpointed autodiff;
+  "pallas" the platform's Pallas backend (`gpu_triton` on GPU, `tpu` on TPU, imported lazily),
+           error naming the reason when it is absent or does not support the shapes;
+  "auto"   Pallas on GPU/TPU when available and supported, else "xla".
+A Pallas backend's `gated_delta_fwd` and `gated_delta_bwd` are joined here into the one
+`custom_vjp` (residuals = the primal inputs, see `xla_chunked.py`); a backend without a `bwd`
+gets the XLA path's recompute-and-differentiate backward.
+
+Under an active mesh (`atma_jax.sharding.current_mesh()`) the backend call runs in
+`jax.shard_map` with batch split over "batch" and heads over "act_heads" (heads are
+independent; no communication).
+
+Dimension glossary: B batch, T tokens, H heads, K key/query dim, V value dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+
+from atma_jax import sharding
+from pallas_kernels.gated_delta import reference, xla_chunked
+
+IMPLS = ("auto", "pallas", "xla")
+_PALLAS_MODULES = {"gpu": "pallas_kernels.gated_delta.gpu_triton",
+                   "tpu": "pallas_kernels.gated_delta.tpu"}
+
+
+def _pallas_module(args, chunk_size: int):
+  """(module, None) for a usable Pallas backend on this platform, else (None, reason)."""
+  platform = jax.default_backend()
+  name = _PALLAS_MODULES.get(platform)
+  if name is None:
+    return None, f"no Pallas backend for platform {platform!r} (only gpu and tpu have one)"
+  try:
+    mod = importlib.import_module(name)
+  except ImportError as e:
+    return None, f"{name} could not be imported ({e})"
+  missing = [f for f in ("gated_delta_fwd", "is_supported") if not hasattr(mod, f)]
+  if missing:
+    return None, f"{name} does not export {missing}"
+  if not mod.is_supported(*args, chunk_size=chunk_size):
+    why = getattr(mod, "unsupported_reason", lambda *a, **k: None)(*args, chunk_size=chunk_size)
+    shapes = ", ".join(f"{n} {tuple(a.shape)} {a.dtype}"
+                       for n, a in zip(("q", "k", "v", "log_gamma", "beta", "state"), args))
+    return None, f"{name} does not support {shapes}, chunk_size={chunk_size}" + (
+        f": {why}" if why else "")
+  return mod, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _pallas_rule(module_name: str, chunk_size: int, q, k, v, log_gamma, beta, s0):
+  mod = importlib.import_module(module_name)
+  return mod.gated_delta_fwd(q, k, v, log_gamma, beta, s0, chunk_size=chunk_size)
+
+
+def _pallas_rule_fwd(module_name, chunk_size, q, k, v, log_gamma, beta, s0):
+  out = _pallas_rule(module_name, chunk_size, q, k, v, log_gamma, beta, s0)
+  return out, (q, k, v, log_gamma, beta, s0)  # residuals = the primal inputs
+
+
+def _pallas_rule_bwd(module_name, chunk_size, res, cts):
+  do_BTHV, dsT_BHKV = cts
+  mod = importlib.import_module(module_name)
+  bwd = getattr(mod, "gated_delta_bwd", None) or xla_chunked.gated_delta_bwd
+  grads = bwd(*res, do_BTHV, dsT_BHKV, chunk_size=chunk_size)
+  return tuple(g.astype(x.dtype) for g, x in zip(grads, res))
+
+
+_pallas_rule.defvjp(_pallas_rule_fwd, _pallas_rule_bwd)
+
+
+def _run_backend(impl: str, chunk_size: int, q, k, v, log_gamma, beta, s0):
+  """Picks the backend for these (per-shard) arrays and runs it: (o_BTHV, final_state_BHKV)."""
+  args = (q, k, v, log_gamma, beta, s0)
+  if impl != "xla":
+    mod, reason = _pallas_module(args, chunk_size)
+    if mod is not None:
+      return _pallas_rule(mod.__name__, chunk_size, *args)
+    if impl == "pallas":
+      raise ValueError(f"gated_delta_rule(impl='pallas'): {reason}. Use impl='xla' (or 'auto', "
+                       "which falls back to XLA).")
+  return xla_chunked.gated_delta_fwd(*args, chunk_size=chunk_size)
+
+
+def _mesh_axis_size(mesh, entry) -> int:
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _sharded(fn, mesh, B: int, H: int):
+  """`fn` under shard_map: batch over "batch", heads over "act_heads"."""
+  x_spec = sharding.logical_to_spec(("batch", None, "act_heads", None), mesh)
+  g_spec = sharding.logical_to_spec(("batch", None, "act_heads"), mesh)
+  s_spec = sharding.logical_to_spec(("batch", "act_heads", None, None), mesh)
+  for what, n, entry in (("batch B", B, x_spec[0]), ("heads H", H, x_spec[2])):
+    size = _mesh_axis_size(mesh, entry)
+    if n % size:
+      raise ValueError(f"gated_delta_rule: {what}={n} is not divisible by the mesh axes {entry} "
+                       f"(size {size}) it is sharded over; pick a batch / head count divisible "
+                       "by the mesh or a smaller mesh")
+  return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, g_spec, g_spec, s_spec),
+                       out_specs=(x_spec, s_spec), check_vma=False)
+
+
+def gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, *, initial_state=None,
+                     output_final_state: bool = False, chunk_size: int = 64, impl: str = "auto"):
+  """Gated delta rule over T tokens: `(o_BTHV, final_state_BHKV or None)`, both fp32.
+
+  `initial_state` `[B, H, K, V]` (None = zeros) carries a chunked prefill; set
+  `output_final_state=True` to get the state after the last token.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int (e.g. 64); got {chunk_size!r}")
+  reference.check_gated_delta_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH,
+                                     initial_state)
+  B, T, H, K = q_BTHK.shape
+  V = v_BTHV.shape[-1]
+  dt = reference.state_dtype(log_gamma_BTH.dtype, beta_BTH.dtype, q_BTHK.dtype)
+  s0_BHKV = (jnp.zeros((B, H, K, V), dt) if initial_state is None
+             else initial_state.astype(dt))
+  log_gamma_BTH, beta_BTH = log_gamma_BTH.astype(dt), beta_BTH.astype(dt)
+  fn = functools.partial(_run_backend, impl, chunk_size)
+  mesh = sharding.current_mesh()
+  if mesh is not None:
+    fn = _sharded(fn, mesh, B, H)
+  o_BTHV, sT_BHKV = fn(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, s0_BHKV)
+  return o_BTHV, (sT_BHKV if output_final_state else None)
+
+
+def gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV):
+  """One decode token (same math as the oracle's step): `(o_BHV, new_state_BHKV)`, fp32."""
+  B, H, K = q_BHK.shape if q_BHK.ndim == 3 else (None,) * 3
+  if (q_BHK.ndim != 3 or k_BHK.shape != q_BHK.shape or v_BHV.shape[:2] != (B, H)
+      or log_gamma_BH.shape != (B, H) or beta_BH.shape != (B, H)
+      or state_BHKV.shape != (B, H, K, v_BHV.shape[-1])):
+    raise ValueError(
+        "gated_delta_step expects q, k [B, H, K], v [B, H, V], log_gamma, beta [B, H] and state "
+        f"[B, H, K, V]; got q {q_BHK.shape}, k {k_BHK.shape}, v {v_BHV.shape}, log_gamma "
+        f"{log_gamma_BH.shape}, beta {beta_BH.shape}, state {state_BHKV.shape}")
+  return reference.gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV)
