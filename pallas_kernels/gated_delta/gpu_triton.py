@@ -343,6 +343,11 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   c = chunk_size
+  if do.shape != (b, t, h, vd):
+    raise ValueError(f"do must have o's shape {(b, t, h, vd)}; got {do.shape}")
+  if dfinal_state is not None and dfinal_state.shape != (b, h, kd, vd):
+    raise ValueError(f"dfinal_state must be [B, H, K, V] = {(b, h, kd, vd)}; got "
+                     f"{dfinal_state.shape}")
   in_dtypes = (q.dtype, k.dtype, v.dtype)
   gates_dtype = (log_gamma.dtype, beta.dtype)
   q, k, v, gc, beta_p, s0 = _prepare(q, k, v, log_gamma, beta, initial_state, c)

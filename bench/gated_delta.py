@@ -1,0 +1,260 @@
+"""Benchmark of the chunked gated delta rule: Pallas (Triton) vs the XLA chunked path vs FLA.
+
+  PYTHONUNBUFFERED=1 python3 bench/gated_delta.py --out bench/results/gated_delta_h100.json
+
+First a correctness check at a small shape (the Pallas kernels, compiled, vs the sequential
+oracle, forward + VJP; the sequence split vs the unsplit pass), then wall-clock medians (ms) of
+forward and forward+backward at bf16, 8 heads, K = V = 128, chunk 64:
+(B, T) = (16, 2K), (4, 8K), (1, 32K) and forward at (1, 64K). "fwd+bwd" is one jitted call that
+runs the forward and then the backward from the primal inputs (what a custom_vjp does in
+training). Each timing: 3 warm-up calls, then the median over 7 repeats of (10 back-to-back
+calls) / 10. FLA's `chunk_gated_delta_rule` is timed only if `fla` imports ("unavailable" else).
+Prints a table and writes JSON (device, versions, shapes, medians) after every measurement, so a
+run cut short still leaves its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.gated_delta import gpu_triton, reference, xla_chunked  # noqa: E402
+
+H, K, V, CHUNK = 8, 128, 128, 64
+SHAPES = [(16, 2048, True), (4, 8192, True), (1, 32768, True), (1, 65536, False)]
+INTERPRET = False  # --smoke: tiny shapes in interpret mode on CPU (checks this script only)
+
+
+def make_inputs(b, t, h=None, kd=None, vd=None, dtype=jnp.bfloat16, seed=0):
+  h, kd, vd = h or H, kd or K, vd or V
+  ks = jax.random.split(jax.random.key(seed), 6)
+  q = jax.random.normal(ks[0], (b, t, h, kd), jnp.float32)
+  k = jax.random.normal(ks[1], (b, t, h, kd), jnp.float32)
+  q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  v = jax.random.normal(ks[2], (b, t, h, vd), jnp.float32)
+  log_gamma = jax.nn.log_sigmoid(3.9 + jax.random.normal(ks[3], (b, t, h)))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h)))
+  s0 = 0.1 * jax.random.normal(ks[5], (b, h, kd, vd), jnp.float32)
+  return (q.astype(dtype), k.astype(dtype), v.astype(dtype), log_gamma, beta, s0)
+
+
+def timeit(f, *args, inner=10, reps=7, warmup=3):
+  t0 = time.perf_counter()
+  jax.block_until_ready(f(*args))
+  first = time.perf_counter() - t0
+  for _ in range(warmup - 1):
+    jax.block_until_ready(f(*args))
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(inner):
+      out = f(*args)
+    jax.block_until_ready(out)
+    ts.append((time.perf_counter() - t0) / inner)
+  return statistics.median(ts) * 1e3, first
+
+
+def pallas_fns(tuning=gpu_triton.DEFAULT_TUNING, pieces=None):
+  fwd = jax.jit(lambda *a: gpu_triton.gated_delta_fwd(*a, chunk_size=CHUNK, pieces=pieces,
+                                                      tuning=tuning, interpret=INTERPRET))
+
+  @jax.jit
+  def fwd_bwd(q, k, v, lg, beta, s0, do, dsT):
+    o, sT = gpu_triton.gated_delta_fwd(q, k, v, lg, beta, s0, chunk_size=CHUNK, pieces=pieces,
+                                       tuning=tuning, interpret=INTERPRET)
+    grads = gpu_triton.gated_delta_bwd(q, k, v, lg, beta, s0, do, dsT, chunk_size=CHUNK,
+                                       pieces=pieces, tuning=tuning, interpret=INTERPRET)
+    return o, sT, grads
+  return fwd, fwd_bwd
+
+
+def xla_fns():
+  fwd = jax.jit(lambda *a: xla_chunked.gated_delta_fwd(*a, chunk_size=CHUNK))
+
+  @jax.jit
+  def fwd_bwd(q, k, v, lg, beta, s0, do, dsT):
+    o, sT = xla_chunked.gated_delta_fwd(q, k, v, lg, beta, s0, chunk_size=CHUNK)
+    grads = xla_chunked.gated_delta_bwd(q, k, v, lg, beta, s0, do, dsT, chunk_size=CHUNK)
+    return o, sT, grads
+  return fwd, fwd_bwd
+
+
+def fla_fns():
+  """FLA's Triton kernel through torch (None when `fla` is not importable)."""
+  try:
+    import torch
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+  except Exception as e:  # noqa: BLE001
+    return None, f"unavailable ({type(e).__name__}: {e})"
+
+  def run(inputs, backward):
+    q, k, v, lg, beta, s0 = (torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda()
+                             for x in inputs)
+    q, k, v = (x.bfloat16().requires_grad_(backward) for x in (q, k, v))
+    lg, beta = lg.requires_grad_(backward), beta.requires_grad_(backward)
+
+    def call():
+      o, sT = chunk_gated_delta_rule(q, k, v, g=lg, beta=beta, scale=1.0, initial_state=s0,
+                                     output_final_state=True)
+      if backward:
+        o.float().sum().backward()
+      return o
+    for _ in range(3):
+      call()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(7):
+      t0 = time.perf_counter()
+      for _ in range(10):
+        call()
+      torch.cuda.synchronize()
+      ts.append((time.perf_counter() - t0) / 10)
+    return statistics.median(ts) * 1e3
+  return run, "ok"
+
+
+def rel_err(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / max(1e-30, np.max(np.abs(want))))
+
+
+def correctness(results):
+  """Compiled Pallas vs the f32 sequential oracle (and its autodiff) at a small shape."""
+  names = ("o", "final_state", "dq", "dk", "dv", "dlog_gamma", "dbeta", "dinitial_state")
+  out = {}
+  b, t = (2, 300) if not INTERPRET else (1, 40)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    key = f"B{b}_T{t}_H{H}_K{K}V{V}_{jnp.dtype(dtype).name}"
+    try:
+      inputs = make_inputs(b, t, dtype=dtype, seed=1)
+      do = jax.random.normal(jax.random.key(7), (b, t, H, V), jnp.float32)
+      dsT = jax.random.normal(jax.random.key(8), (b, H, K, V), jnp.float32)
+      f32_inputs = [x.astype(jnp.float32) for x in inputs]
+      with jax.default_matmul_precision("highest"):
+        want_out, vjp = jax.vjp(jax.jit(reference.gated_delta_sequential), *f32_inputs)
+        want_grads = vjp((do, dsT))
+      _, fwd_bwd = pallas_fns()
+      o, sT, grads = fwd_bwd(*inputs, do, dsT)
+      errs = {n: rel_err(g, w) for n, g, w in zip(names, (o, sT) + tuple(grads),
+                                                   tuple(want_out) + tuple(want_grads))}
+      out[key] = errs
+    except Exception as e:  # noqa: BLE001
+      out[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+      traceback.print_exc()
+    print(f"correctness {key}: {out[key]}")
+  # sequence split vs no split (forward and backward), bf16, T = 1024 -> 16 chunks
+  try:
+    ts = 1024 if not INTERPRET else 256
+    inputs = make_inputs(1, ts, h=2, seed=2)
+    do = jax.random.normal(jax.random.key(9), (1, ts, 2, V), jnp.float32)
+    dsT = jnp.zeros((1, 2, K, V), jnp.float32)
+    ref = pallas_fns(pieces=1)[1](*inputs, do, dsT)
+    got = pallas_fns(pieces=4)[1](*inputs, do, dsT)
+    out["split4_vs_split1"] = {n: rel_err(g, w) for n, g, w in zip(
+        names, jax.tree.leaves(got), jax.tree.leaves(ref))}
+  except Exception as e:  # noqa: BLE001
+    out["split4_vs_split1"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    traceback.print_exc()
+  print(f"correctness split: {out['split4_vs_split1']}")
+  results["correctness"] = out
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default="bench/results/gated_delta.json")
+  ap.add_argument("--skip-xla", action="store_true")
+  ap.add_argument("--sweep", action="store_true", help="also time a few Pallas launch configs")
+  ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+  args = ap.parse_args()
+  if args.smoke:
+    global H, K, V, CHUNK, SHAPES, INTERPRET
+    H, K, V, CHUNK, INTERPRET = 2, 16, 16, 16, True
+    SHAPES = [(2, 64, True), (1, 65536 // 256, False)]
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  dev = jax.devices()[0]
+  results = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
+             "jax": jax.__version__, "heads": H, "K": K, "V": V, "chunk": CHUNK,
+             "dtype": "bfloat16", "timing": "median of 7 x (10 back-to-back calls)/10, ms",
+             "rows": []}
+
+  def save():
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=1)
+
+  correctness(results)
+  save()
+  fla_run, fla_status = fla_fns()
+  results["fla"] = fla_status
+  impls = {"pallas": pallas_fns()}
+  if not args.skip_xla:
+    impls["xla_chunked"] = xla_fns()
+  if args.sweep:
+    T = gpu_triton.Tuning
+    impls["pallas_w8"] = pallas_fns(T(state_warps=8, bwd_state_warps=8))
+    impls["pallas_bv32"] = pallas_fns(T(block_v=32))
+    impls["pallas_g4"] = pallas_fns(T(grads_warps=4))
+  for b, t, with_bwd in SHAPES:
+    inputs = make_inputs(b, t)
+    do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)
+    dsT = jnp.zeros((b, H, K, V), jnp.float32)
+    modes = ["fwd", "fwd+bwd"] if with_bwd else ["fwd"]
+    for mode in modes:
+      for name, (fwd, fwd_bwd) in impls.items():
+        if name == "xla_chunked" and t > 32768 and not INTERPRET:
+          continue
+        if name.startswith("pallas_") and (b, t) not in (SHAPES[0][:2], SHAPES[-1][:2]):
+          continue
+        row = {"impl": name, "B": b, "T": t, "mode": mode}
+        try:
+          f, a = (fwd, inputs) if mode == "fwd" else (fwd_bwd, inputs + (do, dsT))
+          ms, first = timeit(f, *a)
+          row.update(ms=ms, first_call_s=first)
+        except Exception as e:  # noqa: BLE001
+          row["error"] = f"{type(e).__name__}: {e}"[:1500]
+          traceback.print_exc()
+        print(row, flush=True)
+        results["rows"].append(row)
+        save()
+      if fla_run is not None:
+        row = {"impl": "fla", "B": b, "T": t, "mode": mode}
+        try:
+          row["ms"] = fla_run(inputs, mode != "fwd")
+        except Exception as e:  # noqa: BLE001
+          row["error"] = f"{type(e).__name__}: {e}"[:1500]
+        results["rows"].append(row)
+        save()
+    if (b, t) == SHAPES[-1][:2]:  # split sweep for the long forward
+      for pieces in (1, 8, 32, 64) if not INTERPRET else (1, 4):
+        fwd, _ = pallas_fns(pieces=pieces)
+        row = {"impl": f"pallas_pieces{pieces}", "B": b, "T": t, "mode": "fwd"}
+        try:
+          row["ms"], row["first_call_s"] = timeit(fwd, *inputs)
+        except Exception as e:  # noqa: BLE001
+          row["error"] = f"{type(e).__name__}: {e}"[:1500]
+        print(row, flush=True)
+        results["rows"].append(row)
+        save()
+  # table
+  print(f"\n{'impl':<18}{'B':>4}{'T':>8}  {'mode':<8}{'ms':>10}")
+  for r in results["rows"]:
+    ms = f"{r['ms']:.3f}" if "ms" in r else "ERR"
+    print(f"{r['impl']:<18}{r['B']:>4}{r['T']:>8}  {r['mode']:<8}{ms:>10}")
+  print(f"fla: {results['fla']}")
+  save()
+
+
+if __name__ == "__main__":
+  main()
