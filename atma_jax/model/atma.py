@@ -21,7 +21,7 @@ from flax import nnx
 from atma_jax.config import ConfigError, ModelConfig
 from atma_jax.model import aux_losses
 from atma_jax.model.block import ACT_AXES, Block
-from atma_jax.model.init import apply_init_scheme
+from atma_jax.model.init import INIT_SCHEMES, apply_init_scheme
 from atma_jax.model.layers import Embed, Linear, RMSNorm
 from atma_jax.sharding import constrain
 
@@ -36,6 +36,16 @@ def soft_cap(z: jax.Array) -> jax.Array:
 def check_model_config(cfg: ModelConfig) -> None:
   """cfg.validate() plus the constraints the modules themselves rely on."""
   cfg.validate()
+  choices = {"attn_type": ("polar", "nope", "rope"), "init_scheme": INIT_SCHEMES,
+             "kernel_impl": ("auto", "pallas", "xla")}
+  for name, allowed in choices.items():
+    if getattr(cfg, name) not in allowed:
+      raise ConfigError(f"model.{name}={getattr(cfg, name)!r} is not supported; choose one of "
+                        f"{', '.join(allowed)}.")
+  for name in ("param_dtype", "embed_dtype", "compute_dtype"):
+    if getattr(cfg, name) not in ("float32", "bfloat16", "float16", "float64"):
+      raise ConfigError(f"model.{name}={getattr(cfg, name)!r} is not a dtype name; use float32, "
+                        "bfloat16, float16 or float64.")
   if cfg.attn_type == "rope" and cfg.head_dim % 4:
     raise ConfigError(f"model.attn_type='rope' needs model.head_dim divisible by 4 (got "
                       f"{cfg.head_dim}): RoPE rotates head_dim/4 frequency pairs.")

@@ -107,6 +107,6 @@ def apply_init_scheme(model: nnx.Module, scheme: str) -> list[str]:
     if isinstance(node, nnx.Param):
       names = _path_names(path)
       if rule(names):
-        node.value = jnp.zeros_like(node.value)
+        node.set_value(jnp.zeros_like(node.get_value()))
         zeroed.append(".".join(names))
   return zeroed

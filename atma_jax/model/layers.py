@@ -58,9 +58,9 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-    y = jnp.einsum("...i,io->...o", x, self.kernel.value.astype(x.dtype),
+    y = jnp.einsum("...i,io->...o", x, self.kernel.get_value().astype(x.dtype),
                    preferred_element_type=acc)
-    return (y + self.bias.value.astype(acc)).astype(x.dtype)
+    return (y + self.bias.get_value().astype(acc)).astype(x.dtype)
 
 
 class Embed(nnx.Module):
@@ -71,7 +71,7 @@ class Embed(nnx.Module):
                                 ("vocab", "embed"))
 
   def __call__(self, ids_BT: jax.Array, dtype) -> jax.Array:
-    return jnp.take(self.embedding.value, ids_BT, axis=0).astype(dtype)
+    return jnp.take(self.embedding.get_value(), ids_BT, axis=0).astype(dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -82,7 +82,7 @@ class RMSNorm(nnx.Module):
     self.weight = init.param(jnp.ones((dim,), param_dtype), ("norm",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return rms_norm(x, self.eps) * self.weight.value.astype(x.dtype)
+    return rms_norm(x, self.eps) * self.weight.get_value().astype(x.dtype)
 
 
 def causal_depthwise_conv(x_BTC: jax.Array, w_KC: jax.Array) -> jax.Array:
@@ -111,7 +111,7 @@ class DepthwiseConv(nnx.Module):
         ("conv_taps", channel_axis))
 
   def __call__(self, x_BTC: jax.Array) -> jax.Array:
-    return causal_depthwise_conv(x_BTC, self.kernel.value)
+    return causal_depthwise_conv(x_BTC, self.kernel.get_value())
 
 
 class MLP(nnx.Module):
