@@ -76,8 +76,9 @@ def select_backend(q, k, v, *, window=None, q_offset=0, impl="auto"):
     raise ValueError(f"impl='pallas': no Pallas Polar kernel for platform {platform!r} "
                      f"(have {sorted(set(_PALLAS_MODULES))}); use impl='xla' or 'auto'")
   if not mod.is_supported(q, k, v, window=window, q_offset=q_offset):
-    why = getattr(mod, "why_unsupported", None)
-    reason = why(q, k, v, window=window, q_offset=q_offset) if why else "see its is_supported"
+    why = getattr(mod, "unsupported_reason", None)
+    reason = (why(q, k, v, window=window, q_offset=q_offset) if why else None) or \
+        "its is_supported() says no"
     raise ValueError(f"impl='pallas': {mod.__name__} cannot take q {q.shape} {q.dtype}, "
                      f"k {k.shape}, window={window}, q_offset={q_offset}: {reason}; "
                      f"use impl='auto' to fall back to XLA")
