@@ -20,7 +20,7 @@ from pallas_kernels.gated_delta import api, reference, xla_chunked
 from tests.gated_delta_cases import CASES, Case, check_backend, random_inputs
 
 # Representative subset for the default run (compiles dominate on CPU); the full sweep is slow.
-FAST_CASES = (CASES[0], CASES[3], CASES[5], CASES[8])
+FAST_CASES = (CASES[0], CASES[3], CASES[5])
 
 
 def _api_fwd(*args, chunk_size, impl="xla"):
@@ -41,9 +41,8 @@ def test_chunked_matches_sequential_fp64_all_cases(case):
   check_backend(xla_chunked.gated_delta_fwd, case, jnp.float64, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("case", [CASES[2], CASES[7]], ids=str)
-def test_api_xla_fp32_matches_oracle(case):
-  check_backend(_api_fwd, case, jnp.float32, atol=1e-4, rtol=1e-4)
+def test_api_xla_fp32_matches_oracle():
+  check_backend(_api_fwd, CASES[7], jnp.float32, atol=1e-4, rtol=1e-4)
 
 
 def test_xla_bwd_contract_matches_oracle():
@@ -81,7 +80,7 @@ def test_chunked_prefill_in_two_pieces_equals_one():
   run = jax.jit(functools.partial(api.gated_delta_rule, output_final_state=True, chunk_size=16,
                                   impl="xla"))
   o_all, s_all = run(q, k, v, lg, beta, initial_state=s0)
-  cut = 23  # not a chunk boundary
+  cut = 25  # not a chunk boundary (equal pieces: one compile)
   o1, s1 = run(q[:, :cut], k[:, :cut], v[:, :cut], lg[:, :cut], beta[:, :cut], initial_state=s0)
   o2, s2 = run(q[:, cut:], k[:, cut:], v[:, cut:], lg[:, cut:], beta[:, cut:], initial_state=s1)
   np.testing.assert_allclose(np.concatenate([o1, o2], 1), o_all, atol=1e-5, rtol=1e-5)
@@ -105,18 +104,19 @@ def test_state_norm_stays_bounded(gamma):
   """Unit keys + beta in [0, 1] make each step a contraction plus a bounded write: the state
   norm plateaus instead of growing with T (spec §12: flat in N for gamma 0.98 and 1)."""
   case = Case(T=2048, B=1, H=2, K=32, V=32, init_state=False)
-  q, k, v, _, _, _ = random_inputs(case, jnp.float32, seed=6)
+  q, k, v, _, _, s = random_inputs(case, jnp.float32, seed=6)
   lg = jnp.full(q.shape[:3], np.log(gamma), jnp.float32)
   beta = jnp.full(q.shape[:3], 0.5, jnp.float32)
   run = jax.jit(functools.partial(api.gated_delta_rule, output_final_state=True, chunk_size=64,
                                   impl="xla"))
   norms = {}
-  for n in (256, 1024, 2048):
-    _, s = run(q[:, :n], k[:, :n], v[:, :n], lg[:, :n], beta[:, :n])
-    norms[n] = float(jnp.max(jnp.linalg.norm(s, axis=(-2, -1))))
+  for end in range(256, case.T + 1, 256):  # prefill in pieces, carrying the state
+    sl = slice(end - 256, end)
+    _, s = run(q[:, sl], k[:, sl], v[:, sl], lg[:, sl], beta[:, sl], initial_state=s)
+    norms[end] = float(jnp.max(jnp.linalg.norm(s, axis=(-2, -1))))
   assert all(np.isfinite(list(norms.values()))), norms
   assert norms[2048] < 1.25 * norms[256], norms
-  assert norms[2048] < 4 * np.sqrt(case.K * case.V), norms  # |v| ~ sqrt(V) per write
+  assert max(norms.values()) < 4 * np.sqrt(case.K * case.V), norms  # |v| ~ sqrt(V) per write
 
 
 def _mesh8():
