@@ -75,10 +75,10 @@ def iota2(n: int, m: int):
 
 
 def inverse_unit_lower(a_CC, cfg: Dots = Dots()):
-  """`(I + a)^-1` for strictly-lower `a` (C a power of 2) by doubling, all in f32.
+  """`(I + a)^-1` for strictly-lower `a` by doubling, all in f32 (`cfg.f32_precision`).
 
-  With `N = -a` (nilpotent, N^C = 0): `(I - N)^-1 = prod_{i<log2 C} (I + N^(2^i))`.
-  log2(C) - 1 squarings and as many products; no triangular solve.
+  With `N = -a` (nilpotent, N^C = 0): `(I - N)^-1 = prod_{i<m} (I + N^(2^i))`, 2^m >= C.
+  m - 1 squarings and as many products; no triangular solve.
   """
   C = a_CC.shape[0]
   row, col = iota2(C, C)
@@ -86,7 +86,7 @@ def inverse_unit_lower(a_CC, cfg: Dots = Dots()):
   n = -a_CC.astype(jnp.float32)
   x = eye + n
   p = n
-  steps = C.bit_length() - 2  # log2(C) - 1
+  steps = (C - 1).bit_length() - 1  # m - 1 with 2^m >= C
   for _ in range(steps):
     p = mm(p, p, cfg=cfg)
     x = x + mm(x, p, cfg=cfg)
