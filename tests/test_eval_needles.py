@@ -1,0 +1,150 @@
+"""Needle samples, teacher-forced scoring and loss bookkeeping of `atma_jax.eval` (no model)."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from atma_jax.data.tokenizer import load_gpt2_tokenizer
+from atma_jax.eval import needles, scoring, suite
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return load_gpt2_tokenizer()
+
+
+def _find(seq, sub):
+  return [i for i in range(len(seq) - len(sub) + 1) if seq[i:i + len(sub)] == sub]
+
+
+@pytest.mark.parametrize("kind", needles.TASKS)
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("real", [False, True])
+def test_retrieval_needle_at_depth(tok, kind, depth, real):
+  length = 300
+  hay = None
+  if real:
+    r = np.random.default_rng(7)
+    hay = [int(x) for x in r.integers(0, 50000, size=400)]
+  s = needles.retrieval_sample(tok, kind, length, depth, needles.sample_rng(1234, kind, 3), hay)
+  ctx = s.context
+  assert len(ctx) == length and ctx[0] == tok.eot_id
+  # The target is exactly the planted value: five single-token digits " d".
+  text = tok.decode(s.value)
+  assert len(s.value) == 5 and len(text) == 10 and all(c.isdigit() for c in text[1::2])
+  needle = s.cue + s.value
+  hits = _find(ctx, needle)
+  assert hits == [s.needle_start]
+  body_len = length - 1 - len(needle) - len(s.cue)
+  assert s.needle_start == 1 + math.floor(depth * body_len)
+  # The context ends with the cue, so `context + value[:-1]` asks for the value.
+  assert ctx[-len(s.cue):] == s.cue
+  # Body tokens are the haystack prefix in order, split around the needle.
+  body = ctx[1:s.needle_start] + ctx[s.needle_start + len(needle):-len(s.cue)]
+  expect = hay[:body_len] if real else needles.synthetic_haystack(tok, body_len)
+  assert body == expect
+
+
+def test_paired_design_and_cue_text(tok):
+  a = needles.retrieval_sample(tok, "passkey", 200, 0.1, needles.sample_rng(1, "passkey", 5))
+  b = needles.retrieval_sample(tok, "passkey", 900, 0.9, needles.sample_rng(1, "passkey", 5))
+  c = needles.retrieval_sample(tok, "passkey", 200, 0.1, needles.sample_rng(1, "passkey", 6))
+  assert a.value == b.value and a.cue == b.cue
+  assert (a.value, a.cue) != (c.value, c.cue)
+  assert tok.decode(a.cue).startswith(" The access code for record ")
+  n = needles.retrieval_sample(tok, "niah", 200, 0.5, random.Random(0))
+  assert tok.decode(n.cue).split()[3] in needles.NIAH_WORDS
+
+
+def test_induction_sample(tok):
+  hay = list(range(1000, 1600))
+  s = needles.induction_sample(tok, 500, needles.sample_rng(0, "induction", 0), hay)
+  assert s.context[:1 + len(s.cue) + 5] == [tok.eot_id] + s.cue + s.value
+  assert s.context[1 + len(s.cue) + 5:-len(s.cue)] == hay[:500]
+  assert s.context[-len(s.cue):] == s.cue
+  assert len(s.context) + 4 <= 500 + needles.MAX_SCAFFOLD
+
+
+def test_sample_errors(tok):
+  with pytest.raises(ValueError, match="depth"):
+    needles.retrieval_sample(tok, "passkey", 300, 1.5, random.Random(0))
+  with pytest.raises(ValueError, match="shorter than the needle"):
+    needles.retrieval_sample(tok, "passkey", 10, 0.5, random.Random(0))
+  with pytest.raises(ValueError, match="haystack has"):
+    needles.retrieval_sample(tok, "niah", 300, 0.5, random.Random(0), haystack=[1] * 20)
+  with pytest.raises(ValueError, match="unknown retrieval task"):
+    needles.retrieval_sample(tok, "qa", 300, 0.5, random.Random(0))
+
+
+def _log_softmax_nll(logits, t):
+  z = logits - logits.max()
+  return float(np.log(np.exp(z).sum()) - z[t])
+
+
+def test_target_metrics_known_case():
+  rng = np.random.default_rng(0)
+  V = 37
+  targets = [3, 9, 0, 36, 5]
+  logits = rng.normal(size=(5, V))
+  for i, t in enumerate(targets):  # rows 0, 2, 4 correct; rows 1, 3 wrong
+    logits[i, t] = logits[i].max() + 1.0 if i % 2 == 0 else logits[i].min() - 1.0
+  m = scoring.target_metrics(logits, targets)
+  assert m["token_acc"] == pytest.approx(0.6)
+  assert m["exact"] == 0.0
+  assert m["nll"] == pytest.approx(np.mean([_log_softmax_nll(logits[i], t)
+                                            for i, t in enumerate(targets)]), rel=1e-12)
+  for i, t in enumerate(targets):
+    logits[i, t] = logits[i].max() + 1.0
+  assert scoring.target_metrics(logits, targets)["exact"] == 1.0
+  with pytest.raises(ValueError, match="do not match"):
+    scoring.target_metrics(logits[:4], targets)
+
+
+class CopyOracle:
+  """A fake Forward that retrieves perfectly: at a scored position whose last 4 input tokens
+  (the cue's tail) occurred earlier, it predicts the token that followed them there."""
+
+  V = 50304
+
+  def __init__(self, shift=0):
+    self.shift = shift
+    self.calls = []
+
+  def logits_at(self, inputs, starts, count, pad_to=None):
+    self.calls.append((len(inputs), pad_to))
+    out = np.zeros((len(inputs), count, self.V), np.float32)
+    for n, (inp, s) in enumerate(zip(inputs, starts)):
+      s = s + self.shift
+      key = inp[s - 3:s + 1]
+      j = next(j for j in range(3, s) if inp[j - 3:j + 1] == key)
+      for i in range(count):
+        out[n, i, inp[j + 1 + i]] = 10.0
+    return out
+
+
+def test_retrieval_grid_with_oracle(tok):
+  grid = suite.retrieval_grid(CopyOracle(), tok, "niah", [128, 256], [0.0, 0.5, 1.0], 3, 1234)
+  for row in grid.values():
+    for cell in row.values():
+      assert cell["token_acc"] == 1.0 and cell["exact"] == 1.0 and cell["trials"] == 3
+  off = CopyOracle(shift=-1)  # reads one position too early: every prediction is shifted
+  grid = suite.retrieval_grid(off, tok, "passkey", [128], [0.5], 3, 1234)
+  assert grid["128"]["0.5"]["exact"] == 0.0
+  assert off.calls == [(3, suite.scored_length(128))]
+  hay = [int(x) for x in np.random.default_rng(1).integers(0, 50000, 400)]
+  ind = suite.induction_by_length(CopyOracle(), tok, [128, 256], 2, 1234, [hay])
+  assert all(c["token_acc"] == 1.0 and c["distance"] == n - needles.MAX_SCAFFOLD
+             for n, c in ((int(k), v) for k, v in ind.items()))
+
+
+def test_loss_bookkeeping():
+  assert scoring.bits_per_byte(8 * math.log(2), 4) == pytest.approx(2.0)
+  with pytest.raises(ValueError):
+    scoring.bits_per_byte(1.0, 0)
+  assert suite.position_edges(100, 8) == [0, 8, 16, 32, 64, 100]
+  nll = np.arange(200, dtype=np.float64).reshape(2, 100)
+  pos = suite.loss_by_position(nll, 8)
+  assert list(pos) == ["0-8", "8-16", "16-32", "32-64", "64-100"]
+  assert pos["64-100"] == pytest.approx(np.concatenate([nll[0, 64:], nll[1, 64:]]).mean())
