@@ -164,17 +164,96 @@ def _state_kernel(q_ref, k_ref, w_ref, u_ref, gc_ref, s0_ref, *out_refs, c, cp, 
   send_ref[...] = s_end
 
 
-def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, dsT_ref, dstates_ref, ds0_ref, *, c,
-                      nc, cfg):
+def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, dsout_ref, *out_refs, c, cp, nvb,
+                      mode, cfg):
+  """Reverse walk of piece p's chunks. mode "states": writes the cotangent leaving each chunk and
+  the one entering the piece; "affine": from [0 | I] with cotangents [do | 0] (width V + K),
+  writes the piece's entering cotangent [F | M] (dS_in = M dS_out + F)."""
+  p = pl.program_id(2)
+  vb = pl.program_id(3)
+  kdim, bv = dsout_ref.shape
+  if mode == "affine":
+    (dsin_ref,) = out_refs
+    is_m = vb >= nvb
+    row, col = cm.iota2(kdim, bv)
+    ds_init = jnp.where(is_m, jnp.where(row == col + (vb - nvb) * bv, 1.0, 0.0), 0.0)
+  else:
+    dstates_ref, dsin_ref = out_refs
+    ds_init = dsout_ref[...].astype(jnp.float32)
+
   def body(i, ds):
-    idx = nc - 1 - i
+    idx = p * cp + cp - 1 - i
     sl = pl.ds(idx * c, c)
     gc = gc_ref[sl]
-    dstates_ref[idx] = ds
-    return cm.chunk_state_bwd_step(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], do_ref[sl, :],
+    do = do_ref[sl, :]
+    if mode == "affine":
+      do = jnp.where(is_m, 0.0, do)
+    else:
+      dstates_ref[idx] = ds
+    return cm.chunk_state_bwd_step(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], do,
                                    gc.reshape(c, 1), gc.reshape(1, c), ds, cfg=cfg)
 
-  ds0_ref[...] = jax.lax.fori_loop(0, nc, body, dsT_ref[...].astype(jnp.float32))
+  dsin_ref[...] = jax.lax.fori_loop(0, cp, body, ds_init.astype(jnp.float32))
+
+
+def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret):
+  """ds_out [B, H, P, K, V]: cotangent leaving each piece (ignored in "affine" mode)."""
+  b, tp, h, kd = q.shape
+  vd = do.shape[-1]
+  npieces = ds_out.shape[2]
+  nc = tp // c
+  bv = _block_v(kd, vd, tuning)
+  nvb = vd // bv
+  clamp = (lambda n: jnp.minimum(n, nvb - 1)) if mode == "affine" else (lambda n: n)
+  full = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, p, n: (i, 0, j, 0))
+  piece_in = pl.BlockSpec((None, None, None, kd, bv), lambda i, j, p, n: (i, j, p, 0, clamp(n)))
+  piece_out = pl.BlockSpec((None, None, None, kd, bv), lambda i, j, p, n: (i, j, p, 0, n))
+  if mode == "affine":
+    nblocks = (vd + kd) // bv
+    out_specs = [piece_out]
+    out_shape = [jax.ShapeDtypeStruct((b, h, npieces, kd, vd + kd), jnp.float32)]
+  else:
+    nblocks = nvb
+    out_specs = [pl.BlockSpec((None, None, nc, kd, bv), lambda i, j, p, n: (i, j, 0, 0, n)),
+                 piece_out]
+    out_shape = [jax.ShapeDtypeStruct((b, h, nc, kd, vd), jnp.float32),
+                 jax.ShapeDtypeStruct((b, h, npieces, kd, vd), jnp.float32)]
+  return pl.pallas_call(
+      functools.partial(_state_bwd_kernel, c=c, cp=nc // npieces, nvb=nvb, mode=mode,
+                        cfg=_dots(q.dtype, interpret)),
+      grid=(b, h, npieces, nblocks),
+      in_specs=[full(kd), full(kd), full(kd),
+                pl.BlockSpec((None, tp, None, bv), lambda i, j, p, n: (i, 0, j, clamp(n))),
+                pl.BlockSpec((None, tp, None), lambda i, j, p, n: (i, 0, j)),
+                piece_in],
+      out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_params(tuning.bwd_state_warps, tuning.state_stages),
+      interpret=interpret, name="gdn_state_bwd_affine" if mode == "affine" else "gdn_state_bwd",
+  )(q, k, w, do, gc, ds_out)
+
+
+def _backward_states(q, k, w, do, gc, dsT, *, c, pieces, tuning, interpret):
+  """Reverse state pass (split into pieces when useful): (per-chunk leaving cotangents, dS0)."""
+  b, tp, h, kd = q.shape
+  vd = do.shape[-1]
+  npieces = _num_pieces(b, h, tp // c, kd, vd, pieces, tuning)
+  if npieces == 1:
+    ds_out = dsT[:, :, None]
+  else:
+    aug = _state_bwd_pass(q, k, w, do, gc, jnp.zeros((b, h, npieces, kd, vd), jnp.float32),
+                          c=c, mode="affine", tuning=tuning, interpret=interpret)[0]
+    f_PBHKV = jnp.moveaxis(aug[..., :vd], 2, 0)
+    m_PBHKK = jnp.moveaxis(aug[..., vd:], 2, 0)
+
+    def step(ds, fm):
+      f, m = fm
+      return jnp.einsum("bhkj,bhjv->bhkv", m, ds, precision=cm.HIGHEST) + f, ds
+
+    _, outs = jax.lax.scan(step, dsT, (f_PBHKV, m_PBHKK), reverse=True)
+    ds_out = jnp.moveaxis(outs, 0, 2)
+  dstates, ds_in = _state_bwd_pass(q, k, w, do, gc, ds_out, c=c, mode="states", tuning=tuning,
+                                   interpret=interpret)
+  return dstates, ds_in[:, :, 0]
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, beta_ref, gc_ref, do_ref, s_ref, ds_ref,
@@ -360,22 +439,8 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   _, _, states = _forward_states(q, k, w, u, gc, s0, c=c, pieces=pieces, save_states=True,
                                  tuning=tuning, interpret=interpret)
   cfg = _dots(q.dtype, interpret)
-  bv = _block_v(kd, vd, tuning)
-  full = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, n: (i, 0, j, 0))
-  dstates, ds0 = pl.pallas_call(
-      functools.partial(_state_bwd_kernel, c=c, nc=nc, cfg=cfg),
-      grid=(b, h, vd // bv),
-      in_specs=[full(kd), full(kd), full(kd),
-                pl.BlockSpec((None, tp, None, bv), lambda i, j, n: (i, 0, j, n)),
-                pl.BlockSpec((None, tp, None), lambda i, j, n: (i, 0, j)),
-                pl.BlockSpec((None, None, kd, bv), lambda i, j, n: (i, j, 0, n))],
-      out_specs=[pl.BlockSpec((None, None, nc, kd, bv), lambda i, j, n: (i, j, 0, 0, n)),
-                 pl.BlockSpec((None, None, kd, bv), lambda i, j, n: (i, j, 0, n))],
-      out_shape=[jax.ShapeDtypeStruct((b, h, nc, kd, vd), jnp.float32),
-                 jax.ShapeDtypeStruct((b, h, kd, vd), jnp.float32)],
-      compiler_params=_params(tuning.bwd_state_warps, tuning.state_stages),
-      interpret=interpret, name="gdn_state_bwd",
-  )(q, k, w, do, gc, dsT)
+  dstates, ds0 = _backward_states(q, k, w, do, gc, dsT, c=c, pieces=pieces, tuning=tuning,
+                                  interpret=interpret)
   tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
   gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
   st = pl.BlockSpec((None, None, None, kd, vd), lambda i, j, n: (i, j, n, 0, 0))
