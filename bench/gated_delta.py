@@ -206,6 +206,7 @@ def main():
     impls["pallas_w8"] = pallas_fns(T(state_warps=8, bwd_state_warps=8))
     impls["pallas_bv32"] = pallas_fns(T(block_v=32))
     impls["pallas_g4"] = pallas_fns(T(grads_warps=4))
+    impls["pallas_bf16states"] = pallas_fns(T(states_dtype="bfloat16"))
   for b, t, with_bwd in SHAPES:
     inputs = make_inputs(b, t)
     do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)

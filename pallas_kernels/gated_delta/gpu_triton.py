@@ -53,6 +53,7 @@ class Tuning(NamedTuple):
   bwd_state_warps: int = 4
   grads_warps: int = 8
   min_programs: int = 256
+  states_dtype: str = "float32"  # per-chunk states / cotangents kept for the gradient kernel
 
 
 DEFAULT_TUNING = Tuning()
@@ -152,7 +153,7 @@ def _state_kernel(q_ref, k_ref, w_ref, u_ref, gc_ref, s0_ref, *out_refs, c, cp, 
     if mode == "affine":
       u = jnp.where(is_a, 0.0, u)
     if states_ref:
-      states_ref[0][idx] = s
+      states_ref[0][idx] = s.astype(states_ref[0].dtype)
     o, s_new = cm.chunk_state_step(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], u,
                                    gc.reshape(c, 1), gc.reshape(1, c), s, cfg=cfg,
                                    with_output=mode == "output")
@@ -189,7 +190,7 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, dsout_ref, *out_refs,
     if mode == "affine":
       do = jnp.where(is_m, 0.0, do)
     else:
-      dstates_ref[idx] = ds
+      dstates_ref[idx] = ds.astype(dstates_ref.dtype)
     return cm.chunk_state_bwd_step(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], do,
                                    gc.reshape(c, 1), gc.reshape(1, c), ds, cfg=cfg)
 
@@ -216,7 +217,7 @@ def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret):
     nblocks = nvb
     out_specs = [pl.BlockSpec((None, None, nc, kd, bv), lambda i, j, p, n: (i, j, 0, 0, n)),
                  piece_out]
-    out_shape = [jax.ShapeDtypeStruct((b, h, nc, kd, vd), jnp.float32),
+    out_shape = [jax.ShapeDtypeStruct((b, h, nc, kd, vd), tuning.states_dtype),
                  jax.ShapeDtypeStruct((b, h, npieces, kd, vd), jnp.float32)]
   return pl.pallas_call(
       functools.partial(_state_bwd_kernel, c=c, cp=nc // npieces, nvb=nvb, mode=mode,
@@ -261,8 +262,8 @@ def _grads_kernel(q_ref, k_ref, v_ref, beta_ref, gc_ref, do_ref, s_ref, ds_ref,
   c = q_ref.shape[0]
   beta_c1, gc_c1, gc_1c = _gates(beta_ref, gc_ref, 0, c)
   dq, dk, dv, dbeta, dgc_col, dgc_row = cm.chunk_grads(
-      q_ref[...], k_ref[...], v_ref[...], beta_c1, gc_c1, gc_1c, do_ref[...], s_ref[...],
-      ds_ref[...], cfg=cfg)
+      q_ref[...], k_ref[...], v_ref[...], beta_c1, gc_c1, gc_1c, do_ref[...],
+      s_ref[...].astype(jnp.float32), ds_ref[...].astype(jnp.float32), cfg=cfg)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -329,7 +330,7 @@ def _state_pass(q, k, w, u, gc, s_start, *, c, mode, tuning, interpret):
       out_shape.insert(0, jax.ShapeDtypeStruct((b, tp, h, vd), jnp.float32))
     else:
       out_specs.append(pl.BlockSpec((None, None, nc, kd, bv), lambda i, j, p, n: (i, j, 0, 0, n)))
-      out_shape.append(jax.ShapeDtypeStruct((b, h, nc, kd, vd), jnp.float32))
+      out_shape.append(jax.ShapeDtypeStruct((b, h, nc, kd, vd), tuning.states_dtype))
   gate = pl.BlockSpec((None, tp, None), lambda i, j, p, n: (i, 0, j))
   return pl.pallas_call(
       functools.partial(_state_kernel, c=c, cp=cp, nvb=nvb, mode=mode,
