@@ -35,12 +35,14 @@ H, G, D = 8, 2, 128
 SHAPES = ((16, 2048), (4, 8192), (1, 32768))
 FWD_ONLY_SHAPES = ((1, 65536),)
 FWD_SWEEP = (  # block_q, block_k, num_warps, num_stages
-    (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 2),
-    (64, 128, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3))
-BWD_SWEEP = (  # dq_block_q, dq_block_k, dkv_block_q, dkv_block_k, num_warps, num_stages
-    (64, 64, 64, 64, 4, 2), (128, 32, 32, 128, 4, 3), (128, 64, 64, 128, 8, 2),
-    (64, 64, 64, 64, 4, 3), (128, 32, 32, 128, 8, 2), (128, 64, 64, 128, 8, 3),
-    (64, 64, 64, 128, 8, 2), (64, 32, 32, 64, 4, 3))
+    (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4),
+    (64, 128, 4, 3))
+DQ_SWEEP = (  # block_q, block_k, num_warps, num_stages of the dQ kernel
+    (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3),
+    (64, 128, 4, 2), (128, 128, 8, 2), (64, 32, 4, 3))
+DKV_SWEEP = (  # block_q, block_k, num_warps, num_stages of the dK/dV kernel
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3),
+    (32, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (32, 128, 8, 2))
 
 
 def inputs(B, Tq, Tk=None, dtype=jnp.bfloat16, seed=0):
@@ -122,54 +124,46 @@ def correctness(cfg, small=False):
   return out
 
 
-def sweep(reps, shape=(4, 8192), n_cfg=None):
+def sweep(reps, shape, n_cfg, result, save):
+  """Times each kernel alone over its candidate launch configs; returns the best config."""
   B, T = shape
   q, k, v, scale, do = inputs(B, T)
-  res = {"shape": [B, T], "fwd": [], "bwd": []}
-  best_f, best_b = None, None
-  for bq, bk, w, s in FWD_SWEEP[:n_cfg]:
-    cfg = gpu_triton.BlockConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
-    try:
-      ms, _ = timeit(jax.jit(functools.partial(gpu_triton.attention_stats_fwd, config=cfg,
-                                               window=None, q_offset=0)), q, k, v, scale,
-                     reps=reps)
-    except Exception as e:  # noqa: BLE001 - a config that does not compile is recorded
-      ms = None
-      print(f"fwd {bq}x{bk} w{w} s{s}: FAILED {type(e).__name__}: {str(e)[:200]}")
-    res["fwd"].append({"block_q": bq, "block_k": bk, "num_warps": w, "num_stages": s,
-                       "ms": ms})
-    if ms is not None:
-      print(f"fwd {bq}x{bk} w{w} s{s}: {ms:.3f} ms")
-      if best_f is None or ms < best_f[0]:
-        best_f = (ms, dict(block_q=bq, block_k=bk, num_warps=w, num_stages=s))
-  o, lse, p2 = jax.jit(functools.partial(gpu_triton.attention_stats_fwd, window=None,
-                                         q_offset=0))(q, k, v, scale)
+  res = result["sweep"] = {"shape": [B, T], "fwd": [], "dq": [], "dkv": []}
+  kw = dict(window=None, q_offset=0)
+  o, lse, p2 = jax.jit(functools.partial(gpu_triton.attention_stats_fwd, **kw))(q, k, v, scale)
   delta, cq = reference.stats_vjp_prologue(o, p2, do, lse * 0 + 0.1, lse * 0 + 0.1)
-  for dqq, dqk, kvq, kvk, w, s in BWD_SWEEP[:n_cfg]:
-    cfg = gpu_triton.BlockConfig(dq_block_q=dqq, dq_block_k=dqk, dkv_block_q=kvq,
-                                 dkv_block_k=kvk, bwd_num_warps=w, bwd_num_stages=s)
-    try:
-      ms, _ = timeit(jax.jit(functools.partial(gpu_triton.attention_stats_bwd, config=cfg,
-                                               window=None, q_offset=0)),
-                     q, k, v, scale, lse, do, delta, cq, reps=reps)
-    except Exception as e:  # noqa: BLE001
-      ms = None
-      print(f"bwd dq{dqq}x{dqk} dkv{kvq}x{kvk} w{w} s{s}: FAILED {type(e).__name__}: "
-            f"{str(e)[:200]}")
-    res["bwd"].append({"dq_block_q": dqq, "dq_block_k": dqk, "dkv_block_q": kvq,
-                       "dkv_block_k": kvk, "num_warps": w, "num_stages": s, "ms": ms})
-    if ms is not None:
-      print(f"bwd dq{dqq}x{dqk} dkv{kvq}x{kvk} w{w} s{s}: {ms:.3f} ms")
-      if best_b is None or ms < best_b[0]:
-        best_b = (ms, dict(dq_block_q=dqq, dq_block_k=dqk, dkv_block_q=kvq, dkv_block_k=kvk,
-                           bwd_num_warps=w, bwd_num_stages=s))
+  kinds = (
+      ("fwd", FWD_SWEEP, ("block_q", "block_k", "num_warps", "num_stages"),
+       lambda cfg: (jax.jit(functools.partial(gpu_triton.attention_stats_fwd, config=cfg, **kw)),
+                    (q, k, v, scale))),
+      ("dq", DQ_SWEEP, ("dq_block_q", "dq_block_k", "dq_num_warps", "dq_num_stages"),
+       lambda cfg: (jax.jit(functools.partial(gpu_triton.attention_stats_bwd, config=cfg,
+                                              parts=("dq",), **kw)),
+                    (q, k, v, scale, lse, do, delta, cq))),
+      ("dkv", DKV_SWEEP, ("dkv_block_q", "dkv_block_k", "dkv_num_warps", "dkv_num_stages"),
+       lambda cfg: (jax.jit(functools.partial(gpu_triton.attention_stats_bwd, config=cfg,
+                                              parts=("dkv",), **kw)),
+                    (q, k, v, scale, lse, do, delta, cq))),
+  )
   best = gpu_triton.DEFAULT_CONFIG
-  if best_f:
-    best = dataclasses.replace(best, **best_f[1])
-  if best_b:
-    best = dataclasses.replace(best, **best_b[1])
+  for kind, cands, fields, make in kinds:
+    best_ms = None
+    for cand in cands[:n_cfg]:
+      upd = dict(zip(fields, cand))
+      fn, args = make(dataclasses.replace(gpu_triton.DEFAULT_CONFIG, **upd))
+      try:
+        ms, _ = timeit(fn, *args, reps=reps)
+      except Exception as e:  # noqa: BLE001 - a config that does not compile is recorded
+        ms = None
+        print(f"{kind} {cand}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+      res[kind].append(dict(upd, ms=ms))
+      save()
+      if ms is not None:
+        print(f"{kind} {cand}: {ms:.3f} ms", flush=True)
+        if best_ms is None or ms < best_ms:
+          best_ms, best = ms, dataclasses.replace(best, **upd)
   res["best"] = dataclasses.asdict(best)
-  return best, res
+  return best
 
 
 def causal_tflops(B, T, ms, mult):
@@ -219,6 +213,8 @@ def main():
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--sweep", action="store_true")
   ap.add_argument("--xla-max-t", type=int, default=32768)
+  ap.add_argument("--skip-checks", action="store_true")
+  ap.add_argument("--quick-checks", action="store_true", help="only the two small checks")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-runnable (no cuDNN)")
   args = ap.parse_args()
   shapes, fwd_only, sweep_shape, n_cfg, cudnn = SHAPES, FWD_ONLY_SHAPES, (4, 8192), None, "cudnn"
@@ -238,10 +234,11 @@ def main():
       json.dump(result, f, indent=1)
 
   cfg = gpu_triton.DEFAULT_CONFIG
-  result["correctness"] = correctness(cfg, small=args.smoke)
-  save()
+  if not args.skip_checks:
+    result["correctness"] = correctness(cfg, small=args.smoke or args.quick_checks)
+    save()
   if args.sweep:
-    cfg, result["sweep"] = sweep(args.reps, sweep_shape, n_cfg)
+    cfg = sweep(args.reps, sweep_shape, n_cfg, result, save)
     print("best config", cfg, flush=True)
   result["config"] = dataclasses.asdict(cfg)
   save()

@@ -49,15 +49,17 @@ PAD_LSE = 1e30  # lse of padded query rows: exp(s - lse) = 0, so they add nothin
 class BlockConfig:
   """Tile sizes and launch parameters (powers of two >= 16 for the blocks)."""
   block_q: int = 128
-  block_k: int = 64
+  block_k: int = 128
   num_warps: int = 8
-  num_stages: int = 2
+  num_stages: int = 3
   dq_block_q: int = 64
   dq_block_k: int = 64
+  dq_num_warps: int = 4
+  dq_num_stages: int = 2
   dkv_block_q: int = 64
   dkv_block_k: int = 64
-  bwd_num_warps: int = 4
-  bwd_num_stages: int = 2
+  dkv_num_warps: int = 4
+  dkv_num_stages: int = 2
 
 
 DEFAULT_CONFIG = BlockConfig()
@@ -91,6 +93,11 @@ def _pad_axis1(x, t_pad, value=0.0):
   pad = [(0, 0)] * x.ndim
   pad[1] = (0, t_pad - t)
   return jnp.pad(x, pad, constant_values=value)
+
+
+def _rows_bht(x_BTH, t_pad, value=0.0):
+  """Per-row vector [B, T, H] -> fp32 [B, H, t_pad] (contiguous row loads in the kernels)."""
+  return _pad_axis1(x_BTH.astype(jnp.float32), t_pad, value).transpose(0, 2, 1)
 
 
 def _cdiv(x, n: int):
@@ -151,6 +158,15 @@ def _query_band(k0, k1, *, bq, nq, q_offset, tk_block_ok, window):
   return lo, full_lo, full_hi, hi
 
 
+def _rev_q(nq: int, H: int, D: int | None):
+  """Index map of a per-(head, query tile) block for the grid (B*H, nq), query tiles visited
+  last-first: grid axis 0 is scheduled fastest, so all heads of the heaviest (latest, under
+  causal masking) tile run first, which shortens the tail; heads sharing K/V run together."""
+  def index(bh, i):
+    return (bh // H, nq - 1 - i, bh % H) + (() if D is None else (0,))
+  return index
+
+
 def _three_phase(lo, full_lo, full_hi, hi, body, carry):
   """Runs body(idx, carry, masked) over [lo, full_lo) masked, [full_lo, full_hi), rest masked."""
   carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
@@ -163,7 +179,7 @@ def _three_phase(lo, full_lo, full_hi, hi, body, carry):
 
 def _fwd_kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, *, bq, bk, tk,
                 q_offset, window):
-  i = pl.program_id(0)
+  i = pl.num_programs(1) - 1 - pl.program_id(1)  # must match _rev_q in the BlockSpecs
   q = q_ref[...]
   scale2_q = s_ref[...].astype(jnp.float32) * LOG2E
   p0 = q_offset + i * bq
@@ -215,12 +231,13 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
 
   kernel = functools.partial(_fwd_kernel, bq=bq, bk=bk, tk=Tk, q_offset=q_offset,
                              window=window)
-  row_spec = pl.BlockSpec((None, bq, None), lambda i, bh: (bh // H, i, bh % H))
-  tile_spec = pl.BlockSpec((None, bq, None, D), lambda i, bh: (bh // H, i, bh % H, 0))
-  kv_spec = pl.BlockSpec((None, tk_pad, None, D), lambda i, bh: (bh // H, 0, (bh % H) // R, 0))
+  nq = tq_pad // bq
+  row_spec = pl.BlockSpec((None, bq, None), _rev_q(nq, H, None))
+  tile_spec = pl.BlockSpec((None, bq, None, D), _rev_q(nq, H, D))
+  kv_spec = pl.BlockSpec((None, tk_pad, None, D), lambda bh, i: (bh // H, 0, (bh % H) // R, 0))
   o, lse, p2 = pl.pallas_call(
       kernel,
-      grid=(tq_pad // bq, B * H),
+      grid=(B * H, nq),
       in_specs=[tile_spec, kv_spec, kv_spec, row_spec],
       out_specs=[tile_spec, row_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct((B, tq_pad, H, D), jnp.float32),
@@ -239,7 +256,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
 
 def _dq_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dq_ref, dsc_ref,
                *, bq, bk, tk, q_offset, window):
-  i = pl.program_id(0)
+  i = pl.num_programs(1) - 1 - pl.program_id(1)  # must match _rev_q in the BlockSpecs
   q = q_ref[...]
   do = do_ref[...]
   scale_q = s_ref[...]
@@ -271,7 +288,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dq_r
 
 def _dkv_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dk_ref, dv_ref,
                 *, bq, bk, tk, nq, q_offset, window, group):
-  kb = pl.program_id(0)
+  kb = pl.program_id(1)
   k = k_ref[...]
   v = v_ref[...]
   k0 = kb * bk
@@ -288,10 +305,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dk_
       rows = pl.ds(start, bq)
       q = q_ref.at[rows, r, :][...]
       do = do_ref.at[rows, r, :][...]
-      scale_q = s_ref.at[rows, r][...]
-      lse2_q = lse_ref.at[rows, r][...] * LOG2E
-      delta_q = dl_ref.at[rows, r][...]
-      cq_q = cq_ref.at[rows, r][...]
+      scale_q = s_ref.at[r, rows][...]
+      lse2_q = lse_ref.at[r, rows][...] * LOG2E
+      delta_q = dl_ref.at[r, rows][...]
+      cq_q = cq_ref.at[r, rows][...]
       s_kq = _dot(k, q, trans_b=True) * (scale_q * LOG2E)[None, :]
       if masked:
         valid = _visible((q_offset + start + jnp.arange(bq))[None, :], cols_k[:, None], tk=tk,
@@ -309,59 +326,81 @@ def _dkv_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dk_
   dv_ref[...] = dv_kd.astype(dv_ref.dtype)
 
 
+def _bwd_dq(q, k, v, scale, do, lse, delta, cq, *, H, R, bq, bk, tk, q_offset, window,
+            num_warps, num_stages):
+  """dQ (+ dscale) kernel on padded inputs: query-parallel, grid (query blocks, B*H)."""
+  B, tq_pad, _, D = q.shape
+  tk_pad = k.shape[1]
+  nq = tq_pad // bq
+  row_spec = pl.BlockSpec((None, None, bq), lambda bh, i: (bh // H, bh % H, nq - 1 - i))
+  tile_spec = pl.BlockSpec((None, bq, None, D), _rev_q(nq, H, D))
+  kv_spec = pl.BlockSpec((None, tk_pad, None, D), lambda bh, i: (bh // H, 0, (bh % H) // R, 0))
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, bq=bq, bk=bk, tk=tk, q_offset=q_offset, window=window),
+      grid=(B * H, nq),
+      in_specs=[tile_spec, kv_spec, kv_spec, row_spec, tile_spec, row_spec, row_spec, row_spec],
+      out_specs=[tile_spec, row_spec],
+      out_shape=[jax.ShapeDtypeStruct((B, tq_pad, H, D), q.dtype),
+                 jax.ShapeDtypeStruct((B, H, tq_pad), jnp.float32)],
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=_interpret(), name="polar_attention_bwd_dq",
+  )(q, k, v, scale, do, lse, delta, cq)
+
+
+def _bwd_dkv(q, k, v, scale, do, lse, delta, cq, *, G, bq, bk, tk, q_offset, window,
+             num_warps, num_stages):
+  """dK/dV kernel on padded inputs: key-parallel, grid (key blocks, B*G); the kernel walks
+  the group's R query heads, so dK/dV are summed over the GQA group in-kernel."""
+  B, tq_pad, H, D = q.shape
+  tk_pad = k.shape[1]
+  R = H // G
+  grp_rows = pl.BlockSpec((None, R, tq_pad), lambda bg, j: (bg // G, bg % G, 0))
+  grp_tiles = pl.BlockSpec((None, tq_pad, R, D), lambda bg, j: (bg // G, 0, bg % G, 0))
+  key_tile = pl.BlockSpec((None, bk, None, D), lambda bg, j: (bg // G, j, bg % G, 0))
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, bq=bq, bk=bk, nq=tq_pad // bq, group=R, tk=tk,
+                        q_offset=q_offset, window=window),
+      grid=(B * G, tk_pad // bk),  # early key tiles (most query rows) first
+      in_specs=[grp_tiles, key_tile, key_tile, grp_rows, grp_tiles, grp_rows, grp_rows,
+                grp_rows],
+      out_specs=[key_tile, key_tile],
+      out_shape=[jax.ShapeDtypeStruct((B, tk_pad, G, D), k.dtype),
+                 jax.ShapeDtypeStruct((B, tk_pad, G, D), v.dtype)],
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=_interpret(), name="polar_attention_bwd_dkv",
+  )(q, k, v, scale, do, lse, delta, cq)
+
+
 def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, delta_BTH, cq_BTH,
                         *, window=None, q_offset=0, block_k=None,
-                        config: BlockConfig = DEFAULT_CONFIG):
-  """Backward kernels: (dq, dk, dv in the input dtype, dscale f32), dK/dV summed over GQA."""
+                        config: BlockConfig = DEFAULT_CONFIG, parts=("dq", "dkv")):
+  """Backward kernels: (dq, dk, dv in the input dtype, dscale f32), dK/dV summed over GQA.
+
+  `parts` (benchmarks only) runs just one of the two kernels; the other outputs are None.
+  """
   reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
                                    q_offset=q_offset)
   B, Tq, H, D = q_BTHD.shape
   Tk, G = k_BTGD.shape[1], k_BTGD.shape[2]
-  R = H // G
   dq_bq = _fit_block(config.dq_block_q, Tq)
   dq_bk = _fit_block(block_k or config.dq_block_k, Tk)
   kv_bq = _fit_block(config.dkv_block_q, Tq)
   kv_bk = _fit_block(block_k or config.dkv_block_k, Tk)
   tq_pad = pl.cdiv(Tq, max(dq_bq, kv_bq)) * max(dq_bq, kv_bq)
   tk_pad = pl.cdiv(Tk, max(dq_bk, kv_bk)) * max(dq_bk, kv_bk)
-  f32 = jnp.float32
-  q = _pad_axis1(q_BTHD, tq_pad)
-  do = _pad_axis1(do_BTHD.astype(q_BTHD.dtype), tq_pad)
-  k, v = _pad_axis1(k_BTGD, tk_pad), _pad_axis1(v_BTGD, tk_pad)
-  scale = _pad_axis1(scale_BTH.astype(f32), tq_pad)
-  lse = _pad_axis1(lse_BTH.astype(f32), tq_pad, PAD_LSE)
-  delta = _pad_axis1(delta_BTH.astype(f32), tq_pad)
-  cq = _pad_axis1(cq_BTH.astype(f32), tq_pad)
+  args = (_pad_axis1(q_BTHD, tq_pad), _pad_axis1(k_BTGD, tk_pad), _pad_axis1(v_BTGD, tk_pad),
+          _rows_bht(scale_BTH, tq_pad), _pad_axis1(do_BTHD.astype(q_BTHD.dtype), tq_pad),
+          _rows_bht(lse_BTH, tq_pad, PAD_LSE), _rows_bht(delta_BTH, tq_pad),
+          _rows_bht(cq_BTH, tq_pad))
   common = dict(tk=Tk, q_offset=q_offset, window=window)
-  params = pltriton.CompilerParams(num_warps=config.bwd_num_warps,
-                                   num_stages=config.bwd_num_stages)
-
-  # dQ (+ dscale): query-parallel, grid (query blocks, B*H).
-  row_spec = pl.BlockSpec((None, dq_bq, None), lambda i, bh: (bh // H, i, bh % H))
-  tile_spec = pl.BlockSpec((None, dq_bq, None, D), lambda i, bh: (bh // H, i, bh % H, 0))
-  kv_spec = pl.BlockSpec((None, tk_pad, None, D), lambda i, bh: (bh // H, 0, (bh % H) // R, 0))
-  dq, dscale = pl.pallas_call(
-      functools.partial(_dq_kernel, bq=dq_bq, bk=dq_bk, **common),
-      grid=(tq_pad // dq_bq, B * H),
-      in_specs=[tile_spec, kv_spec, kv_spec, row_spec, tile_spec, row_spec, row_spec, row_spec],
-      out_specs=[tile_spec, row_spec],
-      out_shape=[jax.ShapeDtypeStruct((B, tq_pad, H, D), q.dtype),
-                 jax.ShapeDtypeStruct((B, tq_pad, H), f32)],
-      compiler_params=params, interpret=_interpret(), name="polar_attention_bwd_dq",
-  )(q, k, v, scale, do, lse, delta, cq)
-
-  # dK, dV: key-parallel, grid (key blocks, B*G); the kernel walks the group's R query heads.
-  grp_rows = pl.BlockSpec((None, tq_pad, R), lambda j, bg: (bg // G, 0, bg % G))
-  grp_tiles = pl.BlockSpec((None, tq_pad, R, D), lambda j, bg: (bg // G, 0, bg % G, 0))
-  key_tile = pl.BlockSpec((None, kv_bk, None, D), lambda j, bg: (bg // G, j, bg % G, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, bq=kv_bq, bk=kv_bk, nq=tq_pad // kv_bq, group=R, **common),
-      grid=(tk_pad // kv_bk, B * G),
-      in_specs=[grp_tiles, key_tile, key_tile, grp_rows, grp_tiles, grp_rows, grp_rows,
-                grp_rows],
-      out_specs=[key_tile, key_tile],
-      out_shape=[jax.ShapeDtypeStruct((B, tk_pad, G, D), k.dtype),
-                 jax.ShapeDtypeStruct((B, tk_pad, G, D), v.dtype)],
-      compiler_params=params, interpret=_interpret(), name="polar_attention_bwd_dkv",
-  )(q, k, v, scale, do, lse, delta, cq)
-  return dq[:, :Tq], dk[:, :Tk], dv[:, :Tk], dscale[:, :Tq]
+  dq = dk = dv = dscale = None
+  if "dq" in parts:
+    dq, dscale = _bwd_dq(*args, H=H, R=H // G, bq=dq_bq, bk=dq_bk,
+                         num_warps=config.dq_num_warps, num_stages=config.dq_num_stages,
+                         **common)
+    dq, dscale = dq[:, :Tq], dscale[:, :, :Tq].transpose(0, 2, 1)
+  if "dkv" in parts:
+    dk, dv = _bwd_dkv(*args, G=G, bq=kv_bq, bk=kv_bk, num_warps=config.dkv_num_warps,
+                      num_stages=config.dkv_num_stages, **common)
+    dk, dv = dk[:, :Tk], dv[:, :Tk]
+  return dq, dk, dv, dscale
