@@ -112,7 +112,7 @@ def param_shardings(mesh: Mesh, params, notes: list[str] | None = None):
   def one(path, var):
     name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
     names = logical_names(var) if isinstance(var, nnx.Variable) else None
-    shape = var.value.shape if isinstance(var, nnx.Variable) else var.shape
+    shape = var.get_value().shape if isinstance(var, nnx.Variable) else var.shape
     if names is None:
       notes.append(f"{name}: no logical axis metadata; replicated")
       spec = P()

@@ -1,0 +1,242 @@
+"""The host training loop: data -> global arrays -> pure steps; logs, evals, checkpoints.
+
+The device is never synced per step: each step's metrics are fetched after the NEXT step has
+been dispatched (one step late). Evaluation and checkpoints happen every `train.eval_every` /
+`train.checkpoint_every` steps and at the end. SIGTERM / SIGINT finish the current step, save a
+checkpoint and return cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from atma_jax.config import Config, ConfigError, to_json
+from atma_jax.train import checkpoint as ckpt
+from atma_jax.train.mesh import batch_sharding, check_batch_divides, make_mesh
+from atma_jax.train.metrics import MetricWriter, flops_per_token, mfu, peak_flops
+from atma_jax.train.state import init_state, setup_state
+from atma_jax.train.step import make_eval_step, make_train_step, model_losses
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` when launched multi-process (flags or JAX_* env vars)."""
+  coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  if coordinator is None and num_processes is None:
+    return  # single process
+  if coordinator is None or num_processes is None or process_id is None:
+    raise ConfigError("multi-process launch needs all of --coordinator, --num-processes and "
+                      "--process-id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / "
+                      "JAX_PROCESS_ID).")
+  if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """Process-local rows -> one global array per key (rows ordered by process)."""
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+  return out
+
+
+class _StopFlag:
+  """Set by SIGTERM / SIGINT; the loop checks it between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._prev = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._prev[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, h in self._prev.items():
+      signal.signal(sig, h)
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def default_data_fn(cfg, process_index, process_count):
+  from atma_jax.data.pipeline import make_train_iterator
+  return make_train_iterator(cfg, process_index=process_index, process_count=process_count,
+                             log=None)
+
+
+def default_eval_data_fn(cfg, process_index, process_count):
+  from atma_jax.data.pipeline import make_eval_batches
+  return make_eval_batches(cfg, process_index=process_index, process_count=process_count,
+                           log=None)
+
+
+def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable = model_losses,
+        data_fn: Callable = default_data_fn, eval_data_fn: Callable | None = default_eval_data_fn,
+        stop_after: int | None = None, progress: bool = True, log=print) -> dict[str, Any]:
+  """Trains `cfg` (resuming from the latest checkpoint with `resume`); returns a summary.
+
+  `stop_after`: leave the loop (saving a checkpoint) once the state reaches that step, as if
+  interrupted; used by the resume tests.
+  """
+  t, pidx, pcount = cfg.train, jax.process_index(), jax.process_count()
+  is_main = pidx == 0
+  mesh = make_mesh(cfg.mesh)
+  check_batch_divides(mesh, t)
+  if t.global_batch % pcount:
+    raise ConfigError(f"train.global_batch={t.global_batch} must be divisible by the "
+                      f"{pcount} processes (each reads its own rows).")
+  setup = setup_state(cfg, mesh, model_fn)
+  for note in setup.notes:
+    log(f"[sharding] {note}")
+  mngr = ckpt.make_manager(t.run_dir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+  latest = mngr.latest_step()
+  if latest is not None and not resume:
+    raise ConfigError(f"{ckpt.checkpoint_dir(t.run_dir)} already has checkpoints (latest step "
+                      f"{latest}); pass --resume to continue that run or set train.run_dir to a "
+                      "new directory.")
+  data_it = data_fn(cfg, pidx, pcount)
+  if resume and latest is not None:
+    state = ckpt.restore(mngr, latest, setup.abstract, data_it, cfg)
+    log(f"resumed from {ckpt.checkpoint_dir(t.run_dir)}/{latest}")
+  else:
+    if resume:
+      log(f"--resume: no checkpoint under {ckpt.checkpoint_dir(t.run_dir)}; starting fresh")
+    state = init_state(cfg, setup, model_fn)
+  if is_main:
+    os.makedirs(t.run_dir, exist_ok=True)
+    with open(os.path.join(t.run_dir, "config.json"), "w") as f:
+      f.write(to_json(cfg))
+
+  bsh = batch_sharding(mesh)
+  train_step = make_train_step(cfg, setup, mesh, losses_fn=losses_fn)
+  eval_step = make_eval_step(cfg, setup, mesh, losses_fn=losses_fn)
+  eval_batches = ([to_global(b, bsh) for b in eval_data_fn(cfg, pidx, pcount)]
+                  if eval_data_fn is not None and t.eval_batches > 0 else [])
+
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract.params))
+  fpt = flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size, t.seq_len)
+  peak = peak_flops()
+  writer = MetricWriter(t.run_dir, enabled=is_main)
+  start = int(jax.device_get(state.step))
+  bar = None
+  if progress and is_main:
+    from tqdm import tqdm
+    bar = tqdm(total=t.steps, initial=start, desc=cfg.name, dynamic_ncols=True)
+
+  def evaluate(st, step):
+    if not eval_batches:
+      return None
+    tot = [eval_step(st, b) for b in eval_batches]
+    loss_sum = sum(float(m["loss_sum"]) for m in jax.device_get(tot))
+    toks = sum(int(m["tokens"]) for m in jax.device_get(tot))
+    val = loss_sum / toks
+    writer.write({"step": step, "val_loss": val, "val_tokens": toks})
+    if bar is not None:
+      bar.write(f"step {step}: val_loss {val:.4f}")
+    return val
+
+  history: dict[str, list] = {"train_loss": [], "val_loss": []}
+  pending = None  # (step, device metrics, dispatch time)
+  last_t = None
+  interrupted = False
+
+  def flush(p, now):
+    nonlocal last_t
+    step, m_dev = p
+    m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
+    dt = None if last_t is None else now - last_t
+    last_t = now
+    rec = {"step": step, **m}
+    if dt:
+      rec["tokens_per_s"] = m["tokens"] / dt
+      u = mfu(rec["tokens_per_s"], fpt, jax.device_count(), peak)
+      if u is not None:
+        rec["mfu"] = u
+    history["train_loss"].append((step, m["loss"]))
+    if step % t.log_every == 0 or step == t.steps:
+      writer.write(rec)
+    if bar is not None:
+      post = {"loss": f"{m['loss']:.3f}"}
+      if "tokens_per_s" in rec:
+        post["tok/s"] = f"{rec['tokens_per_s']:.0f}"
+      if "mfu" in rec:
+        post["mfu"] = f"{100 * rec['mfu']:.1f}%"
+      bar.set_postfix(post, refresh=False)
+      bar.update(1)
+
+  t0 = time.time()
+  with _StopFlag() as stop:
+    if start == 0:
+      v = evaluate(state, 0)
+      if v is not None:
+        history["val_loss"].append((0, v))
+    step = start
+    while step < t.steps:
+      batch = to_global(next(data_it), bsh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      if pending is not None:
+        flush(pending, time.time())
+      pending = (step, metrics)
+      if step % t.eval_every == 0 or step == t.steps:
+        flush(pending, time.time())
+        pending = None
+        history["val_loss"].append((step, evaluate(state, step)))
+      signalled = stop.requested
+      if pcount > 1:  # all processes must agree; ask only every log_every steps
+        signalled = _any_process(signalled) if step % t.log_every == 0 else False
+      want_stop = signalled or (stop_after is not None and step >= stop_after)
+      if want_stop and step < t.steps:
+        interrupted = True
+        break
+      if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.steps:
+        ckpt.save(mngr, step, state, data_it, cfg)
+    if pending is not None:
+      flush(pending, time.time())
+    if mngr.latest_step() != step:
+      ckpt.save(mngr, step, state, data_it, cfg, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+  if bar is not None:
+    bar.close()
+  wall = time.time() - t0
+  writer.close()
+  vals = [v for _, v in history["val_loss"] if v is not None]
+  summary = {
+      "steps": step, "interrupted": interrupted, "wall_s": wall, "num_params": n_params,
+      "first_val_loss": vals[0] if vals else None, "last_val_loss": vals[-1] if vals else None,
+      "last_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
+      "train_losses": history["train_loss"], "val_losses": history["val_loss"],
+      "checkpoint": str(ckpt.checkpoint_dir(t.run_dir) / str(step)),
+  }
+  if is_main:
+    log(f"{'interrupted' if interrupted else 'done'}: step {step}/{t.steps} in {wall:.1f}s; "
+        f"val loss {summary['first_val_loss']} -> {summary['last_val_loss']}; checkpoint "
+        f"{summary['checkpoint']}")
+  return summary
