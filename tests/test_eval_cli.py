@@ -1,0 +1,85 @@
+"""`eval.py` end to end on a tiny saved checkpoint, and its input errors (CPU)."""
+
+import json
+import math
+
+import pytest
+
+from atma_jax.eval import cli
+from atma_jax.eval.testing import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tiny_run")
+  save_tiny_checkpoint(d)
+  return d
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+  """Any attempt to read arrays fails the test: errors must come first."""
+  from atma_jax.train import checkpoint
+
+  def boom(*a, **k):
+    raise AssertionError("load_model reached despite a bad argument")
+
+  monkeypatch.setattr(checkpoint, "load_model", boom)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lengths", "abc"], "--lengths must be comma-separated integers"),
+    (["--lengths", "16,128"], "must be >= 64"),
+    (["--lengths", ""], "--lengths is empty"),
+    (["--depths", "0.5,2"], "each in [0, 1]"),
+    (["--tasks", "loss,bogus"], "unknown --tasks"),
+    (["--trials", "0"], "--trials must be a positive integer"),
+    (["--corpus", "wiki"], "--corpus 'wiki' is unknown"),
+])
+def test_bad_arguments_fail_before_loading(tmp_path, capsys, no_load, argv, message):
+  assert cli.main(["--checkpoint", str(tmp_path)] + argv) == 2
+  assert message in capsys.readouterr().err
+
+
+def test_bad_paths_fail_before_loading(tmp_path, capsys, no_load):
+  assert cli.main(["--checkpoint", str(tmp_path / "missing")]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert cli.main(["--checkpoint", str(tmp_path)]) == 2  # exists, but holds no checkpoint
+  assert "no checkpoints under" in capsys.readouterr().err
+  partial = tmp_path / "checkpoints" / "7"
+  partial.mkdir(parents=True)
+  assert cli.main(["--checkpoint", str(partial)]) == 2
+  assert "partial" in capsys.readouterr().err
+
+
+def test_too_long_for_the_documents(run_dir, capsys, no_load):
+  assert cli.main(["--checkpoint", str(run_dir), "--lengths", str(10**8)]) == 2
+  assert "held-out 'code' documents" in capsys.readouterr().err
+
+
+def test_end_to_end(run_dir, tmp_path, capsys):
+  out = tmp_path / "eval"
+  argv = ["--checkpoint", str(run_dir), "--lengths", "64,128", "--depths", "0.5", "--trials",
+          "2", "--docs", "2", "--out", str(out), "--no-progress", "--tokens-per-call", "256"]
+  assert cli.main(argv) == 0
+  text = capsys.readouterr().out
+  report = json.loads((out / "report.json").read_text())
+  assert report["lengths"] == [64, 128] and report["train_window"] == 32 and report["memory"]
+  for n in ("64", "128"):
+    cell = report["loss_by_length"][n]
+    assert cell["tokens"] == 2 * int(n) and cell["bytes"] > cell["tokens"]
+    assert 0 < cell["nll"] < 20 and math.isfinite(cell["bpb"])
+    for name in ("passkey_synthetic", "passkey_code", "niah_synthetic", "niah_code"):
+      c = report["retrieval"][name][n]["0.5"]
+      assert c["trials"] == 2 and 0 <= c["token_acc"] <= 1 and c["exact"] in (0.0, 0.5, 1.0)
+    assert report["induction"][n]["distance"] == int(n) - 40
+  assert list(report["loss_by_position"]) == ["0-8", "8-16", "16-32", "32-64", "64-128"]
+  for png in ("loss.png", "retrieval.png", "retrieval_by_length.png"):
+    assert (out / png).stat().st_size > 10_000
+  assert "nll code (nats)" in text and "passkey_synthetic tok%" in text
+  # The default output folder sits in the run directory, named for --no-mem.
+  assert cli.main(["--checkpoint", str(run_dir), "--lengths", "64", "--tasks", "loss",
+                   "--docs", "2", "--no-mem", "--no-progress", "--tokens-per-call", "256"]) == 0
+  nomem = json.loads((run_dir / "eval_nomem" / "report.json").read_text())
+  assert not nomem["memory"]
+  assert abs(nomem["loss_by_length"]["64"]["nll"] - report["loss_by_length"]["64"]["nll"]) > 1e-4

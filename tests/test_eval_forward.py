@@ -1,0 +1,115 @@
+"""`atma_jax.eval.forward.Forward` and the probe against direct model calls (tiny model, CPU)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from atma_jax.eval.forward import Forward, eval_graphdef, eval_model_config
+from atma_jax.eval.testing import tiny_eval_config, tiny_params
+
+V = 50304
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = tiny_eval_config()
+  _, params = tiny_params(cfg, seed=3)
+  return cfg.model, params
+
+
+@pytest.fixture(scope="module")
+def fwd(setup):
+  cfg, params = setup
+  return Forward(cfg, params, logits_chunk=24, tokens_per_call=128)  # T=64: 2 rows per call
+
+
+def _direct_logits(cfg, params, ids, mem=True):
+  """Oracle: the whole evaluation model on one unpadded sequence, all [T, V] logits."""
+  return np.asarray(_oracle(eval_graphdef(eval_model_config(cfg)), params,
+                            jnp.asarray([ids], jnp.int32), mem), np.float64)[0]
+
+
+@jax.jit(static_argnums=(0, 3))
+def _oracle(graphdef, params, ids, mem):
+  model = nnx.merge(graphdef, params)
+  h, _ = model(ids, mem=mem)
+  return model.logits(h)
+
+
+def _nll(logits_TV, targets):
+  lse = np.log(np.exp(logits_TV - logits_TV.max(-1, keepdims=True)).sum(-1)) + logits_TV.max(-1)
+  return lse - logits_TV[np.arange(len(targets)), targets]
+
+
+def test_eval_config_removes_window(setup):
+  cfg, _ = setup
+  assert cfg.attn_window == 32
+  assert eval_model_config(cfg).attn_window is None
+  assert eval_model_config(dataclasses.replace(cfg, num_random_keys=4)).num_random_keys == 0
+
+
+def test_token_nll_matches_full_logits(setup, fwd):
+  cfg, params = setup
+  rng = np.random.default_rng(0)
+  seqs = rng.integers(0, 50257, size=(3, 65)).tolist()
+  got = fwd.token_nll(seqs)  # 2 calls of 2 rows (the last row repeated), 3 logits chunks
+  assert got.shape == (3, 64)
+  for s, g in zip(seqs, got):
+    want = _nll(_direct_logits(cfg, params, s[:-1]), s[1:])
+    np.testing.assert_allclose(g, want, rtol=2e-5, atol=2e-5)
+
+
+def test_logits_at_padding_and_batching_exact(setup, fwd):
+  cfg, params = setup
+  rng = np.random.default_rng(1)
+  inputs = [rng.integers(0, 50257, size=n).tolist() for n in (40, 64, 64)]
+  starts = [7, 59, 30]
+  got = fwd.logits_at(inputs, starts, 5, pad_to=64)
+  assert got.shape == (3, 5, V)
+  for ids, s, g in zip(inputs, starts, got):
+    want = _direct_logits(cfg, params, ids)[s:s + 5]
+    np.testing.assert_allclose(g, want, rtol=2e-5, atol=2e-5)
+  with pytest.raises(ValueError, match="outside"):
+    fwd.logits_at(inputs, [60, 0, 0], 5, pad_to=64)
+  with pytest.raises(ValueError, match="shorter than the longest"):
+    fwd.logits_at(inputs, starts, 5, pad_to=50)
+
+
+def test_no_mem_changes_the_output(setup, fwd):
+  cfg, params = setup
+  gate = params["blocks"][0]["attn"]["mem"]["proj"]["kernel"].get_value()
+  assert float(jnp.abs(gate).max()) > 0  # the memory branch writes into the residual
+  seq = np.random.default_rng(2).integers(0, 50257, size=(2, 65)).tolist()
+  with_mem = fwd.token_nll(seq)
+  without = Forward(cfg, params, mem=False, logits_chunk=24, tokens_per_call=128).token_nll(seq)
+  assert np.abs(with_mem - without).max() > 1e-3
+  want = _nll(_direct_logits(cfg, params, seq[0][:-1], mem=False), seq[0][1:])
+  np.testing.assert_allclose(without[0], want, rtol=2e-5, atol=2e-5)
+
+
+def test_probe_block_by_block(setup, fwd):
+  api = pytest.importorskip("pallas_kernels.polar_attention.api")
+  if not hasattr(api, "polar_stats"):
+    pytest.skip("polar_stats not in the kernel api yet")
+  from atma_jax.eval import probe
+
+  cfg, params = setup
+  seq = np.random.default_rng(4).integers(0, 50257, size=(2, 48))
+  stats, h = probe.probe_fn(fwd)(params, jnp.asarray(seq, jnp.int32))
+  # The block-by-block run is the model's own forward.
+  model = nnx.merge(fwd.graphdef, params)
+  np.testing.assert_allclose(np.asarray(h), np.asarray(model(jnp.asarray(seq, jnp.int32))[0]),
+                             rtol=1e-5, atol=1e-5)
+  assert list(stats) == ["0"]
+  H = cfg.num_heads
+  s = {k: np.asarray(v) for k, v in stats["0"].items()}
+  assert all(v.shape == (H,) for v in s.values())
+  assert np.all(s["n_eff"] >= 1.0) and np.all(s["n_eff"] <= 48.0)
+  assert np.all((s["w_null"] > 0) & (s["w_null"] < 1)) and np.all((s["mag"] >= 0) & (s["mag"] < 1))
+  rep = probe.polar_probe(fwd, seq.tolist(), [16, 48])
+  assert rep["48"]["0"]["n_eff"] == pytest.approx(float(s["n_eff"].mean()), rel=1e-5)
+  assert len(rep["16"]["0"]["per_head"]["mag"]) == H
