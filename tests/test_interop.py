@@ -48,9 +48,8 @@ def small_cfg(attn_type="polar", mem=True, **kw) -> ModelConfig:
 
 
 def random_params(cfg: ModelConfig, seed: int = 0):
-  from atma_jax.model import Atma
-  _, params = nnx.split(Atma(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
-  return randomize(cfg, params, seed)
+  _, abstract = convert.abstract_model(cfg)  # structure only; every leaf is drawn by randomize
+  return randomize(cfg, abstract, seed)
 
 
 def leaves(params) -> dict:
@@ -359,3 +358,52 @@ def test_verify_against_reference():
                     variants=variants, seq=48)
   print(V.format_table(result))
   assert V.passed(result), V.format_table(result)
+
+
+_PT_CHECK = r'''
+import json, os, sys
+import numpy as np, torch
+sys.path.insert(0, os.getcwd())
+from atma_jax.interop import files, convert, ref_config, layout
+from atma_jax.interop.torch_side import _import_reference
+AtmaConfig, Model, _ = _import_reference(os.environ["ATMA_REFERENCE_REPO"])
+out = sys.argv[1]
+torch.manual_seed(0)
+raw = dict(vocab_size=96, num_hidden_layers=4, hidden_size=64, head_dim=16, attn_type="polar",
+           attn_window=None, mem_chunk=16, attn_kernel="torch", mem_kernel="torch")
+model = Model(AtmaConfig(**raw))
+sd = {k: v for k, v in model.state_dict().items()}
+# as the reference trainers save: {"model": sd}; here WITH a torch.compile prefix to strip
+torch.save({"model": {"_orig_mod." + k: v for k, v in sd.items()}}, os.path.join(out, "weights.pt"))
+cfg_json = {k: (str(v).split(".")[-1] if isinstance(v, torch.dtype) else v)
+            for k, v in vars(AtmaConfig(**raw)).items()}
+json.dump(cfg_json, open(os.path.join(out, "config.json"), "w"))
+# read the reference's own weights.pt + config.json
+cfg = ref_config.model_config_from_reference(os.path.join(out, "config.json"))
+got = files.read_state_dict(os.path.join(out, "weights.pt"))
+convert.validate_state_dict(cfg, got)
+assert got["embed.weight"].dtype == layout.BF16
+for k, v in sd.items():
+  ref = v.float().numpy()
+  assert np.array_equal(np.asarray(got[k], np.float32), ref), k
+# write weights.pt (--format pt) and load it strictly into the reference Model
+files.write_reference_checkpoint(os.path.join(out, "pt"), got, cfg_json, fmt="pt")
+back = torch.load(os.path.join(out, "pt", "weights.pt"), map_location="cpu", weights_only=True)
+fresh = Model(AtmaConfig(**raw))
+fresh.load_state_dict(back["model"], strict=True)
+assert back["model"]["embed.weight"].dtype == torch.bfloat16
+assert all(torch.equal(fresh.state_dict()[k], v) for k, v in sd.items())
+print("PT-OK", len(sd))
+'''
+
+
+@pytest.mark.skipif(not (os.environ.get("ATMA_REFERENCE_REPO") and
+                         os.environ.get("ATMA_TORCH_PYTHON")),
+                    reason="set ATMA_REFERENCE_REPO and ATMA_TORCH_PYTHON (with ml_dtypes)")
+def test_pt_files_with_torch(tmp_path):
+  """The reference's own weights.pt is read (prefix stripped, bf16 kept) and --format pt loads."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([os.environ["ATMA_TORCH_PYTHON"], "-c", _PT_CHECK, str(tmp_path)],
+                        cwd=root, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "PT-OK" in proc.stdout, proc.stderr[-3000:]

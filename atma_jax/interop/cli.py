@@ -87,7 +87,8 @@ def _verify(args) -> int:
             f"{', '.join(v.name for v in V.all_variants())}", file=sys.stderr)
       return 2
   result = V.verify(args.reference_repo, torch_python, variants=variants, seed=args.seed,
-                    batch=args.batch, seq=args.seq, impl=args.impl, workdir=args.workdir)
+                    batch=args.batch, seq=args.seq, impl=args.impl,
+                    precision=args.matmul_precision, workdir=args.workdir)
   print(V.format_table(result))
   if args.json:
     with open(args.json, "w") as f:
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--batch", type=int, default=2)
   v.add_argument("--seq", type=int, default=64)
   v.add_argument("--impl", default="xla", help="JAX kernel backend (model.kernel_impl)")
+  v.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "default"),
+                 help="JAX fp32 matmul precision (GPU 'default' = TF32, ~1e-3 off)")
   v.add_argument("--workdir", default=None, help="keep the exchanged files here")
   v.add_argument("--json", default=None, help="also write the result as JSON")
   v.set_defaults(fn=_verify)

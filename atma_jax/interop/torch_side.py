@@ -122,7 +122,7 @@ def main(argv=None) -> int:
   import torch
   from safetensors.torch import load_file
 
-  torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+  torch.set_num_threads(int(os.environ.get("ATMA_TORCH_THREADS", "2")))
   classes = _import_reference(args.reference_repo)
   with open(os.path.join(args.workdir, "manifest.json")) as f:
     manifest = json.load(f)

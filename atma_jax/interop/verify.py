@@ -62,8 +62,8 @@ def small_config(v: Variant, *, vocab: int = 256, layers: int = 4, hidden: int =
 
 def randomize(cfg: ModelConfig, params, seed: int):
   """Every parameter redrawn (by layout kind) so that no branch is a no-op."""
-  from flax import nnx
   import jax.numpy as jnp
+  from flax import nnx
   rng = np.random.default_rng(seed)
   by_path = {e.path: e for e in L.reference_layout(cfg) if e.kind != "buffer"}
   new = []
@@ -91,16 +91,16 @@ def randomize(cfg: ModelConfig, params, seed: int):
   return nnx.from_flat_state(new)
 
 
-def jax_case(v: Variant, case_dir: str, *, seed: int, batch: int, seq: int,
-             impl: str) -> np.ndarray:
+def jax_case(v: Variant, case_dir: str, *, seed: int, batch: int, seq: int, impl: str,
+             precision: str = "highest") -> np.ndarray:
   """Builds, randomizes, exports one variant; returns the JAX logits [B, T, V] (fp32)."""
   import jax
   from flax import nnx
 
-  from atma_jax.model import Atma
+  from atma_jax.interop.convert import abstract_model
   cfg = small_config(v, impl=impl)
-  graphdef, params = nnx.split(Atma(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
-  params = randomize(cfg, params, seed)
+  graphdef, abstract = abstract_model(cfg)
+  params = randomize(cfg, abstract, seed)  # every leaf drawn here (numpy), by layout kind
   sd = state_dict_from_params(cfg, params)
   write_reference_checkpoint(case_dir, sd, reference_config(cfg, max_position_embeddings=seq))
   ids = np.random.default_rng(seed + 1).integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
@@ -112,7 +112,9 @@ def jax_case(v: Variant, case_dir: str, *, seed: int, batch: int, seq: int,
     h, _ = model(ids)
     return model.logits(h)
 
-  return np.asarray(forward(params, ids), dtype=np.float32)
+  # fp32 vs fp32: without this, XLA on GPU runs fp32 matmuls in TF32 (~1e-3 logit error).
+  with jax.default_matmul_precision(precision):
+    return np.asarray(forward(params, ids), dtype=np.float32)
 
 
 def run_torch_side(torch_python: str, reference_repo: str, workdir: str,
@@ -132,7 +134,7 @@ def run_torch_side(torch_python: str, reference_repo: str, workdir: str,
 
 def verify(reference_repo: str, torch_python: str, *, variants: Iterable[Variant] | None = None,
            seed: int = 0, batch: int = 2, seq: int = 64, impl: str = "xla",
-           workdir: str | None = None) -> dict:
+           precision: str = "highest", workdir: str | None = None) -> dict:
   """Runs every variant on both sides; returns {"rows": [...], "torch": version, ...}."""
   variants = list(variants or all_variants())
   tmp = None
@@ -144,7 +146,8 @@ def verify(reference_repo: str, torch_python: str, *, variants: Iterable[Variant
     for i, v in enumerate(variants):
       d = os.path.join(workdir, v.name)
       os.makedirs(d, exist_ok=True)
-      jax_logits[v.name] = jax_case(v, d, seed=seed + 17 * i, batch=batch, seq=seq, impl=impl)
+      jax_logits[v.name] = jax_case(v, d, seed=seed + 17 * i, batch=batch, seq=seq, impl=impl,
+                                    precision=precision)
       cases.append({"name": v.name, "dir": d})
     with open(os.path.join(workdir, "manifest.json"), "w") as f:
       json.dump({"cases": cases}, f)
@@ -165,7 +168,8 @@ def verify(reference_repo: str, torch_python: str, *, variants: Iterable[Variant
           row["train_vs_reference"] = float(np.max(np.abs(lr - lt)))
       rows.append(row)
     return {"rows": rows, "torch": res.get("torch"), "python": res.get("python"),
-            "shape": [batch, seq], "tolerance": TOLERANCE, "impl": impl}
+            "shape": [batch, seq], "tolerance": TOLERANCE, "impl": impl, "precision": precision,
+            "jax_backend": _jax_backend()}
   finally:
     if tmp is not None:
       tmp.cleanup()
@@ -174,7 +178,8 @@ def verify(reference_repo: str, torch_python: str, *, variants: Iterable[Variant
 def format_table(result: dict) -> str:
   head = (f"verify: random fp32 model, vocab 256, 4 layers, D 256, d 64, B x T = "
           f"{result['shape'][0]} x {result['shape'][1]}, window {WINDOW}, torch "
-          f"{result['torch']} (CPU), JAX impl={result['impl']}")
+          f"{result['torch']} (CPU), JAX on {result.get('jax_backend')} impl={result['impl']} "
+          f"matmul precision={result.get('precision')}")
   lines = [head, "",
            f"{'variant':<18} {'max|dlogits| vs train.Model':>28} {'vs ReferenceModel':>18} "
            f"{'max|logit|':>10}  verdict"]
@@ -188,6 +193,11 @@ def format_table(result: dict) -> str:
     lines.append(f"{r['variant']:<18} {r['max_abs_train']:>28.3e} {ref:>18} "
                  f"{r['logit_scale']:>10.3f}  {ok}")
   return "\n".join(lines)
+
+
+def _jax_backend() -> str:
+  import jax
+  return jax.default_backend()
 
 
 def passed(result: dict) -> bool:
