@@ -132,18 +132,6 @@ def _loss_and_grads(impl):
   return jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True))
 
 
-def test_sharded_under_8_device_mesh_equals_unsharded():
-  case = Case(T=37, B=4, H=2, K=16, V=16)
-  inputs = random_inputs(case, jnp.float32, seed=7)
-  (l0, (o0, s0)), g0 = _loss_and_grads("xla")(*inputs)
-  with sharding.use_mesh(_mesh8()):
-    (l1, (o1, s1)), g1 = _loss_and_grads("xla")(*inputs)
-  np.testing.assert_allclose(o1, o0, atol=1e-6, rtol=1e-6)
-  np.testing.assert_allclose(s1, s0, atol=1e-6, rtol=1e-6)
-  for a, b in zip(g1, g0):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-
-
 def test_sharded_rejects_indivisible_batch():
   case = Case(T=5, B=3, H=2)
   q, k, v, lg, beta, _ = random_inputs(case)
@@ -165,6 +153,21 @@ def fake_pallas(monkeypatch):
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
     monkeypatch.setitem(api._PALLAS_MODULES, jax.default_backend(), mod.__name__)
   return install
+
+
+def test_sharded_under_8_device_mesh_equals_unsharded(fake_pallas):
+  """XLA path and the Pallas custom_vjp path (fake backend) under shard_map == unsharded XLA."""
+  fake_pallas(True)
+  case = Case(T=37, B=4, H=2, K=16, V=16)
+  inputs = random_inputs(case, jnp.float32, seed=7)
+  (_, (o0, s0)), g0 = _loss_and_grads("xla")(*inputs)
+  for impl in ("xla", "pallas"):
+    with sharding.use_mesh(_mesh8()):
+      (_, (o1, s1)), g1 = _loss_and_grads(impl)(*inputs)
+    np.testing.assert_allclose(o1, o0, atol=1e-6, rtol=1e-6, err_msg=impl)
+    np.testing.assert_allclose(s1, s0, atol=1e-6, rtol=1e-6, err_msg=impl)
+    for a, b in zip(g1, g0):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=impl)
 
 
 @pytest.mark.parametrize("with_bwd", [True, False])
