@@ -6,16 +6,18 @@
 Model: `configs/atma_378m` (378M parameters, Polar + memory, bf16 activations, fp32 params),
 RANDOM initialization (the `reference` init scheme, seed 0, then small uniform noise on every
 parameter so the zero-initialized head and projections are alive): speed and memory do not
-depend on the weights. Path: `atma_jax.eval.forward.Forward` exactly as `eval.py` runs it (window removed,
-batch 1, one full forward, time-chunked LM head + NLL, `kernel_impl=auto`: Pallas Polar and
-gated-delta kernels on a GPU).
+depend on the weights. Path: `atma_jax.eval.forward.Forward` exactly as `eval.py` runs it
+(window removed, batch 1, one full forward, time-chunked LM head + NLL, `kernel_impl=auto`:
+Pallas Polar and gated-delta kernels on a GPU). Input: random token ids.
 
 Per length: compile time, wall-clock of forward+NLL (median of `--reps` after one warm-up,
-`block_until_ready` via numpy), device peak memory (`memory_stats()["peak_bytes_in_use"]`;
-lengths run in increasing order, so the running peak after a length is that length's peak),
-and the retrieval path (`logits_at` of 5 positions after length + 4 tokens). Correctness:
-the NLL is finite and near ln(V) for a random model, and at the shortest length the `auto`
-(Pallas) path matches the pure-XLA path (max |dNLL|).
+synchronized by the host copy of the NLL), device peak memory
+(`memory_stats()["peak_bytes_in_use"]`; lengths run in increasing order, so the running peak
+after a length is that length's peak). At the longest length: the retrieval path (`logits_at`,
+5 positions after length + 4 tokens) and, when the kernel api has `polar_stats`, the probe.
+Correctness: the NLL is finite and near ln(V) for a random model, and at the shortest length
+the `auto` (Pallas) path matches the pure-XLA path (max |dNLL|). JSON is rewritten after every
+step, so a run cut short still reports what it measured.
 """
 
 from __future__ import annotations
@@ -89,48 +91,76 @@ def main():
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   base = in_use_bytes()
   fwd = Forward(cfg, params, tokens_per_call=1, logits_chunk=8192)
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(0)  # random token ids: the NLL is ~ln(V) for a random model
   tokens = rng.integers(0, 50257, size=max(lengths) + 8).astype(np.int32)
   rows = []
   print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, {n_params:,} params, "
         f"params in use {base}", flush=True)
-  check = {}
-  for L in sorted(lengths):
-    seq = tokens[:L + 1][None]
-    nll, first, med, times = timed(lambda: fwd.token_nll(seq), args.reps)
-    peak_nll = peak_bytes()
-    inp = [list(tokens[:L + 4])]
-    _, lfirst, lmed, _ = timed(lambda: fwd.logits_at(inp, [L - 1], 5), args.reps)
-    row = {"length": L, "mean_nll": float(nll.mean()), "finite": bool(np.isfinite(nll).all()),
-           "nll_compile_plus_run_s": round(first, 3), "nll_median_s": round(med, 4),
-           "nll_times_s": [round(t, 4) for t in times],
-           "tokens_per_s": round(L / med, 1), "peak_bytes_after_nll": peak_nll,
-           "logits_at_compile_plus_run_s": round(lfirst, 3), "logits_at_median_s": round(lmed, 4),
-           "peak_bytes_after_logits_at": peak_bytes()}
-    rows.append(row)
-    gib = (peak_nll or 0) / 2**30
-    print(f"L={L:>6}  nll {row['mean_nll']:.4f}  fwd+nll {med * 1e3:8.1f} ms  "
-          f"({row['tokens_per_s']:,.0f} tok/s)  compile+run {first:6.1f} s  peak {gib:6.2f} GiB  "
-          f"retrieval logits {lmed * 1e3:8.1f} ms", flush=True)
-    if L == min(lengths):
-      xla = Forward(dataclasses.replace(cfg, kernel_impl="xla"), params, tokens_per_call=1)
-      nll_x = xla.token_nll(seq)
-      check = {"length": L, "max_abs_dnll_auto_vs_xla": float(np.abs(nll - nll_x).max()),
-               "mean_nll_xla": float(nll_x.mean())}
-      print(f"check at L={L}: max |NLL(auto) - NLL(xla)| = "
-            f"{check['max_abs_dnll_auto_vs_xla']:.3e}", flush=True)
-      del xla
-  result = {"bench": "eval_64k", "device": jax.devices()[0].device_kind,
+  check, retrieval, probe_row = {}, {}, {}
+  t_start = time.perf_counter()
+
+  def result():
+    return {"bench": "eval_64k", "device": jax.devices()[0].device_kind,
             "platform": jax.default_backend(), "jax": jax.__version__,
-            "model": "atma_378m" if not args.smoke else "tiny", "init": "random (reference init, seed 0, + U(+-0.1/sqrt(fan_in)) noise)",
+            "model": "atma_378m" if not args.smoke else "tiny",
+            "init": "random (reference init, seed 0, + U(+-0.1/sqrt(fan_in)) noise)",
             "params": n_params, "compute_dtype": cfg.compute_dtype, "batch": 1,
             "kernel_impl": cfg.kernel_impl, "logits_chunk": 8192, "reps": args.reps,
             "params_bytes_in_use": base, "ln_vocab": math.log(cfg.vocab_size),
-            "rows": rows, "check": check}
+            "rows": rows, "check": check, "retrieval_logits": retrieval, "probe": probe_row,
+            "elapsed_s": round(time.perf_counter() - t_start, 1)}
+
+  def save():
+    if args.out:
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out, "w") as f:
+        json.dump(result(), f, indent=2)
+
+  for L in sorted(lengths):
+    seq = tokens[:L + 1][None]
+    nll, first, med, times = timed(lambda: fwd.token_nll(seq), args.reps)
+    peak = peak_bytes()
+    row = {"length": L, "mean_nll": float(nll.mean()), "finite": bool(np.isfinite(nll).all()),
+           "compile_plus_first_run_s": round(first, 3), "median_s": round(med, 4),
+           "times_s": [round(t, 4) for t in times], "tokens_per_s": round(L / med, 1),
+           "peak_bytes_in_use": peak,
+           "peak_gib": None if peak is None else round(peak / 2**30, 3)}
+    rows.append(row)
+    print(f"L={L:>6}  nll {row['mean_nll']:.4f}  fwd+nll {med * 1e3:8.1f} ms  "
+          f"({row['tokens_per_s']:>9,.0f} tok/s)  compile+run {first:6.1f} s  "
+          f"peak {row['peak_gib']} GiB", flush=True)
+    save()
+    if L == min(lengths):  # Pallas (auto) vs pure XLA on the same weights
+      xla = Forward(dataclasses.replace(cfg, kernel_impl="xla"), params, tokens_per_call=1)
+      nll_x = xla.token_nll(seq)
+      check.update({"length": L, "max_abs_dnll_auto_vs_xla": float(np.abs(nll - nll_x).max()),
+                    "mean_nll_xla": float(nll_x.mean())})
+      print(f"check at L={L}: max |NLL(auto) - NLL(xla)| = "
+            f"{check['max_abs_dnll_auto_vs_xla']:.3e}", flush=True)
+      del xla
+      save()
+  L = max(lengths)  # the retrieval path: 5 scored positions after L + 4 tokens
+  inp = [list(tokens[:L + 4])]
+  _, lfirst, lmed, _ = timed(lambda: fwd.logits_at(inp, [L - 1], 5), args.reps)
+  retrieval.update({"length": L, "compile_plus_first_run_s": round(lfirst, 3),
+                    "median_s": round(lmed, 4), "peak_bytes_in_use": peak_bytes()})
+  print(f"retrieval logits at L={L}: {lmed * 1e3:.1f} ms (compile+run {lfirst:.1f} s)", flush=True)
+  save()
+  try:
+    from atma_jax.eval import probe
+    run = probe.probe_fn(fwd)
+  except RuntimeError as e:
+    print(f"probe skipped: {e}", flush=True)
+  else:
+    ids = jax.numpy.asarray(tokens[None, :L])
+    t0 = time.perf_counter()
+    stats, _ = run(fwd.params, ids)
+    stats = jax.tree.map(lambda a: float(np.asarray(a).mean()), stats)
+    probe_row.update({"length": L, "compile_plus_run_s": round(time.perf_counter() - t0, 2),
+                      "stats": stats, "peak_bytes_in_use": peak_bytes()})
+    print(f"probe at L={L}: {stats}", flush=True)
+  save()
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
     print(f"wrote {args.out}")
   ok = all(r["finite"] for r in rows) and (not check or check["max_abs_dnll_auto_vs_xla"] < 0.05)
   print("OK" if ok else "FAILED")

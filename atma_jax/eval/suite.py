@@ -8,6 +8,7 @@ recorded as `{"error": "out of memory"}` and the ladder goes on (never silently 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -43,7 +44,7 @@ def loss_by_length(fwd: Forward, docs: Sequence[Sequence[int]], lengths: Sequenc
   """Mean NLL and bits per byte on nested prefixes of held-out documents (§7.2 clean_ppl).
 
   For each document and length L the input is `[EOT] + doc[:L-1]`, the targets `doc[:L]`.
-  Returns `(table, nll_ND)`: `table[str(L)] = {nll, bpb, tokens, bytes}` and the per-token NLL
+  Returns `(table, nll_ND)`: `table[str(L)] = {nll, ppl, bpb, tokens, bytes}` and the per-token NLL
   [docs, L_max] of the longest length that fit (for `loss_by_position`), or None.
   """
   table: dict[str, dict] = {}
@@ -63,7 +64,8 @@ def loss_by_length(fwd: Forward, docs: Sequence[Sequence[int]], lengths: Sequenc
       continue
     total_bytes = sum(byte_count(d[:length]) for d in docs)
     total_nll = float(nll_ND.sum())
-    table[str(length)] = {"nll": total_nll / nll_ND.size,
+    mean = total_nll / nll_ND.size
+    table[str(length)] = {"nll": mean, "ppl": math.exp(mean),
                           "bpb": scoring.bits_per_byte(total_nll, total_bytes),
                           "tokens": int(nll_ND.size), "bytes": int(total_bytes)}
     longest_nll = nll_ND
