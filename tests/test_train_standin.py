@@ -23,7 +23,7 @@ class _Lin(nnx.Module):
     self.bias = _p(jnp.zeros((o,)), axes[1:])
 
   def __call__(self, x):
-    return x @ self.kernel.value + self.bias.value
+    return x @ self.kernel[...] + self.bias[...]
 
 
 class _Block(nnx.Module):
@@ -37,10 +37,10 @@ class _Block(nnx.Module):
     self.norm1.weight = _p(jnp.ones((d,)), ("norm",))
 
   def __call__(self, x):
-    w = self.conv.kernel.value
+    w = self.conv.kernel[...]
     xp = jnp.pad(x, ((0, 0), (2, 0), (0, 0)))
     c = xp[:, :-2] * w[0] + xp[:, 1:-1] * w[1] + xp[:, 2:] * w[2]
-    h = x + c * self.norm1.weight.value + self.v_null.value.reshape(-1) * 0.1
+    h = x + c * self.norm1.weight[...] + self.v_null[...].reshape(-1) * 0.1
     return h + self.out(jax.nn.relu(self.fc(h)))
 
 
@@ -54,10 +54,10 @@ class StandInLM(nnx.Module):
     self.proj = _Lin(d, vocab, ("embed", "vocab"), rngs)
 
   def __call__(self, ids, *, rng=None, sigreg_mode="baseline"):
-    x = self.embed.embedding.value[ids]
+    x = self.embed.embedding[...][ids]
     for b in self.blocks:
       x = b(x)
-    h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * self.norm.weight.value
+    h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * self.norm.weight[...]
     reg = jnp.zeros((), jnp.float32) if rng is None else jnp.mean(h) ** 2 * 0
     return h, {"reg": reg, "align": jnp.zeros((), jnp.float32)}
 
