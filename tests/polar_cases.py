@@ -13,7 +13,9 @@ VJP for random cotangents on all three outputs.
 
 `fwd(q, k, v, scale, *, window, q_offset)` and `bwd(q, k, v, scale, lse, do, delta_prime, cq,
 *, window, q_offset)` are the backend contract of `pallas_kernels/polar_attention/api.py`
-(bind block sizes with functools.partial). x64 is switched on only inside the oracle call.
+(bind block sizes with functools.partial). x64 is switched on only inside the oracle call
+(for fp64 backend runs, wrap the test in `with jax.enable_x64(True):`). `SMALL_CASES` is a
+cheap subset for interpret-mode kernels; `fast_jit` compiles tests with cheap CPU options.
 
 Dimension glossary: B batch, Tq query rows, Tk key rows, H query heads, G KV heads, D head dim.
 """

@@ -189,3 +189,6 @@ def test_dispatch_and_input_errors():
     api.attention_stats(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), s)
   with pytest.raises(ValueError, match="window must be"):
     api.attention_stats(q, k, v, s, window=0)
+  with pytest.raises(ValueError, match="null_base must be"):
+    api.polar_core(q, k, v, *_polar_params(4, 16, 0, jnp.float32)[:2], jnp.zeros(3),
+                   *_polar_params(4, 16, 0, jnp.float32)[3:])
