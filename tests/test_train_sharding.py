@@ -87,8 +87,12 @@ def test_sharded_step_matches_single_device():
   np.testing.assert_allclose(l1[:, 1], l8[:, 1], rtol=5e-4)  # grad norm (bf16 Newton-Schulz)
   # Muon's bf16 Newton-Schulz rounds differently under another reduction order: a bf16 ulp
   # (2^-8) of a unit-scale update times lr 0.02 per step; a mis-sharded update is ~lr itself.
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+  # AdamW at lr 0.3 on the embedding turns sign noise of near-zero gradients (rare tokens) into
+  # steps of ~lr: allow a few percent of lr there.
+  from atma_jax.train.optimizer import leaf_paths
+  for path, a, b in zip(leaf_paths(p1), jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    atol = 2e-2 if path.startswith("embed") else 1e-3
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                               atol=1e-3, rtol=1e-3)
+                               atol=atol, rtol=1e-3, err_msg=path)
   # and training moves: parameters changed, loss fell
   assert l1[-1][0] < l1[0][0]
