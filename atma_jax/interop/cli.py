@@ -88,7 +88,8 @@ def _verify(args) -> int:
       return 2
   result = V.verify(args.reference_repo, torch_python, variants=variants, seed=args.seed,
                     batch=args.batch, seq=args.seq, impl=args.impl,
-                    precision=args.matmul_precision, workdir=args.workdir)
+                    precision=args.matmul_precision, head_dim=args.head_dim,
+                    workdir=args.workdir)
   print(V.format_table(result))
   if args.json:
     with open(args.json, "w") as f:
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--seed", type=int, default=0)
   v.add_argument("--batch", type=int, default=2)
   v.add_argument("--seq", type=int, default=64)
+  v.add_argument("--head-dim", type=int, default=64,
+                 help="64: 4 query / 1 KV head (spec 12); 32: 8 / 2, exercises the GQA map")
   v.add_argument("--impl", default="xla", help="JAX kernel backend (model.kernel_impl)")
   v.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "default"),
                  help="JAX fp32 matmul precision (GPU 'default' = TF32, ~1e-3 off)")

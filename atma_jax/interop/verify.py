@@ -92,13 +92,13 @@ def randomize(cfg: ModelConfig, params, seed: int):
 
 
 def jax_case(v: Variant, case_dir: str, *, seed: int, batch: int, seq: int, impl: str,
-             precision: str = "highest") -> np.ndarray:
+             precision: str = "highest", head_dim: int = 64) -> np.ndarray:
   """Builds, randomizes, exports one variant; returns the JAX logits [B, T, V] (fp32)."""
   import jax
   from flax import nnx
 
   from atma_jax.interop.convert import abstract_model
-  cfg = small_config(v, impl=impl)
+  cfg = small_config(v, impl=impl, head_dim=head_dim)
   graphdef, abstract = abstract_model(cfg)
   params = randomize(cfg, abstract, seed)  # every leaf drawn here (numpy), by layout kind
   sd = state_dict_from_params(cfg, params)
@@ -134,7 +134,7 @@ def run_torch_side(torch_python: str, reference_repo: str, workdir: str,
 
 def verify(reference_repo: str, torch_python: str, *, variants: Iterable[Variant] | None = None,
            seed: int = 0, batch: int = 2, seq: int = 64, impl: str = "xla",
-           precision: str = "highest", workdir: str | None = None) -> dict:
+           precision: str = "highest", head_dim: int = 64, workdir: str | None = None) -> dict:
   """Runs every variant on both sides; returns {"rows": [...], "torch": version, ...}."""
   variants = list(variants or all_variants())
   tmp = None
@@ -147,7 +147,7 @@ def verify(reference_repo: str, torch_python: str, *, variants: Iterable[Variant
       d = os.path.join(workdir, v.name)
       os.makedirs(d, exist_ok=True)
       jax_logits[v.name] = jax_case(v, d, seed=seed + 17 * i, batch=batch, seq=seq, impl=impl,
-                                    precision=precision)
+                                    precision=precision, head_dim=head_dim)
       cases.append({"name": v.name, "dir": d})
     with open(os.path.join(workdir, "manifest.json"), "w") as f:
       json.dump({"cases": cases}, f)
@@ -169,6 +169,7 @@ def verify(reference_repo: str, torch_python: str, *, variants: Iterable[Variant
       rows.append(row)
     return {"rows": rows, "torch": res.get("torch"), "python": res.get("python"),
             "shape": [batch, seq], "tolerance": TOLERANCE, "impl": impl, "precision": precision,
+            "head_dim": head_dim,
             "jax_backend": _jax_backend()}
   finally:
     if tmp is not None:
@@ -176,7 +177,9 @@ def verify(reference_repo: str, torch_python: str, *, variants: Iterable[Variant
 
 
 def format_table(result: dict) -> str:
-  head = (f"verify: random fp32 model, vocab 256, 4 layers, D 256, d 64, B x T = "
+  d = result.get("head_dim", 64)
+  head = (f"verify: random fp32 model, vocab 256, 4 layers, D 256, d {d} ({256 // d} query / "
+          f"{256 // d // 4} KV heads), B x T = "
           f"{result['shape'][0]} x {result['shape'][1]}, window {WINDOW}, torch "
           f"{result['torch']} (CPU), JAX on {result.get('jax_backend')} impl={result['impl']} "
           f"matmul precision={result.get('precision')}")
