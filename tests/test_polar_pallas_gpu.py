@@ -79,14 +79,13 @@ def test_lowers_to_triton_for_h100(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES[1::3], ids=str)
 def test_compiled_on_gpu_fp32(case):
   check_backend(*_backend(gpu_triton.DEFAULT_CONFIG), case, jnp.float32, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [
-    Case(Tq=333, H=8, G=2, D=128),
     Case(Tq=333, H=8, G=2, D=128, window=100),
     Case(Tq=1, Tk=1000, q_offset=999, H=8, G=2, D=128),
 ], ids=str)
