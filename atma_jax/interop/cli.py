@@ -61,8 +61,7 @@ def _import(args) -> int:
   if args.set:
     cfg = override(cfg, args.set)
   sd = read_state_dict(weights)
-  graphdef, params = model_from_state_dict(
-      cfg.model, sd, source=f"weights {weights}",)
+  graphdef, params = model_from_state_dict(cfg.model, sd, source=f"weights {weights}")
   where = save_run(args.out, cfg, graphdef, params)
   print(f"imported {weights} ({cfg.model.attn_type}, mem={cfg.model.mem_enabled}, "
         f"window={cfg.model.attn_window}, {cfg.model.num_layers} layers, D={cfg.model.hidden_size})"

@@ -27,7 +27,7 @@ import numpy as np
 
 from atma_jax.config import ModelConfig
 from atma_jax.interop import layout as L
-from atma_jax.interop.convert import InteropError, flat_params, state_dict_from_params
+from atma_jax.interop.convert import InteropError, state_dict_from_params
 from atma_jax.interop.files import write_reference_checkpoint
 from atma_jax.interop.ref_config import reference_config
 
@@ -71,10 +71,9 @@ def randomize(cfg: ModelConfig, params, seed: int):
     e = by_path[tuple(path)]
     leaf = var.get_value()
     shape, name = tuple(leaf.shape), e.key.rsplit(".", 1)[-1]
-    if e.kind in ("linear_w", "linear_b"):
-      bound = 1.0 / np.sqrt(e.shape[1] if e.kind == "linear_w" else by_path[
-          path[:-1] + ("kernel",)].shape[1])
-      val = rng.uniform(-bound, bound, shape)
+    if e.kind in ("linear_w", "linear_b"):  # torch's default bound 1/sqrt(in), proj included
+      fan_in = by_path[tuple(path[:-1]) + ("kernel",)].shape[1]
+      val = rng.uniform(-1.0, 1.0, shape) / np.sqrt(fan_in)
     elif e.kind == "conv":
       val = rng.uniform(-0.5, 0.5, shape)
     elif e.kind == "norm":
@@ -221,4 +220,4 @@ def _has_torch() -> bool:
 
 
 __all__ = ["verify", "format_table", "passed", "all_variants", "Variant", "small_config",
-           "randomize", "flat_params"]
+           "randomize"]
