@@ -1,0 +1,48 @@
+"""Mosaic-TPU kernels of `attention_stats` vs the fp64 oracle (shared harness).
+
+Runs in TPU interpret mode on CPU (`pltpu.InterpretParams`: TPU semantics, NaN-filled
+uninitialized scratch, out-of-bounds reads raise) with small blocks (16/32 rows: multiples of 8,
+D equal to the full head dim, so the (8, 128) tiling rule holds) so that short sequences span
+several blocks and exercise the band skipping, index-map clamping and masked edge blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.polar_attention import tpu
+from tests.polar_cases import SMALL_CASES, Case, check_backend
+
+SMALL_BLOCKS = tpu.BlockConfig(block_q=16, block_k=16, dq_block_q=16, dq_block_k=32,
+                               dkv_block_q=32, dkv_block_k=16)
+
+
+def _backend(config):
+  return (functools.partial(tpu.attention_stats_fwd, config=config),
+          functools.partial(tpu.attention_stats_bwd, config=config))
+
+
+@pytest.mark.parametrize("case", SMALL_CASES[1:], ids=str)
+def test_fp32_matches_oracle(case):
+  check_backend(*_backend(SMALL_BLOCKS), case, jnp.float32, atol=2e-5, rtol=2e-5)
+
+
+def test_bf16_gqa_window_odd_length():
+  check_backend(*_backend(SMALL_BLOCKS), Case(Tq=45, H=4, G=2, D=32, window=20),
+                jnp.bfloat16, atol=3e-2, rtol=3e-2)
+
+
+def test_default_blocks_short_input_window_larger_than_t():
+  # 512-row default blocks shrink to one 8-aligned block; window wider than T.
+  check_backend(*_backend(tpu.DEFAULT_CONFIG), Case(Tq=7, H=4, G=1, window=64), jnp.float32,
+                atol=2e-5, rtol=2e-5)
+
+
+def test_is_supported():
+  q = jnp.zeros((1, 8, 4, 16))
+  k = jnp.zeros((1, 8, 2, 16))
+  assert tpu.is_supported(q, k, k, window=8, q_offset=0)
+  assert not tpu.is_supported(q[..., :12], k[..., :12], k[..., :12], window=None, q_offset=0)
