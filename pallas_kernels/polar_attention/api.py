@@ -188,9 +188,11 @@ def attention_stats(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_offset=
 
 # ----------------------------------------------------------------------------- model-facing ops
 
-def polar_core(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
-               null_slope_raw_H, mag_beta_raw_H, *, window=None, q_offset=0, impl="auto"):
-  """Polar attention core (spec §3.2): (c_BTHD unit direction, mag_BTH), both in q.dtype.
+def polar_stats(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
+                null_slope_raw_H, mag_beta_raw_H, *, window=None, q_offset=0, impl="auto"):
+  """Polar core with its internals, all fp32 (statistics dtype): a dict with
+  `c` [B,T,H,D] unit direction, `mag` [B,T,H], `n_eff` = 1/p2 (participation ratio over the real
+  keys), `w_null` (null-sink probability mass) and `temp` (per-row temperature t).
 
   Prologue: t = 1 + softplus(len_gain_raw) ln n~, nu = null_base + softplus(null_slope_raw)
   sqrt(ln(n~+1)) with n~ = min(n, W); the real keys use scale t / sqrt(D) in attention_stats.
@@ -199,12 +201,6 @@ def polar_core(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
   mag = tanh(softplus(mag_beta_raw) log1p(m_eff)). Differentiated by autodiff.
   """
   B, Tq, H, D = q_BTHD.shape
-  if v_null_HD.shape != (H, D):
-    raise ValueError(f"v_null must be [H, D] = {(H, D)}; got {v_null_HD.shape}")
-  for name, x in (("len_gain_raw", len_gain_raw_H), ("null_base", null_base_H),
-                  ("null_slope_raw", null_slope_raw_H), ("mag_beta_raw", mag_beta_raw_H)):
-    if x.shape != (H,):
-      raise ValueError(f"{name} must be [H] = {(H,)} (one value per query head); got {x.shape}")
   cdt = reference.stats_dtype(q_BTHD.dtype)
   t_TH, nu_TH = reference.polar_temperature_null(
       len_gain_raw_H, null_base_H, null_slope_raw_H, Tq, q_offset=q_offset, window=window,
@@ -218,10 +214,23 @@ def polar_core(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
   s_BTHD = (w_real_BTH[..., None] * o_BTHD
             + w_null_BTH[..., None] * v_null_HD.astype(cdt)[None, None])
   c_BTHD = reference.safe_normalize(s_BTHD)
+  n_eff_BTH = 1.0 / p2_BTH
   m_eff_BTH = w_real_BTH / p2_BTH
   beta_H = jax.nn.softplus(mag_beta_raw_H.astype(cdt))
   mag_BTH = jnp.tanh(beta_H * jnp.log1p(m_eff_BTH))
-  return c_BTHD.astype(q_BTHD.dtype), mag_BTH.astype(q_BTHD.dtype)
+  return {"c": c_BTHD, "mag": mag_BTH, "n_eff": n_eff_BTH, "w_null": w_null_BTH,
+          "temp": jnp.broadcast_to(t_TH, (B, Tq, H))}
+
+
+def polar_core(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
+               null_slope_raw_H, mag_beta_raw_H, *, window=None, q_offset=0, impl="auto"):
+  """Polar attention core (spec §3.2): (c_BTHD unit direction, mag_BTH), both in q.dtype.
+
+  The math is `polar_stats`; this keeps only the two outputs the model consumes.
+  """
+  st = polar_stats(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
+                   null_slope_raw_H, mag_beta_raw_H, window=window, q_offset=q_offset, impl=impl)
+  return st["c"].astype(q_BTHD.dtype), st["mag"].astype(q_BTHD.dtype)
 
 
 def softmax_attention(q_BTHD, k_BTGD, v_BTGD, *, scale, window=None, q_offset=0, impl="auto"):
