@@ -78,25 +78,28 @@ def standin_model_fn(cfg):
 
 
 class ToyData:
-  """Deterministic batches: step k's tokens are a fixed function of (seed, k, process)."""
+  """Deterministic batches: step k's global batch is a fixed function of (seed, k)."""
 
   def __init__(self, cfg, process_index=0, process_count=1):
     t = cfg.train
     self.rows = t.global_batch // process_count
     self.T, self.V = t.seq_len, cfg.model.vocab_size
-    self.seed, self.proc = cfg.data.seed, process_index
+    self.seed, self.proc, self.count = cfg.data.seed, process_index, process_count
     self.pos = 0
 
   def __iter__(self):
     return self
 
   def __next__(self):
-    r = np.random.default_rng([self.seed, self.pos, self.proc])
-    # learnable structure: next token = (token + 1) % V with noise
-    start = r.integers(0, self.V, size=(self.rows, 1))
+    r = np.random.default_rng([self.seed, self.pos])
+    B = self.rows * self.count
+    # learnable structure: next token = (token + 1) % V with noise; the GLOBAL batch is a
+    # function of the step only, each process takes its rows
+    start = r.integers(0, self.V, size=(B, 1))
     seq = (start + np.arange(self.T + 1)[None]) % self.V
     noise = r.random(seq.shape) < 0.1
     seq = np.where(noise, r.integers(0, self.V, size=seq.shape), seq).astype(np.int32)
+    seq = seq[self.proc * self.rows:(self.proc + 1) * self.rows]
     self.pos += 1
     return {"inputs": seq[:, :-1], "targets": seq[:, 1:]}
 
