@@ -142,12 +142,15 @@ def oracle_fwd_vjp(case: Case, q, k, v, scale, cotangents):
 def backend_fwd_vjp(fwd, bwd, case: Case, q, k, v, scale, cotangents):
   """A backend's outputs and its closed-form VJP (prologue from reference), as numpy."""
   kw = dict(window=case.window, q_offset=case.q_offset)
-  fwd, bwd = fast_jit(functools.partial(fwd, **kw)), fast_jit(functools.partial(bwd, **kw))
-  o, lse, p2 = fwd(q, k, v, scale)
-  do, dlse, dp2 = (jnp.asarray(c, reference.stats_dtype(q.dtype)) for c in cotangents)
-  delta, cq = fast_jit(reference.stats_vjp_prologue)(o, p2, do, dlse, dp2)
-  grads = bwd(q, k, v, scale, lse, do.astype(q.dtype), delta, cq)
-  return (tuple(np.asarray(x, np.float64) for x in (o, lse, p2)),
+
+  def run(q, k, v, scale, do, dlse, dp2):  # one compile for fwd + prologue + bwd
+    o, lse, p2 = fwd(q, k, v, scale, **kw)
+    delta, cq = reference.stats_vjp_prologue(o, p2, do, dlse, dp2)
+    return (o, lse, p2), bwd(q, k, v, scale, lse, do.astype(q.dtype), delta, cq, **kw)
+
+  cots = (jnp.asarray(c, reference.stats_dtype(q.dtype)) for c in cotangents)
+  outs, grads = fast_jit(run)(q, k, v, scale, *cots)
+  return (tuple(np.asarray(x, np.float64) for x in outs),
           tuple(np.asarray(x, np.float64) for x in grads))
 
 

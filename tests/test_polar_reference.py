@@ -33,6 +33,7 @@ def _max_rel(a, b):
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+@pytest.mark.slow  # ~2 s of compiles per case on CPU, 14 cases
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_streaming_matches_oracle_fp64(case):
   # Blocks of 8 x 16 with odd lengths: multi-block loops, padding and band bounds all run.
