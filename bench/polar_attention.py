@@ -207,6 +207,38 @@ def table(cfg, reps, xla_max_t, shapes, fwd_only_shapes, save, cudnn="cudnn"):
   return rows
 
 
+def decode_table(cfg, reps, save, rows, cases=((1, 65536), (8, 65536), (8, 8192))):
+  """One query row per sequence over a long prefix (q_offset = Tk - 1): split-K kernel vs the
+  query-tile kernel (rows padded to 16) vs XLA streaming. cuDNN's is_causal is top-left
+  aligned, so it has no decode counterpart here."""
+  padded = dataclasses.replace(cfg, decode_max_rows=0)
+  for B, Tk in cases:
+    q, k, v, scale, _ = inputs(B, 1, Tk)
+    kw = dict(window=None, q_offset=Tk - 1)
+    impls = {"pallas_splitk": functools.partial(gpu_triton.attention_stats_fwd, config=cfg, **kw),
+             "pallas_padded": functools.partial(gpu_triton.attention_stats_fwd, config=padded,
+                                                **kw),
+             "xla_streaming": functools.partial(xla_streaming.attention_stats_fwd, **kw)}
+    ref = None
+    for name, fn in impls.items():
+      try:
+        fn = jax.jit(fn)
+        out = fn(q, k, v, scale)
+        ref = out if ref is None else ref
+        err = max(rel_err(a, b) for a, b in zip(out, ref))
+        ms, n = timeit(fn, q, k, v, scale, reps=reps)
+      except Exception as e:  # noqa: BLE001
+        print(f"decode B{B} Tk{Tk} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        rows.append({"B": B, "T": Tk, "impl": name, "mode": "decode", "error": str(e)[:300]})
+        continue
+      gbs = 2 * B * Tk * G * D * 2 / (ms * 1e-3) / 1e9
+      rows.append({"B": B, "T": Tk, "Tq": 1, "impl": name, "mode": "decode", "median_ms": ms,
+                   "runs": n, "kv_read_GBps": gbs, "max_rel_err_vs_splitk": err})
+      print(f"decode B{B:>2} Tk{Tk:>6} {name:>14}: {ms:9.3f} ms  ({gbs:7.1f} GB/s KV read, "
+            f"rel err vs split-K {err:.1e})", flush=True)
+      save(rows)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="bench/results/polar_attention.json")
@@ -242,7 +274,9 @@ def main():
     print("best config", cfg, flush=True)
   result["config"] = dataclasses.asdict(cfg)
   save()
-  table(cfg, args.reps, args.xla_max_t, shapes, fwd_only, save, cudnn)
+  rows = table(cfg, args.reps, args.xla_max_t, shapes, fwd_only, save, cudnn)
+  if not args.smoke:
+    decode_table(cfg, args.reps, save, rows)
   print("wrote", args.out)
 
 

@@ -8,6 +8,7 @@ lower to Triton IR for an H100 (no GPU needed). The `gpu` tests run compiled on 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -40,6 +41,21 @@ def test_fp32_matches_oracle(case):
 ], ids=str)
 def test_bf16_matches_oracle(case):
   check_backend(*_backend(SMALL_BLOCKS), case, jnp.bfloat16, atol=3e-2, rtol=3e-2)
+
+
+# Split-K decode forced on at small sizes: several key splits, packed GQA rows, windows.
+DECODE_BLOCKS = dataclasses.replace(SMALL_BLOCKS, decode_min_keys=1, decode_block_k=16,
+                                    decode_target_programs=7)
+
+
+@pytest.mark.parametrize("case", [
+    Case(Tq=1, Tk=100, q_offset=99, H=4, G=2, window=32),  # decode, windowed
+    Case(Tq=3, Tk=90, q_offset=70, H=6, G=2, window=33),   # 3 rows x 3 heads, longer cache
+], ids=str)
+def test_split_k_decode_matches_oracle(case):
+  assert gpu_triton._use_decode(case.Tq, case.H // case.G, case.tk, case.window, case.q_offset,
+                                DECODE_BLOCKS)
+  check_backend(*_backend(DECODE_BLOCKS), case, jnp.float32, atol=2e-5, rtol=2e-5)
 
 
 def test_window_larger_than_t_and_block_larger_than_t():
@@ -87,6 +103,7 @@ def test_compiled_on_gpu_fp32(case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [
     Case(Tq=333, H=8, G=2, D=128, window=100),
+    Case(Tq=1, Tk=5000, q_offset=4999, H=8, G=2, D=128),     # split-K decode (default config)
     Case(Tq=1, Tk=1000, q_offset=999, H=8, G=2, D=128),
 ], ids=str)
 def test_compiled_on_gpu_bf16(case):

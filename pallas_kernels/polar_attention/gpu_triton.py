@@ -64,6 +64,14 @@ class BlockConfig:
   dkv_block_k: int = 128
   dkv_num_warps: int = 8
   dkv_num_stages: int = 3
+  # Split-K decode forward (few query rows, long context): used when Tq * R <= decode_max_rows
+  # and the key band holds at least decode_min_keys keys.
+  decode_max_rows: int = 64
+  decode_min_keys: int = 2048
+  decode_block_k: int = 128
+  decode_num_warps: int = 4
+  decode_num_stages: int = 3
+  decode_target_programs: int = 264  # ~2 per SM on an H100/H200
 
 
 DEFAULT_CONFIG = BlockConfig()
@@ -218,14 +226,128 @@ def _fwd_kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, *, bq, bk, t
   p2_ref[...] = q2_q / (l_safe * l_safe)
 
 
+# ----------------------------------------------------------------------------- split-K decode
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, q2_ref, *, rows, R,
+                   tq, bk, tk, q_offset, window, band_lo, blocks_per_split, band_hi):
+  """One (batch, KV head, key split): the group's R heads x Tq positions packed as rows."""
+  s_idx = pl.program_id(1)
+  q = q_ref[...]
+  scale2_m = s_ref[...] * LOG2E
+  pos_m = q_offset + jnp.minimum(lax.div(jnp.arange(rows), R), tq - 1)
+  lo = band_lo // bk + s_idx * blocks_per_split
+  hi = jnp.minimum(lo + blocks_per_split, _cdiv(jnp.int32(band_hi), bk))
+
+  def body(kb, carry):
+    m_m, l_m, q2_m, acc_md = carry
+    start = pl.multiple_of(kb * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    valid = _visible(pos_m[:, None], (start + jnp.arange(bk))[None, :], tk=tk, window=window)
+    s_mk = jnp.where(valid, _dot(q, k, trans_b=True) * scale2_m[:, None], NEG)
+    m_new = jnp.maximum(m_m, jnp.max(s_mk, axis=1))
+    alpha = jnp.exp2(m_m - m_new)
+    p_mk = jnp.where(valid, jnp.exp2(s_mk - m_new[:, None]), 0.0)
+    l_m = alpha * l_m + jnp.sum(p_mk, axis=1)
+    q2_m = alpha * alpha * q2_m + jnp.sum(p_mk * p_mk, axis=1)
+    acc_md = acc_md * alpha[:, None] + _dot(p_mk.astype(v.dtype), v)
+    return m_new, l_m, q2_m, acc_md
+
+  zeros_m = jnp.zeros((rows,), jnp.float32)
+  m_m, l_m, q2_m, acc_md = lax.fori_loop(
+      lo, hi, body, (zeros_m + NEG, zeros_m, zeros_m, jnp.zeros(q.shape, jnp.float32)))
+  acc_ref[...] = acc_md
+  m_ref[...] = m_m
+  l_ref[...] = l_m
+  q2_ref[...] = q2_m
+
+
+def _use_decode(Tq, R, Tk, window, q_offset, config) -> bool:
+  band = min(Tk, q_offset + Tq) - (0 if window is None else max(0, q_offset - window + 1))
+  return Tq * R <= config.decode_max_rows and band >= config.decode_min_keys
+
+
+def _decode_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window, q_offset, config):
+  """Split-K (flash-decoding) forward for few query rows over a long KV prefix.
+
+  The R query heads of a KV head and the Tq positions are packed into M = Tq*R rows (padded to
+  a power of two >= 16), the key band is split over programs, and the partial statistics
+  (m, L, Q2 in base 2, unnormalized acc) are merged here: m* = max m_s, w_s = 2^(m_s - m*),
+  L = sum w_s L_s, Q2 = sum w_s^2 Q2_s, acc = sum w_s acc_s.
+  """
+  B, Tq, H, D = q_BTHD.shape
+  Tk, G = k_BTGD.shape[1], k_BTGD.shape[2]
+  R = H // G
+  rows = max(16, pl.next_power_of_2(Tq * R))
+  bk = _fit_block(config.decode_block_k, Tk)
+  tk_pad = pl.cdiv(Tk, bk) * bk
+  band_lo = 0 if window is None else max(0, q_offset - window + 1)
+  band_hi = min(Tk, q_offset + Tq)
+  n_blocks = pl.cdiv(band_hi, bk) - band_lo // bk
+  n_split = max(1, min(n_blocks, pl.cdiv(config.decode_target_programs, B * G)))
+  per_split = pl.cdiv(n_blocks, n_split)
+  n_split = pl.cdiv(n_blocks, per_split)
+
+  def pack(x_BTH_):  # [B, Tq, H, ...] -> [B*G, rows, ...], row = t * R + r
+    x = x_BTH_.reshape((B, Tq, G, R) + x_BTH_.shape[3:])
+    x = jnp.moveaxis(x, 2, 1).reshape((B * G, Tq * R) + x_BTH_.shape[3:])
+    return _pad_axis1(x, rows)
+
+  q = pack(q_BTHD)
+  scale = pack(scale_BTH.astype(jnp.float32))
+  k, v = _pad_axis1(k_BTGD, tk_pad), _pad_axis1(v_BTGD, tk_pad)
+  kv_spec = pl.BlockSpec((None, tk_pad, None, D), lambda bg, s: (bg // G, 0, bg % G, 0))
+  part_md = pl.BlockSpec((None, None, rows, D), lambda bg, s: (bg, s, 0, 0))
+  part_m = pl.BlockSpec((None, None, rows), lambda bg, s: (bg, s, 0))
+  f32 = jnp.float32
+  acc, m, l, q2 = pl.pallas_call(
+      functools.partial(_decode_kernel, rows=rows, R=R, tq=Tq, bk=bk, tk=Tk, q_offset=q_offset,
+                        window=window, band_lo=band_lo, blocks_per_split=per_split,
+                        band_hi=band_hi),
+      grid=(B * G, n_split),
+      in_specs=[pl.BlockSpec((None, rows, D), lambda bg, s: (bg, 0, 0)), kv_spec, kv_spec,
+                pl.BlockSpec((None, rows), lambda bg, s: (bg, 0))],
+      out_specs=[part_md, part_m, part_m, part_m],
+      out_shape=[jax.ShapeDtypeStruct((B * G, n_split, rows, D), f32)]
+      + [jax.ShapeDtypeStruct((B * G, n_split, rows), f32)] * 3,
+      compiler_params=pltriton.CompilerParams(num_warps=config.decode_num_warps,
+                                              num_stages=config.decode_num_stages),
+      interpret=_interpret(), name="polar_attention_decode",
+  )(q, k, v, scale)
+  m_max = jnp.max(m, axis=1, keepdims=True)
+  w = jnp.exp2(m - m_max)
+  l_tot = jnp.sum(w * l, axis=1)
+  l_safe = jnp.where(l_tot > 0.0, l_tot, 1.0)
+  o = jnp.sum(w[..., None] * acc, axis=1) / l_safe[..., None]
+  lse = (m_max[:, 0] + jnp.log2(l_safe)) / LOG2E
+  p2 = jnp.sum(w * w * q2, axis=1) / (l_safe * l_safe)
+
+  def unpack(x):  # [B*G, rows, ...] -> [B, Tq, H, ...]
+    x = x[:, :Tq * R].reshape((B, G, Tq, R) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 2).reshape((B, Tq, H) + x.shape[4:])
+
+  return unpack(o), unpack(lse), unpack(p2)
+
+
+# ----------------------------------------------------------------------------- forward entry
+
+
 def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_offset=0,
                         block_k=None, config: BlockConfig = DEFAULT_CONFIG):
-  """Forward kernel: (o_BTHD f32, lse_BTH f32, p2_BTH f32)."""
+  """Forward kernel: (o_BTHD f32, lse_BTH f32, p2_BTH f32).
+
+  Few query rows over a long prefix (decode, Tq * R <= config.decode_max_rows) take the
+  split-K kernel; everything else the query-tile kernel.
+  """
   reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
                                    q_offset=q_offset)
   B, Tq, H, D = q_BTHD.shape
   Tk, G = k_BTGD.shape[1], k_BTGD.shape[2]
   R = H // G
+  if _use_decode(Tq, R, Tk, window, q_offset, config):
+    return _decode_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window, q_offset=q_offset,
+                       config=config)
   bq = _fit_block(config.block_q, Tq)
   bk = _fit_block(block_k or config.block_k, Tk)
   tq_pad, tk_pad = pl.cdiv(Tq, bq) * bq, pl.cdiv(Tk, bk) * bk
