@@ -193,3 +193,20 @@ def test_dispatch_and_input_errors():
   with pytest.raises(ValueError, match="null_base must be"):
     api.polar_core(q, k, v, *_polar_params(4, 16, 0, jnp.float32)[:2], jnp.zeros(3),
                    *_polar_params(4, 16, 0, jnp.float32)[3:])
+
+
+def test_traced_q_offset_matches_static():
+  # Decode / chunked prefill inside a jitted loop passes the offset as a traced int32.
+  case = Case(Tq=5, Tk=40, q_offset=35, H=4, G=2, window=16)
+  q, k, v, _ = random_inputs(case, jnp.float32, seed=12)
+  params = _polar_params(4, 16, 4, jnp.float32)
+
+  def loss(off, q, k, v, *p):
+    c, mag = api.polar_core(q, k, v, *p, window=case.window, q_offset=off, impl="xla")
+    return jnp.sum(c * jnp.sin(c)) + jnp.sum(mag), (c, mag)
+
+  f = jax.value_and_grad(loss, argnums=range(1, 9), has_aux=True)
+  (_, got), got_g = fast_jit(f)(jnp.int32(case.q_offset), q, k, v, *params)
+  (_, want), want_g = fast_jit(functools.partial(f, case.q_offset))(q, k, v, *params)
+  for g, w in zip(tuple(got) + got_g, tuple(want) + want_g):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=1e-6)
