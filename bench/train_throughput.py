@@ -136,7 +136,10 @@ def main():
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--set", dest="extra", action="append", default=[])
   ap.add_argument("--out", default=None)
-  ap.add_argument("--stop-after-first", action="store_true", default=True)
+  ap.add_argument("--all", action="store_true", help="time every variant (default: stop at "
+                  "the first that runs)")
+  ap.add_argument("--budget-s", type=float, default=330.0,
+                  help="start no new variant after this many seconds (each compiles ~1-2 min)")
   args = ap.parse_args()
   dev = jax.devices()[0]
   out = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
@@ -144,10 +147,11 @@ def main():
          "python": platform.python_version(), "preset": args.preset, "variants": []}
   print(json.dumps({k: v for k, v in out.items() if k != "variants"}), flush=True)
   done = False
+  t_start = time.perf_counter()
   for impl in args.impls.split(","):
     for remat in [s == "true" for s in args.remat.split(",")]:
       for micro in [int(x) for x in args.micro.split(",")]:
-        if done:
+        if done or time.perf_counter() - t_start > args.budget_s:
           continue
         tag = f"impl={impl} remat={remat} micro={micro}"
         t0 = time.perf_counter()
@@ -155,7 +159,7 @@ def main():
           r = bench_variant(args.preset, micro, args.n_micro, remat, impl, args.seq_len,
                             args.reps)
           r["ok"] = True
-          done = args.stop_after_first
+          done = not args.all
           print(f"{tag}: {r['tokens_per_s_measured']:.0f} tok/s measured, "
                 f"{r['tokens_per_s_ref_step']:.0f} tok/s at the reference step, MFU "
                 f"{r.get('mfu_ref_step', float('nan')):.3f}; step {r['step_s_median']:.3f}s "
