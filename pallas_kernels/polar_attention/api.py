@@ -201,6 +201,12 @@ def polar_stats(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
   mag = tanh(softplus(mag_beta_raw) log1p(m_eff)). Differentiated by autodiff.
   """
   B, Tq, H, D = q_BTHD.shape
+  if v_null_HD.shape != (H, D):
+    raise ValueError(f"v_null must be [H, D] = {(H, D)}; got {v_null_HD.shape}")
+  for name, x in (("len_gain_raw", len_gain_raw_H), ("null_base", null_base_H),
+                  ("null_slope_raw", null_slope_raw_H), ("mag_beta_raw", mag_beta_raw_H)):
+    if x.shape != (H,):
+      raise ValueError(f"{name} must be [H] = {(H,)} (one value per query head); got {x.shape}")
   cdt = reference.stats_dtype(q_BTHD.dtype)
   t_TH, nu_TH = reference.polar_temperature_null(
       len_gain_raw_H, null_base_H, null_slope_raw_H, Tq, q_offset=q_offset, window=window,
