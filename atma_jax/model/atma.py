@@ -83,10 +83,10 @@ class Atma(nnx.Module):
     """Blocks + final norm on given input embeddings: (h_BTD, aux)."""
     cfg = self.cfg
     aux_losses.check_sigreg_mode(sigreg_mode)
-    if isinstance(q_offset, int) and q_offset != 0:
+    if not (isinstance(q_offset, int) and q_offset == 0):
       raise ValueError(
-          f"q_offset={q_offset}: Atma.__call__ recomputes the whole context (no KV, conv or "
-          "memory caches), so its rows must start at position 0; pass the full sequence.")
+          f"q_offset={q_offset!r}: Atma.__call__ recomputes the whole context (no KV, conv or "
+          "memory caches yet), so its rows must start at position 0; pass the full sequence.")
     reg = jnp.zeros((), jnp.float32)
     align = jnp.zeros((), jnp.float32)
     x = x_BTD
@@ -115,7 +115,9 @@ class Atma(nnx.Module):
     """ids [B, T] -> (h [B, T, D] final-normed, compute dtype; aux {"reg", "align"} fp32).
 
     `rng` (training only) draws distractor keys (when cfg.num_random_keys > 0) and SigReg
-    sketches; without it both aux losses are 0. `mem=False` drops the memory branch.
+    sketches; without it both aux losses are 0. `mem=False` drops the memory branch (eval's
+    --no-mem). `q_offset` is reserved for cached incremental decoding and must be 0 here.
+    `sigreg_mode` is `optim.sigreg_mode` (baseline | weak | discrete | strong | zipfian).
     """
     return self.forward_embeddings(self.embed_tokens(ids_BT), rng=rng, q_offset=q_offset,
                                    mem=mem, sigreg_mode=sigreg_mode)
