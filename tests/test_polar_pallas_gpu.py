@@ -58,6 +58,23 @@ def test_split_k_decode_matches_oracle(case):
   check_backend(*_backend(DECODE_BLOCKS), case, jnp.float32, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("config", [SMALL_BLOCKS, DECODE_BLOCKS], ids=["tiles", "split_k"])
+def test_traced_q_offset(config):
+  """q_offset as a traced int32 scalar (a jitted decode / chunked-prefill loop)."""
+  def fwd(q, k, v, s, *, window, q_offset):
+    f = lambda q, k, v, s, off: gpu_triton.attention_stats_fwd(q, k, v, s, window=window,
+                                                                q_offset=off, config=config)
+    return jax.jit(f)(q, k, v, s, jnp.int32(q_offset))
+
+  def bwd(*args, window, q_offset):
+    f = lambda *a: gpu_triton.attention_stats_bwd(*a[:-1], window=window, q_offset=a[-1],
+                                                  config=config)
+    return jax.jit(f)(*args, jnp.int32(q_offset))
+
+  check_backend(fwd, bwd, Case(Tq=3, Tk=90, q_offset=60, H=4, G=2, window=20), jnp.float32,
+                atol=2e-5, rtol=2e-5)
+
+
 def test_window_larger_than_t_and_block_larger_than_t():
   # Default (large) blocks on short inputs: one padded block, window wider than T.
   check_backend(*_backend(gpu_triton.DEFAULT_CONFIG), Case(Tq=33, H=4, G=2, window=64),
@@ -70,7 +87,8 @@ def test_is_supported():
   assert gpu_triton.is_supported(q, k, k, window=None, q_offset=0)
   assert not gpu_triton.is_supported(q[..., :12], k[..., :12], k[..., :12], window=None,
                                      q_offset=0)
-  assert not gpu_triton.is_supported(q, k, k, window=None, q_offset=jnp.int32(3))
+  assert gpu_triton.is_supported(q, k, k, window=None, q_offset=jnp.int32(3))
+  assert not gpu_triton.is_supported(q, k, k, window=None, q_offset=jnp.zeros(2, jnp.int32))
 
 
 def test_lowers_to_triton_for_h100(monkeypatch):
@@ -90,8 +108,17 @@ def test_lowers_to_triton_for_h100(monkeypatch):
     bwd = jax.export.export(jax.jit(functools.partial(gpu_triton.attention_stats_bwd, **kw)),
                             platforms=["cuda"], disabled_checks=checks)(
                                 q, kv, kv, row, row, q, row, row)
+    decode = jax.export.export(
+        jax.jit(lambda q, k, v, s, off: gpu_triton.attention_stats_fwd(
+            q, k, v, s, window=None, q_offset=off)),
+        platforms=["cuda"], disabled_checks=checks)(
+            jax.ShapeDtypeStruct((B, 1, H, D), jnp.bfloat16),
+            jax.ShapeDtypeStruct((B, 8192, G, D), jnp.bfloat16),
+            jax.ShapeDtypeStruct((B, 8192, G, D), jnp.bfloat16),
+            jax.ShapeDtypeStruct((B, 1, H), jnp.float32), jnp.int32(8191))
   assert fwd.mlir_module().count("xla.gpu.triton") == 1
   assert bwd.mlir_module().count("xla.gpu.triton") == 2
+  assert "polar_attention_decode" in decode.mlir_module()
 
 
 @pytest.mark.gpu

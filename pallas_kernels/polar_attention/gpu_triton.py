@@ -83,7 +83,7 @@ def is_supported(q, k, v, *, window=None, q_offset=0) -> bool:
   return (q.ndim == 4 and k.shape == v.shape and k.shape[-1] == D
           and D >= 16 and D & (D - 1) == 0 and D <= 256
           and q.shape[2] % k.shape[2] == 0
-          and isinstance(q_offset, int)
+          and (isinstance(q_offset, int) or jnp.ndim(q_offset) == 0)
           and (window is None or isinstance(window, int))
           and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
                                      jnp.dtype(jnp.float32)))
@@ -110,6 +110,26 @@ def _pad_axis1(x, t_pad, value=0.0):
 def _rows_bht(x_BTH, t_pad, value=0.0):
   """Per-row vector [B, T, H] -> fp32 [B, H, t_pad] (contiguous row loads in the kernels)."""
   return _pad_axis1(x_BTH.astype(jnp.float32), t_pad, value).transpose(0, 2, 1)
+
+
+def _static_offset(q_offset):
+  """The offset as a Python int when static, else None (then kernels read it from a ref)."""
+  return int(q_offset) if isinstance(q_offset, int) else None
+
+
+def _offset_arg(q_offset):
+  """The offset as an int32[1] kernel input (read only when it is traced)."""
+  return jnp.asarray(q_offset, jnp.int32).reshape(1)
+
+
+OFFSET_SPEC = pl.BlockSpec((1,), lambda *_: (0,))
+
+
+def _with_offset(kernel, q_offset):
+  """Kernel taking the offset ref first: the static offset if known, else the loaded one."""
+  def wrapped(off_ref, *refs):
+    kernel(*refs, q_offset=q_offset if q_offset is not None else off_ref[0])
+  return wrapped
 
 
 def _cdiv(x, n: int):
@@ -238,6 +258,10 @@ def _decode_kernel(q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, q2_ref, *,
   pos_m = q_offset + jnp.minimum(lax.div(jnp.arange(rows), R), tq - 1)
   lo = band_lo // bk + s_idx * blocks_per_split
   hi = jnp.minimum(lo + blocks_per_split, _cdiv(jnp.int32(band_hi), bk))
+  # Intersect with the rows' own band (a no-op for a static offset, needed for a traced one).
+  hi = jnp.minimum(hi, _cdiv(jnp.minimum(q_offset + tq, tk), bk))
+  if window is not None:
+    lo = jnp.maximum(lo, lax.div(jnp.maximum(q_offset - window + 1, 0), bk))
 
   def body(kb, carry):
     m_m, l_m, q2_m, acc_md = carry
@@ -264,7 +288,11 @@ def _decode_kernel(q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, q2_ref, *,
 
 
 def _use_decode(Tq, R, Tk, window, q_offset, config) -> bool:
-  band = min(Tk, q_offset + Tq) - (0 if window is None else max(0, q_offset - window + 1))
+  off = _static_offset(q_offset)
+  if off is None:  # traced offset: the band is at most min(Tk, window)
+    band = Tk if window is None else min(Tk, window)
+  else:
+    band = min(Tk, off + Tq) - (0 if window is None else max(0, off - window + 1))
   return Tq * R <= config.decode_max_rows and band >= config.decode_min_keys
 
 
@@ -282,8 +310,9 @@ def _decode_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window, q_offset, config):
   rows = max(16, pl.next_power_of_2(Tq * R))
   bk = _fit_block(config.decode_block_k, Tk)
   tk_pad = pl.cdiv(Tk, bk) * bk
-  band_lo = 0 if window is None else max(0, q_offset - window + 1)
-  band_hi = min(Tk, q_offset + Tq)
+  off = _static_offset(q_offset)
+  band_lo = 0 if (window is None or off is None) else max(0, off - window + 1)
+  band_hi = Tk if off is None else min(Tk, off + Tq)
   n_blocks = pl.cdiv(band_hi, bk) - band_lo // bk
   n_split = max(1, min(n_blocks, pl.cdiv(config.decode_target_programs, B * G)))
   per_split = pl.cdiv(n_blocks, n_split)
@@ -302,19 +331,19 @@ def _decode_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window, q_offset, config):
   part_m = pl.BlockSpec((None, None, rows), lambda bg, s: (bg, s, 0))
   f32 = jnp.float32
   acc, m, l, q2 = pl.pallas_call(
-      functools.partial(_decode_kernel, rows=rows, R=R, tq=Tq, bk=bk, tk=Tk, q_offset=q_offset,
-                        window=window, band_lo=band_lo, blocks_per_split=per_split,
-                        band_hi=band_hi),
+      _with_offset(functools.partial(_decode_kernel, rows=rows, R=R, tq=Tq, bk=bk, tk=Tk,
+                                     window=window, band_lo=band_lo, blocks_per_split=per_split,
+                                     band_hi=band_hi), off),
       grid=(B * G, n_split),
-      in_specs=[pl.BlockSpec((None, rows, D), lambda bg, s: (bg, 0, 0)), kv_spec, kv_spec,
-                pl.BlockSpec((None, rows), lambda bg, s: (bg, 0))],
+      in_specs=[OFFSET_SPEC, pl.BlockSpec((None, rows, D), lambda bg, s: (bg, 0, 0)), kv_spec,
+                kv_spec, pl.BlockSpec((None, rows), lambda bg, s: (bg, 0))],
       out_specs=[part_md, part_m, part_m, part_m],
       out_shape=[jax.ShapeDtypeStruct((B * G, n_split, rows, D), f32)]
       + [jax.ShapeDtypeStruct((B * G, n_split, rows), f32)] * 3,
       compiler_params=pltriton.CompilerParams(num_warps=config.decode_num_warps,
                                               num_stages=config.decode_num_stages),
       interpret=_interpret(), name="polar_attention_decode",
-  )(q, k, v, scale)
+  )(_offset_arg(q_offset), q, k, v, scale)
   m_max = jnp.max(m, axis=1, keepdims=True)
   w = jnp.exp2(m - m_max)
   l_tot = jnp.sum(w * l, axis=1)
@@ -355,8 +384,8 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   k, v = _pad_axis1(k_BTGD, tk_pad), _pad_axis1(v_BTGD, tk_pad)
   scale = _pad_axis1(scale_BTH.astype(jnp.float32), tq_pad)
 
-  kernel = functools.partial(_fwd_kernel, bq=bq, bk=bk, tk=Tk, q_offset=q_offset,
-                             window=window)
+  kernel = _with_offset(functools.partial(_fwd_kernel, bq=bq, bk=bk, tk=Tk, window=window),
+                        _static_offset(q_offset))
   nq = tq_pad // bq
   row_spec = pl.BlockSpec((None, bq, None), _rev_q(nq, H, None))
   tile_spec = pl.BlockSpec((None, bq, None, D), _rev_q(nq, H, D))
@@ -364,7 +393,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   o, lse, p2 = pl.pallas_call(
       kernel,
       grid=(B * H, nq),
-      in_specs=[tile_spec, kv_spec, kv_spec, row_spec],
+      in_specs=[OFFSET_SPEC, tile_spec, kv_spec, kv_spec, row_spec],
       out_specs=[tile_spec, row_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct((B, tq_pad, H, D), jnp.float32),
                  jax.ShapeDtypeStruct((B, tq_pad, H), jnp.float32),
@@ -373,7 +402,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
                                               num_stages=config.num_stages),
       interpret=_interpret(),
       name="polar_attention_fwd",
-  )(q, k, v, scale)
+  )(_offset_arg(q_offset), q, k, v, scale)
   return o[:, :Tq], lse[:, :Tq], p2[:, :Tq]
 
 
@@ -452,7 +481,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dk_
   dv_ref[...] = dv_kd.astype(dv_ref.dtype)
 
 
-def _bwd_dq(q, k, v, scale, do, lse, delta, cq, *, H, R, bq, bk, tk, q_offset, window,
+def _bwd_dq(off, q, k, v, scale, do, lse, delta, cq, *, H, R, bq, bk, tk, q_offset, window,
             num_warps, num_stages):
   """dQ (+ dscale) kernel on padded inputs: query-parallel, grid (query blocks, B*H)."""
   B, tq_pad, _, D = q.shape
@@ -462,18 +491,18 @@ def _bwd_dq(q, k, v, scale, do, lse, delta, cq, *, H, R, bq, bk, tk, q_offset, w
   tile_spec = pl.BlockSpec((None, bq, None, D), _rev_q(nq, H, D))
   kv_spec = pl.BlockSpec((None, tk_pad, None, D), lambda bh, i: (bh // H, 0, (bh % H) // R, 0))
   return pl.pallas_call(
-      functools.partial(_dq_kernel, bq=bq, bk=bk, tk=tk, q_offset=q_offset, window=window),
+      _with_offset(functools.partial(_dq_kernel, bq=bq, bk=bk, tk=tk, window=window), q_offset),
       grid=(B * H, nq),
-      in_specs=[tile_spec, kv_spec, kv_spec, row_spec, tile_spec, row_spec, row_spec, row_spec],
+      in_specs=[OFFSET_SPEC, tile_spec, kv_spec, kv_spec, row_spec, tile_spec, row_spec, row_spec, row_spec],
       out_specs=[tile_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct((B, tq_pad, H, D), q.dtype),
                  jax.ShapeDtypeStruct((B, H, tq_pad), jnp.float32)],
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=_interpret(), name="polar_attention_bwd_dq",
-  )(q, k, v, scale, do, lse, delta, cq)
+  )(off, q, k, v, scale, do, lse, delta, cq)
 
 
-def _bwd_dkv(q, k, v, scale, do, lse, delta, cq, *, G, bq, bk, tk, q_offset, window,
+def _bwd_dkv(off, q, k, v, scale, do, lse, delta, cq, *, G, bq, bk, tk, q_offset, window,
              num_warps, num_stages):
   """dK/dV kernel on padded inputs: key-parallel, grid (key blocks, B*G); the kernel walks
   the group's R query heads, so dK/dV are summed over the GQA group in-kernel."""
@@ -484,17 +513,17 @@ def _bwd_dkv(q, k, v, scale, do, lse, delta, cq, *, G, bq, bk, tk, q_offset, win
   grp_tiles = pl.BlockSpec((None, tq_pad, R, D), lambda bg, j: (bg // G, 0, bg % G, 0))
   key_tile = pl.BlockSpec((None, bk, None, D), lambda bg, j: (bg // G, j, bg % G, 0))
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, bq=bq, bk=bk, nq=tq_pad // bq, group=R, tk=tk,
-                        q_offset=q_offset, window=window),
+      _with_offset(functools.partial(_dkv_kernel, bq=bq, bk=bk, nq=tq_pad // bq, group=R, tk=tk,
+                                     window=window), q_offset),
       grid=(B * G, tk_pad // bk),  # early key tiles (most query rows) first
-      in_specs=[grp_tiles, key_tile, key_tile, grp_rows, grp_tiles, grp_rows, grp_rows,
+      in_specs=[OFFSET_SPEC, grp_tiles, key_tile, key_tile, grp_rows, grp_tiles, grp_rows, grp_rows,
                 grp_rows],
       out_specs=[key_tile, key_tile],
       out_shape=[jax.ShapeDtypeStruct((B, tk_pad, G, D), k.dtype),
                  jax.ShapeDtypeStruct((B, tk_pad, G, D), v.dtype)],
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=_interpret(), name="polar_attention_bwd_dkv",
-  )(q, k, v, scale, do, lse, delta, cq)
+  )(off, q, k, v, scale, do, lse, delta, cq)
 
 
 def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, delta_BTH, cq_BTH,
@@ -514,11 +543,11 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   kv_bk = _fit_block(block_k or config.dkv_block_k, Tk)
   tq_pad = pl.cdiv(Tq, max(dq_bq, kv_bq)) * max(dq_bq, kv_bq)
   tk_pad = pl.cdiv(Tk, max(dq_bk, kv_bk)) * max(dq_bk, kv_bk)
-  args = (_pad_axis1(q_BTHD, tq_pad), _pad_axis1(k_BTGD, tk_pad), _pad_axis1(v_BTGD, tk_pad),
+  args = (_offset_arg(q_offset), _pad_axis1(q_BTHD, tq_pad), _pad_axis1(k_BTGD, tk_pad), _pad_axis1(v_BTGD, tk_pad),
           _rows_bht(scale_BTH, tq_pad), _pad_axis1(do_BTHD.astype(q_BTHD.dtype), tq_pad),
           _rows_bht(lse_BTH, tq_pad, PAD_LSE), _rows_bht(delta_BTH, tq_pad),
           _rows_bht(cq_BTH, tq_pad))
-  common = dict(tk=Tk, q_offset=q_offset, window=window)
+  common = dict(tk=Tk, q_offset=_static_offset(q_offset), window=window)
   dq = dk = dv = dscale = None
   if "dq" in parts:
     dq, dscale = _bwd_dq(*args, H=H, R=H // G, bq=dq_bq, bk=dq_bk,
