@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from pallas_kernels.gated_delta import gpu_triton, reference, xla_chunked  # noqa: E402
 
 H, K, V, CHUNK = 8, 128, 128, 64
-SHAPES = [(16, 2048, True), (4, 8192, True), (1, 32768, True), (1, 65536, False)]
+SHAPES = [(16, 2048, True), (1, 65536, False), (4, 8192, True), (1, 32768, True)]
 INTERPRET = False  # --smoke: tiny shapes in interpret mode on CPU (checks this script only)
 
 
@@ -135,9 +135,9 @@ def correctness(results):
   """Compiled Pallas vs the f32 sequential oracle (and its autodiff) at a small shape."""
   names = ("o", "final_state", "dq", "dk", "dv", "dlog_gamma", "dbeta", "dinitial_state")
   out = {}
-  b, t = (2, 300) if not INTERPRET else (1, 40)
-  for dtype in (jnp.float32, jnp.bfloat16):
-    key = f"B{b}_T{t}_H{H}_K{K}V{V}_{jnp.dtype(dtype).name}"
+  b, t = (2, 380) if not INTERPRET else (1, 90)
+  for dtype, pieces in ((jnp.float32, None), (jnp.bfloat16, 3)):
+    key = f"B{b}_T{t}_H{H}_K{K}V{V}_{jnp.dtype(dtype).name}_pieces{pieces}"
     try:
       inputs = make_inputs(b, t, dtype=dtype, seed=1)
       do = jax.random.normal(jax.random.key(7), (b, t, H, V), jnp.float32)
@@ -146,7 +146,7 @@ def correctness(results):
       with jax.default_matmul_precision("highest"):
         want_out, vjp = jax.vjp(jax.jit(reference.gated_delta_sequential), *f32_inputs)
         want_grads = vjp((do, dsT))
-      _, fwd_bwd = pallas_fns()
+      _, fwd_bwd = pallas_fns(pieces=pieces)
       o, sT, grads = fwd_bwd(*inputs, do, dsT)
       errs = {n: rel_err(g, w) for n, g, w in zip(names, (o, sT) + tuple(grads),
                                                    tuple(want_out) + tuple(want_grads))}
@@ -155,21 +155,40 @@ def correctness(results):
       out[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
       traceback.print_exc()
     print(f"correctness {key}: {out[key]}")
-  # sequence split vs no split (forward and backward), bf16, T = 1024 -> 16 chunks
-  try:
-    ts = 1024 if not INTERPRET else 256
-    inputs = make_inputs(1, ts, h=2, seed=2)
-    do = jax.random.normal(jax.random.key(9), (1, ts, 2, V), jnp.float32)
-    dsT = jnp.zeros((1, 2, K, V), jnp.float32)
-    ref = pallas_fns(pieces=1)[1](*inputs, do, dsT)
-    got = pallas_fns(pieces=4)[1](*inputs, do, dsT)
-    out["split4_vs_split1"] = {n: rel_err(g, w) for n, g, w in zip(
-        names, jax.tree.leaves(got), jax.tree.leaves(ref))}
-  except Exception as e:  # noqa: BLE001
-    out["split4_vs_split1"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-    traceback.print_exc()
-  print(f"correctness split: {out['split4_vs_split1']}")
   results["correctness"] = out
+
+
+def breakdown(results, save):
+  """Per-kernel times at the first shape (fwd pieces: prepass, state pass; bwd: grads kernel)."""
+  from pallas_kernels.gated_delta.gpu_triton import (DEFAULT_TUNING, _backward_states,
+                                                     _forward_states, _prepare, _prepass)
+  b, t, _ = SHAPES[0]
+  q, k, v, lg, beta, s0 = make_inputs(b, t)
+  tun, kw = DEFAULT_TUNING, dict(c=CHUNK, interpret=INTERPRET)
+  qp, kp, vp, gc, bp, s0p = _prepare(q, k, v, lg, beta, s0, CHUNK)
+  pre = jax.jit(lambda k_, v_, b_, g_: _prepass(k_, v_, b_, g_, tuning=tun, **kw))
+  w, u = pre(kp, vp, bp, gc)
+  do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)
+  parts = {
+      "prepass": (pre, (kp, vp, bp, gc)),
+      "state_fwd_output": (jax.jit(lambda *a: _forward_states(*a, pieces=None, save_states=False,
+                                                              tuning=tun, **kw)),
+                           (qp, kp, w, u, gc, s0p)),
+      "state_fwd_states": (jax.jit(lambda *a: _forward_states(*a, pieces=None, save_states=True,
+                                                              tuning=tun, **kw)),
+                           (qp, kp, w, u, gc, s0p)),
+      "state_bwd": (jax.jit(lambda *a: _backward_states(*a, pieces=None, tuning=tun, **kw)),
+                    (qp, kp, w, do, gc, s0p)),
+  }
+  for name, (f, a) in parts.items():
+    row = {"impl": f"part:{name}", "B": b, "T": t, "mode": "part"}
+    try:
+      row["ms"], row["first_call_s"] = timeit(f, *a)
+    except Exception as e:  # noqa: BLE001
+      row["error"] = f"{type(e).__name__}: {e}"[:1500]
+    print(row, flush=True)
+    results["rows"].append(row)
+    save()
 
 
 def main():
@@ -203,9 +222,6 @@ def main():
     impls["xla_chunked"] = xla_fns()
   if args.sweep:
     T = gpu_triton.Tuning
-    impls["pallas_w8"] = pallas_fns(T(state_warps=8, bwd_state_warps=8))
-    impls["pallas_bv32"] = pallas_fns(T(block_v=32))
-    impls["pallas_g4"] = pallas_fns(T(grads_warps=4))
     impls["pallas_bf16states"] = pallas_fns(T(states_dtype="bfloat16"))
   for b, t, with_bwd in SHAPES:
     inputs = make_inputs(b, t)
@@ -238,7 +254,7 @@ def main():
         results["rows"].append(row)
         save()
     if (b, t) == SHAPES[-1][:2]:  # split sweep for the long forward
-      for pieces in (1, 8, 32, 64) if not INTERPRET else (1, 4):
+      for pieces in (8, 32, 64) if not INTERPRET else (1, 4):
         fwd, _ = pallas_fns(pieces=pieces)
         row = {"impl": f"pallas_pieces{pieces}", "B": b, "T": t, "mode": "fwd"}
         try:
@@ -248,6 +264,8 @@ def main():
         print(row, flush=True)
         results["rows"].append(row)
         save()
+  if args.sweep:
+    breakdown(results, save)
   # table
   print(f"\n{'impl':<18}{'B':>4}{'T':>8}  {'mode':<8}{'ms':>10}")
   for r in results["rows"]:

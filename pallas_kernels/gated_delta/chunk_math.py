@@ -51,20 +51,28 @@ class Dots(NamedTuple):
   """How the kernel's matmuls run.
 
   `dtype`: operand dtype of the big q/k/v/state dots (bf16 feeds tensor cores / MXU directly).
-  `f32_precision`: precision of the f32 dots (the inverse, T, gradients through it):
+  `f32_precision`: precision of the f32 dots of the inverse (doubling products):
   `lax.Precision.HIGHEST` (exact f32: CPU interpret, TPU) or a `lax.DotAlgorithmPreset` such as
   `TF32_TF32_F32_X3` (near-f32 on GPU tensor cores).
+  `mid_precision`: the other f32 dots (through T: w, u, v', dT, dA); None = `f32_precision`.
   """
   dtype: Any = jnp.float32
   f32_precision: Any = HIGHEST
+  mid_precision: Any = None
 
 
-def mm(a, b, *, ta: bool = False, tb: bool = False, cfg: Dots = Dots(), low: bool = False):
+def mm(a, b, *, ta: bool = False, tb: bool = False, cfg: Dots = Dots(), low: bool = False,
+       inverse: bool = False):
   """`op(a) @ op(b)` with f32 accumulation. `low`: operands in `cfg.dtype`, else f32."""
   dt = cfg.dtype if low else jnp.float32
   a = a.astype(dt)
   b = b.astype(dt)
-  prec = cfg.f32_precision if dt == jnp.float32 else HIGHEST
+  if dt != jnp.float32:
+    prec = HIGHEST
+  elif inverse or cfg.mid_precision is None:
+    prec = cfg.f32_precision
+  else:
+    prec = cfg.mid_precision
   dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
@@ -88,8 +96,8 @@ def inverse_unit_lower(a_CC, cfg: Dots = Dots()):
   p = n
   steps = (C - 1).bit_length() - 1  # m - 1 with 2^m >= C
   for _ in range(steps):
-    p = mm(p, p, cfg=cfg)
-    x = x + mm(x, p, cfg=cfg)
+    p = mm(p, p, cfg=cfg, inverse=True)
+    x = x + mm(x, p, cfg=cfg, inverse=True)
   return x
 
 
@@ -159,56 +167,110 @@ def chunk_state_bwd_step(q_CK, k_CK, w_CK, do_CV, gc_C1, gc_1C, ds_KV, *, cfg):
           - mm(w_CK, dv_new, ta=True, cfg=cfg, low=True))
 
 
-def chunk_grads(q_CK, k_CK, v_CV, beta_C1, gc_C1, gc_1C, do_CV, s_KV, ds1_KV, *, cfg):
-  """All input gradients of one chunk, given the state entering it and the cotangent leaving it.
+class GradCtx(NamedTuple):
+  """Per-chunk quantities of the backward that do not depend on the value dim."""
+  kk: Any       # K K^T            (C, C)
+  t0: Any       # gate-free inverse (C, C)
+  t: Any        # T = T0 * D
+  d: Any        # decay matrix D
+  p: Any        # P = (Q K^T) * D (lower)
+  e: Any        # e^gc             (C, 1)
+  r: Any        # e^(gc_C - gc)    (C, 1)
+  gl: Any       # gc_C (scalar)
 
-  Returns (dq_CK, dk_CK, dv_CV, dbeta_C1, dgc_C1, dgc_1C): the gate-cumsum gradient is the sum
-  of the column part and the row part (f32 throughout).
-  """
+
+class GradAcc(NamedTuple):
+  """Sums over the value dim, accumulated V-block by V-block."""
+  dq: Any       # e (dO S^T)                   (C, K)
+  vds: Any      # v' dS1^T                      (C, K)
+  dk: Any       # -e (dY S^T)                  (C, K)
+  dt: Any       # dv' (beta Y)^T (lower)        (C, C)
+  dp: Any       # dO v'^T (lower)               (C, C)
+  dbeta: Any    # rowsum(dZ * Y)                (C, 1)
+  dgc: Any      # e rowsum(dO * QS) - e rowsum(dY * KS)   (C, 1)
+  tail: Any     # <dS1, S> (scalar, as (1, 1))
+
+
+def grads_prologue(q_CK, k_CK, beta_C1, gc_C1, gc_1C, *, cfg) -> GradCtx:
+  C = q_CK.shape[0]
+  row, col = iota2(C, C)
+  gl = last_of(gc_C1)
+  d = decay_lower(gc_C1, gc_1C)
+  kk = mm(k_CK, k_CK, tb=True, cfg=cfg, low=True)
+  t0 = inverse_unit_lower(jnp.where(row > col, beta_C1 * kk, 0.0), cfg)
+  p = jnp.where(row >= col, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0) * d
+  return GradCtx(kk=kk, t0=t0, t=t0 * d, d=d, p=p, e=jnp.exp(gc_C1), r=jnp.exp(gl - gc_C1), gl=gl)
+
+
+def grads_init(C: int, K: int) -> GradAcc:
+  z = lambda *sh: jnp.zeros(sh, jnp.float32)
+  return GradAcc(dq=z(C, K), vds=z(C, K), dk=z(C, K), dt=z(C, C), dp=z(C, C), dbeta=z(C, 1),
+                 dgc=z(C, 1), tail=z(1, 1))
+
+
+def grads_vblock(ctx: GradCtx, acc: GradAcc, q_CK, k_CK, beta_C1, v_CV, do_CV, s_KV, ds1_KV, *,
+                 cfg):
+  """One V-block (columns of v, dO, S, dS1): returns (dv block, updated accumulators)."""
   f32 = jnp.float32
   C = q_CK.shape[0]
   row, col = iota2(C, C)
   lower = row >= col
-  qf, kf, vf = q_CK.astype(f32), k_CK.astype(f32), v_CV.astype(f32)
+  e, r = ctx.e, ctx.r
   do = do_CV.astype(f32)
-  gl = last_of(gc_C1)
-  e = jnp.exp(gc_C1)
-  r = jnp.exp(gl - gc_C1)
-  d = decay_lower(gc_C1, gc_1C)
-  # recompute the forward quantities of the chunk
-  kk = mm(k_CK, k_CK, tb=True, cfg=cfg, low=True)
-  t0 = inverse_unit_lower(jnp.where(row > col, beta_C1 * kk, 0.0), cfg)
-  t = t0 * d
-  ks = mm(k_CK, s_KV, cfg=cfg, low=True)                      # K S   (C, V)
-  y = vf - e * ks                                       # Y = V - e K S
+  ks = mm(k_CK, s_KV, cfg=cfg, low=True)               # K S   (C, BV)
+  y = v_CV.astype(f32) - e * ks                         # Y = V - e K S
   by = beta_C1 * y
-  v_new = mm(t, by, cfg=cfg)                                     # v' = T beta Y
-  qk = jnp.where(lower, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0)
-  p = qk * d
-  # backward
-  dv_new = mm(p, do, ta=True, cfg=cfg, low=True) + mm(kf * r, ds1_KV, cfg=cfg, low=True)
-  dz = mm(t, dv_new, ta=True, cfg=cfg)
+  v_new = mm(ctx.t, by, cfg=cfg)                        # v' = T beta Y
+  dv_new = (mm(ctx.p, do, ta=True, cfg=cfg, low=True)
+            + mm(k_CK.astype(f32) * r, ds1_KV, cfg=cfg, low=True))
+  dz = mm(ctx.t, dv_new, ta=True, cfg=cfg)
   dy = beta_C1 * dz
-  dbeta = jnp.sum(dz * y, axis=1, keepdims=True)
-  dt = jnp.where(lower, mm(dv_new, by, tb=True, cfg=cfg), 0.0)
-  dp_raw = jnp.where(lower, mm(do, v_new, tb=True, cfg=cfg, low=True), 0.0)
-  dpd = dp_raw * d
-  s_t = s_KV
-  dq = e * mm(do, s_t, tb=True, cfg=cfg, low=True) + mm(dpd, kf, cfg=cfg, low=True)
-  vds = mm(v_new, ds1_KV, tb=True, cfg=cfg, low=True)         # v' dS1^T   (C, K)
-  da = -mm(mm(t0, dt * d, ta=True, cfg=cfg), t0, tb=True, cfg=cfg)
-  da = jnp.where(row > col, da, 0.0)
-  dbeta = dbeta + jnp.sum(da * kk, axis=1, keepdims=True)
-  dk = (mm(dpd, qf, ta=True, cfg=cfg, low=True) + r * vds - e * mm(dy, s_t, tb=True, cfg=cfg, low=True)
-        + beta_C1 * mm(da, kf, cfg=cfg) + mm(da, kf * beta_C1, ta=True, cfg=cfg))
-  dv = dy
-  # gate-cumsum gradient
-  m = dp_raw * p + dt * t
   qs = mm(q_CK, s_KV, cfg=cfg, low=True)
-  s_vec = r * jnp.sum(kf * vds, axis=1, keepdims=True)
+  acc = GradAcc(
+      dq=acc.dq + e * mm(do, s_KV, tb=True, cfg=cfg, low=True),
+      vds=acc.vds + mm(v_new, ds1_KV, tb=True, cfg=cfg, low=True),
+      dk=acc.dk - e * mm(dy, s_KV, tb=True, cfg=cfg, low=True),
+      dt=acc.dt + jnp.where(lower, mm(dv_new, by, tb=True, cfg=cfg), 0.0),
+      dp=acc.dp + jnp.where(lower, mm(do, v_new, tb=True, cfg=cfg, low=True), 0.0),
+      dbeta=acc.dbeta + jnp.sum(dz * y, axis=1, keepdims=True),
+      dgc=acc.dgc + e * (jnp.sum(do * qs, axis=1, keepdims=True)
+                         - jnp.sum(dy * ks, axis=1, keepdims=True)),
+      tail=acc.tail + jnp.sum(ds1_KV * s_KV, keepdims=True))
+  return dy, acc
+
+
+def grads_epilogue(ctx: GradCtx, acc: GradAcc, q_CK, k_CK, beta_C1, *, cfg):
+  """(dq, dk, dbeta, dgc column part, dgc row part) from the accumulated sums."""
+  f32 = jnp.float32
+  C = q_CK.shape[0]
+  row, col = iota2(C, C)
+  qf, kf = q_CK.astype(f32), k_CK.astype(f32)
+  dpd = acc.dp * ctx.d
+  dq = acc.dq + mm(dpd, kf, cfg=cfg, low=True)
+  da = -mm(mm(ctx.t0, acc.dt * ctx.d, ta=True, cfg=cfg), ctx.t0, tb=True, cfg=cfg)
+  da = jnp.where(row > col, da, 0.0)
+  dbeta = acc.dbeta + jnp.sum(da * ctx.kk, axis=1, keepdims=True)
+  dk = (mm(dpd, qf, ta=True, cfg=cfg, low=True) + ctx.r * acc.vds + acc.dk
+        + beta_C1 * mm(da, kf, cfg=cfg) + mm(da, kf * beta_C1, ta=True, cfg=cfg))
+  m = acc.dp * ctx.p + acc.dt * ctx.t
+  s_vec = ctx.r * jnp.sum(kf * acc.vds, axis=1, keepdims=True)
   last = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
-  tail = jnp.exp(gl) * jnp.sum(ds1_KV * s_KV) + jnp.sum(s_vec)
-  dgc_col = (jnp.sum(m, axis=1, keepdims=True) + e * jnp.sum(do * qs, axis=1, keepdims=True)
-             - e * jnp.sum(dy * ks, axis=1, keepdims=True) - s_vec + jnp.where(last, tail, 0.0))
+  tail = jnp.exp(ctx.gl) * jnp.sum(acc.tail) + jnp.sum(s_vec)
+  dgc_col = (jnp.sum(m, axis=1, keepdims=True) + acc.dgc - s_vec + jnp.where(last, tail, 0.0))
   dgc_row = -jnp.sum(m, axis=0, keepdims=True)
+  return dq, dk, dbeta, dgc_col, dgc_row
+
+
+def chunk_grads(q_CK, k_CK, v_CV, beta_C1, gc_C1, gc_1C, do_CV, s_KV, ds1_KV, *, cfg):
+  """All input gradients of one chunk, given the state entering it and the cotangent leaving it
+  (the whole value dim as one block).
+
+  Returns (dq_CK, dk_CK, dv_CV, dbeta_C1, dgc_C1, dgc_1C): the gate-cumsum gradient is the sum
+  of the column part and the row part (f32 throughout).
+  """
+  C, K = k_CK.shape
+  ctx = grads_prologue(q_CK, k_CK, beta_C1, gc_C1, gc_1C, cfg=cfg)
+  dv, acc = grads_vblock(ctx, grads_init(C, K), q_CK, k_CK, beta_C1, v_CV, do_CV, s_KV, ds1_KV,
+                         cfg=cfg)
+  dq, dk, dbeta, dgc_col, dgc_row = grads_epilogue(ctx, acc, q_CK, k_CK, beta_C1, cfg=cfg)
   return dq, dk, dv, dbeta, dgc_col, dgc_row

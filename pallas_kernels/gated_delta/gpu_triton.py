@@ -89,11 +89,15 @@ def _check(q, k, v, chunk_size):
 
 
 def _dots(dtype, interpret: bool) -> cm.Dots:
-  """bf16/f16 operands for the q/k/v/state dots when the inputs are; f32 dots as 3xTF32 on the
-  GPU (near-f32 on tensor cores), exact f32 in interpret mode."""
-  prec = (jax.lax.Precision.HIGHEST if interpret
-          else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
-  return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=prec)
+  """bf16/f16 operands for the q/k/v/state dots when the inputs are. On the GPU the inverse runs
+  as 3xTF32 (near-f32 on tensor cores) and, for bf16/f16 inputs, the other f32 dots as 1xTF32;
+  exact f32 in interpret mode."""
+  if interpret:
+    return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=jax.lax.Precision.HIGHEST)
+  presets = jax.lax.DotAlgorithmPreset
+  mid = None if jnp.dtype(dtype) == jnp.float32 else presets.TF32_TF32_F32
+  return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=presets.TF32_TF32_F32_X3,
+                 mid_precision=mid)
 
 
 def _pad_time(x, tp):
@@ -258,15 +262,23 @@ def _backward_states(q, k, w, do, gc, dsT, *, c, pieces, tuning, interpret):
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, beta_ref, gc_ref, do_ref, s_ref, ds_ref,
-                  dq_ref, dk_ref, dv_ref, dbeta_ref, dgc_ref, *, cfg):
-  c = q_ref.shape[0]
+                  dq_ref, dk_ref, dv_ref, dbeta_ref, dgc_ref, *, bv, cfg):
+  """One chunk's gradients, the value dim walked in blocks of `bv` (bounded register use)."""
+  c, kd = k_ref.shape
+  vd = v_ref.shape[-1]
   beta_c1, gc_c1, gc_1c = _gates(beta_ref, gc_ref, 0, c)
-  dq, dk, dv, dbeta, dgc_col, dgc_row = cm.chunk_grads(
-      q_ref[...], k_ref[...], v_ref[...], beta_c1, gc_c1, gc_1c, do_ref[...],
-      s_ref[...].astype(jnp.float32), ds_ref[...].astype(jnp.float32), cfg=cfg)
+  q, k = q_ref[...], k_ref[...]
+  ctx = cm.grads_prologue(q, k, beta_c1, gc_c1, gc_1c, cfg=cfg)
+  acc = cm.grads_init(c, kd)
+  for j in range(vd // bv):
+    cols = slice(j * bv, (j + 1) * bv)
+    dv, acc = cm.grads_vblock(ctx, acc, q, k, beta_c1, v_ref[:, cols], do_ref[:, cols],
+                              s_ref[:, cols].astype(jnp.float32),
+                              ds_ref[:, cols].astype(jnp.float32), cfg=cfg)
+    dv_ref[:, cols] = dv.astype(dv_ref.dtype)
+  dq, dk, dbeta, dgc_col, dgc_row = cm.grads_epilogue(ctx, acc, q, k, beta_c1, cfg=cfg)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
   dbeta_ref[...] = dbeta.reshape(c)
   dgc_ref[...] = dgc_col.reshape(c) + dgc_row.reshape(c)
 
@@ -446,7 +458,7 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
   st = pl.BlockSpec((None, None, None, kd, vd), lambda i, j, n: (i, j, n, 0, 0))
   dq, dk, dv, dbeta, dgc = pl.pallas_call(
-      functools.partial(_grads_kernel, cfg=cfg),
+      functools.partial(_grads_kernel, bv=_block_v(kd, vd, tuning), cfg=cfg),
       grid=(b, h, nc),
       in_specs=[tok(kd), tok(kd), tok(vd), gate, gate, tok(vd), st, st],
       out_specs=[tok(kd), tok(kd), tok(vd), gate, gate],
