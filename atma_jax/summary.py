@@ -26,7 +26,7 @@ def abstract_params(cfg: ModelConfig) -> nnx.State:
 
 
 def count_params(cfg: ModelConfig) -> int:
-  return sum(int(v.value.size) for _, v in nnx.to_flat_state(abstract_params(cfg)))
+  return sum(int(v.get_value().size) for _, v in nnx.to_flat_state(abstract_params(cfg)))
 
 
 def module_rows(params: nnx.State) -> "OrderedDict[str, list[tuple[str, tuple, str, tuple]]]":
@@ -36,7 +36,7 @@ def module_rows(params: nnx.State) -> "OrderedDict[str, list[tuple[str, tuple, s
     names = [str(p) for p in path]
     module, leaf = ".".join(names[:-1]) or "<root>", names[-1]
     axes = tuple(v.get_metadata().get("out_sharding") or ())
-    rows.setdefault(module, []).append((leaf, tuple(v.value.shape), str(v.value.dtype), axes))
+    rows.setdefault(module, []).append((leaf, tuple(v.get_value().shape), str(v.get_value().dtype), axes))
   return rows
 
 

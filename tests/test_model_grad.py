@@ -46,12 +46,13 @@ def test_causal_and_finite(attn_type, window):
   assert (np.diag(mag_ts) > 0).all() and (np.diag(mag_ts, -1) > 0).all()
 
 
-@pytest.mark.parametrize("attn_type", ["polar", "rope"])
-def test_aux_losses_train(attn_type):
+@pytest.mark.parametrize("attn_type, dtype", [("polar", "bfloat16"), ("rope", "float32")])
+def test_aux_losses_train(attn_type, dtype):
   """Loss + distractor + SigReg with memory and window: finite gradients that reach q, the
-  memory gates and (polar) the null / temperature parameters; aux values are positive."""
+  memory gates and (polar) the null / temperature parameters; aux values are positive.
+  The polar case runs the canonical bf16 activations / bf16 embedding."""
   cfg = tiny_config(num_layers=1, global_every=1, attn_type=attn_type, attn_window=4,
-                    num_random_keys=3)
+                    num_random_keys=3, compute_dtype=dtype, embed_dtype=dtype)
   graphdef, params = init_model(cfg, seed=0)
   params = perturb(params, jax.random.key(1))
   ids = jax.random.randint(jax.random.key(4), (2, T), 0, cfg.vocab_size)
