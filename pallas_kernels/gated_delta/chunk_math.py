@@ -25,7 +25,8 @@ the state leaving it; Y = V - e^gc (K S) so that v' = T diag(beta) Y):
   dA   = -T0^T (dT * D) T0^T (strict lower)
   dK   = (dP * D)^T Q + r (v' dS1^T) - e (dY S^T) + beta (dA K) + dA^T (beta K)
   dbeta = rowsum(dZ * Y) + rowsum(dA * K K^T)
-  dgc  = rowsum(M) - colsum(M) + e rowsum(dO * Q S) - e rowsum(dY * K S) - s + [last] (e^gc_C <dS1,S> + sum s)
+  dgc  = rowsum(M) - colsum(M) + e rowsum(dO * Q S) - e rowsum(dY * K S) - s
+         + [i = C-1] (e^gc_C <dS1, S> + sum s)
          M = (dO v'^T) * P + dT * T,  s = r rowsum(K * (v' dS1^T))
   dlog_gamma = reverse chunk-local cumsum of dgc (done by the caller).
 
@@ -147,7 +148,8 @@ def chunk_state_step(q_CK, k_CK, w_CK, u_CV, gc_C1, gc_1C, s_KV, *, cfg, with_ou
   o = None
   if with_output:
     qf = q_CK.astype(jnp.float32)
-    p = jnp.where(row >= col, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0) * decay_lower(gc_C1, gc_1C)
+    p = (jnp.where(row >= col, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0)
+         * decay_lower(gc_C1, gc_1C))
     o = mm(qf * jnp.exp(gc_C1), s_KV, cfg=cfg, low=True) + mm(p, v_new, cfg=cfg, low=True)
   kr = k_CK.astype(jnp.float32) * jnp.exp(gl - gc_C1)
   s_new = jnp.exp(gl) * s_KV + mm(kr, v_new, ta=True, cfg=cfg, low=True)
@@ -159,7 +161,8 @@ def chunk_state_bwd_step(q_CK, k_CK, w_CK, do_CV, gc_C1, gc_1C, ds_KV, *, cfg):
   C = q_CK.shape[0]
   row, col = iota2(C, C)
   gl = last_of(gc_C1)
-  p = jnp.where(row >= col, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0) * decay_lower(gc_C1, gc_1C)
+  p = (jnp.where(row >= col, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0)
+       * decay_lower(gc_C1, gc_1C))
   kr = k_CK.astype(jnp.float32) * jnp.exp(gl - gc_C1)
   dv_new = mm(p, do_CV, ta=True, cfg=cfg, low=True) + mm(kr, ds_KV, cfg=cfg, low=True)
   qe = q_CK.astype(jnp.float32) * jnp.exp(gc_C1)
