@@ -91,25 +91,38 @@ def test_no_mem_changes_the_output(setup, fwd):
   np.testing.assert_allclose(without[0], want, rtol=2e-5, atol=2e-5)
 
 
-def test_probe_block_by_block(setup, fwd):
+def test_probe_block_by_block(setup, fwd, monkeypatch):
   api = pytest.importorskip("pallas_kernels.polar_attention.api")
   if not hasattr(api, "polar_stats"):
     pytest.skip("polar_stats not in the kernel api yet")
   from atma_jax.eval import probe
+  from atma_jax.model import attention
 
   cfg, params = setup
   seq = np.random.default_rng(4).integers(0, 50257, size=(2, 48))
   stats, h = probe.probe_fn(fwd)(params, jnp.asarray(seq, jnp.int32))
-  # The block-by-block run is the model's own forward.
+  # Oracle: the statistics of the inputs the model itself hands to polar_core (eager run).
+  seen = []
+
+  def spy(*args, **kw):
+    st = api.polar_stats(*args, **kw)
+    seen.append({k: np.asarray(st[k]).mean(axis=(0, 1)) for k in probe.STATS})
+    return api.polar_core(*args, **kw)
+
+  monkeypatch.setattr(attention, "polar_core", spy)
   model = nnx.merge(fwd.graphdef, params)
-  np.testing.assert_allclose(np.asarray(h), np.asarray(model(jnp.asarray(seq, jnp.int32))[0]),
-                             rtol=1e-5, atol=1e-5)
-  assert list(stats) == ["0"]
+  h_model = model(jnp.asarray(seq, jnp.int32))[0]
+  monkeypatch.undo()
+  np.testing.assert_allclose(np.asarray(h), np.asarray(h_model), rtol=1e-5, atol=1e-5)
+  assert list(stats) == ["0"] and len(seen) == 1
   H = cfg.num_heads
   s = {k: np.asarray(v) for k, v in stats["0"].items()}
-  assert all(v.shape == (H,) for v in s.values())
+  for k in probe.STATS:
+    assert s[k].shape == (H,)
+    np.testing.assert_allclose(s[k], seen[0][k], rtol=1e-5, atol=1e-6)
   assert np.all(s["n_eff"] >= 1.0) and np.all(s["n_eff"] <= 48.0)
   assert np.all((s["w_null"] > 0) & (s["w_null"] < 1)) and np.all((s["mag"] >= 0) & (s["mag"] < 1))
   rep = probe.polar_probe(fwd, seq.tolist(), [16, 48])
   assert rep["48"]["0"]["n_eff"] == pytest.approx(float(s["n_eff"].mean()), rel=1e-5)
+  assert rep["16"]["0"]["n_eff"] < rep["48"]["0"]["n_eff"]
   assert len(rep["16"]["0"]["per_head"]["mag"]) == H

@@ -7,9 +7,9 @@ same calls `Atma.forward_embeddings` makes) and, at every Polar global block, re
 block's attention inputs exactly as `GlobalMixer.__call__` does (norm1 -> `project_qkv` ->
 Canon residual convs) and hands them to `polar_stats` (the kernel api's statistics of the same
 prologue/epilogue as `polar_core`, window removed). Per layer it reports, mean over positions
-(and heads), the effective key count `n_eff = 1/p2`, the magnitude `mag` and the null-sink mass
-`w_N`, plus the per-head means. The final hidden state is returned too, so a test can check
-the block-by-block run against `Atma.__call__`.
+(and heads), the effective key count `n_eff = 1/p2`, the magnitude `mag`, the null-sink
+mass `w_N` and the temperature `temp`, plus the per-head means. The final hidden state is
+returned too, so a test can check the block-by-block run against `Atma.__call__`.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from flax import nnx
 
 from atma_jax.eval.forward import Forward
 
-STATS = ("n_eff", "mag", "w_null")
+STATS = ("n_eff", "mag", "w_null", "temp")
 
 
 def _polar_stats():
   try:
     from pallas_kernels.polar_attention.api import polar_stats
-  except ImportError:
+  except ImportError:  # an older checkout of the kernel api
     raise RuntimeError("--probe needs pallas_kernels.polar_attention.api.polar_stats, which this "
                        "checkout does not have yet; run without --probe.") from None
   return polar_stats
