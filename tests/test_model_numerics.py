@@ -133,22 +133,26 @@ def _flat(params):
 
 
 def test_model_matches_spec_oracle():
-  """Full 4-layer model (conv, conv, global, conv), polar + memory, all params perturbed."""
-  cfg = tiny_config(num_layers=4, global_every=4, global_offset=2, attn_window=5)
-  graphdef, params = init_model(cfg, seed=1)
-  params = perturb(params, jax.random.key(2))
-  ids = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
+  """Full 4-layer model (conv, conv, global, conv), polar + memory + window, every parameter
+  perturbed, in fp64 end to end: agreement to ~1e-12 leaves no room for a layout slip."""
+  with jax.enable_x64(True):
+    cfg = tiny_config(num_layers=4, global_every=4, global_offset=2, attn_window=5,
+                      param_dtype="float64", compute_dtype="float64", embed_dtype="float64")
+    graphdef, params = init_model(cfg, seed=1)
+    params = perturb(params, jax.random.key(2))
+    ids = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
 
-  @jit
-  def both(params):
-    model = nnx.merge(graphdef, params)
-    h, aux = model(ids)
-    return model.logits(h), model_oracle(cfg, _flat(params), ids), aux
+    @jit
+    def both(params):
+      model = nnx.merge(graphdef, params)
+      h, aux = model(ids)
+      return model.logits(h), model_oracle(cfg, _flat(params), ids), aux
 
-  got, want, aux = both(params)
-  assert float(jnp.abs(want).max()) > 0.5  # not a trivially small output
-  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
-  assert float(aux["reg"]) == 0.0 and float(aux["align"]) == 0.0
+    got, want, aux = both(params)
+    assert got.dtype == jnp.float64 and want.dtype == jnp.float64
+    assert float(jnp.abs(want).max()) > 0.5  # not a trivially small output
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    assert float(aux["reg"]) == 0.0 and float(aux["align"]) == 0.0
 
 
 @pytest.mark.parametrize("attn_type, window", [("nope", None), ("rope", 4)])

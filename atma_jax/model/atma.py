@@ -22,7 +22,7 @@ from atma_jax.config import ConfigError, ModelConfig
 from atma_jax.model import aux_losses
 from atma_jax.model.block import ACT_AXES, Block
 from atma_jax.model.init import INIT_SCHEMES, apply_init_scheme
-from atma_jax.model.layers import Embed, Linear, RMSNorm
+from atma_jax.model.layers import Embed, Linear, RMSNorm, stats_dtype
 from atma_jax.sharding import constrain
 
 SOFT_CAP = 15.0
@@ -125,5 +125,4 @@ class Atma(nnx.Module):
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     """Biased LM head (rounded to the compute dtype, as the reference) then the fp32 soft cap."""
     z = self.proj(h_BTD)
-    acc = jnp.float64 if z.dtype == jnp.float64 else jnp.float32
-    return soft_cap(z.astype(acc))
+    return soft_cap(z.astype(stats_dtype(z.dtype)))

@@ -28,7 +28,7 @@ from flax import nnx
 
 from atma_jax.config import ModelConfig
 from atma_jax.model import aux_losses, init
-from atma_jax.model.layers import DepthwiseConv, Linear, rms_norm
+from atma_jax.model.layers import DepthwiseConv, Linear, rms_norm, stats_dtype
 from atma_jax.model.memory import Memory
 from atma_jax.model.rope import apply_rope
 from pallas_kernels.polar_attention.api import polar_core, softmax_attention
@@ -117,7 +117,7 @@ class GlobalMixer(nnx.Module):
 
     distract = rng is not None and cfg.num_random_keys > 0
     align = jnp.zeros((), jnp.float32)
-    gate_BTF = jax.nn.sigmoid(gate_BTHd.astype(jnp.float32)).astype(x_BTD.dtype)
+    gate_BTF = jax.nn.sigmoid(gate_BTHd.astype(stats_dtype(x_BTD.dtype))).astype(x_BTD.dtype)
     gate_BTF = gate_BTF.reshape(B, T, H * d)
 
     if cfg.attn_type == "polar":

@@ -25,13 +25,14 @@ FP32_EPS = 2.0 ** -23
 RMSNORM_EPS = 1e-6  # learnable-weight RMSNorm modules (hard-coded 1e-6 in the reference)
 
 
-def _stats_dtype(dtype) -> jnp.dtype:
+def stats_dtype(dtype) -> jnp.dtype:
+  """fp32 for half/single activations (statistics, gates, accumulation); fp64 stays fp64."""
   return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
 def rms_norm(x: jax.Array, eps: float = FP32_EPS) -> jax.Array:
   """Weightless RMS-norm over the last axis; mean square in fp32 (fp64 for fp64 input)."""
-  xf = x.astype(_stats_dtype(x.dtype))
+  xf = x.astype(stats_dtype(x.dtype))
   ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
   return (xf * jax.lax.rsqrt(ms + eps)).astype(x.dtype)
 
@@ -57,7 +58,7 @@ class Linear(nnx.Module):
                            (out_axis,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    acc = stats_dtype(x.dtype)
     y = jnp.einsum("...i,io->...o", x, self.kernel.get_value().astype(x.dtype),
                    preferred_element_type=acc)
     return (y + self.bias.get_value().astype(acc)).astype(x.dtype)
@@ -92,7 +93,7 @@ def causal_depthwise_conv(x_BTC: jax.Array, w_KC: jax.Array) -> jax.Array:
   """
   K = w_KC.shape[0]
   T = x_BTC.shape[1]
-  acc = _stats_dtype(x_BTC.dtype)
+  acc = stats_dtype(x_BTC.dtype)
   xf = x_BTC.astype(acc)
   w = w_KC.astype(x_BTC.dtype).astype(acc)  # torch casts the weight to the activation dtype
   x_pad = jnp.pad(xf, ((0, 0), (K - 1, 0), (0, 0)))

@@ -21,14 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atma_jax.config import ModelConfig
-from atma_jax.model.layers import Linear, l2_normalize, rms_norm
+from atma_jax.model.layers import Linear, l2_normalize, rms_norm, stats_dtype
 from pallas_kernels.gated_delta.api import gated_delta_rule
 
 L2_FLOOR = 1e-12  # F.normalize default eps
-
-
-def _f32(dtype) -> jnp.dtype:
-  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
 class Memory(nnx.Module):
@@ -48,7 +44,7 @@ class Memory(nnx.Module):
     """x: normed block input; q, k, v: memory inputs already expanded to H heads."""
     cfg = self.cfg
     B, T, H, d = q_BTHd.shape
-    sd = _f32(x_BTD.dtype)
+    sd = stats_dtype(x_BTD.dtype)
     log_gamma_BTH = jax.nn.log_sigmoid(self.w_gamma(x_BTD).astype(sd) + cfg.mem_gamma_bias)
     beta_BTH = jax.nn.sigmoid(self.w_beta(x_BTD).astype(sd) + cfg.mem_beta_bias)
     qn_BTHd = l2_normalize(q_BTHd.astype(sd), L2_FLOOR).astype(x_BTD.dtype)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from atma_jax.model.layers import stats_dtype
+
 ROPE_BASE_INV = 1.0 / 1024.0
 
 
@@ -36,7 +38,7 @@ def apply_rope(x_BTHd: jax.Array, q_offset=0) -> jax.Array:
   theta_TF = pos_T[:, None] * freq_F[None, :]
   cos = jnp.cos(theta_TF)[None, :, None, :]
   sin = jnp.sin(theta_TF)[None, :, None, :]
-  xf = x_BTHd.astype(jnp.float64 if x_BTHd.dtype == jnp.float64 else jnp.float32)
+  xf = x_BTHd.astype(stats_dtype(x_BTHd.dtype))
   x1, x2 = jnp.split(xf, 2, axis=-1)
   y1 = x1 * cos + x2 * sin
   y2 = -x1 * sin + x2 * cos
