@@ -27,7 +27,7 @@ no gradient reaches `in_proj`. Neither ever moves (Muon and AdamW map a zero gra
 update; weight decay keeps zero at zero), and only `out_proj.bias` trains. Every reference
 checkpoint is therefore 4 global (attention + memory) mixers, 16 MLPs, and 12 mixers that add a
 learned constant vector - the logged conv-mixer output statistics are identical at every
-context length. `tests/test_model_init.py` checks the zero gradient exactly. "reference"
+context length. `tests/test_model_grad.py` checks the zero gradient exactly. "reference"
 reproduces the published model; "live_mixers" keeps `in_proj` alive so the mixers can learn
 (the gradient of `out_proj` is then non-zero at step 0, and `in_proj` follows from step 1).
 """
