@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -30,6 +31,23 @@ def test_fp32_matches_oracle(case):
   check_backend(*_backend(SMALL_BLOCKS), case, jnp.float32, atol=2e-5, rtol=2e-5)
 
 
+def test_traced_q_offset_and_key_blocks_past_the_last_row():
+  """q_offset as a traced scalar (scalar-prefetched into the index maps); Tk > q_offset + Tq,
+  so the last key blocks have no query row and their band is empty."""
+  def fwd(q, k, v, s, *, window, q_offset):
+    f = lambda q, k, v, s, off: tpu.attention_stats_fwd(q, k, v, s, window=window,
+                                                         q_offset=off, config=SMALL_BLOCKS)
+    return jax.jit(f)(q, k, v, s, jnp.int32(q_offset))
+
+  def bwd(*args, window, q_offset):
+    f = lambda *a: tpu.attention_stats_bwd(*a[:-1], window=window, q_offset=a[-1],
+                                           config=SMALL_BLOCKS)
+    return jax.jit(f)(*args, jnp.int32(q_offset))
+
+  check_backend(fwd, bwd, Case(Tq=17, Tk=80, q_offset=40, H=4, G=2, window=20), jnp.float32,
+                atol=2e-5, rtol=2e-5)
+
+
 def test_bf16_gqa_window_odd_length():
   check_backend(*_backend(SMALL_BLOCKS), Case(Tq=45, H=4, G=2, D=32, window=20),
                 jnp.bfloat16, atol=3e-2, rtol=3e-2)
@@ -46,3 +64,4 @@ def test_is_supported():
   k = jnp.zeros((1, 8, 2, 16))
   assert tpu.is_supported(q, k, k, window=8, q_offset=0)
   assert not tpu.is_supported(q[..., :12], k[..., :12], k[..., :12], window=None, q_offset=0)
+  assert tpu.is_supported(q, k, k, window=None, q_offset=jnp.int32(3))

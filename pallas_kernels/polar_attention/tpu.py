@@ -62,7 +62,7 @@ def is_supported(q, k, v, *, window=None, q_offset=0) -> bool:
   return (q.ndim == 4 and k.shape == v.shape and k.shape[-1] == D
           and D >= 16 and D & (D - 1) == 0
           and q.shape[2] % k.shape[2] == 0
-          and isinstance(q_offset, int)
+          and (isinstance(q_offset, int) or jnp.ndim(q_offset) == 0)
           and (window is None or isinstance(window, int)))
 
 
@@ -88,6 +88,34 @@ def _head_major(x_BTND, t_pad, value=0.0):
 def _rows(x_BTH, t_pad, value=0.0):
   """Per-row vector [B, T, H] -> fp32 [B, H, t_pad, 1]."""
   return _head_major(x_BTH.astype(jnp.float32), t_pad, value)[..., None]
+
+
+def _static_offset(q_offset):
+  """The offset as a Python int when static, else None (then read from the prefetched ref)."""
+  return int(q_offset) if isinstance(q_offset, int) else None
+
+
+def _offset_of(static, off_ref):
+  return static if static is not None else off_ref[0]
+
+
+def _with_offset(kernel, static):
+  """Kernel taking the scalar-prefetched offset ref first."""
+  def wrapped(off_ref, *refs):
+    kernel(*refs, q_offset=_offset_of(static, off_ref))
+  return wrapped
+
+
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, name, q_offset):
+  """pallas_call with the query offset as a scalar-prefetch operand (index maps get its ref)."""
+  grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
+                                           out_specs=out_specs, scratch_shapes=scratch_shapes)
+  call = pl.pallas_call(
+      _with_offset(kernel, _static_offset(q_offset)), grid_spec=grid_spec, out_shape=out_shape,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=_interpret(), name=name)
+  return lambda *args: call(jnp.asarray(q_offset, jnp.int32).reshape(1), *args)
 
 
 def _precision(dtype):
@@ -148,10 +176,11 @@ def _masked_and_full(idx, band, body):
     body(True)
 
 
-def _clamp(idx, band):
-  """Block index clamped into [lo, hi - 1]: skipped steps re-use the resident block."""
+def _clamp(idx, band, n):
+  """Block index clamped into the band [lo, hi - 1] (and into [0, n - 1] for an empty band):
+  skipped steps re-use the resident block."""
   lo, _, _, hi = band
-  return jnp.clip(idx, lo, jnp.maximum(hi - 1, lo))
+  return jnp.minimum(jnp.clip(idx, lo, jnp.maximum(hi - 1, lo)), n - 1)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -217,17 +246,20 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   q = _head_major(q_BTHD, nq * bq)
   k, v = _head_major(k_BTGD, nk * bk), _head_major(v_BTGD, nk * bk)
   scale = _rows(scale_BTH, nq * bq)
-  band = functools.partial(_key_band, bq=bq, bk=bk, tk=Tk, q_offset=q_offset, window=window)
+  static = _static_offset(q_offset)
 
-  def kv_index(b, h, i, j):
-    return b, h // R, _clamp(j, band(i)), 0
+  def kv_index(b, h, i, j, off_ref):
+    band = _key_band(i, bq=bq, bk=bk, tk=Tk, q_offset=_offset_of(static, off_ref),
+                     window=window)
+    return b, h // R, _clamp(j, band, nk), 0
 
-  q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j: (b, h, i, 0))
-  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0))
+  q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, _: (b, h, i, 0))
+  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, _: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, bk, D), kv_index)
   f32 = jnp.float32
-  o, lse, p2 = pl.pallas_call(
-      functools.partial(_fwd_kernel, bq=bq, bk=bk, tk=Tk, q_offset=q_offset, window=window),
+  o, lse, p2 = _call(
+      functools.partial(_fwd_kernel, bq=bq, bk=bk, tk=Tk, window=window),
+      q_offset=q_offset,
       grid=(B, H, nq, nk),
       in_specs=[q_spec, kv_spec, kv_spec, row_spec],
       out_specs=[q_spec, row_spec, row_spec],
@@ -236,9 +268,6 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
                  jax.ShapeDtypeStruct((B, H, nq * bq, 1), f32)],
       scratch_shapes=[pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, 1), f32),
                       pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, D), f32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=_interpret(),
       name="polar_attention_fwd_tpu",
   )(q, k, v, scale)
   to_bth = lambda x: jnp.swapaxes(x[:, :, :Tq, 0], 1, 2)
@@ -329,9 +358,8 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   Tk, G = k_BTGD.shape[1], k_BTGD.shape[2]
   R = H // G
   f32 = jnp.float32
-  common = dict(tk=Tk, q_offset=q_offset, window=window)
-  sem = pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+  common = dict(tk=Tk, window=window)
+  static = _static_offset(q_offset)
 
   def padded(bq, bk):
     tq_pad, tk_pad = pl.cdiv(Tq, bq) * bq, pl.cdiv(Tk, bk) * bk
@@ -344,43 +372,45 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   bq = _fit_block(config.dq_block_q, Tq)
   bk = _fit_block(block_k or config.dq_block_k, Tk)
   nq, nk = pl.cdiv(Tq, bq), pl.cdiv(Tk, bk)
-  band = functools.partial(_key_band, bq=bq, bk=bk, **common)
-  q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j: (b, h, i, 0))
-  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, D),
-                         lambda b, h, i, j: (b, h // R, _clamp(j, band(i)), 0))
-  dq, dscale = pl.pallas_call(
-      functools.partial(_dq_kernel, bq=bq, bk=bk, **common),
+
+  def kv_index(b, h, i, j, off_ref, bq=bq, bk=bk, nk=nk):
+    band = _key_band(i, bq=bq, bk=bk, q_offset=_offset_of(static, off_ref), **common)
+    return b, h // R, _clamp(j, band, nk), 0
+
+  q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, _: (b, h, i, 0))
+  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, _: (b, h, i, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, D), kv_index)
+  dq, dscale = _call(
+      functools.partial(_dq_kernel, bq=bq, bk=bk, **common), q_offset=q_offset,
       grid=(B, H, nq, nk),
       in_specs=[q_spec, kv_spec, kv_spec, row_spec, q_spec, row_spec, row_spec, row_spec],
       out_specs=[q_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct((B, H, nq * bq, D), q_BTHD.dtype),
                  jax.ShapeDtypeStruct((B, H, nq * bq, 1), f32)],
-      scratch_shapes=[pltpu.VMEM((bq, D), f32)],
-      compiler_params=sem, interpret=_interpret(), name="polar_attention_dq_tpu",
+      scratch_shapes=[pltpu.VMEM((bq, D), f32)], name="polar_attention_dq_tpu",
   )(*padded(bq, bk))
 
   # dK/dV: grid (B, G, nk, R * nq); the last axis walks the group's heads and query blocks.
   bq = _fit_block(config.dkv_block_q, Tq)
   bk = _fit_block(block_k or config.dkv_block_k, Tk)
   nq, nk = pl.cdiv(Tq, bq), pl.cdiv(Tk, bk)
-  qband = functools.partial(_query_band, bq=bq, bk=bk, nq=nq, **common)
 
-  def q_index(b, g, j, t):
-    return b, g * R + t // nq, _clamp(t % nq, qband(j)), 0
+  def q_index(b, g, j, t, off_ref, bq=bq, bk=bk, nq=nq):
+    band = _query_band(j, bq=bq, bk=bk, nq=nq, q_offset=_offset_of(static, off_ref), **common)
+    return b, g * R + t // nq, _clamp(t % nq, band, nq), 0
 
   q_spec = pl.BlockSpec((None, None, bq, D), q_index)
   row_spec = pl.BlockSpec((None, None, bq, 1), q_index)
-  k_spec = pl.BlockSpec((None, None, bk, D), lambda b, g, j, t: (b, g, j, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, bq=bq, bk=bk, nq=nq, **common),
+  k_spec = pl.BlockSpec((None, None, bk, D), lambda b, g, j, t, _: (b, g, j, 0))
+  dk, dv = _call(
+      functools.partial(_dkv_kernel, bq=bq, bk=bk, nq=nq, **common), q_offset=q_offset,
       grid=(B, G, nk, R * nq),
       in_specs=[q_spec, k_spec, k_spec, row_spec, q_spec, row_spec, row_spec, row_spec],
       out_specs=[k_spec, k_spec],
       out_shape=[jax.ShapeDtypeStruct((B, G, nk * bk, D), k_BTGD.dtype),
                  jax.ShapeDtypeStruct((B, G, nk * bk, D), v_BTGD.dtype)],
       scratch_shapes=[pltpu.VMEM((bk, D), f32), pltpu.VMEM((bk, D), f32)],
-      compiler_params=sem, interpret=_interpret(), name="polar_attention_dkv_tpu",
+      name="polar_attention_dkv_tpu",
   )(*padded(bq, bk))
   return (jnp.swapaxes(dq[:, :, :Tq], 1, 2), jnp.swapaxes(dk[:, :, :Tk], 1, 2),
           jnp.swapaxes(dv[:, :, :Tk], 1, 2), jnp.swapaxes(dscale[:, :, :Tq, 0], 1, 2))
