@@ -19,7 +19,8 @@ jax.config.update("jax_compilation_cache_dir", "/tmp/atma_jax_test_compile_cache
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-SMALL = ["model.num_layers=3", "model.hidden_size=64", "model.head_dim=16", "train.seq_len=32",
+SMALL = ["model.num_layers=2", "model.global_offset=1", "model.hidden_size=64",
+         "model.head_dim=16", "train.seq_len=32",
          "train.global_batch=8", "train.micro_batch=4", "train.steps=4", "train.eval_every=2",
          "train.eval_batches=2", "train.checkpoint_every=2", "train.async_checkpoint=false",
          "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
