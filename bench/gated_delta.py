@@ -196,6 +196,7 @@ def main():
   ap.add_argument("--out", default="bench/results/gated_delta.json")
   ap.add_argument("--skip-xla", action="store_true")
   ap.add_argument("--sweep", action="store_true", help="also time a few Pallas launch configs")
+  ap.add_argument("--breakdown", action="store_true", help="also time the Pallas kernels alone")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
   args = ap.parse_args()
   if args.smoke:
@@ -264,7 +265,7 @@ def main():
         print(row, flush=True)
         results["rows"].append(row)
         save()
-  if args.sweep:
+  if args.breakdown:
     breakdown(results, save)
   # table
   print(f"\n{'impl':<18}{'B':>4}{'T':>8}  {'mode':<8}{'ms':>10}")
