@@ -12,9 +12,11 @@ Pallas Polar and gated-delta kernels on a GPU). Input: random token ids.
 
 Per length: compile time, wall-clock of forward+NLL (median of `--reps` after one warm-up,
 synchronized by the host copy of the NLL), device peak memory
-(`memory_stats()["peak_bytes_in_use"]`; lengths run in increasing order, so the running peak
-after a length is that length's peak). At the longest length: the retrieval path (`logits_at`,
-5 positions after length + 4 tokens) and, when the kernel api has `polar_stats`, the probe.
+(`memory_stats()["peak_bytes_in_use"]` is a running peak since process start: lengths run in
+increasing order, so it is that length's peak when it rose, else an upper bound) and XLA's
+compiled memory plan of the call (temp + arguments + outputs). At the longest length: the
+retrieval path (`logits_at`, 5 positions after length + 4 tokens) and, when the kernel api has
+`polar_stats`, the probe.
 Correctness: the NLL is finite and near ln(V) for a random model, and at the shortest length
 the `auto` (Pallas) path matches the pure-XLA path (max |dNLL|). JSON is rewritten after every
 step, so a run cut short still reports what it measured.
@@ -46,9 +48,12 @@ LENGTHS = (8192, 16384, 32768, 65536)
 
 
 def init_params(cfg, seed=0):
+  """Reference init + noise in one program: one parameter copy, so the init does not set the
+  device's peak memory above what the forwards need."""
   @jax.jit
   def make():
-    return nnx.split(Atma(cfg, rngs=nnx.Rngs(seed)), nnx.Param)[1]
+    params = nnx.split(Atma(cfg, rngs=nnx.Rngs(seed)), nnx.Param)[1]
+    return noisy(params, jax.random.PRNGKey(1), 0.1)
   return make()
 
 
@@ -80,6 +85,8 @@ def main():
   ap.add_argument("--reps", type=int, default=2)
   ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
   ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (checks the script)")
+  ap.add_argument("--skip-check", action="store_true", help="no Pallas-vs-XLA NLL comparison")
+  ap.add_argument("--skip-extras", action="store_true", help="no retrieval-logits / probe timing")
   args = ap.parse_args()
   lengths = [int(x) for x in args.lengths.split(",")]
   if args.smoke:
@@ -87,7 +94,7 @@ def main():
     lengths = [256, 512]
   else:
     cfg = resolve("atma_378m").model
-  params = noisy(init_params(cfg), jax.random.PRNGKey(1), 0.1)
+  params = init_params(cfg)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   base = in_use_bytes()
   fwd = Forward(cfg, params, tokens_per_call=1, logits_chunk=8192)
@@ -104,6 +111,8 @@ def main():
             "platform": jax.default_backend(), "jax": jax.__version__,
             "model": "atma_378m" if not args.smoke else "tiny",
             "init": "random (reference init, seed 0, + U(+-0.1/sqrt(fan_in)) noise)",
+            "peak_note": "peak_bytes_in_use is the running device peak since process start "
+                         "(includes parameter init); compiled_memory is per call",
             "params": n_params, "compute_dtype": cfg.compute_dtype, "batch": 1,
             "kernel_impl": cfg.kernel_impl, "logits_chunk": 8192, "reps": args.reps,
             "params_bytes_in_use": base, "ln_vocab": math.log(cfg.vocab_size),
@@ -118,19 +127,25 @@ def main():
 
   for L in sorted(lengths):
     seq = tokens[:L + 1][None]
+    before = in_use_bytes()
     nll, first, med, times = timed(lambda: fwd.token_nll(seq), args.reps)
     peak = peak_bytes()
     row = {"length": L, "mean_nll": float(nll.mean()), "finite": bool(np.isfinite(nll).all()),
            "compile_plus_first_run_s": round(first, 3), "median_s": round(med, 4),
            "times_s": [round(t, 4) for t in times], "tokens_per_s": round(L / med, 1),
-           "peak_bytes_in_use": peak,
-           "peak_gib": None if peak is None else round(peak / 2**30, 3)}
+           "bytes_in_use_before": before, "peak_bytes_in_use": peak,
+           "peak_gib": None if peak is None else round(peak / 2**30, 3),
+           "compiled_memory": fwd.nll_memory(1, L)}
+    plan = row["compiled_memory"]
+    row["compiled_total_gib"] = round(sum(plan.get(k, 0) for k in (
+        "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")) / 2**30, 3)
     rows.append(row)
     print(f"L={L:>6}  nll {row['mean_nll']:.4f}  fwd+nll {med * 1e3:8.1f} ms  "
           f"({row['tokens_per_s']:>9,.0f} tok/s)  compile+run {first:6.1f} s  "
-          f"peak {row['peak_gib']} GiB", flush=True)
+          f"peak {row['peak_gib']} GiB  compiled plan {row['compiled_total_gib']} GiB "
+          f"(temp {plan.get('temp_size_in_bytes', 0) / 2**30:.3f})", flush=True)
     save()
-    if L == min(lengths):  # Pallas (auto) vs pure XLA on the same weights
+    if L == min(lengths) and not args.skip_check:  # Pallas (auto) vs pure XLA, same weights
       xla = Forward(dataclasses.replace(cfg, kernel_impl="xla"), params, tokens_per_call=1)
       nll_x = xla.token_nll(seq)
       check.update({"length": L, "max_abs_dnll_auto_vs_xla": float(np.abs(nll - nll_x).max()),
@@ -139,6 +154,9 @@ def main():
             f"{check['max_abs_dnll_auto_vs_xla']:.3e}", flush=True)
       del xla
       save()
+  if args.skip_extras:
+    save()
+    return finish(args, rows, check)
   L = max(lengths)  # the retrieval path: 5 scored positions after L + 4 tokens
   inp = [list(tokens[:L + 4])]
   _, lfirst, lmed, _ = timed(lambda: fwd.logits_at(inp, [L - 1], 5), args.reps)
@@ -160,6 +178,10 @@ def main():
                       "stats": stats, "peak_bytes_in_use": peak_bytes()})
     print(f"probe at L={L}: {stats}", flush=True)
   save()
+  return finish(args, rows, check)
+
+
+def finish(args, rows, check) -> int:
   if args.out:
     print(f"wrote {args.out}")
   ok = all(r["finite"] for r in rows) and (not check or check["max_abs_dnll_auto_vs_xla"] < 0.05)

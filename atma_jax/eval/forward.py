@@ -85,6 +85,14 @@ class Forward:
     self._nll = jax.jit(nll)
     self._logits = jax.jit(logits, static_argnums=3)
 
+  def nll_memory(self, rows: int, length: int) -> dict[str, int]:
+    """XLA's compiled memory plan of one `token_nll` call on [rows, length] (bytes)."""
+    ids = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+    m = self._nll.lower(self.params, ids, ids).compile().memory_analysis()
+    names = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+             "generated_code_size_in_bytes")
+    return {n: int(getattr(m, n)) for n in names if m is not None and hasattr(m, n)}
+
   def rows(self, length: int) -> int:
     return rows_per_call(length, self.tokens_per_call)
 
