@@ -7,8 +7,17 @@ p2 = Q2 / L^2). Backward: a dQ kernel (query-parallel; also gives dscale) and a 
 summed in-kernel), both with ds = pi (dp - delta') + cq pi^2.
 
 Every kernel reads the model's batch-major layout `[B, T, heads, D]` directly (strided rows,
-no transposes). Lengths are padded to a multiple of the block; padded keys are masked, padded
-query rows get lse = +1e30 so that pi = 0 for them in the backward.
+no transposes); the backward's per-row vectors go as [B, H, T]. Lengths are padded to a
+multiple of the block; padded keys are masked, padded query rows get lse = +1e30 so that
+pi = 0 for them in the backward. Query tiles run heaviest (latest) first.
+
+Decode (few query rows over a long prefix, Tq * R <= 64): a split-K forward packs the GQA
+group's heads x positions into the rows of one tile, splits the key band over programs and
+merges the partial (m, L, Q2, acc) in XLA (Q2 with weight 2^(2 (m_s - m*))).
+
+`q_offset` may be a Python int (folded into the kernels) or a traced int32 scalar (passed as a
+one-element input). Launch defaults come from a sweep on an H200
+(bench/results/polar_attention_h200*.json).
 
 Each key (or query) loop runs only over the blocks in the causal/window band, split in three
 phases: masked edge blocks, unmasked interior blocks, masked edge blocks. Logits are kept in
@@ -493,7 +502,8 @@ def _bwd_dq(off, q, k, v, scale, do, lse, delta, cq, *, H, R, bq, bk, tk, q_offs
   return pl.pallas_call(
       _with_offset(functools.partial(_dq_kernel, bq=bq, bk=bk, tk=tk, window=window), q_offset),
       grid=(B * H, nq),
-      in_specs=[OFFSET_SPEC, tile_spec, kv_spec, kv_spec, row_spec, tile_spec, row_spec, row_spec, row_spec],
+      in_specs=[OFFSET_SPEC, tile_spec, kv_spec, kv_spec, row_spec, tile_spec, row_spec,
+                row_spec, row_spec],
       out_specs=[tile_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct((B, tq_pad, H, D), q.dtype),
                  jax.ShapeDtypeStruct((B, H, tq_pad), jnp.float32)],
@@ -543,8 +553,8 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   kv_bk = _fit_block(block_k or config.dkv_block_k, Tk)
   tq_pad = pl.cdiv(Tq, max(dq_bq, kv_bq)) * max(dq_bq, kv_bq)
   tk_pad = pl.cdiv(Tk, max(dq_bk, kv_bk)) * max(dq_bk, kv_bk)
-  args = (_offset_arg(q_offset), _pad_axis1(q_BTHD, tq_pad), _pad_axis1(k_BTGD, tk_pad), _pad_axis1(v_BTGD, tk_pad),
-          _rows_bht(scale_BTH, tq_pad), _pad_axis1(do_BTHD.astype(q_BTHD.dtype), tq_pad),
+  args = (_offset_arg(q_offset), _pad_axis1(q_BTHD, tq_pad), _pad_axis1(k_BTGD, tk_pad),
+          _pad_axis1(v_BTGD, tk_pad), _rows_bht(scale_BTH, tq_pad), _pad_axis1(do_BTHD.astype(q_BTHD.dtype), tq_pad),
           _rows_bht(lse_BTH, tq_pad, PAD_LSE), _rows_bht(delta_BTH, tq_pad),
           _rows_bht(cq_BTH, tq_pad))
   common = dict(tk=Tk, q_offset=_static_offset(q_offset), window=window)
