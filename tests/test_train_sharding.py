@@ -96,3 +96,14 @@ def test_sharded_step_matches_single_device():
                                atol=atol, rtol=1e-3, err_msg=path)
   # and training moves: parameters changed, loss fell
   assert l1[-1][0] < l1[0][0]
+
+
+def test_mean_reduction_scales_the_gradient_not_the_loss():
+  """loss_reduction="mean": same reported loss, gradient (norm) divided by tokens per step."""
+  out = {}
+  for red in ("sum", "mean"):
+    cfg = resolve("tiny", STANDIN + ["mesh.data=1", f"optim.loss_reduction={red}"])
+    out[red] = _train(cfg, jax.devices()[:1], steps=1)[0][0]
+  tokens = 16 * 16
+  assert out["mean"][0] == pytest.approx(out["sum"][0], rel=1e-6)
+  assert out["mean"][1] * tokens == pytest.approx(out["sum"][1], rel=1e-4)
