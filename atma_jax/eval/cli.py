@@ -149,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
     docs = eval_docs.long_documents(args.corpus, longest, tok, limit=num_docs)
   except Exception as e:  # noqa: BLE001 - missing package or too short: a user-facing problem
     raise EvalError(f"held-out {args.corpus!r} documents of {longest:,} tokens: {e}") from None
+  if len(docs) < num_docs:
+    print(f"note: only {len(docs)} held-out {args.corpus!r} document(s) reach {longest:,} tokens "
+          f"(asked for {num_docs}); the loss uses those", file=sys.stderr)
 
   # Heavy part: arrays, compilation, forwards.
   from tqdm import tqdm
