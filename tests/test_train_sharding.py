@@ -107,3 +107,28 @@ def test_mean_reduction_scales_the_gradient_not_the_loss():
   tokens = 16 * 16
   assert out["mean"][0] == pytest.approx(out["sum"][0], rel=1e-6)
   assert out["mean"][1] * tokens == pytest.approx(out["sum"][1], rel=1e-4)
+
+
+def test_aux_loss_weights():
+  """(1 - alpha) CE + alpha reg + lambda align: with reg := CE the objective is CE for any
+  alpha (same step as alpha = 0); with align := CE and lambda = 1 the gradient doubles."""
+
+  def aux_is_ce(cfg, model, inputs, targets, rng, *, train):
+    ce, _, _ = standin_losses(cfg, model, inputs, targets, rng, train=train)
+    return ce, ce, ce
+
+  def one_step(extra):
+    cfg = resolve("tiny", STANDIN + ["mesh.data=1", "optim.loss_reduction=sum"] + extra)
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    mf = standin_model_fn(cfg)
+    setup = setup_state(cfg, mesh, mf)
+    step = make_train_step(cfg, setup, mesh, losses_fn=aux_is_ce)
+    _, m = step(init_state(cfg, setup, mf), next(ToyData(cfg)))
+    return float(m["loss"]), float(m["grad_norm"])
+
+  base = one_step([])
+  half = one_step(["optim.sigreg_alpha=0.5"])
+  double = one_step(["optim.distractor_weight=1.0"])
+  assert half[1] == pytest.approx(base[1], rel=1e-5)
+  assert double[1] == pytest.approx(2 * base[1], rel=1e-5)
+  assert half[0] == base[0] == double[0]  # reported loss is the CE only
