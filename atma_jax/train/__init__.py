@@ -1,2 +1,14 @@
-"""Training: optimizer recipe (Muon + AdamW groups), schedule, mesh, train state, pure steps,
-checkpoints and the host loop. `train.py` at the repository root is the entry point."""
+"""Training: the reference recipe on a sharded, pure train step.
+
+Files (one concept each):
+  schedule.py    constant-then-linear-cooldown lr multiplier (ATMA_SPEC §6.4)
+  muon.py        bf16 Newton-Schulz and the per-leaf Muon update in torch orientation (§6.3)
+  optimizer.py   group assignment (Muon / embed / head / scalar AdamW), clip, `AtmaOptimizer`
+  mesh.py        (data, fsdp, tensor) mesh, batch checks, param shardings from logical axes
+  state.py       `TrainState(step, params, opt_state, rng)`, abstract + sharded creation
+  step.py        pure `train_step` (micro-batch scan, sum/mean CE + aux) and `eval_step`
+  checkpoint.py  orbax manager (state / data / config items), validation, `load_model`
+  metrics.py     flops/token, MFU peak table, metrics.jsonl (+ TensorBoard when installed)
+  loop.py        host loop: distributed init, global batches, logs, evals, checkpoints, signals
+`train.py` at the repository root is the command line.
+"""
