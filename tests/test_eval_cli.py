@@ -60,7 +60,8 @@ def test_too_long_for_the_documents(run_dir, capsys, no_load):
 def test_end_to_end(run_dir, tmp_path, capsys):
   out = tmp_path / "eval"
   argv = ["--checkpoint", str(run_dir), "--lengths", "64,128", "--depths", "0.5", "--trials",
-          "2", "--docs", "2", "--out", str(out), "--no-progress", "--tokens-per-call", "256"]
+          "2", "--docs", "2", "--out", str(out), "--no-progress", "--tokens-per-call", "256",
+          "--probe"]
   assert cli.main(argv) == 0
   text = capsys.readouterr().out
   report = json.loads((out / "report.json").read_text())
@@ -74,9 +75,12 @@ def test_end_to_end(run_dir, tmp_path, capsys):
       assert c["trials"] == 2 and 0 <= c["token_acc"] <= 1 and c["exact"] in (0.0, 0.5, 1.0)
     assert report["induction"][n]["distance"] == int(n) - 40
   assert list(report["loss_by_position"]) == ["0-8", "8-16", "16-32", "32-64", "64-128"]
-  for png in ("loss.png", "retrieval.png", "retrieval_by_length.png"):
+  probe = report["probe"]
+  assert probe["64"]["0"]["n_eff"] < probe["128"]["0"]["n_eff"]  # more keys to spread over
+  assert len(probe["128"]["0"]["per_head"]["w_null"]) == 4
+  for png in ("loss.png", "retrieval.png", "retrieval_by_length.png", "probe.png"):
     assert (out / png).stat().st_size > 10_000
-  assert "nll code (nats)" in text and "passkey_synthetic tok%" in text
+  assert "nll code (nats)" in text and "passkey_synthetic tok%" in text and "n_eff layer 0" in text
   # The default output folder sits in the run directory, named for --no-mem.
   assert cli.main(["--checkpoint", str(run_dir), "--lengths", "64", "--tasks", "loss",
                    "--docs", "2", "--no-mem", "--no-progress", "--tokens-per-call", "256"]) == 0
