@@ -15,9 +15,9 @@ def config() -> Config:
           num_layers=4, hidden_size=128, head_dim=32, mem_chunk=32,
           init_scheme="live_mixers", compute_dtype="float32", embed_dtype="float32"),
       optim=OptimConfig(loss_reduction="sum"),
-      train=TrainConfig(seq_len=256, global_batch=16, micro_batch=8, steps=300,
+      train=TrainConfig(seq_len=128, global_batch=8, micro_batch=8, steps=200,
                         run_dir="runs/tiny", log_every=10, eval_every=50, eval_batches=4,
                         checkpoint_every=100),
-      eval=EvalConfig(lengths=(256, 512, 1024, 2048), trials=8, num_docs=2,
+      eval=EvalConfig(lengths=(128, 256, 512, 1024, 2048, 4096), trials=4, num_docs=2,
                       logits_chunk=1024),
   )
