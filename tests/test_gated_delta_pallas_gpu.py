@@ -28,11 +28,13 @@ def test_interpret_matches_oracle(case):
 
 
 def test_interpret_sequence_split_is_exact():
-  """4 pieces of 1 chunk each (forward) and 2 pieces (backward's state recompute)."""
+  """4 pieces of 1 chunk each (forward), 2 pieces (backward's state passes), and the split
+  (chunk, V-block) gradient kernels."""
   case = Case(T=61, B=2, H=1, K=16, V=16, chunk=16, gamma="small", beta="near0",
               init_state=False)
   fwd = functools.partial(gpu_triton.gated_delta_fwd, interpret=True, pieces=4)
-  bwd = functools.partial(gpu_triton.gated_delta_bwd, interpret=True, pieces=2)
+  bwd = functools.partial(gpu_triton.gated_delta_bwd, interpret=True, pieces=2,
+                          tuning=gpu_triton.Tuning(split_grads=True, block_v=8))
   check_backend(fwd, case, jnp.float32, atol=2e-5, rtol=2e-5, seed=4, bwd=bwd)
 
 

@@ -126,14 +126,14 @@ def chunk_inverse(k_CK, beta_C1, *, cfg):
   return inverse_unit_lower(a, cfg)
 
 
-def chunk_wy(k_CK, v_CV, beta_C1, gc_C1, gc_1C, *, cfg):
-  """Per-chunk prepass: returns (T = T0*D, w = T(beta e^gc K), u = T(beta V)), all f32."""
+def chunk_wy(k_CK, v_CV, beta_C1, gc_C1, gc_1C, *, cfg, with_t0=False):
+  """Per-chunk prepass: (T = T0*D, w = T(beta e^gc K), u = T(beta V)[, T0]), all f32."""
   t0 = chunk_inverse(k_CK, beta_C1, cfg=cfg)
   t = t0 * decay_lower(gc_C1, gc_1C)
   kf = k_CK.astype(jnp.float32)
   w = mm(t, kf * (beta_C1 * jnp.exp(gc_C1)), cfg=cfg)
   u = mm(t, v_CV.astype(jnp.float32) * beta_C1, cfg=cfg)
-  return t, w, u
+  return (t, w, u, t0) if with_t0 else (t, w, u)
 
 
 def chunk_state_step(q_CK, k_CK, w_CK, u_CV, gc_C1, gc_1C, s_KV, *, cfg, with_output=True):
@@ -194,13 +194,15 @@ class GradAcc(NamedTuple):
   tail: Any     # <dS1, S> (scalar, as (1, 1))
 
 
-def grads_prologue(q_CK, k_CK, beta_C1, gc_C1, gc_1C, *, cfg) -> GradCtx:
+def grads_prologue(q_CK, k_CK, beta_C1, gc_C1, gc_1C, *, cfg, t0_CC=None) -> GradCtx:
+  """Value-independent backward quantities; `t0_CC` (if given) skips recomputing the inverse."""
   C = q_CK.shape[0]
   row, col = iota2(C, C)
   gl = last_of(gc_C1)
   d = decay_lower(gc_C1, gc_1C)
   kk = mm(k_CK, k_CK, tb=True, cfg=cfg, low=True)
-  t0 = inverse_unit_lower(jnp.where(row > col, beta_C1 * kk, 0.0), cfg)
+  t0 = (inverse_unit_lower(jnp.where(row > col, beta_C1 * kk, 0.0), cfg) if t0_CC is None
+        else t0_CC.astype(jnp.float32))
   p = jnp.where(row >= col, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0) * d
   return GradCtx(kk=kk, t0=t0, t=t0 * d, d=d, p=p, e=jnp.exp(gc_C1), r=jnp.exp(gl - gc_C1), gl=gl)
 

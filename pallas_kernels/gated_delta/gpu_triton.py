@@ -54,6 +54,7 @@ class Tuning(NamedTuple):
   grads_warps: int = 8
   min_programs: int = 256
   states_dtype: str = "float32"  # per-chunk states / cotangents kept for the gradient kernel
+  split_grads: bool = False  # gradients as (chunk, V-block) partial kernel + per-chunk epilogue
 
 
 DEFAULT_TUNING = Tuning()
@@ -120,12 +121,14 @@ def _gates(beta_ref, gc_ref, start, c):
 # ------------------------------------------------------------------------------------ kernels
 
 
-def _prepass_kernel(k_ref, v_ref, beta_ref, gc_ref, w_ref, u_ref, *, cfg):
+def _prepass_kernel(k_ref, v_ref, beta_ref, gc_ref, w_ref, u_ref, *t0_ref, cfg):
   c = k_ref.shape[0]
   beta_c1, gc_c1, gc_1c = _gates(beta_ref, gc_ref, 0, c)
-  _, w, u = cm.chunk_wy(k_ref[...], v_ref[...], beta_c1, gc_c1, gc_1c, cfg=cfg)
+  _, w, u, t0 = cm.chunk_wy(k_ref[...], v_ref[...], beta_c1, gc_c1, gc_1c, cfg=cfg, with_t0=True)
   w_ref[...] = w.astype(w_ref.dtype)
   u_ref[...] = u.astype(u_ref.dtype)
+  if t0_ref:
+    t0_ref[0][...] = t0
 
 
 def _state_kernel(q_ref, k_ref, w_ref, u_ref, gc_ref, s0_ref, *out_refs, c, cp, nvb, mode, cfg):
@@ -232,7 +235,7 @@ def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret):
                 pl.BlockSpec((None, tp, None), lambda i, j, p, n: (i, 0, j)),
                 piece_in],
       out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_params(tuning.bwd_state_warps, tuning.state_stages),
+      compiler_params=_params(tuning.bwd_state_warps, _stages(q.dtype, tuning)),
       interpret=interpret, name="gdn_state_bwd_affine" if mode == "affine" else "gdn_state_bwd",
   )(q, k, w, do, gc, ds_out)
 
@@ -283,14 +286,109 @@ def _grads_kernel(q_ref, k_ref, v_ref, beta_ref, gc_ref, do_ref, s_ref, ds_ref,
   dgc_ref[...] = dgc_col.reshape(c) + dgc_row.reshape(c)
 
 
+def _grads_partial_kernel(q_ref, k_ref, t0_ref, v_ref, beta_ref, gc_ref, do_ref, s_ref, ds_ref,
+                          dv_ref, pdq_ref, pvds_ref, pdk_ref, pdt_ref, pdp_ref, pdbeta_ref,
+                          pdgc_ref, *, cfg):
+  """Split gradients, part 1: one (chunk, V-block): dv and this block's share of the V-sums."""
+  c, kd = k_ref.shape
+  beta_c1, gc_c1, gc_1c = _gates(beta_ref, gc_ref, 0, c)
+  q, k = q_ref[...], k_ref[...]
+  ctx = cm.grads_prologue(q, k, beta_c1, gc_c1, gc_1c, cfg=cfg, t0_CC=t0_ref[...])
+  dv, acc = cm.grads_vblock(ctx, cm.grads_init(c, kd), q, k, beta_c1, v_ref[...], do_ref[...],
+                            s_ref[...].astype(jnp.float32), ds_ref[...].astype(jnp.float32),
+                            cfg=cfg)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+  last = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
+  dgc = acc.dgc + jnp.where(last, jnp.exp(ctx.gl) * acc.tail, 0.0)
+  pdq_ref[...] = acc.dq
+  pvds_ref[...] = acc.vds
+  pdk_ref[...] = acc.dk
+  pdt_ref[...] = acc.dt
+  pdp_ref[...] = acc.dp
+  pdbeta_ref[...] = acc.dbeta.reshape(c)
+  pdgc_ref[...] = dgc.reshape(c)
+
+
+def _grads_final_kernel(q_ref, k_ref, t0_ref, beta_ref, gc_ref, pdq_ref, pvds_ref, pdk_ref,
+                        pdt_ref, pdp_ref, pdbeta_ref, pdgc_ref, dq_ref, dk_ref, dbeta_ref,
+                        dgc_ref, *, nvb, cfg):
+  """Split gradients, part 2: one chunk: sum the V-block shares, then the epilogue."""
+  c, kd = k_ref.shape
+  beta_c1, gc_c1, gc_1c = _gates(beta_ref, gc_ref, 0, c)
+  q, k = q_ref[...], k_ref[...]
+  ctx = cm.grads_prologue(q, k, beta_c1, gc_c1, gc_1c, cfg=cfg, t0_CC=t0_ref[...])
+  tot = lambda ref: functools.reduce(lambda a, j: a + ref[j], range(1, nvb), ref[0])
+  acc = cm.GradAcc(dq=tot(pdq_ref), vds=tot(pvds_ref), dk=tot(pdk_ref), dt=tot(pdt_ref),
+                   dp=tot(pdp_ref), dbeta=tot(pdbeta_ref).reshape(c, 1),
+                   dgc=tot(pdgc_ref).reshape(c, 1), tail=jnp.zeros((1, 1), jnp.float32))
+  dq, dk, dbeta, dgc_col, dgc_row = cm.grads_epilogue(ctx, acc, q, k, beta_c1, cfg=cfg)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dbeta_ref[...] = dbeta.reshape(c)
+  dgc_ref[...] = dgc_col.reshape(c) + dgc_row.reshape(c)
+
+
+def _split_grads(q, k, v, beta, gc, do, states, dstates, t0, *, c, out_dtypes, tuning,
+                 interpret):
+  """(dq, dk, dv, dbeta, dgc) by the two split-gradient kernels."""
+  b, tp, h, kd = q.shape
+  vd = v.shape[-1]
+  nc = tp // c
+  bv = _block_v(kd, vd, tuning)
+  nvb = vd // bv
+  cfg = _dots(q.dtype, interpret)
+  tok4 = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n, m: (i, n, j, 0))
+  vblk4 = pl.BlockSpec((None, c, None, bv), lambda i, j, n, m: (i, n, j, m))
+  gate4 = pl.BlockSpec((None, c, None), lambda i, j, n, m: (i, n, j))
+  st4 = pl.BlockSpec((None, None, None, kd, bv), lambda i, j, n, m: (i, j, n, 0, m))
+  part = lambda d: pl.BlockSpec((None, None, c, None, d), lambda i, j, n, m: (m, i, n, j, 0))
+  part_g = pl.BlockSpec((None, None, c, None), lambda i, j, n, m: (m, i, n, j))
+  f32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.float32)
+  dv, pdq, pvds, pdk, pdt, pdp, pdbeta, pdgc = pl.pallas_call(
+      functools.partial(_grads_partial_kernel, cfg=cfg),
+      grid=(b, h, nc, nvb),
+      in_specs=[tok4(kd), tok4(kd), tok4(c), vblk4, gate4, gate4, vblk4, st4, st4],
+      out_specs=[vblk4, part(kd), part(kd), part(kd), part(c), part(c), part_g, part_g],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, h, vd), out_dtypes[2]),
+                 f32(nvb, b, tp, h, kd), f32(nvb, b, tp, h, kd), f32(nvb, b, tp, h, kd),
+                 f32(nvb, b, tp, h, c), f32(nvb, b, tp, h, c), f32(nvb, b, tp, h),
+                 f32(nvb, b, tp, h)],
+      compiler_params=_params(tuning.grads_warps, 1), interpret=interpret,
+      name="gdn_grads_partial",
+  )(q, k, t0, v, beta, gc, do, states, dstates)
+  tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
+  gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
+  allp = lambda d: pl.BlockSpec((nvb, None, c, None, d), lambda i, j, n: (0, i, n, j, 0))
+  allp_g = pl.BlockSpec((nvb, None, c, None), lambda i, j, n: (0, i, n, j))
+  dq, dk, dbeta, dgc = pl.pallas_call(
+      functools.partial(_grads_final_kernel, nvb=nvb, cfg=cfg),
+      grid=(b, h, nc),
+      in_specs=[tok(kd), tok(kd), tok(c), gate, gate, allp(kd), allp(kd), allp(kd), allp(c),
+                allp(c), allp_g, allp_g],
+      out_specs=[tok(kd), tok(kd), gate, gate],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), out_dtypes[0]),
+                 jax.ShapeDtypeStruct((b, tp, h, kd), out_dtypes[1]),
+                 f32(b, tp, h), f32(b, tp, h)],
+      compiler_params=_params(tuning.grads_warps, 1), interpret=interpret,
+      name="gdn_grads_final",
+  )(q, k, t0, beta, gc, pdq, pvds, pdk, pdt, pdp, pdbeta, pdgc)
+  return dq, dk, dv, dbeta, dgc
+
+
 # ------------------------------------------------------------------------------------ drivers
+
+
+def _stages(dtype, tuning):
+  """Software-pipelining depth of the chunk loops. f32 operands at K = V = 128 with 2 stages
+  asked for 273 KiB of shared memory on an H200 (limit 227 KiB): no pipelining for f32."""
+  return 1 if jnp.dtype(dtype) == jnp.float32 else tuning.state_stages
 
 
 def _params(num_warps, num_stages=2):
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _prepass(k, v, beta, gc, *, c, tuning, interpret):
+def _prepass(k, v, beta, gc, *, c, tuning, interpret, with_t0=False):
   b, tp, h, kd = k.shape
   vd = v.shape[-1]
   nc = tp // c
@@ -301,9 +399,10 @@ def _prepass(k, v, beta, gc, *, c, tuning, interpret):
       functools.partial(_prepass_kernel, cfg=_dots(k.dtype, interpret)),
       grid=(b, h, nc),
       in_specs=[tok(kd), tok(vd), gate, gate],
-      out_specs=[tok(kd), tok(vd)],
+      out_specs=[tok(kd), tok(vd)] + ([tok(c)] if with_t0 else []),
       out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), wdt),
-                 jax.ShapeDtypeStruct((b, tp, h, vd), wdt)],
+                 jax.ShapeDtypeStruct((b, tp, h, vd), wdt)]
+                + ([jax.ShapeDtypeStruct((b, tp, h, c), jnp.float32)] if with_t0 else []),
       compiler_params=_params(tuning.prepass_warps, 1), interpret=interpret,
       name="gdn_prepass",
   )(k, v, beta, gc)
@@ -350,7 +449,7 @@ def _state_pass(q, k, w, u, gc, s_start, *, c, mode, tuning, interpret):
       grid=(b, h, npieces, nblocks),
       in_specs=[full(kd), full(kd), full(kd), vblock, gate, s0_spec],
       out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_params(tuning.state_warps, tuning.state_stages), interpret=interpret,
+      compiler_params=_params(tuning.state_warps, _stages(q.dtype, tuning)), interpret=interpret,
       name="gdn_state_affine" if mode == "affine" else "gdn_state",
   )(q, k, w, u, gc, s_start)
 
@@ -448,27 +547,33 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   do = _pad_time(do.astype(jnp.float32), tp)
   dsT = (jnp.zeros((b, h, kd, vd), jnp.float32) if dfinal_state is None
          else dfinal_state.astype(jnp.float32))
-  w, u = _prepass(k, v, beta_p, gc, c=c, tuning=tuning, interpret=interpret)
+  w, u, *t0 = _prepass(k, v, beta_p, gc, c=c, tuning=tuning, interpret=interpret,
+                       with_t0=tuning.split_grads)
   _, _, states = _forward_states(q, k, w, u, gc, s0, c=c, pieces=pieces, save_states=True,
                                  tuning=tuning, interpret=interpret)
   cfg = _dots(q.dtype, interpret)
   dstates, ds0 = _backward_states(q, k, w, do, gc, dsT, c=c, pieces=pieces, tuning=tuning,
                                   interpret=interpret)
-  tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
-  gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
-  st = pl.BlockSpec((None, None, None, kd, vd), lambda i, j, n: (i, j, n, 0, 0))
-  dq, dk, dv, dbeta, dgc = pl.pallas_call(
-      functools.partial(_grads_kernel, bv=_block_v(kd, vd, tuning), cfg=cfg),
-      grid=(b, h, nc),
-      in_specs=[tok(kd), tok(kd), tok(vd), gate, gate, tok(vd), st, st],
-      out_specs=[tok(kd), tok(kd), tok(vd), gate, gate],
-      out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), in_dtypes[0]),
-                 jax.ShapeDtypeStruct((b, tp, h, kd), in_dtypes[1]),
-                 jax.ShapeDtypeStruct((b, tp, h, vd), in_dtypes[2]),
-                 jax.ShapeDtypeStruct((b, tp, h), jnp.float32),
-                 jax.ShapeDtypeStruct((b, tp, h), jnp.float32)],
-      compiler_params=_params(tuning.grads_warps, 1), interpret=interpret, name="gdn_grads",
-  )(q, k, v, beta_p, gc, do, states, dstates)
+  if tuning.split_grads:
+    dq, dk, dv, dbeta, dgc = _split_grads(q, k, v, beta_p, gc, do, states, dstates, t0[0], c=c,
+                                          out_dtypes=in_dtypes, tuning=tuning,
+                                          interpret=interpret)
+  else:
+    tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
+    gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
+    st = pl.BlockSpec((None, None, None, kd, vd), lambda i, j, n: (i, j, n, 0, 0))
+    dq, dk, dv, dbeta, dgc = pl.pallas_call(
+        functools.partial(_grads_kernel, bv=_block_v(kd, vd, tuning), cfg=cfg),
+        grid=(b, h, nc),
+        in_specs=[tok(kd), tok(kd), tok(vd), gate, gate, tok(vd), st, st],
+        out_specs=[tok(kd), tok(kd), tok(vd), gate, gate],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), in_dtypes[0]),
+                   jax.ShapeDtypeStruct((b, tp, h, kd), in_dtypes[1]),
+                   jax.ShapeDtypeStruct((b, tp, h, vd), in_dtypes[2]),
+                   jax.ShapeDtypeStruct((b, tp, h), jnp.float32),
+                   jax.ShapeDtypeStruct((b, tp, h), jnp.float32)],
+        compiler_params=_params(tuning.grads_warps, 1), interpret=interpret, name="gdn_grads",
+    )(q, k, v, beta_p, gc, do, states, dstates)
   dg = dgc.reshape(b, nc, c, h)
   dlog_gamma = jnp.flip(jnp.cumsum(jnp.flip(dg, 2), 2), 2).reshape(b, tp, h)
   return (dq[:, :t], dk[:, :t], dv[:, :t], dlog_gamma[:, :t].astype(gates_dtype[0]),
