@@ -136,12 +136,12 @@ def correctness(results):
   names = ("o", "final_state", "dq", "dk", "dv", "dlog_gamma", "dbeta", "dinitial_state")
   out = {}
   b, t = (2, 380) if not INTERPRET else (1, 90)
-  for dtype, pieces in ((jnp.float32, None), (jnp.bfloat16, 3)):
-    key = f"B{b}_T{t}_H{H}_K{K}V{V}_{jnp.dtype(dtype).name}_pieces{pieces}"
+  for dtype, pieces, kv in ((jnp.float32, None, 64), (jnp.bfloat16, 3, K)):
+    key = f"B{b}_T{t}_H{H}_K{kv}V{kv}_{jnp.dtype(dtype).name}_pieces{pieces}"
     try:
-      inputs = make_inputs(b, t, dtype=dtype, seed=1)
-      do = jax.random.normal(jax.random.key(7), (b, t, H, V), jnp.float32)
-      dsT = jax.random.normal(jax.random.key(8), (b, H, K, V), jnp.float32)
+      inputs = make_inputs(b, t, kd=kv, vd=kv, dtype=dtype, seed=1)
+      do = jax.random.normal(jax.random.key(7), (b, t, H, kv), jnp.float32)
+      dsT = jax.random.normal(jax.random.key(8), (b, H, kv, kv), jnp.float32)
       f32_inputs = [x.astype(jnp.float32) for x in inputs]
       with jax.default_matmul_precision("highest"):
         want_out, vjp = jax.vjp(jax.jit(reference.gated_delta_sequential), *f32_inputs)
@@ -224,6 +224,7 @@ def main():
   if args.sweep:
     T = gpu_triton.Tuning
     impls["pallas_bf16states"] = pallas_fns(T(states_dtype="bfloat16"))
+    impls["pallas_splitgrads"] = pallas_fns(T(split_grads=True))
   for b, t, with_bwd in SHAPES:
     inputs = make_inputs(b, t)
     do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)

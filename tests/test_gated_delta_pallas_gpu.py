@@ -47,8 +47,17 @@ def test_rejects_unsupported_shapes():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-3), (jnp.bfloat16, 3e-2)])
-def test_compiled_matches_oracle(dtype, tol):
-  case = Case(T=200, B=2, H=2, K=128, V=128, chunk=64)
-  check_backend(gpu_triton.gated_delta_fwd, case, dtype, atol=tol, rtol=tol, seed=5,
-                bwd=gpu_triton.gated_delta_bwd)
+@pytest.mark.parametrize("dtype,kv,tol", [(jnp.float32, 64, 2e-3), (jnp.bfloat16, 128, 3e-2)])
+@pytest.mark.parametrize("split_grads", [False, True])
+def test_compiled_matches_oracle(dtype, kv, tol, split_grads):
+  case = Case(T=200, B=2, H=2, K=kv, V=kv, chunk=64)
+  bwd = functools.partial(gpu_triton.gated_delta_bwd,
+                          tuning=gpu_triton.Tuning(split_grads=split_grads))
+  check_backend(gpu_triton.gated_delta_fwd, case, dtype, atol=tol, rtol=tol, seed=5, bwd=bwd)
+
+
+def test_rejects_f32_at_k128():
+  q = jnp.zeros((1, 8, 1, 128), jnp.float32)
+  assert "shared memory" in gpu_triton.unsupported_reason(q, q, q, chunk_size=64)
+  assert gpu_triton.is_supported(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16),
+                                 q.astype(jnp.bfloat16), chunk_size=64)

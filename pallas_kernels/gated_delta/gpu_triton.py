@@ -75,6 +75,9 @@ def unsupported_reason(q, k, v, *unused, chunk_size: int) -> str | None:
             "every dimension >= 16); use impl='xla'")
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16) or not (k.dtype == v.dtype == q.dtype):
     return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: need one of f32/bf16/f16 for all three"
+  if q.dtype == jnp.float32 and K * V > 64 * 64:
+    return (f"f32 q/k/v with K={K}, V={V}: a kernel asked for 273 KiB of shared memory on an "
+            "H200 (limit 227 KiB); pass bf16 q/k/v (the state stays f32) or use impl='xla'")
   return None
 
 
