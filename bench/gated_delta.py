@@ -234,7 +234,7 @@ def main():
       for name, (fwd, fwd_bwd) in impls.items():
         if name == "xla_chunked" and t > 32768 and not INTERPRET:
           continue
-        if name.startswith("pallas_") and (b, t) not in (SHAPES[0][:2], SHAPES[-1][:2]):
+        if name.startswith("pallas_") and (b, t) != SHAPES[0][:2]:
           continue
         row = {"impl": name, "B": b, "T": t, "mode": mode}
         try:
@@ -255,7 +255,7 @@ def main():
           row["error"] = f"{type(e).__name__}: {e}"[:1500]
         results["rows"].append(row)
         save()
-    if (b, t) == SHAPES[-1][:2]:  # split sweep for the long forward
+    if t == max(x[1] for x in SHAPES):  # split sweep for the long forward
       for pieces in (8, 32, 64) if not INTERPRET else (1, 4):
         fwd, _ = pallas_fns(pieces=pieces)
         row = {"impl": f"pallas_pieces{pieces}", "B": b, "T": t, "mode": "fwd"}
