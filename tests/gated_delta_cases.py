@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.gated_delta import reference
+from tests.oracle_check import assert_close
 
 # gamma modes: log-uniform over [0.01, 1) ("mixed"), near 1 ("near1"), small ("small"),
 # exactly 1 ("one", log_gamma = 0). beta modes: uniform [0, 1] ("random"), ~0, ~1.
@@ -147,22 +148,6 @@ def backend_fwd_vjp(fwd, case: Case, inputs, cotangents, bwd=None):
     grads = jax.jit(lambda *a: bwd(*a, chunk_size=case.chunk))(*inputs, *cot)
   return (tuple(np.asarray(x, np.float64) for x in outs),
           tuple(np.asarray(x, np.float64) for x in grads))
-
-
-def assert_close(name: str, got, want, atol: float, rtol: float, case=None):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  if got.shape != want.shape:
-    raise AssertionError(f"{name}: shape {got.shape} != oracle {want.shape} ({case})")
-  if not np.all(np.isfinite(got)):
-    raise AssertionError(f"{name}: non-finite values ({case})")
-  err = np.abs(got - want)
-  bad = err > atol + rtol * np.abs(want)
-  if bad.any():
-    idx = np.unravel_index(np.argmax(err - rtol * np.abs(want)), err.shape)
-    raise AssertionError(
-        f"{name}: {bad.sum()} / {bad.size} entries off; max abs err {err.max():.3e} "
-        f"(at {idx}: got {got[idx]:.6e}, oracle {want[idx]:.6e}); atol={atol} rtol={rtol} "
-        f"({case})")
 
 
 def check_backend(fwd, case: Case, dtype=jnp.float32, atol=1e-5, rtol=1e-5, seed=0, bwd=None):

@@ -23,13 +23,13 @@ Dimension glossary: B batch, Tq query rows, Tk key rows, H query heads, G KV hea
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.polar_attention import reference
+from tests.oracle_check import assert_close
 
 
 # Tests run tiny shapes once each: on CPU, trade LLVM optimization for ~2x faster compiles.
@@ -152,22 +152,6 @@ def backend_fwd_vjp(fwd, bwd, case: Case, q, k, v, scale, cotangents):
   outs, grads = fast_jit(run)(q, k, v, scale, *cots)
   return (tuple(np.asarray(x, np.float64) for x in outs),
           tuple(np.asarray(x, np.float64) for x in grads))
-
-
-def assert_close(name: str, got, want, atol: float, rtol: float, case=None):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  if got.shape != want.shape:
-    raise AssertionError(f"{name}: shape {got.shape} != oracle {want.shape} ({case})")
-  if not np.all(np.isfinite(got)):
-    raise AssertionError(f"{name}: non-finite values ({case})")
-  err = np.abs(got - want)
-  bad = err > atol + rtol * np.abs(want)
-  if bad.any():
-    idx = np.unravel_index(np.argmax(err - rtol * np.abs(want)), err.shape)
-    raise AssertionError(
-        f"{name}: {bad.sum()} / {bad.size} entries off; max abs err {err.max():.3e} "
-        f"(at {idx}: got {got[idx]:.6e}, oracle {want[idx]:.6e}); atol={atol} rtol={rtol} "
-        f"({case})")
 
 
 def check_backend(fwd, bwd, case: Case, dtype=jnp.float32, atol=1e-5, rtol=1e-5, seed=0):

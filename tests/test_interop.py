@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -298,7 +297,6 @@ def test_pt_without_torch_is_a_clear_error(tmp_path):
   pt.write_bytes(b"not really a pickle")
   with pytest.raises(InteropError, match="needs PyTorch, which is not installed"):
     files.read_state_dict(str(pt))
-  cfg = small_cfg()
   with pytest.raises(InteropError, match="needs PyTorch"):
     files.write_reference_checkpoint(str(tmp_path / "o"), {}, {}, fmt="pt")
   assert not (tmp_path / "o").exists()

@@ -4,7 +4,6 @@ train step against the single-device one (8 fake CPU devices from conftest)."""
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from atma_jax.config import ConfigError, MeshConfig, resolve
 from atma_jax.train.mesh import (check_batch_divides, make_mesh, param_shardings,

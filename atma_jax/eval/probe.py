@@ -4,9 +4,9 @@ Dimension glossary: B batch, T time, D hidden, H query heads, G KV heads, d head
 
 The probe runs the evaluation model block by block (embedding, then each `Block` in order, the
 same calls `Atma.forward_embeddings` makes) and, at every Polar global block, rebuilds that
-block's attention inputs exactly as `GlobalMixer.__call__` does (norm1 -> `project_qkv` ->
-Canon residual convs) and hands them to `polar_stats` (the kernel api's statistics of the same
-prologue/epilogue as `polar_core`, window removed). Per layer it reports, mean over positions
+block's attention inputs with `GlobalMixer.core_inputs` (the method its `__call__` uses) and
+hands them to `polar_stats` (the kernel api's statistics of the same prologue/epilogue as
+`polar_core`, window removed). Per layer it reports, mean over positions
 (and heads), the effective key count `n_eff = 1/p2`, the magnitude `mag`, the null-sink
 mass `w_N` and the temperature `temp`, plus the per-head means. The final hidden state is
 returned too, so a test can check the block-by-block run against `Atma.__call__`.
@@ -47,10 +47,7 @@ def probe_fn(fwd: Forward):
     for layer, block in enumerate(model.blocks):
       if block.is_global:
         attn = block.attn
-        q_BTHd, _, k_BTGd, v_BTGd = attn.project_qkv(block.norm1(x_BTD))
-        q_BTHd = attn._canon(attn.canon_q, q_BTHd)
-        k_BTGd = attn._canon(attn.canon_k, k_BTGd)
-        v_BTGd = attn._canon(attn.canon_v, v_BTGd)
+        _, (q_BTHd, k_BTGd, v_BTGd), _ = attn.core_inputs(block.norm1(x_BTD))
         st = polar_stats(q_BTHd, k_BTGd, v_BTGd, attn.v_null.get_value(),
                          attn.len_gain_raw.get_value(), attn.null_base.get_value(),
                          attn.null_slope_raw.get_value(), attn.mag_beta_raw.get_value(),

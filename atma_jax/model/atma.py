@@ -81,7 +81,6 @@ class Atma(nnx.Module):
   def forward_embeddings(self, x_BTD: jax.Array, *, rng: jax.Array | None = None, q_offset=0,
                          mem: bool = True, sigreg_mode: str = "baseline"):
     """Blocks + final norm on given input embeddings: (h_BTD, aux)."""
-    cfg = self.cfg
     aux_losses.check_sigreg_mode(sigreg_mode)
     if not (isinstance(q_offset, int) and q_offset == 0):
       raise ValueError(

@@ -94,6 +94,20 @@ class GlobalMixer(nnx.Module):
     v_BRGd = self.v(xi_BRD).reshape(B, R, G, d)
     return jax.lax.stop_gradient(k_BRGd), jax.lax.stop_gradient(v_BRGd)
 
+  def core_inputs(self, x_BTD: jax.Array, q_offset=0):
+    """gate [B,T,H,d], the core's (q, k, v) and the memory's (q, k, v) (k, v not GQA-expanded).
+
+    polar / nope: QK-norm then Canon, shared by core and memory. rope: rotary on the core's q, k;
+    the memory takes the pre-rotary QK-normed q, k and raw v.
+    """
+    q_BTHd, gate_BTHd, k_BTGd, v_BTGd = self.project_qkv(x_BTD)
+    if self.cfg.attn_type == "rope":
+      core = (apply_rope(q_BTHd, q_offset), apply_rope(k_BTGd, q_offset), v_BTGd)
+      return gate_BTHd, core, (q_BTHd, k_BTGd, v_BTGd)
+    core = (self._canon(self.canon_q, q_BTHd), self._canon(self.canon_k, k_BTGd),
+            self._canon(self.canon_v, v_BTGd))
+    return gate_BTHd, core, core
+
   # -- forward -----------------------------------------------------------------------------------
 
   def __call__(self, x_BTD: jax.Array, *, q_offset=0, mem: bool = True,
@@ -104,16 +118,7 @@ class GlobalMixer(nnx.Module):
     H, G, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     r = H // G
     W = cfg.attn_window
-    q_BTHd, gate_BTHd, k_BTGd, v_BTGd = self.project_qkv(x_BTD)
-
-    if cfg.attn_type == "rope":
-      q_att, k_att, v_att = apply_rope(q_BTHd, q_offset), apply_rope(k_BTGd, q_offset), v_BTGd
-      q_mem, k_mem, v_mem = q_BTHd, k_BTGd, v_BTGd
-    else:
-      q_att = self._canon(self.canon_q, q_BTHd)
-      k_att = self._canon(self.canon_k, k_BTGd)
-      v_att = self._canon(self.canon_v, v_BTGd)
-      q_mem, k_mem, v_mem = q_att, k_att, v_att
+    gate_BTHd, (q_att, k_att, v_att), (q_mem, k_mem, v_mem) = self.core_inputs(x_BTD, q_offset)
 
     distract = rng is not None and cfg.num_random_keys > 0
     align = jnp.zeros((), jnp.float32)

@@ -40,7 +40,6 @@ Dimension glossary
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from typing import Any, NamedTuple
@@ -65,17 +64,19 @@ class Dots(NamedTuple):
 def mm(a, b, *, ta: bool = False, tb: bool = False, cfg: Dots = Dots(), low: bool = False,
        inverse: bool = False):
   """`op(a) @ op(b)` with f32 accumulation. `low`: operands in `cfg.dtype`, else f32."""
-  dt = cfg.dtype if low else jnp.float32
+  wide = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)  # f32 (f64 oracle)
+  dt = cfg.dtype if low else wide
+  acc = jnp.float32 if low else wide
   a = a.astype(dt)
   b = b.astype(dt)
-  if dt != jnp.float32:
+  if dt not in (jnp.float32, jnp.float64):
     prec = HIGHEST
   elif inverse or cfg.mid_precision is None:
     prec = cfg.f32_precision
   else:
     prec = cfg.mid_precision
   dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
-  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
+  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=acc)
 
 
 def iota2(n: int, m: int):
@@ -84,15 +85,16 @@ def iota2(n: int, m: int):
 
 
 def inverse_unit_lower(a_CC, cfg: Dots = Dots()):
-  """`(I + a)^-1` for strictly-lower `a` by doubling, all in f32 (`cfg.f32_precision`).
+  """`(I + a)^-1` for strictly-lower `a` by doubling, in f32 or wider (`cfg.f32_precision`).
 
   With `N = -a` (nilpotent, N^C = 0): `(I - N)^-1 = prod_{i<m} (I + N^(2^i))`, 2^m >= C.
   m - 1 squarings and as many products; no triangular solve.
   """
   C = a_CC.shape[0]
+  dt = jnp.promote_types(a_CC.dtype, jnp.float32)  # f32 in kernels, f64 for the fp64 oracle tests
   row, col = iota2(C, C)
-  eye = jnp.where(row == col, 1.0, 0.0).astype(jnp.float32)
-  n = -a_CC.astype(jnp.float32)
+  eye = jnp.where(row == col, 1.0, 0.0).astype(dt)
+  n = -a_CC.astype(dt)
   x = eye + n
   p = n
   steps = (C - 1).bit_length() - 1  # m - 1 with 2^m >= C

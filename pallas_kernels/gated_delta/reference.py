@@ -33,6 +33,17 @@ def state_dtype(*dtypes) -> jnp.dtype:
   return jnp.float64 if any(jnp.dtype(d) == jnp.float64 for d in dtypes) else jnp.float32
 
 
+
+def initial_state_or_zeros(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, initial_state_BHKV):
+  """(state dtype, start state [B,H,K,V]): the given state cast, or zeros when None."""
+  B, _, H, K = q_BTHK.shape
+  V = v_BTHV.shape[-1]
+  dt = state_dtype(q_BTHK.dtype, k_BTHK.dtype, v_BTHV.dtype, log_gamma_BTH.dtype, beta_BTH.dtype,
+                   jnp.float32 if initial_state_BHKV is None else initial_state_BHKV.dtype)
+  if initial_state_BHKV is None:
+    return dt, jnp.zeros((B, H, K, V), dt)
+  return dt, initial_state_BHKV.astype(dt)
+
 def check_gated_delta_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH,
                              initial_state_BHKV=None) -> None:
   """Raises ValueError naming the problem (and the fix) for inputs no backend can take."""
@@ -81,12 +92,8 @@ def gated_delta_sequential(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH,
   Outputs are fp32 (fp64 when any input is fp64). `initial_state=None` means a zero state.
   """
   check_gated_delta_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, initial_state_BHKV)
-  B, T, H, K = q_BTHK.shape
-  V = v_BTHV.shape[-1]
-  dt = state_dtype(q_BTHK.dtype, k_BTHK.dtype, v_BTHV.dtype, log_gamma_BTH.dtype, beta_BTH.dtype,
-                   jnp.float32 if initial_state_BHKV is None else initial_state_BHKV.dtype)
-  s0_BHKV = (jnp.zeros((B, H, K, V), dt) if initial_state_BHKV is None
-             else initial_state_BHKV.astype(dt))
+  dt, s0_BHKV = initial_state_or_zeros(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH,
+                                       initial_state_BHKV)
   xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH))
 
   def body(s_BHKV, x):

@@ -53,12 +53,12 @@ Dimension glossary
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gated_delta.reference import check_gated_delta_shapes, state_dtype
+from pallas_kernels.gated_delta import chunk_math
+from pallas_kernels.gated_delta.reference import check_gated_delta_shapes, initial_state_or_zeros
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -70,17 +70,9 @@ def _mm(spec: str, a, b):
 def unit_lower_inverse(a_CC: jax.Array) -> jax.Array:
   """`(I + A)^{-1}` for strictly lower-triangular `A` (any leading dims), matmuls only.
 
-  With N = -A nilpotent (N^C = 0): (I - N)^{-1} = sum_{k<C} N^k = prod_{i<m} (I + N^{2^i}) for
-  2^m >= C (doubling: m - 1 squarings and m - 1 products; 6 + 6 for C = 64 counting the first).
+  The doubling of `chunk_math.inverse_unit_lower` (the kernels' own), vectorized over chunks.
   """
-  C = a_CC.shape[-1]
-  n_CC = -a_CC
-  t_CC = jnp.eye(C, dtype=a_CC.dtype) + n_CC  # sum_{k < 2} N^k
-  p_CC = n_CC
-  for _ in range(max(0, math.ceil(math.log2(C)) - 1)):
-    p_CC = _mm("...ij,...jk->...ik", p_CC, p_CC)  # N^{2^i}
-    t_CC = t_CC + _mm("...ij,...jk->...ik", t_CC, p_CC)  # sum_{k < 2^{i+1}} N^k
-  return t_CC
+  return jnp.vectorize(chunk_math.inverse_unit_lower, signature="(c,c)->(c,c)")(a_CC)
 
 
 def decay_matrix(gc_C: jax.Array) -> jax.Array:
@@ -138,10 +130,8 @@ def gated_delta_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, initial_sta
     raise ValueError(f"chunk_size must be a positive int (e.g. 64); got {chunk_size!r}")
   B, T, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
-  dt = state_dtype(q_BTHK.dtype, k_BTHK.dtype, v_BTHV.dtype, log_gamma_BTH.dtype, beta_BTH.dtype,
-                   jnp.float32 if initial_state_BHKV is None else initial_state_BHKV.dtype)
-  s0_BHKV = (jnp.zeros((B, H, K, V), dt) if initial_state_BHKV is None
-             else initial_state_BHKV.astype(dt))
+  dt, s0_BHKV = initial_state_or_zeros(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH,
+                                       initial_state_BHKV)
   if T == 0:
     return jnp.zeros((B, 0, H, V), dt), s0_BHKV
   C = min(chunk_size, T)

@@ -20,7 +20,6 @@ Dimension glossary
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
