@@ -154,7 +154,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-  lengths: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768, 65536)
+  """Defaults of eval.py. Lengths default to the training length x 1, 2, 4, ..., 32."""
+
   depths: tuple[float, ...] = (0.1, 0.5, 0.9)
   trials: int = 16
   num_docs: int = 4

@@ -18,6 +18,5 @@ def config() -> Config:
       train=TrainConfig(seq_len=128, global_batch=8, micro_batch=8, steps=200,
                         run_dir="runs/tiny", log_every=10, eval_every=50, eval_batches=4,
                         checkpoint_every=100),
-      eval=EvalConfig(lengths=(128, 256, 512, 1024, 2048, 4096), trials=4, num_docs=2,
-                      logits_chunk=1024),
+      eval=EvalConfig(trials=4, num_docs=2, logits_chunk=1024),
   )
