@@ -28,7 +28,7 @@ def tiny_eval_config(**model_overrides) -> Config:
                 mesh=MeshConfig(data=1, fsdp=1, tensor=1),
                 train=TrainConfig(seq_len=64, global_batch=1, micro_batch=1, steps=10,
                                   async_checkpoint=False),
-                eval=EvalConfig(lengths=(64, 128), depths=(0.25, 0.75), trials=2, num_docs=2,
+                eval=EvalConfig(depths=(0.25, 0.75), trials=2, num_docs=2,
                                 logits_chunk=48)).validate()
 
 
