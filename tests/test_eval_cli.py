@@ -74,12 +74,17 @@ def test_end_to_end(run_dir, tmp_path, capsys):
       c = report["retrieval"][name][n]["0.5"]
       assert c["trials"] == 2 and 0 <= c["token_acc"] <= 1 and c["exact"] in (0.0, 0.5, 1.0)
     assert report["induction"][n]["distance"] == int(n) - 40
+    junk = report["junk_loss_by_length"][n]
+    assert junk["tokens"] == 2 * int(n) and 0 < junk["nll"] < 20 and junk["bytes"] > 0
+  base = report["induction_baseline"]
+  assert base["trials"] == 2 and base["distance"] == 64 - 40 and 0 < base["nll"] < 20
   assert list(report["loss_by_position"]) == ["0-8", "8-16", "16-32", "32-64", "64-128"]
   probe = report["probe"]
   assert probe["64"]["0"]["n_eff"] < probe["128"]["0"]["n_eff"]  # more keys to spread over
   assert len(probe["128"]["0"]["per_head"]["w_null"]) == 4
   for png in ("loss.png", "retrieval.png", "retrieval_by_length.png", "probe.png"):
     assert (out / png).stat().st_size > 10_000
+  assert "nll junk val stream" in text and "no-needle baseline" in text
   assert "nll code (nats)" in text and "passkey_synthetic tok%" in text and "n_eff layer 0" in text
   # The default output folder sits in the run directory, named for --no-mem.
   assert cli.main(["--checkpoint", str(run_dir), "--lengths", "64", "--tasks", "loss",

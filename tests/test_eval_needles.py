@@ -148,3 +148,93 @@ def test_loss_bookkeeping():
   pos = suite.loss_by_position(nll, 8)
   assert list(pos) == ["0-8", "8-16", "16-32", "32-64", "64-100"]
   assert pos["64-100"] == pytest.approx(np.concatenate([nll[0, 64:], nll[1, 64:]]).mean())
+
+
+def test_baseline_sample_has_no_needle(tok):
+  hay = [tok.eot_id] + list(range(1000, 1600))  # a document with its leading EOT
+  rng = lambda: needles.sample_rng(1234, "induction", 3)  # noqa: E731
+  ind = needles.induction_sample(tok, 300, rng(), hay)
+  s = needles.baseline_sample(tok, 300, rng(), hay)
+  assert (s.cue, s.value) == (ind.cue, ind.value) and len(s.context) == len(ind.context)
+  inp, start = scoring.scored_input(s.context, s.value)
+  assert _find(inp, s.cue) == [start + 1 - len(s.cue)]  # the cue only once: at the query
+  assert inp[start + 1:] == s.value[:-1] and len(inp) == len(s.context) + 4
+  gap = 300 + len(s.cue) + 5  # distance + len(needle) haystack tokens, then the cue
+  assert s.context == [tok.eot_id] + hay[:gap] + s.cue
+  assert not _find(s.context, s.cue + s.value[:1])
+  with pytest.raises(ValueError, match="needle-absent baseline"):
+    needles.baseline_sample(tok, 600, rng(), hay)
+
+
+class PriorOracle:
+  """A fake Forward with no memory at all: the same logits everywhere (digit 7 favoured)."""
+
+  def __init__(self, tok):
+    self.seven = tok.encode(" 7")[0]
+    self.inputs = []
+
+  def logits_at(self, inputs, starts, count, pad_to=None):
+    self.inputs += [list(x) for x in inputs]
+    out = np.zeros((len(inputs), count, CopyOracle.V), np.float32)
+    out[:, :, self.seven] = 3.0
+    return out
+
+
+def test_induction_baseline_scores_the_prior(tok):
+  hay = [tok.eot_id] + [int(x) for x in np.random.default_rng(2).integers(0, 50000, 400)]
+  fake = PriorOracle(tok)
+  base = suite.induction_baseline(fake, tok, [256, 128], 3, 1234, [hay])
+  d_min = needles.induction_distance(128)
+  assert base["distance"] == d_min and base["trials"] == 3
+  lse = np.log(CopyOracle.V - 1 + np.exp(3.0))
+  values = [needles.cue_and_value(tok, "passkey", needles.sample_rng(1234, "induction", i))[1]
+            for i in range(3)]
+  hits = [sum(v == fake.seven for v in value) for value in values]
+  want = np.mean([(5 * lse - 3.0 * h) / 5 for h in hits])
+  assert base["nll"] == pytest.approx(want, rel=1e-6)
+  assert base["token_acc"] == pytest.approx(np.mean(hits) / 5)
+  for inp, value in zip(fake.inputs, values):
+    assert inp[:1 + d_min] == [tok.eot_id] + hay[:d_min] and inp[-4:] == value[:4]
+
+
+class ConstNll:
+  """A fake Forward whose every token costs 1 nat."""
+
+  def __init__(self):
+    self.seqs = []
+
+  def token_nll(self, seqs):
+    self.seqs += [list(s) for s in seqs]
+    return np.ones((len(seqs), len(seqs[0]) - 1))
+
+
+def test_junk_loss_bytes_of_the_targets(tok):
+  text = tok.encode("def f(x):\n    return x + 1\n") * 4
+  windows = {8: [text[0:9], text[8:17]], 16: [text[0:17], text[16:33]]}
+  fake = ConstNll()
+  table = suite.junk_loss_by_length(fake, windows, lambda ids: len(tok.decode_bytes(ids)))
+  for n, seqs in windows.items():
+    cell = table[str(n)]
+    nbytes = sum(len(tok.decode_bytes(s[1:])) for s in seqs)
+    assert cell["tokens"] == 2 * n and cell["bytes"] == nbytes
+    assert cell["bpb"] == pytest.approx(2 * n / math.log(2) / nbytes)
+  with pytest.raises(ValueError, match="junk_windows"):
+    suite.junk_loss_by_length(fake, {8: [text[:8]]}, len)
+
+
+def test_junk_windows_consecutive_across_documents(tok):
+  from atma_jax.data import pipeline, shards
+  from atma_jax.eval.junk import JunkError, junk_windows
+  from atma_jax.eval.testing import tiny_eval_config
+
+  cfg = tiny_eval_config()
+  _, val_files = pipeline.resolve_shards(cfg, log=None)
+  stream = np.asarray(shards.read_shard(val_files[0]))
+  L = 4096  # the split starts with an 11K-token document; 4 windows reach the next two
+  w = junk_windows(cfg, L, 4)
+  for r, row in enumerate(w):
+    assert row == stream[r * L:(r + 1) * L + 1].tolist()  # consecutive, sharing one token
+  assert any(tok.eot_id in row[1:] for row in w)  # crosses a document boundary
+  assert w[0][-1] == w[1][0]
+  with pytest.raises(JunkError, match="shorter --lengths"):
+    junk_windows(cfg, 10**9, 2)

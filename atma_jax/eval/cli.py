@@ -4,9 +4,12 @@ Evaluates at a ladder of context lengths, by default the training length x 1, 2,
 with the training window removed (ATMA_SPEC §3.3, §7):
   loss       mean NLL and bits per byte on held-out long documents (nested prefixes), and NLL by
              position bucket inside the longest context
+  junk       the same on consecutive windows of the validation stream, crossing documents
+             (§7.2 junk_ppl analogue)
   retrieval  passkey and NIAH (§7.3), synthetic and real-text haystacks, several depths and
              trials, five teacher-forced target tokens: token and exact five-token accuracy
-  induction  the §7.2 induction needle (needle first, cue `length - 40` tokens later)
+  induction  the §7.2 induction needle (needle first, cue `length - 40` tokens later), and its
+             needle-absent baseline (the model's prior on the value, once per trial)
   probe      Polar internals per global layer and length (n_eff, mag, null mass)
 `--no-mem` removes the memory branch. Writes `report.json` and PNG plots to `--out`, prints a
 short table.
@@ -21,8 +24,8 @@ import os
 import sys
 import time
 
-TASKS = ("loss", "retrieval", "induction", "probe")
-DEFAULT_TASKS = ("loss", "retrieval", "induction")
+TASKS = ("loss", "junk", "retrieval", "induction", "probe")
+DEFAULT_TASKS = ("loss", "junk", "retrieval", "induction")
 LADDER = (1, 2, 4, 8, 16, 32)
 MIN_LENGTH = 64  # the retrieval scaffold (EOT, needle, cue) needs ~30 tokens
 
@@ -152,6 +155,14 @@ def run(args: argparse.Namespace) -> int:
   if len(docs) < num_docs:
     print(f"note: only {len(docs)} held-out {args.corpus!r} document(s) reach {longest:,} tokens "
           f"(asked for {num_docs}); the loss uses those", file=sys.stderr)
+  junk = {}
+  if "junk" in tasks:  # cheap (cached token shards), so before any array is loaded
+    from atma_jax.eval.junk import JunkError, junk_windows
+    try:
+      junk = {n: junk_windows(cfg, n, num_docs) for n in lengths}
+    except JunkError as e:
+      raise EvalError(str(e)) from None
+  haystacks = [[tok.eot_id] + list(d) for d in docs]  # needle gaps start with the doc's EOT
 
   # Heavy part: arrays, compilation, forwards.
   from tqdm import tqdm
@@ -168,8 +179,9 @@ def run(args: argparse.Namespace) -> int:
   out_dir = args.out or os.path.join(run_dir, "eval_nomem" if args.no_mem else "eval")
   os.makedirs(out_dir, exist_ok=True)
 
-  units = {"loss": len(lengths) * len(docs), "retrieval": 4 * len(lengths) * len(depths) * trials,
-           "induction": len(lengths) * trials, "probe": len(lengths) * len(docs)}
+  units = {"loss": len(lengths) * len(docs), "junk": len(lengths) * num_docs,
+           "retrieval": 4 * len(lengths) * len(depths) * trials,
+           "induction": (len(lengths) + 1) * trials, "probe": len(lengths) * len(docs)}
   bar = tqdm(total=sum(units[t] for t in tasks), desc="eval", unit="seq", dynamic_ncols=True,
              disable=args.no_progress)
   tick = bar.update
@@ -178,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
             "train_seq_len": cfg.train.seq_len, "train_window": cfg.model.attn_window,
             "lengths": lengths, "depths": depths, "trials": trials, "memory": not args.no_mem,
             "corpus": args.corpus, "num_docs": len(docs), "tasks": tasks,
+            "junk_source": f"validation split of data.source={cfg.data.source}",
             "kernel_impl": model_cfg.kernel_impl}
 
   if "loss" in tasks:
@@ -187,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
     if nll_ND is not None:
       report["loss_by_position"] = suite.loss_by_position(nll_ND,
                                                           max(1, cfg.train.seq_len // 8))
+  if "junk" in tasks:
+    report["junk_loss_by_length"] = suite.junk_loss_by_length(
+        fwd, junk, lambda ids: eval_docs.byte_count(ids, tok), tick)
   if "retrieval" in tasks:
     report["retrieval"] = {}
     for kind in ("passkey", "niah"):
@@ -195,10 +211,11 @@ def run(args: argparse.Namespace) -> int:
             fwd, tok, kind, lengths, depths, trials, cfg.eval.seed, hay, tick)
   if "induction" in tasks:
     report["induction"] = suite.induction_by_length(fwd, tok, lengths, trials, cfg.eval.seed,
-                                                    docs, tick)
+                                                    haystacks, tick)
+    report["induction_baseline"] = suite.induction_baseline(fwd, tok, lengths, trials,
+                                                            cfg.eval.seed, haystacks, tick)
   if "probe" in tasks:
-    seqs = [[tok.eot_id] + list(d) for d in docs]
-    report["probe"] = probe.polar_probe(fwd, seqs, lengths, tick)
+    report["probe"] = probe.polar_probe(fwd, haystacks, lengths, tick)
   bar.close()
   report["seconds"] = round(time.time() - t0, 2)
 
@@ -229,6 +246,10 @@ def summary_table(report: dict) -> str:
     t = report["loss_by_length"]
     row(f"nll {report['corpus']} (nats)", [t.get(n, {}).get("nll") for n in lengths], ".3f")
     row(f"bpb {report['corpus']}", [t.get(n, {}).get("bpb") for n in lengths], ".3f")
+  if "junk_loss_by_length" in report:
+    t = report["junk_loss_by_length"]
+    row("nll junk val stream", [t.get(n, {}).get("nll") for n in lengths], ".3f")
+    row("bpb junk val stream", [t.get(n, {}).get("bpb") for n in lengths], ".3f")
   for name, table in report.get("retrieval", {}).items():
     for metric, tag in (("token_acc", "tok%"), ("exact", "exact%")):
       row(f"{name} {tag}", [100 * scoring.mean_over(list(table[n].values()), metric)
@@ -236,6 +257,12 @@ def summary_table(report: dict) -> str:
   if "induction" in report:
     ind = report["induction"]
     row("induction tok%", [100 * ind[n].get("token_acc", float("nan")) for n in lengths], ".1f")
+    row("induction nll", [ind[n].get("nll", float("nan")) for n in lengths], ".3f")
+  base = report.get("induction_baseline")
+  if base:
+    lines.append(f"no-needle baseline (prior on the value, {base.get('trials', 0)} trials, gap "
+                 f"{base.get('distance')}): nll {base.get('nll', float('nan')):.3f}, "
+                 f"tok% {100 * base.get('token_acc', float('nan')):.1f}")
   for layer in (report.get("probe", {}).get(lengths[0], {}) if "probe" in report else {}):
     row(f"n_eff layer {layer}", [report["probe"][n][layer]["n_eff"] for n in lengths], ".1f")
     row(f"w_null layer {layer}", [report["probe"][n][layer]["w_null"] for n in lengths], ".3f")

@@ -10,7 +10,10 @@ token). `needle_start` is the index of the planted needle (`cue + value`) inside
   `p = floor(depth * len(body))`. The per-sample RNG is seeded by `(seed, kind, index)`, so a
   sample keeps its cue and value at every length and depth (a paired design).
 - `induction_sample` (§7.2): the needle first, the cue re-presented after `distance` haystack
-  tokens: `[EOT] + needle + haystack[:distance] + cue`.
+  tokens: `[EOT] + needle + haystack[:distance] + cue`. The haystack is a document with its own
+  leading EOT, so the gap starts with it (§10 pitfall 24).
+- `baseline_sample` (§7.2 needle-absent baseline): the same trial's cue and value with no needle,
+  `[EOT] + haystack[:distance + len(needle)] + cue`; its value NLL is the model's prior.
 
 Haystacks: `synthetic_haystack` (the §7.3 filler sentences, repeated) or any real token list
 (held-out text from `atma_jax.data.eval_docs`, the same prefix for every sample).
@@ -105,6 +108,22 @@ def induction_sample(tok: Tokenizer, distance: int, rng: random.Random,
                      "distance; use a longer document or a shorter length")
   context = [tok.eot_id] + cue + value + list(haystack[:distance]) + cue
   return Sample(context, value, 1, cue)
+
+
+def baseline_sample(tok: Tokenizer, distance: int, rng: random.Random,
+                    haystack: Sequence[int]) -> Sample:
+  """The needle-absent control of `induction_sample` (same rng draw: same cue and value): the
+  cue appears only at the query, after `distance + len(needle)` haystack tokens, so the context
+  is as long as the induction context at `distance`. `needle_start` is -1 (no needle)."""
+  if distance < 0:
+    raise ValueError(f"baseline distance {distance} must be >= 0")
+  cue, value = cue_and_value(tok, "passkey", rng)
+  gap = distance + len(cue) + len(value)
+  if len(haystack) < gap:
+    raise ValueError(f"haystack has {len(haystack)} tokens, {gap} needed for the needle-absent "
+                     "baseline; use a longer document or a shorter length")
+  context = [tok.eot_id] + list(haystack[:gap]) + cue
+  return Sample(context, value, -1, cue)
 
 
 def induction_distance(length: int) -> int:

@@ -1,11 +1,12 @@
 """PNG plots of an evaluation report (`report.json` of `eval.py`).
 
-- `loss.png`: mean NLL vs context length (bits per byte on a second axis) and NLL by position
-  bucket inside the longest context; the training length is marked.
+- `loss.png`: mean NLL vs context length on clean held-out documents (bits per byte annotated)
+  and on the junk validation stream, and NLL by position bucket inside the longest context;
+  the training length is marked.
 - `retrieval.png`: one length x depth heatmap per task x haystack (token accuracy %, exact
   five-token accuracy % underneath).
-- `retrieval_by_length.png`: token accuracy (mean over depths) vs length per table, and the
-  induction needle.
+- `retrieval_by_length.png`: token accuracy (mean over depths) vs length per table and the
+  induction needle; next to it the induction value NLL against the needle-absent baseline.
 - `probe.png`: Polar n_eff, magnitude and null mass per global layer vs length.
 """
 
@@ -43,23 +44,34 @@ def _len_axis(ax, lengths, train_len):
   ax.grid(alpha=0.3)
 
 
+def _ok(series: dict[str, dict]) -> list[str]:
+  return [n for n in series if "nll" in series[n]]
+
+
 def plot_loss(report: dict[str, Any], path: str) -> str:
-  series = report["loss_by_length"]
-  ok = [n for n in series if "nll" in series[n]]
-  lengths = [int(n) for n in ok]
+  series = report.get("loss_by_length") or {}
+  junk = report.get("junk_loss_by_length") or {}
+  lengths = [int(n) for n in report["lengths"]]
   train_len = report.get("train_seq_len")
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-  nll = [series[n]["nll"] for n in ok]
-  ax.plot(lengths, nll, marker="o", color="C0")
-  for n, x, y in zip(ok, lengths, nll):
-    ax.annotate(f"{series[n]['bpb']:.3f} bpb", (x, y), textcoords="offset points", xytext=(0, 7),
-                ha="center", fontsize=7, color="C0")
+  for table, label, color, marker, dy in (
+      (series, f"clean: held-out {report.get('corpus', '')} documents", "C0", "o", 7),
+      (junk, "junk: validation stream across documents", "C3", "s", -12)):
+    ok = _ok(table)
+    xs, nll = [int(n) for n in ok], [table[n]["nll"] for n in ok]
+    if not ok:
+      continue
+    ax.plot(xs, nll, marker=marker, color=color, label=label)
+    for n, x, y in zip(ok, xs, nll):
+      ax.annotate(f"{table[n]['bpb']:.2f}", (x, y), textcoords="offset points", xytext=(0, dy),
+                  ha="center", fontsize=7, color=color)
   _len_axis(ax, lengths, train_len)
   ax.margins(x=0.08, y=0.15)
+  ax.legend(fontsize=8, title="numbers: bits per byte", title_fontsize=7)
   ax.set_xlabel("context length (tokens)")
   ax.set_ylabel("mean NLL (nats/token)")
-  ax.set_title(f"held-out {report.get('corpus', '')}: loss vs context length"
-               + (f" (train {fmt_len(train_len)})" if train_len else ""), fontsize=10)
+  ax.set_title("loss vs context length"
+               + (f" (train {fmt_len(train_len)}, dashed)" if train_len else ""), fontsize=10)
   pos = report.get("loss_by_position") or {}
   if pos:
     spans = [tuple(int(x) for x in k.split("-")) for k in pos]
@@ -137,21 +149,39 @@ def plot_retrieval(report: dict[str, Any], path: str) -> str:
 
 
 def plot_retrieval_by_length(report: dict[str, Any], path: str) -> str:
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  base = report.get("induction_baseline")
+  ind = report.get("induction")
+  two = bool(ind and base and "nll" in base)
+  fig, axes = plt.subplots(1, 2 if two else 1, figsize=(12, 4.2) if two else (6.4, 4.2),
+                           squeeze=False)
+  ax = axes[0, 0]
   lengths = [int(n) for n in report["lengths"]]
   for name, table in report.get("retrieval", {}).items():
     accs = [100 * scoring.mean_over(list(table[str(n)].values()), "token_acc") for n in lengths]
     ax.plot(lengths, accs, marker="o", label=name.replace("_", " / "))
-  if report.get("induction"):
-    ind = report["induction"]
+  if ind:
     ax.plot(lengths, [100 * ind[str(n)].get("token_acc", np.nan) for n in lengths], marker="^",
             color="black", ls="--", label="induction needle")
+  if base and "token_acc" in base:
+    ax.axhline(100 * base["token_acc"], color="grey", ls=":", label="no needle (prior)")
   _len_axis(ax, lengths, report.get("train_seq_len"))
   ax.set_ylim(-3, 103)
   ax.set_xlabel("context length (tokens)")
   ax.set_ylabel("token accuracy (%), mean over depths")
   ax.set_title(f"{_title(report)}: retrieval vs context length", fontsize=10)
   ax.legend(fontsize=8)
+  if two:
+    bx = axes[0, 1]
+    bx.plot(lengths, [ind[str(n)].get("nll", np.nan) for n in lengths], marker="^",
+            color="black", ls="--", label="induction needle (needle, then the cue)")
+    bx.axhline(base["nll"], color="grey", ls=":",
+               label=f"no needle: prior on the value ({base['nll']:.2f})")
+    _len_axis(bx, lengths, report.get("train_seq_len"))
+    bx.margins(y=0.3)
+    bx.set_xlabel("context length (tokens)")
+    bx.set_ylabel("value NLL (nats/token), 5 digits")
+    bx.set_title("induction: below the grey line = the needle helped", fontsize=10)
+    bx.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -185,7 +215,7 @@ def plot_probe(report: dict[str, Any], path: str) -> str:
 def write_all(report: dict[str, Any], out_dir: str) -> list[str]:
   os.makedirs(out_dir, exist_ok=True)
   paths = []
-  if report.get("loss_by_length"):
+  if report.get("loss_by_length") or report.get("junk_loss_by_length"):
     paths.append(plot_loss(report, os.path.join(out_dir, "loss.png")))
   if report.get("retrieval"):
     paths.append(plot_retrieval(report, os.path.join(out_dir, "retrieval.png")))

@@ -38,6 +38,27 @@ def scored_length(length: int) -> int:
 # ----------------------------------------------------------------------------- loss
 
 
+def _loss_cell(fwd: Forward, seqs: Sequence[Sequence[int]],
+               byte_count: Callable[[Sequence[int]], int], progress: Progress):
+  """`({nll, ppl, bpb, tokens, bytes}, nll_NT)` of `seq[1:]` given `seq[:-1]` for equal-length
+  sequences; bits per byte over the bytes of the predicted tokens (EOT counts 0 bytes).
+  A device OOM gives `({"error": "out of memory"}, None)`."""
+  try:
+    nll_NT = fwd.token_nll(seqs)
+  except Exception as e:  # noqa: BLE001 - only device OOM is recorded; the rest re-raises
+    if not is_oom(e):
+      raise
+    progress(len(seqs))
+    return {"error": "out of memory"}, None
+  total_bytes = sum(byte_count(s[1:]) for s in seqs)
+  total_nll = float(nll_NT.sum())
+  mean = total_nll / nll_NT.size
+  progress(len(seqs))
+  return {"nll": mean, "ppl": math.exp(mean),
+          "bpb": scoring.bits_per_byte(total_nll, total_bytes),
+          "tokens": int(nll_NT.size), "bytes": int(total_bytes)}, nll_NT
+
+
 def loss_by_length(fwd: Forward, docs: Sequence[Sequence[int]], lengths: Sequence[int],
                    eot_id: int, byte_count: Callable[[Sequence[int]], int],
                    progress: Progress = _noop):
@@ -52,25 +73,32 @@ def loss_by_length(fwd: Forward, docs: Sequence[Sequence[int]], lengths: Sequenc
   for length in sorted(lengths):
     short = [len(d) for d in docs if len(d) < length]
     if short:
-      raise ValueError(f"a held-out document has {short[0]} tokens, fewer than length {length}")
-    seqs = [[eot_id] + list(d[:length]) for d in docs]
-    try:
-      nll_ND = fwd.token_nll(seqs)
-    except Exception as e:  # noqa: BLE001 - only device OOM is recorded; the rest re-raises
-      if not is_oom(e):
-        raise
-      table[str(length)] = {"error": "out of memory"}
-      progress(len(docs))
-      continue
-    total_bytes = sum(byte_count(d[:length]) for d in docs)
-    total_nll = float(nll_ND.sum())
-    mean = total_nll / nll_ND.size
-    table[str(length)] = {"nll": mean, "ppl": math.exp(mean),
-                          "bpb": scoring.bits_per_byte(total_nll, total_bytes),
-                          "tokens": int(nll_ND.size), "bytes": int(total_bytes)}
-    longest_nll = nll_ND
-    progress(len(docs))
+      raise ValueError(f"a held-out document has {short[0]} tokens, fewer than length {length}; "
+                       "fetch documents of at least max(lengths) tokens or drop that length")
+    cell, nll_ND = _loss_cell(fwd, [[eot_id] + list(d[:length]) for d in docs], byte_count,
+                              progress)
+    table[str(length)] = cell
+    if nll_ND is not None:
+      longest_nll = nll_ND
   return table, longest_nll
+
+
+def junk_loss_by_length(fwd: Forward, windows: dict[int, Sequence[Sequence[int]]],
+                        byte_count: Callable[[Sequence[int]], int], progress: Progress = _noop
+                        ) -> dict[str, dict]:
+  """§7.2 junk_ppl analogue: `windows[L]` are consecutive L+1-token windows of the validation
+  stream (`atma_jax.eval.junk.junk_windows`), crossing document boundaries; each predicts its
+  last L tokens. `table[str(L)] = {nll, ppl, bpb, tokens, bytes, eot}` (`eot`: EOTs inside)."""
+  table = {}
+  for length in sorted(windows):
+    seqs = windows[length]
+    bad = [len(s) for s in seqs if len(s) != length + 1]
+    if bad:
+      raise ValueError(f"junk windows at length {length} must hold {length + 1} tokens, one has "
+                       f"{bad[0]}; build them with atma_jax.eval.junk.junk_windows")
+    cell, _ = _loss_cell(fwd, seqs, byte_count, progress)
+    table[str(length)] = cell
+  return table
 
 
 def position_edges(length: int, first: int) -> list[int]:
@@ -95,8 +123,7 @@ def loss_by_position(nll_ND: np.ndarray, first: int) -> dict[str, float]:
 def score_samples(fwd: Forward, samples: Sequence[needles.Sample], pad_to: int
                   ) -> list[dict[str, float]]:
   """Teacher-forced metrics of each sample: input `context + value[:-1]`, 5 scored positions."""
-  inputs = [s.context + s.value[:-1] for s in samples]
-  starts = [len(s.context) - 1 for s in samples]
+  inputs, starts = zip(*(scoring.scored_input(s.context, s.value) for s in samples))
   logits_NCV = fwd.logits_at(inputs, starts, needles.VALUE_TOKENS, pad_to)
   return [scoring.target_metrics(lg, s.value) for lg, s in zip(logits_NCV, samples)]
 
@@ -138,7 +165,9 @@ def retrieval_grid(fwd: Forward, tok, kind: str, lengths: Sequence[int], depths:
 def induction_by_length(fwd: Forward, tok, lengths: Sequence[int], trials: int, seed: int,
                         haystacks: Sequence[Sequence[int]], progress: Progress = _noop
                         ) -> dict[str, dict[str, float]]:
-  """§7.2 induction needle at distance `length - 40` (trial t reads haystack t mod #docs)."""
+  """§7.2 induction needle at distance `length - 40` (trial t reads haystack t mod #docs).
+
+  Haystacks are documents with their leading EOT (`[EOT] + doc`, §10 pitfall 24)."""
   out = {}
   for length in lengths:
     distance = needles.induction_distance(length)
@@ -151,7 +180,17 @@ def induction_by_length(fwd: Forward, tok, lengths: Sequence[int], trials: int, 
   return out
 
 
-def summarize_retrieval(table: dict[str, dict[str, dict[str, float]]], metric: str
-                        ) -> dict[str, float]:
-  """Mean over depths of `metric` per length (NaN where a cell failed)."""
-  return {n: scoring.mean_over(list(row.values()), metric) for n, row in table.items()}
+def induction_baseline(fwd: Forward, tok, lengths: Sequence[int], trials: int, seed: int,
+                       haystacks: Sequence[Sequence[int]], progress: Progress = _noop
+                       ) -> dict[str, float]:
+  """§7.2 needle-absent baseline, once per trial: trial t's cue and value (the same draws as
+  `induction_by_length`) after `d_min + len(needle)` tokens of haystack t mod #docs, with
+  `d_min` the induction distance of the shortest length. Its value NLL is the model's prior on
+  the five digits: `{token_acc, exact, nll, trials, distance}`."""
+  d_min = needles.induction_distance(min(lengths))
+  samples = [needles.baseline_sample(tok, d_min, needles.sample_rng(seed, "induction", i),
+                                     haystacks[i % len(haystacks)])
+             for i in range(trials)]
+  cell = _cell(fwd, samples, scored_length(min(lengths)), progress)
+  cell["distance"] = d_min
+  return cell
