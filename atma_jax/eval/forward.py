@@ -102,11 +102,11 @@ class Forward:
     if tokens_NT.ndim != 2 or tokens_NT.shape[1] < 2:
       raise ValueError(f"token_nll needs equal-length sequences of >= 2 tokens; got "
                        f"{tokens_NT.shape}")
-    out = []
-    for chunk_NT in _batches(tokens_NT, self.rows(tokens_NT.shape[1] - 1)):
-      nll = self._nll(self.params, jnp.asarray(chunk_NT[:, :-1]), jnp.asarray(chunk_NT[:, 1:]))
-      out.append(np.asarray(nll, dtype=np.float64))
-    return np.concatenate(out)[:len(tokens_NT)]
+    # Dispatch every call before reading any result back: the host builds the next batch while
+    # the device runs, and the device->host copies happen once, at the end.
+    out = [self._nll(self.params, jnp.asarray(chunk_NT[:, :-1]), jnp.asarray(chunk_NT[:, 1:]))
+           for chunk_NT in _batches(tokens_NT, self.rows(tokens_NT.shape[1] - 1))]
+    return np.concatenate([np.asarray(x, np.float64) for x in out])[:len(tokens_NT)]
 
   def logits_at(self, inputs: Sequence[Sequence[int]], starts: Sequence[int], count: int,
                 pad_to: int | None = None) -> np.ndarray:
@@ -127,11 +127,11 @@ class Forward:
       ids_NT[i, :len(x)] = x
     starts_N = np.asarray(starts, np.int32)
     rows = min(self.rows(T), len(inputs))
-    out = []
+    out = []  # all calls dispatched first, read back at the end (as in token_nll)
     for lo in range(0, len(inputs), rows):
       ids, st = _pad_rows(ids_NT[lo:lo + rows], rows), _pad_rows(starts_N[lo:lo + rows], rows)
-      out.append(np.asarray(self._logits(self.params, jnp.asarray(ids), jnp.asarray(st), count)))
-    return np.concatenate(out)[:len(inputs)]
+      out.append(self._logits(self.params, jnp.asarray(ids), jnp.asarray(st), count))
+    return np.concatenate([np.asarray(x) for x in out])[:len(inputs)]
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
