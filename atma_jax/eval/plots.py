@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -75,8 +74,7 @@ def plot_loss(report: dict[str, Any], path: str) -> str:
   pos = report.get("loss_by_position") or {}
   if pos:
     spans = [tuple(int(x) for x in k.split("-")) for k in pos]
-    mids = [math.sqrt(max(lo, 1) * hi) for lo, hi in spans]
-    bx.plot(mids, list(pos.values()), marker="o", color="C2")
+    bx.plot([hi for _, hi in spans], list(pos.values()), marker="o", color="C2")
     bx.set_xscale("log", base=2)
     bx.set_xticks([hi for _, hi in spans], [fmt_len(hi) for _, hi in spans])
     bx.minorticks_off()
@@ -86,7 +84,8 @@ def plot_loss(report: dict[str, Any], path: str) -> str:
     bx.grid(alpha=0.3)
     bx.set_xlabel("position in the context (bucket upper edge)")
     bx.set_ylabel("mean NLL (nats/token)")
-    bx.set_title(f"loss by position inside {fmt_len(spans[-1][1])} tokens", fontsize=10)
+    bx.set_title(f"clean documents: loss by position inside {fmt_len(spans[-1][1])} tokens",
+                 fontsize=10)
   else:
     bx.axis("off")
   fig.suptitle(_title(report), fontsize=11)
