@@ -92,3 +92,22 @@ def test_end_to_end(run_dir, tmp_path, capsys):
   nomem = json.loads((run_dir / "eval_nomem" / "report.json").read_text())
   assert not nomem["memory"]
   assert abs(nomem["loss_by_length"]["64"]["nll"] - report["loss_by_length"]["64"]["nll"]) > 1e-4
+
+
+def test_needle_haystacks_start_with_eot(run_dir, tmp_path, monkeypatch, capsys):
+  """§10 pitfall 24: the induction gap (and its baseline) starts with the document's EOT."""
+  from atma_jax.eval import suite
+
+  seen = []
+  for name in ("induction_by_length", "induction_baseline"):
+    orig = getattr(suite, name)
+
+    def spy(fwd, tok, lengths, trials, seed, haystacks, progress, _orig=orig):
+      seen.append([h[0] for h in haystacks])
+      return _orig(fwd, tok, lengths, trials, seed, haystacks, progress)
+
+    monkeypatch.setattr(suite, name, spy)
+  assert cli.main(["--checkpoint", str(run_dir), "--lengths", "64", "--tasks", "induction",
+                   "--trials", "1", "--docs", "2", "--out", str(tmp_path), "--no-progress"]) == 0
+  assert seen == [[50256, 50256]] * 2
+  assert "no-needle baseline" in capsys.readouterr().out
