@@ -1,5 +1,12 @@
 """Train ATMA: `python train.py [--config tiny|atma_378m|path.json] [--set k=v ...] [--resume]`.
 
+Examples:
+  python train.py                                        # tiny preset, embedded corpus, CPU
+  python train.py --config tiny --set train.steps=20 --set train.run_dir=/tmp/run
+  python train.py --config atma_378m --set mesh.fsdp=8 --set data.source=bin \\
+      --set data.path='/data/finewebedu_train_*.bin'
+  python train.py --resume --set train.run_dir=runs/tiny  # continue the latest checkpoint
+
 With no arguments: the `tiny` preset on the embedded corpus, on CPU, in a few minutes; the run
 directory (`runs/tiny`) then holds `checkpoints/<step>/`, `config.json` and `metrics.jsonl`.
 Multi-process: pass --coordinator host:port --num-processes N --process-id i (or the JAX_*
@@ -13,14 +20,18 @@ from atma_jax.config import ConfigError, resolve
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--config", default="tiny", help="preset name or path to a config .json")
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", default="tiny",
+                  help="preset name (tiny, atma_378m) or path to a config .json, e.g. a run's "
+                  "<run_dir>/config.json (default: tiny)")
   ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                   help="override a config field, e.g. --set train.steps=100 (repeatable)")
-  ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+  ap.add_argument("--resume", action="store_true",
+                  help="continue from the latest checkpoint in train.run_dir (bit-exact)")
   ap.add_argument("--coordinator", help="multi-process: coordinator host:port")
-  ap.add_argument("--num-processes", type=int)
-  ap.add_argument("--process-id", type=int)
+  ap.add_argument("--num-processes", type=int, help="multi-process: total number of processes")
+  ap.add_argument("--process-id", type=int, help="multi-process: this process's index, 0..N-1")
   ap.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = ap.parse_args(argv)
   try:
