@@ -152,9 +152,9 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
   def evaluate(st, step):
     if not eval_batches:
       return None
-    tot = [eval_step(st, b) for b in eval_batches]
-    loss_sum = sum(float(m["loss_sum"]) for m in jax.device_get(tot))
-    toks = sum(int(m["tokens"]) for m in jax.device_get(tot))
+    tot = jax.device_get([eval_step(st, b) for b in eval_batches])  # one transfer
+    loss_sum = sum(float(m["loss_sum"]) for m in tot)
+    toks = sum(int(m["tokens"]) for m in tot)
     val = loss_sum / toks
     writer.write({"step": step, "val_loss": val, "val_tokens": toks})
     if bar is not None:
