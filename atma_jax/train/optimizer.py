@@ -91,8 +91,10 @@ def classify(params) -> list[LeafSpec]:
           "extend atma_jax.train.optimizer.classify.")
     specs.append(LeafSpec(path, shape, group, kind))
   seen = [s.path for s in specs]
-  assert len(set(seen)) == len(seen), "duplicate parameter paths"
-  assert sum(1 for s in specs if s.group in GROUPS) == len(jax.tree.leaves(params))
+  if len(set(seen)) != len(seen):
+    dup = sorted({p for p in seen if seen.count(p) > 1})
+    raise OptimizerError(f"parameter paths {dup[:3]} occur more than once; every leaf must have "
+                         "a unique dotted path to be assigned to exactly one group.")
   return specs
 
 
