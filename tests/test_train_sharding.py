@@ -131,3 +131,25 @@ def test_aux_loss_weights():
   assert half[1] == pytest.approx(base[1], rel=1e-5)
   assert double[1] == pytest.approx(2 * base[1], rel=1e-5)
   assert half[0] == base[0] == double[0]  # reported loss is the CE only
+
+
+def test_micro_batches_cover_every_row_once():
+  """The summed objective over micro-batches is that of the whole batch: every row is used once
+  (loss vs a direct full-batch oracle) and the accumulated gradient does not depend on the
+  micro-batch size (N = 1 vs N = 4)."""
+  from flax import nnx
+  out = {}
+  for micro in (16, 4):
+    cfg = resolve("tiny", STANDIN + ["mesh.data=1", f"train.micro_batch={micro}"])
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    mf = standin_model_fn(cfg)
+    setup = setup_state(cfg, mesh, mf)
+    batch = next(ToyData(cfg))
+    model = nnx.merge(setup.graphdef, init_state(cfg, setup, mf).params)
+    ce, _, _ = standin_losses(cfg, model, batch["inputs"], batch["targets"], None, train=False)
+    step = make_train_step(cfg, setup, mesh, losses_fn=standin_losses)
+    _, m = step(init_state(cfg, setup, mf), batch)
+    out[micro] = (float(m["loss"]), float(m["grad_norm"]))
+    assert out[micro][0] == pytest.approx(float(ce) / batch["inputs"].size, rel=1e-5)
+  assert out[4][0] == pytest.approx(out[16][0], rel=1e-5)
+  assert out[4][1] == pytest.approx(out[16][1], rel=1e-4)
