@@ -9,6 +9,9 @@ def assert_close(name: str, got, want, atol: float, rtol: float, case=None):
     raise AssertionError(f"{name}: shape {got.shape} != oracle {want.shape} ({case})")
   if not np.all(np.isfinite(got)):
     raise AssertionError(f"{name}: non-finite values ({case})")
+  if not np.all(np.isfinite(want)):
+    # NaN compares false with every tolerance, so a broken oracle would pass silently
+    raise AssertionError(f"{name}: the oracle itself has non-finite values ({case})")
   err = np.abs(got - want)
   bad = err > atol + rtol * np.abs(want)
   if bad.any():
