@@ -121,10 +121,16 @@ def _offset(cfg: _Static, off):
   return cfg.q_offset if cfg.q_offset is not None else off
 
 
+def _active_specs(q, k):
+  """`_specs` for the active mesh ((None,) * 3 without one: `_maybe_shard` is then a no-op)."""
+  mesh = sharding.current_mesh()
+  if mesh is None:
+    return (None,) * 3
+  return _specs(mesh, q.shape[0], q.shape[2], k.shape[2])
+
+
 def _run_fwd(cfg, q, k, v, scale, off):
-  B, _, H, _ = q.shape
-  sq, skv, srow = _specs(sharding.current_mesh(), B, H, k.shape[2]) \
-      if sharding.current_mesh() is not None else (None,) * 3
+  sq, skv, srow = _active_specs(q, k)
 
   def fwd(q, k, v, scale, off):
     return cfg.backend.attention_stats_fwd(q, k, v, scale, window=cfg.window,
@@ -134,9 +140,7 @@ def _run_fwd(cfg, q, k, v, scale, off):
 
 
 def _run_bwd(cfg, q, k, v, scale, lse, do, delta, cq, off):
-  B, _, H, _ = q.shape
-  sq, skv, srow = _specs(sharding.current_mesh(), B, H, k.shape[2]) \
-      if sharding.current_mesh() is not None else (None,) * 3
+  sq, skv, srow = _active_specs(q, k)
 
   def bwd(q, k, v, scale, lse, do, delta, cq, off):
     return cfg.backend.attention_stats_bwd(q, k, v, scale, lse, do, delta, cq,
