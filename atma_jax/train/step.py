@@ -84,7 +84,10 @@ def make_train_step(cfg: Config, setup: StateSetup, mesh: Mesh, *,
   def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
     inputs, targets = split_micro(batch["inputs"]), split_micro(batch["targets"])
     rng_step = jax.random.fold_in(state.rng, state.step)
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    # the fp32 gradient accumulator is sharded like the parameters (never replicated)
+    zeros = jax.lax.with_sharding_constraint(
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
+        setup.shardings.params)
 
     def body(carry, xs):
       acc, ce_acc, reg_acc, align_acc = carry
