@@ -18,16 +18,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atma_jax.model import init
+# fp32 for half/single activations (statistics, gates, accumulation), fp64 stays fp64: the one
+# copy lives beside the Polar oracle and is re-exported here for the model modules.
+from pallas_kernels.polar_attention.reference import stats_dtype  # noqa: F401
 
 # Weightless RMS-norm eps: torch's default for F.rms_norm without eps is the machine epsilon of
 # the computation type, fp32 for bf16/fp16/fp32 inputs (spec §2.3).
 FP32_EPS = 2.0 ** -23
 RMSNORM_EPS = 1e-6  # learnable-weight RMSNorm modules (hard-coded 1e-6 in the reference)
-
-
-def stats_dtype(dtype) -> jnp.dtype:
-  """fp32 for half/single activations (statistics, gates, accumulation); fp64 stays fp64."""
-  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
 def rms_norm(x: jax.Array, eps: float = FP32_EPS) -> jax.Array:
