@@ -126,17 +126,19 @@ class GlobalMixer(nnx.Module):
     gate_BTF = gate_BTF.reshape(B, T, H * d)
 
     if cfg.attn_type == "polar":
+      len_gain_raw_H, null_base_H, null_slope_raw_H = (
+          self.len_gain_raw.get_value(), self.null_base.get_value(),
+          self.null_slope_raw.get_value())
       c_BTHd, mag_BTH = polar_core(
-          q_att, k_att, v_att, self.v_null.get_value(), self.len_gain_raw.get_value(), self.null_base.get_value(),
-          self.null_slope_raw.get_value(), self.mag_beta_raw.get_value(), window=W, q_offset=q_offset,
+          q_att, k_att, v_att, self.v_null.get_value(), len_gain_raw_H, null_base_H,
+          null_slope_raw_H, self.mag_beta_raw.get_value(), window=W, q_offset=q_offset,
           impl=cfg.kernel_impl)
       out_BTD = self.proj(c_BTHd.reshape(B, T, H * d) * gate_BTF)
       out_BTD = out_BTD + self.mu_proj(mag_BTH.astype(x_BTD.dtype))
       if distract:
         k_rand, _ = self._random_kv(x_BTD, rng, normed=True)
-        align = aux_losses.polar_distractor(
-            q_att, k_rand, self.len_gain_raw.get_value(), self.null_base.get_value(),
-            self.null_slope_raw.get_value(), q_offset=q_offset)
+        align = aux_losses.polar_distractor(q_att, k_rand, len_gain_raw_H, null_base_H,
+                                            null_slope_raw_H, q_offset=q_offset)
     else:
       scale = cfg.rope_scale if cfg.attn_type == "rope" else 1.0 / math.sqrt(d)
       y_BTHd = softmax_attention(q_att, k_att, v_att, scale=scale, window=W, q_offset=q_offset,
