@@ -10,6 +10,7 @@ dtypes, logical axes and count); the last line is exactly `total_params: N`.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import OrderedDict
 
@@ -36,15 +37,9 @@ def module_rows(params: nnx.State) -> "OrderedDict[str, list[tuple[str, tuple, s
     names = [str(p) for p in path]
     module, leaf = ".".join(names[:-1]) or "<root>", names[-1]
     axes = tuple(v.get_metadata().get("out_sharding") or ())
-    rows.setdefault(module, []).append((leaf, tuple(v.get_value().shape), str(v.get_value().dtype), axes))
+    value = v.get_value()
+    rows.setdefault(module, []).append((leaf, tuple(value.shape), str(value.dtype), axes))
   return rows
-
-
-def _size(shape: tuple) -> int:
-  n = 1
-  for s in shape:
-    n *= s
-  return n
 
 
 def format_table(params: nnx.State, leaves: bool = False) -> str:
@@ -54,19 +49,21 @@ def format_table(params: nnx.State, leaves: bool = False) -> str:
   lines.append(f"{'module':<{width}} {'params':>13}  leaves")
   total = 0
   for module, items in rows.items():
-    n = sum(_size(shape) for _, shape, _, _ in items)
+    n = sum(math.prod(shape) for _, shape, _, _ in items)
     total += n
     desc = "  ".join(f"{leaf}{list(shape)}:{dtype}" for leaf, shape, dtype, _ in items)
     lines.append(f"{module:<{width}} {n:>13,}  {desc}")
     if leaves:
       for leaf, shape, dtype, axes in items:
-        lines.append(f"{'':<{width}} {_size(shape):>13,}    .{leaf} {list(shape)} {dtype} axes={axes}")
+        lines.append(f"{'':<{width}} {math.prod(shape):>13,}    .{leaf} {list(shape)} {dtype} "
+                     f"axes={axes}")
   lines.append(f"total_params: {total}")
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m atma_jax.summary", description=__doc__.split("\n")[0])
+  ap = argparse.ArgumentParser(prog="python -m atma_jax.summary",
+                               description=__doc__.split("\n")[0])
   ap.add_argument("config", help="preset name (tiny, atma_378m) or a config .json")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="config override, e.g. --set model.mem_enabled=false (repeatable)")
