@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from atma_jax.config import Config, ConfigError, from_dict, to_dict
+from atma_jax.train.optimizer import dotted_path
 
 ITEMS = ("state", "data", "config")
 
@@ -146,11 +147,6 @@ def check_same_model(saved: Config, requested: Config, where) -> None:
                           "start a new run_dir.")
 
 
-def _norm_path(path) -> str:
-  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-  return ".".join(n for n in names if n != "value")
-
-
 def check_shapes(mngr: ocp.CheckpointManager, step: int, abstract_state, where) -> None:
   """Saved array shapes must equal the target's (catches a changed model under equal configs)."""
   try:
@@ -159,9 +155,9 @@ def check_shapes(mngr: ocp.CheckpointManager, step: int, abstract_state, where) 
     raise CheckpointError(f"checkpoint {where}: cannot read the state metadata ({e}).") from None
   if meta is None:
     return
-  saved = {_norm_path(k): tuple(v.shape)
+  saved = {dotted_path(k): tuple(v.shape)
            for k, v in jax.tree_util.tree_flatten_with_path(meta)[0] if hasattr(v, "shape")}
-  want = {_norm_path(k): tuple(v.shape)
+  want = {dotted_path(k): tuple(v.shape)
           for k, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
   bad = [f"{k}: saved {saved.get(k)} vs expected {v}" for k, v in want.items()
          if saved.get(k) != v]

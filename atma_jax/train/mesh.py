@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atma_jax.config import ConfigError, MeshConfig, TrainConfig
 from atma_jax.sharding import MESH_AXES, logical_to_spec
+from atma_jax.train.optimizer import dotted_path
 
 BATCH_AXES = ("batch", "seq")  # logical names of a token batch [B, T]
 
@@ -110,7 +111,7 @@ def param_shardings(mesh: Mesh, params, notes: list[str] | None = None):
   notes = [] if notes is None else notes
 
   def one(path, var):
-    name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    name = dotted_path(path)
     names = logical_names(var) if isinstance(var, nnx.Variable) else None
     shape = var.get_value().shape if isinstance(var, nnx.Variable) else var.shape
     if names is None:

@@ -52,15 +52,17 @@ def _key_name(k) -> str:
   return str(k)
 
 
+def dotted_path(keypath) -> str:
+  """A jax key path as "blocks.2.attn.q.kernel" (a trailing nnx `.value` dropped)."""
+  names = [_key_name(k) for k in keypath]
+  if names and names[-1] == "value":
+    names = names[:-1]
+  return ".".join(names)
+
+
 def leaf_paths(params) -> list[str]:
-  """Dotted path of every array leaf, in `jax.tree.leaves` order (nnx's `.value` dropped)."""
-  out = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = [_key_name(k) for k in path]
-    if names and names[-1] == "value":
-      names = names[:-1]
-    out.append(".".join(names))
-  return out
+  """Dotted path of every array leaf, in `jax.tree.leaves` order."""
+  return [dotted_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def classify(params) -> list[LeafSpec]:
