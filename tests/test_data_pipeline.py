@@ -46,7 +46,7 @@ def _take(it, n):
 
 
 def _same(a, b):
-  return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in ("inputs", "targets"))
+  return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in ("inputs", "targets"))
 
 
 def test_rows_match_reference_loader_and_wrap(shard_dir):
