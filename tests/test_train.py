@@ -131,5 +131,9 @@ def test_cli_rejects_bad_input(capsys, tmp_path):
   assert train.main(["--set", "mesh.data=8", "--set", "train.global_batch=4", "--set",
                      "train.micro_batch=4", "--set", f"train.run_dir={tmp_path}"]) == 2
   assert "does not divide the mesh" in capsys.readouterr().err
+  # cadences the loop divides by
+  for bad in ("train.eval_every=0", "train.log_every=0", "train.steps=0"):
+    assert train.main(["--set", bad, "--set", f"train.run_dir={tmp_path}"]) == 2
+    assert f"{bad} must be >= 1" in capsys.readouterr().err
   assert train.main(["--coordinator", "127.0.0.1:1"]) == 2
   assert "--num-processes" in capsys.readouterr().err
