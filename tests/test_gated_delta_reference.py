@@ -203,3 +203,16 @@ def test_bad_inputs_raise_clear_errors():
     api.gated_delta_rule(q, k[:, :, :1], v, lg, beta)
   with pytest.raises(ValueError, match="gated_delta_step expects"):
     api.gated_delta_step(q[:, 0], k[:, 0], v[:, 0], lg[:, 0], beta[:, 0], s0[0])
+
+
+def test_api_state_dtype_follows_the_oracle_rule():
+  """An fp64 initial state with fp32 q/k/v/gates runs in fp64 (as the oracle does), not fp32."""
+  case = Case(T=6, B=1, H=2, K=8, V=8)
+  with jax.enable_x64(True):
+    q, k, v, lg, beta, s0 = random_inputs(case, jnp.float32, seed=5)
+    s0 = jnp.asarray(np.random.default_rng(6).standard_normal(s0.shape), jnp.float64)
+    o, s = _api_fwd(q, k, v, lg, beta, s0, chunk_size=4)
+    want_o, want_s = reference.gated_delta_sequential(q, k, v, lg, beta, s0)
+  assert o.dtype == want_o.dtype == jnp.float64 and s.dtype == jnp.float64
+  np.testing.assert_allclose(o, want_o, atol=1e-10, rtol=1e-10)
+  np.testing.assert_allclose(s, want_s, atol=1e-10, rtol=1e-10)

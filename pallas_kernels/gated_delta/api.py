@@ -34,7 +34,6 @@ import importlib
 import math
 
 import jax
-import jax.numpy as jnp
 
 from atma_jax import sharding
 from pallas_kernels.gated_delta import reference, xla_chunked
@@ -134,11 +133,10 @@ def gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, *, initial
     raise ValueError(f"chunk_size must be a positive int (e.g. 64); got {chunk_size!r}")
   reference.check_gated_delta_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH,
                                      initial_state)
-  B, T, H, K = q_BTHK.shape
-  V = v_BTHV.shape[-1]
-  dt = reference.state_dtype(log_gamma_BTH.dtype, beta_BTH.dtype, q_BTHK.dtype)
-  s0_BHKV = (jnp.zeros((B, H, K, V), dt) if initial_state is None
-             else initial_state.astype(dt))
+  B, _, H, _ = q_BTHK.shape
+  # the oracle's own rule: fp64 when ANY input (state included) is fp64, else fp32
+  dt, s0_BHKV = reference.initial_state_or_zeros(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH,
+                                                 beta_BTH, initial_state)
   log_gamma_BTH, beta_BTH = log_gamma_BTH.astype(dt), beta_BTH.astype(dt)
   fn = functools.partial(_run_backend, impl, chunk_size)
   mesh = sharding.current_mesh()
