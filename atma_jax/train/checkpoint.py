@@ -64,11 +64,14 @@ def make_manager(run_dir, *, keep: int, async_save: bool, create: bool = True
                  ) -> ocp.CheckpointManager:
   opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                       enable_async_checkpointing=async_save)
-  handlers = {"state": ocp.StandardCheckpointHandler(),
-              "data": grain.checkpoint.CheckpointHandler(),
-              "config": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(checkpoint_dir(run_dir), options=opts, item_names=ITEMS,
-                               item_handlers=handlers)
+                               item_handlers=_item_handlers())
+
+
+def _item_handlers() -> dict:
+  return {"state": ocp.StandardCheckpointHandler(),
+          "data": grain.checkpoint.CheckpointHandler(),
+          "config": ocp.JsonCheckpointHandler()}
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, cfg: Config,
@@ -196,10 +199,8 @@ def load_model(path, requested: Config | None = None, model_fn=None):
     check_same_model(cfg, requested, step_dir)
   mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
   setup = setup_state(cfg, mesh, model_fn)
-  mngr = ocp.CheckpointManager(step_dir.parent, item_names=ITEMS, item_handlers={
-      "state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-      "data": grain.checkpoint.CheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  mngr = ocp.CheckpointManager(step_dir.parent, item_names=ITEMS, item_handlers=_item_handlers(),
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   step = int(step_dir.name)
   check_shapes(mngr, step, setup.abstract, step_dir)
   out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(setup.abstract)))
