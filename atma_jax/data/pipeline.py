@@ -175,7 +175,8 @@ def make_eval_batches(cfg: Config, num_batches: int | None = None, *, process_in
   num_batches = cfg.train.eval_batches if num_batches is None else num_batches
   batch_rows = cfg.train.micro_batch if batch_rows is None else batch_rows
   _, val_files = resolve_shards(cfg, log=log)
-  start, local = _local_rows(batch_rows, process_index, process_count, "eval batch rows")
+  start, local = _local_rows(batch_rows, process_index, process_count,
+                             "eval batch rows (train.micro_batch unless batch_rows is given)")
   windows = StepWindows(val_files, seq_len=cfg.train.seq_len, batch_rows=batch_rows,
                         row_start=start, row_count=local, vocab_size=cfg.model.vocab_size,
                         what="validation")
