@@ -176,6 +176,15 @@ class Config:
   def validate(self) -> "Config":
     self.model.validate()
     t = self.train
+    positive = ("steps", "log_every", "eval_every", "micro_batch", "global_batch",
+                "keep_checkpoints")
+    for name in positive:
+      if getattr(t, name) < 1:
+        raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 1; "
+                          f"set e.g. --set train.{name}=1.")
+    for name in ("checkpoint_every", "eval_batches"):
+      if getattr(t, name) < 0:
+        raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0 (0 turns it off).")
     if t.global_batch % t.micro_batch:
       raise ConfigError(
           f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch="

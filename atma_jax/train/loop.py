@@ -96,19 +96,6 @@ def default_eval_data_fn(cfg, process_index, process_count):
                            log=None)
 
 
-def check_loop_config(t) -> None:
-  """Cadences and counts the loop divides by or loops over must be positive (else ConfigError)."""
-  positive = {"steps": t.steps, "log_every": t.log_every, "eval_every": t.eval_every,
-              "micro_batch": t.micro_batch, "global_batch": t.global_batch,
-              "keep_checkpoints": t.keep_checkpoints}
-  for name, val in positive.items():
-    if val < 1:
-      raise ConfigError(f"train.{name}={val} must be >= 1; set e.g. --set train.{name}=1.")
-  for name in ("checkpoint_every", "eval_batches"):
-    if getattr(t, name) < 0:
-      raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0 (0 turns it off).")
-
-
 def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable = model_losses,
         data_fn: Callable = default_data_fn, eval_data_fn: Callable | None = default_eval_data_fn,
         stop_after: int | None = None, progress: bool = True, log=print) -> dict[str, Any]:
@@ -119,7 +106,7 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
   """
   t, pidx, pcount = cfg.train, jax.process_index(), jax.process_count()
   is_main = pidx == 0
-  check_loop_config(t)
+  cfg.validate()  # cadences, batch sizes (a config built by hand may skip resolve())
   mesh = make_mesh(cfg.mesh)
   check_batch_divides(mesh, t)
   if t.global_batch % pcount:
