@@ -154,6 +154,21 @@ def backend_fwd_vjp(fwd, bwd, case: Case, q, k, v, scale, cotangents):
           tuple(np.asarray(x, np.float64) for x in grads))
 
 
+def traced_offset_backend(module, **kw):
+  """(fwd, bwd) of a backend module with q_offset passed as a traced int32 scalar (a jitted
+  decode / chunked-prefill loop); `kw` goes to the module's functions (e.g. `config=`)."""
+  def fwd(q, k, v, s, *, window, q_offset):
+    f = lambda q, k, v, s, off: module.attention_stats_fwd(q, k, v, s, window=window,
+                                                           q_offset=off, **kw)
+    return jax.jit(f)(q, k, v, s, jnp.int32(q_offset))
+
+  def bwd(*args, window, q_offset):
+    f = lambda *a: module.attention_stats_bwd(*a[:-1], window=window, q_offset=a[-1], **kw)
+    return jax.jit(f)(*args, jnp.int32(q_offset))
+
+  return fwd, bwd
+
+
 def check_backend(fwd, bwd, case: Case, dtype=jnp.float32, atol=1e-5, rtol=1e-5, seed=0):
   """Forward (o, lse, p2) and VJP (dq, dk, dv, dscale) of a backend vs the fp64 oracle.
 

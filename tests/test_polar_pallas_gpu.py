@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.polar_attention import gpu_triton
-from tests.polar_cases import CASES, SMALL_CASES, Case, check_backend
+from tests.polar_cases import CASES, SMALL_CASES, Case, check_backend, traced_offset_backend
 
 # Small, mixed blocks: several key/query blocks at T ~ 33-100, different dq/dkv tilings.
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -61,16 +61,7 @@ def test_split_k_decode_matches_oracle(case):
 @pytest.mark.parametrize("config", [SMALL_BLOCKS, DECODE_BLOCKS], ids=["tiles", "split_k"])
 def test_traced_q_offset(config):
   """q_offset as a traced int32 scalar (a jitted decode / chunked-prefill loop)."""
-  def fwd(q, k, v, s, *, window, q_offset):
-    f = lambda q, k, v, s, off: gpu_triton.attention_stats_fwd(q, k, v, s, window=window,
-                                                                q_offset=off, config=config)
-    return jax.jit(f)(q, k, v, s, jnp.int32(q_offset))
-
-  def bwd(*args, window, q_offset):
-    f = lambda *a: gpu_triton.attention_stats_bwd(*a[:-1], window=window, q_offset=a[-1],
-                                                  config=config)
-    return jax.jit(f)(*args, jnp.int32(q_offset))
-
+  fwd, bwd = traced_offset_backend(gpu_triton, config=config)
   check_backend(fwd, bwd, Case(Tq=3, Tk=90, q_offset=60, H=4, G=2, window=20), jnp.float32,
                 atol=2e-5, rtol=2e-5)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.polar_attention import tpu
-from tests.polar_cases import SMALL_CASES, Case, check_backend
+from tests.polar_cases import SMALL_CASES, Case, check_backend, traced_offset_backend
 
 SMALL_BLOCKS = tpu.BlockConfig(block_q=16, block_k=16, dq_block_q=16, dq_block_k=32,
                                dkv_block_q=32, dkv_block_k=16)
@@ -34,16 +34,7 @@ def test_fp32_matches_oracle(case):
 def test_traced_q_offset_and_key_blocks_past_the_last_row():
   """q_offset as a traced scalar (scalar-prefetched into the index maps); Tk > q_offset + Tq,
   so the last key blocks have no query row and their band is empty."""
-  def fwd(q, k, v, s, *, window, q_offset):
-    f = lambda q, k, v, s, off: tpu.attention_stats_fwd(q, k, v, s, window=window,
-                                                         q_offset=off, config=SMALL_BLOCKS)
-    return jax.jit(f)(q, k, v, s, jnp.int32(q_offset))
-
-  def bwd(*args, window, q_offset):
-    f = lambda *a: tpu.attention_stats_bwd(*a[:-1], window=window, q_offset=a[-1],
-                                           config=SMALL_BLOCKS)
-    return jax.jit(f)(*args, jnp.int32(q_offset))
-
+  fwd, bwd = traced_offset_backend(tpu, config=SMALL_BLOCKS)
   check_backend(fwd, bwd, Case(Tq=17, Tk=80, q_offset=40, H=4, G=2, window=20), jnp.float32,
                 atol=2e-5, rtol=2e-5)
 
