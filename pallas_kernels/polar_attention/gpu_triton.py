@@ -164,6 +164,22 @@ def _dot(a, b, *, trans_b=False):
   return pltriton.dot(a, b, trans_b=trans_b, precision=prec)
 
 
+def _key_block_logits(q, k_ref, v_ref, scale2_q, rows_q, start, bk, *, tk, window, masked):
+  """Key/value block at `start` and its base-2 logits `scale2 * q k^T` for the query rows.
+
+  With `masked`, invisible (row, key) pairs get the finite sentinel; returns (k, v, s, valid)
+  with `valid` None when unmasked.
+  """
+  k = k_ref[pl.ds(start, bk), :]
+  v = v_ref[pl.ds(start, bk), :]
+  s_qk = _dot(q, k, trans_b=True) * scale2_q[:, None]
+  valid = None
+  if masked:
+    valid = _visible(rows_q[:, None], (start + jnp.arange(bk))[None, :], tk=tk, window=window)
+    s_qk = jnp.where(valid, s_qk, NEG)
+  return k, v, s_qk, valid
+
+
 def _key_band(p0, p1, *, bk, tk, window):
   """Key blocks for query rows at positions [p0, p1] -> (lo, full_lo, full_hi, hi).
 
@@ -229,12 +245,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, *, bq, bk, t
   def body(kb, carry, masked):
     m_q, l_q, q2_q, acc_qd = carry
     start = pl.multiple_of(kb * bk, bk)
-    k = k_ref[pl.ds(start, bk), :]
-    v = v_ref[pl.ds(start, bk), :]
-    s_qk = _dot(q, k, trans_b=True) * scale2_q[:, None]
-    if masked:
-      valid = _visible(rows_q[:, None], (start + jnp.arange(bk))[None, :], tk=tk, window=window)
-      s_qk = jnp.where(valid, s_qk, NEG)
+    k, v, s_qk, valid = _key_block_logits(q, k_ref, v_ref, scale2_q, rows_q, start, bk, tk=tk,
+                                          window=window, masked=masked)
     m_new = jnp.maximum(m_q, jnp.max(s_qk, axis=1))
     alpha = jnp.exp2(m_q - m_new)
     p_qk = jnp.exp2(s_qk - m_new[:, None])
@@ -275,10 +287,8 @@ def _decode_kernel(q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, q2_ref, *,
   def body(kb, carry):
     m_m, l_m, q2_m, acc_md = carry
     start = pl.multiple_of(kb * bk, bk)
-    k = k_ref[pl.ds(start, bk), :]
-    v = v_ref[pl.ds(start, bk), :]
-    valid = _visible(pos_m[:, None], (start + jnp.arange(bk))[None, :], tk=tk, window=window)
-    s_mk = jnp.where(valid, _dot(q, k, trans_b=True) * scale2_m[:, None], NEG)
+    k, v, s_mk, valid = _key_block_logits(q, k_ref, v_ref, scale2_m, pos_m, start, bk, tk=tk,
+                                          window=window, masked=True)
     m_new = jnp.maximum(m_m, jnp.max(s_mk, axis=1))
     alpha = jnp.exp2(m_m - m_new)
     p_mk = jnp.where(valid, jnp.exp2(s_mk - m_new[:, None]), 0.0)
@@ -433,12 +443,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dq_r
 
   def body(kb, acc_qd, masked):
     start = pl.multiple_of(kb * bk, bk)
-    k = k_ref[pl.ds(start, bk), :]
-    v = v_ref[pl.ds(start, bk), :]
-    s_qk = _dot(q, k, trans_b=True) * scale2_q[:, None]
-    if masked:
-      valid = _visible(rows_q[:, None], (start + jnp.arange(bk))[None, :], tk=tk, window=window)
-      s_qk = jnp.where(valid, s_qk, NEG)
+    k, v, s_qk, _ = _key_block_logits(q, k_ref, v_ref, scale2_q, rows_q, start, bk, tk=tk,
+                                      window=window, masked=masked)
     pi_qk = jnp.exp2(s_qk - lse2_q[:, None])
     dp_qk = _dot(do, v, trans_b=True)
     ds_qk = pi_qk * (dp_qk - delta_q[:, None]) + cq_q[:, None] * pi_qk * pi_qk
