@@ -66,7 +66,7 @@ def mm(a, b, *, ta: bool = False, tb: bool = False, cfg: Dots = Dots(), low: boo
   """`op(a) @ op(b)` with f32 accumulation. `low`: operands in `cfg.dtype`, else f32."""
   wide = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)  # f32 (f64 oracle)
   dt = cfg.dtype if low else wide
-  acc = jnp.float32 if low else wide
+  acc = jnp.promote_types(dt, jnp.float32) if low else wide  # f32 (f64 for f64 operands)
   a = a.astype(dt)
   b = b.astype(dt)
   if dt not in (jnp.float32, jnp.float64):
@@ -77,6 +77,11 @@ def mm(a, b, *, ta: bool = False, tb: bool = False, cfg: Dots = Dots(), low: boo
     prec = cfg.mid_precision
   dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=acc)
+
+
+def _wide(x):
+  """`x` in f32, or f64 when it is f64 (the fp64 oracle tests)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def iota2(n: int, m: int):
@@ -132,9 +137,9 @@ def chunk_wy(k_CK, v_CV, beta_C1, gc_C1, gc_1C, *, cfg, with_t0=False):
   """Per-chunk prepass: (T = T0*D, w = T(beta e^gc K), u = T(beta V)[, T0]), all f32."""
   t0 = chunk_inverse(k_CK, beta_C1, cfg=cfg)
   t = t0 * decay_lower(gc_C1, gc_1C)
-  kf = k_CK.astype(jnp.float32)
+  kf = _wide(k_CK)
   w = mm(t, kf * (beta_C1 * jnp.exp(gc_C1)), cfg=cfg)
-  u = mm(t, v_CV.astype(jnp.float32) * beta_C1, cfg=cfg)
+  u = mm(t, _wide(v_CV) * beta_C1, cfg=cfg)
   return (t, w, u, t0) if with_t0 else (t, w, u)
 
 
@@ -143,33 +148,46 @@ def chunk_state_step(q_CK, k_CK, w_CK, u_CV, gc_C1, gc_1C, s_KV, *, cfg, with_ou
 
   `s_KV` may be a V-block of the state (all columns are independent).
   """
+  o, s_new, _ = chunk_state_step_vnew(q_CK, k_CK, w_CK, u_CV, gc_C1, gc_1C, s_KV, cfg=cfg,
+                                      with_output=with_output)
+  return o, s_new
+
+
+def chunk_state_step_vnew(q_CK, k_CK, w_CK, u_CV, gc_C1, gc_1C, s_KV, *, cfg, with_output=True):
+  """`chunk_state_step` that also returns v' = u - w S: (o_CV | None, S_new_KV, v'_CV), f32."""
   C = q_CK.shape[0]
   row, col = iota2(C, C)
   gl = last_of(gc_C1)
   v_new = u_CV - mm(w_CK, s_KV, cfg=cfg, low=True)
   o = None
   if with_output:
-    qf = q_CK.astype(jnp.float32)
+    qf = _wide(q_CK)
     p = (jnp.where(row >= col, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0)
          * decay_lower(gc_C1, gc_1C))
     o = mm(qf * jnp.exp(gc_C1), s_KV, cfg=cfg, low=True) + mm(p, v_new, cfg=cfg, low=True)
-  kr = k_CK.astype(jnp.float32) * jnp.exp(gl - gc_C1)
+  kr = _wide(k_CK) * jnp.exp(gl - gc_C1)
   s_new = jnp.exp(gl) * s_KV + mm(kr, v_new, ta=True, cfg=cfg, low=True)
-  return o, s_new
+  return o, s_new, v_new
 
 
 def chunk_state_bwd_step(q_CK, k_CK, w_CK, do_CV, gc_C1, gc_1C, ds_KV, *, cfg):
   """One chunk of the reverse state pass: cotangent of the state leaving the chunk -> entering."""
+  return chunk_state_bwd_step_dv(q_CK, k_CK, w_CK, do_CV, gc_C1, gc_1C, ds_KV, cfg=cfg)[0]
+
+
+def chunk_state_bwd_step_dv(q_CK, k_CK, w_CK, do_CV, gc_C1, gc_1C, ds_KV, *, cfg):
+  """`chunk_state_bwd_step` that also returns dv' = P^T dO + (K r) dS1: (dS_in_KV, dv'_CV)."""
   C = q_CK.shape[0]
   row, col = iota2(C, C)
   gl = last_of(gc_C1)
   p = (jnp.where(row >= col, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0)
        * decay_lower(gc_C1, gc_1C))
-  kr = k_CK.astype(jnp.float32) * jnp.exp(gl - gc_C1)
+  kr = _wide(k_CK) * jnp.exp(gl - gc_C1)
   dv_new = mm(p, do_CV, ta=True, cfg=cfg, low=True) + mm(kr, ds_KV, cfg=cfg, low=True)
-  qe = q_CK.astype(jnp.float32) * jnp.exp(gc_C1)
-  return (jnp.exp(gl) * ds_KV + mm(qe, do_CV, ta=True, cfg=cfg, low=True)
-          - mm(w_CK, dv_new, ta=True, cfg=cfg, low=True))
+  qe = _wide(q_CK) * jnp.exp(gc_C1)
+  ds_in = (jnp.exp(gl) * ds_KV + mm(qe, do_CV, ta=True, cfg=cfg, low=True)
+           - mm(w_CK, dv_new, ta=True, cfg=cfg, low=True))
+  return ds_in, dv_new
 
 
 class GradCtx(NamedTuple):
@@ -281,3 +299,170 @@ def chunk_grads(q_CK, k_CK, v_CV, beta_C1, gc_C1, gc_1C, do_CV, s_KV, ds1_KV, *,
                          cfg=cfg)
   dq, dk, dbeta, dgc_col, dgc_row = grads_epilogue(ctx, acc, q_CK, k_CK, beta_C1, cfg=cfg)
   return dq, dk, dv, dbeta, dgc_col, dgc_row
+
+
+# ----------------------------------------------------------------- backward, WY decomposition
+#
+# The same gradients as `chunk_grads`, split the way FLA splits them: w = T (beta e K) and
+# u = T (beta V) are treated as intermediates of v' = u - w S, so
+#   du = dv',  dw = -dv' S^T                                   (through v')
+# and the rest is two independent pieces:
+#   dqkw  (per K-column block kb, V walked in blocks): dq, dk_direct, dw, dgc partials from
+#         dO, v', dv', S, dS1 -- nothing through T;
+#   wy    (per chunk): through u = T (beta V), w = T (beta e K), T = T0 * D, T0 = (I + A)^-1:
+#         dT = du (beta V)^T + dw (beta e K)^T,  dV = beta T^T du,
+#         dA = -T0^T (dT * D) T0^T (strict lower),
+#         dK = dk_direct + beta e T^T dw + beta (dA K) + dA^T (beta K),
+#         dbeta = rowsum(V * T^T du) + rowsum(e K * T^T dw) + rowsum(dA * K K^T),
+#         dgc  += beta e rowsum(K * T^T dw) + rowsum(dT * T) - colsum(dT * T).
+# dgc of dqkw for K block kb (gate terms of o = (Q e) S + P v' and of S_new):
+#   e rowsum(Q_kb * (dO S_kb^T)) - s_kb + rowsum(M_kb) - colsum(M_kb)
+#   + [i = C-1] (e^gc_C <dS1_kb, S_kb> + sum s_kb),
+#   M_kb = (dO v'^T * D) * (Q_kb K_kb^T),  s_kb = r rowsum(K_kb * (v' dS1_kb^T)).
+# Summing the partials over kb gives the rowsum(dP * P) term exactly (P is a sum over K).
+
+
+class DqkwAcc(NamedTuple):
+  """Sums over the value dim for one K-column block (BK columns)."""
+  dqs: Any      # dO S^T                        (C, BK)
+  vds: Any      # v' dS1^T                      (C, BK)
+  dw: Any       # -dv' S^T                      (C, BK)
+  dp: Any       # dO v'^T  (masked by D later)  (C, C)
+  tail: Any     # <dS1, S> over the block's rows (1, 1)
+
+
+def dqkw_init(C: int, BK: int) -> DqkwAcc:
+  z = lambda *sh: jnp.zeros(sh, jnp.float32)
+  return DqkwAcc(dqs=z(C, BK), vds=z(C, BK), dw=z(C, BK), dp=z(C, C), tail=z(1, 1))
+
+
+def dqkw_vblock(acc: DqkwAcc, do_CV, vnew_CV, dvnew_CV, s_KV, ds1_KV, *, cfg) -> DqkwAcc:
+  """One V-block: `s_KV` / `ds1_KV` are the (K-block rows, V-block columns) of S and dS1."""
+  return DqkwAcc(
+      dqs=acc.dqs + mm(do_CV, s_KV, tb=True, cfg=cfg, low=True),
+      vds=acc.vds + mm(vnew_CV, ds1_KV, tb=True, cfg=cfg, low=True),
+      dw=acc.dw - mm(dvnew_CV, s_KV, tb=True, cfg=cfg, low=True),
+      dp=acc.dp + mm(do_CV, vnew_CV, tb=True, cfg=cfg, low=True),
+      tail=acc.tail + jnp.sum(_wide(ds1_KV) * _wide(s_KV),
+                              keepdims=True))
+
+
+def dqkw_epilogue(acc: DqkwAcc, q_CK, k_CK, gc_C1, gc_1C, *, cfg):
+  """(dq, dk_direct, dgc column part, dgc row part) of one K block (`q_CK`, `k_CK`: its columns).
+
+  dq is final; dk_direct = (dP * D)^T Q + r (v' dS1^T) still lacks the terms through T (wy).
+  """
+  C = q_CK.shape[0]
+  gl = last_of(gc_C1)
+  e, r = jnp.exp(gc_C1), jnp.exp(gl - gc_C1)
+  qf, kf = _wide(q_CK), _wide(k_CK)
+  dpd = acc.dp * decay_lower(gc_C1, gc_1C)              # (dO v'^T) * D, lower
+  dq = e * acc.dqs + mm(dpd, k_CK, cfg=cfg, low=True)
+  dkd = mm(dpd, q_CK, ta=True, cfg=cfg, low=True) + r * acc.vds
+  m = dpd * mm(q_CK, k_CK, tb=True, cfg=cfg, low=True)  # this block's share of dP * P
+  s_vec = r * jnp.sum(kf * acc.vds, axis=1, keepdims=True)
+  last = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
+  tail = jnp.exp(gl) * jnp.sum(acc.tail) + jnp.sum(s_vec)
+  dgc_col = (e * jnp.sum(qf * acc.dqs, axis=1, keepdims=True) - s_vec
+             + jnp.sum(m, axis=1, keepdims=True) + jnp.where(last, tail, 0.0))
+  dgc_row = -jnp.sum(m, axis=0, keepdims=True)
+  return dq, dkd, dgc_col, dgc_row
+
+
+class WyCtx(NamedTuple):
+  """What the wy backward keeps live across its V and K walks."""
+  t0: Any       # gate-free inverse (C, C)
+  t: Any        # T = T0 * D        (C, C)
+  e: Any        # e^gc              (C, 1)
+
+
+class WyAcc(NamedTuple):
+  dt: Any       # du (beta V)^T + dw (beta e K)^T   (C, C)
+  dbeta: Any    # (C, 1)
+  dgc: Any      # (C, 1)
+
+
+def wy_prologue(k_CK, beta_C1, gc_C1, gc_1C, *, cfg, t0_CC=None):
+  """(WyCtx, zero accumulators); `t0_CC` (from the prepass) skips recomputing the inverse."""
+  C = k_CK.shape[0]
+  t0 = chunk_inverse(k_CK, beta_C1, cfg=cfg) if t0_CC is None else _wide(t0_CC)
+  z = lambda *sh: jnp.zeros(sh, jnp.float32)
+  ctx = WyCtx(t0=t0, t=t0 * decay_lower(gc_C1, gc_1C), e=jnp.exp(gc_C1))
+  return ctx, WyAcc(dt=z(C, C), dbeta=z(C, 1), dgc=z(C, 1))
+
+
+def wy_vblock(ctx: WyCtx, acc: WyAcc, v_CV, du_CV, beta_C1, *, cfg):
+  """One V-block through u = T (beta V): returns (dv block, updated accumulators)."""
+  vf = _wide(v_CV)
+  du = _wide(du_CV)
+  tdu = mm(ctx.t, du, ta=True, cfg=cfg)                 # T^T du
+  acc = WyAcc(dt=acc.dt + mm(du, vf * beta_C1, tb=True, cfg=cfg),
+              dbeta=acc.dbeta + jnp.sum(vf * tdu, axis=1, keepdims=True), dgc=acc.dgc)
+  return beta_C1 * tdu, acc
+
+
+def wy_kblock(ctx: WyCtx, acc: WyAcc, k_CK, dw_CK, beta_C1, *, cfg) -> WyAcc:
+  """One K-block through w = T (beta e K)."""
+  ek = ctx.e * _wide(k_CK)
+  dw = _wide(dw_CK)
+  x = jnp.sum(ek * mm(ctx.t, dw, ta=True, cfg=cfg), axis=1, keepdims=True)
+  return WyAcc(dt=acc.dt + mm(dw, ek * beta_C1, tb=True, cfg=cfg), dbeta=acc.dbeta + x,
+               dgc=acc.dgc + beta_C1 * x)
+
+
+def wy_finish(ctx: WyCtx, acc: WyAcc, k_CK, beta_C1, gc_C1, gc_1C, *, cfg):
+  """After both walks: (dA strict lower, dbeta, dgc column part, dgc row part); `k_CK` whole."""
+  C = k_CK.shape[0]
+  row, col = iota2(C, C)
+  dtd = acc.dt * decay_lower(gc_C1, gc_1C)
+  da = -mm(mm(ctx.t0, dtd, ta=True, cfg=cfg), ctx.t0, tb=True, cfg=cfg)
+  da = jnp.where(row > col, da, 0.0)
+  kk = mm(k_CK, k_CK, tb=True, cfg=cfg, low=True)
+  dbeta = acc.dbeta + jnp.sum(da * kk, axis=1, keepdims=True)
+  m = dtd * ctx.t0                                      # dT * T
+  return (da, dbeta, acc.dgc + jnp.sum(m, axis=1, keepdims=True),
+          -jnp.sum(m, axis=0, keepdims=True))
+
+
+def wy_dk(ctx: WyCtx, da_CC, k_CK, dw_CK, dkd_CK, beta_C1, *, cfg):
+  """Final dk of one K block: dk_direct + beta e T^T dw + beta (dA K) + dA^T (beta K)."""
+  kf = _wide(k_CK)
+  tdw = mm(ctx.t, _wide(dw_CK), ta=True, cfg=cfg)
+  return (_wide(dkd_CK) + beta_C1 * ctx.e * tdw + beta_C1 * mm(da_CC, kf, cfg=cfg)
+          + mm(da_CC, kf * beta_C1, ta=True, cfg=cfg))
+
+
+def chunk_grads_wy(q_CK, k_CK, v_CV, beta_C1, gc_C1, gc_1C, do_CV, s_KV, ds1_KV, *, cfg,
+                   block_k: int, block_v: int):
+  """`chunk_grads` by the WY decomposition, walked in the kernels' K and V blocks (the
+  composition the Pallas kernels run, in one place for the tests). Same returns."""
+  C, K = k_CK.shape
+  V = v_CV.shape[1]
+  _, w, u = chunk_wy(k_CK, v_CV, beta_C1, gc_C1, gc_1C, cfg=cfg)
+  _, _, vnew = chunk_state_step_vnew(q_CK, k_CK, w, u, gc_C1, gc_1C, s_KV, cfg=cfg,
+                                     with_output=False)
+  _, dvnew = chunk_state_bwd_step_dv(q_CK, k_CK, w, do_CV, gc_C1, gc_1C, ds1_KV, cfg=cfg)
+  kbs = [slice(i, i + block_k) for i in range(0, K, block_k)]
+  vbs = [slice(j, j + block_v) for j in range(0, V, block_v)]
+  dq, dkd, dw = [], [], []
+  dgc_col, dgc_row = 0.0, 0.0
+  for kb in kbs:
+    acc = dqkw_init(C, kb.stop - kb.start)
+    for vb in vbs:
+      acc = dqkw_vblock(acc, do_CV[:, vb], vnew[:, vb], dvnew[:, vb], s_KV[kb, vb],
+                        ds1_KV[kb, vb], cfg=cfg)
+    dq_b, dkd_b, col_b, row_b = dqkw_epilogue(acc, q_CK[:, kb], k_CK[:, kb], gc_C1, gc_1C,
+                                              cfg=cfg)
+    dq.append(dq_b), dkd.append(dkd_b), dw.append(acc.dw)
+    dgc_col, dgc_row = dgc_col + col_b, dgc_row + row_b
+  ctx, wacc = wy_prologue(k_CK, beta_C1, gc_C1, gc_1C, cfg=cfg)
+  dv = []
+  for vb in vbs:
+    dv_b, wacc = wy_vblock(ctx, wacc, v_CV[:, vb], dvnew[:, vb], beta_C1, cfg=cfg)
+    dv.append(dv_b)
+  for i, kb in enumerate(kbs):
+    wacc = wy_kblock(ctx, wacc, k_CK[:, kb], dw[i], beta_C1, cfg=cfg)
+  da, dbeta, col_w, row_w = wy_finish(ctx, wacc, k_CK, beta_C1, gc_C1, gc_1C, cfg=cfg)
+  dk = [wy_dk(ctx, da, k_CK[:, kb], dw[i], dkd[i], beta_C1, cfg=cfg) for i, kb in enumerate(kbs)]
+  cat = lambda xs: jnp.concatenate(xs, axis=1)
+  return cat(dq), cat(dk), cat(dv), dbeta, dgc_col + col_w, dgc_row + row_w
