@@ -1,20 +1,33 @@
-"""Training throughput (tokens/s, MFU) of the full sharded train step (ATMA_SPEC §6.8).
+"""Training throughput (tokens/s, MFU) of the full sharded train step, 1 -> N devices (issue #3).
 
-Times the real jitted `train_step` (forward + backward over N micro-batches with `lax.scan`,
-global-norm clip, Muon + AdamW) on synthetic random tokens, and the optimizer update alone, then
-extrapolates to the reference step (256 x 2048 tokens = 16 micro-batches of 16):
+Times the real jitted `train_step` (forward + backward over `--n-micro` micro-batches with
+`lax.scan`, global-norm clip, Muon + AdamW) on synthetic random tokens, and the optimizer update
+alone, then extrapolates to the reference step (256 x 2048 tokens):
 
-    t_micro = (t_step - t_opt) / N        tok/s(ref) = 256 * 2048 / (16 * t_micro + t_opt)
+    t_micro = (t_step - t_opt) / n_micro      tok/s(ref) = 256 * T / (256 / M * t_micro + t_opt)
 
-Variants (micro-batch, remat, kernel impl) are tried in order; an out-of-memory or failing
-variant is recorded and skipped. Writes bench/results/train_<device>.json.
+Data parallel: `--devices 1,2` runs every variant on the first 1 and the first 2 devices (mesh
+data = N) with a FIXED per-device micro-batch (`--micro` sequences per device per micro-step), so
+the global batch grows with N; scaling efficiency = tok/s(N) / (N * tok/s(1)).
 
-    python bench/train_throughput.py [--preset atma_378m] [--micro 16,8] [--n-micro 4]
+MFU by two counts (flops/token of ATMA_SPEC §6.8): `mfu_vs_spec_table` divides by the spec's
+datasheet peak (H100/H200: 989 TFLOP/s), `mfu_vs_measured_peak` by this device's own bf16 matmul
+peak measured here (8192^3, bf16 operands, fp32 accumulation, bf16 output as torch's `a @ b`;
+the issue's count: the PyTorch trainer's 24.7% is 66.3K tok/s against a measured 718 TFLOP/s).
+
+Variants (micro-batch, remat, kernel impl) are tried in order; a failing one (OOM, kernel) is
+recorded and the next is tried; by default the first variant that runs on every N ends the run
+(`--all` times all). No new run starts after `--budget-s`. The JSON is rewritten after every run.
+
+    python3 bench/train_throughput.py --devices 1,2 --out $OUT/train_dp.json
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
+      python3 bench/train_throughput.py --smoke --devices 1,2      # CPU check (tiny preset)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -31,9 +44,52 @@ import numpy as np  # noqa: E402
 
 from atma_jax.config import resolve  # noqa: E402
 from atma_jax.train.mesh import batch_sharding, make_mesh  # noqa: E402
-from atma_jax.train.metrics import flops_per_token, peak_flops  # noqa: E402
+from atma_jax.train.metrics import (flops_per_token, measure_matmul_peak, mfu,  # noqa: E402
+                                    peak_flops)
 from atma_jax.train.state import init_state, setup_state  # noqa: E402
 from atma_jax.train.step import make_train_step  # noqa: E402
+
+REFERENCE = {"tokens_per_s": 66.3e3, "matmul_peak_flops": 718e12, "mfu": 0.247,
+             "what": "PyTorch trainer, atma_378m at 2K on one H100 (issue #3)"}
+SMOKE_SETS = ["model.num_layers=2", "model.global_offset=1", "model.hidden_size=64",
+              "model.head_dim=16"]
+
+
+def variant_sets(micro_per_device, n_devices, n_micro, remat, impl, seq_len):
+  """Config overrides of one variant: micro-batch `micro_per_device * n_devices` (global)."""
+  micro = micro_per_device * n_devices
+  return [f"train.seq_len={seq_len}", f"train.micro_batch={micro}",
+          f"train.global_batch={micro * n_micro}", f"model.remat={str(remat).lower()}",
+          f"model.kernel_impl={impl}", "train.steps=1000", "mesh.data=-1", "mesh.fsdp=1",
+          "mesh.tensor=1"]
+
+
+def first_devices(n):
+  devs = jax.devices()
+  if not 0 < n <= len(devs):
+    raise ValueError(f"--devices asks for {n} devices but {len(devs)} are visible; pass counts "
+                     f"between 1 and {len(devs)} (on CPU: XLA_FLAGS="
+                     f"--xla_force_host_platform_device_count={n}).")
+  return devs[:n]
+
+
+def build(preset, sets, n_devices, seed=0):
+  """(cfg, mesh, setup, state, step, batch) of the train step on the first `n_devices`."""
+  cfg = resolve(preset, sets)
+  mesh = make_mesh(cfg.mesh, devices=first_devices(n_devices))
+  setup = setup_state(cfg, mesh)
+  state = init_state(cfg, setup)
+  step = make_train_step(cfg, setup, mesh)
+  B, T, V = cfg.train.global_batch, cfg.train.seq_len, cfg.model.vocab_size
+  toks = np.random.default_rng(seed).integers(0, min(V, 50257), size=(B, T + 1)).astype(np.int32)
+  bsh = batch_sharding(mesh)
+  batch = {"inputs": jax.device_put(toks[:, :-1], bsh),
+           "targets": jax.device_put(toks[:, 1:], bsh)}
+  return cfg, mesh, setup, state, step, batch
+
+
+def num_params(setup) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract.params))
 
 
 def _median_time(fn, reps):
@@ -45,30 +101,19 @@ def _median_time(fn, reps):
   return statistics.median(ts), ts
 
 
-def bench_variant(preset, micro, n_micro, remat, impl, seq_len, reps, ref_global=256,
-                  ref_micro=16):
-  sets = [f"train.seq_len={seq_len}", f"train.micro_batch={micro}",
-          f"train.global_batch={micro * n_micro}", f"model.remat={str(remat).lower()}",
-          f"model.kernel_impl={impl}", "train.steps=1000", "mesh.data=-1"]
-  cfg = resolve(preset, sets)
-  mesh = make_mesh(cfg.mesh)
+def bench_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq_len, reps,
+                  extra=(), ref_global=256):
+  sets = variant_sets(micro_per_device, n_devices, n_micro, remat, impl, seq_len) + list(extra)
   t0 = time.perf_counter()
-  setup = setup_state(cfg, mesh)
-  state = init_state(cfg, setup)
+  cfg, mesh, setup, state, step, batch = build(preset, sets, n_devices)
   jax.block_until_ready(state)
   t_init = time.perf_counter() - t0
-  step = make_train_step(cfg, setup, mesh)
-  B, T, V = cfg.train.global_batch, seq_len, cfg.model.vocab_size
-  rng = np.random.default_rng(0)
-  toks = rng.integers(0, min(V, 50257), size=(B, T + 1)).astype(np.int32)
-  bsh = batch_sharding(mesh)
-  batch = {"inputs": jax.device_put(toks[:, :-1], bsh), "targets": jax.device_put(toks[:, 1:], bsh)}
+  B, M, T = cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seq_len
   t0 = time.perf_counter()
   state, m = step(state, batch)
   jax.block_until_ready(m)
   t_compile = time.perf_counter() - t0
   losses = [float(m["loss"])]
-
   holder = {"state": state}
 
   def one():
@@ -79,105 +124,188 @@ def bench_variant(preset, micro, n_micro, remat, impl, seq_len, reps, ref_global
   losses.append(float(one()["loss"]))
 
   # the optimizer update alone (clip + Muon + AdamW) on gradient-shaped inputs
-  opt = setup.optimizer
-  st = holder["state"]
+  opt, st = setup.optimizer, holder["state"]
   apply = jax.jit(lambda p, g, s: opt.apply(p, g, s)[:2], donate_argnums=(2,))
   grads = jax.tree.map(lambda p: (jnp.ones_like(p) * 1e-3).astype(p.dtype), st.params)
-  os_ = jax.tree.map(jnp.copy, st.opt_state)
-  _, os_ = apply(st.params, grads, os_)
-  jax.block_until_ready(os_)
+  opt_state = {"s": jax.tree.map(jnp.copy, st.opt_state)}
 
   def opt_once():
-    nonlocal os_
-    out, os_ = apply(st.params, grads, os_)
+    out, opt_state["s"] = apply(st.params, grads, opt_state["s"])
     return out
 
+  jax.block_until_ready(opt_once())
   t_opt, _ = _median_time(opt_once, reps)
 
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract.params))
-  fpt = flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size, T)
-  peak = peak_flops()
-  ndev = jax.device_count()
-  tok_step = B * T
+  n_par = num_params(setup)
+  fpt = flops_per_token(n_par, cfg.model.num_layers, cfg.model.hidden_size, T)
   t_micro = max(t_step - t_opt, 1e-9) / n_micro
   ref_tokens = ref_global * T
-  t_ref = (ref_global // micro) * t_micro + t_opt
+  t_ref = (ref_global / M) * t_micro + t_opt
   res = {
-      "micro_batch": micro, "n_micro": n_micro, "global_batch": B, "seq_len": T,
-      "remat": remat, "kernel_impl": impl, "num_params": n_params,
-      "flops_per_token": fpt, "init_s": t_init, "compile_plus_first_step_s": t_compile,
-      "step_s_median": t_step, "step_s_all": all_steps, "opt_update_s_median": t_opt,
-      "micro_step_s": t_micro, "tokens_per_s_measured": tok_step / t_step,
-      "tokens_per_s_forward_backward_only": micro * T / t_micro,
+      "devices": n_devices, "micro_batch_per_device": micro_per_device, "micro_batch": M,
+      "n_micro": n_micro, "global_batch": B, "seq_len": T, "remat": remat, "kernel_impl": impl,
+      "overrides": sets, "num_params": n_par, "flops_per_token": fpt, "init_s": t_init,
+      "compile_plus_first_step_s": t_compile, "step_s_median": t_step, "step_s_all": all_steps,
+      "opt_update_s_median": t_opt, "micro_step_s": t_micro,
+      "tokens_per_s_measured": B * T / t_step,
+      "tokens_per_s_forward_backward_only": M * T / t_micro,
       "ref_step_tokens": ref_tokens, "ref_step_s_extrapolated": t_ref,
-      "tokens_per_s_ref_step": ref_tokens / t_ref,
-      "losses": losses,
+      "tokens_per_s_ref_step": ref_tokens / t_ref, "losses": losses,
   }
-  if peak:
-    res["peak_flops_per_device"] = peak
-    res["mfu_measured"] = res["tokens_per_s_measured"] * fpt / (peak * ndev)
-    res["mfu_ref_step"] = res["tokens_per_s_ref_step"] * fpt / (peak * ndev)
   try:
-    stats = jax.devices()[0].memory_stats() or {}
-    res["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+    res["peak_bytes_in_use"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
   except Exception:  # noqa: BLE001 - CPU has no memory stats
     pass
   return res
 
 
+def add_mfu(res, spec_peak, measured_peak):
+  """MFU of the measured and the reference-step throughput by both peak counts."""
+  fpt, n = res["flops_per_token"], res["devices"]
+  for key, peak in (("spec_table", spec_peak), ("measured_peak", measured_peak)):
+    if peak:
+      res[f"peak_flops_{key}"] = peak
+      res[f"mfu_vs_{key}"] = mfu(res["tokens_per_s_measured"], fpt, n, peak)
+      res[f"mfu_ref_step_vs_{key}"] = mfu(res["tokens_per_s_ref_step"], fpt, n, peak)
+
+
+def scaling(variants):
+  """Per variant (impl, remat, micro per device): tok/s(N) / (N * tok/s(1)) for every N > 1."""
+  ok = [r for r in variants if r.get("ok")]
+  out = []
+  for base in (r for r in ok if r["devices"] == 1):
+    key = (base["kernel_impl"], base["remat"], base["micro_batch_per_device"])
+    for r in ok:
+      if r["devices"] > 1 and (r["kernel_impl"], r["remat"], r["micro_batch_per_device"]) == key:
+        n = r["devices"]
+        out.append({
+            "kernel_impl": key[0], "remat": key[1], "micro_batch_per_device": key[2],
+            "devices": n, "tokens_per_s_1": base["tokens_per_s_measured"],
+            "tokens_per_s_n": r["tokens_per_s_measured"],
+            "efficiency": r["tokens_per_s_measured"] / (n * base["tokens_per_s_measured"]),
+            "efficiency_ref_step": r["tokens_per_s_ref_step"] / (
+                n * base["tokens_per_s_ref_step"]),
+            "step_s_1": base["step_s_median"], "step_s_n": r["step_s_median"],
+            "opt_update_s_1": base["opt_update_s_median"],
+            "opt_update_s_n": r["opt_update_s_median"]})
+  return out
+
+
+def measure_peaks(n, out):
+  """bf16-output (the MFU peak) and fp32-output matmul peaks of device 0, into `out`."""
+  for name, dt in (("bf16_out", jnp.bfloat16), ("f32_out", jnp.float32)):
+    try:
+      r = measure_matmul_peak(n, out_dtype=dt)
+      out["matmul_peak"][name] = r
+      print(f"matmul peak {n}^3 bf16 x bf16 -> {r['output']} (fp32 accumulate): "
+            f"{r['flops_per_s'] / 1e12:.1f} TFLOP/s (median of {r['reps']} calls of "
+            f"{r['chain']} products, {r['call_s_median'] * 1e3:.2f} ms)", flush=True)
+    except Exception as e:  # noqa: BLE001 - a failed peak leaves MFU by the table only
+      out["matmul_peak"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+      print(f"matmul peak ({name}) FAILED: {e}", flush=True)
+  return out["matmul_peak"].get("bf16_out", {}).get("flops_per_s")
+
+
+def _ints(s):
+  return [int(x) for x in s.split(",") if x]
+
+
 def main():
-  ap = argparse.ArgumentParser()
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="atma_378m")
   ap.add_argument("--seq-len", type=int, default=2048)
-  ap.add_argument("--micro", default="16,8")
-  ap.add_argument("--n-micro", type=int, default=4)
+  ap.add_argument("--micro", default="16,8", help="micro-batch PER DEVICE, tried in order")
+  ap.add_argument("--n-micro", type=int, default=4, help="micro-steps per timed train step")
+  ap.add_argument("--devices", default="1", help="device counts to run, e.g. 1,2 (first N)")
   ap.add_argument("--impls", default="auto,xla")
   ap.add_argument("--remat", default="false,true")
   ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--peak-n", type=int, default=8192, help="matmul size of the peak (0: skip)")
   ap.add_argument("--set", dest="extra", action="append", default=[])
   ap.add_argument("--out", default=None)
-  ap.add_argument("--all", action="store_true", help="time every variant (default: stop at "
-                  "the first that runs)")
+  ap.add_argument("--cache-dir", default=None, help="persistent XLA compilation cache")
+  ap.add_argument("--smoke", action="store_true",
+                  help="CPU check: tiny preset, 2 layers of 64, seq 64, micro 2, peak 256")
+  ap.add_argument("--all", action="store_true",
+                  help="time every variant (default: stop at the first that runs on every N)")
   ap.add_argument("--budget-s", type=float, default=330.0,
-                  help="start no new variant after this many seconds (each compiles ~1-2 min)")
+                  help="start no new run after this many seconds (each compiles ~100 s on GPU)")
   args = ap.parse_args()
+  if args.cache_dir:
+    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+  if args.smoke:
+    args.preset, args.seq_len, args.micro, args.n_micro = "tiny", 64, "2", 2
+    args.impls, args.remat, args.peak_n, args.reps = "auto", "false", 256, 2
+    args.extra = SMOKE_SETS + args.extra
+  n_devs = _ints(args.devices)
+  for n in n_devs:
+    first_devices(n)  # a clear error before any compute
   dev = jax.devices()[0]
-  out = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
-         "num_devices": jax.device_count(), "jax": jax.__version__,
-         "python": platform.python_version(), "preset": args.preset, "variants": []}
-  print(json.dumps({k: v for k, v in out.items() if k != "variants"}), flush=True)
-  done = False
-  t_start = time.perf_counter()
-  for impl in args.impls.split(","):
-    for remat in [s == "true" for s in args.remat.split(",")]:
-      for micro in [int(x) for x in args.micro.split(",")]:
-        if done or time.perf_counter() - t_start > args.budget_s:
-          continue
-        tag = f"impl={impl} remat={remat} micro={micro}"
-        t0 = time.perf_counter()
-        try:
-          r = bench_variant(args.preset, micro, args.n_micro, remat, impl, args.seq_len,
-                            args.reps)
-          r["ok"] = True
-          done = not args.all
-          print(f"{tag}: {r['tokens_per_s_measured']:.0f} tok/s measured, "
-                f"{r['tokens_per_s_ref_step']:.0f} tok/s at the reference step, MFU "
-                f"{r.get('mfu_ref_step', float('nan')):.3f}; step {r['step_s_median']:.3f}s "
-                f"opt {r['opt_update_s_median']:.3f}s compile {r['compile_plus_first_step_s']:.1f}s",
-                flush=True)
-        except Exception as e:  # noqa: BLE001 - record OOM / kernel failures and go on
-          r = {"ok": False, "micro_batch": micro, "remat": remat, "kernel_impl": impl,
-               "error": f"{type(e).__name__}: {str(e)[:600]}"}
-          print(f"{tag}: FAILED {r['error'][:300]}", flush=True)
-          traceback.print_exc(limit=3)
-        r["wall_s"] = time.perf_counter() - t0
-        out["variants"].append(r)
-        jax.clear_caches()
+  kind = getattr(dev, "device_kind", str(dev))
+  out = {"device": kind, "platform": dev.platform, "visible_devices": jax.device_count(),
+         "devices_run": n_devs, "jax": jax.__version__, "python": platform.python_version(),
+         "preset": args.preset, "extra_overrides": args.extra, "reference": REFERENCE,
+         "spec_peak_flops": peak_flops(dev), "matmul_peak": {}, "variants": [], "scaling": []}
   name = args.out or os.path.join(
       os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")),
-      f"train_{out['device'].replace(' ', '_').lower()}.json")
-  with open(name, "w") as f:
-    json.dump(out, f, indent=2)
+      f"train_{kind.replace(' ', '_').lower()}_dp{'-'.join(map(str, n_devs))}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(name)), exist_ok=True)
+
+  def save():
+    out["scaling"] = scaling(out["variants"])
+    with open(name, "w") as f:
+      json.dump(out, f, indent=2)
+
+  print(json.dumps({k: out[k] for k in ("device", "platform", "visible_devices", "devices_run",
+                                        "jax", "preset", "spec_peak_flops")}), flush=True)
+  t_start = time.perf_counter()
+  measured = measure_peaks(args.peak_n, out) if args.peak_n > 0 else None
+  out["measured_peak_flops"] = measured
+  save()
+  done = False
+  for impl in args.impls.split(","):
+    for remat in [s == "true" for s in args.remat.split(",")]:
+      for micro in _ints(args.micro):
+        if done:
+          continue
+        all_ok = True
+        for n in n_devs:
+          if time.perf_counter() - t_start > args.budget_s:
+            print(f"budget {args.budget_s:.0f}s spent: skipping impl={impl} remat={remat} "
+                  f"micro/device={micro} on {n} device(s)", flush=True)
+            all_ok = False
+            continue
+          tag = f"devices={n} impl={impl} remat={remat} micro/device={micro}"
+          t0 = time.perf_counter()
+          try:
+            r = bench_variant(args.preset, micro, n, args.n_micro, remat, impl, args.seq_len,
+                              args.reps, args.extra)
+            r["ok"] = True
+            add_mfu(r, out["spec_peak_flops"], measured)
+            print(f"{tag}: {r['tokens_per_s_measured']:.0f} tok/s measured "
+                  f"({r['tokens_per_s_ref_step']:.0f} at the 256x{args.seq_len} step); MFU "
+                  f"{r.get('mfu_vs_measured_peak', float('nan')):.3f} vs measured peak, "
+                  f"{r.get('mfu_vs_spec_table', float('nan')):.3f} vs spec table; step "
+                  f"{r['step_s_median']:.3f}s opt {r['opt_update_s_median']:.3f}s compile "
+                  f"{r['compile_plus_first_step_s']:.1f}s", flush=True)
+          except Exception as e:  # noqa: BLE001 - record OOM / kernel failures and go on
+            all_ok = False
+            r = {"ok": False, "devices": n, "micro_batch_per_device": micro, "remat": remat,
+                 "kernel_impl": impl, "error": f"{type(e).__name__}: {str(e)[:600]}"}
+            print(f"{tag}: FAILED {r['error'][:300]}", flush=True)
+            traceback.print_exc(limit=3)
+          r["wall_s"] = time.perf_counter() - t0
+          out["variants"].append(r)
+          jax.clear_caches()
+          gc.collect()
+          save()
+        done = all_ok and not args.all
+  save()
+  for s in out["scaling"]:
+    print(f"scaling impl={s['kernel_impl']} remat={s['remat']} micro/device="
+          f"{s['micro_batch_per_device']}: {s['tokens_per_s_1']:.0f} tok/s on 1 -> "
+          f"{s['tokens_per_s_n']:.0f} on {s['devices']}: efficiency {s['efficiency']:.3f} "
+          f"(at the reference step {s['efficiency_ref_step']:.3f})", flush=True)
   print("wrote", name)
 
 
