@@ -30,6 +30,13 @@ def _backend(config):
           functools.partial(gpu_triton.attention_stats_bwd, config=config))
 
 
+# Fused backward (atomic dQ): query tiles smaller than key tiles, and the reverse.
+FUSED_BLOCKS = dataclasses.replace(SMALL_BLOCKS, bwd_impl="fused", fused_block_q=16,
+                                   fused_block_k=32)
+FUSED_SPLIT_HEADS = dataclasses.replace(FUSED_BLOCKS, fused_block_q=32, fused_block_k=16,
+                                        fused_heads_per_program=1)
+
+
 @pytest.mark.parametrize("case", SMALL_CASES, ids=str)
 def test_fp32_matches_oracle(case):
   check_backend(*_backend(SMALL_BLOCKS), case, jnp.float32, atol=2e-5, rtol=2e-5)
@@ -41,6 +48,38 @@ def test_fp32_matches_oracle(case):
 ], ids=str)
 def test_bf16_matches_oracle(case):
   check_backend(*_backend(SMALL_BLOCKS), case, jnp.bfloat16, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("case", SMALL_CASES, ids=str)
+def test_fused_bwd_fp32_matches_oracle(case):
+  check_backend(*_backend(FUSED_BLOCKS), case, jnp.float32, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("case", [
+    Case(Tq=40, Tk=73, q_offset=33, H=4, G=1, window=16),  # chunked prefill, 4 heads / program
+    Case(Tq=33, H=4, G=2, B=2),                            # 2 heads / KV head, odd T
+], ids=str)
+def test_fused_bwd_heads_per_program_matches_oracle(case):
+  """One query head per program: per-head f32 dK/dV partials summed over the group in XLA."""
+  check_backend(*_backend(FUSED_SPLIT_HEADS), case, jnp.float32, atol=2e-5, rtol=2e-5)
+  cfg = dataclasses.replace(FUSED_BLOCKS, fused_heads_per_program=2)
+  check_backend(*_backend(cfg), case, jnp.float32, atol=2e-5, rtol=2e-5)
+
+
+def test_fused_bwd_bf16_and_traced_offset():
+  check_backend(*_backend(FUSED_BLOCKS), Case(Tq=100, H=4, G=2, D=32, window=40), jnp.bfloat16,
+                atol=3e-2, rtol=3e-2)
+  fwd, bwd = traced_offset_backend(gpu_triton, config=FUSED_BLOCKS)
+  check_backend(fwd, bwd, Case(Tq=3, Tk=90, q_offset=60, H=4, G=2, window=20), jnp.float32,
+                atol=2e-5, rtol=2e-5)
+
+
+def test_bad_bwd_config_is_rejected():
+  case = Case(Tq=8, H=4, G=1)
+  for bad, match in ((dict(bwd_impl="fast"), "bwd_impl"),
+                     (dict(bwd_impl="fused", fused_heads_per_program=3), "divisor")):
+    with pytest.raises(ValueError, match=match):
+      check_backend(*_backend(dataclasses.replace(SMALL_BLOCKS, **bad)), case, jnp.float32)
 
 
 # Split-K decode forced on at small sizes: several key splits, packed GQA rows, windows.
@@ -110,6 +149,28 @@ def test_lowers_to_triton_for_h100(monkeypatch):
   assert fwd.mlir_module().count("xla.gpu.triton") == 1
   assert bwd.mlir_module().count("xla.gpu.triton") == 2
   assert "polar_attention_decode" in decode.mlir_module()
+
+
+@pytest.mark.parametrize("heads", [0, 1], ids=["group", "one_head"])
+def test_fused_bwd_lowers_to_triton_for_h100(monkeypatch, heads):
+  """The fused backward (atomic dQ adds, a transposed-lhs dot) lowers to one Triton call."""
+  monkeypatch.setattr(gpu_triton, "_interpret", lambda: False)
+  mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
+      device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132))
+  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  cfg = dataclasses.replace(gpu_triton.DEFAULT_CONFIG, bwd_impl="fused",
+                            fused_heads_per_program=heads)
+  B, T, H, G, D = 1, 300, 8, 2, 128
+  q = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((B, T, G, D), jnp.bfloat16)
+  row = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
+  with jax.sharding.use_abstract_mesh(mesh):
+    bwd = jax.export.export(
+        jax.jit(functools.partial(gpu_triton.attention_stats_bwd, window=100, q_offset=0,
+                                  config=cfg)),
+        platforms=["cuda"], disabled_checks=checks)(q, kv, kv, row, row, q, row, row)
+  assert bwd.mlir_module().count("xla.gpu.triton") == 1
+  assert "polar_attention_bwd_fused" in bwd.mlir_module()
 
 
 @pytest.mark.gpu

@@ -81,6 +81,17 @@ class BlockConfig:
   decode_num_warps: int = 4
   decode_num_stages: int = 3
   decode_target_programs: int = 264  # ~2 per SM on an H100/H200
+  # Backward: "split" = dQ kernel + dK/dV kernel (each recomputes the logits, pi and dP);
+  # "fused" = one key-parallel kernel that also adds each tile's dQ into an f32 buffer with
+  # atomics (5 tile matmuls instead of 7; dQ summation order, so its last bits, vary run to run).
+  bwd_impl: str = "split"
+  fused_block_q: int = 64
+  fused_block_k: int = 128
+  fused_num_warps: int = 8
+  fused_num_stages: int = 2
+  # Query heads per fused program: 0 = the whole GQA group (dK/dV summed in-kernel); a divisor
+  # of H // G gives more, smaller programs and per-head-block f32 dK/dV summed in XLA.
+  fused_heads_per_program: int = 0
 
 
 DEFAULT_CONFIG = BlockConfig()
@@ -158,10 +169,10 @@ def _visible(rows, cols, *, tk, window):
   return valid
 
 
-def _dot(a, b, *, trans_b=False):
+def _dot(a, b, *, trans_a=False, trans_b=False):
   """MXU/tensor-core dot with fp32 accumulation (full fp32 precision for fp32 operands)."""
   prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return pltriton.dot(a, b, trans_b=trans_b, precision=prec)
+  return pltriton.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=prec)
 
 
 def _key_block_logits(q, k_ref, v_ref, scale2_q, rows_q, start, bk, *, tk, window, masked):
@@ -542,17 +553,114 @@ def _bwd_dkv(off, q, k, v, scale, do, lse, delta, cq, *, G, bq, bk, tk, q_offset
   )(off, q, k, v, scale, do, lse, delta, cq)
 
 
+def _fused_bwd_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, _dq0_ref,
+                      dk_ref, dv_ref, dq_ref, *, bq, bk, tk, nq, q_offset, window, heads):
+  """One key tile x `heads` query heads: dK/dV accumulated in registers, each (query tile,
+  key tile)'s unscaled dQ contribution ds^T k atomically added to the f32 buffer dq_ref."""
+  kb = pl.program_id(1)
+  k = k_ref[...]
+  v = v_ref[...]
+  k0 = kb * bk
+  cols_k = k0 + jnp.arange(bk)
+  band = _query_band(k0, k0 + bk - 1, bq=bq, nq=nq, q_offset=q_offset,
+                     tk_block_ok=(kb + 1) * bk <= tk, window=window)
+  dk_kd = jnp.zeros(k.shape, jnp.float32)
+  dv_kd = jnp.zeros(v.shape, jnp.float32)
+  for r in range(heads):
+
+    def body(qb, carry, masked, r=r):
+      dk_kd, dv_kd = carry
+      start = pl.multiple_of(qb * bq, bq)
+      rows = pl.ds(start, bq)
+      q = q_ref.at[rows, r, :][...]
+      do = do_ref.at[rows, r, :][...]
+      scale_q = s_ref.at[r, rows][...]
+      delta_q = dl_ref.at[r, rows][...]
+      cq_q = cq_ref.at[r, rows][...]
+      # base-2 logit minus base-2 lse: one FMA per element
+      x_kq = (_dot(k, q, trans_b=True) * (scale_q * LOG2E)[None, :]
+              - (lse_ref.at[r, rows][...] * LOG2E)[None, :])
+      if masked:
+        valid = _visible((q_offset + start + jnp.arange(bq))[None, :], cols_k[:, None], tk=tk,
+                         window=window)
+        x_kq = jnp.where(valid, x_kq, NEG)
+      pi_kq = jnp.exp2(x_kq)
+      dv_kd = dv_kd + _dot(pi_kq.astype(do.dtype), do)
+      dp_kq = _dot(v, do, trans_b=True)
+      ds_kq = pi_kq * (dp_kq - delta_q[None, :] + cq_q[None, :] * pi_kq)
+      dk_kd = dk_kd + _dot((ds_kq * scale_q[None, :]).astype(q.dtype), q)
+      dq_qd = _dot(ds_kq.astype(k.dtype), k, trans_a=True)
+      # head index as an int32 scalar: the interpret-mode discharge rule needs .shape
+      pltriton.atomic_add(dq_ref, (rows, jnp.int32(r), slice(None)), dq_qd)
+      return dk_kd, dv_kd
+
+    dk_kd, dv_kd = _three_phase(*band, body, (dk_kd, dv_kd))
+  dk_ref[...] = dk_kd.astype(dk_ref.dtype)
+  dv_ref[...] = dv_kd.astype(dv_ref.dtype)
+
+
+def _fused_heads(config: BlockConfig, R: int) -> int:
+  hp = config.fused_heads_per_program or R
+  if hp < 1 or R % hp:
+    raise ValueError(f"BlockConfig.fused_heads_per_program={config.fused_heads_per_program} "
+                     f"must be 0 (the whole group) or a divisor of H // G = {R}")
+  return hp
+
+
+def _bwd_fused(off, q, k, v, scale, do, lse, delta, cq, *, G, hp, bq, bk, tk, q_offset, window,
+               num_warps, num_stages):
+  """Fused backward on padded inputs: grid (B * H/hp head blocks, key blocks). Returns
+  (dq_acc f32 = sum_j ds_ij k_j, unscaled, [B, tq_pad, H, D]; dk; dv), dK/dV summed over GQA."""
+  B, tq_pad, H, D = q.shape
+  tk_pad = k.shape[1]
+  R = H // G
+  nh, per_g = H // hp, R // hp  # head blocks; head blocks per KV head
+  blk_rows = pl.BlockSpec((None, hp, tq_pad), lambda x, j: (x // nh, x % nh, 0))
+  blk_tiles = pl.BlockSpec((None, tq_pad, hp, D), lambda x, j: (x // nh, 0, x % nh, 0))
+  key_tile = pl.BlockSpec((None, bk, None, D), lambda x, j: (x // nh, j, (x % nh) // per_g, 0))
+  part_tile = pl.BlockSpec((None, bk, None, D), lambda x, j: (x // nh, j, x % nh, 0))
+  # per_g > 1: each head block writes its own f32 dK/dV partial, summed over the group below
+  part_shape = (B, tk_pad, nh, D)
+  part_dt = (k.dtype, v.dtype) if per_g == 1 else (jnp.float32, jnp.float32)
+  dq0 = jnp.zeros((B, tq_pad, H, D), jnp.float32)
+  dk, dv, dq_acc = pl.pallas_call(
+      _with_offset(functools.partial(_fused_bwd_kernel, bq=bq, bk=bk, nq=tq_pad // bq, heads=hp,
+                                     tk=tk, window=window), q_offset),
+      grid=(B * nh, tk_pad // bk),  # early key tiles (most query rows) first
+      in_specs=[OFFSET_SPEC, blk_tiles, key_tile, key_tile, blk_rows, blk_tiles, blk_rows,
+                blk_rows, blk_rows, blk_tiles],
+      out_specs=[part_tile, part_tile, blk_tiles],
+      out_shape=[jax.ShapeDtypeStruct(part_shape, part_dt[0]),
+                 jax.ShapeDtypeStruct(part_shape, part_dt[1]),
+                 jax.ShapeDtypeStruct(dq0.shape, jnp.float32)],
+      input_output_aliases={9: 2},
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=_interpret(), name="polar_attention_bwd_fused",
+  )(off, q, k, v, scale, do, lse, delta, cq, dq0)
+  if per_g > 1:
+    dk = dk.reshape(B, tk_pad, G, per_g, D).sum(3).astype(k.dtype)
+    dv = dv.reshape(B, tk_pad, G, per_g, D).sum(3).astype(v.dtype)
+  return dq_acc, dk, dv
+
+
 def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, delta_BTH, cq_BTH,
                         *, window=None, q_offset=0, block_k=None,
                         config: BlockConfig = DEFAULT_CONFIG, parts=("dq", "dkv")):
   """Backward kernels: (dq, dk, dv in the input dtype, dscale f32), dK/dV summed over GQA.
 
-  `parts` (benchmarks only) runs just one of the two kernels; the other outputs are None.
+  `parts` (benchmarks only) runs just one of the two split kernels; the other outputs are
+  None (ignored by the fused backward). `config.bwd_impl` picks split or fused kernels.
   """
   reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
                                    q_offset=q_offset)
   B, Tq, H, D = q_BTHD.shape
   Tk, G = k_BTGD.shape[1], k_BTGD.shape[2]
+  if config.bwd_impl == "fused":
+    return _attention_stats_bwd_fused(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD,
+                                      delta_BTH, cq_BTH, window=window, q_offset=q_offset,
+                                      block_k=block_k, config=config)
+  if config.bwd_impl != "split":
+    raise ValueError(f"BlockConfig.bwd_impl must be 'split' or 'fused'; got {config.bwd_impl!r}")
   dq_bq = _fit_block(config.dq_block_q, Tq)
   dq_bk = _fit_block(block_k or config.dq_block_k, Tk)
   kv_bq = _fit_block(config.dkv_block_q, Tq)
@@ -575,3 +683,25 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
                       num_stages=config.dkv_num_stages, **common)
     dk, dv = dk[:, :Tk], dv[:, :Tk]
   return dq, dk, dv, dscale
+
+
+def _attention_stats_bwd_fused(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, delta_BTH,
+                               cq_BTH, *, window, q_offset, block_k, config):
+  """`attention_stats_bwd` with the fused kernel; dq = scale * dq_acc, dscale = q . dq_acc."""
+  B, Tq, H, D = q_BTHD.shape
+  Tk, G = k_BTGD.shape[1], k_BTGD.shape[2]
+  hp = _fused_heads(config, H // G)
+  bq = _fit_block(config.fused_block_q, Tq)
+  bk = _fit_block(block_k or config.fused_block_k, Tk)
+  tq_pad, tk_pad = pl.cdiv(Tq, bq) * bq, pl.cdiv(Tk, bk) * bk
+  dq_acc, dk, dv = _bwd_fused(
+      _offset_arg(q_offset), _pad_axis1(q_BTHD, tq_pad), _pad_axis1(k_BTGD, tk_pad),
+      _pad_axis1(v_BTGD, tk_pad), _rows_bht(scale_BTH, tq_pad),
+      _pad_axis1(do_BTHD.astype(q_BTHD.dtype), tq_pad), _rows_bht(lse_BTH, tq_pad, PAD_LSE),
+      _rows_bht(delta_BTH, tq_pad), _rows_bht(cq_BTH, tq_pad), G=G, hp=hp, bq=bq, bk=bk, tk=Tk,
+      q_offset=_static_offset(q_offset), window=window, num_warps=config.fused_num_warps,
+      num_stages=config.fused_num_stages)
+  dq_acc = dq_acc[:, :Tq]
+  dq = (dq_acc * scale_BTH.astype(jnp.float32)[..., None]).astype(q_BTHD.dtype)
+  dscale = jnp.sum(dq_acc * q_BTHD.astype(jnp.float32), axis=-1)
+  return dq, dk[:, :Tk], dv[:, :Tk], dscale
