@@ -64,10 +64,25 @@ class Tuning(NamedTuple):
   grads_warps: int = 8
   min_programs: int = 256
   states_dtype: str = "float32"  # per-chunk states / cotangents kept for the gradient kernel
-  split_grads: bool = False  # gradients as (chunk, V-block) partial kernel + per-chunk epilogue
+  grads: str = "fused"  # "fused" | "split" | "wy": which gradient kernels (module docstring)
+  block_k: int = 64  # "wy": K columns per `gdn_dqkw` program
+  dqkw_warps: int = 4
+  wy_warps: int = 4
+  wy_t0: str = "prepass"  # "wy": T0 written by the prepass, or "recompute" in `gdn_wy_bwd`
+  vnew_dtype: str = "float32"  # "wy": storage of v' and dv' between the passes
+
+
+GRADS = ("fused", "split", "wy")
 
 
 DEFAULT_TUNING = Tuning()
+
+
+def _check_tuning(tuning):
+  if tuning.grads not in GRADS:
+    raise ValueError(f"Tuning.grads={tuning.grads!r}: pick one of {GRADS}")
+  if tuning.wy_t0 not in ("prepass", "recompute"):
+    raise ValueError(f"Tuning.wy_t0={tuning.wy_t0!r}: pick 'prepass' or 'recompute'")
 
 
 def _pow2(n: int) -> bool:
@@ -150,10 +165,13 @@ def _state_kernel(q_ref, k_ref, w_ref, u_ref, gc_ref, s0_ref, *out_refs, c, cp, 
   p = pl.program_id(2)
   vb = pl.program_id(3)
   states_ref = []
+  vnew_ref = None
   if mode == "output":
     o_ref, send_ref = out_refs
   elif mode == "states":
     send_ref, *states_ref = out_refs
+    if len(states_ref) == 2:
+      states_ref, vnew_ref = states_ref[:1], states_ref[1]
   else:
     (send_ref,) = out_refs
   kdim, bv = s0_ref.shape
@@ -174,11 +192,13 @@ def _state_kernel(q_ref, k_ref, w_ref, u_ref, gc_ref, s0_ref, *out_refs, c, cp, 
       u = jnp.where(is_a, 0.0, u)
     if states_ref:
       states_ref[0][idx] = s.astype(states_ref[0].dtype)
-    o, s_new = cm.chunk_state_step(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], u,
-                                   gc.reshape(c, 1), gc.reshape(1, c), s, cfg=cfg,
-                                   with_output=mode == "output")
+    o, s_new, v_new = cm.chunk_state_step_vnew(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], u,
+                                               gc.reshape(c, 1), gc.reshape(1, c), s, cfg=cfg,
+                                               with_output=mode == "output")
     if mode == "output":
       o_ref[sl, :] = o.astype(o_ref.dtype)
+    if vnew_ref is not None:
+      vnew_ref[sl, :] = v_new.astype(vnew_ref.dtype)
     return s_new
 
   s_end = jax.lax.fori_loop(0, cp, body, s_init)
@@ -189,7 +209,8 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, dsout_ref, *out_refs,
                       mode, cfg):
   """Reverse walk of piece p's chunks. mode "states": writes the cotangent leaving each chunk and
   the one entering the piece; "affine": from [0 | I] with cotangents [do | 0] (width V + K),
-  writes the piece's entering cotangent [F | M] (dS_in = M dS_out + F)."""
+  writes the piece's entering cotangent [F | M] (dS_in = M dS_out + F). "states" with a third
+  output ref also writes dv' per chunk (the "wy" gradients)."""
   p = pl.program_id(2)
   vb = pl.program_id(3)
   kdim, bv = dsout_ref.shape
@@ -199,7 +220,7 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, dsout_ref, *out_refs,
     row, col = cm.iota2(kdim, bv)
     ds_init = jnp.where(is_m, jnp.where(row == col + (vb - nvb) * bv, 1.0, 0.0), 0.0)
   else:
-    dstates_ref, dsin_ref = out_refs
+    dstates_ref, dsin_ref, *dvnew_ref = out_refs
     ds_init = dsout_ref[...].astype(jnp.float32)
 
   def body(i, ds):
@@ -211,14 +232,18 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, dsout_ref, *out_refs,
       do = jnp.where(is_m, 0.0, do)
     else:
       dstates_ref[idx] = ds.astype(dstates_ref.dtype)
-    return cm.chunk_state_bwd_step(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], do,
-                                   gc.reshape(c, 1), gc.reshape(1, c), ds, cfg=cfg)
+    ds_in, dv_new = cm.chunk_state_bwd_step_dv(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], do,
+                                               gc.reshape(c, 1), gc.reshape(1, c), ds, cfg=cfg)
+    if mode != "affine" and dvnew_ref:
+      dvnew_ref[0][sl, :] = dv_new.astype(dvnew_ref[0].dtype)
+    return ds_in
 
   dsin_ref[...] = jax.lax.fori_loop(0, cp, body, ds_init.astype(jnp.float32))
 
 
-def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret):
-  """ds_out [B, H, P, K, V]: cotangent leaving each piece (ignored in "affine" mode)."""
+def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret, with_dv=False):
+  """ds_out [B, H, P, K, V]: cotangent leaving each piece (ignored in "affine" mode).
+  `with_dv` ("states" mode): also dv' per chunk, [B, Tp, H, V] in `tuning.vnew_dtype`."""
   b, tp, h, kd = q.shape
   vd = do.shape[-1]
   npieces = ds_out.shape[2]
@@ -239,6 +264,9 @@ def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret):
                  piece_out]
     out_shape = [jax.ShapeDtypeStruct((b, h, nc, kd, vd), tuning.states_dtype),
                  jax.ShapeDtypeStruct((b, h, npieces, kd, vd), jnp.float32)]
+    if with_dv:
+      out_specs.append(pl.BlockSpec((None, tp, None, bv), lambda i, j, p, n: (i, 0, j, n)))
+      out_shape.append(jax.ShapeDtypeStruct((b, tp, h, vd), tuning.vnew_dtype))
   return pl.pallas_call(
       functools.partial(_state_bwd_kernel, c=c, cp=nc // npieces, nvb=nvb, mode=mode,
                         cfg=_dots(q.dtype, interpret)),
@@ -253,8 +281,9 @@ def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret):
   )(q, k, w, do, gc, ds_out)
 
 
-def _backward_states(q, k, w, do, gc, dsT, *, c, pieces, tuning, interpret):
-  """Reverse state pass (split into pieces when useful): (per-chunk leaving cotangents, dS0)."""
+def _backward_states(q, k, w, do, gc, dsT, *, c, pieces, tuning, interpret, with_dv=False):
+  """Reverse state pass (split into pieces when useful): (per-chunk leaving cotangents, dS0)
+  [+ dv' per chunk with `with_dv`]."""
   b, tp, h, kd = q.shape
   vd = do.shape[-1]
   npieces = _num_pieces(b, h, tp // c, kd, vd, pieces, tuning)
@@ -272,9 +301,9 @@ def _backward_states(q, k, w, do, gc, dsT, *, c, pieces, tuning, interpret):
 
     _, outs = jax.lax.scan(step, dsT, (f_PBHKV, m_PBHKK), reverse=True)
     ds_out = jnp.moveaxis(outs, 0, 2)
-  dstates, ds_in = _state_bwd_pass(q, k, w, do, gc, ds_out, c=c, mode="states", tuning=tuning,
-                                   interpret=interpret)
-  return dstates, ds_in[:, :, 0]
+  dstates, ds_in, *dv = _state_bwd_pass(q, k, w, do, gc, ds_out, c=c, mode="states",
+                                        tuning=tuning, interpret=interpret, with_dv=with_dv)
+  return (dstates, ds_in[:, :, 0], *dv)
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, beta_ref, gc_ref, do_ref, s_ref, ds_ref,
@@ -388,6 +417,115 @@ def _split_grads(q, k, v, beta, gc, do, states, dstates, t0, *, c, out_dtypes, t
   return dq, dk, dv, dbeta, dgc
 
 
+def _dqkw_kernel(q_ref, k_ref, gc_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref,
+                 dq_ref, dkd_ref, dw_ref, pdgc_ref, *, bv, cfg):
+  """"wy" gradients, part 1: one (chunk, K-column block): dq (final), dk_direct, dw and this
+  block's share of dgc; the value dim walked in blocks of `bv`. Nothing through T."""
+  c, bk = q_ref.shape
+  vd = do_ref.shape[-1]
+  gc = gc_ref[...]
+  acc = cm.dqkw_init(c, bk)
+  for j in range(vd // bv):
+    cols = slice(j * bv, (j + 1) * bv)
+    acc = cm.dqkw_vblock(acc, do_ref[:, cols], vn_ref[:, cols].astype(jnp.float32),
+                         dvn_ref[:, cols].astype(jnp.float32),
+                         s_ref[:, cols].astype(jnp.float32), ds_ref[:, cols].astype(jnp.float32),
+                         cfg=cfg)
+  dq, dkd, dgc_col, dgc_row = cm.dqkw_epilogue(acc, q_ref[...], k_ref[...], gc.reshape(c, 1),
+                                               gc.reshape(1, c), cfg=cfg)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dkd_ref[...] = dkd
+  dw_ref[...] = acc.dw
+  pdgc_ref[...] = dgc_col.reshape(c) + dgc_row.reshape(c)
+
+
+def _wy_bwd_kernel(k_ref, v_ref, beta_ref, gc_ref, dvn_ref, dw_ref, dkd_ref, pdgc_ref, *refs,
+                   bk, bv, nkb, cfg):
+  """"wy" gradients, part 2: one chunk, through u = T (beta V), w = T (beta e K) and T:
+  dk, dv, dbeta, dgc (plus the K-block dgc partials of part 1). `refs`: [t0_ref,] outputs."""
+  t0_ref, (dk_ref, dv_ref, dbeta_ref, dgc_ref) = (refs[0] if len(refs) == 5 else None), refs[-4:]
+  c, kd = k_ref.shape
+  vd = v_ref.shape[-1]
+  beta_c1, gc_c1, gc_1c = _gates(beta_ref, gc_ref, 0, c)
+  ctx, acc = cm.wy_prologue(k_ref[...], beta_c1, gc_c1, gc_1c, cfg=cfg,
+                            t0_CC=None if t0_ref is None else t0_ref[...])
+  for j in range(vd // bv):
+    cols = slice(j * bv, (j + 1) * bv)
+    dv, acc = cm.wy_vblock(ctx, acc, v_ref[:, cols], dvn_ref[:, cols], beta_c1, cfg=cfg)
+    dv_ref[:, cols] = dv.astype(dv_ref.dtype)
+  for j in range(kd // bk):
+    cols = slice(j * bk, (j + 1) * bk)
+    acc = cm.wy_kblock(ctx, acc, k_ref[:, cols], dw_ref[:, cols], beta_c1, cfg=cfg)
+  da, dbeta, dgc_col, dgc_row = cm.wy_finish(ctx, acc, k_ref[...], beta_c1, gc_c1, gc_1c,
+                                             cfg=cfg)
+  for j in range(kd // bk):
+    cols = slice(j * bk, (j + 1) * bk)
+    dk = cm.wy_dk(ctx, da, k_ref[:, cols], dw_ref[:, cols], dkd_ref[:, cols], beta_c1, cfg=cfg)
+    dk_ref[:, cols] = dk.astype(dk_ref.dtype)
+  pdgc = pdgc_ref[0]
+  for j in range(1, nkb):
+    pdgc = pdgc + pdgc_ref[j]
+  dbeta_ref[...] = dbeta.reshape(c)
+  dgc_ref[...] = dgc_col.reshape(c) + dgc_row.reshape(c) + pdgc
+
+
+def _block_k(kd, tuning):
+  return min(tuning.block_k, kd)
+
+
+def _dqkw(q, k, gc, do, vnew, dvnew, states, dstates, *, c, dq_dtype, tuning, interpret):
+  """`gdn_dqkw`, grid (B, H, NC, K/BK): (dq, dk_direct f32, dw f32, dgc partials [K/BK, B, Tp, H])."""
+  b, tp, h, kd = q.shape
+  vd = do.shape[-1]
+  nc = tp // c
+  bk = _block_k(kd, tuning)
+  nkb = kd // bk
+  kblk = pl.BlockSpec((None, c, None, bk), lambda i, j, n, m: (i, n, j, m))
+  vall = pl.BlockSpec((None, c, None, vd), lambda i, j, n, m: (i, n, j, 0))
+  gate = pl.BlockSpec((None, c, None), lambda i, j, n, m: (i, n, j))
+  st = pl.BlockSpec((None, None, None, bk, vd), lambda i, j, n, m: (i, j, n, m, 0))
+  f32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_dqkw_kernel, bv=_block_v(kd, vd, tuning), cfg=_dots(q.dtype, interpret)),
+      grid=(b, h, nc, nkb),
+      in_specs=[kblk, kblk, gate, vall, vall, vall, st, st],
+      out_specs=[kblk, kblk, kblk,
+                 pl.BlockSpec((None, None, c, None), lambda i, j, n, m: (m, i, n, j))],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), dq_dtype), f32(b, tp, h, kd),
+                 f32(b, tp, h, kd), f32(nkb, b, tp, h)],
+      compiler_params=_params(tuning.dqkw_warps, 1), interpret=interpret, name="gdn_dqkw",
+  )(q, k, gc, do, vnew, dvnew, states, dstates)
+
+
+def _wy_bwd(k, v, beta, gc, dvnew, dw, dkd, pdgc, t0, *, c, out_dtypes, tuning, interpret):
+  """`gdn_wy_bwd`, grid (B, H, NC): (dk, dv, dbeta, dgc) of every chunk; `t0` None = recompute."""
+  b, tp, h, kd = k.shape
+  vd = v.shape[-1]
+  nc = tp // c
+  bk = _block_k(kd, tuning)
+  nkb = kd // bk
+  tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
+  gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
+  in_specs = [tok(kd), tok(vd), gate, gate, tok(vd), tok(kd), tok(kd),
+              pl.BlockSpec((nkb, None, c, None), lambda i, j, n: (0, i, n, j))]
+  args = [k, v, beta, gc, dvnew, dw, dkd, pdgc]
+  if t0 is not None:
+    in_specs.append(tok(c))
+    args.append(t0)
+  f32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_wy_bwd_kernel, bk=bk, bv=_block_v(kd, vd, tuning), nkb=nkb,
+                        cfg=_dots(k.dtype, interpret)),
+      grid=(b, h, nc),
+      in_specs=in_specs,
+      out_specs=[tok(kd), tok(vd), gate, gate],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), out_dtypes[1]),
+                 jax.ShapeDtypeStruct((b, tp, h, vd), out_dtypes[2]), f32(b, tp, h),
+                 f32(b, tp, h)],
+      compiler_params=_params(tuning.wy_warps, 1), interpret=interpret, name="gdn_wy_bwd",
+  )(*args)
+
+
 # ------------------------------------------------------------------------------------ drivers
 
 
@@ -425,8 +563,9 @@ def _block_v(kd, vd, tuning):
   return min(tuning.block_v, kd, vd)
 
 
-def _state_pass(q, k, w, u, gc, s_start, *, c, mode, tuning, interpret):
-  """s_start [B, H, P, K, V]. Returns per mode (see `_state_kernel`)."""
+def _state_pass(q, k, w, u, gc, s_start, *, c, mode, tuning, interpret, with_v=False):
+  """s_start [B, H, P, K, V]. Returns per mode (see `_state_kernel`); `with_v` ("states"
+  mode): also v' per chunk, [B, Tp, H, V] in `tuning.vnew_dtype`."""
   b, tp, h, kd = q.shape
   vd = u.shape[-1]
   npieces = s_start.shape[2]
@@ -455,6 +594,9 @@ def _state_pass(q, k, w, u, gc, s_start, *, c, mode, tuning, interpret):
     else:
       out_specs.append(pl.BlockSpec((None, None, nc, kd, bv), lambda i, j, p, n: (i, j, 0, 0, n)))
       out_shape.append(jax.ShapeDtypeStruct((b, h, nc, kd, vd), tuning.states_dtype))
+      if with_v:
+        out_specs.append(vblock)
+        out_shape.append(jax.ShapeDtypeStruct((b, tp, h, vd), tuning.vnew_dtype))
   gate = pl.BlockSpec((None, tp, None), lambda i, j, p, n: (i, 0, j))
   return pl.pallas_call(
       functools.partial(_state_kernel, c=c, cp=cp, nvb=nvb, mode=mode,
@@ -479,10 +621,12 @@ def _num_pieces(b, h, nc, kd, vd, pieces, tuning):
   return p
 
 
-def _forward_states(q, k, w, u, gc, s0, *, c, pieces, save_states, tuning, interpret):
+def _forward_states(q, k, w, u, gc, s0, *, c, pieces, save_states, tuning, interpret,
+                    with_v=False):
   """Runs the state pass (split into pieces when useful).
 
-  Returns (o, final state), or (None, final state, per-chunk entry states) with `save_states`.
+  Returns (o, final state), or (None, final state, per-chunk entry states[, v' per chunk with
+  `with_v`]) with `save_states`.
   """
   b, tp, h, kd = q.shape
   vd = u.shape[-1]
@@ -502,9 +646,9 @@ def _forward_states(q, k, w, u, gc, s0, *, c, pieces, save_states, tuning, inter
     _, starts = jax.lax.scan(step, s0, (e_PBHKV, a_PBHKK))
     s_start = jnp.moveaxis(starts, 0, 2)
   if save_states:
-    s_end, states = _state_pass(q, k, w, u, gc, s_start, c=c, mode="states", tuning=tuning,
-                                interpret=interpret)
-    return None, s_end[:, :, -1], states
+    s_end, states, *vnew = _state_pass(q, k, w, u, gc, s_start, c=c, mode="states",
+                                       tuning=tuning, interpret=interpret, with_v=with_v)
+    return (None, s_end[:, :, -1], states, *vnew)
   o, s_end = _state_pass(q, k, w, u, gc, s_start, c=c, mode="output", tuning=tuning,
                          interpret=interpret)
   return o, s_end[:, :, -1]
@@ -560,14 +704,23 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   do = _pad_time(do.astype(jnp.float32), tp)
   dsT = (jnp.zeros((b, h, kd, vd), jnp.float32) if dfinal_state is None
          else dfinal_state.astype(jnp.float32))
+  _check_tuning(tuning)
+  wy = tuning.grads == "wy"
   w, u, *t0 = _prepass(k, v, beta_p, gc, c=c, tuning=tuning, interpret=interpret,
-                       with_t0=tuning.split_grads)
-  _, _, states = _forward_states(q, k, w, u, gc, s0, c=c, pieces=pieces, save_states=True,
-                                 tuning=tuning, interpret=interpret)
+                       with_t0=tuning.grads == "split" or (wy and tuning.wy_t0 == "prepass"))
+  _, _, states, *vnew = _forward_states(q, k, w, u, gc, s0, c=c, pieces=pieces,
+                                        save_states=True, tuning=tuning, interpret=interpret,
+                                        with_v=wy)
   cfg = _dots(q.dtype, interpret)
-  dstates, ds0 = _backward_states(q, k, w, do, gc, dsT, c=c, pieces=pieces, tuning=tuning,
-                                  interpret=interpret)
-  if tuning.split_grads:
+  dstates, ds0, *dvnew = _backward_states(q, k, w, do, gc, dsT, c=c, pieces=pieces,
+                                          tuning=tuning, interpret=interpret, with_dv=wy)
+  if wy:
+    dq, dkd, dw, pdgc = _dqkw(q, k, gc, do, vnew[0], dvnew[0], states, dstates, c=c,
+                              dq_dtype=in_dtypes[0], tuning=tuning, interpret=interpret)
+    dk, dv, dbeta, dgc = _wy_bwd(k, v, beta_p, gc, dvnew[0], dw, dkd, pdgc,
+                                 t0[0] if t0 else None, c=c, out_dtypes=in_dtypes,
+                                 tuning=tuning, interpret=interpret)
+  elif tuning.grads == "split":
     dq, dk, dv, dbeta, dgc = _split_grads(q, k, v, beta_p, gc, do, states, dstates, t0[0], c=c,
                                           out_dtypes=in_dtypes, tuning=tuning,
                                           interpret=interpret)
