@@ -171,6 +171,7 @@ def test_fused_bwd_lowers_to_triton_for_h100(monkeypatch, heads):
         platforms=["cuda"], disabled_checks=checks)(q, kv, kv, row, row, q, row, row)
   assert bwd.mlir_module().count("xla.gpu.triton") == 1
   assert "polar_attention_bwd_fused" in bwd.mlir_module()
+  assert "relaxed" in bwd.mlir_module()  # our relaxed-order dQ atomics, not Pallas' acq_rel
 
 
 @pytest.mark.gpu

@@ -49,6 +49,45 @@ from pallas_kernels.polar_attention import reference
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
+try:  # a relaxed-order atomic add (Pallas' own atomics are acquire-release): private JAX APIs
+  from jax._src import core as _jax_core
+  from jax._src.lib.triton import dialect as _tt
+  from jax._src.pallas.triton import lowering as _tl
+  from jax._src.pallas.triton import primitives as _tp
+  from jax._src.state import discharge as _state_discharge
+  from jax._src.state import primitives as _state_primitives
+  from jax._src.state import indexing as _indexing
+except ImportError:  # another JAX version: the fused backward uses pl's acq_rel atomic_add
+  _relaxed_add_p = None
+else:
+  _relaxed_add_p = _jax_core.Primitive("polar_relaxed_atomic_add")
+  _relaxed_add_p.def_effectful_abstract_eval(
+      functools.partial(_tp._atomic_abstract_eval, atomic_type=_tp.AtomicOpType.ADD))
+  _state_discharge.register_discharge_rule(_relaxed_add_p)(
+      functools.partial(_tp._atomic_rmw_discharge_rule, atomic_type=_tp.AtomicOpType.ADD))
+
+  @_tl.register_lowering(_relaxed_add_p)
+  def _relaxed_add_lowering(ctx, *args_flat, args_tree):
+    """x[idx] += val as tt.atomic_rmw fadd with relaxed memory order (the kernel only needs
+    the sums once it has finished, so no acquire/release fences per element)."""
+    block_info, *_ = ctx.block_infos
+    ptr, indexers, val, mask = args_tree.unflatten(args_flat)
+    *_, value_aval, _ = args_tree.unflatten(ctx.avals_in)
+    if len(indexers) != 1 or not isinstance(indexers[0], _indexing.NDIndexer) or mask is not None:
+      raise NotImplementedError("relaxed atomic add: one NDIndexer, no mask")
+    ptr = _tl._compute_pointers_from_indices(ptr, block_info, indexers[0])
+    val = _tl._ensure_ir_value(val, value_aval)
+    return _tl._atomic_rmw(_tt.RMWOp.FADD, ptr, val, semantic=_tt.MemSemantic.RELAXED)
+
+
+def _atomic_add(ref, idx, val, *, relaxed: bool):
+  """ref[idx] += val atomically (float); relaxed order when available and asked for."""
+  if not relaxed or _relaxed_add_p is None:
+    return pltriton.atomic_add(ref, idx, val)
+  ref, transforms = _state_primitives.get_ref_and_transforms(ref, idx, "atomic_rmw")
+  flat, tree = jax.tree_util.tree_flatten((ref, transforms, val, None))
+  return _relaxed_add_p.bind(*flat, args_tree=tree)
+
 LOG2E = math.log2(math.e)
 NEG = reference.MASK_SENTINEL  # finite sentinel for invisible logits (spec §3.4)
 PAD_LSE = 1e30  # lse of padded query rows: exp(s - lse) = 0, so they add nothing to dK/dV
@@ -92,6 +131,7 @@ class BlockConfig:
   # Query heads per fused program: 0 = the whole GQA group (dK/dV summed in-kernel); a divisor
   # of H // G gives more, smaller programs and per-head-block f32 dK/dV summed in XLA.
   fused_heads_per_program: int = 0
+  fused_relaxed_atomics: bool = True  # False: Pallas' acquire-release atomic_add
 
 
 DEFAULT_CONFIG = BlockConfig()
@@ -554,7 +594,8 @@ def _bwd_dkv(off, q, k, v, scale, do, lse, delta, cq, *, G, bq, bk, tk, q_offset
 
 
 def _fused_bwd_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, _dq0_ref,
-                      dk_ref, dv_ref, dq_ref, *, bq, bk, tk, nq, q_offset, window, heads):
+                      dk_ref, dv_ref, dq_ref, *, bq, bk, tk, nq, q_offset, window, heads,
+                      relaxed):
   """One key tile x `heads` query heads: dK/dV accumulated in registers, each (query tile,
   key tile)'s unscaled dQ contribution ds^T k atomically added to the f32 buffer dq_ref."""
   kb = pl.program_id(1)
@@ -591,7 +632,7 @@ def _fused_bwd_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_re
       dk_kd = dk_kd + _dot((ds_kq * scale_q[None, :]).astype(q.dtype), q)
       dq_qd = _dot(ds_kq.astype(k.dtype), k, trans_a=True)
       # head index as an int32 scalar: the interpret-mode discharge rule needs .shape
-      pltriton.atomic_add(dq_ref, (rows, jnp.int32(r), slice(None)), dq_qd)
+      _atomic_add(dq_ref, (rows, jnp.int32(r), slice(None)), dq_qd, relaxed=relaxed)
       return dk_kd, dv_kd
 
     dk_kd, dv_kd = _three_phase(*band, body, (dk_kd, dv_kd))
@@ -608,7 +649,7 @@ def _fused_heads(config: BlockConfig, R: int) -> int:
 
 
 def _bwd_fused(off, q, k, v, scale, do, lse, delta, cq, *, G, hp, bq, bk, tk, q_offset, window,
-               num_warps, num_stages):
+               num_warps, num_stages, relaxed):
   """Fused backward on padded inputs: grid (B * H/hp head blocks, key blocks). Returns
   (dq_acc f32 = sum_j ds_ij k_j, unscaled, [B, tq_pad, H, D]; dk; dv), dK/dV summed over GQA."""
   B, tq_pad, H, D = q.shape
@@ -625,7 +666,7 @@ def _bwd_fused(off, q, k, v, scale, do, lse, delta, cq, *, G, hp, bq, bk, tk, q_
   dq0 = jnp.zeros((B, tq_pad, H, D), jnp.float32)
   dk, dv, dq_acc = pl.pallas_call(
       _with_offset(functools.partial(_fused_bwd_kernel, bq=bq, bk=bk, nq=tq_pad // bq, heads=hp,
-                                     tk=tk, window=window), q_offset),
+                                     tk=tk, window=window, relaxed=relaxed), q_offset),
       grid=(B * nh, tk_pad // bk),  # early key tiles (most query rows) first
       in_specs=[OFFSET_SPEC, blk_tiles, key_tile, key_tile, blk_rows, blk_tiles, blk_rows,
                 blk_rows, blk_rows, blk_tiles],
@@ -700,7 +741,7 @@ def _attention_stats_bwd_fused(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BT
       _pad_axis1(do_BTHD.astype(q_BTHD.dtype), tq_pad), _rows_bht(lse_BTH, tq_pad, PAD_LSE),
       _rows_bht(delta_BTH, tq_pad), _rows_bht(cq_BTH, tq_pad), G=G, hp=hp, bq=bq, bk=bk, tk=Tk,
       q_offset=_static_offset(q_offset), window=window, num_warps=config.fused_num_warps,
-      num_stages=config.fused_num_stages)
+      num_stages=config.fused_num_stages, relaxed=config.fused_relaxed_atomics)
   dq_acc = dq_acc[:, :Tq]
   dq = (dq_acc * scale_BTH.astype(jnp.float32)[..., None]).astype(q_BTHD.dtype)
   dscale = jnp.sum(dq_acc * q_BTHD.astype(jnp.float32), axis=-1)
