@@ -2,6 +2,7 @@
 streaming path, forward and forward+backward, bf16, 8 query / 2 KV heads, head dim 128, causal.
 
   python3 bench/polar_attention.py --out bench/results/polar_attention_h100.json [--sweep]
+  python3 bench/polar_attention.py --bwd-variants all --out $OUT/polar_bwd_variants.json
 
 Order: (1) correctness of the Pallas kernels vs the XLA streaming path (and the materialized
 oracle) at small shapes, (2) an optional block-size sweep at (B, T) = (4, 8K), (3) the table.
@@ -239,6 +240,93 @@ def decode_table(cfg, reps, save, rows, cases=((1, 65536), (8, 65536), (8, 8192)
       save(rows)
 
 
+# Backward variants (issue #5): name -> BlockConfig overrides. "split" is the current default.
+BWD_VARIANTS = {
+    "split": dict(bwd_impl="split"),
+    "fused": dict(bwd_impl="fused"),
+    "fused_s3": dict(bwd_impl="fused", fused_num_stages=3),
+    "fused_acqrel": dict(bwd_impl="fused", fused_relaxed_atomics=False),
+    "fused_1head": dict(bwd_impl="fused", fused_heads_per_program=1),
+    "fused_k64w4": dict(bwd_impl="fused", fused_block_k=64, fused_num_warps=4),
+    "fused_q32w4s3": dict(bwd_impl="fused", fused_block_q=32, fused_num_warps=4,
+                          fused_num_stages=3),
+}
+
+
+def bwd_variants(variants, reps, shapes, save, budget_s, small=False):
+  """Per backward variant: correctness (Pallas fwd+bwd vs XLA streaming, and dq/dk/dv/dscale
+  vs the split kernels) at two small shapes, then the backward kernels alone (given the
+  forward's residuals) and forward+backward (as the custom VJP runs it) at each benchmark
+  shape, next to cuDNN's fwd+bwd. Variants past `budget_s` seconds are skipped (recorded)."""
+  t_start = time.perf_counter()
+  res = {"variants": {n: BWD_VARIANTS[n] for n in variants}, "checks": [], "timings": []}
+  cases = ((1, 100, 100, 0, 40), (1, 40, 130, 90, None)) if small else (
+      (2, 1000, 1000, 0, None), (1, 300, 1800, 1500, 512))
+  base = gpu_triton.DEFAULT_CONFIG
+  for (B, Tq, Tk, off, win) in cases:
+    kw = dict(window=win, q_offset=off)
+    q, k, v, scale, do = inputs(B, Tq, Tk, seed=2)
+    want = jax.jit(fwd_bwd_fn(xla_streaming, **kw))(q, k, v, scale, do)
+    split = None
+    for name in variants:
+      if time.perf_counter() - t_start > budget_s:
+        res["checks"].append({"variant": name, "case": [B, Tq, Tk, off, win], "skipped": True})
+        continue
+      cfg = dataclasses.replace(base, **BWD_VARIANTS[name])
+      try:
+        got = jax.jit(fwd_bwd_fn(gpu_triton, config=cfg, **kw))(q, k, v, scale, do)
+      except Exception as e:  # noqa: BLE001 - a variant that does not compile is recorded
+        print(f"check {name} B{B} Tq{Tq} Tk{Tk}: FAILED {type(e).__name__}: {str(e)[:300]}",
+              flush=True)
+        res["checks"].append({"variant": name, "case": [B, Tq, Tk, off, win],
+                              "error": str(e)[:300]})
+        continue
+      split = got if name == "split" else split
+      names = ("dq", "dk", "dv", "dscale")
+      row = {"variant": name, "case": [B, Tq, Tk, off, win],
+             "rel_err_vs_xla": {n: rel_err(a, b) for n, a, b in zip(names, got, want)}}
+      if split is not None and name != "split":
+        row["rel_err_vs_split"] = {n: rel_err(a, b) for n, a, b in zip(names, got, split)}
+      res["checks"].append(row)
+      print(f"check {name:>14} B{B} Tq{Tq} Tk{Tk} off{off} w{win}: " + " ".join(
+          f"{k}:" + ",".join(f"{n}={e:.1e}" for n, e in d.items())
+          for k, d in row.items() if k.startswith("rel_")), flush=True)
+      save(res)
+  for (B, T) in shapes:
+    q, k, v, scale, do = inputs(B, T)
+    kw = dict(window=None, q_offset=0)
+    o, lse, p2 = jax.jit(functools.partial(gpu_triton.attention_stats_fwd, **kw))(q, k, v, scale)
+    dl = jnp.full_like(lse, 0.1)
+    delta, cq = reference.stats_vjp_prologue(o, p2, do, dl, dl)
+    rows = [("cudnn", "fwd+bwd", cudnn_fns("xla" if small else "cudnn")[1], (q, k, v, do))]
+    for name in variants:
+      cfg = dataclasses.replace(base, **BWD_VARIANTS[name])
+      rows.append((name, "bwd", jax.jit(functools.partial(gpu_triton.attention_stats_bwd,
+                                                         config=cfg, **kw)),
+                   (q, k, v, scale, lse, do, delta, cq)))
+      rows.append((name, "fwd+bwd", jax.jit(fwd_bwd_fn(gpu_triton, config=cfg, **kw)),
+                   (q, k, v, scale, do)))
+    for name, mode, fn, args in rows:
+      if time.perf_counter() - t_start > budget_s:
+        res["timings"].append({"B": B, "T": T, "variant": name, "mode": mode, "skipped": True})
+        continue
+      try:
+        ms, n = timeit(fn, *args, reps=reps)
+      except Exception as e:  # noqa: BLE001
+        print(f"B{B} T{T} {name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        res["timings"].append({"B": B, "T": T, "variant": name, "mode": mode,
+                               "error": str(e)[:300]})
+        continue
+      tf = causal_tflops(B, T, ms, 2.5 if mode == "bwd" else 3.5)
+      res["timings"].append({"B": B, "T": T, "variant": name, "mode": mode, "median_ms": ms,
+                             "runs": n, "causal_tflops": tf})
+      print(f"B{B:>2} T{T:>6} {name:>14} {mode:>8}: {ms:8.3f} ms ({tf:6.1f} TF/s, n={n}) "
+            f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+      save(res)
+    del q, k, v, scale, do, o, lse, p2, delta, cq
+  return res
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="bench/results/polar_attention.json")
@@ -248,6 +336,11 @@ def main():
   ap.add_argument("--skip-checks", action="store_true")
   ap.add_argument("--quick-checks", action="store_true", help="only the two small checks")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-runnable (no cuDNN)")
+  ap.add_argument("--bwd-variants", default=None,
+                  help="comma-separated backward variants to check and time (or 'all': "
+                  + ",".join(BWD_VARIANTS) + "), then exit; see --budget-s")
+  ap.add_argument("--budget-s", type=float, default=330.0,
+                  help="--bwd-variants: skip (and record) what is left after this many seconds")
   args = ap.parse_args()
   shapes, fwd_only, sweep_shape, n_cfg, cudnn = SHAPES, FWD_ONLY_SHAPES, (4, 8192), None, "cudnn"
   if args.smoke:
@@ -266,6 +359,21 @@ def main():
       json.dump(result, f, indent=1)
 
   cfg = gpu_triton.DEFAULT_CONFIG
+  if args.bwd_variants:
+    names = list(BWD_VARIANTS) if args.bwd_variants == "all" else args.bwd_variants.split(",")
+    unknown = [n for n in names if n not in BWD_VARIANTS]
+    if unknown:
+      raise SystemExit(f"--bwd-variants: unknown {unknown}; choose from {list(BWD_VARIANTS)}")
+    shapes = ((4, 8192), (16, 2048)) if not args.smoke else ((1, 256),)
+
+    def save_variants(res):
+      result["bwd_variants"] = res
+      save()
+
+    result["base_config"] = dataclasses.asdict(cfg)
+    bwd_variants(names, args.reps, shapes, save_variants, args.budget_s, small=args.smoke)
+    print("wrote", args.out)
+    return
   if not args.skip_checks:
     result["correctness"] = correctness(cfg, small=args.smoke or args.quick_checks)
     save()
