@@ -64,15 +64,46 @@ def test_interpret_matches_oracle(case):
   check_backend(fwd, case, jnp.float32, atol=2e-5, rtol=2e-5, seed=3, bwd=bwd)
 
 
-def test_interpret_sequence_split_is_exact():
-  """4 pieces of 1 chunk each (forward), 2 pieces (backward's state passes), and the split
-  (chunk, V-block) gradient kernels."""
+_T = gpu_triton.Tuning
+
+
+@pytest.mark.parametrize("grads", ["fused", "split"])
+def test_interpret_sequence_split_is_exact(grads):
+  """4 pieces of 1 chunk each (forward), 2 pieces (backward's state passes), with the fused
+  per-chunk and the split (chunk, V-block) gradient kernels."""
   case = Case(T=61, B=2, H=1, K=16, V=16, chunk=16, gamma="small", beta="near0",
               init_state=False)
   fwd = functools.partial(gpu_triton.gated_delta_fwd, interpret=True, pieces=4)
   bwd = functools.partial(gpu_triton.gated_delta_bwd, interpret=True, pieces=2,
-                          tuning=gpu_triton.Tuning(split_grads=True, block_v=8))
+                          tuning=_T(grads=grads, block_v=8))
   check_backend(fwd, case, jnp.float32, atol=2e-5, rtol=2e-5, seed=4, bwd=bwd)
+
+
+# "wy" gradients (`gdn_dqkw` per K block + `gdn_wy_bwd` per chunk) with several K and V blocks,
+# T0 from the prepass or recomputed, v'/dv' stored in bf16 (looser tolerance), pieces split.
+_WY_CASES = (
+    (Case(T=37, H=2, K=32, V=32, chunk=16), _T(grads="wy", block_k=16, block_v=16), None, 2e-5),
+    (Case(T=61, B=2, H=1, K=32, V=16, chunk=16, gamma="near1", beta="near1"),
+     _T(grads="wy", wy_t0="recompute", block_k=16, block_v=8), 2, 2e-5),
+    (Case(T=50, H=1, K=16, V=32, chunk=16, gamma="small", beta="near0", init_state=False),
+     _T(grads="wy", block_k=8, block_v=16), 2, 2e-5),
+    (Case(T=40, H=1, K=16, V=16, chunk=16), _T(grads="wy", vnew_dtype="bfloat16"), None, 2e-2),
+)
+
+
+@pytest.mark.parametrize("case,tuning,pieces,tol", _WY_CASES, ids=lambda x: str(x)[:60])
+def test_interpret_wy_grads_match_oracle(case, tuning, pieces, tol):
+  fwd = functools.partial(gpu_triton.gated_delta_fwd, interpret=True)
+  bwd = functools.partial(gpu_triton.gated_delta_bwd, interpret=True, pieces=pieces,
+                          tuning=tuning)
+  check_backend(fwd, case, jnp.float32, atol=tol, rtol=tol, seed=7, bwd=bwd)
+
+
+def test_rejects_unknown_grads():
+  q = jnp.zeros((1, 16, 1, 16), jnp.float32)
+  with pytest.raises(ValueError, match="Tuning.grads"):
+    gpu_triton.gated_delta_bwd(q, q, q, q[..., 0], q[..., 0], None, q, None, chunk_size=16,
+                               tuning=_T(grads="fast"), interpret=True)
 
 
 def test_rejects_unsupported_shapes():
@@ -85,11 +116,10 @@ def test_rejects_unsupported_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,kv,tol", [(jnp.float32, 64, 2e-3), (jnp.bfloat16, 128, 3e-2)])
-@pytest.mark.parametrize("split_grads", [False, True])
-def test_compiled_matches_oracle(dtype, kv, tol, split_grads):
+@pytest.mark.parametrize("grads", gpu_triton.GRADS)
+def test_compiled_matches_oracle(dtype, kv, tol, grads):
   case = Case(T=200, B=2, H=2, K=kv, V=kv, chunk=64)
-  bwd = functools.partial(gpu_triton.gated_delta_bwd,
-                          tuning=gpu_triton.Tuning(split_grads=split_grads))
+  bwd = functools.partial(gpu_triton.gated_delta_bwd, tuning=gpu_triton.Tuning(grads=grads))
   check_backend(gpu_triton.gated_delta_fwd, case, dtype, atol=tol, rtol=tol, seed=5, bwd=bwd)
 
 

@@ -64,7 +64,7 @@ class Tuning(NamedTuple):
   grads_warps: int = 8
   min_programs: int = 256
   states_dtype: str = "float32"  # per-chunk states / cotangents kept for the gradient kernel
-  grads: str = "fused"  # "fused" | "split" | "wy": which gradient kernels (module docstring)
+  grads: str = "wy"  # "wy" | "fused" | "split": which gradient kernels (module docstring)
   block_k: int = 64  # "wy": K columns per `gdn_dqkw` program
   dqkw_warps: int = 4
   wy_warps: int = 4
@@ -439,10 +439,9 @@ def _dqkw_kernel(q_ref, k_ref, gc_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref,
   pdgc_ref[...] = dgc_col.reshape(c) + dgc_row.reshape(c)
 
 
-def _wy_bwd_kernel(k_ref, v_ref, beta_ref, gc_ref, dvn_ref, dw_ref, dkd_ref, pdgc_ref, *refs,
-                   bk, bv, nkb, cfg):
+def _wy_bwd_kernel(k_ref, v_ref, beta_ref, gc_ref, dvn_ref, dw_ref, dkd_ref, *refs, bk, bv, cfg):
   """"wy" gradients, part 2: one chunk, through u = T (beta V), w = T (beta e K) and T:
-  dk, dv, dbeta, dgc (plus the K-block dgc partials of part 1). `refs`: [t0_ref,] outputs."""
+  dk, dv, dbeta, and the dgc terms through T. `refs`: [t0_ref,] then the outputs."""
   t0_ref, (dk_ref, dv_ref, dbeta_ref, dgc_ref) = (refs[0] if len(refs) == 5 else None), refs[-4:]
   c, kd = k_ref.shape
   vd = v_ref.shape[-1]
@@ -462,11 +461,8 @@ def _wy_bwd_kernel(k_ref, v_ref, beta_ref, gc_ref, dvn_ref, dw_ref, dkd_ref, pdg
     cols = slice(j * bk, (j + 1) * bk)
     dk = cm.wy_dk(ctx, da, k_ref[:, cols], dw_ref[:, cols], dkd_ref[:, cols], beta_c1, cfg=cfg)
     dk_ref[:, cols] = dk.astype(dk_ref.dtype)
-  pdgc = pdgc_ref[0]
-  for j in range(1, nkb):
-    pdgc = pdgc + pdgc_ref[j]
   dbeta_ref[...] = dbeta.reshape(c)
-  dgc_ref[...] = dgc_col.reshape(c) + dgc_row.reshape(c) + pdgc
+  dgc_ref[...] = dgc_col.reshape(c) + dgc_row.reshape(c)
 
 
 def _block_k(kd, tuning):
@@ -497,24 +493,22 @@ def _dqkw(q, k, gc, do, vnew, dvnew, states, dstates, *, c, dq_dtype, tuning, in
   )(q, k, gc, do, vnew, dvnew, states, dstates)
 
 
-def _wy_bwd(k, v, beta, gc, dvnew, dw, dkd, pdgc, t0, *, c, out_dtypes, tuning, interpret):
-  """`gdn_wy_bwd`, grid (B, H, NC): (dk, dv, dbeta, dgc) of every chunk; `t0` None = recompute."""
+def _wy_bwd(k, v, beta, gc, dvnew, dw, dkd, t0, *, c, out_dtypes, tuning, interpret):
+  """`gdn_wy_bwd`, grid (B, H, NC): (dk, dv, dbeta, dgc through T) of every chunk; `t0` None =
+  recompute the inverse."""
   b, tp, h, kd = k.shape
   vd = v.shape[-1]
   nc = tp // c
-  bk = _block_k(kd, tuning)
-  nkb = kd // bk
   tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
   gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
-  in_specs = [tok(kd), tok(vd), gate, gate, tok(vd), tok(kd), tok(kd),
-              pl.BlockSpec((nkb, None, c, None), lambda i, j, n: (0, i, n, j))]
-  args = [k, v, beta, gc, dvnew, dw, dkd, pdgc]
+  in_specs = [tok(kd), tok(vd), gate, gate, tok(vd), tok(kd), tok(kd)]
+  args = [k, v, beta, gc, dvnew, dw, dkd]
   if t0 is not None:
     in_specs.append(tok(c))
     args.append(t0)
   f32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.float32)
   return pl.pallas_call(
-      functools.partial(_wy_bwd_kernel, bk=bk, bv=_block_v(kd, vd, tuning), nkb=nkb,
+      functools.partial(_wy_bwd_kernel, bk=_block_k(kd, tuning), bv=_block_v(kd, vd, tuning),
                         cfg=_dots(k.dtype, interpret)),
       grid=(b, h, nc),
       in_specs=in_specs,
@@ -717,9 +711,9 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   if wy:
     dq, dkd, dw, pdgc = _dqkw(q, k, gc, do, vnew[0], dvnew[0], states, dstates, c=c,
                               dq_dtype=in_dtypes[0], tuning=tuning, interpret=interpret)
-    dk, dv, dbeta, dgc = _wy_bwd(k, v, beta_p, gc, dvnew[0], dw, dkd, pdgc,
-                                 t0[0] if t0 else None, c=c, out_dtypes=in_dtypes,
-                                 tuning=tuning, interpret=interpret)
+    dk, dv, dbeta, dgc = _wy_bwd(k, v, beta_p, gc, dvnew[0], dw, dkd, t0[0] if t0 else None,
+                                 c=c, out_dtypes=in_dtypes, tuning=tuning, interpret=interpret)
+    dgc = dgc + jnp.sum(pdgc, axis=0)  # the K-block partials of gdn_dqkw (tiny)
   elif tuning.grads == "split":
     dq, dk, dv, dbeta, dgc = _split_grads(q, k, v, beta_p, gc, do, states, dstates, t0[0], c=c,
                                           out_dtypes=in_dtypes, tuning=tuning,
