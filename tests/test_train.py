@@ -137,3 +137,41 @@ def test_cli_rejects_bad_input(capsys, tmp_path):
     assert f"{bad} must be >= 1" in capsys.readouterr().err
   assert train.main(["--coordinator", "127.0.0.1:1"]) == 2
   assert "--num-processes" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- metrics (MFU)
+
+def test_matmul_chain_matches_numpy_and_peak_accounting():
+  import jax.numpy as jnp
+  from atma_jax.train import metrics
+  rng = np.random.default_rng()
+  n, chain = 32, 3
+  a = jnp.asarray(rng.standard_normal((n, n)), jnp.bfloat16)
+  b = jnp.asarray(rng.standard_normal((n, n)) / np.sqrt(n), jnp.bfloat16)
+  for out_dtype in (jnp.bfloat16, jnp.float32):
+    want = np.asarray(a, np.float64)
+    for _ in range(chain):  # bf16 operands, exact accumulation, result rounded to bf16
+      want = np.asarray(jnp.asarray(want @ np.asarray(b, np.float64), jnp.bfloat16), np.float64)
+    got = np.asarray(metrics.matmul_chain(a, b, chain, out_dtype), np.float64)
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05 * np.abs(want).max())
+  r = metrics.measure_matmul_peak(64, chain=2, reps=3, warmup=1, out_dtype=jnp.float32)
+  assert r["flops_per_call"] == 2 * 64 ** 3 * 2 and r["output"] == "float32"
+  assert r["call_s_median"] == sorted(r["call_s_all"])[1]
+  assert r["flops_per_s"] == pytest.approx(r["flops_per_call"] / r["call_s_median"])
+  with pytest.raises(ValueError, match="must be positive"):
+    metrics.measure_matmul_peak(0)
+
+
+def test_mfu_and_peak_label():
+  from atma_jax.train import metrics
+
+  class Dev:
+    device_kind = "NVIDIA H100 80GB HBM3"
+
+  assert metrics.peak_flops(Dev()) == 989e12
+  assert "989 TFLOP/s" in metrics.peak_label(Dev()) and "spec table" in metrics.peak_label(Dev())
+  assert metrics.peak_label(jax.devices("cpu")[0]).startswith("no MFU")
+  tps, fpt = 97028.26, metrics.flops_per_token(378220864, 16, 1024, 2048)
+  assert fpt == 6 * 378220864 + 12 * 16 * 1024 * 2048
+  assert metrics.mfu(tps, fpt, 2, 718e12) == pytest.approx(tps * fpt / (2 * 718e12))
+  assert metrics.mfu(tps, fpt, 1, None) is None
