@@ -56,7 +56,8 @@ CATEGORY_RULES = (  # first match wins; tested on the lower-cased kernel name + 
                 "dot", "ynn_fusion")),
     ("cudnn", ("cudnn",)),
     ("fusion", ("fusion", "loop_", "input_", "reduce", "convert", "transpose", "slice",
-                "concatenate", "broadcast", "select", "scatter", "gather", "iota", "pad", "wrapped_")),
+                "concatenate", "broadcast", "select", "scatter", "gather", "iota", "pad",
+                "wrapped_")),
 )
 
 
@@ -193,7 +194,8 @@ def summarize(events: list[dict], hlo_ops: dict | None = None, top: int = 40) ->
   out: dict = {"events_total": len(events), "device_processes": sorted(devs.values()),
                "device_tracks": sorted({tname.get((e["pid"], e["tid"]), str(e["tid"]))
                                         for e in kern}),
-               "kernel_events": len(kern)}
+               "kernel_events": len(kern),
+               "device_threads": sorted({n for (p, _), n in tname.items() if p in devs})[:40]}
   out["kernel_source"] = "device streams"
   if not kern:  # CPU: the XLA ops run as host events carrying an `hlo_op` arg
     out["note"] = ("no device kernel events (a CPU trace has host events only): the tables "
@@ -204,7 +206,8 @@ def summarize(events: list[dict], hlo_ops: dict | None = None, top: int = 40) ->
     out["kernel_events"] = len(kern)
     devs = {e["pid"]: str(e["pid"]) for e in kern}
     devs.update({e.get("pid"): str(e.get("args", {}).get("name")) for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name" and e.get("pid") in devs})
+                 if e.get("ph") == "M" and e.get("name") == "process_name"
+                 and e.get("pid") in devs})
   arg_keys = collections.Counter(k for e in kern for k in (e.get("args") or {}))
   out["kernel_arg_keys"] = dict(arg_keys.most_common(20))
   if not kern:
