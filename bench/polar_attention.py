@@ -243,13 +243,16 @@ def decode_table(cfg, reps, save, rows, cases=((1, 65536), (8, 65536), (8, 8192)
 # Backward variants (issue #5): name -> BlockConfig overrides. "split" is the current default.
 BWD_VARIANTS = {
     "split": dict(bwd_impl="split"),
+    # q64 k128, 8 warps, 3 stages, relaxed atomics, the GQA group's heads in one flat loop
     "fused": dict(bwd_impl="fused"),
-    "fused_s3": dict(bwd_impl="fused", fused_num_stages=3),
+    "fused_s2": dict(bwd_impl="fused", fused_num_stages=2),
+    "fused_k64w4s2": dict(bwd_impl="fused", fused_block_k=64, fused_num_warps=4,
+                          fused_num_stages=2),
+    "fused_q32k64w4": dict(bwd_impl="fused", fused_block_q=32, fused_block_k=64,
+                           fused_num_warps=4),
     "fused_acqrel": dict(bwd_impl="fused", fused_relaxed_atomics=False),
     "fused_1head": dict(bwd_impl="fused", fused_heads_per_program=1),
-    "fused_k64w4": dict(bwd_impl="fused", fused_block_k=64, fused_num_warps=4),
-    "fused_q32w4s3": dict(bwd_impl="fused", fused_block_q=32, fused_num_warps=4,
-                          fused_num_stages=3),
+    "fused_unrolled": dict(bwd_impl="fused", fused_flat_heads=False),
 }
 
 

@@ -60,9 +60,11 @@ def test_fused_bwd_fp32_matches_oracle(case):
     Case(Tq=33, H=4, G=2, B=2),                            # 2 heads / KV head, odd T
 ], ids=str)
 def test_fused_bwd_heads_per_program_matches_oracle(case):
-  """One query head per program: per-head f32 dK/dV partials summed over the group in XLA."""
+  """One query head per program: per-head f32 dK/dV partials summed over the group in XLA;
+  two heads per program with the per-head (unrolled) loops and Pallas' acq_rel atomics."""
   check_backend(*_backend(FUSED_SPLIT_HEADS), case, jnp.float32, atol=2e-5, rtol=2e-5)
-  cfg = dataclasses.replace(FUSED_BLOCKS, fused_heads_per_program=2)
+  cfg = dataclasses.replace(FUSED_BLOCKS, fused_heads_per_program=2, fused_flat_heads=False,
+                            fused_relaxed_atomics=False)
   check_backend(*_backend(cfg), case, jnp.float32, atol=2e-5, rtol=2e-5)
 
 
@@ -151,15 +153,16 @@ def test_lowers_to_triton_for_h100(monkeypatch):
   assert "polar_attention_decode" in decode.mlir_module()
 
 
-@pytest.mark.parametrize("heads", [0, 1], ids=["group", "one_head"])
-def test_fused_bwd_lowers_to_triton_for_h100(monkeypatch, heads):
+@pytest.mark.parametrize("heads,flat", [(0, True), (0, False), (1, True)],
+                         ids=["group", "group_unrolled", "one_head"])
+def test_fused_bwd_lowers_to_triton_for_h100(monkeypatch, heads, flat):
   """The fused backward (atomic dQ adds, a transposed-lhs dot) lowers to one Triton call."""
   monkeypatch.setattr(gpu_triton, "_interpret", lambda: False)
   mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
       device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132))
   checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   cfg = dataclasses.replace(gpu_triton.DEFAULT_CONFIG, bwd_impl="fused",
-                            fused_heads_per_program=heads)
+                            fused_heads_per_program=heads, fused_flat_heads=flat)
   B, T, H, G, D = 1, 300, 8, 2, 128
   q = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((B, T, G, D), jnp.bfloat16)
