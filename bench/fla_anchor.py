@@ -1,10 +1,11 @@
 """flash-linear-attention's `chunk_gated_delta_rule` as the anchor of the gated-delta benchmark.
 
 Issue #6 times our Pallas gated-delta kernels against FLA (PyTorch + Triton). This file gives
-`fla_fns() -> (run, status)` for `bench/gated_delta.py` (`run(inputs, backward) -> ms`, `inputs`
-from its `make_inputs`; `status` a JSON-able dict: versions, what was patched, FLA's accuracy
-against our sequential oracle, and the extra timings), and a standalone mode that writes the
-same numbers to JSON.
+`fla_fns() -> (run, status)` for `bench/gated_delta.py` (`run(inputs, backward, chunk_size=64)
+-> ms`, `inputs` from its `make_inputs`; `status` a JSON-able dict: versions, what was patched,
+FLA's accuracy against our sequential oracle, and the extra timings), and a standalone mode that
+writes the same numbers to JSON: the accuracy cases, then every shape of `gated_delta.SHAPES` at
+FLA chunk 64 (rows 'fla') and 32 ('fla_chunk32', in case chunk 64's gradients prove wrong).
 
 GPU (one H100, torch 2.11 + Triton 3.6, no `fla` installed; the wheel travels in `.whl/`):
 
@@ -39,7 +40,8 @@ Dimension glossary
 
 Timing: the protocol of `bench/gated_delta.py` (3 warm-up calls, median over 7 repeats of
 (10 back-to-back calls) / 10, wall clock with torch.cuda.synchronize) so the numbers compare with
-the Pallas rows, plus `triton.testing.do_bench` (median) as a second opinion. "fwd+bwd" is one
+the Pallas rows, plus `triton.testing.do_bench` (median; it flushes L2 between calls) as a
+second opinion. "fwd+bwd" is one
 call that runs the forward and `torch.autograd.grad` from (o, final_state) with (do, 0), the
 work of our jitted fwd_bwd.
 
@@ -49,6 +51,7 @@ No jax or torch import at module level: the CPU check runs the torch half in a v
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -287,7 +290,8 @@ def fla_fns(cases=ACC_CASES):
   if cases:
     status["accuracy"] = accuracy_check(chunk_gated_delta_rule, cases)
 
-  def run(inputs, backward):
+  def run(inputs, backward, chunk_size=64):
+    kw = dict(KERNEL_KW, chunk_size=chunk_size)
     q, k, v, lg, beta, s0 = (to_torch(x, DEVICE) for x in inputs)
     b, t = q.shape[:2]
     if backward:
@@ -297,14 +301,14 @@ def fla_fns(cases=ACC_CASES):
       dsT = torch.zeros_like(s0)
 
       def call():
-        o, sT = fla_call(chunk_gated_delta_rule, *leaves, **KERNEL_KW)
+        o, sT = fla_call(chunk_gated_delta_rule, *leaves, **kw)
         return torch.autograd.grad((o, sT), leaves, (do.to(o.dtype), dsT.to(sT.dtype)))
     else:
       def call():
         with torch.no_grad():
-          return fla_call(chunk_gated_delta_rule, q, k, v, lg, beta, s0, **KERNEL_KW)
+          return fla_call(chunk_gated_delta_rule, q, k, v, lg, beta, s0, **kw)
     ms, first = time_torch(call)
-    row = {"B": b, "T": t, "mode": "fwd+bwd" if backward else "fwd", "ms": ms,
+    row = {"B": b, "T": t, "mode": "fwd+bwd" if backward else "fwd", "chunk": chunk_size, "ms": ms,
            "first_call_s": first}
     try:
       row["ms_do_bench"] = triton.testing.do_bench(call, return_mode="median")
@@ -346,6 +350,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default="bench/results/fla_anchor.json")
   ap.add_argument("--no-timing", action="store_true", help="accuracy check only")
+  ap.add_argument("--chunks", default="64,32",
+                  help="FLA chunk sizes to time (16, 32, 64); rows 'fla' (64) and 'fla_chunkN'")
   ap.add_argument("--cases", default=",".join(c[0] for c in ACC_CASES),
                   help="comma-separated accuracy cases ('' for none), from: "
                   + ", ".join(c[0] for c in ACC_CASES))
@@ -374,6 +380,9 @@ def main():
   if unknown:
     sys.exit(f"unknown --cases {unknown}; choose from {sorted(by_name)}")
   cases = tuple(by_name[n] for n in args.cases.split(",") if n)
+  chunks = [int(c) for c in args.chunks.split(",") if c]
+  if any(c not in (16, 32, 64) for c in chunks):
+    sys.exit(f"--chunks {chunks}: FLA's gated delta rule takes chunk sizes 16, 32 or 64")
   import jax
   gd = _bench_module()
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -393,10 +402,10 @@ def main():
     return
   for b, t, with_bwd in gd.SHAPES:
     inputs = gd.make_inputs(b, t)
-    for mode in ("fwd", "fwd+bwd") if with_bwd else ("fwd",):
-      row = {"impl": "fla", "B": b, "T": t, "mode": mode}
+    for mode, chunk in itertools.product(("fwd", "fwd+bwd") if with_bwd else ("fwd",), chunks):
+      row = {"impl": "fla" if chunk == 64 else f"fla_chunk{chunk}", "B": b, "T": t, "mode": mode}
       try:
-        row["ms"] = run(inputs, mode != "fwd")
+        row["ms"] = run(inputs, mode != "fwd", chunk_size=chunk)
         row.update({k: v for k, v in status["timings"][-1].items() if k.startswith("ms_")
                     or k == "first_call_s"})
       except Exception as e:  # noqa: BLE001
@@ -405,11 +414,11 @@ def main():
       results["rows"].append(row)
       save()
     del inputs
-  print(f"\n{'impl':<6}{'B':>4}{'T':>8}  {'mode':<8}{'ms':>10}{'do_bench':>10}")
+  print(f"\n{'impl':<12}{'B':>4}{'T':>8}  {'mode':<8}{'ms':>10}{'do_bench':>10}")
   for r in results["rows"]:
     ms = f"{r['ms']:.3f}" if "ms" in r else "ERR"
     db = f"{r['ms_do_bench']:.3f}" if "ms_do_bench" in r else "-"
-    print(f"{r['impl']:<6}{r['B']:>4}{r['T']:>8}  {r['mode']:<8}{ms:>10}{db:>10}")
+    print(f"{r['impl']:<12}{r['B']:>4}{r['T']:>8}  {r['mode']:<8}{ms:>10}{db:>10}")
   print("accuracy:", json.dumps(status.get("accuracy"), indent=1))
   print("hopper_guard:", json.dumps(status.get("hopper_guard"), indent=1))
 
