@@ -185,6 +185,18 @@ def device_tracks(events: list[dict]):
   return devs, tracks, tname
 
 
+def hlo_op_of(args: dict) -> str:
+  """The kernel's HLO instruction: the `hlo_op` arg, else `hlo_op=NAME` inside any string arg
+  (a GPU kernel annotation such as `...:#hlo_op=fusion.3,hlo_module=jit_train_step#`)."""
+  if args.get("hlo_op"):
+    return str(args["hlo_op"])
+  for v in args.values():
+    m = re.search(r"hlo_op=([^,#\s]+)", v) if isinstance(v, str) else None
+    if m:
+      return m.group(1)
+  return ""
+
+
 def summarize(events: list[dict], hlo_ops: dict | None = None, top: int = 40) -> dict:
   """Compact summary of a Chrome-trace event list (see the module docstring)."""
   hlo_ops = hlo_ops or {}
@@ -230,16 +242,17 @@ def summarize(events: list[dict], hlo_ops: dict | None = None, top: int = 40) ->
   for e in kern:
     name = str(e.get("name", ""))
     args = e.get("args") or {}
-    op = norm(str(args.get("hlo_op", ""))) or norm(name)
+    hop = hlo_op_of(args)
+    op = norm(hop) or norm(name)
     info = hlo_ops.get(op)
     cat = category(name, info["kind"] if info else "")
     cat_of.setdefault(name, cat)
     for table, key in ((by_name, name), (by_cat, cat)):
       table[key][0] += 1
       table[key][1] += e["dur"]
-    if args.get("hlo_op"):
-      by_op[str(args["hlo_op"])][0] += 1
-      by_op[str(args["hlo_op"])][1] += e["dur"]
+    if hop:
+      by_op[hop][0] += 1
+      by_op[hop][1] += e["dur"]
     op_name = info["op_name"] if info else str(args.get("tf_op", args.get("long_name", "")))
     if info:
       matched += 1

@@ -161,6 +161,10 @@ def test_phase_and_category_rules():
   assert prof.category("polar_attention_bwd_dkv_3") == "pallas:polar_attention_bwd_dkv"
   assert prof.category("input_reduce_fusion") == "fusion"
   assert prof.category("all-reduce-start") == "collective"
+  assert prof.hlo_op_of({"hlo_op": "fusion.2"}) == "fusion.2"
+  assert prof.hlo_op_of({"kernel_annotation": "x:#hlo_op=loop_add_fusion.7,hlo_module=m#",
+                         "n": 3}) == "loop_add_fusion.7"
+  assert prof.hlo_op_of({"correlation_id": "12"}) == ""
 
 
 def test_missing_trace_files_raise_clear_errors(tmp_path):
