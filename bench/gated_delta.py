@@ -11,6 +11,13 @@ training). Each timing: 3 warm-up calls, then the median over 7 repeats of (10 b
 calls) / 10. FLA's `chunk_gated_delta_rule` is timed only if `fla` imports ("unavailable" else).
 Prints a table and writes JSON (device, versions, shapes, medians) after every measurement, so a
 run cut short still leaves its numbers.
+
+The correctness check runs every backward variant (`Tuning.grads` "wy" = default, "fused") at
+three small shapes and reports max |err| / max |oracle| per output with a pass flag.
+`--shapes 16x2048,4x8192` limits the main table. `--sweep`: the backward alone ("bwd") for the
+gradient variants (fused vs wy, warps, K block, T0 recomputed, bf16 v'/dv' and states) at
+(16, 2K) and (4, 8K), plus fwd+bwd of fused vs wy. `--breakdown`: each kernel alone at
+(16, 2K), the new ones (`gdn_dqkw`, `gdn_wy_bwd`, state passes writing v'/dv') included.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from pallas_kernels.gated_delta import gpu_triton, reference, xla_chunked  # noq
 
 H, K, V, CHUNK = 8, 128, 128, 64
 SHAPES = [(16, 2048, True), (1, 65536, False), (4, 8192, True), (1, 32768, True)]
+SWEEP_SHAPES = [(16, 2048), (4, 8192)]
 INTERPRET = False  # --smoke: tiny shapes in interpret mode on CPU (checks this script only)
 
 
@@ -132,53 +140,119 @@ def rel_err(got, want):
 
 
 def correctness(results):
-  """Compiled Pallas vs the f32 sequential oracle (and its autodiff) at a small shape."""
+  """Compiled Pallas (each backward variant) vs the f32 sequential oracle and its autodiff."""
   names = ("o", "final_state", "dq", "dk", "dv", "dlog_gamma", "dbeta", "dinitial_state")
   out = {}
-  b, t = (2, 380) if not INTERPRET else (1, 90)
-  for dtype, pieces, kv in ((jnp.float32, None, 64), (jnp.bfloat16, 3, K)):
-    key = f"B{b}_T{t}_H{H}_K{kv}V{kv}_{jnp.dtype(dtype).name}_pieces{pieces}"
-    try:
-      inputs = make_inputs(b, t, kd=kv, vd=kv, dtype=dtype, seed=1)
-      do = jax.random.normal(jax.random.key(7), (b, t, H, kv), jnp.float32)
-      dsT = jax.random.normal(jax.random.key(8), (b, H, kv, kv), jnp.float32)
-      f32_inputs = [x.astype(jnp.float32) for x in inputs]
-      with jax.default_matmul_precision("highest"):
-        want_out, vjp = jax.vjp(jax.jit(reference.gated_delta_sequential), *f32_inputs)
-        want_grads = vjp((do, dsT))
-      _, fwd_bwd = pallas_fns(pieces=pieces)
-      o, sT, grads = fwd_bwd(*inputs, do, dsT)
-      errs = {n: rel_err(g, w) for n, g, w in zip(names, (o, sT) + tuple(grads),
-                                                   tuple(want_out) + tuple(want_grads))}
-      out[key] = errs
-    except Exception as e:  # noqa: BLE001
-      out[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-      traceback.print_exc()
-    print(f"correctness {key}: {out[key]}")
+  T = gpu_triton.Tuning
+  kv_small = min(64, K)
+  configs = ((2, 380, jnp.float32, None, kv_small, 2e-3),
+             (2, 380, jnp.bfloat16, 3, K, 3e-2),
+             (1, 203, jnp.bfloat16, None, K, 3e-2))
+  if INTERPRET:
+    configs = ((1, 90, jnp.float32, None, kv_small, 2e-3), (1, 61, jnp.bfloat16, 2, K, 3e-2))
+  for b, t, dtype, pieces, kv, tol in configs:
+    inputs = make_inputs(b, t, kd=kv, vd=kv, dtype=dtype, seed=1)
+    do = jax.random.normal(jax.random.key(7), (b, t, H, kv), jnp.float32)
+    dsT = jax.random.normal(jax.random.key(8), (b, H, kv, kv), jnp.float32)
+    f32_inputs = [x.astype(jnp.float32) for x in inputs]
+    with jax.default_matmul_precision("highest"):
+      want_out, vjp = jax.vjp(jax.jit(reference.gated_delta_sequential), *f32_inputs)
+      want = tuple(want_out) + tuple(vjp((do, dsT)))
+    variants = {"wy": T(), "fused": T(grads="fused")}
+    if dtype == jnp.bfloat16:
+      variants["wy_bf16v"] = T(vnew_dtype="bfloat16")
+    for vname, tuning in variants.items():
+      key = f"B{b}_T{t}_H{H}_K{kv}V{kv}_{jnp.dtype(dtype).name}_pieces{pieces}_{vname}"
+      try:
+        _, fwd_bwd = pallas_fns(tuning, pieces=pieces)
+        o, sT, grads = fwd_bwd(*inputs, do, dsT)
+        errs = {n: rel_err(g, w) for n, g, w in zip(names, (o, sT) + tuple(grads), want)}
+        errs["ok"] = bool(max(errs.values()) < tol)
+        out[key] = errs
+      except Exception as e:  # noqa: BLE001
+        out[key] = {"error": f"{type(e).__name__}: {e}"[:2000], "ok": False}
+        traceback.print_exc()
+      print(f"correctness {key}: {out[key]}", flush=True)
   results["correctness"] = out
+  results["correctness_ok"] = all(v["ok"] for v in out.values())
+  print(f"correctness all ok: {results['correctness_ok']}", flush=True)
+
+
+def sweep_variants():
+  T = gpu_triton.Tuning
+  return {"fused": T(grads="fused"), "wy": T(), "wy_warps8": T(dqkw_warps=8, wy_warps=8),
+          "wy_dqkw8": T(dqkw_warps=8), "wy_bk32": T(block_k=32),
+          "wy_t0recompute": T(wy_t0="recompute"), "wy_bf16v": T(vnew_dtype="bfloat16"),
+          "wy_bf16all": T(vnew_dtype="bfloat16", states_dtype="bfloat16")}
+
+
+def sweep(results, save):
+  """Backward alone per gradient variant, and fwd+bwd of fused vs wy, at SWEEP_SHAPES."""
+  for b, t in SWEEP_SHAPES:
+    inputs = make_inputs(b, t)
+    do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)
+    dsT = jax.random.normal(jax.random.key(4), (b, H, K, V), jnp.float32)
+    for name, tuning in sweep_variants().items():
+      fns = {"bwd": jax.jit(lambda *a, tuning=tuning: gpu_triton.gated_delta_bwd(
+          *a, chunk_size=CHUNK, tuning=tuning, interpret=INTERPRET))}
+      if name in ("fused", "wy"):
+        fns["fwd+bwd"] = pallas_fns(tuning)[1]
+      for mode, f in fns.items():
+        row = {"impl": f"sweep:{name}", "B": b, "T": t, "mode": mode}
+        try:
+          row["ms"], row["first_call_s"] = timeit(f, *inputs, do, dsT)
+        except Exception as e:  # noqa: BLE001
+          row["error"] = f"{type(e).__name__}: {e}"[:1500]
+          traceback.print_exc()
+        print(row, flush=True)
+        results["rows"].append(row)
+        save()
 
 
 def breakdown(results, save):
-  """Per-kernel times at the first shape (fwd pieces: prepass, state pass; bwd: grads kernel)."""
-  from pallas_kernels.gated_delta.gpu_triton import (DEFAULT_TUNING, _backward_states,
-                                                     _forward_states, _prepare, _prepass)
+  """Per-kernel times at the first shape: forward pieces, the backward's state passes (plain and
+  writing v'/dv'), the old fused gradient kernel and the new `gdn_dqkw` / `gdn_wy_bwd`."""
+  from pallas_kernels.gated_delta import gpu_triton as g
   b, t, _ = SHAPES[0]
   q, k, v, lg, beta, s0 = make_inputs(b, t)
-  tun, kw = DEFAULT_TUNING, dict(c=CHUNK, interpret=INTERPRET)
-  qp, kp, vp, gc, bp, s0p = _prepare(q, k, v, lg, beta, s0, CHUNK)
-  pre = jax.jit(lambda k_, v_, b_, g_: _prepass(k_, v_, b_, g_, tuning=tun, **kw))
-  w, u = pre(kp, vp, bp, gc)
-  do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)
+  tun, kw = g.DEFAULT_TUNING, dict(c=CHUNK, interpret=INTERPRET)
+  qp, kp, vp, gc, bp, s0p = g._prepare(q, k, v, lg, beta, s0, CHUNK)
+  pre = jax.jit(lambda k_, v_, b_, g_: g._prepass(k_, v_, b_, g_, tuning=tun, **kw))
+  pre_t0 = jax.jit(lambda k_, v_, b_, g_: g._prepass(k_, v_, b_, g_, tuning=tun, with_t0=True,
+                                                     **kw))
+  w, u, t0 = pre_t0(kp, vp, bp, gc)
+  do = jax.random.normal(jax.random.key(3), qp.shape[:3] + (V,), jnp.float32)
+  dsT = jax.random.normal(jax.random.key(4), (b, H, K, V), jnp.float32)
+  fwd_states = jax.jit(lambda *a: g._forward_states(*a, pieces=None, save_states=True,
+                                                    tuning=tun, with_v=True, **kw))
+  bwd_states = jax.jit(lambda *a: g._backward_states(*a, pieces=None, tuning=tun, with_dv=True,
+                                                     **kw))
+  _, _, states, vnew = fwd_states(qp, kp, w, u, gc, s0p)
+  dstates, _, dvnew = bwd_states(qp, kp, w, do, gc, dsT)
+  dqkw = jax.jit(lambda *a: g._dqkw(*a, dq_dtype=q.dtype, tuning=tun, **kw))
+  _, dkd, dw, _ = dqkw(qp, kp, gc, do, vnew, dvnew, states, dstates)
+  dts = (q.dtype, k.dtype, v.dtype)
   parts = {
       "prepass": (pre, (kp, vp, bp, gc)),
-      "state_fwd_output": (jax.jit(lambda *a: _forward_states(*a, pieces=None, save_states=False,
-                                                              tuning=tun, **kw)),
+      "prepass_t0": (pre_t0, (kp, vp, bp, gc)),
+      "state_fwd_output": (jax.jit(lambda *a: g._forward_states(*a, pieces=None, save_states=False,
+                                                                tuning=tun, **kw)),
                            (qp, kp, w, u, gc, s0p)),
-      "state_fwd_states": (jax.jit(lambda *a: _forward_states(*a, pieces=None, save_states=True,
-                                                              tuning=tun, **kw)),
+      "state_fwd_states": (jax.jit(lambda *a: g._forward_states(*a, pieces=None, save_states=True,
+                                                                tuning=tun, **kw)),
                            (qp, kp, w, u, gc, s0p)),
-      "state_bwd": (jax.jit(lambda *a: _backward_states(*a, pieces=None, tuning=tun, **kw)),
-                    (qp, kp, w, do, gc, s0p)),
+      "state_fwd_states_v": (fwd_states, (qp, kp, w, u, gc, s0p)),
+      "state_bwd": (jax.jit(lambda *a: g._backward_states(*a, pieces=None, tuning=tun, **kw)),
+                    (qp, kp, w, do, gc, dsT)),
+      "state_bwd_dv": (bwd_states, (qp, kp, w, do, gc, dsT)),
+      "grads_fused": (jax.jit(lambda *a: g._fused_grads(*a, out_dtypes=dts, tuning=tun, **kw)),
+                      (qp, kp, vp, bp, gc, do, states, dstates)),
+      "dqkw": (dqkw, (qp, kp, gc, do, vnew, dvnew, states, dstates)),
+      "wy_bwd": (jax.jit(lambda *a: g._wy_bwd(*a, out_dtypes=dts, tuning=tun, **kw)),
+                 (kp, vp, bp, gc, dvnew, dw, dkd, t0)),
+      "wy_bwd_recompute_t0": (jax.jit(lambda *a: g._wy_bwd(*a, None, out_dtypes=dts,
+                                                           tuning=tun, **kw)),
+                              (kp, vp, bp, gc, dvnew, dw, dkd)),
   }
   for name, (f, a) in parts.items():
     row = {"impl": f"part:{name}", "B": b, "T": t, "mode": "part"}
@@ -198,11 +272,20 @@ def main():
   ap.add_argument("--sweep", action="store_true", help="also time a few Pallas launch configs")
   ap.add_argument("--breakdown", action="store_true", help="also time the Pallas kernels alone")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+  ap.add_argument("--shapes", default=None,
+                  help="main-table shapes as BxT,BxT (e.g. 16x2048,4x8192); default all")
   args = ap.parse_args()
+  global H, K, V, CHUNK, SHAPES, SWEEP_SHAPES, INTERPRET
   if args.smoke:
-    global H, K, V, CHUNK, SHAPES, INTERPRET
     H, K, V, CHUNK, INTERPRET = 2, 16, 16, 16, True
     SHAPES = [(2, 64, True), (1, 65536 // 256, False)]
+    SWEEP_SHAPES = [(2, 64)]
+  if args.shapes:
+    try:
+      bts = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    except ValueError:
+      ap.error(f"--shapes {args.shapes!r}: expected BxT pairs separated by commas, e.g. 16x2048")
+    SHAPES = [(b, t, t <= 32768) for b, t in bts]
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   dev = jax.devices()[0]
   results = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
@@ -221,10 +304,6 @@ def main():
   impls = {"pallas": pallas_fns()}
   if not args.skip_xla:
     impls["xla_chunked"] = xla_fns()
-  if args.sweep:
-    T = gpu_triton.Tuning
-    impls["pallas_bf16states"] = pallas_fns(T(states_dtype="bfloat16"))
-    impls["pallas_splitgrads"] = pallas_fns(T(split_grads=True))
   for b, t, with_bwd in SHAPES:
     inputs = make_inputs(b, t)
     do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)
@@ -255,7 +334,7 @@ def main():
           row["error"] = f"{type(e).__name__}: {e}"[:1500]
         results["rows"].append(row)
         save()
-    if t == max(x[1] for x in SHAPES):  # split sweep for the long forward
+    if t == max(x[1] for x in SHAPES) and (t >= 32768 or INTERPRET):  # long-forward split
       for pieces in (8, 32, 64) if not INTERPRET else (1, 4):
         fwd, _ = pallas_fns(pieces=pieces)
         row = {"impl": f"pallas_pieces{pieces}", "B": b, "T": t, "mode": "fwd"}
@@ -266,13 +345,16 @@ def main():
         print(row, flush=True)
         results["rows"].append(row)
         save()
+  if args.sweep:
+    sweep(results, save)
   if args.breakdown:
     breakdown(results, save)
   # table
-  print(f"\n{'impl':<18}{'B':>4}{'T':>8}  {'mode':<8}{'ms':>10}")
+  print(f"\n{'impl':<26}{'B':>4}{'T':>8}  {'mode':<8}{'ms':>10}")
   for r in results["rows"]:
     ms = f"{r['ms']:.3f}" if "ms" in r else "ERR"
-    print(f"{r['impl']:<18}{r['B']:>4}{r['T']:>8}  {r['mode']:<8}{ms:>10}")
+    print(f"{r['impl']:<26}{r['B']:>4}{r['T']:>8}  {r['mode']:<8}{ms:>10}")
+  print(f"correctness all ok: {results.get('correctness_ok')}")
   print(f"fla: {results['fla']}")
   save()
 

@@ -370,6 +370,28 @@ def _grads_final_kernel(q_ref, k_ref, t0_ref, beta_ref, gc_ref, pdq_ref, pvds_re
   dgc_ref[...] = dgc_col.reshape(c) + dgc_row.reshape(c)
 
 
+def _fused_grads(q, k, v, beta, gc, do, states, dstates, *, c, out_dtypes, tuning, interpret):
+  """(dq, dk, dv, dbeta, dgc) by the one per-chunk gradient kernel `gdn_grads`."""
+  b, tp, h, kd = q.shape
+  vd = v.shape[-1]
+  tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
+  gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
+  st = pl.BlockSpec((None, None, None, kd, vd), lambda i, j, n: (i, j, n, 0, 0))
+  f32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_grads_kernel, bv=_block_v(kd, vd, tuning),
+                        cfg=_dots(q.dtype, interpret)),
+      grid=(b, h, tp // c),
+      in_specs=[tok(kd), tok(kd), tok(vd), gate, gate, tok(vd), st, st],
+      out_specs=[tok(kd), tok(kd), tok(vd), gate, gate],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), out_dtypes[0]),
+                 jax.ShapeDtypeStruct((b, tp, h, kd), out_dtypes[1]),
+                 jax.ShapeDtypeStruct((b, tp, h, vd), out_dtypes[2]), f32(b, tp, h),
+                 f32(b, tp, h)],
+      compiler_params=_params(tuning.grads_warps, 1), interpret=interpret, name="gdn_grads",
+  )(q, k, v, beta, gc, do, states, dstates)
+
+
 def _split_grads(q, k, v, beta, gc, do, states, dstates, t0, *, c, out_dtypes, tuning,
                  interpret):
   """(dq, dk, dv, dbeta, dgc) by the two split-gradient kernels."""
@@ -470,7 +492,8 @@ def _block_k(kd, tuning):
 
 
 def _dqkw(q, k, gc, do, vnew, dvnew, states, dstates, *, c, dq_dtype, tuning, interpret):
-  """`gdn_dqkw`, grid (B, H, NC, K/BK): (dq, dk_direct f32, dw f32, dgc partials [K/BK, B, Tp, H])."""
+  """`gdn_dqkw`, grid (B, H, NC, K/BK): (dq, dk_direct f32, dw f32, dgc partials
+  [K/BK, B, Tp, H])."""
   b, tp, h, kd = q.shape
   vd = do.shape[-1]
   nc = tp // c
@@ -682,6 +705,7 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
 
   dq/dk/dv in the input dtype, the rest f32. `dfinal_state=None` means a zero cotangent.
   """
+  _check_tuning(tuning)
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   c = chunk_size
@@ -698,14 +722,12 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   do = _pad_time(do.astype(jnp.float32), tp)
   dsT = (jnp.zeros((b, h, kd, vd), jnp.float32) if dfinal_state is None
          else dfinal_state.astype(jnp.float32))
-  _check_tuning(tuning)
   wy = tuning.grads == "wy"
   w, u, *t0 = _prepass(k, v, beta_p, gc, c=c, tuning=tuning, interpret=interpret,
                        with_t0=tuning.grads == "split" or (wy and tuning.wy_t0 == "prepass"))
   _, _, states, *vnew = _forward_states(q, k, w, u, gc, s0, c=c, pieces=pieces,
                                         save_states=True, tuning=tuning, interpret=interpret,
                                         with_v=wy)
-  cfg = _dots(q.dtype, interpret)
   dstates, ds0, *dvnew = _backward_states(q, k, w, do, gc, dsT, c=c, pieces=pieces,
                                           tuning=tuning, interpret=interpret, with_dv=wy)
   if wy:
@@ -719,21 +741,9 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
                                           out_dtypes=in_dtypes, tuning=tuning,
                                           interpret=interpret)
   else:
-    tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
-    gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
-    st = pl.BlockSpec((None, None, None, kd, vd), lambda i, j, n: (i, j, n, 0, 0))
-    dq, dk, dv, dbeta, dgc = pl.pallas_call(
-        functools.partial(_grads_kernel, bv=_block_v(kd, vd, tuning), cfg=cfg),
-        grid=(b, h, nc),
-        in_specs=[tok(kd), tok(kd), tok(vd), gate, gate, tok(vd), st, st],
-        out_specs=[tok(kd), tok(kd), tok(vd), gate, gate],
-        out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), in_dtypes[0]),
-                   jax.ShapeDtypeStruct((b, tp, h, kd), in_dtypes[1]),
-                   jax.ShapeDtypeStruct((b, tp, h, vd), in_dtypes[2]),
-                   jax.ShapeDtypeStruct((b, tp, h), jnp.float32),
-                   jax.ShapeDtypeStruct((b, tp, h), jnp.float32)],
-        compiler_params=_params(tuning.grads_warps, 1), interpret=interpret, name="gdn_grads",
-    )(q, k, v, beta_p, gc, do, states, dstates)
+    dq, dk, dv, dbeta, dgc = _fused_grads(q, k, v, beta_p, gc, do, states, dstates, c=c,
+                                          out_dtypes=in_dtypes, tuning=tuning,
+                                          interpret=interpret)
   dg = dgc.reshape(b, nc, c, h)
   dlog_gamma = jnp.flip(jnp.cumsum(jnp.flip(dg, 2), 2), 2).reshape(b, tp, h)
   return (dq[:, :t], dk[:, :t], dv[:, :t], dlog_gamma[:, :t].astype(gates_dtype[0]),
