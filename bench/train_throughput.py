@@ -245,7 +245,8 @@ def main():
   out = {"device": kind, "platform": dev.platform, "visible_devices": jax.device_count(),
          "devices_run": n_devs, "jax": jax.__version__, "python": platform.python_version(),
          "preset": args.preset, "extra_overrides": args.extra, "reference": REFERENCE,
-         "spec_peak_flops": peak_flops(dev), "matmul_peak": {}, "variants": [], "scaling": []}
+         "spec_peak_flops": peak_flops(dev), "matmul_peak": {}, "variants": [], "scaling": [],
+         "note": "peak_bytes_in_use is device 0's running peak since the process started"}
   name = args.out or os.path.join(
       os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")),
       f"train_{kind.replace(' ', '_').lower()}_dp{'-'.join(map(str, n_devs))}.json")
