@@ -289,6 +289,8 @@ def fla_fns(cases=ACC_CASES):
     status["hopper_guard"] = {"error": f"{type(e).__name__}: {e}"[:1500]}
   if cases:
     status["accuracy"] = accuracy_check(chunk_gated_delta_rule, cases)
+    status["accuracy_verdicts"] = {n: e.get("verdict", e.get("error", "?"))[:200]
+                                   for n, e in status["accuracy"].items()}
 
   def run(inputs, backward, chunk_size=64):
     kw = dict(KERNEL_KW, chunk_size=chunk_size)
