@@ -19,7 +19,7 @@ import numpy as np
 from atma_jax.config import Config, ConfigError, to_json
 from atma_jax.train import checkpoint as ckpt
 from atma_jax.train.mesh import batch_sharding, check_batch_divides, make_mesh
-from atma_jax.train.metrics import MetricWriter, flops_per_token, mfu, peak_flops
+from atma_jax.train.metrics import MetricWriter, flops_per_token, mfu, peak_flops, peak_label
 from atma_jax.train.state import init_state, setup_state
 from atma_jax.train.step import make_eval_step, make_train_step, model_losses
 
@@ -149,6 +149,8 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
   if progress and is_main:
     from tqdm import tqdm
     bar = tqdm(total=t.steps, initial=start, desc=cfg.name, dynamic_ncols=True)
+    if peak is not None:
+      bar.write(peak_label())
 
   def evaluate(st, step):
     if not eval_batches:
@@ -179,6 +181,7 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
       u = mfu(rec["tokens_per_s"], fpt, jax.device_count(), peak)
       if u is not None:
         rec["mfu"] = u
+        rec["mfu_peak_flops"] = peak
     history["train_loss"].append((step, m["loss"]))
     if step % t.log_every == 0 or step == t.steps:
       writer.write(rec)
