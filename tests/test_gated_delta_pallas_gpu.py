@@ -91,7 +91,8 @@ _WY_CASES = (
 )
 
 
-@pytest.mark.parametrize("case,tuning,pieces,tol", _WY_CASES, ids=lambda x: str(x)[:60])
+@pytest.mark.parametrize("case,tuning,pieces,tol", _WY_CASES,
+                         ids=["kblocks", "t0recompute_pieces", "small_gates_pieces", "bf16v"])
 def test_interpret_wy_grads_match_oracle(case, tuning, pieces, tol):
   fwd = functools.partial(gpu_triton.gated_delta_fwd, interpret=True)
   bwd = functools.partial(gpu_triton.gated_delta_bwd, interpret=True, pieces=pieces,

@@ -30,12 +30,16 @@ the state leaving it; Y = V - e^gc (K S) so that v' = T diag(beta) Y):
          M = (dO v'^T) * P + dT * T,  s = r rowsum(K * (v' dS1^T))
   dlog_gamma = reverse chunk-local cumsum of dgc (done by the caller).
 
+The same backward split the way the "wy" kernels run it (w and u as intermediates; dqkw per K
+block, wy per chunk) is the "WY decomposition" section at the end of this file.
+
 Layout convention: per-token gate vectors are passed both as a column `(C, 1)` and a row
 `(1, C)` so no kernel needs a narrow transpose; the gate gradient comes back as a column part
 plus a row part (the caller adds them).
 
 Dimension glossary
   C   chunk length        K   key / query dim        V   value dim (or a block of it)
+  BK  key-column block (the "wy" backward)
 """
 
 from __future__ import annotations
@@ -370,8 +374,8 @@ def dqkw_epilogue(acc: DqkwAcc, q_CK, k_CK, gc_C1, gc_1C, *, cfg):
 
 
 class WyCtx(NamedTuple):
-  """What the wy backward keeps live across its V and K walks."""
-  t0: Any       # gate-free inverse (C, C)
+  """What the wy backward keeps live across its V and K walks (T0 is needed only at the end:
+  a kernel that has it in memory reloads it there instead of holding it in registers)."""
   t: Any        # T = T0 * D        (C, C)
   e: Any        # e^gc              (C, 1)
 
@@ -383,12 +387,12 @@ class WyAcc(NamedTuple):
 
 
 def wy_prologue(k_CK, beta_C1, gc_C1, gc_1C, *, cfg, t0_CC=None):
-  """(WyCtx, zero accumulators); `t0_CC` (from the prepass) skips recomputing the inverse."""
+  """(WyCtx, zero accumulators, T0); `t0_CC` (from the prepass) skips recomputing the inverse."""
   C = k_CK.shape[0]
   t0 = chunk_inverse(k_CK, beta_C1, cfg=cfg) if t0_CC is None else _wide(t0_CC)
   z = lambda *sh: jnp.zeros(sh, jnp.float32)
-  ctx = WyCtx(t0=t0, t=t0 * decay_lower(gc_C1, gc_1C), e=jnp.exp(gc_C1))
-  return ctx, WyAcc(dt=z(C, C), dbeta=z(C, 1), dgc=z(C, 1))
+  ctx = WyCtx(t=t0 * decay_lower(gc_C1, gc_1C), e=jnp.exp(gc_C1))
+  return ctx, WyAcc(dt=z(C, C), dbeta=z(C, 1), dgc=z(C, 1)), t0
 
 
 def wy_vblock(ctx: WyCtx, acc: WyAcc, v_CV, du_CV, beta_C1, *, cfg):
@@ -410,16 +414,16 @@ def wy_kblock(ctx: WyCtx, acc: WyAcc, k_CK, dw_CK, beta_C1, *, cfg) -> WyAcc:
                dgc=acc.dgc + beta_C1 * x)
 
 
-def wy_finish(ctx: WyCtx, acc: WyAcc, k_CK, beta_C1, gc_C1, gc_1C, *, cfg):
+def wy_finish(ctx: WyCtx, acc: WyAcc, t0_CC, k_CK, gc_C1, gc_1C, *, cfg):
   """After both walks: (dA strict lower, dbeta, dgc column part, dgc row part); `k_CK` whole."""
   C = k_CK.shape[0]
   row, col = iota2(C, C)
-  dtd = acc.dt * decay_lower(gc_C1, gc_1C)
-  da = -mm(mm(ctx.t0, dtd, ta=True, cfg=cfg), ctx.t0, tb=True, cfg=cfg)
+  t0 = _wide(t0_CC)
+  da = -mm(mm(t0, acc.dt * decay_lower(gc_C1, gc_1C), ta=True, cfg=cfg), t0, tb=True, cfg=cfg)
   da = jnp.where(row > col, da, 0.0)
   kk = mm(k_CK, k_CK, tb=True, cfg=cfg, low=True)
   dbeta = acc.dbeta + jnp.sum(da * kk, axis=1, keepdims=True)
-  m = dtd * ctx.t0                                      # dT * T
+  m = acc.dt * ctx.t                                    # dT * T
   return (da, dbeta, acc.dgc + jnp.sum(m, axis=1, keepdims=True),
           -jnp.sum(m, axis=0, keepdims=True))
 
@@ -455,14 +459,14 @@ def chunk_grads_wy(q_CK, k_CK, v_CV, beta_C1, gc_C1, gc_1C, do_CV, s_KV, ds1_KV,
                                               cfg=cfg)
     dq.append(dq_b), dkd.append(dkd_b), dw.append(acc.dw)
     dgc_col, dgc_row = dgc_col + col_b, dgc_row + row_b
-  ctx, wacc = wy_prologue(k_CK, beta_C1, gc_C1, gc_1C, cfg=cfg)
+  ctx, wacc, t0 = wy_prologue(k_CK, beta_C1, gc_C1, gc_1C, cfg=cfg)
   dv = []
   for vb in vbs:
     dv_b, wacc = wy_vblock(ctx, wacc, v_CV[:, vb], dvnew[:, vb], beta_C1, cfg=cfg)
     dv.append(dv_b)
   for i, kb in enumerate(kbs):
     wacc = wy_kblock(ctx, wacc, k_CK[:, kb], dw[i], beta_C1, cfg=cfg)
-  da, dbeta, col_w, row_w = wy_finish(ctx, wacc, k_CK, beta_C1, gc_C1, gc_1C, cfg=cfg)
+  da, dbeta, col_w, row_w = wy_finish(ctx, wacc, t0, k_CK, gc_C1, gc_1C, cfg=cfg)
   dk = [wy_dk(ctx, da, k_CK[:, kb], dw[i], dkd[i], beta_C1, cfg=cfg) for i, kb in enumerate(kbs)]
   cat = lambda xs: jnp.concatenate(xs, axis=1)
   return cat(dq), cat(dk), cat(dv), dbeta, dgc_col + col_w, dgc_row + row_w

@@ -15,20 +15,34 @@ transposes; T padded to a multiple of the chunk with identity tokens k = v = q =
     [E | A]; a P-step `lax.scan` in XLA composes the pieces exactly; then `_state` reruns each
     piece from its true start state to write o.
   backward (residuals = the primal inputs; everything else is recomputed)
-    1. prepass + state pass in "states" mode (each chunk's entry state, f32 [B, H, NC, K, V], or
-       bf16 with `Tuning.states_dtype`; no o), split into pieces like the forward.
+    1. prepass (+ T0 per chunk, f32 [B, Tp, H, C], for "wy" with `wy_t0="prepass"`) + state
+       pass in "states" mode: each chunk's entry state S, f32 [B, H, NC, K, V] (or bf16 with
+       `Tuning.states_dtype`), and for "wy" also v' = u - w S per chunk, [B, Tp, H, V] in
+       `Tuning.vnew_dtype` (computed there anyway); split into pieces like the forward.
     2. `_state_bwd` grid (B, H, P, V/BV): reverse chunk walk of dS (same affine piece split:
-       dS_in = M dS_out + F); writes the cotangent leaving each chunk and d(initial state).
-    3. `_grads`     grid (B, H, NC), parallel: dq, dk, dv, dbeta, dgc per chunk, V walked in
-       blocks. `Tuning(split_grads=True)`: instead `_grads_partial` grid (B, H, NC, V/BV) writes
-       each V-block's share of the V-sums, `_grads_final` grid (B, H, NC) adds them and finishes
-       (T0 comes from the prepass; far fewer live registers; interpret-tested, NOT yet timed).
+       dS_in = M dS_out + F); writes the cotangent dS1 leaving each chunk, d(initial state) and,
+       for "wy", dv' = P^T dO + (K r) dS1 per chunk (computed there anyway).
+    3. gradients, chosen by `Tuning.grads` (static):
+       "wy" (default; FLA's decomposition in our convention, chunk_math "WY decomposition"):
+         `gdn_dqkw`   grid (B, H, NC, K/BK), BK = `block_k`: V walked in blocks, accumulates
+                      dO S^T, v' dS1^T, -dv' S^T (C x BK) and dO v'^T (C x C, recomputed per K
+                      block); writes dq (final), dk_direct f32, dw = -dv' S^T f32 and the K
+                      block's dgc partial [K/BK, B, Tp, H] (summed in XLA).
+         `gdn_wy_bwd` grid (B, H, NC): through u = T(beta V), w = T(beta e K) and T = T0 * D
+                      (T0 from the prepass or recomputed): dv, dk (= dk_direct + the terms
+                      through T), dbeta, the rest of dgc. Nothing holds more than one C x C
+                      accumulator and three C x BK ones.
+       "fused": `_grads` grid (B, H, NC): everything per chunk in one program (five f32
+         accumulators plus S, dS1 blocks: spills; ~8 ms of the 10.3 ms fwd+bwd measured on an
+         H200 at (16, 2K)).
+       "split": `_grads_partial` grid (B, H, NC, V/BV) writes each V-block's share of the
+         V-sums, `_grads_final` grid (B, H, NC) adds them and finishes (big f32 partials).
     4. XLA: reverse chunk-local cumsum dgc -> dlog_gamma.
 
 Measured (H200, bf16, H=8, K=V=128, C=64; bench/results/gated_delta_h200.json): forward
 0.83 ms at (B,T)=(16,2K), 1.92 ms at (1,64K), 4.9-11x the XLA chunked path; forward+backward
-10.3 ms at (16,2K), of which ~8 ms is the per-chunk gradient kernel (the state passes take
-0.2-0.5 ms each) -- the next thing to fix (FLA splits that work over several kernels).
+10.3 ms at (16,2K) with "fused" gradients (the state passes take 0.2-0.5 ms each). The "wy"
+path is interpret-tested; its GPU timing: `bench/gated_delta.py --sweep --breakdown`.
 
 Public: `gated_delta_fwd`, `gated_delta_bwd`, `is_supported`, `unsupported_reason` (contract of
 `xla_chunked.py`: residuals = the six primal inputs). Pass `interpret=True` to run on CPU.
@@ -36,7 +50,7 @@ Launch knobs: `Tuning` (static). f32 q/k/v are refused at K*V > 64*64 (shared me
 
 Dimension glossary
   B batch  T tokens (Tp padded)  H heads  K key dim  V value dim  C chunk  NC chunks
-  P sequence pieces  CP chunks per piece  BV value block
+  P sequence pieces  CP chunks per piece  BV value block  BK key block
 """
 
 from __future__ import annotations
@@ -468,8 +482,8 @@ def _wy_bwd_kernel(k_ref, v_ref, beta_ref, gc_ref, dvn_ref, dw_ref, dkd_ref, *re
   c, kd = k_ref.shape
   vd = v_ref.shape[-1]
   beta_c1, gc_c1, gc_1c = _gates(beta_ref, gc_ref, 0, c)
-  ctx, acc = cm.wy_prologue(k_ref[...], beta_c1, gc_c1, gc_1c, cfg=cfg,
-                            t0_CC=None if t0_ref is None else t0_ref[...])
+  ctx, acc, t0 = cm.wy_prologue(k_ref[...], beta_c1, gc_c1, gc_1c, cfg=cfg,
+                                t0_CC=None if t0_ref is None else t0_ref[...])
   for j in range(vd // bv):
     cols = slice(j * bv, (j + 1) * bv)
     dv, acc = cm.wy_vblock(ctx, acc, v_ref[:, cols], dvn_ref[:, cols], beta_c1, cfg=cfg)
@@ -477,8 +491,8 @@ def _wy_bwd_kernel(k_ref, v_ref, beta_ref, gc_ref, dvn_ref, dw_ref, dkd_ref, *re
   for j in range(kd // bk):
     cols = slice(j * bk, (j + 1) * bk)
     acc = cm.wy_kblock(ctx, acc, k_ref[:, cols], dw_ref[:, cols], beta_c1, cfg=cfg)
-  da, dbeta, dgc_col, dgc_row = cm.wy_finish(ctx, acc, k_ref[...], beta_c1, gc_c1, gc_1c,
-                                             cfg=cfg)
+  t0 = t0 if t0_ref is None else t0_ref[...]  # reload: not held in registers across the walks
+  da, dbeta, dgc_col, dgc_row = cm.wy_finish(ctx, acc, t0, k_ref[...], gc_c1, gc_1c, cfg=cfg)
   for j in range(kd // bk):
     cols = slice(j * bk, (j + 1) * bk)
     dk = cm.wy_dk(ctx, da, k_ref[:, cols], dw_ref[:, cols], dkd_ref[:, cols], beta_c1, cfg=cfg)
