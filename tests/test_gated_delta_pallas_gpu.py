@@ -100,6 +100,32 @@ def test_interpret_wy_grads_match_oracle(case, tuning, pieces, tol):
   check_backend(fwd, case, jnp.float32, atol=tol, rtol=tol, seed=7, bwd=bwd)
 
 
+@pytest.mark.parametrize("tuning,pieces,kernels", [
+    (_T(), None, ("gdn_prepass", "gdn_state", "gdn_state_bwd", "gdn_dqkw", "gdn_wy_bwd")),
+    (_T(wy_t0="recompute", vnew_dtype="bfloat16", dqkw_warps=8), 2,
+     ("gdn_state_affine", "gdn_state_bwd_affine", "gdn_dqkw", "gdn_wy_bwd")),
+    (_T(grads="fused"), None, ("gdn_grads",)),
+], ids=["wy", "wy_recompute_bf16v_pieces", "fused"])
+def test_bwd_lowers_to_triton_for_h100(tuning, pieces, kernels):
+  """Traces and lowers the backward to Triton IR for an abstract H100 (bf16, K = V = 128, C = 64):
+  catches ops the Triton lowering rejects without a GPU (Triton's own compile runs only there)."""
+  mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
+      device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132))
+  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  B, T, H, K, V = 1, 500, 2, 128, 128  # 8 chunks, the last one padded
+  x = lambda *sh, dt=jnp.float32: jax.ShapeDtypeStruct(sh, dt)
+  bwd = functools.partial(gpu_triton.gated_delta_bwd, chunk_size=64, pieces=pieces,
+                          tuning=tuning)
+  with jax.sharding.use_abstract_mesh(mesh):
+    exp = jax.export.export(jax.jit(bwd), platforms=["cuda"], disabled_checks=checks)(
+        x(B, T, H, K, dt=jnp.bfloat16), x(B, T, H, K, dt=jnp.bfloat16),
+        x(B, T, H, V, dt=jnp.bfloat16), x(B, T, H), x(B, T, H), x(B, H, K, V), x(B, T, H, V),
+        x(B, H, K, V))
+  mod = exp.mlir_module()
+  missing = [name for name in kernels if name not in mod]
+  assert not missing, f"kernels not in the lowered module: {missing}"
+
+
 def test_rejects_unknown_grads():
   q = jnp.zeros((1, 16, 1, 16), jnp.float32)
   with pytest.raises(ValueError, match="Tuning.grads"):
