@@ -14,15 +14,18 @@ run cut short still leaves its numbers.
 
 The correctness check runs every backward variant (`Tuning.grads` "wy" = default, "fused") at
 three small shapes and reports max |err| / max |oracle| per output with a pass flag.
-`--shapes 16x2048,4x8192` limits the main table. `--sweep`: the backward alone ("bwd") for the
+`--shapes 16x2048,4x8192` limits the main table, `--skip-main` drops it. `--sweep`: the backward alone ("bwd") for the
 gradient variants (fused vs wy, warps, K block, T0 recomputed, bf16 v'/dv' and states) at
 (16, 2K) and (4, 8K), plus fwd+bwd of fused vs wy. `--breakdown`: each kernel alone at
 (16, 2K), the new ones (`gdn_dqkw`, `gdn_wy_bwd`, state passes writing v'/dv') included.
+The backward check + timing in one call:
+  python3 bench/gated_delta.py --skip-xla --skip-main --sweep --breakdown --out $OUT/gd_bwd.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -158,8 +161,10 @@ def correctness(results):
     with jax.default_matmul_precision("highest"):
       want_out, vjp = jax.vjp(jax.jit(reference.gated_delta_sequential), *f32_inputs)
       want = tuple(want_out) + tuple(vjp((do, dsT)))
-    variants = {"wy": T(), "fused": T(grads="fused")}
-    if dtype == jnp.bfloat16:
+    variants = {"wy": T()}
+    if pieces is not None or dtype == jnp.float32:
+      variants["fused"] = T(grads="fused")
+    if pieces is not None:
       variants["wy_bf16v"] = T(vnew_dtype="bfloat16")
     for vname, tuning in variants.items():
       key = f"B{b}_T{t}_H{H}_K{kv}V{kv}_{jnp.dtype(dtype).name}_pieces{pieces}_{vname}"
@@ -179,34 +184,43 @@ def correctness(results):
 
 
 def sweep_variants():
+  """Backward variants, most informative first (a run cut short keeps the earlier rows)."""
   T = gpu_triton.Tuning
-  return {"fused": T(grads="fused"), "wy": T(), "wy_warps8": T(dqkw_warps=8, wy_warps=8),
-          "wy_dqkw8": T(dqkw_warps=8), "wy_bk32": T(block_k=32),
-          "wy_t0recompute": T(wy_t0="recompute"), "wy_bf16v": T(vnew_dtype="bfloat16"),
+  return {"wy": T(), "fused": T(grads="fused"), "wy_warps8": T(dqkw_warps=8, wy_warps=8),
+          "wy_bf16v": T(vnew_dtype="bfloat16"), "wy_t0recompute": T(wy_t0="recompute"),
+          "wy_bk32": T(block_k=32), "wy_dqkw8": T(dqkw_warps=8),
           "wy_bf16all": T(vnew_dtype="bfloat16", states_dtype="bfloat16")}
 
 
-def sweep(results, save):
-  """Backward alone per gradient variant, and fwd+bwd of fused vs wy, at SWEEP_SHAPES."""
+def sweep(results, save, names=None):
+  """fwd+bwd of wy vs fused, then the backward alone per variant (`names`: a subset of
+  `sweep_variants`), at SWEEP_SHAPES."""
+  variants = sweep_variants()
+  names = list(variants) if names is None else names
+  unknown = [n for n in names if n not in variants]
+  if unknown:
+    raise SystemExit(f"--variants: unknown {unknown}; pick from {list(variants)}")
   for b, t in SWEEP_SHAPES:
     inputs = make_inputs(b, t)
     do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)
     dsT = jax.random.normal(jax.random.key(4), (b, H, K, V), jnp.float32)
-    for name, tuning in sweep_variants().items():
-      fns = {"bwd": jax.jit(lambda *a, tuning=tuning: gpu_triton.gated_delta_bwd(
-          *a, chunk_size=CHUNK, tuning=tuning, interpret=INTERPRET))}
-      if name in ("fused", "wy"):
-        fns["fwd+bwd"] = pallas_fns(tuning)[1]
-      for mode, f in fns.items():
-        row = {"impl": f"sweep:{name}", "B": b, "T": t, "mode": mode}
-        try:
-          row["ms"], row["first_call_s"] = timeit(f, *inputs, do, dsT)
-        except Exception as e:  # noqa: BLE001
-          row["error"] = f"{type(e).__name__}: {e}"[:1500]
-          traceback.print_exc()
-        print(row, flush=True)
-        results["rows"].append(row)
-        save()
+    jobs = [(n, "fwd+bwd") for n in ("wy", "fused") if n in names] + [(n, "bwd") for n in names]
+    for name, mode in jobs:
+      tuning = variants[name]
+      if mode == "fwd+bwd":
+        f = pallas_fns(tuning)[1]
+      else:
+        f = jax.jit(functools.partial(gpu_triton.gated_delta_bwd, chunk_size=CHUNK,
+                                      tuning=tuning, interpret=INTERPRET))
+      row = {"impl": f"sweep:{name}", "B": b, "T": t, "mode": mode}
+      try:
+        row["ms"], row["first_call_s"] = timeit(f, *inputs, do, dsT)
+      except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"[:1500]
+        traceback.print_exc()
+      print(row, flush=True)
+      results["rows"].append(row)
+      save()
 
 
 def breakdown(results, save):
@@ -272,6 +286,10 @@ def main():
   ap.add_argument("--sweep", action="store_true", help="also time a few Pallas launch configs")
   ap.add_argument("--breakdown", action="store_true", help="also time the Pallas kernels alone")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+  ap.add_argument("--skip-main", action="store_true",
+                  help="no main table (correctness, then --sweep / --breakdown only)")
+  ap.add_argument("--variants", default=None,
+                  help="--sweep: comma-separated subset of the backward variants")
   ap.add_argument("--shapes", default=None,
                   help="main-table shapes as BxT,BxT (e.g. 16x2048,4x8192); default all")
   args = ap.parse_args()
@@ -304,7 +322,11 @@ def main():
   impls = {"pallas": pallas_fns()}
   if not args.skip_xla:
     impls["xla_chunked"] = xla_fns()
-  for b, t, with_bwd in SHAPES:
+  if args.sweep:
+    sweep(results, save, args.variants.split(",") if args.variants else None)
+  if args.breakdown:
+    breakdown(results, save)
+  for b, t, with_bwd in ([] if args.skip_main else SHAPES):
     inputs = make_inputs(b, t)
     do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)
     dsT = jnp.zeros((b, H, K, V), jnp.float32)
@@ -345,10 +367,6 @@ def main():
         print(row, flush=True)
         results["rows"].append(row)
         save()
-  if args.sweep:
-    sweep(results, save)
-  if args.breakdown:
-    breakdown(results, save)
   # table
   print(f"\n{'impl':<26}{'B':>4}{'T':>8}  {'mode':<8}{'ms':>10}")
   for r in results["rows"]:
