@@ -241,18 +241,19 @@ def decode_table(cfg, reps, save, rows, cases=((1, 65536), (8, 65536), (8, 8192)
 
 
 # Backward variants (issue #5): name -> BlockConfig overrides. "split" is the current default.
+# Register spills per ptxas (Triton 3.6 on the kernels' TTIR at B4 T8K, sm_90a; every variant
+# uses 255 registers): split dK/dV 4748 B, split_flat 1056 B, fused 2112 B, fused_q32 904 B,
+# fused_k64 28 B, fused_1head 2508 B; per-head (unrolled) fused loops 7108 B.
 BWD_VARIANTS = {
     "split": dict(bwd_impl="split"),
+    "split_flat": dict(bwd_impl="split", dkv_flat_heads=True),
     # q64 k128, 8 warps, 3 stages, relaxed atomics, the GQA group's heads in one flat loop
     "fused": dict(bwd_impl="fused"),
     "fused_s2": dict(bwd_impl="fused", fused_num_stages=2),
-    "fused_k64w4s2": dict(bwd_impl="fused", fused_block_k=64, fused_num_warps=4,
-                          fused_num_stages=2),
-    "fused_q32k64w4": dict(bwd_impl="fused", fused_block_q=32, fused_block_k=64,
-                           fused_num_warps=4),
-    "fused_acqrel": dict(bwd_impl="fused", fused_relaxed_atomics=False),
+    "fused_q32": dict(bwd_impl="fused", fused_block_q=32),
+    "fused_k64": dict(bwd_impl="fused", fused_block_k=64),
     "fused_1head": dict(bwd_impl="fused", fused_heads_per_program=1),
-    "fused_unrolled": dict(bwd_impl="fused", fused_flat_heads=False),
+    "fused_acqrel": dict(bwd_impl="fused", fused_relaxed_atomics=False),
 }
 
 

@@ -50,6 +50,13 @@ def test_bf16_matches_oracle(case):
   check_backend(*_backend(SMALL_BLOCKS), case, jnp.bfloat16, atol=3e-2, rtol=3e-2)
 
 
+def test_split_bwd_flat_heads_matches_oracle():
+  """dK/dV kernel with one loop per phase over (head, query tile) pairs."""
+  cfg = dataclasses.replace(SMALL_BLOCKS, dkv_flat_heads=True)
+  check_backend(*_backend(cfg), Case(Tq=40, Tk=73, q_offset=33, H=8, G=2, window=16),
+                jnp.float32, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("case", SMALL_CASES[1:], ids=str)  # windows, GQA, decode, prefill
 def test_fused_bwd_fp32_matches_oracle(case):
   check_backend(*_backend(FUSED_BLOCKS), case, jnp.float32, atol=2e-5, rtol=2e-5)

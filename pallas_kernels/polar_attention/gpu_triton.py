@@ -112,6 +112,7 @@ class BlockConfig:
   dkv_block_k: int = 128
   dkv_num_warps: int = 8
   dkv_num_stages: int = 3
+  dkv_flat_heads: bool = False  # True: one loop per phase over (head, query tile) pairs
   # Split-K decode forward (few query rows, long context): used when Tq * R <= decode_max_rows
   # and the key band holds at least decode_min_keys keys.
   decode_max_rows: int = 64
@@ -281,6 +282,29 @@ def _three_phase(lo, full_lo, full_hi, hi, body, carry):
   carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
   carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
   return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+def _heads_three_phase(band, heads, body, carry, *, flat):
+  """Runs body(qb, r, carry, masked) for heads r < `heads` over the query band's 3 phases.
+
+  flat: one loop per phase over (head, query tile) pairs (3 loops; the pipeline fills once
+  per phase); else one `_three_phase` per head (3 * heads loops, unrolled in the kernel).
+  """
+  if not flat:
+    for r in range(heads):
+      # head index as an int32 scalar: the interpret-mode atomic discharge rule needs .shape
+      head_body = lambda qb, carry, masked, r=jnp.int32(r): body(qb, r, carry, masked)
+      carry = _three_phase(*band, head_body, carry)
+    return carry
+  lo, full_lo, full_hi, hi = band
+  for a, b, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
+    n = b - a
+
+    def pair(i, carry, a=a, n=n, masked=masked):  # i -> (head i // n, query tile a + i % n)
+      return body(a + lax.rem(i, n), lax.div(i, n), carry, masked)
+
+    carry = lax.fori_loop(0, heads * n, pair, carry)
+  return carry
 
 
 # ----------------------------------------------------------------------------- forward
@@ -509,7 +533,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dq_r
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dk_ref, dv_ref,
-                *, bq, bk, tk, nq, q_offset, window, group):
+                *, bq, bk, tk, nq, q_offset, window, group, flat):
   kb = pl.program_id(1)
   k = k_ref[...]
   v = v_ref[...]
@@ -517,33 +541,31 @@ def _dkv_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dk_
   cols_k = k0 + jnp.arange(bk)
   band = _query_band(k0, k0 + bk - 1, bq=bq, nq=nq, q_offset=q_offset,
                      tk_block_ok=(kb + 1) * bk <= tk, window=window)
-  dk_kd = jnp.zeros(k.shape, jnp.float32)
-  dv_kd = jnp.zeros(v.shape, jnp.float32)
-  for r in range(group):  # the GQA group's query heads, summed here
 
-    def body(qb, carry, masked, r=r):
-      dk_kd, dv_kd = carry
-      start = pl.multiple_of(qb * bq, bq)
-      rows = pl.ds(start, bq)
-      q = q_ref.at[rows, r, :][...]
-      do = do_ref.at[rows, r, :][...]
-      scale_q = s_ref.at[r, rows][...]
-      lse2_q = lse_ref.at[r, rows][...] * LOG2E
-      delta_q = dl_ref.at[r, rows][...]
-      cq_q = cq_ref.at[r, rows][...]
-      s_kq = _dot(k, q, trans_b=True) * (scale_q * LOG2E)[None, :]
-      if masked:
-        valid = _visible((q_offset + start + jnp.arange(bq))[None, :], cols_k[:, None], tk=tk,
-                         window=window)
-        s_kq = jnp.where(valid, s_kq, NEG)
-      pi_kq = jnp.exp2(s_kq - lse2_q[None, :])
-      dv_kd = dv_kd + _dot(pi_kq.astype(do.dtype), do)
-      dp_kq = _dot(v, do, trans_b=True)
-      ds_kq = pi_kq * (dp_kq - delta_q[None, :]) + cq_q[None, :] * pi_kq * pi_kq
-      dk_kd = dk_kd + _dot((ds_kq * scale_q[None, :]).astype(q.dtype), q)
-      return dk_kd, dv_kd
+  def body(qb, r, carry, masked):  # query tile qb of the group's head r; dK/dV summed here
+    dk_kd, dv_kd = carry
+    start = pl.multiple_of(qb * bq, bq)
+    rows = pl.ds(start, bq)
+    q = q_ref.at[rows, r, :][...]
+    do = do_ref.at[rows, r, :][...]
+    scale_q = s_ref.at[r, rows][...]
+    lse2_q = lse_ref.at[r, rows][...] * LOG2E
+    delta_q = dl_ref.at[r, rows][...]
+    cq_q = cq_ref.at[r, rows][...]
+    s_kq = _dot(k, q, trans_b=True) * (scale_q * LOG2E)[None, :]
+    if masked:
+      valid = _visible((q_offset + start + jnp.arange(bq))[None, :], cols_k[:, None], tk=tk,
+                       window=window)
+      s_kq = jnp.where(valid, s_kq, NEG)
+    pi_kq = jnp.exp2(s_kq - lse2_q[None, :])
+    dv_kd = dv_kd + _dot(pi_kq.astype(do.dtype), do)
+    dp_kq = _dot(v, do, trans_b=True)
+    ds_kq = pi_kq * (dp_kq - delta_q[None, :]) + cq_q[None, :] * pi_kq * pi_kq
+    dk_kd = dk_kd + _dot((ds_kq * scale_q[None, :]).astype(q.dtype), q)
+    return dk_kd, dv_kd
 
-    dk_kd, dv_kd = _three_phase(*band, body, (dk_kd, dv_kd))
+  carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  dk_kd, dv_kd = _heads_three_phase(band, group, body, carry, flat=flat)
   dk_ref[...] = dk_kd.astype(dk_ref.dtype)
   dv_ref[...] = dv_kd.astype(dv_ref.dtype)
 
@@ -571,7 +593,7 @@ def _bwd_dq(off, q, k, v, scale, do, lse, delta, cq, *, H, R, bq, bk, tk, q_offs
 
 
 def _bwd_dkv(off, q, k, v, scale, do, lse, delta, cq, *, G, bq, bk, tk, q_offset, window,
-             num_warps, num_stages):
+             num_warps, num_stages, flat):
   """dK/dV kernel on padded inputs: key-parallel, grid (key blocks, B*G); the kernel walks
   the group's R query heads, so dK/dV are summed over the GQA group in-kernel."""
   B, tq_pad, H, D = q.shape
@@ -582,7 +604,7 @@ def _bwd_dkv(off, q, k, v, scale, do, lse, delta, cq, *, G, bq, bk, tk, q_offset
   key_tile = pl.BlockSpec((None, bk, None, D), lambda bg, j: (bg // G, j, bg % G, 0))
   return pl.pallas_call(
       _with_offset(functools.partial(_dkv_kernel, bq=bq, bk=bk, nq=tq_pad // bq, group=R, tk=tk,
-                                     window=window), q_offset),
+                                     window=window, flat=flat), q_offset),
       grid=(B * G, tk_pad // bk),  # early key tiles (most query rows) first
       in_specs=[OFFSET_SPEC, grp_tiles, key_tile, key_tile, grp_rows, grp_tiles, grp_rows, grp_rows,
                 grp_rows],
@@ -600,8 +622,7 @@ def _fused_bwd_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_re
   """One key tile x `heads` query heads: dK/dV accumulated in registers, each (query tile,
   key tile)'s unscaled dQ contribution ds^T k atomically added to the f32 buffer dq_ref.
 
-  `flat`: each of the three phases is one loop over (head, query tile) pairs, so the pipeline
-  fills once per phase instead of once per head and phase (3 loops, not 3 * heads).
+  `flat`: see `_heads_three_phase`.
   """
   kb = pl.program_id(1)
   k = k_ref[...]
@@ -637,21 +658,7 @@ def _fused_bwd_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_re
     return dk_kd, dv_kd
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-  if flat:
-    lo, full_lo, full_hi, hi = band
-    for a, b, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
-      n = b - a
-
-      def pair(i, carry, a=a, n=n, masked=masked):  # i -> (head i // n, query tile a + i % n)
-        return body(a + lax.rem(i, n), lax.div(i, n), carry, masked)
-
-      carry = lax.fori_loop(0, heads * n, pair, carry)
-  else:
-    for r in range(heads):
-      # head index as an int32 scalar: the interpret-mode atomic discharge rule needs .shape
-      head_body = lambda qb, carry, masked, r=jnp.int32(r): body(qb, r, carry, masked)
-      carry = _three_phase(*band, head_body, carry)
-  dk_kd, dv_kd = carry
+  dk_kd, dv_kd = _heads_three_phase(band, heads, body, carry, flat=flat)
   dk_ref[...] = dk_kd.astype(dk_ref.dtype)
   dv_ref[...] = dv_kd.astype(dv_ref.dtype)
 
@@ -738,7 +745,7 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
     dq, dscale = dq[:, :Tq], dscale[:, :, :Tq].transpose(0, 2, 1)
   if "dkv" in parts:
     dk, dv = _bwd_dkv(*args, G=G, bq=kv_bq, bk=kv_bk, num_warps=config.dkv_num_warps,
-                      num_stages=config.dkv_num_stages, **common)
+                      num_stages=config.dkv_num_stages, flat=config.dkv_flat_heads, **common)
     dk, dv = dk[:, :Tk], dv[:, :Tk]
   return dq, dk, dv, dscale
 
