@@ -12,11 +12,11 @@ calls) / 10. FLA's `chunk_gated_delta_rule` is timed only if `fla` imports ("una
 Prints a table and writes JSON (device, versions, shapes, medians) after every measurement, so a
 run cut short still leaves its numbers.
 
-The correctness check runs every backward variant (`Tuning.grads` "wy" = default, "fused") at
-three small shapes and reports max |err| / max |oracle| per output with a pass flag.
-`--shapes 16x2048,4x8192` limits the main table, `--skip-main` drops it. `--sweep`: the backward alone ("bwd") for the
-gradient variants (fused vs wy, warps, K block, T0 recomputed, bf16 v'/dv' and states) at
-(16, 2K) and (4, 8K), plus fwd+bwd of fused vs wy. `--breakdown`: each kernel alone at
+The correctness check runs the backward variants (`Tuning.grads` "wy" = default, "fused", wy
+with bf16 dv') at three small shapes and reports max |err| / max |oracle| per output with a pass
+flag. `--shapes 16x2048,4x8192` limits the main table, `--skip-main` drops it. `--sweep`:
+fwd+bwd of wy vs fused, then the backward alone ("bwd") per variant (warps, K block, T0
+recomputed, bf16 dv' and states; `--variants` picks a subset) at (16, 2K) and (4, 8K). `--breakdown`: each kernel alone at
 (16, 2K), the new ones (`gdn_dqkw`, `gdn_wy_bwd`, state passes writing v'/dv') included.
 The backward check + timing in one call:
   python3 bench/gated_delta.py --skip-xla --skip-main --sweep --breakdown --out $OUT/gd_bwd.json
@@ -165,7 +165,7 @@ def correctness(results):
     if pieces is not None or dtype == jnp.float32:
       variants["fused"] = T(grads="fused")
     if pieces is not None:
-      variants["wy_bf16v"] = T(vnew_dtype="bfloat16")
+      variants["wy_bf16dv"] = T(dv_dtype="bfloat16")
     for vname, tuning in variants.items():
       key = f"B{b}_T{t}_H{H}_K{kv}V{kv}_{jnp.dtype(dtype).name}_pieces{pieces}_{vname}"
       try:
@@ -187,9 +187,9 @@ def sweep_variants():
   """Backward variants, most informative first (a run cut short keeps the earlier rows)."""
   T = gpu_triton.Tuning
   return {"wy": T(), "fused": T(grads="fused"), "wy_warps8": T(dqkw_warps=8, wy_warps=8),
-          "wy_bf16v": T(vnew_dtype="bfloat16"), "wy_t0recompute": T(wy_t0="recompute"),
+          "wy_bf16dv": T(dv_dtype="bfloat16"), "wy_t0recompute": T(wy_t0="recompute"),
           "wy_bk32": T(block_k=32), "wy_dqkw8": T(dqkw_warps=8),
-          "wy_bf16all": T(vnew_dtype="bfloat16", states_dtype="bfloat16")}
+          "wy_bf16all": T(dv_dtype="bfloat16", states_dtype="bfloat16")}
 
 
 def sweep(results, save, names=None):

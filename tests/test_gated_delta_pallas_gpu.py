@@ -80,32 +80,37 @@ def test_interpret_sequence_split_is_exact(grads):
 
 
 # "wy" gradients (`gdn_dqkw` per K block + `gdn_wy_bwd` per chunk) with several K and V blocks,
-# T0 from the prepass or recomputed, v'/dv' stored in bf16 (looser tolerance), pieces split.
+# T0 from the prepass or recomputed, dv' stored in bf16 (looser tolerance), pieces split.
 _WY_CASES = (
-    (Case(T=37, H=2, K=32, V=32, chunk=16), _T(grads="wy", block_k=16, block_v=16), None, 2e-5),
+    (Case(T=37, H=2, K=32, V=32, chunk=16), _T(grads="wy", block_k=16, block_v=16), None, 2e-5,
+     jnp.float32),
     (Case(T=61, B=2, H=1, K=32, V=16, chunk=16, gamma="near1", beta="near1"),
-     _T(grads="wy", wy_t0="recompute", block_k=16, block_v=8), 2, 2e-5),
+     _T(grads="wy", wy_t0="recompute", block_k=16, block_v=8), 2, 2e-5, jnp.float32),
     (Case(T=50, H=1, K=16, V=32, chunk=16, gamma="small", beta="near0", init_state=False),
-     _T(grads="wy", block_k=8, block_v=16), 2, 2e-5),
-    (Case(T=40, H=1, K=16, V=16, chunk=16), _T(grads="wy", vnew_dtype="bfloat16"), None, 2e-2),
+     _T(grads="wy", block_k=8, block_v=16), 2, 2e-5, jnp.float32),
+    (Case(T=40, H=1, K=16, V=16, chunk=16), _T(grads="wy", dv_dtype="bfloat16"), None, 2e-2,
+     jnp.float32),
+    (Case(T=45, H=2, K=32, V=16, chunk=16), _T(grads="wy", block_k=16), None, 3e-2,
+     jnp.bfloat16),  # bf16 q/k/v: v' stored in bf16, the dots in bf16
 )
 
 
-@pytest.mark.parametrize("case,tuning,pieces,tol", _WY_CASES,
-                         ids=["kblocks", "t0recompute_pieces", "small_gates_pieces", "bf16v"])
-def test_interpret_wy_grads_match_oracle(case, tuning, pieces, tol):
+@pytest.mark.parametrize("case,tuning,pieces,tol,dtype", _WY_CASES,
+                         ids=["kblocks", "t0recompute_pieces", "small_gates_pieces", "bf16dv",
+                              "bf16_inputs"])
+def test_interpret_wy_grads_match_oracle(case, tuning, pieces, tol, dtype):
   fwd = functools.partial(gpu_triton.gated_delta_fwd, interpret=True)
   bwd = functools.partial(gpu_triton.gated_delta_bwd, interpret=True, pieces=pieces,
                           tuning=tuning)
-  check_backend(fwd, case, jnp.float32, atol=tol, rtol=tol, seed=7, bwd=bwd)
+  check_backend(fwd, case, dtype, atol=tol, rtol=tol, seed=7, bwd=bwd)
 
 
 @pytest.mark.parametrize("tuning,pieces,kernels", [
     (_T(), None, ("gdn_prepass", "gdn_state", "gdn_state_bwd", "gdn_dqkw", "gdn_wy_bwd")),
-    (_T(wy_t0="recompute", vnew_dtype="bfloat16", dqkw_warps=8), 2,
+    (_T(wy_t0="recompute", dv_dtype="bfloat16", dqkw_warps=8), 2,
      ("gdn_state_affine", "gdn_state_bwd_affine", "gdn_dqkw", "gdn_wy_bwd")),
     (_T(grads="fused"), None, ("gdn_grads",)),
-], ids=["wy", "wy_recompute_bf16v_pieces", "fused"])
+], ids=["wy", "wy_recompute_bf16dv_pieces", "fused"])
 def test_bwd_lowers_to_triton_for_h100(tuning, pieces, kernels):
   """Traces and lowers the backward to Triton IR for an abstract H100 (bf16, K = V = 128, C = 64):
   catches ops the Triton lowering rejects without a GPU (Triton's own compile runs only there)."""

@@ -17,11 +17,13 @@ transposes; T padded to a multiple of the chunk with identity tokens k = v = q =
   backward (residuals = the primal inputs; everything else is recomputed)
     1. prepass (+ T0 per chunk, f32 [B, Tp, H, C], for "wy" with `wy_t0="prepass"`) + state
        pass in "states" mode: each chunk's entry state S, f32 [B, H, NC, K, V] (or bf16 with
-       `Tuning.states_dtype`), and for "wy" also v' = u - w S per chunk, [B, Tp, H, V] in
-       `Tuning.vnew_dtype` (computed there anyway); split into pieces like the forward.
+       `Tuning.states_dtype`), and for "wy" also v' = u - w S per chunk, [B, Tp, H, V] in the
+       input dtype (computed there anyway; every later use of v' is a dot in that dtype, so this
+       loses nothing); split into pieces like the forward.
     2. `_state_bwd` grid (B, H, P, V/BV): reverse chunk walk of dS (same affine piece split:
        dS_in = M dS_out + F); writes the cotangent dS1 leaving each chunk, d(initial state) and,
-       for "wy", dv' = P^T dO + (K r) dS1 per chunk (computed there anyway).
+       for "wy", dv' = P^T dO + (K r) dS1 per chunk (computed there anyway; f32, or
+       `Tuning.dv_dtype`).
     3. gradients, chosen by `Tuning.grads` (static):
        "wy" (default; FLA's decomposition in our convention, chunk_math "WY decomposition"):
          `gdn_dqkw`   grid (B, H, NC, K/BK), BK = `block_k`: V walked in blocks, accumulates
@@ -83,7 +85,7 @@ class Tuning(NamedTuple):
   dqkw_warps: int = 4
   wy_warps: int = 4
   wy_t0: str = "prepass"  # "wy": T0 written by the prepass, or "recompute" in `gdn_wy_bwd`
-  vnew_dtype: str = "float32"  # "wy": storage of v' and dv' between the passes
+  dv_dtype: str = "float32"  # "wy": storage of dv' between the passes (v': the input dtype)
 
 
 GRADS = ("fused", "split", "wy")
@@ -257,7 +259,7 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, dsout_ref, *out_refs,
 
 def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret, with_dv=False):
   """ds_out [B, H, P, K, V]: cotangent leaving each piece (ignored in "affine" mode).
-  `with_dv` ("states" mode): also dv' per chunk, [B, Tp, H, V] in `tuning.vnew_dtype`."""
+  `with_dv` ("states" mode): also dv' per chunk, [B, Tp, H, V] in `tuning.dv_dtype`."""
   b, tp, h, kd = q.shape
   vd = do.shape[-1]
   npieces = ds_out.shape[2]
@@ -280,7 +282,7 @@ def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret, with
                  jax.ShapeDtypeStruct((b, h, npieces, kd, vd), jnp.float32)]
     if with_dv:
       out_specs.append(pl.BlockSpec((None, tp, None, bv), lambda i, j, p, n: (i, 0, j, n)))
-      out_shape.append(jax.ShapeDtypeStruct((b, tp, h, vd), tuning.vnew_dtype))
+      out_shape.append(jax.ShapeDtypeStruct((b, tp, h, vd), tuning.dv_dtype))
   return pl.pallas_call(
       functools.partial(_state_bwd_kernel, c=c, cp=nc // npieces, nvb=nvb, mode=mode,
                         cfg=_dots(q.dtype, interpret)),
@@ -596,7 +598,7 @@ def _block_v(kd, vd, tuning):
 
 def _state_pass(q, k, w, u, gc, s_start, *, c, mode, tuning, interpret, with_v=False):
   """s_start [B, H, P, K, V]. Returns per mode (see `_state_kernel`); `with_v` ("states"
-  mode): also v' per chunk, [B, Tp, H, V] in `tuning.vnew_dtype`."""
+  mode): also v' per chunk, [B, Tp, H, V] in the input dtype (all its uses are dots in it)."""
   b, tp, h, kd = q.shape
   vd = u.shape[-1]
   npieces = s_start.shape[2]
@@ -627,7 +629,7 @@ def _state_pass(q, k, w, u, gc, s_start, *, c, mode, tuning, interpret, with_v=F
       out_shape.append(jax.ShapeDtypeStruct((b, h, nc, kd, vd), tuning.states_dtype))
       if with_v:
         out_specs.append(vblock)
-        out_shape.append(jax.ShapeDtypeStruct((b, tp, h, vd), tuning.vnew_dtype))
+        out_shape.append(jax.ShapeDtypeStruct((b, tp, h, vd), q.dtype))
   gate = pl.BlockSpec((None, tp, None), lambda i, j, p, n: (i, 0, j))
   return pl.pallas_call(
       functools.partial(_state_kernel, c=c, cp=cp, nvb=nvb, mode=mode,
