@@ -17,7 +17,8 @@ with bf16 dv') at three small shapes and reports max |err| / max |oracle| per ou
 flag. `--shapes 16x2048,4x8192` limits the main table, `--skip-main` drops it. `--sweep`:
 fwd+bwd of wy vs fused, then the backward alone ("bwd") per variant (warps, K block, T0
 recomputed, bf16 dv' and states; `--variants` picks a subset) at (16, 2K) and (4, 8K).
-`--breakdown`: each kernel alone at (16, 2K), the new ones (`gdn_dqkw`, `gdn_wy_bwd`, state passes writing v'/dv') included.
+`--breakdown`: each kernel alone at (16, 2K), the new ones (`gdn_dqkw`, `gdn_wy_bwd`, the
+state passes writing v'/dv') included.
 The backward check + timing in one call:
   python3 bench/gated_delta.py --skip-xla --skip-main --sweep --breakdown --out $OUT/gd_bwd.json
 """
