@@ -257,77 +257,95 @@ BWD_VARIANTS = {
 }
 
 
-def bwd_variants(variants, reps, shapes, save, budget_s, small=False):
-  """Per backward variant: correctness (Pallas fwd+bwd vs XLA streaming, and dq/dk/dv/dscale
-  vs the split kernels) at two small shapes, then the backward kernels alone (given the
-  forward's residuals) and forward+backward (as the custom VJP runs it) at each benchmark
-  shape, next to cuDNN's fwd+bwd. Variants past `budget_s` seconds are skipped (recorded)."""
+def bwd_variants(variants, reps, save, budget_s, small=False):
+  """Per backward variant, in order of importance (variants past `budget_s` seconds are
+  skipped and recorded):
+    1. (B, T) = (4, 8K): the backward alone (given the forward's residuals; its dq/dk/dv/dscale
+       compared with the split kernels' on the same inputs) and forward+backward (as the custom
+       VJP runs it), next to cuDNN's fwd+bwd;
+    2. a windowed chunked-prefill case (GQA, offset, odd lengths): fwd+bwd vs XLA streaming;
+    3. (16, 2K): forward+backward, next to cuDNN.
+  """
   t_start = time.perf_counter()
   res = {"variants": {n: BWD_VARIANTS[n] for n in variants}, "checks": [], "timings": []}
-  cases = ((1, 100, 100, 0, 40), (1, 40, 130, 90, None)) if small else (
-      (2, 1000, 1000, 0, None), (1, 300, 1800, 1500, 512))
   base = gpu_triton.DEFAULT_CONFIG
-  for (B, Tq, Tk, off, win) in cases:
-    kw = dict(window=win, q_offset=off)
-    q, k, v, scale, do = inputs(B, Tq, Tk, seed=2)
-    want = jax.jit(fwd_bwd_fn(xla_streaming, **kw))(q, k, v, scale, do)
-    split = None
-    for name in variants:
-      if time.perf_counter() - t_start > budget_s:
-        res["checks"].append({"variant": name, "case": [B, Tq, Tk, off, win], "skipped": True})
-        continue
-      cfg = dataclasses.replace(base, **BWD_VARIANTS[name])
-      try:
-        got = jax.jit(fwd_bwd_fn(gpu_triton, config=cfg, **kw))(q, k, v, scale, do)
-      except Exception as e:  # noqa: BLE001 - a variant that does not compile is recorded
-        print(f"check {name} B{B} Tq{Tq} Tk{Tk}: FAILED {type(e).__name__}: {str(e)[:300]}",
-              flush=True)
-        res["checks"].append({"variant": name, "case": [B, Tq, Tk, off, win],
-                              "error": str(e)[:300]})
-        continue
-      split = got if name == "split" else split
-      names = ("dq", "dk", "dv", "dscale")
-      row = {"variant": name, "case": [B, Tq, Tk, off, win],
-             "rel_err_vs_xla": {n: rel_err(a, b) for n, a, b in zip(names, got, want)}}
-      if split is not None and name != "split":
-        row["rel_err_vs_split"] = {n: rel_err(a, b) for n, a, b in zip(names, got, split)}
-      res["checks"].append(row)
-      print(f"check {name:>14} B{B} Tq{Tq} Tk{Tk} off{off} w{win}: " + " ".join(
-          f"{k}:" + ",".join(f"{n}={e:.1e}" for n, e in d.items())
-          for k, d in row.items() if k.startswith("rel_")), flush=True)
-      save(res)
-  for (B, T) in shapes:
-    q, k, v, scale, do = inputs(B, T)
-    kw = dict(window=None, q_offset=0)
-    o, lse, p2 = jax.jit(functools.partial(gpu_triton.attention_stats_fwd, **kw))(q, k, v, scale)
-    dl = jnp.full_like(lse, 0.1)
-    delta, cq = reference.stats_vjp_prologue(o, p2, do, dl, dl)
-    rows = [("cudnn", "fwd+bwd", cudnn_fns("xla" if small else "cudnn")[1], (q, k, v, do))]
-    for name in variants:
-      cfg = dataclasses.replace(base, **BWD_VARIANTS[name])
-      rows.append((name, "bwd", jax.jit(functools.partial(gpu_triton.attention_stats_bwd,
-                                                         config=cfg, **kw)),
-                   (q, k, v, scale, lse, do, delta, cq)))
-      rows.append((name, "fwd+bwd", jax.jit(fwd_bwd_fn(gpu_triton, config=cfg, **kw)),
-                   (q, k, v, scale, do)))
-    for name, mode, fn, args in rows:
-      if time.perf_counter() - t_start > budget_s:
-        res["timings"].append({"B": B, "T": T, "variant": name, "mode": mode, "skipped": True})
-        continue
-      try:
-        ms, n = timeit(fn, *args, reps=reps)
-      except Exception as e:  # noqa: BLE001
-        print(f"B{B} T{T} {name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-        res["timings"].append({"B": B, "T": T, "variant": name, "mode": mode,
-                               "error": str(e)[:300]})
-        continue
-      tf = causal_tflops(B, T, ms, 2.5 if mode == "bwd" else 3.5)
-      res["timings"].append({"B": B, "T": T, "variant": name, "mode": mode, "median_ms": ms,
-                             "runs": n, "causal_tflops": tf})
-      print(f"B{B:>2} T{T:>6} {name:>14} {mode:>8}: {ms:8.3f} ms ({tf:6.1f} TF/s, n={n}) "
-            f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
-      save(res)
-    del q, k, v, scale, do, o, lse, p2, delta, cq
+  over = lambda: time.perf_counter() - t_start > budget_s
+  cfgs = {n: dataclasses.replace(base, **BWD_VARIANTS[n]) for n in variants}
+  names4 = ("dq", "dk", "dv", "dscale")
+
+  def timed(B, T, name, mode, fn, args, ref=None):
+    """Times fn(*args); with `ref`, also records its outputs' rel. error vs `ref`."""
+    if over():
+      res["timings"].append({"B": B, "T": T, "variant": name, "mode": mode, "skipped": True})
+      return None
+    try:
+      out = jax.block_until_ready(fn(*args))
+      ms, n = timeit(fn, *args, reps=reps)
+    except Exception as e:  # noqa: BLE001 - a variant that does not compile is recorded
+      print(f"B{B} T{T} {name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+      res["timings"].append({"B": B, "T": T, "variant": name, "mode": mode,
+                             "error": str(e)[:300]})
+      return None
+    tf = causal_tflops(B, T, ms, 2.5 if mode == "bwd" else 3.5)
+    row = {"B": B, "T": T, "variant": name, "mode": mode, "median_ms": ms, "runs": n,
+           "causal_tflops": tf}
+    if ref is not None:
+      row["rel_err_vs_split"] = {k: rel_err(a, b) for k, a, b in zip(names4, out, ref)}
+    res["timings"].append(row)
+    print(f"B{B:>2} T{T:>6} {name:>14} {mode:>8}: {ms:8.3f} ms ({tf:6.1f} TF/s, n={n})"
+          + ("" if ref is None else " vs split " + " ".join(
+              f"{k}={e:.1e}" for k, e in row["rel_err_vs_split"].items()))
+          + f" [{time.perf_counter() - t_start:.0f} s]", flush=True)
+    save(res)
+    return out
+
+  cud_fb = cudnn_fns("xla" if small else "cudnn")[1]
+  kw = dict(window=None, q_offset=0)
+  big, small_shape = ((1, 256), (2, 128)) if small else ((4, 8192), (16, 2048))
+  # 1. the goal shape
+  B, T = big
+  q, k, v, scale, do = inputs(B, T)
+  o, lse, p2 = jax.jit(functools.partial(gpu_triton.attention_stats_fwd, **kw))(q, k, v, scale)
+  dl = jnp.full_like(lse, 0.1)
+  delta, cq = reference.stats_vjp_prologue(o, p2, do, dl, dl)
+  timed(B, T, "cudnn", "fwd+bwd", cud_fb, (q, k, v, do))
+  ref = jax.jit(functools.partial(gpu_triton.attention_stats_bwd, **kw))(
+      q, k, v, scale, lse, do, delta, cq)
+  for name in variants:
+    bwd = jax.jit(functools.partial(gpu_triton.attention_stats_bwd, config=cfgs[name], **kw))
+    timed(B, T, name, "bwd", bwd, (q, k, v, scale, lse, do, delta, cq), ref=ref)
+    timed(B, T, name, "fwd+bwd", jax.jit(fwd_bwd_fn(gpu_triton, config=cfgs[name], **kw)),
+          (q, k, v, scale, do))
+  del q, k, v, scale, do, o, lse, p2, delta, cq, ref
+  # 2. windowed chunked prefill vs XLA streaming
+  (B, Tq, Tk, off, win) = (1, 40, 130, 90, 48) if small else (1, 300, 1800, 1500, 512)
+  ckw = dict(window=win, q_offset=off)
+  q, k, v, scale, do = inputs(B, Tq, Tk, seed=2)
+  want = jax.jit(fwd_bwd_fn(xla_streaming, **ckw))(q, k, v, scale, do)
+  for name in variants:
+    if over():
+      res["checks"].append({"variant": name, "case": [B, Tq, Tk, off, win], "skipped": True})
+      continue
+    try:
+      got = jax.jit(fwd_bwd_fn(gpu_triton, config=cfgs[name], **ckw))(q, k, v, scale, do)
+    except Exception as e:  # noqa: BLE001
+      print(f"check {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+      res["checks"].append({"variant": name, "case": [B, Tq, Tk, off, win],
+                            "error": str(e)[:300]})
+      continue
+    row = {"variant": name, "case": [B, Tq, Tk, off, win],
+           "rel_err_vs_xla": {n: rel_err(a, b) for n, a, b in zip(names4, got, want)}}
+    res["checks"].append(row)
+    print(f"check {name:>14} B{B} Tq{Tq} Tk{Tk} off{off} w{win} vs xla: " + " ".join(
+        f"{n}={e:.1e}" for n, e in row["rel_err_vs_xla"].items()), flush=True)
+    save(res)
+  # 3. many short sequences
+  B, T = small_shape
+  q, k, v, scale, do = inputs(B, T)
+  timed(B, T, "cudnn", "fwd+bwd", cud_fb, (q, k, v, do))
+  for name in variants:
+    timed(B, T, name, "fwd+bwd", jax.jit(fwd_bwd_fn(gpu_triton, config=cfgs[name], **kw)),
+          (q, k, v, scale, do))
   return res
 
 
@@ -368,14 +386,13 @@ def main():
     unknown = [n for n in names if n not in BWD_VARIANTS]
     if unknown:
       raise SystemExit(f"--bwd-variants: unknown {unknown}; choose from {list(BWD_VARIANTS)}")
-    shapes = ((4, 8192), (16, 2048)) if not args.smoke else ((1, 256),)
 
     def save_variants(res):
       result["bwd_variants"] = res
       save()
 
     result["base_config"] = dataclasses.asdict(cfg)
-    bwd_variants(names, args.reps, shapes, save_variants, args.budget_s, small=args.smoke)
+    bwd_variants(names, args.reps, save_variants, args.budget_s, small=args.smoke)
     print("wrote", args.out)
     return
   if not args.skip_checks:
