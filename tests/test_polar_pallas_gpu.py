@@ -197,3 +197,16 @@ def test_compiled_on_gpu_fp32(case):
 ], ids=str)
 def test_compiled_on_gpu_bf16(case):
   check_backend(*_backend(gpu_triton.DEFAULT_CONFIG), case, jnp.bfloat16, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [
+    dict(bwd_impl="fused"), dict(bwd_impl="fused", fused_heads_per_program=1),
+    dict(dkv_flat_heads=True)], ids=["fused", "fused_1head", "split_flat"])
+@pytest.mark.parametrize("case", [
+    Case(Tq=333, H=8, G=2, D=128, window=100),
+    Case(Tq=300, Tk=1800, q_offset=1500, H=8, G=2, D=128, window=512),
+], ids=str)
+def test_compiled_on_gpu_bwd_variants_bf16(case, variant):
+  cfg = dataclasses.replace(gpu_triton.DEFAULT_CONFIG, **variant)
+  check_backend(*_backend(cfg), case, jnp.bfloat16, atol=3e-2, rtol=3e-2)
