@@ -4,7 +4,11 @@ Forward: `(o f32, lse f32, p2 f32) = attention_stats(q, k, v, scale)` — temper
 attention with the extra row statistic p2 = sum pi^2 (online: Q2 <- alpha^2 Q2 + sum p^2,
 p2 = Q2 / L^2). Backward: a dQ kernel (query-parallel; also gives dscale) and a dK/dV kernel
 (key-parallel; walks the GQA group's query heads and the query tiles in the band, so dK/dV are
-summed in-kernel), both with ds = pi (dp - delta') + cq pi^2.
+summed in-kernel), both with ds = pi (dp - delta') + cq pi^2. `BlockConfig.bwd_impl="fused"`
+selects one key-parallel kernel instead that also adds each (query tile, key tile)'s dQ into an
+f32 buffer with relaxed-order atomics (5 tile matmuls instead of 7; dq's last bits then depend
+on the order of the adds). dK/dV and fused kernels can walk the group's (head, query tile)
+pairs in one loop per phase (`dkv_flat_heads`, `fused_flat_heads`): far fewer register spills.
 
 Every kernel reads the model's batch-major layout `[B, T, heads, D]` directly (strided rows,
 no transposes); the backward's per-row vectors go as [B, H, T]. Lengths are padded to a
@@ -733,7 +737,8 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   tq_pad = pl.cdiv(Tq, max(dq_bq, kv_bq)) * max(dq_bq, kv_bq)
   tk_pad = pl.cdiv(Tk, max(dq_bk, kv_bk)) * max(dq_bk, kv_bk)
   args = (_offset_arg(q_offset), _pad_axis1(q_BTHD, tq_pad), _pad_axis1(k_BTGD, tk_pad),
-          _pad_axis1(v_BTGD, tk_pad), _rows_bht(scale_BTH, tq_pad), _pad_axis1(do_BTHD.astype(q_BTHD.dtype), tq_pad),
+          _pad_axis1(v_BTGD, tk_pad), _rows_bht(scale_BTH, tq_pad),
+          _pad_axis1(do_BTHD.astype(q_BTHD.dtype), tq_pad),
           _rows_bht(lse_BTH, tq_pad, PAD_LSE), _rows_bht(delta_BTH, tq_pad),
           _rows_bht(cq_BTH, tq_pad))
   common = dict(tk=Tk, q_offset=_static_offset(q_offset), window=window)
