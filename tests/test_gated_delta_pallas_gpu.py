@@ -7,6 +7,8 @@ gates near 0 and near 1, K != V, and the exact sequence split (pieces composed b
 """
 
 import functools
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.gated_delta import chunk_math as cm
-from pallas_kernels.gated_delta import gpu_triton, reference
+from pallas_kernels.gated_delta import api, gpu_triton, reference
 from tests.gated_delta_cases import Case, check_backend
 from tests.oracle_check import assert_close
 
@@ -160,3 +162,55 @@ def test_rejects_f32_at_k128():
   assert "shared memory" in gpu_triton.unsupported_reason(q, q, q, chunk_size=64)
   assert gpu_triton.is_supported(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16),
                                  q.astype(jnp.bfloat16), chunk_size=64)
+
+
+def _interpret_backend(tuning, pieces=None):
+  """A module name whose fwd / fwd_residuals / bwd are gpu_triton's in interpret mode, for
+  `api._pallas_rule` (the custom_vjp that saves the prepass as residuals)."""
+  name = f"_gdn_interpret_backend_{abs(hash((tuning, pieces)))}"
+  mod = types.ModuleType(name)
+  kw = dict(interpret=True, tuning=tuning, pieces=pieces)
+  mod.gated_delta_fwd = functools.partial(gpu_triton.gated_delta_fwd, **kw)
+  mod.gated_delta_fwd_residuals = functools.partial(gpu_triton.gated_delta_fwd_residuals, **kw)
+  mod.gated_delta_bwd = functools.partial(gpu_triton.gated_delta_bwd, **kw)
+  sys.modules[name] = mod
+  return name
+
+
+@pytest.mark.parametrize("tuning,pieces", [(_T(), None), (_T(wy_t0="recompute"), 2),
+                                           (_T(grads="split", block_v=8), None)],
+                         ids=["wy_t0", "wy_recompute_pieces", "split_t0"])
+def test_api_vjp_reuses_forward_prepass(tuning, pieces):
+  """jax.vjp through api's custom_vjp with the forward's (w, u, T0) as residuals vs the oracle;
+  and the saved-prepass backward equals the recomputing one exactly."""
+  case = Case(T=61, B=2, H=1, K=16, V=16, chunk=16)
+  name = _interpret_backend(tuning, pieces)
+  fwd = lambda q, k, v, lg, b, s0, chunk_size: api._pallas_rule(name, chunk_size, q, k, v,
+                                                                 lg.astype(jnp.float32),
+                                                                 b.astype(jnp.float32), s0)
+  check_backend(fwd, case, jnp.float32, atol=2e-5, rtol=2e-5, seed=11)
+  rng = np.random.default_rng(0)
+  q, k = (jnp.asarray(rng.standard_normal((1, 61, 1, 16)), jnp.float32) for _ in range(2))
+  v, do = (jnp.asarray(rng.standard_normal((1, 61, 1, 16)), jnp.float32) for _ in range(2))
+  lg = jnp.asarray(np.log(rng.uniform(0.5, 1.0, (1, 61, 1))), jnp.float32)
+  beta = jnp.asarray(rng.uniform(0.0, 1.0, (1, 61, 1)), jnp.float32)
+  kw = dict(chunk_size=16, interpret=True, tuning=tuning, pieces=pieces)
+  _, _, prepass = gpu_triton.gated_delta_fwd_residuals(q, k, v, lg, beta, None, **kw)
+  if not gpu_triton._needs_t0(tuning):
+    assert prepass[2] is None
+  saved = gpu_triton.gated_delta_bwd(q, k, v, lg, beta, None, do, None, prepass=prepass, **kw)
+  fresh = gpu_triton.gated_delta_bwd(q, k, v, lg, beta, None, do, None, **kw)
+  for g_saved, g_fresh in zip(saved, fresh, strict=True):
+    np.testing.assert_array_equal(np.asarray(g_saved), np.asarray(g_fresh))
+
+
+def test_bwd_rejects_mismatched_prepass():
+  q = jnp.zeros((1, 32, 1, 16), jnp.float32)
+  _, _, (w, u, t0) = gpu_triton.gated_delta_fwd_residuals(q, q, q, q[..., 0], q[..., 0],
+                                                          chunk_size=16, interpret=True)
+  with pytest.raises(ValueError, match="reads T0"):
+    gpu_triton.gated_delta_bwd(q, q, q, q[..., 0], q[..., 0], None, q, None, chunk_size=16,
+                               interpret=True, prepass=(w, u, None))
+  with pytest.raises(ValueError, match="prepass w has shape"):
+    gpu_triton.gated_delta_bwd(q, q, q, q[..., 0], q[..., 0], None, q, None, chunk_size=16,
+                               interpret=True, prepass=(w[:, :16], u, t0))

@@ -18,7 +18,10 @@ the initial state.
   "auto"   Pallas on GPU/TPU when available and supported, else "xla".
 A Pallas backend's `gated_delta_fwd` and `gated_delta_bwd` are joined here into the one
 `custom_vjp` (residuals = the primal inputs, see `xla_chunked.py`); a backend without a `bwd`
-gets the XLA path's recompute-and-differentiate backward.
+gets the XLA path's recompute-and-differentiate backward. A backend that also exports
+`gated_delta_fwd_residuals` (GPU-Triton) saves its forward's prepass (w, u, T0) as extra
+residuals and gets them back as `gated_delta_bwd(..., prepass=...)`: no prepass rerun in the
+backward, for B*Tp*H*((K + V)*itemsize + 4*C) more bytes per layer (gpu_triton docstring).
 
 Under an active mesh (`atma_jax.sharding.current_mesh()`) the backend call runs in
 `jax.shard_map` with batch split over "batch" and heads over "act_heads" (heads are
@@ -72,16 +75,24 @@ def _pallas_rule(module_name: str, chunk_size: int, q, k, v, log_gamma, beta, s0
 
 
 def _pallas_rule_fwd(module_name, chunk_size, q, k, v, log_gamma, beta, s0):
-  out = _pallas_rule(module_name, chunk_size, q, k, v, log_gamma, beta, s0)
-  return out, (q, k, v, log_gamma, beta, s0)  # residuals = the primal inputs
+  primals = (q, k, v, log_gamma, beta, s0)
+  mod = importlib.import_module(module_name)
+  fwd_res = getattr(mod, "gated_delta_fwd_residuals", None)
+  if fwd_res is None or getattr(mod, "gated_delta_bwd", None) is None:
+    out = _pallas_rule(module_name, chunk_size, *primals)
+    return out, (primals, None)  # residuals = the primal inputs
+  o, s_final, prepass = fwd_res(*primals, chunk_size=chunk_size)
+  return (o, s_final), (primals, prepass)  # + the forward's prepass (w, u, T0): no rerun
 
 
 def _pallas_rule_bwd(module_name, chunk_size, res, cts):
   do_BTHV, dsT_BHKV = cts
+  primals, prepass = res
   mod = importlib.import_module(module_name)
   bwd = getattr(mod, "gated_delta_bwd", None) or xla_chunked.gated_delta_bwd
-  grads = bwd(*res, do_BTHV, dsT_BHKV, chunk_size=chunk_size)
-  return tuple(g.astype(x.dtype) for g, x in zip(grads, res))
+  extra = {} if prepass is None else {"prepass": prepass}
+  grads = bwd(*primals, do_BTHV, dsT_BHKV, chunk_size=chunk_size, **extra)
+  return tuple(g.astype(x.dtype) for g, x in zip(grads, primals))
 
 
 _pallas_rule.defvjp(_pallas_rule_fwd, _pallas_rule_bwd)

@@ -86,6 +86,7 @@ class Tuning(NamedTuple):
   wy_warps: int = 4
   wy_t0: str = "prepass"  # "wy": T0 written by the prepass, or "recompute" in `gdn_wy_bwd`
   dv_dtype: str = "float32"  # "wy": storage of dv' between the passes (v': the input dtype)
+  inverse_precision: str = "3xtf32"  # GPU dots of the doubling inverse: INVERSE_PRECISIONS
 
 
 GRADS = ("fused", "split", "wy")
@@ -99,6 +100,9 @@ def _check_tuning(tuning):
     raise ValueError(f"Tuning.grads={tuning.grads!r}: pick one of {GRADS}")
   if tuning.wy_t0 not in ("prepass", "recompute"):
     raise ValueError(f"Tuning.wy_t0={tuning.wy_t0!r}: pick 'prepass' or 'recompute'")
+  if tuning.inverse_precision not in INVERSE_PRECISIONS:
+    raise ValueError(f"Tuning.inverse_precision={tuning.inverse_precision!r}: pick one of "
+                     f"{tuple(INVERSE_PRECISIONS)}")
 
 
 def _pow2(n: int) -> bool:
@@ -133,16 +137,31 @@ def _check(q, k, v, chunk_size):
     raise ValueError(f"gated_delta gpu_triton: {reason}")
 
 
-def _dots(dtype, interpret: bool) -> cm.Dots:
+# `Tuning.inverse_precision` -> the dot algorithm of the doubling inverse on the GPU (all lower in
+# Pallas-Triton: jax/_src/pallas/triton/lowering.py). "bf16x3"/"bf16x6" split each f32 operand
+# into bf16 pieces and run 3/6 bf16 dots; "tf32" one TF32 dot (10-bit mantissa operands);
+# "3xtf32" three TF32 dots (near-f32); "ieee" plain f32 FMA (no tensor cores; slow).
+INVERSE_PRECISIONS = {
+    "3xtf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+    "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
+    "bf16x3": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+    "bf16x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+    "ieee": jax.lax.DotAlgorithmPreset.F32_F32_F32,
+}
+
+
+def _dots(dtype, interpret: bool, tuning=None) -> cm.Dots:
   """bf16/f16 operands for the q/k/v/state dots when the inputs are. On the GPU the inverse runs
-  as 3xTF32 (near-f32 on tensor cores) and, for bf16/f16 inputs, the other f32 dots as 1xTF32;
-  exact f32 in interpret mode."""
+  at `Tuning.inverse_precision` (default 3xTF32, near-f32 on tensor cores) and, for bf16/f16
+  inputs, the other f32 dots as 1xTF32; exact f32 in interpret mode."""
   if interpret:
     return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=jax.lax.Precision.HIGHEST)
   presets = jax.lax.DotAlgorithmPreset
   mid = None if jnp.dtype(dtype) == jnp.float32 else presets.TF32_TF32_F32
-  return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=presets.TF32_TF32_F32_X3,
-                 mid_precision=mid)
+  inv = INVERSE_PRECISIONS[(tuning or DEFAULT_TUNING).inverse_precision]
+  if mid is None and inv != presets.TF32_TF32_F32_X3:
+    mid = presets.TF32_TF32_F32_X3  # f32 inputs: the other f32 dots keep 3xTF32
+  return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=inv, mid_precision=mid)
 
 
 def _pad_time(x, tp):
@@ -285,7 +304,7 @@ def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret, with
       out_shape.append(jax.ShapeDtypeStruct((b, tp, h, vd), tuning.dv_dtype))
   return pl.pallas_call(
       functools.partial(_state_bwd_kernel, c=c, cp=nc // npieces, nvb=nvb, mode=mode,
-                        cfg=_dots(q.dtype, interpret)),
+                        cfg=_dots(q.dtype, interpret, tuning)),
       grid=(b, h, npieces, nblocks),
       in_specs=[full(kd), full(kd), full(kd),
                 pl.BlockSpec((None, tp, None, bv), lambda i, j, p, n: (i, 0, j, clamp(n))),
@@ -396,7 +415,7 @@ def _fused_grads(q, k, v, beta, gc, do, states, dstates, *, c, out_dtypes, tunin
   f32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.float32)
   return pl.pallas_call(
       functools.partial(_grads_kernel, bv=_block_v(kd, vd, tuning),
-                        cfg=_dots(q.dtype, interpret)),
+                        cfg=_dots(q.dtype, interpret, tuning)),
       grid=(b, h, tp // c),
       in_specs=[tok(kd), tok(kd), tok(vd), gate, gate, tok(vd), st, st],
       out_specs=[tok(kd), tok(kd), tok(vd), gate, gate],
@@ -416,7 +435,7 @@ def _split_grads(q, k, v, beta, gc, do, states, dstates, t0, *, c, out_dtypes, t
   nc = tp // c
   bv = _block_v(kd, vd, tuning)
   nvb = vd // bv
-  cfg = _dots(q.dtype, interpret)
+  cfg = _dots(q.dtype, interpret, tuning)
   tok4 = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n, m: (i, n, j, 0))
   vblk4 = pl.BlockSpec((None, c, None, bv), lambda i, j, n, m: (i, n, j, m))
   gate4 = pl.BlockSpec((None, c, None), lambda i, j, n, m: (i, n, j))
@@ -521,7 +540,7 @@ def _dqkw(q, k, gc, do, vnew, dvnew, states, dstates, *, c, dq_dtype, tuning, in
   st = pl.BlockSpec((None, None, None, bk, vd), lambda i, j, n, m: (i, j, n, m, 0))
   f32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.float32)
   return pl.pallas_call(
-      functools.partial(_dqkw_kernel, bv=_block_v(kd, vd, tuning), cfg=_dots(q.dtype, interpret)),
+      functools.partial(_dqkw_kernel, bv=_block_v(kd, vd, tuning), cfg=_dots(q.dtype, interpret, tuning)),
       grid=(b, h, nc, nkb),
       in_specs=[kblk, kblk, gate, vall, vall, vall, st, st],
       out_specs=[kblk, kblk, kblk,
@@ -548,7 +567,7 @@ def _wy_bwd(k, v, beta, gc, dvnew, dw, dkd, t0, *, c, out_dtypes, tuning, interp
   f32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.float32)
   return pl.pallas_call(
       functools.partial(_wy_bwd_kernel, bk=_block_k(kd, tuning), bv=_block_v(kd, vd, tuning),
-                        cfg=_dots(k.dtype, interpret)),
+                        cfg=_dots(k.dtype, interpret, tuning)),
       grid=(b, h, nc),
       in_specs=in_specs,
       out_specs=[tok(kd), tok(vd), gate, gate],
@@ -580,7 +599,7 @@ def _prepass(k, v, beta, gc, *, c, tuning, interpret, with_t0=False):
   gate = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
   wdt = k.dtype
   return pl.pallas_call(
-      functools.partial(_prepass_kernel, cfg=_dots(k.dtype, interpret)),
+      functools.partial(_prepass_kernel, cfg=_dots(k.dtype, interpret, tuning)),
       grid=(b, h, nc),
       in_specs=[tok(kd), tok(vd), gate, gate],
       out_specs=[tok(kd), tok(vd)] + ([tok(c)] if with_t0 else []),
@@ -633,7 +652,7 @@ def _state_pass(q, k, w, u, gc, s_start, *, c, mode, tuning, interpret, with_v=F
   gate = pl.BlockSpec((None, tp, None), lambda i, j, p, n: (i, 0, j))
   return pl.pallas_call(
       functools.partial(_state_kernel, c=c, cp=cp, nvb=nvb, mode=mode,
-                        cfg=_dots(q.dtype, interpret)),
+                        cfg=_dots(q.dtype, interpret, tuning)),
       grid=(b, h, npieces, nblocks),
       in_specs=[full(kd), full(kd), full(kd), vblock, gate, s0_spec],
       out_specs=out_specs, out_shape=out_shape,
@@ -702,24 +721,76 @@ def _prepare(q, k, v, log_gamma, beta, initial_state, chunk_size):
   return q, k, v, gc, beta, s0
 
 
+def _needs_t0(tuning) -> bool:
+  """Whether the gradient kernels read T0 written by the prepass."""
+  return tuning.grads == "split" or (tuning.grads == "wy" and tuning.wy_t0 == "prepass")
+
+
 @functools.partial(jax.jit, static_argnames=("chunk_size", "pieces", "tuning", "interpret"))
 def gated_delta_fwd(q, k, v, log_gamma, beta, initial_state=None, *, chunk_size=64, pieces=None,
                     tuning=DEFAULT_TUNING, interpret=False):
   """(o_BTHV f32, final_state_BHKV f32). `pieces`: sequence split (None = automatic)."""
+  o, s_final, _ = _forward(q, k, v, log_gamma, beta, initial_state, chunk_size=chunk_size,
+                           pieces=pieces, tuning=tuning, interpret=interpret, residuals=False)
+  return o, s_final
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "pieces", "tuning", "interpret"))
+def gated_delta_fwd_residuals(q, k, v, log_gamma, beta, initial_state=None, *, chunk_size=64,
+                              pieces=None, tuning=DEFAULT_TUNING, interpret=False):
+  """`gated_delta_fwd` plus the prepass outputs for `gated_delta_bwd(..., prepass=...)`:
+  (o_BTHV, final_state_BHKV, (w_BTpHK, u_BTpHV, t0_BTpHC or None)), T padded to Tp.
+
+  w, u in the input dtype, T0 f32 (None unless `Tuning.grads` reads it). Per layer that is
+  B*Tp*H*((K + V)*itemsize + 4*C) bytes: 201 MB at bf16 (B, T, H, K, V, C) = (16, 2K, 8, 128,
+  128, 64), against the 0.52 ms (H100) of rerunning the prepass in the backward.
+  """
+  return _forward(q, k, v, log_gamma, beta, initial_state, chunk_size=chunk_size, pieces=pieces,
+                  tuning=tuning, interpret=interpret, residuals=True)
+
+
+def _forward(q, k, v, log_gamma, beta, initial_state, *, chunk_size, pieces, tuning, interpret,
+             residuals):
+  _check_tuning(tuning)
   t = q.shape[1]
   q, k, v, gc, beta, s0 = _prepare(q, k, v, log_gamma, beta, initial_state, chunk_size)
-  w, u = _prepass(k, v, beta, gc, c=chunk_size, tuning=tuning, interpret=interpret)
+  with_t0 = residuals and _needs_t0(tuning)
+  w, u, *t0 = _prepass(k, v, beta, gc, c=chunk_size, tuning=tuning, interpret=interpret,
+                       with_t0=with_t0)
   o, s_final = _forward_states(q, k, w, u, gc, s0, c=chunk_size, pieces=pieces,
                                save_states=False, tuning=tuning, interpret=interpret)
-  return o[:, :t], s_final
+  res = (w, u, t0[0] if with_t0 else None) if residuals else None
+  return o[:, :t], s_final, res
+
+
+def _check_prepass(prepass, k, v, c, tuning):
+  """The saved (w, u, t0) match the padded inputs (error naming the mismatch otherwise)."""
+  b, tp, h, kd = k.shape
+  vd = v.shape[-1]
+  if not (isinstance(prepass, tuple) and len(prepass) == 3):
+    raise ValueError("prepass must be the (w, u, t0) tuple gated_delta_fwd_residuals returns")
+  w, u, t0 = prepass
+  want = {"w": (w, (b, tp, h, kd)), "u": (u, (b, tp, h, vd))}
+  if _needs_t0(tuning):
+    if t0 is None:
+      raise ValueError(f"Tuning(grads={tuning.grads!r}, wy_t0={tuning.wy_t0!r}) reads T0: call "
+                       "gated_delta_fwd_residuals with the same tuning")
+    want["t0"] = (t0, (b, tp, h, c))
+  for name, (x, shape) in want.items():
+    if tuple(x.shape) != shape:
+      raise ValueError(f"prepass {name} has shape {tuple(x.shape)}, expected {shape} (T padded "
+                       "to the chunk); pass what gated_delta_fwd_residuals returned for these "
+                       "inputs and chunk_size")
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "pieces", "tuning", "interpret"))
 def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *, chunk_size=64,
-                    pieces=None, tuning=DEFAULT_TUNING, interpret=False):
+                    pieces=None, tuning=DEFAULT_TUNING, interpret=False, prepass=None):
   """VJP from the primal inputs: (dq, dk, dv, dlog_gamma, dbeta, dinitial_state).
 
   dq/dk/dv in the input dtype, the rest f32. `dfinal_state=None` means a zero cotangent.
+  `prepass`: the (w, u, t0) of `gated_delta_fwd_residuals` (same inputs, chunk_size and tuning)
+  to skip rerunning the prepass; None = recompute it.
   """
   _check_tuning(tuning)
   b, t, h, kd = q.shape
@@ -739,8 +810,13 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   dsT = (jnp.zeros((b, h, kd, vd), jnp.float32) if dfinal_state is None
          else dfinal_state.astype(jnp.float32))
   wy = tuning.grads == "wy"
-  w, u, *t0 = _prepass(k, v, beta_p, gc, c=c, tuning=tuning, interpret=interpret,
-                       with_t0=tuning.grads == "split" or (wy and tuning.wy_t0 == "prepass"))
+  if prepass is None:
+    w, u, *t0 = _prepass(k, v, beta_p, gc, c=c, tuning=tuning, interpret=interpret,
+                         with_t0=_needs_t0(tuning))
+  else:
+    _check_prepass(prepass, k, v, c, tuning)
+    w, u, t0 = prepass
+    t0 = [t0] if _needs_t0(tuning) else []
   _, _, states, *vnew = _forward_states(q, k, w, u, gc, s0, c=c, pieces=pieces,
                                         save_states=True, tuning=tuning, interpret=interpret,
                                         with_v=wy)
