@@ -138,6 +138,106 @@ def fla_fns():
   return run, "ok"
 
 
+# ------------------------------------------------------------- inverse precision (CPU emulation)
+# Interpret mode computes exact f32, so the GPU's reduced-precision dot algorithms of the doubling
+# inverse (`gpu_triton.INVERSE_PRECISIONS`) are emulated here: a plain numpy replica of the
+# doubling (`chunk_math.inverse_unit_lower`: x = I + N, p = N; 5 times p <- p p, x <- x + x p at
+# C = 64) whose products round their operands the way each algorithm does and accumulate in f32;
+# "<algo>_blocked16" is the blocked doubling (`Tuning.inverse_block=16`, the default).
+
+
+def _round_mantissa(x, bits):
+  """f32 -> f32 keeping `bits` explicit mantissa bits (round to nearest, ties away: cvt.rna)."""
+  u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+  drop = 23 - bits
+  u = ((u + (1 << (drop - 1))) >> drop) << drop
+  return u.astype(np.uint32).view(np.float32)
+
+
+def _emulated_dot(a, b, algo):
+  """a @ b (f32) as the Triton lowering runs `algo` ("ieee", "tf32", "3xtf32", "bf16x3",
+  "bf16x6"): split operands, f32-accumulated partial products, smallest first."""
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  if algo == "ieee":
+    return a @ b
+  bits = 10 if "tf32" in algo else 7
+  r = lambda x: _round_mantissa(x, bits)
+  a0, b0 = r(a), r(b)
+  if algo == "tf32":
+    return a0 @ b0
+  a1, b1 = r(a - a0), r(b - b0)
+  terms = [(a1, b0), (a0, b1)]
+  if algo == "bf16x6":
+    a2, b2 = r(a - a0 - a1), r(b - b0 - b1)
+    terms = [(a2, b0), (a0, b2), (a1, b1)] + terms
+  acc = np.zeros((a.shape[0], b.shape[1]), np.float32)
+  for x, y in terms + [(a0, b0)]:
+    acc = acc + x @ y
+  return acc
+
+
+def _doubling(a, dot):
+  c = a.shape[0]
+  return _doubling_from(np.eye(c, dtype=a.dtype) - a, -a, (c - 1).bit_length() - 1, dot)
+
+
+def _blocked(a, dot, block=16):
+  """The blocked doubling of `chunk_math.inverse_unit_lower` (Dots.inverse_block): doubling on
+  the diagonal blocks (masked), then on M = Xd No across blocks; same number of products."""
+  c = a.shape[0]
+  blk = np.arange(c) // block
+  same = blk[:, None] == blk[None, :]
+  n = -a
+  n_d = np.where(same, n, 0).astype(a.dtype)
+  x_d = _doubling_from(np.eye(c, dtype=a.dtype) + n_d, n_d, (block - 1).bit_length() - 1, dot)
+  m = dot(x_d, np.where(same, 0, n).astype(a.dtype))
+  y = _doubling_from(np.eye(c, dtype=a.dtype) + m, m, (c // block - 1).bit_length() - 1, dot)
+  return dot(y, x_d)
+
+
+def _doubling_from(x, p, steps, dot):
+  for _ in range(steps):
+    p = dot(p, p)
+    x = x + dot(x, p)
+  return x
+
+
+def inverse_accuracy(chunks=64, c=64, kd=128, seed=0):
+  """Max |T0 - T0_f64| / max |T0_f64| (worst and median over `chunks` chunks) per emulated
+  algorithm, for unit-norm keys (independent, and correlated: a shared direction plus noise)
+  with beta ~ U(0, 1); A = strict_tril(beta K K^T) from bf16-rounded keys, as on the GPU."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for kind, shared in (("independent", 0.0), ("shared_0.3", 0.3), ("shared_0.5", 0.5),
+                       ("shared_0.7", 0.7)):
+    errs = {a: [] for a in gpu_triton.INVERSE_PRECISIONS}
+    errs["f64_doubling"] = []
+    errs.update({f"{x}_blocked16": [] for x in ("ieee", "3xtf32", "tf32", "bf16x3")})
+    growth = []
+    for _ in range(chunks):
+      base = rng.standard_normal(kd)
+      k = shared * base / np.linalg.norm(base) + (1 - shared) * rng.standard_normal((c, kd)) / kd**0.5
+      k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+      k = np.asarray(jnp.asarray(k, jnp.bfloat16).astype(jnp.float32))
+      beta = rng.uniform(0.0, 1.0, (c, 1))
+      a = np.tril(beta * (k @ k.T), -1).astype(np.float32)
+      want = np.linalg.inv(np.eye(c) + a.astype(np.float64))  # exact-ish (f64 solve)
+      growth.append(float(np.abs(want).max()))
+      for algo in errs:
+        if algo == "f64_doubling":
+          got = _doubling(a.astype(np.float64), np.matmul)
+        elif algo.endswith("_blocked16"):
+          got = _blocked(a, functools.partial(_emulated_dot, algo=algo.split("_")[0]))
+        else:
+          got = _doubling(a, functools.partial(_emulated_dot, algo=algo))
+        errs[algo].append(float(np.abs(got - want).max() / np.abs(want).max()))
+    out[kind] = {"max_abs_T0": max(growth), "max_abs_A": float(np.abs(a).max()),
+                 **{algo: {"worst": max(e), "median": float(np.median(e))}
+                    for algo, e in errs.items()}}
+    print(f"inverse accuracy ({kind} keys, C={c}, K={kd}): {out[kind]}", flush=True)
+  return out
+
+
 def rel_err(got, want):
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   return float(np.max(np.abs(got - want)) / max(1e-30, np.max(np.abs(want))))
@@ -291,6 +391,8 @@ def main():
                   help="no main table (correctness, then --sweep / --breakdown only)")
   ap.add_argument("--variants", default=None,
                   help="--sweep: comma-separated subset of the backward variants")
+  ap.add_argument("--inverse-accuracy", action="store_true",
+                  help="only the CPU emulation of the inverse's dot algorithms (T0 error)")
   ap.add_argument("--shapes", default=None,
                   help="main-table shapes as BxT,BxT (e.g. 16x2048,4x8192); default all")
   args = ap.parse_args()
@@ -315,6 +417,11 @@ def main():
   def save():
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1)
+
+  if args.inverse_accuracy:
+    results["inverse_accuracy"] = inverse_accuracy()
+    save()
+    return
 
   correctness(results)
   save()

@@ -87,6 +87,7 @@ class Tuning(NamedTuple):
   wy_t0: str = "prepass"  # "wy": T0 written by the prepass, or "recompute" in `gdn_wy_bwd`
   dv_dtype: str = "float32"  # "wy": storage of dv' between the passes (v': the input dtype)
   inverse_precision: str = "3xtf32"  # GPU dots of the doubling inverse: INVERSE_PRECISIONS
+  inverse_block: int = 16  # blocked doubling (chunk_math.inverse_unit_lower); 0 = plain
 
 
 GRADS = ("fused", "split", "wy")
@@ -100,6 +101,8 @@ def _check_tuning(tuning):
     raise ValueError(f"Tuning.grads={tuning.grads!r}: pick one of {GRADS}")
   if tuning.wy_t0 not in ("prepass", "recompute"):
     raise ValueError(f"Tuning.wy_t0={tuning.wy_t0!r}: pick 'prepass' or 'recompute'")
+  if tuning.inverse_block < 0 or (tuning.inverse_block and not _pow2(tuning.inverse_block)):
+    raise ValueError(f"Tuning.inverse_block={tuning.inverse_block}: 0 or a power of 2")
   if tuning.inverse_precision not in INVERSE_PRECISIONS:
     raise ValueError(f"Tuning.inverse_precision={tuning.inverse_precision!r}: pick one of "
                      f"{tuple(INVERSE_PRECISIONS)}")
@@ -154,14 +157,17 @@ def _dots(dtype, interpret: bool, tuning=None) -> cm.Dots:
   """bf16/f16 operands for the q/k/v/state dots when the inputs are. On the GPU the inverse runs
   at `Tuning.inverse_precision` (default 3xTF32, near-f32 on tensor cores) and, for bf16/f16
   inputs, the other f32 dots as 1xTF32; exact f32 in interpret mode."""
+  tuning = tuning or DEFAULT_TUNING
   if interpret:
-    return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=jax.lax.Precision.HIGHEST)
+    return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=jax.lax.Precision.HIGHEST,
+                   inverse_block=tuning.inverse_block)
   presets = jax.lax.DotAlgorithmPreset
   mid = None if jnp.dtype(dtype) == jnp.float32 else presets.TF32_TF32_F32
-  inv = INVERSE_PRECISIONS[(tuning or DEFAULT_TUNING).inverse_precision]
+  inv = INVERSE_PRECISIONS[tuning.inverse_precision]
   if mid is None and inv != presets.TF32_TF32_F32_X3:
     mid = presets.TF32_TF32_F32_X3  # f32 inputs: the other f32 dots keep 3xTF32
-  return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=inv, mid_precision=mid)
+  return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=inv, mid_precision=mid,
+                 inverse_block=tuning.inverse_block)
 
 
 def _pad_time(x, tp):
