@@ -12,11 +12,18 @@ calls) / 10. FLA's `chunk_gated_delta_rule` is timed only if `fla` imports ("una
 Prints a table and writes JSON (device, versions, shapes, medians) after every measurement, so a
 run cut short still leaves its numbers.
 
-The correctness check runs the backward variants (`Tuning.grads` "wy" = default, "fused", wy
-with bf16 dv') at three small shapes and reports max |err| / max |oracle| per output with a pass
-flag. `--shapes 16x2048,4x8192` limits the main table, `--skip-main` drops it. `--sweep`:
-fwd+bwd of wy vs fused, then the backward alone ("bwd") per variant (warps, K block, T0
-recomputed, bf16 dv' and states; `--variants` picks a subset) at (16, 2K) and (4, 8K).
+"fwd+bwd" runs `gated_delta_fwd_residuals` then `gated_delta_bwd(prepass=...)`, as api's
+custom_vjp does (the prepass is not rerun in the backward).
+
+The correctness check runs the defaults ("wy", per-chunk states and dv' stored "auto" = bf16 for
+bf16 inputs, blocked inverse) and variants ("fused", f32 storage, T0 recomputed, the inverse's
+dot algorithms tf32 / bf16x3 and the plain doubling) at three small shapes and reports
+max |err| / max |oracle| per output with a pass flag. `--shapes 16x2048,4x8192` limits the main
+table, `--skip-main` drops it, `--no-pieces` drops the forced-split rows at 64K. `--sweep`:
+fwd+bwd of wy vs fused, then the backward alone ("bwd", prepass saved) per backward variant and
+the forward alone ("fwd") per prepass / inverse variant (`--variants` picks a subset) at
+`--sweep-shapes` (default (16, 2K) and (4, 8K)). `--inverse-accuracy`: only the CPU emulation of
+the inverse's dot algorithms (T0 error vs a f64 solve).
 `--breakdown`: each kernel alone at (16, 2K), the new ones (`gdn_dqkw`, `gdn_wy_bwd`, the
 state passes writing v'/dv') included.
 The backward check + timing in one call:
@@ -48,11 +55,17 @@ SWEEP_SHAPES = [(16, 2048), (4, 8192)]
 INTERPRET = False  # --smoke: tiny shapes in interpret mode on CPU (checks this script only)
 
 
-def make_inputs(b, t, h=None, kd=None, vd=None, dtype=jnp.bfloat16, seed=0):
+def make_inputs(b, t, h=None, kd=None, vd=None, dtype=jnp.bfloat16, seed=0, shared=0.0):
+  """Unit q, k; `shared` > 0 adds a direction common to all keys of a (batch, head) (pairwise
+  key cosine ~ shared^2 / (shared^2 + (1 - shared)^2): the inverse's hard case)."""
   h, kd, vd = h or H, kd or K, vd or V
   ks = jax.random.split(jax.random.key(seed), 6)
   q = jax.random.normal(ks[0], (b, t, h, kd), jnp.float32)
   k = jax.random.normal(ks[1], (b, t, h, kd), jnp.float32)
+  if shared:
+    base = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 99), (b, 1, h, kd))
+    k = (shared * base / jnp.linalg.norm(base, axis=-1, keepdims=True)
+         + (1 - shared) * k / jnp.linalg.norm(k, axis=-1, keepdims=True))
   q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
   k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
   v = jax.random.normal(ks[2], (b, t, h, vd), jnp.float32)
@@ -84,13 +97,24 @@ def pallas_fns(tuning=gpu_triton.DEFAULT_TUNING, pieces=None):
                                                       tuning=tuning, interpret=INTERPRET))
 
   @jax.jit
-  def fwd_bwd(q, k, v, lg, beta, s0, do, dsT):
-    o, sT = gpu_triton.gated_delta_fwd(q, k, v, lg, beta, s0, chunk_size=CHUNK, pieces=pieces,
-                                       tuning=tuning, interpret=INTERPRET)
+  def fwd_bwd(q, k, v, lg, beta, s0, do, dsT):  # what api's custom_vjp runs (prepass saved)
+    o, sT, prepass = gpu_triton.gated_delta_fwd_residuals(
+        q, k, v, lg, beta, s0, chunk_size=CHUNK, pieces=pieces, tuning=tuning,
+        interpret=INTERPRET)
     grads = gpu_triton.gated_delta_bwd(q, k, v, lg, beta, s0, do, dsT, chunk_size=CHUNK,
-                                       pieces=pieces, tuning=tuning, interpret=INTERPRET)
+                                       pieces=pieces, tuning=tuning, interpret=INTERPRET,
+                                       prepass=prepass)
     return o, sT, grads
   return fwd, fwd_bwd
+
+
+def pallas_bwd(tuning, inputs):
+  """The backward alone (prepass saved by a forward run once here): (f, args) for `timeit`."""
+  pre = jax.jit(functools.partial(gpu_triton.gated_delta_fwd_residuals, chunk_size=CHUNK,
+                                  tuning=tuning, interpret=INTERPRET))(*inputs)[2]
+  f = jax.jit(lambda *a, prepass: gpu_triton.gated_delta_bwd(
+      *a, chunk_size=CHUNK, tuning=tuning, interpret=INTERPRET, prepass=prepass))
+  return lambda *a: f(*a, prepass=pre)
 
 
 def xla_fns():
@@ -249,30 +273,43 @@ def correctness(results):
   out = {}
   T = gpu_triton.Tuning
   kv_small = min(64, K)
-  configs = ((2, 380, jnp.float32, None, kv_small, 2e-3),
-             (2, 380, jnp.bfloat16, 3, K, 3e-2),
-             (1, 203, jnp.bfloat16, None, K, 3e-2))
+  configs = ((2, 380, jnp.float32, None, kv_small, 2e-3, 0.0),
+             (2, 380, jnp.bfloat16, 3, K, 3e-2, 0.0),
+             (1, 203, jnp.bfloat16, None, K, 3e-2, 0.0),
+             (1, 203, jnp.bfloat16, None, K, 3e-2, 0.5))  # correlated keys
   if INTERPRET:
-    configs = ((1, 90, jnp.float32, None, kv_small, 2e-3), (1, 61, jnp.bfloat16, 2, K, 3e-2))
-  for b, t, dtype, pieces, kv, tol in configs:
-    inputs = make_inputs(b, t, kd=kv, vd=kv, dtype=dtype, seed=1)
+    configs = ((1, 90, jnp.float32, None, kv_small, 2e-3, 0.0),
+               (1, 61, jnp.bfloat16, 2, K, 3e-2, 0.0), (1, 40, jnp.bfloat16, None, K, 3e-2, 0.0),
+               (1, 40, jnp.bfloat16, None, K, 3e-2, 0.5))
+  for b, t, dtype, pieces, kv, tol, shared in configs:
+    inputs = make_inputs(b, t, kd=kv, vd=kv, dtype=dtype, seed=1, shared=shared)
     do = jax.random.normal(jax.random.key(7), (b, t, H, kv), jnp.float32)
     dsT = jax.random.normal(jax.random.key(8), (b, H, kv, kv), jnp.float32)
     f32_inputs = [x.astype(jnp.float32) for x in inputs]
     with jax.default_matmul_precision("highest"):
       want_out, vjp = jax.vjp(jax.jit(reference.gated_delta_sequential), *f32_inputs)
       want = tuple(want_out) + tuple(vjp((do, dsT)))
-    variants = {"wy": T()}
-    if pieces is not None or dtype == jnp.float32:
+    variants = {"wy": T()}  # the defaults: states / dv' stored "auto" (bf16 for bf16 inputs)
+    if shared:  # the plain doubling vs the blocked default on correlated keys (informative:
+      variants = {"wy": T(), "fwd_inv_plain": T(inverse_block=0)}  # not in correctness_ok)
+    elif pieces is not None or dtype == jnp.float32:
       variants["fused"] = T(grads="fused")
     if pieces is not None:
-      variants["wy_bf16dv"] = T(dv_dtype="bfloat16")
+      variants["wy_f32store"] = T(states_dtype="float32", dv_dtype="float32")
+    elif dtype != jnp.float32 and not shared:  # T0 recomputed in the backward; the inverse variants (forward)
+      variants["wy_t0recompute"] = T(wy_t0="recompute")
+      variants.update({f"fwd_{n}": t for n, t in INVERSE_VARIANTS.items()})
     for vname, tuning in variants.items():
-      key = f"B{b}_T{t}_H{H}_K{kv}V{kv}_{jnp.dtype(dtype).name}_pieces{pieces}_{vname}"
+      key = (f"B{b}_T{t}_H{H}_K{kv}V{kv}_{jnp.dtype(dtype).name}_pieces{pieces}"
+             f"{f'_shared{shared}' if shared else ''}_{vname}")
       try:
-        _, fwd_bwd = pallas_fns(tuning, pieces=pieces)
-        o, sT, grads = fwd_bwd(*inputs, do, dsT)
-        errs = {n: rel_err(g, w) for n, g, w in zip(names, (o, sT) + tuple(grads), want)}
+        fwd, fwd_bwd = pallas_fns(tuning, pieces=pieces)
+        if vname.startswith("fwd_"):  # forward only: o and the final state (one cheap compile)
+          got = tuple(fwd(*inputs))
+        else:
+          o, sT, grads = fwd_bwd(*inputs, do, dsT)
+          got = (o, sT) + tuple(grads)
+        errs = {n: rel_err(g, w) for n, g, w in zip(names, got, want)}
         errs["ok"] = bool(max(errs.values()) < tol)
         out[key] = errs
       except Exception as e:  # noqa: BLE001
@@ -280,23 +317,36 @@ def correctness(results):
         traceback.print_exc()
       print(f"correctness {key}: {out[key]}", flush=True)
   results["correctness"] = out
-  results["correctness_ok"] = all(v["ok"] for v in out.values())
+  results["correctness_ok"] = all(v["ok"] for n, v in out.items()
+                                  if not (n.endswith("inv_plain") and "shared" in n))
   print(f"correctness all ok: {results['correctness_ok']}", flush=True)
+
+
+_T = gpu_triton.Tuning
+# prepass / inverse variants ("fwd" rows in --sweep; correctness at one bf16 shape)
+INVERSE_VARIANTS = {"inv_tf32": _T(inverse_precision="tf32"),
+                    "inv_bf16x3": _T(inverse_precision="bf16x3"),
+                    "inv_plain": _T(inverse_block=0)}
+FWD_VARIANTS = {"fwd_default": _T(), **INVERSE_VARIANTS,
+                "prepass_warps2": _T(prepass_warps=2), "prepass_warps8": _T(prepass_warps=8),
+                "state_warps8": _T(state_warps=8)}
 
 
 def sweep_variants():
   """Backward variants, most informative first (a run cut short keeps the earlier rows)."""
   T = gpu_triton.Tuning
-  return {"wy": T(), "fused": T(grads="fused"), "wy_warps8": T(dqkw_warps=8, wy_warps=8),
-          "wy_bf16dv": T(dv_dtype="bfloat16"), "wy_t0recompute": T(wy_t0="recompute"),
-          "wy_bk32": T(block_k=32), "wy_dqkw8": T(dqkw_warps=8),
-          "wy_bf16all": T(dv_dtype="bfloat16", states_dtype="bfloat16")}
+  return {"wy": T(), "fused": T(grads="fused"),
+          "wy_f32store": T(states_dtype="float32", dv_dtype="float32"),
+          "wy_bwdstate8": T(bwd_state_warps=8), "wy_bv128": T(block_v=128),
+          "wy_dqkw8": T(dqkw_warps=8), "wy_bk32": T(block_k=32), "wy_bk128": T(block_k=128),
+          "wy_warps8": T(dqkw_warps=8, wy_warps=8), "wy_wy8": T(wy_warps=8),
+          "wy_t0recompute": T(wy_t0="recompute"), "wy_stages3": T(state_stages=3)}
 
 
 def sweep(results, save, names=None):
   """fwd+bwd of wy vs fused, then the backward alone per variant (`names`: a subset of
   `sweep_variants`), at SWEEP_SHAPES."""
-  variants = sweep_variants()
+  variants = {**sweep_variants(), **FWD_VARIANTS}
   names = list(variants) if names is None else names
   unknown = [n for n in names if n not in variants]
   if unknown:
@@ -305,17 +355,19 @@ def sweep(results, save, names=None):
     inputs = make_inputs(b, t)
     do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)
     dsT = jax.random.normal(jax.random.key(4), (b, H, K, V), jnp.float32)
-    jobs = [(n, "fwd+bwd") for n in ("wy", "fused") if n in names] + [(n, "bwd") for n in names]
+    jobs = ([(n, "fwd+bwd") for n in ("wy", "fused") if n in names]
+            + [(n, "fwd" if n in FWD_VARIANTS else "bwd") for n in names])
     for name, mode in jobs:
       tuning = variants[name]
-      if mode == "fwd+bwd":
-        f = pallas_fns(tuning)[1]
-      else:
-        f = jax.jit(functools.partial(gpu_triton.gated_delta_bwd, chunk_size=CHUNK,
-                                      tuning=tuning, interpret=INTERPRET))
       row = {"impl": f"sweep:{name}", "B": b, "T": t, "mode": mode}
       try:
-        row["ms"], row["first_call_s"] = timeit(f, *inputs, do, dsT)
+        if mode == "fwd+bwd":
+          f, args = pallas_fns(tuning)[1], inputs + (do, dsT)
+        elif mode == "fwd":
+          f, args = pallas_fns(tuning)[0], inputs
+        else:
+          f, args = pallas_bwd(tuning, inputs), inputs + (do, dsT)
+        row["ms"], row["first_call_s"] = timeit(f, *args)
       except Exception as e:  # noqa: BLE001
         row["error"] = f"{type(e).__name__}: {e}"[:1500]
         traceback.print_exc()
@@ -393,6 +445,10 @@ def main():
                   help="--sweep: comma-separated subset of the backward variants")
   ap.add_argument("--inverse-accuracy", action="store_true",
                   help="only the CPU emulation of the inverse's dot algorithms (T0 error)")
+  ap.add_argument("--sweep-shapes", default=None,
+                  help="--sweep shapes as BxT,BxT (default 16x2048,4x8192)")
+  ap.add_argument("--no-pieces", action="store_true",
+                  help="skip the forced sequence-split forward rows at the longest shape")
   ap.add_argument("--shapes", default=None,
                   help="main-table shapes as BxT,BxT (e.g. 16x2048,4x8192); default all")
   args = ap.parse_args()
@@ -401,12 +457,15 @@ def main():
     H, K, V, CHUNK, INTERPRET = 2, 16, 16, 16, True
     SHAPES = [(2, 64, True), (1, 65536 // 256, False)]
     SWEEP_SHAPES = [(2, 64)]
-  if args.shapes:
+  def pairs(flag, text):
     try:
-      bts = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+      return [tuple(int(x) for x in s.split("x")) for s in text.split(",")]
     except ValueError:
-      ap.error(f"--shapes {args.shapes!r}: expected BxT pairs separated by commas, e.g. 16x2048")
-    SHAPES = [(b, t, t <= 32768) for b, t in bts]
+      ap.error(f"{flag} {text!r}: expected BxT pairs separated by commas, e.g. 16x2048")
+  if args.shapes:
+    SHAPES = [(b, t, t <= 32768) for b, t in pairs("--shapes", args.shapes)]
+  if args.sweep_shapes:
+    SWEEP_SHAPES = pairs("--sweep-shapes", args.sweep_shapes)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   dev = jax.devices()[0]
   results = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
@@ -464,7 +523,8 @@ def main():
           row["error"] = f"{type(e).__name__}: {e}"[:1500]
         results["rows"].append(row)
         save()
-    if t == max(x[1] for x in SHAPES) and (t >= 32768 or INTERPRET):  # long-forward split
+    if (t == max(x[1] for x in SHAPES) and (t >= 32768 or INTERPRET)
+        and not args.no_pieces):  # long-forward split
       for pieces in (8, 32, 64) if not INTERPRET else (1, 4):
         fwd, _ = pallas_fns(pieces=pieces)
         row = {"impl": f"pallas_pieces{pieces}", "B": b, "T": t, "mode": "fwd"}

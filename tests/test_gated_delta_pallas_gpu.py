@@ -93,13 +93,19 @@ _WY_CASES = (
     (Case(T=40, H=1, K=16, V=16, chunk=16), _T(grads="wy", dv_dtype="bfloat16"), None, 2e-2,
      jnp.float32),
     (Case(T=45, H=2, K=32, V=16, chunk=16), _T(grads="wy", block_k=16), None, 3e-2,
-     jnp.bfloat16),  # bf16 q/k/v: v' stored in bf16, the dots in bf16
+     jnp.bfloat16),  # bf16 q/k/v: v', dv' and the per-chunk states ("auto") in bf16
+    pytest.param(Case(T=600, H=1, K=16, V=16, chunk=16), _T(), 2, 3e-2, jnp.bfloat16,
+                 marks=pytest.mark.slow),  # long, pieces
+    pytest.param(Case(T=600, H=1, K=16, V=16, chunk=16, gamma="near1", beta="near1"), _T(),
+                 None, 3e-2, jnp.bfloat16, marks=pytest.mark.slow),  # long, slow decay
+    (Case(T=90, H=1, K=16, V=16, chunk=16), _T(grads="fused"), 2, 3e-2, jnp.bfloat16),
 )
 
 
 @pytest.mark.parametrize("case,tuning,pieces,tol,dtype", _WY_CASES,
                          ids=["kblocks", "t0recompute_pieces", "small_gates_pieces", "bf16dv",
-                              "bf16_inputs"])
+                              "bf16_inputs", "bf16_auto_T600_pieces", "bf16_auto_T600_near1",
+                              "bf16_auto_fused_pieces"])
 def test_interpret_wy_grads_match_oracle(case, tuning, pieces, tol, dtype):
   fwd = functools.partial(gpu_triton.gated_delta_fwd, interpret=True)
   bwd = functools.partial(gpu_triton.gated_delta_bwd, interpret=True, pieces=pieces,
@@ -177,9 +183,8 @@ def _interpret_backend(tuning, pieces=None):
   return name
 
 
-@pytest.mark.parametrize("tuning,pieces", [(_T(), None), (_T(wy_t0="recompute"), 2),
-                                           (_T(grads="split", block_v=8), None)],
-                         ids=["wy_t0", "wy_recompute_pieces", "split_t0"])
+@pytest.mark.parametrize("tuning,pieces", [(_T(), None), (_T(wy_t0="recompute"), 2)],
+                         ids=["wy_t0", "wy_recompute_pieces"])
 def test_api_vjp_reuses_forward_prepass(tuning, pieces):
   """jax.vjp through api's custom_vjp with the forward's (w, u, T0) as residuals vs the oracle;
   and the saved-prepass backward equals the recomputing one exactly."""

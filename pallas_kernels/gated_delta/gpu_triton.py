@@ -4,7 +4,9 @@ Math: `chunk_math.py` (KERNELS.md §2b). Kernels (all on the native `[B, T, H, D
 transposes; T padded to a multiple of the chunk with identity tokens k = v = q = beta = g = 0):
 
   forward
-    1. `_prepass`   grid (B, H, NC), parallel: T0 by doubling (f32), w, u per chunk.
+    1. `_prepass`   grid (B, H, NC), parallel: T0 by doubling (f32; blocked, `Tuning.inverse_block`
+                    = 16: the plain doubling over C = 64 loses T0 in f32 for correlated keys;
+                    dot algorithm `Tuning.inverse_precision`), w, u per chunk.
     2. `_state`     grid (B, H, P, V/BV): one program per (b, h, sequence piece, V block) walks the
                     chunks of its piece in order with the state block [K, BV] in registers;
                     writes o, the piece's end state and (for the backward) each chunk's entry
@@ -14,16 +16,20 @@ transposes; T padded to a multiple of the chunk with identity tokens k = v = q =
     piece from the augmented start state [0 | I] with values [u | 0] (width V + K) and returns
     [E | A]; a P-step `lax.scan` in XLA composes the pieces exactly; then `_state` reruns each
     piece from its true start state to write o.
-  backward (residuals = the primal inputs; everything else is recomputed)
-    1. prepass (+ T0 per chunk, f32 [B, Tp, H, C], for "wy" with `wy_t0="prepass"`) + state
-       pass in "states" mode: each chunk's entry state S, f32 [B, H, NC, K, V] (or bf16 with
-       `Tuning.states_dtype`), and for "wy" also v' = u - w S per chunk, [B, Tp, H, V] in the
+  backward (residuals = the primal inputs, plus through api's custom_vjp the forward's prepass
+  w, u (input dtype) and T0 (f32 [B, Tp, H, C]) from `gated_delta_fwd_residuals`: B*Tp*H*
+  ((K + V)*itemsize + 4*C) bytes per layer, 201 MB at bf16 (16, 2K, H=8, K=V=128, C=64);
+  everything else is recomputed)
+    1. prepass (only without saved residuals; + T0 for "wy" with `wy_t0="prepass"`) + state
+       pass in "states" mode: each chunk's entry state S, [B, H, NC, K, V] in
+       `Tuning.states_dtype` ("auto": bf16 for bf16 inputs, f32 for f32), and for "wy" also
+       v' = u - w S per chunk, [B, Tp, H, V] in the
        input dtype (computed there anyway; every later use of v' is a dot in that dtype, so this
        loses nothing); split into pieces like the forward.
     2. `_state_bwd` grid (B, H, P, V/BV): reverse chunk walk of dS (same affine piece split:
        dS_in = M dS_out + F); writes the cotangent dS1 leaving each chunk, d(initial state) and,
-       for "wy", dv' = P^T dO + (K r) dS1 per chunk (computed there anyway; f32, or
-       `Tuning.dv_dtype`).
+       for "wy", dv' = P^T dO + (K r) dS1 per chunk (computed there anyway; stored in
+       `Tuning.dv_dtype`, "auto" as the states).
     3. gradients, chosen by `Tuning.grads` (static):
        "wy" (default; FLA's decomposition in our convention, chunk_math "WY decomposition"):
          `gdn_dqkw`   grid (B, H, NC, K/BK), BK = `block_k`: V walked in blocks, accumulates
@@ -79,13 +85,15 @@ class Tuning(NamedTuple):
   bwd_state_warps: int = 4
   grads_warps: int = 8
   min_programs: int = 256
-  states_dtype: str = "float32"  # per-chunk states / cotangents kept for the gradient kernel
+  states_dtype: str = "auto"  # per-chunk states / cotangents kept for the gradient kernels
+  # ("auto": the input dtype for bf16/f16 q/k/v, f32 for f32 ones; or a dtype name)
   grads: str = "wy"  # "wy" | "fused" | "split": which gradient kernels (module docstring)
   block_k: int = 64  # "wy": K columns per `gdn_dqkw` program
   dqkw_warps: int = 4
   wy_warps: int = 4
   wy_t0: str = "prepass"  # "wy": T0 written by the prepass, or "recompute" in `gdn_wy_bwd`
-  dv_dtype: str = "float32"  # "wy": storage of dv' between the passes (v': the input dtype)
+  dv_dtype: str = "auto"  # "wy": storage of dv' between the passes ("auto" as states_dtype;
+  # v' is always stored in the input dtype)
   inverse_precision: str = "3xtf32"  # GPU dots of the doubling inverse: INVERSE_PRECISIONS
   inverse_block: int = 16  # blocked doubling (chunk_math.inverse_unit_lower); 0 = plain
 
@@ -106,6 +114,13 @@ def _check_tuning(tuning):
   if tuning.inverse_precision not in INVERSE_PRECISIONS:
     raise ValueError(f"Tuning.inverse_precision={tuning.inverse_precision!r}: pick one of "
                      f"{tuple(INVERSE_PRECISIONS)}")
+
+
+def _storage(name: str, in_dtype):
+  """A storage dtype knob: "auto" = the input dtype for bf16/f16 inputs, f32 for f32 inputs."""
+  if name == "auto":
+    return jnp.dtype(in_dtype) if jnp.dtype(in_dtype).itemsize == 2 else jnp.dtype(jnp.float32)
+  return jnp.dtype(name)
 
 
 def _pow2(n: int) -> bool:
@@ -303,11 +318,13 @@ def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret, with
     nblocks = nvb
     out_specs = [pl.BlockSpec((None, None, nc, kd, bv), lambda i, j, p, n: (i, j, 0, 0, n)),
                  piece_out]
-    out_shape = [jax.ShapeDtypeStruct((b, h, nc, kd, vd), tuning.states_dtype),
+    out_shape = [jax.ShapeDtypeStruct((b, h, nc, kd, vd),
+                                         _storage(tuning.states_dtype, q.dtype)),
                  jax.ShapeDtypeStruct((b, h, npieces, kd, vd), jnp.float32)]
     if with_dv:
       out_specs.append(pl.BlockSpec((None, tp, None, bv), lambda i, j, p, n: (i, 0, j, n)))
-      out_shape.append(jax.ShapeDtypeStruct((b, tp, h, vd), tuning.dv_dtype))
+      out_shape.append(jax.ShapeDtypeStruct((b, tp, h, vd),
+                                          _storage(tuning.dv_dtype, q.dtype)))
   return pl.pallas_call(
       functools.partial(_state_bwd_kernel, c=c, cp=nc // npieces, nvb=nvb, mode=mode,
                         cfg=_dots(q.dtype, interpret, tuning)),
@@ -651,7 +668,8 @@ def _state_pass(q, k, w, u, gc, s_start, *, c, mode, tuning, interpret, with_v=F
       out_shape.insert(0, jax.ShapeDtypeStruct((b, tp, h, vd), jnp.float32))
     else:
       out_specs.append(pl.BlockSpec((None, None, nc, kd, bv), lambda i, j, p, n: (i, j, 0, 0, n)))
-      out_shape.append(jax.ShapeDtypeStruct((b, h, nc, kd, vd), tuning.states_dtype))
+      out_shape.append(jax.ShapeDtypeStruct((b, h, nc, kd, vd),
+                                         _storage(tuning.states_dtype, q.dtype)))
       if with_v:
         out_specs.append(vblock)
         out_shape.append(jax.ShapeDtypeStruct((b, tp, h, vd), q.dtype))
