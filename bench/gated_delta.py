@@ -28,6 +28,10 @@ the inverse's dot algorithms (T0 error vs a f64 solve).
 state passes writing v'/dv') included.
 The backward check + timing in one call:
   python3 bench/gated_delta.py --skip-xla --skip-main --sweep --breakdown --out $OUT/gd_bwd.json
+Correctness of the defaults and variants, the goal shapes and the variants at (16, 2K) (~4 min):
+  python3 bench/gated_delta.py --skip-xla --shapes 16x2048,4x8192,1x32768,1x65536 --no-pieces \
+    --sweep --sweep-shapes 16x2048 --variants wy,wy_f32store,wy_bwdstate8,wy_bv128,wy_dqkw8,\
+wy_bk32,wy_wy8,inv_plain,inv_tf32,inv_bf16x3,prepass_warps8 --breakdown --out $OUT/gd.json
 """
 
 from __future__ import annotations
@@ -292,7 +296,7 @@ def correctness(results):
     variants = {"wy": T()}  # the defaults: states / dv' stored "auto" (bf16 for bf16 inputs)
     if shared:  # the plain doubling vs the blocked default on correlated keys (informative:
       variants = {"wy": T(), "fwd_inv_plain": T(inverse_block=0)}  # not in correctness_ok)
-    elif pieces is not None or dtype == jnp.float32:
+    elif pieces is not None:  # (fused: 25 s to compile; once, with the split and bf16 states)
       variants["fused"] = T(grads="fused")
     if pieces is not None:
       variants["wy_f32store"] = T(states_dtype="float32", dv_dtype="float32")
@@ -378,7 +382,7 @@ def sweep(results, save, names=None):
 
 def breakdown(results, save):
   """Per-kernel times at the first shape: forward pieces, the backward's state passes (plain and
-  writing v'/dv'), the old fused gradient kernel and the new `gdn_dqkw` / `gdn_wy_bwd`."""
+  writing v'/dv'), the prepass per inverse variant and `gdn_dqkw` / `gdn_wy_bwd`."""
   from pallas_kernels.gated_delta import gpu_triton as g
   b, t, _ = SHAPES[0]
   q, k, v, lg, beta, s0 = make_inputs(b, t)
@@ -399,9 +403,14 @@ def breakdown(results, save):
   dqkw = jax.jit(lambda *a: g._dqkw(*a, dq_dtype=q.dtype, tuning=tun, **kw))
   _, dkd, dw, _ = dqkw(qp, kp, gc, do, vnew, dvnew, states, dstates)
   dts = (q.dtype, k.dtype, v.dtype)
+  pre_t0_with = lambda t: jax.jit(lambda k_, v_, b_, g_: g._prepass(k_, v_, b_, g_, tuning=t,
+                                                                     with_t0=True, **kw))
   parts = {
       "prepass": (pre, (kp, vp, bp, gc)),
       "prepass_t0": (pre_t0, (kp, vp, bp, gc)),
+      "prepass_t0_plain_inverse": (pre_t0_with(tun._replace(inverse_block=0)), (kp, vp, bp, gc)),
+      "prepass_t0_tf32": (pre_t0_with(tun._replace(inverse_precision="tf32")), (kp, vp, bp, gc)),
+      "prepass_t0_warps8": (pre_t0_with(tun._replace(prepass_warps=8)), (kp, vp, bp, gc)),
       "state_fwd_output": (jax.jit(lambda *a: g._forward_states(*a, pieces=None, save_states=False,
                                                                 tuning=tun, **kw)),
                            (qp, kp, w, u, gc, s0p)),
@@ -412,8 +421,6 @@ def breakdown(results, save):
       "state_bwd": (jax.jit(lambda *a: g._backward_states(*a, pieces=None, tuning=tun, **kw)),
                     (qp, kp, w, do, gc, dsT)),
       "state_bwd_dv": (bwd_states, (qp, kp, w, do, gc, dsT)),
-      "grads_fused": (jax.jit(lambda *a: g._fused_grads(*a, out_dtypes=dts, tuning=tun, **kw)),
-                      (qp, kp, vp, bp, gc, do, states, dstates)),
       "dqkw": (dqkw, (qp, kp, gc, do, vnew, dvnew, states, dstates)),
       "wy_bwd": (jax.jit(lambda *a: g._wy_bwd(*a, out_dtypes=dts, tuning=tun, **kw)),
                  (kp, vp, bp, gc, dvnew, dw, dkd, t0)),
