@@ -88,13 +88,13 @@ class Tuning(NamedTuple):
   states_dtype: str = "auto"  # per-chunk states / cotangents kept for the gradient kernels
   # ("auto": the input dtype for bf16/f16 q/k/v, f32 for f32 ones; or a dtype name)
   grads: str = "wy"  # "wy" | "fused" | "split": which gradient kernels (module docstring)
-  block_k: int = 64  # "wy": K columns per `gdn_dqkw` program
+  block_k: int = 32  # "wy": K columns per `gdn_dqkw` program (H100 sweep: 32 beat 64)
   dqkw_warps: int = 4
   wy_warps: int = 4
   wy_t0: str = "prepass"  # "wy": T0 written by the prepass, or "recompute" in `gdn_wy_bwd`
   dv_dtype: str = "auto"  # "wy": storage of dv' between the passes ("auto" as states_dtype;
   # v' is always stored in the input dtype)
-  inverse_precision: str = "3xtf32"  # GPU dots of the doubling inverse: INVERSE_PRECISIONS
+  inverse_precision: str = "bf16x3"  # GPU dots of the doubling inverse: INVERSE_PRECISIONS
   inverse_block: int = 16  # blocked doubling (chunk_math.inverse_unit_lower); 0 = plain
 
 

@@ -116,7 +116,7 @@ class BlockConfig:
   dkv_block_k: int = 128
   dkv_num_warps: int = 8
   dkv_num_stages: int = 3
-  dkv_flat_heads: bool = False  # True: one loop per phase over (head, query tile) pairs
+  dkv_flat_heads: bool = True  # True: one loop per phase over (head, query tile) pairs
   # Split-K decode forward (few query rows, long context): used when Tq * R <= decode_max_rows
   # and the key band holds at least decode_min_keys keys.
   decode_max_rows: int = 64
