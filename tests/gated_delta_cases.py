@@ -52,11 +52,13 @@ class Case:
   gamma: str = "mixed"
   beta: str = "random"
   init_state: bool = True
+  key_share: float = 0.0  # > 0: k = normalize(s * shared + (1 - s) * noise), unit directions
 
   def __str__(self) -> str:
     s0 = "s0" if self.init_state else "nos0"
+    keys = f"_kshare{self.key_share}" if self.key_share else ""
     return (f"B{self.B}_T{self.T}_H{self.H}_K{self.K}V{self.V}_C{self.chunk}"
-            f"_g{self.gamma}_b{self.beta}_{s0}")
+            f"_g{self.gamma}_b{self.beta}_{s0}{keys}")
 
 
 # Every case a backend should pass: odd T (1, 7, 65, 130), T not a multiple of the chunk,
@@ -83,7 +85,8 @@ SMALL_CASES = (
 
 
 def random_inputs(case: Case, dtype=jnp.float32, seed: int = 0):
-  """Fresh (q, k, v, log_gamma, beta, initial_state); q, k unit L2 norm per (t, h).
+  """Fresh (q, k, v, log_gamma, beta, initial_state); q, k unit L2 norm per (t, h) (k correlated
+  within each (b, h) when `case.key_share` > 0).
 
   q/k/v are in `dtype`; the gates and the state are fp32 (fp64 when dtype is fp64), as the model
   passes them. `initial_state` is an array of zeros for cases without one. Build fp64 inputs
@@ -104,6 +107,10 @@ def random_inputs(case: Case, dtype=jnp.float32, seed: int = 0):
   lo, hi = _BETA_RANGES[case.beta]
   beta = rng.uniform(lo, hi, (B, T, H))
   s0 = (0.5 * rng.standard_normal((B, H, K, V)) if case.init_state else np.zeros((B, H, K, V)))
+  if case.key_share:  # one direction per (b, h) shared by all its keys: correlated chunks
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    shared = unit(rng.standard_normal((B, 1, H, K)))
+    k = unit(case.key_share * shared + (1 - case.key_share) * unit(k))
   sdt = reference.state_dtype(dtype)
   return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
           jnp.asarray(log_gamma, sdt), jnp.asarray(beta, sdt), jnp.asarray(s0, sdt))

@@ -135,6 +135,18 @@ def inverse_unit_lower(a_CC, cfg: Dots = Dots()):
   return mm(y, x_d, cfg=cfg, inverse=True)
 
 
+STABLE_INVERSE_BLOCK = 16  # the blocked inverse's diagonal block on every path (GPU, TPU, XLA)
+
+
+def stable_inverse_block(C: int, block: int = STABLE_INVERSE_BLOCK) -> int:
+  """`Dots.inverse_block` for a chunk of C: the largest power of 2 <= `block` dividing C, or 0
+  (the plain doubling) when that is 1 or the whole chunk (a single block is the plain doubling)."""
+  b = block
+  while b > 1 and C % b:
+    b //= 2
+  return b if 1 < b < C else 0
+
+
 def decay_lower(gc_C1, gc_1C):
   """`D_ij = exp(gc_i - gc_j)` on and below the diagonal, 0 above (exponents <= 0)."""
   C = gc_C1.shape[0]

@@ -4,8 +4,9 @@ Math: `chunk_math.py` (KERNELS.md §2b). The wrapper moves heads before time (`[
 chunk is a `(C, D)` tile obeying the (8, 128) rule: C a multiple of 8, D = 128 or the full dim)
 passes the gate vectors as columns `(C, 1)`. The chunk-local cumsum of log_gamma is a
 lower-triangular-ones matmul inside the kernels (Mosaic has no cumsum); its row form comes from a
-(C, C) transpose, never a narrow one, and the inverse is the doubling product of
-`chunk_math.inverse_unit_lower` (no triangular solve). f32 dots run at HIGHEST precision.
+(C, C) transpose, never a narrow one, and the inverse is the blocked doubling of
+`chunk_math.inverse_unit_lower` (16-wide diagonal blocks first, `chunk_math.stable_inverse_block`;
+no triangular solve). f32 dots run at HIGHEST precision.
 
 Kernels
   `_prepass`    grid (B, H, NC), all parallel: T0, w, u per chunk.
@@ -56,8 +57,11 @@ def is_supported(q, k, v, *unused, chunk_size: int) -> bool:
   return unsupported_reason(q, k, v, chunk_size=chunk_size) is None
 
 
-def _dots(dtype) -> cm.Dots:
-  return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=cm.HIGHEST)
+def _dots(dtype, c: int) -> cm.Dots:
+  """Dots of a chunk of `c`: the blocked inverse (the plain doubling loses T0 in f32 for
+  correlated keys)."""
+  return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=cm.HIGHEST,
+                 inverse_block=cm.stable_inverse_block(c))
 
 
 def _cumsum_gates(g_C1):
@@ -195,7 +199,7 @@ def _prepass(k, v, beta_col, g_col, *, c, interpret):
   nc = tp // c
   tok, colv, rowv, _, _ = _specs(c)
   return pl.pallas_call(
-      functools.partial(_prepass_kernel, cfg=_dots(k.dtype)),
+      functools.partial(_prepass_kernel, cfg=_dots(k.dtype, c)),
       grid=(b, h, nc),
       in_specs=[tok(kd), tok(vd), colv, colv],
       out_specs=[tok(kd), tok(vd)],
@@ -215,7 +219,7 @@ def _state_fwd(q, k, w, u, g_col, s0, *, c, save_states, interpret):
   else:
     first = (tok(vd), jax.ShapeDtypeStruct((b, h, tp, vd), _F32))
   return pl.pallas_call(
-      functools.partial(_state_fwd_kernel, save_states=save_states, cfg=_dots(q.dtype)),
+      functools.partial(_state_fwd_kernel, save_states=save_states, cfg=_dots(q.dtype, c)),
       grid=(b, h, nc),
       in_specs=[tok(kd), tok(kd), tok(kd), tok(vd), colv, whole(kd, vd)],
       out_specs=[first[0], whole(kd, vd)],
@@ -253,7 +257,7 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   do = jnp.moveaxis(jnp.pad(do.astype(_F32), [(0, 0), (0, tp - t), (0, 0), (0, 0)]), 2, 1)
   dsT = (jnp.zeros((b, h, kd, vd), _F32) if dfinal_state is None
          else dfinal_state.astype(_F32))
-  cfg = _dots(q.dtype)
+  cfg = _dots(q.dtype, c)
   w, u = _prepass(k, v, beta_col, g_col, c=c, interpret=interpret)
   states, _ = _state_fwd(q, k, w, u, g_col, s0, c=c, save_states=True, interpret=interpret)
   tok, colv, rowv, st, whole = _specs(c, reverse=True, nc=nc)
