@@ -240,21 +240,15 @@ def decode_table(cfg, reps, save, rows, cases=((1, 65536), (8, 65536), (8, 8192)
       save(rows)
 
 
-# Backward variants (issue #5): name -> BlockConfig overrides. "split" is the current default.
-# Register spills per ptxas (pip Triton 3.6 compiling the kernels' TTIR at B4 T8K for sm_90a; all
-# use 255 registers): split dK/dV 4748 B, split_flat 1056 B, fused 1500 B, fused_s2 1328 B,
-# fused_q32 800 B, fused_k64 28 B, fused_1head 1684 B; per-head (unrolled) fused loops 7108 B.
-# Relaxed dQ atomics become REDG.E.ADD.F32x4 in SASS; acq_rel ones ATOMG + MEMBAR.ALL.GPU.
+# Backward variants (issue #5): name -> BlockConfig overrides. "split" is the default (flat
+# dK/dV loops over (head, query tile) pairs). ptxas register spills (Triton 3.6, B4 T8K, sm_90a,
+# 255 registers): dK/dV kernel 1056 B flat, 4748 B per head. On an H100 at (4, 8K)
+# (bench/results/polar_bwd_variants_h100.json) the backward took 4.61 ms flat, 4.89 per head; a
+# fused backward with atomic dQ adds took 11.96 ms and was removed.
 BWD_VARIANTS = {
-    "split": dict(bwd_impl="split"),
-    "split_flat": dict(bwd_impl="split", dkv_flat_heads=True),
-    # q64 k128, 8 warps, 3 stages, relaxed atomics, the GQA group's heads in one flat loop
-    "fused": dict(bwd_impl="fused"),
-    "fused_s2": dict(bwd_impl="fused", fused_num_stages=2),
-    "fused_q32": dict(bwd_impl="fused", fused_block_q=32),
-    "fused_k64": dict(bwd_impl="fused", fused_block_k=64),
-    "fused_1head": dict(bwd_impl="fused", fused_heads_per_program=1),
-}  # (fused_relaxed_atomics=False, Pallas' acq_rel atomics, is left out: see the SASS note above)
+    "split": dict(),
+    "split_per_head": dict(dkv_flat_heads=False),
+}
 
 
 def bwd_variants(variants, reps, save, budget_s, small=False):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.polar_attention import gpu_triton
+from pallas_kernels.polar_attention import gpu_forward, gpu_tiles, gpu_triton
 from tests.polar_cases import CASES, SMALL_CASES, Case, check_backend, traced_offset_backend
 
 # Small, mixed blocks: several key/query blocks at T ~ 33-100, different dq/dkv tilings.
@@ -28,13 +28,6 @@ SMALL_BLOCKS = gpu_triton.BlockConfig(block_q=16, block_k=16, dq_block_q=16, dq_
 def _backend(config):
   return (functools.partial(gpu_triton.attention_stats_fwd, config=config),
           functools.partial(gpu_triton.attention_stats_bwd, config=config))
-
-
-# Fused backward (atomic dQ): query tiles smaller than key tiles, and the reverse.
-FUSED_BLOCKS = dataclasses.replace(SMALL_BLOCKS, bwd_impl="fused", fused_block_q=16,
-                                   fused_block_k=32)
-FUSED_SPLIT_HEADS = dataclasses.replace(FUSED_BLOCKS, fused_block_q=32, fused_block_k=16,
-                                        fused_heads_per_program=1)
 
 
 @pytest.mark.parametrize("case", SMALL_CASES, ids=str)
@@ -50,44 +43,12 @@ def test_bf16_matches_oracle(case):
   check_backend(*_backend(SMALL_BLOCKS), case, jnp.bfloat16, atol=3e-2, rtol=3e-2)
 
 
-def test_split_bwd_flat_heads_matches_oracle():
-  """dK/dV kernel with one loop per phase over (head, query tile) pairs."""
-  cfg = dataclasses.replace(SMALL_BLOCKS, dkv_flat_heads=True)
+def test_split_bwd_per_head_loops_match_oracle():
+  """dK/dV kernel with one three-phase loop per query head (dkv_flat_heads=False; the
+  default walks (head, query tile) pairs in one loop per phase)."""
+  cfg = dataclasses.replace(SMALL_BLOCKS, dkv_flat_heads=False)
   check_backend(*_backend(cfg), Case(Tq=40, Tk=73, q_offset=33, H=8, G=2, window=16),
                 jnp.float32, atol=2e-5, rtol=2e-5)
-
-
-@pytest.mark.parametrize("case", SMALL_CASES[1:], ids=str)  # windows, GQA, decode, prefill
-def test_fused_bwd_fp32_matches_oracle(case):
-  check_backend(*_backend(FUSED_BLOCKS), case, jnp.float32, atol=2e-5, rtol=2e-5)
-
-
-@pytest.mark.parametrize("case,config", [
-    # one query head per program: per-head f32 dK/dV partials summed over the group in XLA
-    (Case(Tq=40, Tk=73, q_offset=33, H=4, G=1, window=16), FUSED_SPLIT_HEADS),
-    # two of the group's 2 x 2 heads per program, per-head loops, Pallas' acq_rel atomics
-    (Case(Tq=33, H=8, G=2, B=2), dataclasses.replace(
-        FUSED_BLOCKS, fused_heads_per_program=2, fused_flat_heads=False,
-        fused_relaxed_atomics=False)),
-], ids=["one_head", "two_heads_unrolled_acqrel"])
-def test_fused_bwd_variants_match_oracle(case, config):
-  check_backend(*_backend(config), case, jnp.float32, atol=2e-5, rtol=2e-5)
-
-
-def test_fused_bwd_bf16_and_traced_offset():
-  check_backend(*_backend(FUSED_BLOCKS), Case(Tq=100, H=4, G=2, D=32, window=40), jnp.bfloat16,
-                atol=3e-2, rtol=3e-2)
-  fwd, bwd = traced_offset_backend(gpu_triton, config=FUSED_BLOCKS)
-  check_backend(fwd, bwd, Case(Tq=3, Tk=90, q_offset=60, H=4, G=2, window=20), jnp.float32,
-                atol=2e-5, rtol=2e-5)
-
-
-def test_bad_bwd_config_is_rejected():
-  case = Case(Tq=8, H=4, G=1)
-  for bad, match in ((dict(bwd_impl="fast"), "bwd_impl"),
-                     (dict(bwd_impl="fused", fused_heads_per_program=3), "divisor")):
-    with pytest.raises(ValueError, match=match):
-      check_backend(*_backend(dataclasses.replace(SMALL_BLOCKS, **bad)), case, jnp.float32)
 
 
 # Split-K decode forced on at small sizes: several key splits, packed GQA rows, windows.
@@ -100,8 +61,8 @@ DECODE_BLOCKS = dataclasses.replace(SMALL_BLOCKS, decode_min_keys=1, decode_bloc
     Case(Tq=3, Tk=90, q_offset=70, H=6, G=2, window=33),   # 3 rows x 3 heads, longer cache
 ], ids=str)
 def test_split_k_decode_matches_oracle(case):
-  assert gpu_triton._use_decode(case.Tq, case.H // case.G, case.tk, case.window, case.q_offset,
-                                DECODE_BLOCKS)
+  assert gpu_forward._use_decode(case.Tq, case.H // case.G, case.tk, case.window, case.q_offset,
+                                 DECODE_BLOCKS)
   check_backend(*_backend(DECODE_BLOCKS), case, jnp.float32, atol=2e-5, rtol=2e-5)
 
 
@@ -131,7 +92,7 @@ def test_is_supported():
 
 def test_lowers_to_triton_for_h100(monkeypatch):
   """Traces and lowers fwd + both bwd kernels to Triton IR for an abstract H100 (bf16, D=128)."""
-  monkeypatch.setattr(gpu_triton, "_interpret", lambda: False)
+  monkeypatch.setattr(gpu_tiles, "_interpret", lambda: False)
   mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
       device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132))
   checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
@@ -159,30 +120,6 @@ def test_lowers_to_triton_for_h100(monkeypatch):
   assert "polar_attention_decode" in decode.mlir_module()
 
 
-@pytest.mark.parametrize("heads,flat", [(0, True), (0, False), (1, True)],
-                         ids=["group", "group_unrolled", "one_head"])
-def test_fused_bwd_lowers_to_triton_for_h100(monkeypatch, heads, flat):
-  """The fused backward (atomic dQ adds, a transposed-lhs dot) lowers to one Triton call."""
-  monkeypatch.setattr(gpu_triton, "_interpret", lambda: False)
-  mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
-      device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132))
-  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  cfg = dataclasses.replace(gpu_triton.DEFAULT_CONFIG, bwd_impl="fused",
-                            fused_heads_per_program=heads, fused_flat_heads=flat)
-  B, T, H, G, D = 1, 300, 8, 2, 128
-  q = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((B, T, G, D), jnp.bfloat16)
-  row = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
-  with jax.sharding.use_abstract_mesh(mesh):
-    bwd = jax.export.export(
-        jax.jit(functools.partial(gpu_triton.attention_stats_bwd, window=100, q_offset=0,
-                                  config=cfg)),
-        platforms=["cuda"], disabled_checks=checks)(q, kv, kv, row, row, q, row, row)
-  assert bwd.mlir_module().count("xla.gpu.triton") == 1
-  assert "polar_attention_bwd_fused" in bwd.mlir_module()
-  assert "relaxed" in bwd.mlir_module()  # our relaxed-order dQ atomics, not Pallas' acq_rel
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES[1::3], ids=str)
 def test_compiled_on_gpu_fp32(case):
@@ -200,9 +137,7 @@ def test_compiled_on_gpu_bf16(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [
-    dict(bwd_impl="fused"), dict(bwd_impl="fused", fused_heads_per_program=1),
-    dict(dkv_flat_heads=True)], ids=["fused", "fused_1head", "split_flat"])
+@pytest.mark.parametrize("variant", [dict(dkv_flat_heads=False)], ids=["per_head_dkv"])
 @pytest.mark.parametrize("case", [
     Case(Tq=333, H=8, G=2, D=128, window=100),
     Case(Tq=300, Tk=1800, q_offset=1500, H=8, G=2, D=128, window=512),
