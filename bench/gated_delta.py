@@ -15,12 +15,12 @@ run cut short still leaves its numbers.
 "fwd+bwd" runs `gated_delta_fwd_residuals` then `gated_delta_bwd(prepass=...)`, as api's
 custom_vjp does (the prepass is not rerun in the backward).
 
-The correctness check runs the defaults ("wy", per-chunk states and dv' stored "auto" = bf16 for
-bf16 inputs, blocked inverse) and variants ("fused", f32 storage, T0 recomputed, the inverse's
+The correctness check runs the defaults (per-chunk states and dv' stored "auto" = bf16 for
+bf16 inputs, blocked inverse) and variants (f32 storage, T0 recomputed, the inverse's
 dot algorithms tf32 / bf16x3 and the plain doubling) at three small shapes and reports
 max |err| / max |oracle| per output with a pass flag. `--shapes 16x2048,4x8192` limits the main
 table, `--skip-main` drops it, `--no-pieces` drops the forced-split rows at 64K. `--sweep`:
-fwd+bwd of wy vs fused, then the backward alone ("bwd", prepass saved) per backward variant and
+fwd+bwd of the defaults, then the backward alone ("bwd", prepass saved) per backward variant and
 the forward alone ("fwd") per prepass / inverse variant (`--variants` picks a subset) at
 `--sweep-shapes` (default (16, 2K) and (4, 8K)). `--inverse-accuracy`: only the CPU emulation of
 the inverse's dot algorithms (T0 error vs a f64 solve).
@@ -296,8 +296,6 @@ def correctness(results):
     variants = {"wy": T()}  # the defaults: states / dv' stored "auto" (bf16 for bf16 inputs)
     if shared:  # the plain doubling vs the blocked default on correlated keys (informative:
       variants = {"wy": T(), "fwd_inv_plain": T(inverse_block=0)}  # not in correctness_ok)
-    elif pieces is not None:  # (fused: 25 s to compile; once, with the split and bf16 states)
-      variants["fused"] = T(grads="fused")
     if pieces is not None:
       variants["wy_f32store"] = T(states_dtype="float32", dv_dtype="float32")
     elif dtype != jnp.float32 and not shared:  # T0 recomputed in the backward; the inverse variants (forward)
@@ -339,7 +337,7 @@ FWD_VARIANTS = {"fwd_default": _T(), **INVERSE_VARIANTS,
 def sweep_variants():
   """Backward variants, most informative first (a run cut short keeps the earlier rows)."""
   T = gpu_triton.Tuning
-  return {"wy": T(), "fused": T(grads="fused"),
+  return {"wy": T(),
           "wy_f32store": T(states_dtype="float32", dv_dtype="float32"),
           "wy_bwdstate8": T(bwd_state_warps=8), "wy_bv128": T(block_v=128),
           "wy_dqkw8": T(dqkw_warps=8), "wy_bk32": T(block_k=32), "wy_bk128": T(block_k=128),
@@ -348,7 +346,7 @@ def sweep_variants():
 
 
 def sweep(results, save, names=None):
-  """fwd+bwd of wy vs fused, then the backward alone per variant (`names`: a subset of
+  """fwd+bwd of the defaults, then the backward alone per variant (`names`: a subset of
   `sweep_variants`), at SWEEP_SHAPES."""
   variants = {**sweep_variants(), **FWD_VARIANTS}
   names = list(variants) if names is None else names
@@ -359,7 +357,7 @@ def sweep(results, save, names=None):
     inputs = make_inputs(b, t)
     do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)
     dsT = jax.random.normal(jax.random.key(4), (b, H, K, V), jnp.float32)
-    jobs = ([(n, "fwd+bwd") for n in ("wy", "fused") if n in names]
+    jobs = ([(n, "fwd+bwd") for n in ("wy",) if n in names]
             + [(n, "fwd" if n in FWD_VARIANTS else "bwd") for n in names])
     for name, mode in jobs:
       tuning = variants[name]
@@ -383,48 +381,50 @@ def sweep(results, save, names=None):
 def breakdown(results, save):
   """Per-kernel times at the first shape: forward pieces, the backward's state passes (plain and
   writing v'/dv'), the prepass per inverse variant and `gdn_dqkw` / `gdn_wy_bwd`."""
+  from pallas_kernels.gated_delta import gpu_backward as gb
+  from pallas_kernels.gated_delta import gpu_forward as gf
   from pallas_kernels.gated_delta import gpu_triton as g
   b, t, _ = SHAPES[0]
   q, k, v, lg, beta, s0 = make_inputs(b, t)
   tun, kw = g.DEFAULT_TUNING, dict(c=CHUNK, interpret=INTERPRET)
   qp, kp, vp, gc, bp, s0p = g._prepare(q, k, v, lg, beta, s0, CHUNK)
-  pre = jax.jit(lambda k_, v_, b_, g_: g._prepass(k_, v_, b_, g_, tuning=tun, **kw))
-  pre_t0 = jax.jit(lambda k_, v_, b_, g_: g._prepass(k_, v_, b_, g_, tuning=tun, with_t0=True,
+  pre = jax.jit(lambda k_, v_, b_, g_: gf.prepass(k_, v_, b_, g_, tuning=tun, **kw))
+  pre_t0 = jax.jit(lambda k_, v_, b_, g_: gf.prepass(k_, v_, b_, g_, tuning=tun, with_t0=True,
                                                      **kw))
   w, u, t0 = pre_t0(kp, vp, bp, gc)
   do = jax.random.normal(jax.random.key(3), qp.shape[:3] + (V,), jnp.float32)
   dsT = jax.random.normal(jax.random.key(4), (b, H, K, V), jnp.float32)
-  fwd_states = jax.jit(lambda *a: g._forward_states(*a, pieces=None, save_states=True,
+  fwd_states = jax.jit(lambda *a: gf.forward_states(*a, pieces=None, save_states=True,
                                                     tuning=tun, with_v=True, **kw))
-  bwd_states = jax.jit(lambda *a: g._backward_states(*a, pieces=None, tuning=tun, with_dv=True,
+  bwd_states = jax.jit(lambda *a: gb.backward_states(*a, pieces=None, tuning=tun, with_dv=True,
                                                      **kw))
   _, _, states, vnew = fwd_states(qp, kp, w, u, gc, s0p)
   dstates, _, dvnew = bwd_states(qp, kp, w, do, gc, dsT)
-  dqkw = jax.jit(lambda *a: g._dqkw(*a, dq_dtype=q.dtype, tuning=tun, **kw))
+  dqkw = jax.jit(lambda *a: gb.dqkw(*a, dq_dtype=q.dtype, tuning=tun, **kw))
   _, dkd, dw, _ = dqkw(qp, kp, gc, do, vnew, dvnew, states, dstates)
   dts = (q.dtype, k.dtype, v.dtype)
-  pre_t0_with = lambda t: jax.jit(lambda k_, v_, b_, g_: g._prepass(k_, v_, b_, g_, tuning=t,
-                                                                     with_t0=True, **kw))
+  pre_t0_with = lambda t: jax.jit(lambda k_, v_, b_, g_: gf.prepass(k_, v_, b_, g_, tuning=t,
+                                                                    with_t0=True, **kw))
   parts = {
       "prepass": (pre, (kp, vp, bp, gc)),
       "prepass_t0": (pre_t0, (kp, vp, bp, gc)),
       "prepass_t0_plain_inverse": (pre_t0_with(tun._replace(inverse_block=0)), (kp, vp, bp, gc)),
       "prepass_t0_tf32": (pre_t0_with(tun._replace(inverse_precision="tf32")), (kp, vp, bp, gc)),
       "prepass_t0_warps8": (pre_t0_with(tun._replace(prepass_warps=8)), (kp, vp, bp, gc)),
-      "state_fwd_output": (jax.jit(lambda *a: g._forward_states(*a, pieces=None, save_states=False,
+      "state_fwd_output": (jax.jit(lambda *a: gf.forward_states(*a, pieces=None, save_states=False,
                                                                 tuning=tun, **kw)),
                            (qp, kp, w, u, gc, s0p)),
-      "state_fwd_states": (jax.jit(lambda *a: g._forward_states(*a, pieces=None, save_states=True,
+      "state_fwd_states": (jax.jit(lambda *a: gf.forward_states(*a, pieces=None, save_states=True,
                                                                 tuning=tun, **kw)),
                            (qp, kp, w, u, gc, s0p)),
       "state_fwd_states_v": (fwd_states, (qp, kp, w, u, gc, s0p)),
-      "state_bwd": (jax.jit(lambda *a: g._backward_states(*a, pieces=None, tuning=tun, **kw)),
+      "state_bwd": (jax.jit(lambda *a: gb.backward_states(*a, pieces=None, tuning=tun, **kw)),
                     (qp, kp, w, do, gc, dsT)),
       "state_bwd_dv": (bwd_states, (qp, kp, w, do, gc, dsT)),
       "dqkw": (dqkw, (qp, kp, gc, do, vnew, dvnew, states, dstates)),
-      "wy_bwd": (jax.jit(lambda *a: g._wy_bwd(*a, out_dtypes=dts, tuning=tun, **kw)),
+      "wy_bwd": (jax.jit(lambda *a: gb.wy_bwd(*a, out_dtypes=dts, tuning=tun, **kw)),
                  (kp, vp, bp, gc, dvnew, dw, dkd, t0)),
-      "wy_bwd_recompute_t0": (jax.jit(lambda *a: g._wy_bwd(*a, None, out_dtypes=dts,
+      "wy_bwd_recompute_t0": (jax.jit(lambda *a: gb.wy_bwd(*a, None, out_dtypes=dts,
                                                            tuning=tun, **kw)),
                               (kp, vp, bp, gc, dvnew, dw, dkd)),
   }

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.gated_delta import chunk_math as cm
-from pallas_kernels.gated_delta import tpu, xla_chunked
+from pallas_kernels.gated_delta import gpu_triton, tpu, xla_chunked
 from tests.gated_delta_cases import Case, check_backend
 from tests.oracle_check import assert_close
 
@@ -65,4 +65,11 @@ def test_tpu_interpret_correlated_keys_match_oracle():
   """The TPU kernels (forward + their own backward) in TPU interpret mode."""
   fwd = functools.partial(tpu.gated_delta_fwd, interpret=True)
   bwd = functools.partial(tpu.gated_delta_bwd, interpret=True)
+  check_backend(fwd, _CORRELATED, jnp.float32, atol=1e-4, rtol=1e-4, seed=21, bwd=bwd)
+
+
+def test_gpu_interpret_correlated_keys_match_oracle():
+  """The Triton kernels with their defaults (`Tuning.inverse_block` = 16), in interpret mode."""
+  fwd = functools.partial(gpu_triton.gated_delta_fwd, interpret=True)
+  bwd = functools.partial(gpu_triton.gated_delta_bwd, interpret=True)
   check_backend(fwd, _CORRELATED, jnp.float32, atol=1e-4, rtol=1e-4, seed=21, bwd=bwd)

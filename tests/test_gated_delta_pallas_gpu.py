@@ -69,43 +69,40 @@ def test_interpret_matches_oracle(case):
 _T = gpu_triton.Tuning
 
 
-@pytest.mark.parametrize("grads", ["fused", "split"])
-def test_interpret_sequence_split_is_exact(grads):
-  """4 pieces of 1 chunk each (forward), 2 pieces (backward's state passes), with the fused
-  per-chunk and the split (chunk, V-block) gradient kernels."""
+def test_interpret_sequence_split_is_exact():
+  """4 pieces of 1 chunk each (forward), 2 pieces (backward's state passes), V blocks of 8."""
   case = Case(T=61, B=2, H=1, K=16, V=16, chunk=16, gamma="small", beta="near0",
               init_state=False)
   fwd = functools.partial(gpu_triton.gated_delta_fwd, interpret=True, pieces=4)
   bwd = functools.partial(gpu_triton.gated_delta_bwd, interpret=True, pieces=2,
-                          tuning=_T(grads=grads, block_v=8))
+                          tuning=_T(block_v=8))
   check_backend(fwd, case, jnp.float32, atol=2e-5, rtol=2e-5, seed=4, bwd=bwd)
 
 
-# "wy" gradients (`gdn_dqkw` per K block + `gdn_wy_bwd` per chunk) with several K and V blocks,
+# The gradients (`gdn_dqkw` per K block + `gdn_wy_bwd` per chunk) with several K and V blocks,
 # T0 from the prepass or recomputed, dv' stored in bf16 (looser tolerance), pieces split.
 _WY_CASES = (
-    (Case(T=37, H=2, K=32, V=32, chunk=16), _T(grads="wy", block_k=16, block_v=16), None, 2e-5,
+    (Case(T=37, H=2, K=32, V=32, chunk=16), _T(block_k=16, block_v=16), None, 2e-5,
      jnp.float32),
     (Case(T=61, B=2, H=1, K=32, V=16, chunk=16, gamma="near1", beta="near1"),
-     _T(grads="wy", wy_t0="recompute", block_k=16, block_v=8), 2, 2e-5, jnp.float32),
+     _T(wy_t0="recompute", block_k=16, block_v=8), 2, 2e-5, jnp.float32),
     (Case(T=50, H=1, K=16, V=32, chunk=16, gamma="small", beta="near0", init_state=False),
-     _T(grads="wy", block_k=8, block_v=16), 2, 2e-5, jnp.float32),
-    (Case(T=40, H=1, K=16, V=16, chunk=16), _T(grads="wy", dv_dtype="bfloat16"), None, 2e-2,
+     _T(block_k=8, block_v=16), 2, 2e-5, jnp.float32),
+    (Case(T=40, H=1, K=16, V=16, chunk=16), _T(dv_dtype="bfloat16"), None, 2e-2,
      jnp.float32),
-    (Case(T=45, H=2, K=32, V=16, chunk=16), _T(grads="wy", block_k=16), None, 3e-2,
+    (Case(T=45, H=2, K=32, V=16, chunk=16), _T(block_k=16), None, 3e-2,
      jnp.bfloat16),  # bf16 q/k/v: v', dv' and the per-chunk states ("auto") in bf16
     pytest.param(Case(T=600, H=1, K=16, V=16, chunk=16), _T(), 2, 3e-2, jnp.bfloat16,
                  marks=pytest.mark.slow),  # long, pieces
     pytest.param(Case(T=600, H=1, K=16, V=16, chunk=16, gamma="near1", beta="near1"), _T(),
                  None, 3e-2, jnp.bfloat16, marks=pytest.mark.slow),  # long, slow decay
-    (Case(T=90, H=1, K=16, V=16, chunk=16), _T(grads="fused"), 2, 3e-2, jnp.bfloat16),
+    (Case(T=90, H=1, K=16, V=16, chunk=16), _T(), 2, 3e-2, jnp.bfloat16),
 )
 
 
 @pytest.mark.parametrize("case,tuning,pieces,tol,dtype", _WY_CASES,
                          ids=["kblocks", "t0recompute_pieces", "small_gates_pieces", "bf16dv",
-                              "bf16_inputs", "bf16_auto_T600_pieces", "bf16_auto_T600_near1",
-                              "bf16_auto_fused_pieces"])
+                              "bf16_inputs", "bf16_auto_T600_pieces", "bf16_auto_T600_near1", "bf16_auto_pieces"])
 def test_interpret_wy_grads_match_oracle(case, tuning, pieces, tol, dtype):
   fwd = functools.partial(gpu_triton.gated_delta_fwd, interpret=True)
   bwd = functools.partial(gpu_triton.gated_delta_bwd, interpret=True, pieces=pieces,
@@ -117,8 +114,7 @@ def test_interpret_wy_grads_match_oracle(case, tuning, pieces, tol, dtype):
     (_T(), None, ("gdn_prepass", "gdn_state", "gdn_state_bwd", "gdn_dqkw", "gdn_wy_bwd")),
     (_T(wy_t0="recompute", dv_dtype="bfloat16", dqkw_warps=8), 2,
      ("gdn_state_affine", "gdn_state_bwd_affine", "gdn_dqkw", "gdn_wy_bwd")),
-    (_T(grads="fused"), None, ("gdn_grads",)),
-], ids=["wy", "wy_recompute_bf16dv_pieces", "fused"])
+], ids=["wy", "wy_recompute_bf16dv_pieces"])
 def test_bwd_lowers_to_triton_for_h100(tuning, pieces, kernels):
   """Traces and lowers the backward to Triton IR for an abstract H100 (bf16, K = V = 128, C = 64):
   catches ops the Triton lowering rejects without a GPU (Triton's own compile runs only there)."""
@@ -139,11 +135,14 @@ def test_bwd_lowers_to_triton_for_h100(tuning, pieces, kernels):
   assert not missing, f"kernels not in the lowered module: {missing}"
 
 
-def test_rejects_unknown_grads():
+def test_rejects_bad_tuning():
   q = jnp.zeros((1, 16, 1, 16), jnp.float32)
-  with pytest.raises(ValueError, match="Tuning.grads"):
+  with pytest.raises(ValueError, match="Tuning.wy_t0"):
     gpu_triton.gated_delta_bwd(q, q, q, q[..., 0], q[..., 0], None, q, None, chunk_size=16,
-                               tuning=_T(grads="fast"), interpret=True)
+                               tuning=_T(wy_t0="fast"), interpret=True)
+  with pytest.raises(ValueError, match="Tuning.inverse_block"):
+    gpu_triton.gated_delta_fwd(q, q, q, q[..., 0], q[..., 0], chunk_size=16,
+                               tuning=_T(inverse_block=12), interpret=True)
 
 
 def test_rejects_unsupported_shapes():
@@ -156,11 +155,10 @@ def test_rejects_unsupported_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,kv,tol", [(jnp.float32, 64, 2e-3), (jnp.bfloat16, 128, 3e-2)])
-@pytest.mark.parametrize("grads", gpu_triton.GRADS)
-def test_compiled_matches_oracle(dtype, kv, tol, grads):
+def test_compiled_matches_oracle(dtype, kv, tol):
   case = Case(T=200, B=2, H=2, K=kv, V=kv, chunk=64)
-  bwd = functools.partial(gpu_triton.gated_delta_bwd, tuning=gpu_triton.Tuning(grads=grads))
-  check_backend(gpu_triton.gated_delta_fwd, case, dtype, atol=tol, rtol=tol, seed=5, bwd=bwd)
+  check_backend(gpu_triton.gated_delta_fwd, case, dtype, atol=tol, rtol=tol, seed=5,
+                bwd=gpu_triton.gated_delta_bwd)
 
 
 def test_rejects_f32_at_k128():
@@ -219,31 +217,6 @@ def test_bwd_rejects_mismatched_prepass():
   with pytest.raises(ValueError, match="prepass w has shape"):
     gpu_triton.gated_delta_bwd(q, q, q, q[..., 0], q[..., 0], None, q, None, chunk_size=16,
                                interpret=True, prepass=(w[:, :16], u, t0))
-
-
-@pytest.mark.parametrize("C,block,shared", [(64, 16, 0.0), (64, 16, 0.7), (64, 8, 0.5),
-                                            (32, 16, 0.9)])
-def test_blocked_inverse_matches_solve(C, block, shared):
-  """`inverse_unit_lower` blocked (Dots.inverse_block) vs a f64 solve, on keys sharing a direction
-  (pairwise cosine up to ~0.95: the plain doubling's powers blow up there): exact in f64 and
-  ~1e-5 in f32 (the plain doubling in f32 is checked to be worse at shared >= 0.5)."""
-  rng = np.random.default_rng(C + block)
-  base = rng.standard_normal(64)
-  k = shared * base / np.linalg.norm(base) + (1 - shared) * rng.standard_normal((C, 64)) / 8
-  k = k / np.linalg.norm(k, axis=-1, keepdims=True)
-  beta = rng.uniform(0.0, 1.0, (C, 1))
-  a = np.tril(beta * (k @ k.T), -1)
-  want = np.linalg.inv(np.eye(C) + a)
-  blocked = cm.Dots(inverse_block=block)
-  with jax.enable_x64(True):
-    got64 = np.asarray(cm.inverse_unit_lower(jnp.asarray(a, jnp.float64), blocked))
-  assert_close("T0 f64 blocked", got64, want, 1e-10, 1e-10, (C, block, shared))
-  got32 = np.asarray(cm.inverse_unit_lower(jnp.asarray(a, jnp.float32), blocked))
-  err32 = np.abs(got32 - want).max()
-  assert err32 < 1e-4, (C, block, shared, err32)
-  if shared >= 0.5:
-    plain = np.asarray(cm.inverse_unit_lower(jnp.asarray(a, jnp.float32), cm.Dots()))
-    assert np.abs(plain - want).max() > 10 * err32, "the blocked doubling should be the stable one"
 
 
 def test_interpret_blocked_inverse_matches_oracle():

@@ -8,6 +8,7 @@ uninitialized scratch is NaN, out-of-bounds reads raise).
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import tpu as pltpu
@@ -35,3 +36,24 @@ def test_rejects_unsupported_chunk():
   assert not tpu.is_supported(q, q, q, chunk_size=12)
   with pytest.raises(ValueError, match="multiple of 8"):
     tpu.gated_delta_fwd(q, q, q, q[..., 0], q[..., 0], chunk_size=12, interpret=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_lowers_to_mosaic_for_tpu(dtype):
+  """Traces and lowers forward and backward to Mosaic for an abstract TPU v5e (K = V = 128,
+  C = 64): catches ops the Mosaic lowering rejects (the blocked inverse's iota masks included)
+  without a TPU (the Mosaic compiler itself runs only there)."""
+  mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
+      device_kind="TPU v5 lite", platform="tpu", num_cores=1))
+  B, T, H, K, V = 1, 200, 2, 128, 128  # 4 chunks, the last one padded
+  x = lambda *sh, dt=jnp.float32: jax.ShapeDtypeStruct(sh, dt)
+  args = (x(B, T, H, K, dt=dtype), x(B, T, H, K, dt=dtype), x(B, T, H, V, dt=dtype), x(B, T, H),
+          x(B, T, H), x(B, H, K, V))
+  fwd = functools.partial(tpu.gated_delta_fwd, chunk_size=64)
+  bwd = functools.partial(tpu.gated_delta_bwd, chunk_size=64)
+  with jax.sharding.use_abstract_mesh(mesh):
+    mods = [jax.export.export(jax.jit(fwd), platforms=["tpu"])(*args).mlir_module(),
+            jax.export.export(jax.jit(bwd), platforms=["tpu"])(*args, x(B, T, H, V),
+                                                                 x(B, H, K, V)).mlir_module()]
+  for name, mod in zip(("fwd", "bwd"), mods):
+    assert "tpu_custom_call" in mod, f"{name}: no Mosaic kernel in the lowered module"

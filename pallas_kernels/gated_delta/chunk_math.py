@@ -252,15 +252,14 @@ class GradAcc(NamedTuple):
   tail: Any     # <dS1, S> (scalar, as (1, 1))
 
 
-def grads_prologue(q_CK, k_CK, beta_C1, gc_C1, gc_1C, *, cfg, t0_CC=None) -> GradCtx:
-  """Value-independent backward quantities; `t0_CC` (if given) skips recomputing the inverse."""
+def grads_prologue(q_CK, k_CK, beta_C1, gc_C1, gc_1C, *, cfg) -> GradCtx:
+  """Value-independent backward quantities of `chunk_grads`."""
   C = q_CK.shape[0]
   row, col = iota2(C, C)
   gl = last_of(gc_C1)
   d = decay_lower(gc_C1, gc_1C)
   kk = mm(k_CK, k_CK, tb=True, cfg=cfg, low=True)
-  t0 = (inverse_unit_lower(jnp.where(row > col, beta_C1 * kk, 0.0), cfg) if t0_CC is None
-        else t0_CC.astype(jnp.float32))
+  t0 = inverse_unit_lower(jnp.where(row > col, beta_C1 * kk, 0.0), cfg)
   p = jnp.where(row >= col, mm(q_CK, k_CK, tb=True, cfg=cfg, low=True), 0.0) * d
   return GradCtx(kk=kk, t0=t0, t=t0 * d, d=d, p=p, e=jnp.exp(gc_C1), r=jnp.exp(gl - gc_C1), gl=gl)
 
@@ -330,6 +329,10 @@ def chunk_grads(q_CK, k_CK, v_CV, beta_C1, gc_C1, gc_1C, do_CV, s_KV, ds1_KV, *,
 
   Returns (dq_CK, dk_CK, dv_CV, dbeta_C1, dgc_C1, dgc_1C): the gate-cumsum gradient is the sum
   of the column part and the row part (f32 throughout).
+
+  The TPU gradient kernel (`tpu._grads_kernel`) runs this per chunk; it is also the direct
+  statement of the backward in the module docstring that the WY decomposition below
+  (`chunk_grads_wy`, the GPU kernels' split) re-derives.
   """
   C, K = k_CK.shape
   ctx = grads_prologue(q_CK, k_CK, beta_C1, gc_C1, gc_1C, cfg=cfg)
