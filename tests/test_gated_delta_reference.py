@@ -132,11 +132,16 @@ def _loss_and_grads(impl):
   return jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True))
 
 
-def test_sharded_rejects_indivisible_batch():
-  case = Case(T=5, B=3, H=2)
-  q, k, v, lg, beta, _ = random_inputs(case)
-  with sharding.use_mesh(_mesh8()), pytest.raises(ValueError, match="batch B=3"):
-    api.gated_delta_rule(q, k, v, lg, beta, impl="xla")
+def test_sharded_replicates_indivisible_batch_and_heads():
+  """B=3, H=3 on a 2x2x2 mesh: neither divides, so both are replicated (like the Polar op) and
+  the result equals the unsharded one, gradients included."""
+  case = Case(T=21, B=3, H=3)
+  args = random_inputs(case)
+  want = _loss_and_grads("xla")(*args)
+  with sharding.use_mesh(_mesh8()):
+    got = _loss_and_grads("xla")(*args)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture

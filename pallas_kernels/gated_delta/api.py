@@ -25,7 +25,8 @@ backward, for B*Tp*H*((K + V)*itemsize + 4*C) more bytes per layer (gpu_triton d
 
 Under an active mesh (`atma_jax.sharding.current_mesh()`) the backend call runs in
 `jax.shard_map` with batch split over "batch" and heads over "act_heads" (heads are
-independent; no communication).
+independent; no communication); a batch or head count the mesh axes do not divide is replicated
+(e.g. batch-1 evaluation on a data-parallel mesh), as in the Polar op.
 
 Dimension glossary: B batch, T tokens, H heads, K key/query dim, V value dim.
 """
@@ -37,6 +38,7 @@ import importlib
 import math
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 from atma_jax import sharding
 from pallas_kernels.gated_delta import reference, xla_chunked
@@ -117,16 +119,15 @@ def _mesh_axis_size(mesh, entry) -> int:
 
 
 def _sharded(fn, mesh, B: int, H: int):
-  """`fn` under shard_map: batch over "batch", heads over "act_heads"."""
+  """`fn` under shard_map: batch over "batch", heads over "act_heads"; an axis whose size the
+  mesh axes do not divide (e.g. batch 1 on a data-parallel mesh) is replicated instead, as the
+  Polar op does."""
   x_spec = sharding.logical_to_spec(("batch", None, "act_heads", None), mesh)
-  g_spec = sharding.logical_to_spec(("batch", None, "act_heads"), mesh)
-  s_spec = sharding.logical_to_spec(("batch", "act_heads", None, None), mesh)
-  for what, n, entry in (("batch B", B, x_spec[0]), ("heads H", H, x_spec[2])):
-    size = _mesh_axis_size(mesh, entry)
-    if n % size:
-      raise ValueError(f"gated_delta_rule: {what}={n} is not divisible by the mesh axes {entry} "
-                       f"(size {size}) it is sharded over; pick a batch / head count divisible "
-                       "by the mesh or a smaller mesh")
+  batch = x_spec[0] if B % _mesh_axis_size(mesh, x_spec[0]) == 0 else None
+  heads = x_spec[2] if H % _mesh_axis_size(mesh, x_spec[2]) == 0 else None
+  x_spec = P(batch, None, heads, None)
+  g_spec = P(batch, None, heads)
+  s_spec = P(batch, heads, None, None)
   return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, g_spec, g_spec, s_spec),
                        out_specs=(x_spec, s_spec), check_vma=False)
 
