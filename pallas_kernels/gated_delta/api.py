@@ -41,6 +41,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from atma_jax import sharding
+from pallas_kernels.platform import platform_of
 from pallas_kernels.gated_delta import reference, xla_chunked
 
 IMPLS = ("auto", "pallas", "xla")
@@ -50,7 +51,7 @@ _PALLAS_MODULES = {"gpu": "pallas_kernels.gated_delta.gpu_triton",
 
 def _pallas_module(args, chunk_size: int):
   """(module, None) for a usable Pallas backend on this platform, else (None, reason)."""
-  platform = jax.default_backend()
+  platform = platform_of(args[0])
   name = _PALLAS_MODULES.get(platform)
   if name is None:
     return None, f"no Pallas backend for platform {platform!r} (only gpu and tpu have one)"

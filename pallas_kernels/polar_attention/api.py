@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from atma_jax import sharding
+from pallas_kernels.platform import platform_of
 from pallas_kernels.polar_attention import reference, xla_streaming
 
 IMPLS = ("auto", "pallas", "xla")
@@ -53,20 +54,13 @@ def _import_pallas(platform: str):
     return None
 
 
-def _platform(x) -> str:
-  try:
-    return next(iter(x.devices())).platform
-  except Exception:  # tracers have no devices: use the default backend
-    return jax.default_backend()
-
-
 def select_backend(q, k, v, *, window=None, q_offset=0, impl="auto"):
   """The backend module `attention_stats` uses for these inputs (trace-time decision)."""
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
   if impl == "xla":
     return xla_streaming
-  platform = _platform(q)
+  platform = platform_of(q)
   mod = _import_pallas(platform)
   if impl == "auto":
     if mod is not None and mod.is_supported(q, k, v, window=window, q_offset=q_offset):
