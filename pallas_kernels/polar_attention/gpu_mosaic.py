@@ -1,0 +1,296 @@
+"""Mosaic-GPU (Hopper: TMA, wgmma, warp specialization) forward of the Polar core op
+`attention_stats` (KERNELS.md §2a), an opt-in alternative to the Pallas-Triton forward.
+
+`(o f32, lse f32, p2 f32) = attention_stats_fwd(q, k, v, scale, window=...)` computes exactly
+the contract of `gpu_forward.attention_stats_fwd` / `reference.attention_stats_materialized`
+for the training / evaluation scope: q_offset = 0 (Tq == Tk), bf16 / f16 inputs, D in
+{64, 128}, causal, window None or int. Anything else raises ValueError (`is_supported` says
+False). The backward is the Triton one (`attention_stats_bwd`, re-exported: it takes lse, not
+how the forward ran), so this module has the backend contract of `gpu_triton`.
+
+Kernel layout (one program per (head, query tile of 2*bq rows, batch)): three warpgroups.
+Warpgroup 2 is the producer: it TMA-copies the K / V blocks of the tile's causal / window band
+into a ring of `stages` SMEM slots (a "loaded" barrier per slot, a "consumed" barrier per slot
+that both consumers arrive on). Warpgroups 0 and 1 each own bq = 64 query rows: S = Q K^T by
+wgmma into an f32 accumulator, the tempered online softmax with the extra statistic
+Q2 <- alpha^2 Q2 + sum p^2 (base 2, finite sentinel masking; blocks fully inside the band skip
+the mask), then acc += P V by wgmma (P from registers; through SMEM in interpret mode, which
+only models SMEM operands, or with `p_via_smem=True`). Both consumers walk the whole tile band
+so every consumed barrier gets its two arrivals. Lengths are padded to a multiple of 2*bq and
+bk (padded keys lie after every real row, so causality masks them; padded rows are dropped).
+
+On a machine without a GPU the kernel runs in Mosaic-GPU interpret mode (tests). Not wired
+into `api.py`; `bench/polar_attention.py --mosaic` times it against the Triton forward.
+Unmeasured so far: no GPU timing exists yet.
+
+Dimension glossary
+  B batch   T rows (Tq == Tk)   H query heads   G KV heads   R = H // G   D head dim
+  bq query rows per consumer warpgroup   bk key block   nq number of query tiles (2*bq rows)
+  S ring slots (stages)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.polar_attention import reference
+from pallas_kernels.polar_attention.gpu_backward import attention_stats_bwd
+from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
+
+__all__ = ["MosaicConfig", "DEFAULT_CONFIG", "attention_stats_bwd", "attention_stats_fwd",
+           "is_supported"]
+
+_COMPUTE_WGS = 2
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+  """Launch config. bq is fixed at 64 rows per consumer warpgroup (one wgmma M tile)."""
+  block_k: int = 128
+  stages: int = 2
+  p_via_smem: bool = False  # P V with P staged in SMEM (forced on in interpret mode)
+  o_splits: int = 2  # o leaves SMEM in this many column slabs (SMEM: 2 * 64 * D * 4 / o_splits)
+  # None: interpret when the default backend is not a GPU; or explicit InterpretGPUParams
+  # (e.g. detect_races=True in tests).
+  interpret: bool | plgpu.InterpretGPUParams | None = None
+
+  def __post_init__(self):
+    if self.block_k % 64 or self.block_k <= 0:
+      raise ValueError(f"block_k={self.block_k} must be a positive multiple of 64")
+    if self.o_splits not in (1, 2, 4):
+      raise ValueError(f"o_splits={self.o_splits} must be 1, 2 or 4")
+    if self.stages < 1:
+      raise ValueError(f"stages={self.stages} must be >= 1")
+
+
+DEFAULT_CONFIG = MosaicConfig()
+BLOCK_Q = 64
+
+
+def _unsupported_reason(q, k, v, *, window, q_offset) -> str | None:
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+    return f"q [B,T,H,D], k/v [B,T,G,D] expected, got {q.shape}, {k.shape}, {v.shape}"
+  if not (isinstance(q_offset, int) and q_offset == 0):
+    return f"q_offset must be the Python int 0 (got {q_offset!r}); use gpu_triton for decode"
+  if q.shape[1] != k.shape[1]:
+    return f"Tq == Tk required (got {q.shape[1]} vs {k.shape[1]}); use gpu_triton"
+  if q.shape[-1] not in (64, 128) or k.shape[-1] != q.shape[-1]:
+    return f"head dim must be 64 or 128 (got q {q.shape[-1]}, k {k.shape[-1]})"
+  if q.shape[2] % k.shape[2]:
+    return f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}"
+  if not all(jnp.dtype(x.dtype) in _DTYPES for x in (q, k, v)) or not (
+      q.dtype == k.dtype == v.dtype):
+    return f"q, k, v must share a bf16 / f16 dtype (got {q.dtype}, {k.dtype}, {v.dtype})"
+  if window is not None and not (isinstance(window, int) and window >= 1):
+    return f"window must be None or a positive int (got {window!r})"
+  return None
+
+
+def is_supported(q, k, v, *, window=None, q_offset=0) -> bool:
+  """True when this kernel can run this call (training / prefill scope only)."""
+  return _unsupported_reason(q, k, v, window=window, q_offset=q_offset) is None
+
+
+def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D, R,
+            n_q_tiles, stages, window, p_via_smem, o_splits):
+  (q_smem2, k_smem, v_smem, o_smem2, s_smem2, lse_smem2, p2_smem2, p_smem2), bars = scoped
+  q_bars, s_bars, k_bars, v_bars, k_used, v_used = bars
+  bq = BLOCK_Q
+  b = lax.axis_index("batch")
+  h = lax.axis_index("heads")
+  wg = lax.axis_index("wg")
+  tile = n_q_tiles - 1 - lax.axis_index("q_seq")  # heaviest (latest) tiles first
+  t0 = tile * (2 * bq)
+  kv_lo = 0 if window is None else lax.div(jnp.maximum(t0 - window + 1, 0), bk)
+  kv_hi = lax.div(t0 + 2 * bq + bk - 1, bk)
+  n_steps = kv_hi - kv_lo
+
+  @pl.when(wg < _COMPUTE_WGS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
+    s_smem, lse_smem, p2_smem = s_smem2.at[wg], lse_smem2.at[wg], p2_smem2.at[wg]
+    r0 = t0 + wg * bq
+    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, bq), h], q_smem, q_bars.at[wg])
+    plgpu.copy_gmem_to_smem(s_ref.at[b, h, pl.ds(r0, bq)], s_smem, s_bars.at[wg])
+    plgpu.barrier_wait(s_bars.at[wg])
+    scale2_q = plgpu.load(s_smem, layout=plgpu.Layout.WGMMA.reduce(1)) * LOG2E
+    plgpu.barrier_wait(q_bars.at[wg])
+
+    def step(i, carry, masked):
+      m_q, l_q, q2_q, acc_qd = carry
+      slot = lax.rem(i, stages)
+      plgpu.barrier_wait(k_bars.at[slot])
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+        return acc_ref[...]
+
+      s_qk = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+      plgpu.barrier_arrive(k_used.at[slot])
+      s_qk = s_qk * lax.broadcast_in_dim(scale2_q, (bq, bk), [0])
+      if masked:
+        rows = r0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
+        cols = (kv_lo + i) * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1,
+                                                         layout=plgpu.Layout.WGMMA)
+        valid = cols <= rows
+        if window is not None:
+          valid = valid & (cols > rows - window)
+        s_qk = jnp.where(valid, s_qk, NEG)
+      m_new = jnp.maximum(m_q, s_qk.max(axis=1))
+      alpha = jnp.exp2(m_q - m_new)
+      p_qk = jnp.exp2(s_qk - lax.broadcast_in_dim(m_new, (bq, bk), [0]))
+      if masked:
+        p_qk = jnp.where(valid, p_qk, 0.0)
+      l_q = l_q * alpha + p_qk.sum(axis=1)
+      q2_q = q2_q * (alpha * alpha) + (p_qk * p_qk).sum(axis=1)
+      acc_qd = acc_qd * lax.broadcast_in_dim(alpha, (bq, D), [0])
+      p16 = p_qk.astype(q_ref.dtype)
+      plgpu.barrier_wait(v_bars.at[slot])
+      if p_via_smem:
+        p_smem = p_smem2.at[wg]
+        p_smem[...] = p16
+        plgpu.commit_smem()
+        p_operand = p_smem
+      else:
+        p_operand = p16
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
+        if p_via_smem:
+          return acc_ref[...]
+
+      if p_via_smem:  # interpret mode models no run_state: P V into a fresh accumulator
+        acc_qd = acc_qd + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
+      else:  # accumulate in place (wgmma on the running accumulator)
+        acc_qd = pl.run_state(pv)(plgpu.ACC.init(acc_qd))
+      plgpu.barrier_arrive(v_used.at[slot])
+      return m_new, l_q, q2_q, acc_qd
+
+    # Blocks fully visible to all bq rows: kb*bk + bk - 1 <= r0 (causal) and
+    # kb*bk >= r0 + bq - window (window); the rest of the tile band is masked.
+    u_hi = lax.div(r0 + 1, bk)
+    u_lo = 0 if window is None else lax.div(jnp.maximum(r0 + bq - window, 0) + bk - 1, bk)
+    u_lo = jnp.clip(u_lo, kv_lo, kv_hi) - kv_lo
+    u_hi = jnp.clip(u_hi, u_lo + kv_lo, kv_hi) - kv_lo
+    wgmma_row = plgpu.Layout.WGMMA.reduce(1)
+    carry = (plgpu.layout_cast(jnp.full((bq,), NEG, jnp.float32), wgmma_row),
+             plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), wgmma_row),
+             plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), wgmma_row),
+             plgpu.layout_cast(jnp.full((bq, D), 0.0, jnp.float32), plgpu.Layout.WGMMA))
+    carry = lax.fori_loop(0, u_lo, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(u_lo, u_hi, functools.partial(step, masked=False), carry)
+    m_q, l_q, q2_q, acc_qd = lax.fori_loop(u_hi, n_steps, functools.partial(step, masked=True),
+                                           carry)
+    l_safe = jnp.where(l_q > 0.0, l_q, 1.0)
+    o_qd = acc_qd / lax.broadcast_in_dim(l_safe, (bq, D), [0])
+    lse_smem[...] = (m_q + jnp.log2(l_safe)) * (1.0 / LOG2E)
+    p2_smem[...] = q2_q / (l_safe * l_safe)
+    # o (f32) leaves through a [bq, D / o_splits] SMEM buffer, one column slab at a time.
+    dc = D // o_splits
+    for j in range(o_splits):
+      if j:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      o_smem[...] = o_qd[:, j * dc:(j + 1) * dc]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(r0, bq), h, pl.ds(j * dc, dc)])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(r0, bq)])
+    plgpu.copy_smem_to_gmem(p2_smem, p2_ref.at[b, h, pl.ds(r0, bq)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == _COMPUTE_WGS)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    g = lax.div(h, R)
+
+    def issue(i, slot):
+      rows = (b, pl.ds((kv_lo + i) * bk, bk), g)
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bars.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bars.at[slot])
+
+    for i in range(stages):
+      pl.when(i < n_steps)(functools.partial(issue, i, i))
+
+    @pl.loop(stages, jnp.maximum(n_steps, stages))
+    def _(i):
+      slot = lax.rem(i, stages)
+      plgpu.barrier_wait(k_used.at[slot])
+      plgpu.barrier_wait(v_used.at[slot])
+      issue(i, slot)
+
+    # Drain: observe the last consumed phases before the barriers go out of scope.
+    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+    def _(i):
+      slot = lax.rem(i, stages)
+      plgpu.barrier_wait(k_used.at[slot])
+      plgpu.barrier_wait(v_used.at[slot])
+
+
+def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_offset=0,
+                        config: MosaicConfig = DEFAULT_CONFIG):
+  """Forward kernel: (o_BTHD f32, lse_BTH f32, p2_BTH f32); see the module docstring."""
+  reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
+                                   q_offset=q_offset)
+  why = _unsupported_reason(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset)
+  if why is not None:
+    raise ValueError(f"gpu_mosaic.attention_stats_fwd: {why}. Use gpu_triton (or the xla "
+                     "backend) for this call.")
+  B, T, H, D = q_BTHD.shape
+  G = k_BTGD.shape[2]
+  bq, bk = BLOCK_Q, config.block_k
+  interpret = (jax.default_backend() != "gpu") if config.interpret is None else config.interpret
+  params = interpret if isinstance(interpret, plgpu.InterpretGPUParams) else (
+      plgpu.InterpretGPUParams() if interpret else None)
+  p_via_smem = config.p_via_smem or params is not None
+  t_pad = pl.cdiv(T, math.lcm(2 * bq, bk)) * math.lcm(2 * bq, bk)
+  q = _pad_axis1(q_BTHD, t_pad)
+  k, v = _pad_axis1(k_BTGD, t_pad), _pad_axis1(v_BTGD, t_pad)
+  scale_BHT = jnp.swapaxes(_pad_axis1(scale_BTH.astype(jnp.float32), t_pad, 1.0), 1, 2)
+  nq = t_pad // (2 * bq)
+  dtype = q.dtype
+  swz = plgpu.SwizzleTransform(128)
+  tiled = lambda shape, dt: plgpu.SMEM(
+      shape, dt, transforms=(plgpu.TilingTransform((8, 128 // jnp.dtype(dt).itemsize)), swz))
+  stages = config.stages
+  smem = (tiled((_COMPUTE_WGS, bq, D), dtype),
+          tiled((stages, bk, D), dtype), tiled((stages, bk, D), dtype),
+          plgpu.SMEM((_COMPUTE_WGS, bq, D // config.o_splits), jnp.float32),
+          plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
+          plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
+          plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
+          tiled((_COMPUTE_WGS, bq, bk), dtype) if p_via_smem else None)
+  bars = (plgpu.Barrier(num_barriers=_COMPUTE_WGS), plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+          plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages))
+  body = functools.partial(_kernel, bk=bk, D=D, R=H // G, n_q_tiles=nq, stages=stages,
+                           window=window, p_via_smem=p_via_smem, o_splits=config.o_splits)
+
+  def entry(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref):
+    pl.run_scoped(lambda smem_refs, bar_refs: body(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref,
+                                                   p2_ref, (smem_refs, bar_refs)),
+                  smem, bars, collective_axes="wg")
+
+  kwargs = {} if params is None else {"interpret": params}
+  o, lse_BHT, p2_BHT = plgpu.kernel(
+      entry,
+      out_type=(jax.ShapeDtypeStruct((B, t_pad, H, D), jnp.float32),
+                jax.ShapeDtypeStruct((B, H, t_pad), jnp.float32),
+                jax.ShapeDtypeStruct((B, H, t_pad), jnp.float32)),
+      grid=(H, nq, B),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      **kwargs,
+  )(q, k, v, scale_BHT)
+  return (o[:, :T], jnp.swapaxes(lse_BHT, 1, 2)[:, :T], jnp.swapaxes(p2_BHT, 1, 2)[:, :T])
