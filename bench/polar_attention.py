@@ -3,6 +3,7 @@ streaming path, forward and forward+backward, bf16, 8 query / 2 KV heads, head d
 
   python3 bench/polar_attention.py --out bench/results/polar_attention_h100.json [--sweep]
   python3 bench/polar_attention.py --bwd-variants all --out $OUT/polar_bwd_variants.json
+  python3 bench/polar_attention.py --mosaic --quick-checks --out $OUT/polar_mosaic.json
 
 Order: (1) correctness of the Pallas kernels vs the XLA streaming path (and the materialized
 oracle) at small shapes, (2) an optional block-size sweep at (B, T) = (4, 8K), (3) the table.
@@ -30,7 +31,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pallas_kernels.polar_attention import gpu_triton, reference, xla_streaming  # noqa: E402
+from pallas_kernels.polar_attention import (  # noqa: E402
+    gpu_mosaic, gpu_triton, reference, xla_streaming)
 
 H, G, D = 8, 2, 128
 SHAPES = ((16, 2048), (4, 8192), (1, 32768))
@@ -125,6 +127,45 @@ def correctness(cfg, small=False):
   return out
 
 
+def mosaic_correctness(mcfg, small=False):
+  """--mosaic: the Mosaic-GPU forward (and it + the Triton backward) vs the Triton kernels and
+  the materialized oracle (fp32 math on the same bf16 inputs), causal, Tq == Tk."""
+  out = []
+  cases = ((1, 128, None), (1, 200, 40)) if small else ((2, 1000, None), (1, 1000, 256),
+                                                       (1, 333, 100), (1, 2048, None))
+  for (B, T, win) in cases:
+    kw = dict(window=win, q_offset=0)
+    q, k, v, scale, do = inputs(B, T, seed=1)
+    row = {"B": B, "T": T, "window": win}
+    try:
+      got = jax.jit(functools.partial(gpu_mosaic.attention_stats_fwd, config=mcfg, **kw))(
+          q, k, v, scale)
+      got_g = jax.jit(fwd_bwd_fn(gpu_mosaic, config=mcfg, **kw))(q, k, v, scale, do)
+    except Exception as e:  # noqa: BLE001 - record and keep going
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      print(f"mosaic check B{B} T{T} w{win}: FAILED {row['error']}", flush=True)
+      out.append(row)
+      continue
+    want = jax.jit(functools.partial(gpu_triton.attention_stats_fwd, **kw))(q, k, v, scale)
+    want_g = jax.jit(fwd_bwd_fn(gpu_triton, **kw))(q, k, v, scale, do)
+    orc = reference.attention_stats_materialized(*[x.astype(jnp.float32) for x in (q, k, v)],
+                                                 scale, **kw)
+    names = ("o", "lse", "p2", "dq", "dk", "dv", "dscale")
+    row["rel_err_vs_triton"] = {n: rel_err(a, b) for n, a, b in
+                                zip(names, tuple(got) + tuple(got_g), tuple(want) + tuple(want_g))}
+    row["rel_err_vs_oracle_fwd"] = {n: rel_err(a, b) for n, a, b in zip(names, got, orc)}
+    row["triton_rel_err_vs_oracle_fwd"] = {n: rel_err(a, b) for n, a, b in zip(names, want, orc)}
+    out.append(row)
+    print(f"mosaic check B{B} T{T} w{win}: vs triton "
+          + " ".join(f"{n}={e:.1e}" for n, e in row["rel_err_vs_triton"].items())
+          + " | fwd vs oracle " + " ".join(f"{n}={e:.1e}"
+                                           for n, e in row["rel_err_vs_oracle_fwd"].items())
+          + " | triton fwd vs oracle " + " ".join(
+              f"{n}={e:.1e}" for n, e in row["triton_rel_err_vs_oracle_fwd"].items()),
+          flush=True)
+  return out
+
+
 def sweep(reps, shape, n_cfg, result, save):
   """Times each kernel alone over its candidate launch configs; returns the best config."""
   B, T = shape
@@ -172,7 +213,7 @@ def causal_tflops(B, T, ms, mult):
   return mult * 2.0 * B * H * T * T * D / (ms * 1e-3) / 1e12
 
 
-def table(cfg, reps, xla_max_t, shapes, fwd_only_shapes, save, cudnn="cudnn"):
+def table(cfg, reps, xla_max_t, shapes, fwd_only_shapes, save, cudnn="cudnn", mosaic=None):
   rows = []
   cud_f, cud_fb = cudnn_fns(cudnn)
   for (B, T), fb in [(s, True) for s in shapes] + [(s, False) for s in fwd_only_shapes]:
@@ -183,6 +224,11 @@ def table(cfg, reps, xla_max_t, shapes, fwd_only_shapes, save, cudnn="cudnn"):
                    jax.jit(fwd_bwd_fn(gpu_triton, config=cfg, window=None, q_offset=0))),
         cudnn: (cud_f, cud_fb),
     }
+    if mosaic is not None:  # MosaicConfig: its forward alone, and with the Triton backward
+      impls["mosaic_fwd"] = (jax.jit(functools.partial(
+          gpu_mosaic.attention_stats_fwd, config=mosaic, window=None, q_offset=0)), None)
+      impls["mosaic_fwd+triton_bwd"] = (None, jax.jit(fwd_bwd_fn(
+          gpu_mosaic, config=mosaic, window=None, q_offset=0)))
     if T <= xla_max_t:
       impls["xla_streaming"] = (
           jax.jit(functools.partial(xla_streaming.attention_stats_fwd, window=None, q_offset=0)),
@@ -191,6 +237,8 @@ def table(cfg, reps, xla_max_t, shapes, fwd_only_shapes, save, cudnn="cudnn"):
       args = (q, k, v) if name == cudnn else (q, k, v, scale)
       for mode in ("fwd", "fwd+bwd") if fb else ("fwd",):
         fn = f_fwd if mode == "fwd" else f_fb
+        if fn is None:
+          continue
         a = args if mode == "fwd" else args + (do,)
         try:
           ms, n = timeit(fn, *a, reps=reps)
@@ -358,7 +406,14 @@ def main():
                   + ",".join(BWD_VARIANTS) + "), then exit; see --budget-s")
   ap.add_argument("--budget-s", type=float, default=330.0,
                   help="--bwd-variants: skip (and record) what is left after this many seconds")
+  ap.add_argument("--mosaic", nargs="?", const="128,2", default=None, metavar="BK,STAGES",
+                  help="also check and time the Mosaic-GPU forward (gpu_mosaic; key block, "
+                  "ring slots; default 128,2): rows mosaic_fwd and mosaic_fwd+triton_bwd")
   args = ap.parse_args()
+  mosaic = None
+  if args.mosaic:
+    bk, stages = (int(x) for x in args.mosaic.split(","))
+    mosaic = gpu_mosaic.MosaicConfig(block_k=bk, stages=stages)
   shapes, fwd_only, sweep_shape, n_cfg, cudnn = SHAPES, FWD_ONLY_SHAPES, (4, 8192), None, "cudnn"
   if args.smoke:
     shapes, fwd_only, sweep_shape, n_cfg, cudnn = ((1, 128),), ((1, 256),), (1, 128), 2, "xla"
@@ -393,12 +448,17 @@ def main():
   if not args.skip_checks:
     result["correctness"] = correctness(cfg, small=args.smoke or args.quick_checks)
     save()
+  if mosaic is not None:
+    result["mosaic_config"] = {"block_k": mosaic.block_k, "stages": mosaic.stages}
+    if not args.skip_checks:
+      result["mosaic_correctness"] = mosaic_correctness(mosaic, small=args.smoke)
+      save()
   if args.sweep:
     cfg = sweep(args.reps, sweep_shape, n_cfg, result, save)
     print("best config", cfg, flush=True)
   result["config"] = dataclasses.asdict(cfg)
   save()
-  rows = table(cfg, args.reps, args.xla_max_t, shapes, fwd_only, save, cudnn)
+  rows = table(cfg, args.reps, args.xla_max_t, shapes, fwd_only, save, cudnn, mosaic)
   if not args.smoke:
     decode_table(cfg, args.reps, save, rows)
   print("wrote", args.out)

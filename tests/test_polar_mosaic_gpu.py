@@ -27,13 +27,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is dep
 BF16_TOL = dict(atol=3e-2, rtol=3e-2)  # as the bf16 Triton tests
 
 
-def _backend(config):
+def _backend(config):  # one config bound to both: the bwd ignores a MosaicConfig
   return (functools.partial(gpu_mosaic.attention_stats_fwd, config=config),
-          gpu_mosaic.attention_stats_bwd)
+          functools.partial(gpu_mosaic.attention_stats_bwd, config=config))
 
 
 @pytest.mark.parametrize("case,config", [
-    (Case(Tq=128, H=4, G=2, D=64), gpu_mosaic.MosaicConfig(block_k=64)),
+    (Case(Tq=128, H=4, G=2, D=64), gpu_mosaic.MosaicConfig(block_k=64, stages=3)),  # > blocks
     (Case(Tq=200, H=4, G=1, D=64), gpu_mosaic.MosaicConfig(block_k=64)),
     (Case(Tq=200, H=4, G=2, D=64, window=40), gpu_mosaic.MosaicConfig(block_k=64, stages=3)),
     (Case(Tq=150, H=2, G=1, D=128, window=100), gpu_mosaic.MosaicConfig(block_k=128)),

@@ -5,7 +5,7 @@
 the contract of `gpu_forward.attention_stats_fwd` / `reference.attention_stats_materialized`
 for the training / evaluation scope: q_offset = 0 (Tq == Tk), bf16 / f16 inputs, D in
 {64, 128}, causal, window None or int. Anything else raises ValueError (`is_supported` says
-False). The backward is the Triton one (`attention_stats_bwd`, re-exported: it takes lse, not
+False). The backward is the Triton one (`attention_stats_bwd` wraps it: it takes lse, not
 how the forward ran), so this module has the backend contract of `gpu_triton`.
 
 Kernel layout (one program per (head, query tile of 2*bq rows, batch)): three warpgroups.
@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.polar_attention import reference
-from pallas_kernels.polar_attention.gpu_backward import attention_stats_bwd
+from pallas_kernels.polar_attention import gpu_backward
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
 
 __all__ = ["MosaicConfig", "DEFAULT_CONFIG", "attention_stats_bwd", "attention_stats_fwd",
@@ -74,6 +74,18 @@ class MosaicConfig:
 
 DEFAULT_CONFIG = MosaicConfig()
 BLOCK_Q = 64
+
+
+def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, delta_BTH, cq_BTH,
+                        *, window=None, q_offset=0, config=None, **kw):
+  """The Triton backward (gpu_backward.attention_stats_bwd). A MosaicConfig `config` (the
+  forward's, when a caller binds one config for the pair) is ignored; a Triton BlockConfig is
+  passed on."""
+  if config is not None and not isinstance(config, MosaicConfig):
+    kw["config"] = config
+  return gpu_backward.attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD,
+                                          delta_BTH, cq_BTH, window=window, q_offset=q_offset,
+                                          **kw)
 
 
 def _unsupported_reason(q, k, v, *, window, q_offset) -> str | None:
@@ -260,7 +272,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   swz = plgpu.SwizzleTransform(128)
   tiled = lambda shape, dt: plgpu.SMEM(
       shape, dt, transforms=(plgpu.TilingTransform((8, 128 // jnp.dtype(dt).itemsize)), swz))
-  stages = config.stages
+  stages = min(config.stages, t_pad // bk)  # static prefetch slices stay inside the keys
   smem = (tiled((_COMPUTE_WGS, bq, D), dtype),
           tiled((stages, bk, D), dtype), tiled((stages, bk, D), dtype),
           plgpu.SMEM((_COMPUTE_WGS, bq, D // config.o_splits), jnp.float32),
