@@ -78,7 +78,9 @@ def test_out_of_scope_inputs_raise(change, match):
     ((1, 300, 8, 2, 128), 100, gpu_mosaic.MosaicConfig(interpret=False)),  # default launch
     ((2, 200, 4, 4, 64), None, gpu_mosaic.MosaicConfig(interpret=False, block_k=64, stages=3,
                                                        p_via_smem=True, o_splits=1)),
-], ids=["D128_default", "D64_bk64_s3_psmem"])
+    ((1, 300, 8, 2, 128), 100, gpu_mosaic.MosaicConfig(interpret=False, p_via_smem=True,
+                                                       o_splits=4)),  # the psmem GPU test
+], ids=["D128_default", "D64_bk64_s3_psmem", "D128_psmem_o4"])
 def test_lowers_for_h100(shape, window, config):
   """Traces and lowers the kernel through Mosaic GPU for an abstract H100 (checks SMEM fit)."""
   mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
@@ -96,7 +98,7 @@ def test_lowers_for_h100(shape, window, config):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [gpu_mosaic.DEFAULT_CONFIG,
                                     gpu_mosaic.MosaicConfig(block_k=64, stages=3),
-                                    gpu_mosaic.MosaicConfig(p_via_smem=True)],
+                                    gpu_mosaic.MosaicConfig(p_via_smem=True, o_splits=4)],
                          ids=["default", "bk64s3", "psmem"])
 @pytest.mark.parametrize("case", [
     Case(Tq=333, H=8, G=2, D=128, window=100),
