@@ -122,15 +122,7 @@ def backward_states(q, k, w, do, gc, dsT, *, c, pieces, tuning, interpret, with_
   else:
     aug = _state_bwd_pass(q, k, w, do, gc, jnp.zeros((b, h, npieces, kd, vd), jnp.float32),
                           c=c, mode="affine", tuning=tuning, interpret=interpret)[0]
-    f_PBHKV = jnp.moveaxis(aug[..., :vd], 2, 0)
-    m_PBHKK = jnp.moveaxis(aug[..., vd:], 2, 0)
-
-    def step(ds, fm):
-      f, m = fm
-      return jnp.einsum("bhkj,bhjv->bhkv", m, ds, precision=cm.HIGHEST) + f, ds
-
-    _, outs = jax.lax.scan(step, dsT, (f_PBHKV, m_PBHKK), reverse=True)
-    ds_out = jnp.moveaxis(outs, 0, 2)
+    ds_out = gpc.piece_starts(aug, dsT, reverse=True)
   dstates, ds_in, *dv = _state_bwd_pass(q, k, w, do, gc, ds_out, c=c, mode="states",
                                         tuning=tuning, interpret=interpret, with_dv=with_dv)
   return (dstates, ds_in[:, :, 0], *dv)

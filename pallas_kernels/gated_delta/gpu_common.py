@@ -118,6 +118,23 @@ def num_pieces(b, h, nc, kd, vd, pieces, tuning):
   return p
 
 
+def piece_starts(aug_BHPKW, init_BHKV, *, reverse=False):
+  """Exact composition of the sequence pieces' affine maps: `aug` = [E | A] per piece (width
+  V + K, from a state pass in "affine" mode), x_next = A x + E. Returns the value entering each
+  piece [B, H, P, K, V] (walking the pieces backwards with `reverse`, as the reverse state pass
+  does for cotangents)."""
+  vd = init_BHKV.shape[-1]
+  e_PBHKV = jnp.moveaxis(aug_BHPKW[..., :vd], 2, 0)
+  a_PBHKK = jnp.moveaxis(aug_BHPKW[..., vd:], 2, 0)
+
+  def step(x, ea):
+    e, a = ea
+    return jnp.einsum("bhkj,bhjv->bhkv", a, x, precision=cm.HIGHEST) + e, x
+
+  _, entering = jax.lax.scan(step, init_BHKV, (e_PBHKV, a_PBHKK), reverse=reverse)
+  return jnp.moveaxis(entering, 0, 2)
+
+
 def stages(dtype, tuning):
   """Software-pipelining depth of the chunk loops. f32 operands at K = V = 128 with 2 stages
   asked for 273 KiB of shared memory on an H200 (limit 227 KiB): no pipelining for f32."""

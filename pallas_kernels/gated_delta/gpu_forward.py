@@ -169,15 +169,7 @@ def forward_states(q, k, w, u, gc, s0, *, c, pieces, save_states, tuning, interp
   else:
     aug = state_pass(q, k, w, u, gc, jnp.zeros((b, h, npieces, kd, vd), jnp.float32), c=c,
                      mode="affine", tuning=tuning, interpret=interpret)[0]
-    e_PBHKV = jnp.moveaxis(aug[..., :vd], 2, 0)
-    a_PBHKK = jnp.moveaxis(aug[..., vd:], 2, 0)
-
-    def step(s, ea):
-      e, a = ea
-      return jnp.einsum("bhkj,bhjv->bhkv", a, s, precision=cm.HIGHEST) + e, s
-
-    _, starts = jax.lax.scan(step, s0, (e_PBHKV, a_PBHKK))
-    s_start = jnp.moveaxis(starts, 0, 2)
+    s_start = gpc.piece_starts(aug, s0)
   if save_states:
     s_end, states, *vnew = state_pass(q, k, w, u, gc, s_start, c=c, mode="states",
                                       tuning=tuning, interpret=interpret, with_v=with_v)
