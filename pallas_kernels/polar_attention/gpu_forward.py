@@ -40,6 +40,22 @@ from pallas_kernels.polar_attention.gpu_tiles import (
 # ----------------------------------------------------------------------------- query tiles
 
 
+def _online_update(carry, s_rk, valid_rk, v_kd):
+  """One key block of the online softmax with the extra statistic: rows' running max m,
+  normalizer L, Q2 = sum p^2 (rescaled by alpha^2) and the unnormalized output (base-2 logits;
+  `valid_rk` None = no mask needed)."""
+  m_r, l_r, q2_r, acc_rd = carry
+  m_new = jnp.maximum(m_r, jnp.max(s_rk, axis=1))
+  alpha = jnp.exp2(m_r - m_new)
+  p_rk = jnp.exp2(s_rk - m_new[:, None])
+  if valid_rk is not None:
+    p_rk = jnp.where(valid_rk, p_rk, 0.0)
+  l_r = alpha * l_r + jnp.sum(p_rk, axis=1)
+  q2_r = alpha * alpha * q2_r + jnp.sum(p_rk * p_rk, axis=1)
+  acc_rd = acc_rd * alpha[:, None] + _dot(p_rk.astype(v_kd.dtype), v_kd)
+  return m_new, l_r, q2_r, acc_rd
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, *, bq, bk, tk,
                 q_offset, window):
   i = pl.num_programs(1) - 1 - pl.program_id(1)  # must match _rev_q in the BlockSpecs
@@ -49,19 +65,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, *, bq, bk, t
   rows_q = p0 + jnp.arange(bq)
 
   def body(kb, carry, masked):
-    m_q, l_q, q2_q, acc_qd = carry
     start = pl.multiple_of(kb * bk, bk)
-    k, v, s_qk, valid = _key_block_logits(q, k_ref, v_ref, scale2_q, rows_q, start, bk, tk=tk,
+    _, v, s_qk, valid = _key_block_logits(q, k_ref, v_ref, scale2_q, rows_q, start, bk, tk=tk,
                                           window=window, masked=masked)
-    m_new = jnp.maximum(m_q, jnp.max(s_qk, axis=1))
-    alpha = jnp.exp2(m_q - m_new)
-    p_qk = jnp.exp2(s_qk - m_new[:, None])
-    if masked:
-      p_qk = jnp.where(valid, p_qk, 0.0)
-    l_q = alpha * l_q + jnp.sum(p_qk, axis=1)
-    q2_q = alpha * alpha * q2_q + jnp.sum(p_qk * p_qk, axis=1)
-    acc_qd = acc_qd * alpha[:, None] + _dot(p_qk.astype(v.dtype), v)
-    return m_new, l_q, q2_q, acc_qd
+    return _online_update(carry, s_qk, valid if masked else None, v)
 
   band = _key_band(p0, p0 + bq - 1, bk=bk, tk=tk, window=window)
   zeros_q = jnp.zeros((bq,), jnp.float32)
@@ -91,17 +98,10 @@ def _decode_kernel(q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, q2_ref, *,
     lo = jnp.maximum(lo, lax.div(jnp.maximum(q_offset - window + 1, 0), bk))
 
   def body(kb, carry):
-    m_m, l_m, q2_m, acc_md = carry
     start = pl.multiple_of(kb * bk, bk)
-    k, v, s_mk, valid = _key_block_logits(q, k_ref, v_ref, scale2_m, pos_m, start, bk, tk=tk,
+    _, v, s_mk, valid = _key_block_logits(q, k_ref, v_ref, scale2_m, pos_m, start, bk, tk=tk,
                                           window=window, masked=True)
-    m_new = jnp.maximum(m_m, jnp.max(s_mk, axis=1))
-    alpha = jnp.exp2(m_m - m_new)
-    p_mk = jnp.where(valid, jnp.exp2(s_mk - m_new[:, None]), 0.0)
-    l_m = alpha * l_m + jnp.sum(p_mk, axis=1)
-    q2_m = alpha * alpha * q2_m + jnp.sum(p_mk * p_mk, axis=1)
-    acc_md = acc_md * alpha[:, None] + _dot(p_mk.astype(v.dtype), v)
-    return m_new, l_m, q2_m, acc_md
+    return _online_update(carry, s_mk, valid, v)
 
   zeros_m = jnp.zeros((rows,), jnp.float32)
   m_m, l_m, q2_m, acc_md = lax.fori_loop(
