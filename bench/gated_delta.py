@@ -8,7 +8,8 @@ forward and forward+backward at bf16, 8 heads, K = V = 128, chunk 64:
 (B, T) = (16, 2K), (4, 8K), (1, 32K) and forward at (1, 64K). "fwd+bwd" is one jitted call that
 runs the forward and then the backward from the primal inputs (what a custom_vjp does in
 training). Each timing: 3 warm-up calls, then the median over 7 repeats of (10 back-to-back
-calls) / 10. FLA's `chunk_gated_delta_rule` is timed only if `fla` imports ("unavailable" else).
+calls) / 10. FLA's `chunk_gated_delta_rule` (through `bench/fla_anchor.py`) is timed only if `fla`
+imports ("unavailable" else).
 Prints a table and writes JSON (device, versions, shapes, medians) after every measurement, so a
 run cut short still leaves its numbers.
 
@@ -96,6 +97,19 @@ def timeit(f, *args, inner=10, reps=7, warmup=3):
   return statistics.median(ts) * 1e3, first
 
 
+def timed_row(results, save, row, measure):
+  """Runs `measure() -> ms or (ms, first_call_s)`, records the row (or its error), saves."""
+  try:
+    got = measure()
+    row["ms"], row["first_call_s"] = got if isinstance(got, tuple) else (got, None)
+  except Exception as e:  # noqa: BLE001
+    row["error"] = f"{type(e).__name__}: {e}"[:1500]
+    traceback.print_exc()
+  print(row, flush=True)
+  results["rows"].append(row)
+  save()
+
+
 def pallas_fns(tuning=gpu_triton.DEFAULT_TUNING, pieces=None):
   fwd = jax.jit(lambda *a: gpu_triton.gated_delta_fwd(*a, chunk_size=CHUNK, pieces=pieces,
                                                       tuning=tuning, interpret=INTERPRET))
@@ -133,37 +147,10 @@ def xla_fns():
 
 
 def fla_fns():
-  """FLA's Triton kernel through torch (None when `fla` is not importable)."""
-  try:
-    import torch
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-  except Exception as e:  # noqa: BLE001
-    return None, f"unavailable ({type(e).__name__}: {e})"
-
-  def run(inputs, backward):
-    q, k, v, lg, beta, s0 = (torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda()
-                             for x in inputs)
-    q, k, v = (x.bfloat16().requires_grad_(backward) for x in (q, k, v))
-    lg, beta = lg.requires_grad_(backward), beta.requires_grad_(backward)
-
-    def call():
-      o, sT = chunk_gated_delta_rule(q, k, v, g=lg, beta=beta, scale=1.0, initial_state=s0,
-                                     output_final_state=True)
-      if backward:
-        o.float().sum().backward()
-      return o
-    for _ in range(3):
-      call()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(7):
-      t0 = time.perf_counter()
-      for _ in range(10):
-        call()
-      torch.cuda.synchronize()
-      ts.append((time.perf_counter() - t0) / 10)
-    return statistics.median(ts) * 1e3
-  return run, "ok"
+  """FLA's `chunk_gated_delta_rule` through torch: `bench/fla_anchor.fla_fns` (no accuracy
+  cases here; `run` is None when `fla` cannot run on this machine)."""
+  from bench import fla_anchor
+  return fla_anchor.fla_fns(cases=())
 
 
 # ------------------------------------------------------------- inverse precision (CPU emulation)
@@ -362,20 +349,14 @@ def sweep(results, save, names=None):
     for name, mode in jobs:
       tuning = variants[name]
       row = {"impl": f"sweep:{name}", "B": b, "T": t, "mode": mode}
-      try:
+
+      def measure(tuning=tuning, mode=mode):
         if mode == "fwd+bwd":
-          f, args = pallas_fns(tuning)[1], inputs + (do, dsT)
-        elif mode == "fwd":
-          f, args = pallas_fns(tuning)[0], inputs
-        else:
-          f, args = pallas_bwd(tuning, inputs), inputs + (do, dsT)
-        row["ms"], row["first_call_s"] = timeit(f, *args)
-      except Exception as e:  # noqa: BLE001
-        row["error"] = f"{type(e).__name__}: {e}"[:1500]
-        traceback.print_exc()
-      print(row, flush=True)
-      results["rows"].append(row)
-      save()
+          return timeit(pallas_fns(tuning)[1], *inputs, do, dsT)
+        if mode == "fwd":
+          return timeit(pallas_fns(tuning)[0], *inputs)
+        return timeit(pallas_bwd(tuning, inputs), *inputs, do, dsT)
+      timed_row(results, save, row, measure)
 
 
 def breakdown(results, save):
@@ -430,13 +411,7 @@ def breakdown(results, save):
   }
   for name, (f, a) in parts.items():
     row = {"impl": f"part:{name}", "B": b, "T": t, "mode": "part"}
-    try:
-      row["ms"], row["first_call_s"] = timeit(f, *a)
-    except Exception as e:  # noqa: BLE001
-      row["error"] = f"{type(e).__name__}: {e}"[:1500]
-    print(row, flush=True)
-    results["rows"].append(row)
-    save()
+    timed_row(results, save, row, functools.partial(timeit, f, *a))
 
 
 def main():
@@ -512,36 +487,17 @@ def main():
         if name.startswith("pallas_") and (b, t) != SHAPES[0][:2]:
           continue
         row = {"impl": name, "B": b, "T": t, "mode": mode}
-        try:
-          f, a = (fwd, inputs) if mode == "fwd" else (fwd_bwd, inputs + (do, dsT))
-          ms, first = timeit(f, *a)
-          row.update(ms=ms, first_call_s=first)
-        except Exception as e:  # noqa: BLE001
-          row["error"] = f"{type(e).__name__}: {e}"[:1500]
-          traceback.print_exc()
-        print(row, flush=True)
-        results["rows"].append(row)
-        save()
+        f, a = (fwd, inputs) if mode == "fwd" else (fwd_bwd, inputs + (do, dsT))
+        timed_row(results, save, row, functools.partial(timeit, f, *a))
       if fla_run is not None:
         row = {"impl": "fla", "B": b, "T": t, "mode": mode}
-        try:
-          row["ms"] = fla_run(inputs, mode != "fwd")
-        except Exception as e:  # noqa: BLE001
-          row["error"] = f"{type(e).__name__}: {e}"[:1500]
-        results["rows"].append(row)
-        save()
+        timed_row(results, save, row, functools.partial(fla_run, inputs, mode != "fwd"))
     if (t == max(x[1] for x in SHAPES) and (t >= 32768 or INTERPRET)
         and not args.no_pieces):  # long-forward split
       for pieces in (8, 32, 64) if not INTERPRET else (1, 4):
         fwd, _ = pallas_fns(pieces=pieces)
         row = {"impl": f"pallas_pieces{pieces}", "B": b, "T": t, "mode": "fwd"}
-        try:
-          row["ms"], row["first_call_s"] = timeit(fwd, *inputs)
-        except Exception as e:  # noqa: BLE001
-          row["error"] = f"{type(e).__name__}: {e}"[:1500]
-        print(row, flush=True)
-        results["rows"].append(row)
-        save()
+        timed_row(results, save, row, functools.partial(timeit, fwd, *inputs))
   # table
   print(f"\n{'impl':<26}{'B':>4}{'T':>8}  {'mode':<8}{'ms':>10}")
   for r in results["rows"]:

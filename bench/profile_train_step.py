@@ -347,7 +347,8 @@ def cost_summary(compiled) -> dict:
 def profile_step(args) -> dict:
   import jax
   from atma_jax.sharding import use_mesh
-  from train_throughput import SMOKE_SETS, build, num_params, variant_sets
+  from train_throughput import SMOKE_SETS, build, variant_sets
+  from atma_jax.summary import count_params
   from atma_jax.train.metrics import flops_per_token
 
   sets = variant_sets(args.micro, args.devices, args.n_micro, args.remat, args.impl,
@@ -355,7 +356,7 @@ def profile_step(args) -> dict:
   res: dict = {"preset": args.preset, "overrides": sets, "devices": args.devices,
                "device": getattr(jax.devices()[0], "device_kind", "?"), "jax": jax.__version__}
   cfg, mesh, setup, state, step, batch = build(args.preset, sets, args.devices)
-  res["flops_per_token"] = flops_per_token(num_params(setup), cfg.model.num_layers,
+  res["flops_per_token"] = flops_per_token(count_params(cfg.model), cfg.model.num_layers,
                                            cfg.model.hidden_size, cfg.train.seq_len)
   res["tokens_per_step"] = cfg.train.global_batch * cfg.train.seq_len
   t0 = time.perf_counter()

@@ -43,6 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from atma_jax.config import resolve  # noqa: E402
+from atma_jax.summary import count_params  # noqa: E402
 from atma_jax.train.mesh import batch_sharding, make_mesh  # noqa: E402
 from atma_jax.train.metrics import (flops_per_token, measure_matmul_peak, mfu,  # noqa: E402
                                     peak_flops)
@@ -86,10 +87,6 @@ def build(preset, sets, n_devices, seed=0):
   batch = {"inputs": jax.device_put(toks[:, :-1], bsh),
            "targets": jax.device_put(toks[:, 1:], bsh)}
   return cfg, mesh, setup, state, step, batch
-
-
-def num_params(setup) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract.params))
 
 
 def _median_time(fn, reps):
@@ -136,7 +133,7 @@ def bench_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq
   jax.block_until_ready(opt_once())
   t_opt, _ = _median_time(opt_once, reps)
 
-  n_par = num_params(setup)
+  n_par = count_params(cfg.model)
   fpt = flops_per_token(n_par, cfg.model.num_layers, cfg.model.hidden_size, T)
   t_micro = max(t_step - t_opt, 1e-9) / n_micro
   ref_tokens = ref_global * T

@@ -19,6 +19,7 @@ import numpy as np
 from atma_jax.config import Config, ConfigError, to_json
 from atma_jax.train import checkpoint as ckpt
 from atma_jax.train.mesh import batch_sharding, check_batch_divides, make_mesh
+from atma_jax.summary import count_params
 from atma_jax.train.metrics import MetricWriter, flops_per_token, mfu, peak_flops, peak_label
 from atma_jax.train.state import init_state, setup_state
 from atma_jax.train.step import make_eval_step, make_train_step, model_losses
@@ -140,7 +141,7 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
   eval_batches = ([to_global(b, bsh) for b in eval_data_fn(cfg, pidx, pcount)]
                   if eval_data_fn is not None and t.eval_batches > 0 else [])
 
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract.params))
+  n_params = count_params(cfg.model)
   fpt = flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size, t.seq_len)
   peak = peak_flops()
   writer = MetricWriter(t.run_dir, enabled=is_main)
