@@ -59,13 +59,14 @@ class Dots(NamedTuple):
   `lax.Precision.HIGHEST` (exact f32: CPU interpret, TPU) or a `lax.DotAlgorithmPreset` such as
   `TF32_TF32_F32_X3` (near-f32 on GPU tensor cores).
   `mid_precision`: the other f32 dots (through T: w, u, v', dT, dA); None = `f32_precision`.
-  `inverse_block`: 0 = plain doubling over the whole chunk; B (a power of 2 dividing C, < C) =
-  doubling within the B-wide diagonal blocks, then across blocks (`inverse_unit_lower`).
+  `inverse_block`: None (default) = `stable_inverse_block(C)`, the blocked doubling every path
+  uses; 0 = plain doubling over the whole chunk; B (a power of 2 dividing C, < C) = doubling
+  within the B-wide diagonal blocks, then across blocks (`inverse_unit_lower`).
   """
   dtype: Any = jnp.float32
   f32_precision: Any = HIGHEST
   mid_precision: Any = None
-  inverse_block: int = 0
+  inverse_block: int | None = None
 
 
 def mm(a, b, *, ta: bool = False, tb: bool = False, cfg: Dots = Dots(), low: bool = False,
@@ -122,7 +123,7 @@ def inverse_unit_lower(a_CC, cfg: Dots = Dots()):
   row, col = iota2(C, C)
   eye = jnp.where(row == col, 1.0, 0.0).astype(dt)
   n = -a_CC.astype(dt)
-  blk = cfg.inverse_block
+  blk = stable_inverse_block(C) if cfg.inverse_block is None else cfg.inverse_block
   if not blk or blk >= C:
     return _doubling(eye + n, n, (C - 1).bit_length() - 1, cfg)
   if C % blk or blk & (blk - 1):

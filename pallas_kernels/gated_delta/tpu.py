@@ -57,11 +57,9 @@ def is_supported(q, k, v, *unused, chunk_size: int) -> bool:
   return unsupported_reason(q, k, v, chunk_size=chunk_size) is None
 
 
-def _dots(dtype, c: int) -> cm.Dots:
-  """Dots of a chunk of `c`: the blocked inverse (the plain doubling loses T0 in f32 for
-  correlated keys)."""
-  return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=cm.HIGHEST,
-                 inverse_block=cm.stable_inverse_block(c))
+def _dots(dtype) -> cm.Dots:
+  """Exact f32 dots (the inverse: the default blocked doubling, `cm.stable_inverse_block`)."""
+  return cm.Dots(dtype=jnp.dtype(dtype), f32_precision=cm.HIGHEST)
 
 
 def _cumsum_gates(g_C1):
@@ -199,7 +197,7 @@ def _prepass(k, v, beta_col, g_col, *, c, interpret):
   nc = tp // c
   tok, colv, rowv, _, _ = _specs(c)
   return pl.pallas_call(
-      functools.partial(_prepass_kernel, cfg=_dots(k.dtype, c)),
+      functools.partial(_prepass_kernel, cfg=_dots(k.dtype)),
       grid=(b, h, nc),
       in_specs=[tok(kd), tok(vd), colv, colv],
       out_specs=[tok(kd), tok(vd)],
@@ -219,7 +217,7 @@ def _state_fwd(q, k, w, u, g_col, s0, *, c, save_states, interpret):
   else:
     first = (tok(vd), jax.ShapeDtypeStruct((b, h, tp, vd), _F32))
   return pl.pallas_call(
-      functools.partial(_state_fwd_kernel, save_states=save_states, cfg=_dots(q.dtype, c)),
+      functools.partial(_state_fwd_kernel, save_states=save_states, cfg=_dots(q.dtype)),
       grid=(b, h, nc),
       in_specs=[tok(kd), tok(kd), tok(kd), tok(vd), colv, whole(kd, vd)],
       out_specs=[first[0], whole(kd, vd)],
@@ -257,7 +255,7 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   do = jnp.moveaxis(jnp.pad(do.astype(_F32), [(0, 0), (0, tp - t), (0, 0), (0, 0)]), 2, 1)
   dsT = (jnp.zeros((b, h, kd, vd), _F32) if dfinal_state is None
          else dfinal_state.astype(_F32))
-  cfg = _dots(q.dtype, c)
+  cfg = _dots(q.dtype)
   w, u = _prepass(k, v, beta_col, g_col, c=c, interpret=interpret)
   states, _ = _state_fwd(q, k, w, u, g_col, s0, c=c, save_states=True, interpret=interpret)
   tok, colv, rowv, st, whole = _specs(c, reverse=True, nc=nc)

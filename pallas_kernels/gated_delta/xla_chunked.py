@@ -74,9 +74,7 @@ def unit_lower_inverse(a_CC: jax.Array) -> jax.Array:
   blocks first, `chunk_math.stable_inverse_block`), vectorized over chunks. The plain doubling
   loses T0 in f32 when the keys of a chunk are correlated (5e-2 at key cosine 0.5, C = 64).
   """
-  cfg = chunk_math.Dots(inverse_block=chunk_math.stable_inverse_block(a_CC.shape[-1]))
-  inverse = functools.partial(chunk_math.inverse_unit_lower, cfg=cfg)
-  return jnp.vectorize(inverse, signature="(c,c)->(c,c)")(a_CC)
+  return jnp.vectorize(chunk_math.inverse_unit_lower, signature="(c,c)->(c,c)")(a_CC)
 
 
 def decay_matrix(gc_C: jax.Array) -> jax.Array:
