@@ -317,7 +317,7 @@ def print_summary(s: dict) -> None:
     print(f"  {r['share'] * 100:6.2f}%  {r['total_ms']:10.3f} ms  x{r['count']:<6d} "
           f"{r['category']:<28s} {r['name'][:80]}")
   print("top source scopes:")
-  for r in s["top_scopes"][:20]:
+  for r in s["top_scopes"][:25]:
     print(f"  {r['share'] * 100:6.2f}%  {r['total_ms']:10.3f} ms  x{r['count']:<6d} "
           f"{r['name'][:100]}")
 
@@ -409,7 +409,13 @@ def main():
   ap.add_argument("--cache-dir", default=None, help="persistent XLA compilation cache")
   ap.add_argument("--parse", default=None, help="only parse this trace dir / file")
   ap.add_argument("--smoke", action="store_true", help="CPU check: tiny preset, seq 64, micro 2")
+  ap.add_argument("--command-buffers", action="store_true",
+                  help="keep XLA's CUDA-graph command buffers (off by default here: inside one, "
+                  "kernels name the command buffer, not their HLO op, so no phases / scopes)")
   args = ap.parse_args()
+  if not args.command_buffers:  # before jax is imported (profile_step imports it)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_gpu_enable_command_buffer=").strip()
   args.remat = args.remat.lower() == "true"
   if args.smoke:
     args.preset, args.seq_len, args.micro, args.n_micro, args.warmup = "tiny", 64, 2, 2, 1

@@ -107,3 +107,18 @@ def test_lowers_for_h100(shape, window, config):
 ], ids=str)
 def test_compiled_on_gpu_bf16(case, config):
   check_backend(*_backend(config), case, jnp.bfloat16, **BF16_TOL)
+
+
+def test_hopper_dispatch(monkeypatch):
+  """On a Hopper GPU `auto` / `pallas` take the Mosaic forward for training / prefill calls and
+  the Triton kernels for what it does not take (decode offsets, f32); other GPUs stay Triton."""
+  from pallas_kernels.polar_attention import api, gpu_triton
+  monkeypatch.setattr(api, "platform_of", lambda x: "gpu")
+  q, k, v, _ = random_inputs(Case(Tq=64, H=4, G=2, D=64), jnp.bfloat16)
+  for hopper, want in ((True, gpu_mosaic), (False, gpu_triton)):
+    monkeypatch.setattr(api, "_is_hopper", lambda h=hopper: h)
+    for impl in ("auto", "pallas"):
+      assert api.select_backend(q, k, v, window=16, impl=impl) is want
+    assert api.select_backend(q, k, v, q_offset=3, impl="auto") is gpu_triton
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    assert api.select_backend(*f32, impl="auto") is gpu_triton

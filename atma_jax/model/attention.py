@@ -118,7 +118,8 @@ class GlobalMixer(nnx.Module):
     H, G, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     r = H // G
     W = cfg.attn_window
-    gate_BTHd, (q_att, k_att, v_att), (q_mem, k_mem, v_mem) = self.core_inputs(x_BTD, q_offset)
+    with jax.named_scope("core_inputs"):
+      gate_BTHd, (q_att, k_att, v_att), (q_mem, k_mem, v_mem) = self.core_inputs(x_BTD, q_offset)
 
     distract = rng is not None and cfg.num_random_keys > 0
     align = jnp.zeros((), jnp.float32)
@@ -129,10 +130,11 @@ class GlobalMixer(nnx.Module):
       len_gain_raw_H, null_base_H, null_slope_raw_H = (
           self.len_gain_raw.get_value(), self.null_base.get_value(),
           self.null_slope_raw.get_value())
-      c_BTHd, mag_BTH = polar_core(
-          q_att, k_att, v_att, self.v_null.get_value(), len_gain_raw_H, null_base_H,
-          null_slope_raw_H, self.mag_beta_raw.get_value(), window=W, q_offset=q_offset,
-          impl=cfg.kernel_impl)
+      with jax.named_scope("polar_core"):
+        c_BTHd, mag_BTH = polar_core(
+            q_att, k_att, v_att, self.v_null.get_value(), len_gain_raw_H, null_base_H,
+            null_slope_raw_H, self.mag_beta_raw.get_value(), window=W, q_offset=q_offset,
+            impl=cfg.kernel_impl)
       out_BTD = self.proj(c_BTHd.reshape(B, T, H * d) * gate_BTF)
       out_BTD = out_BTD + self.mu_proj(mag_BTH.astype(x_BTD.dtype))
       if distract:
@@ -152,5 +154,6 @@ class GlobalMixer(nnx.Module):
 
     if cfg.mem_enabled and mem:
       expand = lambda t: jnp.repeat(t, r, axis=2)  # repeat-interleave: head h <- KV head h // r
-      out_BTD = out_BTD + self.mem(x_BTD, q_mem, expand(k_mem), expand(v_mem))
+      with jax.named_scope("memory"):
+        out_BTD = out_BTD + self.mem(x_BTD, q_mem, expand(k_mem), expand(v_mem))
     return out_BTD, align

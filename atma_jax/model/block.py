@@ -40,11 +40,16 @@ class Block(nnx.Module):
     if rng is not None:
       rng_attn, rng_reg = jax.random.split(rng)
     h_BTD = self.norm1(x_BTD)
+    # Named scopes label the ops in profiles (bench/profile_train_step.py); no numerical effect.
     if self.is_global:
-      mix_BTD, align = self.attn(h_BTD, q_offset=q_offset, mem=mem, rng=rng_attn)
+      with jax.named_scope("global_mixer"):
+        mix_BTD, align = self.attn(h_BTD, q_offset=q_offset, mem=mem, rng=rng_attn)
     else:
-      mix_BTD, align = self.attn(h_BTD), jnp.zeros((), jnp.float32)
+      with jax.named_scope("lfm2_mixer"):
+        mix_BTD, align = self.attn(h_BTD), jnp.zeros((), jnp.float32)
     y_BTD = constrain(x_BTD + mix_BTD, ACT_AXES)
-    out_BTD = constrain(y_BTD + self.mlp(self.norm2(y_BTD)), ACT_AXES)
-    reg = aux_losses.sigreg(out_BTD, sigreg_mode, rng_reg)
+    with jax.named_scope("mlp"):
+      out_BTD = constrain(y_BTD + self.mlp(self.norm2(y_BTD)), ACT_AXES)
+    with jax.named_scope("sigreg"):
+      reg = aux_losses.sigreg(out_BTD, sigreg_mode, rng_reg)
     return out_BTD, reg, align

@@ -6,7 +6,10 @@ Dimension glossary
 Numerics (ATMA_SPEC §2.3, §2.4, §2.5): parameters are stored in the param dtype and cast to the
 activation dtype at use (torch `weight.type_as(x)`); matmuls accumulate in fp32 and round once to
 the activation dtype (the cuBLAS epilogue adds the bias before rounding); norm statistics and
-conv accumulation are fp32.
+conv accumulation are fp32. The Linear backward is torch's too: the output cotangent arrives in
+the activation dtype and both gradient matmuls take it as is (bf16 x bf16, fp32 accumulation);
+JAX's own transpose of the fp32-accumulating dot would upcast it and run both as fp32 (TF32)
+GEMMs, which took a third of an H100 train step (bench/results/train_step_profile_h100_run1.json).
 """
 
 from __future__ import annotations
@@ -56,10 +59,43 @@ class Linear(nnx.Module):
                            (out_axis,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    acc = stats_dtype(x.dtype)
-    y = jnp.einsum("...i,io->...o", x, self.kernel.get_value().astype(x.dtype),
-                   preferred_element_type=acc)
-    return (y + self.bias.get_value().astype(acc)).astype(x.dtype)
+    return linear(x, self.kernel.get_value(), self.bias.get_value())
+
+  def column_blocks(self, x: jax.Array, parts: int) -> tuple[jax.Array, ...]:
+    """`jnp.split(self(x), parts, -1)` as `parts` matmuls on the kernel's column blocks: the
+    backward then adds their input gradients instead of concatenating the blocks' cotangents
+    into one [..., out] tensor first (a copy that took 7% of an H100 train step)."""
+    if self.out_features % parts:
+      raise ValueError(f"out_features={self.out_features} does not split into {parts} blocks")
+    w_IO, b_O, n = self.kernel.get_value(), self.bias.get_value(), self.out_features // parts
+    return tuple(linear(x, w_IO[:, i * n:(i + 1) * n], b_O[i * n:(i + 1) * n])
+                 for i in range(parts))
+
+
+@jax.custom_vjp
+def linear(x_BI: jax.Array, kernel_IO: jax.Array, bias_O: jax.Array) -> jax.Array:
+  """round_to_x_dtype(x @ kernel + bias), accumulated in fp32 (`...` leading axes allowed)."""
+  acc = stats_dtype(x_BI.dtype)
+  y = jnp.einsum("...i,io->...o", x_BI, kernel_IO.astype(x_BI.dtype), preferred_element_type=acc)
+  return (y + bias_O.astype(acc)).astype(x_BI.dtype)
+
+
+def _linear_fwd(x_BI, kernel_IO, bias_O):
+  return linear(x_BI, kernel_IO, bias_O), (x_BI, kernel_IO, bias_O)
+
+
+def _linear_bwd(res, g_BO):
+  x_BI, kernel_IO, bias_O = res
+  acc = stats_dtype(x_BI.dtype)
+  g_BO = g_BO.astype(x_BI.dtype)
+  dx_BI = jnp.einsum("...o,io->...i", g_BO, kernel_IO.astype(x_BI.dtype),
+                     preferred_element_type=acc).astype(x_BI.dtype)
+  dkernel_IO = jnp.einsum("...i,...o->io", x_BI, g_BO, preferred_element_type=acc)
+  dbias_O = jnp.sum(g_BO.astype(acc), axis=tuple(range(g_BO.ndim - 1)))
+  return dx_BI, dkernel_IO.astype(kernel_IO.dtype), dbias_O.astype(bias_O.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 class Embed(nnx.Module):
@@ -122,6 +158,6 @@ class MLP(nnx.Module):
     self.proj = Linear(hidden, dim, axes=("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    a_BTF, g_BTF = jnp.split(self.fc(x_BTD), 2, axis=-1)
+    a_BTF, g_BTF = self.fc.column_blocks(x_BTD, 2)
     r_BTF = jax.nn.relu(a_BTF)
     return self.proj(g_BTF * (r_BTF * r_BTF))

@@ -33,6 +33,6 @@ class LFM2Conv(nnx.Module):
     self.out_proj = Linear(D, D, axes=("mixer", "embed"), param_dtype=pd, rngs=rngs)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    b_BTD, c_BTD, u_BTD = jnp.split(self.in_proj(x_BTD), 3, axis=-1)
+    b_BTD, c_BTD, u_BTD = self.in_proj.column_blocks(x_BTD, 3)
     w_BTD = self.conv(b_BTD * u_BTD)
     return self.out_proj(c_BTD * w_BTD)

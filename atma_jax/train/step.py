@@ -49,7 +49,8 @@ def model_losses(cfg: Config, model, inputs_BT, targets_BT, rng, *, train: bool)
   kw = {"rng": rng, "sigreg_mode": o.sigreg_mode} if train else {}
   h_BTD, aux = model(inputs_BT, **kw)
   chunk = logits_chunk(inputs_BT.shape[0], inputs_BT.shape[1])
-  nll_BT = token_nll(model, h_BTD, targets_BT, chunk)
+  with jax.named_scope("lm_head_loss"):
+    nll_BT = token_nll(model, h_BTD, targets_BT, chunk)
   return jnp.sum(nll_BT.astype(jnp.float32)), aux["reg"], aux["align"]
 
 

@@ -287,14 +287,14 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   body = functools.partial(_kernel, bk=bk, D=D, R=H // G, n_q_tiles=nq, stages=stages,
                            window=window, p_via_smem=p_via_smem, o_splits=config.o_splits)
 
-  def entry(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref):
+  def polar_attention_fwd_mosaic(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref):
     pl.run_scoped(lambda smem_refs, bar_refs: body(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref,
                                                    p2_ref, (smem_refs, bar_refs)),
                   smem, bars, collective_axes="wg")
 
   kwargs = {} if params is None else {"interpret": params}
   o, lse_BHT, p2_BHT = plgpu.kernel(
-      entry,
+      polar_attention_fwd_mosaic,  # the name profiles show
       out_type=(jax.ShapeDtypeStruct((B, t_pad, H, D), jnp.float32),
                 jax.ShapeDtypeStruct((B, H, t_pad), jnp.float32),
                 jax.ShapeDtypeStruct((B, H, t_pad), jnp.float32)),
