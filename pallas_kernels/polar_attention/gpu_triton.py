@@ -9,13 +9,14 @@ public entry the api imports (`is_supported`, `attention_stats_fwd`, `attention_
 `q_offset` may be a Python int (folded into the kernels) or a traced int32 scalar (passed as a
 one-element input). On a machine without a GPU the kernels run in interpret mode (tests).
 
-Measured on an H100 (bf16, 8/2 heads, D=128, causal; bench/results/polar_attention_h100_run1.json
-and polar_bwd_variants_h100.json), Pallas vs cuDNN (plain softmax, no p2 / per-row scale):
+Measured on an H100 (bf16, 8/2 heads, D=128, causal; bench/results/polar_mosaic_h100.json),
+Pallas-Triton vs cuDNN (plain softmax, no p2 / per-row scale):
   (B, T)    fwd            fwd+bwd
-  (16, 2K)  0.78 vs 0.54   2.57 vs 1.80  (per-head dK/dV loops, before the flat default)
-  (4, 8K)   1.58 vs 1.36   6.26 vs 4.02  (flat dK/dV loops, the default)
-  (1, 32K)  5.48 vs 3.96   22.5 vs 14.8  (per-head dK/dV loops)
-  (1, 64K)  20.3 vs 15.1   -
+  (16, 2K)  0.69 vs 0.47   2.33 vs 1.72
+  (4, 8K)   1.66 vs 1.23   6.37 vs 4.25
+  (1, 32K)  5.30 vs 3.76   22.4 vs 14.8
+  (1, 64K)  19.9 vs 15.0   -
+On Hopper the api pairs this backward with the faster Mosaic-GPU forward (`gpu_mosaic`).
 The launch defaults (blocks, warps, stages) come from a sweep on an H200
 (bench/results/polar_attention_h200_run2_sweep.json).
 
