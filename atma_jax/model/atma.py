@@ -33,6 +33,11 @@ def soft_cap(z: jax.Array) -> jax.Array:
   return SOFT_CAP * z * jax.lax.rsqrt(z * z + SOFT_CAP * SOFT_CAP)
 
 
+def capped_logits(z: jax.Array) -> jax.Array:
+  """soft_cap of the LM head's output z (compute dtype) in its statistics dtype (fp32)."""
+  return soft_cap(z.astype(stats_dtype(z.dtype)))
+
+
 def check_model_config(cfg: ModelConfig) -> None:
   """cfg.validate() plus the constraints the modules themselves rely on."""
   cfg.validate()
@@ -123,5 +128,4 @@ class Atma(nnx.Module):
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     """Biased LM head (rounded to the compute dtype, as the reference) then the fp32 soft cap."""
-    z = self.proj(h_BTD)
-    return soft_cap(z.astype(stats_dtype(z.dtype)))
+    return capped_logits(self.proj(h_BTD))

@@ -6,7 +6,8 @@
   softmax_attention(q, k, v, *, scale, window, q_offset, impl) -> o_BTHD in q.dtype
 
 Backends are modules with `attention_stats_fwd`, `attention_stats_bwd` and `is_supported`
-(`xla_streaming`; Pallas `gpu_triton` on GPU and `tpu` on TPU, imported lazily). `impl`:
+(`xla_streaming`; Pallas `gpu_mosaic` on Hopper, `gpu_triton` on GPU and `tpu` on TPU, imported
+lazily). `impl`:
 "xla" -> streaming XLA; "pallas" -> the platform's Pallas kernel (error if it cannot take the
 shape); "auto" -> Pallas when available and supported, else XLA. Decided at trace time. On a
 Hopper GPU both Pallas choices take the Mosaic-GPU forward `gpu_mosaic` (paired with the Triton
@@ -38,21 +39,19 @@ from pallas_kernels.platform import platform_of
 from pallas_kernels.polar_attention import reference, xla_streaming
 
 IMPLS = ("auto", "pallas", "xla")
-_PALLAS_MODULES = {"gpu": "pallas_kernels.polar_attention.gpu_triton",
-                   "cuda": "pallas_kernels.polar_attention.gpu_triton",
-                   "tpu": "pallas_kernels.polar_attention.tpu"}
-# Hopper (compute capability 9.x): the Mosaic-GPU forward (+ the Triton backward) where it takes
-# the call. Measured on an H100 (bench/results/polar_mosaic_h100.json): forward 0.63 vs 0.69 ms
-# at (16, 2K), 1.36 vs 1.66 at (4, 8K), 16.8 vs 19.9 at (1, 64K); fwd+bwd 5.78 vs 6.37 at (4, 8K).
-_HOPPER_MODULE = "pallas_kernels.polar_attention.gpu_mosaic"
+_TRITON = "pallas_kernels.polar_attention.gpu_triton"
+# platform -> Pallas candidates (module, hardware it needs), the first one that exists on this
+# hardware and supports the call wins. Hopper: the Mosaic-GPU forward (+ the Triton backward);
+# measured on an H100 (bench/results/polar_mosaic_h100.json): forward 0.63 vs 0.69 ms at
+# (16, 2K), 1.36 vs 1.66 at (4, 8K), 16.8 vs 19.9 at (1, 64K); fwd+bwd 5.78 vs 6.37 at (4, 8K).
+_PALLAS_CANDIDATES = {
+    "gpu": (("pallas_kernels.polar_attention.gpu_mosaic", "hopper"), (_TRITON, None)),
+    "cuda": (("pallas_kernels.polar_attention.gpu_mosaic", "hopper"), (_TRITON, None)),
+    "tpu": (("pallas_kernels.polar_attention.tpu", None),),
+}
 
 
 # ----------------------------------------------------------------------------- dispatch
-
-def _import_pallas(platform: str):
-  name = _PALLAS_MODULES.get(platform)
-  return None if name is None else _import_module(name)
-
 
 @functools.cache
 def _import_module(name: str):
@@ -69,14 +68,16 @@ def _is_hopper() -> bool:
   return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
 
 
-def _hopper_forward(q, k, v, *, window, q_offset):
-  """The Mosaic-GPU module when this is a Hopper GPU and it supports the call, else None."""
-  if not _is_hopper():
-    return None
-  mod = _import_module(_HOPPER_MODULE)
-  if mod is not None and mod.is_supported(q, k, v, window=window, q_offset=q_offset):
-    return mod
-  return None
+def _pallas_candidates(platform: str) -> list:
+  """The platform's Pallas modules that exist on this hardware, in order of preference."""
+  mods = []
+  for name, needs in _PALLAS_CANDIDATES.get(platform, ()):
+    if needs == "hopper" and not _is_hopper():
+      continue
+    mod = _import_module(name)
+    if mod is not None:
+      mods.append(mod)
+  return mods
 
 
 def select_backend(q, k, v, *, window=None, q_offset=0, impl="auto"):
@@ -86,26 +87,22 @@ def select_backend(q, k, v, *, window=None, q_offset=0, impl="auto"):
   if impl == "xla":
     return xla_streaming
   platform = platform_of(q)
-  if platform in ("gpu", "cuda"):
-    hopper = _hopper_forward(q, k, v, window=window, q_offset=q_offset)
-    if hopper is not None:
-      return hopper
-  mod = _import_pallas(platform)
-  if impl == "auto":
-    if mod is not None and mod.is_supported(q, k, v, window=window, q_offset=q_offset):
+  mods = _pallas_candidates(platform)
+  for mod in mods:
+    if mod.is_supported(q, k, v, window=window, q_offset=q_offset):
       return mod
+  if impl == "auto":
     return xla_streaming
-  if mod is None:
+  if not mods:
     raise ValueError(f"impl='pallas': no Pallas Polar kernel for platform {platform!r} "
-                     f"(have {sorted(set(_PALLAS_MODULES))}); use impl='xla' or 'auto'")
-  if not mod.is_supported(q, k, v, window=window, q_offset=q_offset):
-    why = getattr(mod, "unsupported_reason", None)
-    reason = (why(q, k, v, window=window, q_offset=q_offset) if why else None) or \
-        "its is_supported() says no"
-    raise ValueError(f"impl='pallas': {mod.__name__} cannot take q {q.shape} {q.dtype}, "
-                     f"k {k.shape}, window={window}, q_offset={q_offset}: {reason}; "
-                     f"use impl='auto' to fall back to XLA")
-  return mod
+                     f"(have {sorted(_PALLAS_CANDIDATES)}); use impl='xla' or 'auto'")
+  mod = mods[-1]  # the most general candidate says why
+  why = getattr(mod, "unsupported_reason", None)
+  reason = (why(q, k, v, window=window, q_offset=q_offset) if why else None) or \
+      "its is_supported() says no"
+  raise ValueError(f"impl='pallas': {mod.__name__} cannot take q {q.shape} {q.dtype}, "
+                   f"k {k.shape}, window={window}, q_offset={q_offset}: {reason}; "
+                   f"use impl='auto' to fall back to XLA")
 
 
 # ----------------------------------------------------------------------------- sharding
