@@ -16,9 +16,11 @@ environment variables); every process reads its own rows of each batch.
 import argparse
 import sys
 
-from atma_jax.config import ConfigError, resolve
+from atma_jax.config import resolve
+from atma_jax.errors import cli_boundary
 
 
+@cli_boundary
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,18 +36,10 @@ def main(argv=None) -> int:
   ap.add_argument("--process-id", type=int, help="multi-process: this process's index, 0..N-1")
   ap.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = ap.parse_args(argv)
-  try:
-    cfg = resolve(args.config, args.overrides)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  cfg = resolve(args.config, args.overrides)
   from atma_jax.train.loop import init_distributed, run
-  try:
-    init_distributed(args.coordinator, args.num_processes, args.process_id)
-    run(cfg, resume=args.resume, progress=not args.no_progress)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  init_distributed(args.coordinator, args.num_processes, args.process_id)
+  run(cfg, resume=args.resume, progress=not args.no_progress)
   return 0
 
 

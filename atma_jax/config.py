@@ -18,9 +18,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, get_args, get_origin
+from atma_jax.errors import AtmaError
 
 
-class ConfigError(ValueError):
+class ConfigError(AtmaError, ValueError):
   """A configuration problem, with a message that says how to fix it."""
 
 
@@ -72,6 +73,16 @@ class ModelConfig:
     return layer % self.global_every == self.global_offset
 
   def validate(self) -> None:
+    for name in ("vocab_size", "num_layers", "hidden_size", "head_dim", "gqa_ratio",
+                 "attn_kernel_size", "conv_kernel_size", "mem_chunk", "mlp_ratio", "global_every"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"model.{name}={getattr(self, name)} must be a positive integer "
+                          f"(the canonical model uses {getattr(ModelConfig, name)}); set it with "
+                          f"--set model.{name}=N.")
+    if not 0 <= self.global_offset < self.global_every:
+      raise ConfigError(f"model.global_offset={self.global_offset} must lie in [0, "
+                        f"model.global_every={self.global_every}) (block l is global iff "
+                        "l % global_every == global_offset).")
     if self.hidden_size % self.head_dim:
       raise ConfigError(
           f"model.hidden_size={self.hidden_size} is not a multiple of model.head_dim={self.head_dim};"
@@ -82,10 +93,8 @@ class ModelConfig:
           f" model.gqa_ratio={self.gqa_ratio}; pick a gqa_ratio that divides the head count.")
     if self.attn_window is not None and self.attn_window < 1:
       raise ConfigError(f"model.attn_window={self.attn_window} must be >= 1 or None (full causal).")
-    for name in ("num_layers", "vocab_size", "attn_kernel_size", "conv_kernel_size", "mem_chunk",
-                 "mlp_ratio", "global_every"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"model.{name}={getattr(self, name)} must be a positive integer.")
+    if not self.rope_scale > 0:
+      raise ConfigError(f"model.rope_scale={self.rope_scale} must be > 0 (the reference uses 0.12).")
     if self.num_random_keys < 0:
       raise ConfigError("model.num_random_keys must be >= 0 (0 disables the distractor loss).")
 
@@ -191,8 +200,27 @@ class Config:
           f"{t.micro_batch}; set global_batch to k * micro_batch.")
     if t.seq_len < 2:
       raise ConfigError("train.seq_len must be >= 2.")
-    if not 0.0 <= self.optim.cooldown_frac <= 1.0:
+    o = self.optim
+    if not 0.0 <= o.cooldown_frac <= 1.0:
       raise ConfigError("optim.cooldown_frac must lie in [0, 1].")
+    for name in ("muon_lr", "embed_lr", "head_lr", "scalar_lr", "muon_weight_decay",
+                 "sigreg_alpha", "distractor_weight"):
+      if not getattr(o, name) >= 0:  # also rejects NaN
+        raise ConfigError(f"optim.{name}={getattr(o, name)} must be >= 0.")
+    for name in ("muon_momentum", "adam_b1", "adam_b2"):
+      if not 0.0 <= getattr(o, name) < 1.0:
+        raise ConfigError(f"optim.{name}={getattr(o, name)} must lie in [0, 1).")
+    if not (o.adam_eps > 0 and o.clip_norm > 0 and o.muon_ns_steps >= 1):
+      raise ConfigError(f"optim.adam_eps={o.adam_eps} and optim.clip_norm={o.clip_norm} must be "
+                        f"> 0 and optim.muon_ns_steps={o.muon_ns_steps} >= 1.")
+    e = self.eval
+    for name in ("trials", "num_docs", "logits_chunk"):
+      if getattr(e, name) < 1:
+        raise ConfigError(f"eval.{name}={getattr(e, name)} must be >= 1.")
+    if any(not 0.0 <= d <= 1.0 for d in e.depths):
+      raise ConfigError(f"eval.depths={e.depths}: every needle depth must lie in [0, 1].")
+    if not 0.0 <= self.data.val_fraction < 1.0:
+      raise ConfigError(f"data.val_fraction={self.data.val_fraction} must lie in [0, 1).")
     return self
 
 
@@ -303,13 +331,43 @@ def _from_dict(cls, data: dict[str, Any], where: str):
   kwargs = {}
   for k, v in data.items():
     tp = hints[k]
+    key = f"{where}.{k}".lstrip(".")
     if dataclasses.is_dataclass(tp):
-      kwargs[k] = _from_dict(tp, v, f"{where}.{k}".lstrip("."))
+      kwargs[k] = _from_dict(tp, v, key)
     elif get_origin(tp) is tuple:
-      kwargs[k] = tuple(v)
+      if not isinstance(v, (list, tuple)):
+        raise ConfigError(f"config key {key}={v!r} must be a JSON list.")
+      kwargs[k] = tuple(_check_json_value(x, get_args(tp)[0], key) for x in v)
     else:
-      kwargs[k] = v
+      kwargs[k] = _check_json_value(v, tp, key)
   return cls(**kwargs)
+
+
+def _check_json_value(v: Any, tp: Any, key: str) -> Any:
+  """`v` (a value read from JSON) if it fits the annotated type `tp`; ConfigError otherwise."""
+  origin, args = get_origin(tp), get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    if v is None and type(None) in args:
+      return None
+    tp = next(a for a in args if a is not type(None))
+    origin, args = get_origin(tp), get_args(tp)
+  if origin is Literal:
+    ok = v in args
+  elif tp is bool:
+    ok = isinstance(v, bool)
+  elif tp is int:
+    ok = isinstance(v, int) and not isinstance(v, bool)
+  elif tp is float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    v = float(v) if ok else v
+  elif tp is str:
+    ok = isinstance(v, str)
+  else:
+    ok = True
+  if not ok:
+    want = f"one of {list(args)}" if origin is Literal else getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"config key {key}={v!r} has the wrong type; expected {want}.")
+  return v
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -326,8 +384,17 @@ PRESETS = ("tiny", "atma_378m")
 def load_preset(name: str) -> Config:
   """Loads `configs/<name>.py` (a module with `config() -> Config`)."""
   if name.endswith(".json"):
-    with open(name) as f:
-      return from_json(f.read())
+    try:
+      with open(name) as f:
+        text = f.read()
+    except FileNotFoundError:
+      raise ConfigError(f"config file {name} does not exist; pass a preset name "
+                        f"({', '.join(PRESETS)}) or the path of a saved config .json (e.g. "
+                        "<run_dir>/config.json).") from None
+    try:
+      return from_json(text)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"config file {name} is not valid JSON ({e}).") from None
   mod_name = name[:-3].replace("/", ".") if name.endswith(".py") else f"configs.{name}"
   try:
     mod = importlib.import_module(mod_name)

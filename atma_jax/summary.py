@@ -16,7 +16,8 @@ from collections import OrderedDict
 
 from flax import nnx
 
-from atma_jax.config import ConfigError, ModelConfig, resolve
+from atma_jax.config import ModelConfig, resolve
+from atma_jax.errors import cli_boundary
 
 
 def abstract_params(cfg: ModelConfig) -> nnx.State:
@@ -61,6 +62,7 @@ def format_table(params: nnx.State, leaves: bool = False) -> str:
   return "\n".join(lines)
 
 
+@cli_boundary
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m atma_jax.summary",
                                description=__doc__.split("\n")[0])
@@ -69,11 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                   help="config override, e.g. --set model.mem_enabled=false (repeatable)")
   ap.add_argument("--leaves", action="store_true", help="also list every leaf with its axes")
   args = ap.parse_args(argv)
-  try:
-    cfg = resolve(args.config, args.set)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  cfg = resolve(args.config, args.set)
   print(f"config: {cfg.name}  attn_type={cfg.model.attn_type}  mem_enabled={cfg.model.mem_enabled}"
         f"  layers={cfg.model.num_layers}  hidden={cfg.model.hidden_size}")
   print(format_table(abstract_params(cfg.model), leaves=args.leaves))

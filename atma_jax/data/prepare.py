@@ -25,6 +25,7 @@ import sys
 
 from atma_jax.data import corpus, sources
 from atma_jax.data.tokenizer import load_gpt2_tokenizer
+from atma_jax.errors import cli_boundary
 
 ENGLISH_PACKAGES = (sources.PY_DOC_PACKAGE, sources.KERNEL_PACKAGE)
 EVAL_PACKAGES = (sources.AUSTEN_PACKAGE, sources.KJV_PACKAGE)
@@ -49,6 +50,7 @@ def _documents(args):
   return sources.hf_documents(args.hf_name, args.hf_text_field, args.hf_split)
 
 
+@cli_boundary
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m atma_jax.data.prepare", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,15 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 
   tok = load_gpt2_tokenizer(use_tiktoken=not args.pure_python)
   print(f"[prepare] {args.source} -> {args.out} ({tok.backend} BPE)", flush=True)
-  try:
-    meta = corpus.tokenize_to_shards(_documents(args), tok, args.out, prefix=args.source,
-                                     val_fraction=args.val_fraction, seed=args.seed,
-                                     shard_tokens=args.shard_tokens,
-                                     max_tokens=args.max_tokens or None,
-                                     log=lambda m: print(m, flush=True))
-  except sources.SourceError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  meta = corpus.tokenize_to_shards(_documents(args), tok, args.out, prefix=args.source,
+                                   val_fraction=args.val_fraction, seed=args.seed,
+                                   shard_tokens=args.shard_tokens,
+                                   max_tokens=args.max_tokens or None,
+                                   log=lambda m: print(m, flush=True))
   print(json.dumps({k: v for k, v in meta.items() if not k.endswith("_files")}, indent=2))
   return 0
 

@@ -19,8 +19,10 @@ import struct
 import zlib
 from typing import Any
 
+from atma_jax.errors import AtmaError
 
-class RDataError(ValueError):
+
+class RDataError(AtmaError, ValueError):
   """The file uses an R serialization feature this reader does not support."""
 
 

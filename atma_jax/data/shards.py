@@ -14,13 +14,15 @@ from typing import Sequence
 
 import numpy as np
 
+from atma_jax.errors import AtmaError
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 
 
-class ShardError(ValueError):
+class ShardError(AtmaError, ValueError):
   """A shard file is missing, malformed, or holds ids the model cannot embed."""
 
 

@@ -24,6 +24,8 @@ import sysconfig
 import tarfile
 from typing import Iterator
 
+from atma_jax.errors import AtmaError
+
 Document = tuple[str, str]  # (stable name, text)
 
 HELDOUT_FRACTION = 0.10  # names hashing into [1 - HELDOUT_FRACTION, 1) are eval-only
@@ -41,7 +43,7 @@ AUSTEN_RDB = "/usr/lib/R/site-library/janeaustenr/data/Rdata"
 KJV_PACKAGE = "bible-kjv"
 
 
-class SourceError(RuntimeError):
+class SourceError(AtmaError, RuntimeError):
   """A corpus is unavailable; the message says what to install or set."""
 
 

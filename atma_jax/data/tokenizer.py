@@ -19,6 +19,8 @@ import json
 import os
 from typing import Iterable, Sequence
 
+from atma_jax.errors import AtmaError
+
 GPT2_VOCAB_SIZE = 50257
 EOT_ID = 50256
 EOT_TEXT = "<|endoftext|>"
@@ -28,7 +30,7 @@ EOT_TEXT = "<|endoftext|>"
 GPT2_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(AtmaError, RuntimeError):
   """The tokenizer files or libraries are missing or inconsistent."""
 
 

@@ -24,13 +24,15 @@ import os
 import sys
 import time
 
+from atma_jax.errors import AtmaError, cli_boundary
+
 TASKS = ("loss", "junk", "retrieval", "induction", "probe")
 DEFAULT_TASKS = ("loss", "junk", "retrieval", "induction")
 LADDER = (1, 2, 4, 8, 16, 32)
 MIN_LENGTH = 64  # the retrieval scaffold (EOT, needle, cue) needs ~30 tokens
 
 
-class EvalError(ValueError):
+class EvalError(AtmaError, ValueError):
   """A bad command line or input, with a message that says how to fix it."""
 
 
@@ -113,13 +115,9 @@ def check_args(args: argparse.Namespace) -> dict:
   return out
 
 
+@cli_boundary
 def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
-  try:
-    return run(args)
-  except EvalError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return run(parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 
 from atma_jax.config import Config
+from atma_jax.errors import AtmaError
 
 
-class JunkError(ValueError):
+class JunkError(AtmaError, ValueError):
   """The validation split cannot supply the windows asked for (the message says what to do)."""
 
 

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from atma_jax.config import ConfigError
+from atma_jax.errors import cli_boundary
 
 
 def _export(args) -> int:
@@ -141,11 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
   return ap
 
 
+@cli_boundary
 def main(argv=None) -> int:
-  from atma_jax.interop.convert import InteropError
   args = build_parser().parse_args(argv)
-  try:
-    return args.fn(args)
-  except (InteropError, ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return args.fn(args)

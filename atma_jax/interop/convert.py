@@ -16,13 +16,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from atma_jax.config import ModelConfig
+from atma_jax.errors import AtmaError
 from atma_jax.interop import layout as L
 from atma_jax.interop.ref_config import check_exportable
 
 _COMPILE_PREFIX = "_orig_mod."
 
 
-class InteropError(ValueError):
+class InteropError(AtmaError, ValueError):
   """A checkpoint that does not fit the architecture; the message lists every problem and the fix."""
 
 

@@ -23,12 +23,13 @@ import jax
 import orbax.checkpoint as ocp
 
 from atma_jax.config import Config, ConfigError, from_dict, to_dict
+from atma_jax.errors import AtmaError
 from atma_jax.train.optimizer import dotted_path
 
 ITEMS = ("state", "data", "config")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AtmaError, RuntimeError):
   """A checkpoint that cannot be used (missing, partial, other architecture)."""
 
 

@@ -116,13 +116,17 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
   setup = setup_state(cfg, mesh, model_fn)
   for note in setup.notes:
     log(f"[sharding] {note}")
+  # The data is opened (shards checked) before anything is written: a run that fails on its
+  # input leaves no run directory behind.
+  data_it = data_fn(cfg, pidx, pcount)
+  raw_eval = (list(eval_data_fn(cfg, pidx, pcount))
+              if eval_data_fn is not None and t.eval_batches > 0 else [])
   mngr = ckpt.make_manager(t.run_dir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   latest = mngr.latest_step()
   if latest is not None and not resume:
     raise ConfigError(f"{ckpt.checkpoint_dir(t.run_dir)} already has checkpoints (latest step "
                       f"{latest}); pass --resume to continue that run or set train.run_dir to a "
                       "new directory.")
-  data_it = data_fn(cfg, pidx, pcount)
   if resume and latest is not None:
     state = ckpt.restore(mngr, latest, setup.abstract, data_it, cfg)
     log(f"resumed from {ckpt.checkpoint_dir(t.run_dir)}/{latest}")
@@ -138,8 +142,7 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
   bsh = batch_sharding(mesh)
   train_step = make_train_step(cfg, setup, mesh, losses_fn=losses_fn)
   eval_step = make_eval_step(cfg, setup, mesh, losses_fn=losses_fn)
-  eval_batches = ([to_global(b, bsh) for b in eval_data_fn(cfg, pidx, pcount)]
-                  if eval_data_fn is not None and t.eval_batches > 0 else [])
+  eval_batches = [to_global(b, bsh) for b in raw_eval]
 
   n_params = count_params(cfg.model)
   fpt = flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size, t.seq_len)

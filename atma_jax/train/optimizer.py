@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from atma_jax.config import OptimConfig
+from atma_jax.errors import AtmaError
 from atma_jax.train.muon import muon_leaf_update
 from atma_jax.train.schedule import lr_multiplier
 
@@ -33,7 +34,7 @@ GROUPS = ("muon", "embed", "head", "scalar")
 CONV_MODULES = ("conv", "canon_q", "canon_k", "canon_v")
 
 
-class OptimizerError(ValueError):
+class OptimizerError(AtmaError, ValueError):
   """A parameter tree the recipe cannot be applied to (names the leaf and the fix)."""
 
 

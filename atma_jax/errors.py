@@ -1,0 +1,62 @@
+"""The project's user-facing errors and the boundary every entry point runs behind.
+
+`AtmaError` is the base of every error whose message names the problem and the fix (a bad
+config, shard, checkpoint, weights file or argument). `cli_boundary` wraps a `main(argv) -> int`:
+
+  * an `AtmaError`, or an `OSError` about a file (missing, unreadable, unwritable, disk full),
+    prints `error: <message>` to stderr and returns 2;
+  * anything else is a bug and keeps its traceback.
+
+    @cli_boundary
+    def main(argv=None) -> int: ...
+
+Set `ATMA_TRACEBACK=1` to see the traceback of a handled error too.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable
+
+EXIT_USAGE = 2  # argparse's exit status for a bad command line; ours for every handled error
+
+
+class AtmaError(Exception):
+  """A problem with the user's input or files; the message says what is wrong and how to fix it."""
+
+
+def describe_os_error(err: OSError) -> str:
+  """One line for a file-system error: what failed, on which path, and what to check."""
+  what = err.strerror or str(err)
+  paths = [p for p in (err.filename, err.filename2) if p]
+  where = " -> ".join(str(p) for p in paths)
+  msg = f"{what}: {where}" if where else what
+  if isinstance(err, PermissionError):
+    msg += " (check the path's permissions, or choose a directory you can write)"
+  elif isinstance(err, FileNotFoundError):
+    msg += " (check the path)"
+  return msg
+
+
+def report(err: BaseException) -> int:
+  """Prints the one-line form of a handled error to stderr; returns the exit status."""
+  text = describe_os_error(err) if isinstance(err, OSError) else str(err)
+  print(f"error: {text}", file=sys.stderr)
+  return EXIT_USAGE
+
+
+def cli_boundary(main: Callable[..., int]) -> Callable[..., int]:
+  """`main` with project errors and file errors turned into `error: ...` and exit status 2."""
+
+  @functools.wraps(main)
+  def wrapped(*args, **kwargs) -> int:
+    try:
+      return main(*args, **kwargs)
+    except (AtmaError, OSError) as err:
+      if os.environ.get("ATMA_TRACEBACK"):
+        raise
+      return report(err)
+
+  return wrapped
