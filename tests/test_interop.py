@@ -311,8 +311,72 @@ def test_export_refuses_to_overwrite(tmp_path, polar_sd):
   assert (d / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weights_are_refused(polar_sd, bad):
+  cfg, sd = polar_sd
+  sd = dict(sd)
+  w = sd["blocks.2.attn.q.weight"].copy()
+  w[3, 5] = bad
+  sd["blocks.2.attn.q.weight"] = w
+  emb = sd["embed.weight"].copy()  # bf16 tensors are checked too
+  emb[0, 0] = -bad
+  sd["embed.weight"] = emb
+  what = "NaN" if np.isnan(bad) else "Inf"
+  msg = _raises(cfg, sd, "non-finite", f"blocks.2.attn.q.weight holds 1 {what} value(s)",
+                f"embed.weight holds 1 {what} value(s)")
+  assert "blocks.2.attn.k.weight" not in msg
+
+
+def test_written_files_are_ordinary_mode(tmp_path, polar_sd):
+  cfg, sd = polar_sd
+  d = _write_ref(tmp_path, cfg, sd)
+  mask = os.umask(0)
+  os.umask(mask)
+  for name in ("model.safetensors", "config.json", "tokenizer.json"):
+    assert (d / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+  assert not [p for p in d.iterdir() if p.name.startswith(".tmp_")]
+
+
+def test_export_to_an_unwritable_place_fails_before_reading(tmp_path, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  # the checkpoint does not exist either: the --out check comes first, nothing is loaded
+  rc = cli.main(["export", "--checkpoint", str(tmp_path / "no_run"), "--out",
+                 str(blocker / "out")])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith("error: cannot write to --out") and "is a file" in err
+  assert len(err.strip().splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end through the CLI and the trainer's checkpoints: import -> load_model -> export.
+
+
+def test_cli_import_keeps_an_fp32_embedding(tmp_path, capsys):
+  """The default preset stores the embedding in bf16; an fp32 file is not rounded silently."""
+  from atma_jax.train.checkpoint import load_model
+  cfg = small_cfg("nope", False, embed_dtype="float32")
+  sd = convert.state_dict_from_params(cfg, random_params(cfg, seed=2), embed_dtype="float32")
+  assert sd["embed.weight"].dtype == np.float32
+  assert not np.array_equal(sd["embed.weight"].astype(BF16).astype(np.float32),
+                            sd["embed.weight"])  # rounding would change it
+  d = _write_ref(tmp_path, cfg, sd)
+  run = tmp_path / "run"
+  assert cli.main(["import", "--weights", str(d), "--out", str(run), "--set",
+                   "model.kernel_impl=xla"]) == 0  # default preset: atma_378m (bf16 embed)
+  assert "embed.weight is float32 in the file; kept as float32" in capsys.readouterr().err
+  loaded_cfg, _, params = load_model(str(run))
+  emb = np.asarray(convert.flat_params(params)[("embed", "embedding")])
+  assert loaded_cfg.model.embed_dtype == "float32" and emb.dtype == np.float32
+  np.testing.assert_array_equal(emb, sd["embed.weight"])
+  # asked for explicitly, the preset's bf16 is used (and said nothing about)
+  run2 = tmp_path / "run2"
+  assert cli.main(["import", "--weights", str(d), "--out", str(run2), "--set",
+                   "model.kernel_impl=xla", "--set", "model.embed_dtype=bfloat16"]) == 0
+  assert "note:" not in capsys.readouterr().err
+  _, _, params2 = load_model(str(run2))
+  assert np.asarray(convert.flat_params(params2)[("embed", "embedding")]).dtype == BF16
+
 
 
 def test_cli_import_then_export_round_trip(tmp_path, capsys):

@@ -5,7 +5,8 @@
       config.json (every AtmaConfig field), tokenizer.json.
   import --weights PATH [--config config.json] --out RUN_DIR [--preset NAME] [--set k=v ...]
       model.safetensors or the reference's own weights.pt (+ config.json) -> a run directory
-      that eval.py / load_model can open. Everything is validated before anything is written.
+      that eval.py / load_model can open. Everything is validated before anything is written;
+      weights holding NaN/Inf are refused; the embedding keeps the dtype it has in the file.
   verify --reference-repo PATH [--torch-python PY]
       the same random model in both frameworks, every variant; prints max |d logits| (fp32).
 """
@@ -18,15 +19,18 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from atma_jax.errors import cli_boundary
 
 
 def _export(args) -> int:
   from atma_jax.interop.convert import state_dict_from_params
-  from atma_jax.interop.files import write_reference_checkpoint
+  from atma_jax.interop.files import export_targets, write_reference_checkpoint
   from atma_jax.interop.ref_config import reference_config
   from atma_jax.interop.runs import load_run
 
+  export_targets(args.out, args.format, args.overwrite)  # before the checkpoint is read
   cfg, _graphdef, params = load_run(args.checkpoint)
   sd = state_dict_from_params(cfg.model, params, embed_dtype=args.embed_dtype)
   ref_cfg = reference_config(cfg.model, max_position_embeddings=cfg.train.seq_len)
@@ -46,7 +50,8 @@ def _export(args) -> int:
 def _import(args) -> int:
   from atma_jax.config import load_preset, override
   from atma_jax.interop.convert import model_from_state_dict
-  from atma_jax.interop.files import read_json, read_state_dict, resolve_weights
+  from atma_jax.interop.files import (check_out_dir_writable, read_json, read_state_dict,
+                                      resolve_weights)
   from atma_jax.interop.ref_config import model_config_from_reference
   from atma_jax.interop.runs import check_out_dir, save_run
 
@@ -54,6 +59,7 @@ def _import(args) -> int:
   config_path = args.config or os.path.join(os.path.dirname(os.path.abspath(weights)),
                                             "config.json")
   check_out_dir(args.out)
+  check_out_dir_writable(args.out)
   base = load_preset(args.preset)
   model_cfg = model_config_from_reference(read_json(config_path, "reference config"),
                                           base=base.model)
@@ -61,12 +67,29 @@ def _import(args) -> int:
   if args.set:
     cfg = override(cfg, args.set)
   sd = read_state_dict(weights)
+  cfg = _keep_file_embed_dtype(cfg, sd, base.name, explicit=any(
+      s.split("=", 1)[0].strip() == "model.embed_dtype" for s in args.set))
   graphdef, params = model_from_state_dict(cfg.model, sd, source=f"weights {weights}")
   where = save_run(args.out, cfg, graphdef, params)
   print(f"imported {weights} ({cfg.model.attn_type}, mem={cfg.model.mem_enabled}, "
         f"window={cfg.model.attn_window}, {cfg.model.num_layers} layers, D={cfg.model.hidden_size})"
         f" -> {where}")
   return 0
+
+
+def _keep_file_embed_dtype(cfg, sd, preset: str, explicit: bool):
+  """The embedding keeps the precision it has in the file unless --set model.embed_dtype says
+  otherwise: an fp32 table is not rounded to the preset's bf16 (nor a bf16 one widened)."""
+  from atma_jax.interop.layout import BF16
+  emb = sd.get("embed.weight")
+  file_dtype = {BF16: "bfloat16", np.dtype(np.float32): "float32"}.get(
+      np.dtype(getattr(emb, "dtype", np.float32)))
+  if explicit or file_dtype is None or file_dtype == cfg.model.embed_dtype:
+    return cfg
+  print(f"note: embed.weight is {file_dtype} in the file; kept as {file_dtype} (the preset "
+        f"{preset} says {cfg.model.embed_dtype}: --set model.embed_dtype={cfg.model.embed_dtype} "
+        "converts it).", file=sys.stderr)
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, embed_dtype=file_dtype))
 
 
 def _verify(args) -> int:

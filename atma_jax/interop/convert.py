@@ -5,7 +5,8 @@
 
 Both directions go through `layout.reference_layout(cfg)` (spec §9). The state dict is checked
 against it first (missing keys, unexpected keys, shapes, vocab, RoPE buffer) and every problem is
-reported at once in one `InteropError`, with what the weights look like and how to fix it.
+reported at once in one `InteropError`, with what the weights look like and how to fix it;
+weights holding NaN or Inf are refused, naming the tensors.
 The memory gate constants (3.9, 0.0) live in the config, not in the biases: biases map 1:1.
 """
 
@@ -154,9 +155,22 @@ def describe_state_dict(sd: Mapping[str, Any]) -> str:
   return ", ".join(facts) if facts else "no recognizable ATMA tensors"
 
 
+def non_finite_counts(a: Any) -> str:
+  """Empty if every value of `a` is finite, else a count such as "3 NaN and 1 Inf value(s)"."""
+  a = np.asarray(a)
+  if a.dtype == L.BF16:
+    a = a.astype(np.float32)
+  if a.dtype.kind != "f" or np.isfinite(a).all():
+    return ""
+  nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+  parts = [f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n]
+  return " and ".join(parts) + " value(s)"
+
+
 def validate_state_dict(cfg: ModelConfig, sd: Mapping[str, Any], *, source: str = "weights",
                         fix: str = "") -> None:
-  """Raises InteropError listing every mismatch between `sd` and the layout of `cfg`."""
+  """Raises InteropError listing every mismatch between `sd` and the layout of `cfg`, then if
+  any tensor holds a NaN or Inf (naming the tensors)."""
   entries = {e.key: e for e in L.reference_layout(cfg)}
   problems = []
   missing = [k for k in entries if k not in sd]
@@ -196,6 +210,13 @@ def validate_state_dict(cfg: ModelConfig, sd: Mapping[str, Any], *, source: str 
         f"\nThe weights look like: {describe_state_dict(sd)}.\n"
         + (fix or "Fix: pass the config.json saved with these weights (--config), or weights "
            "trained with this config."))
+  counts = {k: non_finite_counts(sd[k]) for k in sorted(entries) if k in sd}
+  bad = [(k, n) for k, n in counts.items() if n]
+  if bad:
+    listed = "; ".join(f"{k} holds {n}" for k, n in bad[:5])
+    more = f" (+{len(bad) - 5} more tensors)" if len(bad) > 5 else ""
+    raise InteropError(f"{source} hold non-finite values: {listed}{more}. These are the weights "
+                       "of a diverged or corrupt run; use an earlier checkpoint of it.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,16 +99,54 @@ def read_json(path: str, what: str) -> dict[str, Any]:
 # Writing (each file lands atomically, after every check has passed).
 
 
+def _file_mode() -> int:
+  """The mode `open()` gives a new file: 0o666 less the process umask (0o644 under 022)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
 def _atomic(path: str, write) -> None:
   d = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
   os.close(fd)
   try:
     write(tmp)
+    os.chmod(tmp, _file_mode())  # mkstemp makes 0600; the result is an ordinary file
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def check_out_dir_writable(out_dir: str) -> None:
+  """Raises InteropError unless `out_dir` exists as a writable directory or can be created."""
+  path = os.path.abspath(out_dir)
+  probe = path
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise InteropError(f"cannot write to --out {out_dir}: {probe} is a file, not a directory; "
+                       "choose another --out.")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise InteropError(f"cannot write to --out {out_dir}: no write permission on {probe}; "
+                       "choose a directory you can write.")
+
+
+def export_targets(out_dir: str, fmt: str, overwrite: bool) -> list[str]:
+  """The three files an export writes into `out_dir`, after checking it can and may write them."""
+  if fmt not in WEIGHT_FILES:
+    raise InteropError(f"unknown format {fmt!r}; use one of {', '.join(WEIGHT_FILES)}.")
+  if fmt == "pt":
+    require_torch("--format pt")
+  targets = [os.path.join(out_dir, n) for n in (WEIGHT_FILES[fmt], "config.json",
+                                                "tokenizer.json")]
+  existing = [t for t in targets if os.path.exists(t)]
+  if existing and not overwrite:
+    raise InteropError(f"{out_dir} already holds {', '.join(os.path.basename(t) for t in existing)};"
+                       " pick an empty --out directory or pass --overwrite.")
+  check_out_dir_writable(out_dir)
+  return targets
 
 
 def _write_safetensors(sd: Mapping[str, np.ndarray], path: str) -> None:
@@ -133,16 +171,7 @@ def write_reference_checkpoint(out_dir: str, sd: Mapping[str, np.ndarray],
                                config_json: Mapping[str, Any], fmt: str = "safetensors",
                                overwrite: bool = False) -> list[str]:
   """Writes weights + config.json + tokenizer.json into `out_dir`; returns the paths written."""
-  if fmt not in WEIGHT_FILES:
-    raise InteropError(f"unknown format {fmt!r}; use one of {', '.join(WEIGHT_FILES)}.")
-  if fmt == "pt":
-    require_torch("--format pt")
-  targets = [os.path.join(out_dir, n) for n in (WEIGHT_FILES[fmt], "config.json",
-                                                "tokenizer.json")]
-  existing = [t for t in targets if os.path.exists(t)]
-  if existing and not overwrite:
-    raise InteropError(f"{out_dir} already holds {', '.join(os.path.basename(t) for t in existing)};"
-                       " pick an empty --out directory or pass --overwrite.")
+  targets = export_targets(out_dir, fmt, overwrite)
   os.makedirs(out_dir, exist_ok=True)
   (_write_pt if fmt == "pt" else _write_safetensors)(sd, targets[0])
   for path, obj in ((targets[1], dict(config_json)), (targets[2], TOKENIZER_JSON)):
