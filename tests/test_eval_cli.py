@@ -94,6 +94,37 @@ def test_end_to_end(run_dir, tmp_path, capsys):
   assert abs(nomem["loss_by_length"]["64"]["nll"] - report["loss_by_length"]["64"]["nll"]) > 1e-4
 
 
+def test_junk_length_the_split_cannot_fill_is_skipped(run_dir, tmp_path, monkeypatch, capsys):
+  """One junk cell that cannot be filled is a note in the report; every other cell still runs."""
+  from atma_jax.eval import junk
+
+  real = junk.junk_windows
+
+  def short_split(cfg, length, count):
+    if length > 64:
+      raise junk.JunkError(f"the validation split cannot give {count} window(s) of {length:,} "
+                           "tokens")
+    return real(cfg, length, count)
+
+  monkeypatch.setattr(junk, "junk_windows", short_split)
+  assert cli.main(["--checkpoint", str(run_dir), "--lengths", "64,128", "--tasks", "loss,junk",
+                   "--docs", "2", "--out", str(tmp_path), "--no-progress",
+                   "--tokens-per-call", "256"]) == 0
+  captured = capsys.readouterr()
+  assert "junk task skipped at length(s) [128]" in captured.err
+  report = json.loads((tmp_path / "report.json").read_text())
+  assert "nll" in report["junk_loss_by_length"]["64"]
+  assert "cannot give 2 window(s) of 128" in report["junk_loss_by_length"]["128"]["skipped"]
+  assert report["notes"] == [f"junk at 128: skipped "
+                             f"({report['junk_loss_by_length']['128']['skipped']})"]
+  assert all("nll" in report["loss_by_length"][n] for n in ("64", "128"))
+  assert "note: junk at 128: skipped" in captured.out
+  # junk alone with nothing it can fill is an error, not an empty report
+  assert cli.main(["--checkpoint", str(run_dir), "--lengths", "128", "--tasks", "junk",
+                   "--docs", "2", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+  assert "cannot give 2 window(s) of 128" in capsys.readouterr().err
+
+
 def test_needle_haystacks_start_with_eot(run_dir, tmp_path, monkeypatch, capsys):
   """§10 pitfall 24: the induction gap (and its baseline) starts with the document's EOT."""
   from atma_jax.eval import suite

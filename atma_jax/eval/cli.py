@@ -5,7 +5,7 @@ with the training window removed (ATMA_SPEC §3.3, §7):
   loss       mean NLL and bits per byte on held-out long documents (nested prefixes), and NLL by
              position bucket inside the longest context
   junk       the same on consecutive windows of the validation stream, crossing documents
-             (§7.2 junk_ppl analogue)
+             (§7.2 junk_ppl analogue); a length the split cannot fill is skipped with a note
   retrieval  passkey and NIAH (§7.3), synthetic and real-text haystacks, several depths and
              trials, five teacher-forced target tokens: token and exact five-token accuracy
   induction  the §7.2 induction needle (needle first, cue `length - 40` tokens later), and its
@@ -153,13 +153,9 @@ def run(args: argparse.Namespace) -> int:
   if len(docs) < num_docs:
     print(f"note: only {len(docs)} held-out {args.corpus!r} document(s) reach {longest:,} tokens "
           f"(asked for {num_docs}); the loss uses those", file=sys.stderr)
-  junk = {}
+  junk, junk_skipped = {}, {}
   if "junk" in tasks:  # cheap (cached token shards), so before any array is loaded
-    from atma_jax.eval.junk import JunkError, junk_windows
-    try:
-      junk = {n: junk_windows(cfg, n, num_docs) for n in lengths}
-    except JunkError as e:
-      raise EvalError(str(e)) from None
+    junk, junk_skipped = _junk_windows(cfg, lengths, num_docs, only=tasks == ["junk"])
   haystacks = [[tok.eot_id] + list(d) for d in docs]  # needle gaps start with the doc's EOT
 
   # Heavy part: arrays, compilation, forwards.
@@ -177,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
   out_dir = args.out or os.path.join(run_dir, "eval_nomem" if args.no_mem else "eval")
   os.makedirs(out_dir, exist_ok=True)
 
-  units = {"loss": len(lengths) * len(docs), "junk": len(lengths) * num_docs,
+  units = {"loss": len(lengths) * len(docs), "junk": len(junk) * num_docs,
            "retrieval": 4 * len(lengths) * len(depths) * trials,
            "induction": (len(lengths) + 1) * trials, "probe": len(lengths) * len(docs)}
   bar = tqdm(total=sum(units[t] for t in tasks), desc="eval", unit="seq", dynamic_ncols=True,
@@ -189,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             "lengths": lengths, "depths": depths, "trials": trials, "memory": not args.no_mem,
             "corpus": args.corpus, "num_docs": len(docs), "tasks": tasks,
             "junk_source": f"validation split of data.source={cfg.data.source}",
-            "kernel_impl": model_cfg.kernel_impl}
+            "kernel_impl": model_cfg.kernel_impl, "notes": []}
 
   if "loss" in tasks:
     table, nll_ND = suite.loss_by_length(fwd, docs, lengths, tok.eot_id,
@@ -199,8 +195,10 @@ def run(args: argparse.Namespace) -> int:
       report["loss_by_position"] = suite.loss_by_position(nll_ND,
                                                           max(1, cfg.train.seq_len // 8))
   if "junk" in tasks:
-    report["junk_loss_by_length"] = suite.junk_loss_by_length(
-        fwd, junk, lambda ids: eval_docs.byte_count(ids, tok), tick)
+    table = suite.junk_loss_by_length(fwd, junk, lambda ids: eval_docs.byte_count(ids, tok), tick)
+    table.update({str(n): {"skipped": why} for n, why in junk_skipped.items()})
+    report["junk_loss_by_length"] = {str(n): table[str(n)] for n in lengths}
+    report["notes"] += [f"junk at {n}: skipped ({why})" for n, why in junk_skipped.items()]
   if "retrieval" in tasks:
     report["retrieval"] = {}
     for kind in ("passkey", "niah"):
@@ -224,6 +222,26 @@ def run(args: argparse.Namespace) -> int:
   print(summary_table(report))
   print(f"wrote {path} and {len(pngs)} plot(s) to {out_dir}")
   return 0
+
+
+def _junk_windows(cfg, lengths: list[int], num_docs: int, only: bool):
+  """`({length: windows}, {length: why skipped})`: a length whose windows the validation split
+  cannot fill is skipped with a note (the other tasks still run); an error if nothing is left
+  and junk is the only task."""
+  from atma_jax.eval.junk import JunkError, junk_windows
+
+  windows, skipped = {}, {}
+  for n in lengths:
+    try:
+      windows[n] = junk_windows(cfg, n, num_docs)
+    except JunkError as e:
+      skipped[n] = str(e)
+  if skipped and not windows and only:
+    raise EvalError(skipped[min(skipped)])
+  if skipped:
+    print(f"note: junk task skipped at length(s) {sorted(skipped)}: {skipped[min(skipped)]}",
+          file=sys.stderr)
+  return windows, skipped
 
 
 def summary_table(report: dict) -> str:
@@ -267,6 +285,7 @@ def summary_table(report: dict) -> str:
   pos = report.get("loss_by_position")
   if pos:
     lines.append("nll by position: " + "  ".join(f"{k}: {v:.3f}" for k, v in pos.items()))
+  lines += [f"note: {n}" for n in report.get("notes", [])]
   return "\n".join(lines)
 
 
