@@ -1,0 +1,108 @@
+"""The error boundary of every entry point (atma_jax/errors.py).
+
+Bad input to `train.py`, `eval.py`, `python -m atma_jax.interop` and `python -m atma_jax.summary`
+ends as one `error: ...` line on stderr and exit status 2, without a traceback and without
+leaving directories behind; a bug (any other exception) keeps its traceback. The subprocess
+cases fail before any compute, so each costs only the interpreter's start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from atma_jax.config import ConfigError
+from atma_jax.errors import AtmaError, cli_boundary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+  """`python train.py ...` / `python -m atma_jax.interop ...` from `cwd` with this checkout."""
+  if args[0] in ("train.py", "eval.py"):
+    args = [str(ROOT / args[0])] + args[1:]
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  env.pop("ATMA_TRACEBACK", None)
+  return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=240)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, proc.stderr
+  for needle in needles:
+    assert needle in errors[0], errors[0]
+  return errors[0]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["train.py", "--set", "model.head_dim=0"], ["model.head_dim=0 must be a positive integer"]),
+    (["train.py", "--set", "model.gqa_ratio=0"], ["model.gqa_ratio=0"]),
+    (["train.py", "--config", "missing.json"], ["config file missing.json does not exist"]),
+    (["train.py", "--config", "no_such_preset"], ["unknown config preset 'no_such_preset'"]),
+    (["-m", "atma_jax.summary", "tiny", "--set", "model.hidden_size=-8"],
+     ["model.hidden_size=-8"]),
+])
+def test_config_errors(tmp_path, args, needles):
+  assert_one_line_error(run_cli(args, tmp_path), *needles)
+  assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_train_bad_shards_leave_no_run_dir(tmp_path):
+  run_dir = tmp_path / "run"
+  proc = run_cli(["train.py", "--no-progress", "--set", "data.source=bin",
+                  "--set", f"data.path={tmp_path}/missing_*.bin", "--set",
+                  f"train.run_dir={run_dir}"], tmp_path)
+  assert_one_line_error(proc, "no train shards match")
+  assert not run_dir.exists()
+
+
+def test_eval_missing_checkpoint(tmp_path):
+  proc = run_cli(["eval.py", "--checkpoint", str(tmp_path / "nothing")], tmp_path)
+  assert_one_line_error(proc, "does not exist")
+
+
+def test_interop_errors(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  proc = run_cli(["-m", "atma_jax.interop", "export", "--checkpoint", str(tmp_path / "run"),
+                  "--out", str(blocker / "out")], tmp_path)
+  assert_one_line_error(proc, "cannot write to --out", "is a file")
+  proc = run_cli(["-m", "atma_jax.interop", "import", "--weights", str(tmp_path / "w.pt"),
+                  "--out", str(tmp_path / "run")], tmp_path)
+  assert_one_line_error(proc, "does not exist")
+  assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+def test_boundary_handles_project_and_file_errors(capsys):
+  @cli_boundary
+  def fails(exc):
+    raise exc
+
+  assert issubclass(ConfigError, AtmaError)
+  assert fails(ConfigError("bad value; fix it")) == 2
+  assert capsys.readouterr().err == "error: bad value; fix it\n"
+  assert fails(PermissionError(13, "Permission denied", "/ro/x")) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: Permission denied: /ro/x") and err.count("\n") == 1
+
+
+def test_boundary_keeps_the_traceback_of_a_bug(monkeypatch):
+  @cli_boundary
+  def fails(exc):
+    raise exc
+
+  with pytest.raises(ZeroDivisionError):
+    fails(ZeroDivisionError("a bug"))
+  monkeypatch.setenv("ATMA_TRACEBACK", "1")  # handled errors show theirs on request
+  with pytest.raises(ConfigError):
+    fails(ConfigError("x"))
