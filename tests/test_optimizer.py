@@ -145,15 +145,25 @@ def test_full_step_matches_reference_transcription():
           ref_p[i], ref_m[i] = muon_torch_numpy(g, ref_m[i], ref_p[i], lr)
       else:
         lr = {"embed": 0.3, "head": 1 / 320, "scalar": 0.01}[spec.group] * eta
-        ref_m[i] = 0.8 * ref_m[i] + 0.2 * g
-        ref_v[i] = 0.95 * ref_v[i] + 0.05 * g * g
-        denom = np.sqrt(ref_v[i]) / np.sqrt(1 - 0.95 ** t) + 1e-10
-        ref_p[i] = ref_p[i] - lr / (1 - 0.8 ** t) * ref_m[i] / denom
+        if spec.group == "embed":  # the clipped gradient is cast back to the param's bf16
+          g = _r(g)
+        m = 0.8 * ref_m[i] + 0.2 * g
+        v = 0.95 * ref_v[i] + 0.05 * g * g
+        denom = np.sqrt(v) / np.sqrt(1 - 0.95 ** t) + 1e-10
+        ref_p[i] = ref_p[i] - lr / (1 - 0.8 ** t) * m / denom
+        # moments are stored in the parameter's dtype (bf16 for the embedding)
+        ref_m[i], ref_v[i] = (_r(m), _r(v)) if spec.group == "embed" else (m, v)
     for spec, ours, ref, orig in zip(specs, jax.tree.leaves(cur), ref_p, leaves):
       ours = np.asarray(ours.astype(jnp.float32))
       if spec.group == "embed":  # bf16 parameter and moments
         assert ours.dtype == np.float32 and orig.dtype == jnp.bfloat16
-        np.testing.assert_allclose(ours, ref, atol=0.05, err_msg=spec.path)
+        # the update (|step| = lr at t=1, ~0.3) lands on the bf16 grid: equal to the rounded
+        # float64 reference (on CPU every entry is), at most one bf16 ulp off where the fp32 and
+        # fp64 results straddle a rounding boundary; an lr 1% off misses by up to ~1500 ulps
+        ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(ref), 2.0 ** -126))) - 7)
+        diff = np.abs(ours - _r(ref))
+        assert np.all(diff <= ulp), (spec.path, float(np.max(diff / ulp)))
+        assert np.mean(diff > 0) < 0.01, (spec.path, float(np.mean(diff > 0)))
         ref_p[specs.index(spec)] = ours  # continue from the bf16-rounded value
       else:
         # Muon: bf16 NS => differences of a few bf16 ulps of the unit-scale update, times lr
