@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -135,6 +136,7 @@ class GlobalMixer(nnx.Module):
             q_att, k_att, v_att, self.v_null.get_value(), len_gain_raw_H, null_base_H,
             null_slope_raw_H, self.mag_beta_raw.get_value(), window=W, q_offset=q_offset,
             impl=cfg.kernel_impl)
+      chex.assert_shape([c_BTHd, mag_BTH], [(B, T, H, d), (B, T, H)])  # at trace time
       out_BTD = self.proj(c_BTHd.reshape(B, T, H * d) * gate_BTF)
       out_BTD = out_BTD + self.mu_proj(mag_BTH.astype(x_BTD.dtype))
       if distract:
@@ -145,6 +147,7 @@ class GlobalMixer(nnx.Module):
       scale = cfg.rope_scale if cfg.attn_type == "rope" else 1.0 / math.sqrt(d)
       y_BTHd = softmax_attention(q_att, k_att, v_att, scale=scale, window=W, q_offset=q_offset,
                                  impl=cfg.kernel_impl)
+      chex.assert_shape(y_BTHd, (B, T, H, d))
       out_BTD = self.proj(y_BTHd.reshape(B, T, H * d) * gate_BTF)
       if distract:
         k_rand, v_rand = self._random_kv(x_BTD, rng, normed=cfg.attn_type == "rope")
@@ -155,5 +158,7 @@ class GlobalMixer(nnx.Module):
     if cfg.mem_enabled and mem:
       expand = lambda t: jnp.repeat(t, r, axis=2)  # repeat-interleave: head h <- KV head h // r
       with jax.named_scope("memory"):
-        out_BTD = out_BTD + self.mem(x_BTD, q_mem, expand(k_mem), expand(v_mem))
+        mem_BTD = self.mem(x_BTD, q_mem, expand(k_mem), expand(v_mem))
+        chex.assert_equal_shape([out_BTD, mem_BTD])  # no silent broadcast into the residual
+        out_BTD = out_BTD + mem_BTD
     return out_BTD, align

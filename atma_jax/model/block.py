@@ -8,6 +8,7 @@ blocks, `cfg.is_global(layer)`). SigReg is computed on the block output.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -47,6 +48,7 @@ class Block(nnx.Module):
     else:
       with jax.named_scope("lfm2_mixer"):
         mix_BTD, align = self.attn(h_BTD), jnp.zeros((), jnp.float32)
+    chex.assert_equal_shape([x_BTD, mix_BTD])  # at trace time: a mixer must not broadcast
     y_BTD = constrain(x_BTD + mix_BTD, ACT_AXES)
     with jax.named_scope("mlp"):
       out_BTD = constrain(y_BTD + self.mlp(self.norm2(y_BTD)), ACT_AXES)
