@@ -14,6 +14,7 @@ environment variables); every process reads its own rows of each batch.
 """
 
 import argparse
+import os
 import sys
 
 from atma_jax.config import resolve
@@ -37,9 +38,18 @@ def main(argv=None) -> int:
   ap.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = ap.parse_args(argv)
   cfg = resolve(args.config, args.overrides)
+  import jax
+
   from atma_jax.train.loop import init_distributed, run
+  from atma_jax.train.rundir import discard_unstarted
   init_distributed(args.coordinator, args.num_processes, args.process_id)
-  run(cfg, resume=args.resume, progress=not args.no_progress)
+  fresh = not os.path.exists(cfg.train.run_dir)
+  try:
+    run(cfg, resume=args.resume, progress=not args.no_progress)
+  except BaseException:
+    if fresh and jax.process_index() == 0:
+      discard_unstarted(cfg.train.run_dir)  # a start that failed leaves no empty run behind
+    raise
   return 0
 
 

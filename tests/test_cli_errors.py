@@ -106,3 +106,43 @@ def test_boundary_keeps_the_traceback_of_a_bug(monkeypatch):
   monkeypatch.setenv("ATMA_TRACEBACK", "1")  # handled errors show theirs on request
   with pytest.raises(ConfigError):
     fails(ConfigError("x"))
+
+
+# ----------------------------------------------------------------------------- failed starts
+
+
+def _fake_run(write_train_record: bool):
+  def run(cfg, **kw):
+    d = cfg.train.run_dir
+    os.makedirs(os.path.join(d, "checkpoints"))
+    with open(os.path.join(d, "config.json"), "w") as f:
+      f.write("{}")
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+      f.write('{"step": 0, "val_loss": 10.8}\n')
+      if write_train_record:
+        f.write('{"step": 1, "loss": 10.7}\n')
+    raise RuntimeError("failed at compile time")
+  return run
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_train_failing_before_its_first_step_leaves_no_run_dir(tmp_path, monkeypatch, trained):
+  import train
+  from atma_jax.train import loop
+  monkeypatch.setattr(loop, "run", _fake_run(trained))
+  run_dir = tmp_path / "run"
+  with pytest.raises(RuntimeError, match="compile time"):  # a bug keeps its traceback
+    train.main(["--set", f"train.run_dir={run_dir}"])
+  assert run_dir.exists() == trained  # a recorded train step is kept for the post-mortem
+
+
+def test_discard_unstarted_keeps_what_is_not_the_trainers(tmp_path):
+  from atma_jax.train.rundir import discard_unstarted
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "notes.txt").write_text("mine")
+  assert not discard_unstarted(str(tmp_path)) and (tmp_path / "notes.txt").exists()
+  (tmp_path / "notes.txt").unlink()
+  (tmp_path / "checkpoints" / "0").mkdir()
+  assert not discard_unstarted(str(tmp_path))  # a checkpoint
+  (tmp_path / "checkpoints" / "0").rmdir()
+  assert discard_unstarted(str(tmp_path)) and not tmp_path.exists()
