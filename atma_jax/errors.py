@@ -27,6 +27,21 @@ class AtmaError(Exception):
   """A problem with the user's input or files; the message says what is wrong and how to fix it."""
 
 
+def check_writable_dir(path: str, what: str) -> None:
+  """Raises AtmaError unless directory `path` exists and is writable or can be created, so a
+  command fails before its work rather than when it writes the result. `what` names the option
+  (e.g. "--out")."""
+  probe = os.path.abspath(path)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise AtmaError(f"cannot write to {what} {path}: {probe} is a file, not a directory; "
+                    f"choose another {what}.")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise AtmaError(f"cannot write to {what} {path}: no write permission on {probe}; choose a "
+                    "directory you can write.")
+
+
 def describe_os_error(err: OSError) -> str:
   """One line for a file-system error: what failed, on which path, and what to check."""
   what = err.strerror or str(err)

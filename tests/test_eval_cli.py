@@ -57,6 +57,13 @@ def test_too_long_for_the_documents(run_dir, capsys, no_load):
   assert "held-out 'code' documents" in capsys.readouterr().err
 
 
+def test_unwritable_out_fails_before_loading(run_dir, tmp_path, capsys, no_load):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  assert cli.main(["--checkpoint", str(run_dir), "--out", str(blocker / "eval")]) == 2
+  assert "cannot write to --out" in capsys.readouterr().err
+
+
 def test_end_to_end(run_dir, tmp_path, capsys):
   out = tmp_path / "eval"
   argv = ["--checkpoint", str(run_dir), "--lengths", "64,128", "--depths", "0.5", "--trials",

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from atma_jax.errors import AtmaError, cli_boundary
+from atma_jax.errors import AtmaError, check_writable_dir, cli_boundary
 
 TASKS = ("loss", "junk", "retrieval", "induction", "probe")
 DEFAULT_TASKS = ("loss", "junk", "retrieval", "induction")
@@ -131,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = ckpt.read_config(step_dir)
   except ckpt.CheckpointError as e:
     raise EvalError(str(e)) from None
+  run_dir = step_dir.parent.parent
+  out_dir = args.out or os.path.join(run_dir, "eval_nomem" if args.no_mem else "eval")
+  check_writable_dir(out_dir, "--out")  # before the evaluation, not after it
   lengths = checked["lengths"] or [cfg.train.seq_len * m for m in LADDER]
   if "probe" in tasks and cfg.model.attn_type != "polar":
     raise EvalError(f"--probe reports Polar internals, but this checkpoint's attn_type is "
@@ -169,8 +172,6 @@ def run(args: argparse.Namespace) -> int:
                                                                       kernel_impl=args.impl)
   fwd = Forward(model_cfg, params, mem=not args.no_mem, logits_chunk=cfg.eval.logits_chunk,
                 tokens_per_call=args.tokens_per_call)
-  run_dir = step_dir.parent.parent
-  out_dir = args.out or os.path.join(run_dir, "eval_nomem" if args.no_mem else "eval")
   os.makedirs(out_dir, exist_ok=True)
 
   units = {"loss": len(lengths) * len(docs), "junk": len(junk) * num_docs,

@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from atma_jax.errors import cli_boundary
+from atma_jax.errors import check_writable_dir, cli_boundary
 
 
 def _export(args) -> int:
@@ -50,8 +50,7 @@ def _export(args) -> int:
 def _import(args) -> int:
   from atma_jax.config import load_preset, override
   from atma_jax.interop.convert import model_from_state_dict
-  from atma_jax.interop.files import (check_out_dir_writable, read_json, read_state_dict,
-                                      resolve_weights)
+  from atma_jax.interop.files import read_json, read_state_dict, resolve_weights
   from atma_jax.interop.ref_config import model_config_from_reference
   from atma_jax.interop.runs import check_out_dir, save_run
 
@@ -59,7 +58,7 @@ def _import(args) -> int:
   config_path = args.config or os.path.join(os.path.dirname(os.path.abspath(weights)),
                                             "config.json")
   check_out_dir(args.out)
-  check_out_dir_writable(args.out)
+  check_writable_dir(args.out, "--out")
   base = load_preset(args.preset)
   model_cfg = model_config_from_reference(read_json(config_path, "reference config"),
                                           base=base.model)

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from atma_jax.errors import check_writable_dir
 from atma_jax.interop.convert import InteropError, strip_compile_prefix
 from atma_jax.interop.layout import BF16
 
@@ -119,20 +120,6 @@ def _atomic(path: str, write) -> None:
       os.remove(tmp)
 
 
-def check_out_dir_writable(out_dir: str) -> None:
-  """Raises InteropError unless `out_dir` exists as a writable directory or can be created."""
-  path = os.path.abspath(out_dir)
-  probe = path
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe):
-    raise InteropError(f"cannot write to --out {out_dir}: {probe} is a file, not a directory; "
-                       "choose another --out.")
-  if not os.access(probe, os.W_OK | os.X_OK):
-    raise InteropError(f"cannot write to --out {out_dir}: no write permission on {probe}; "
-                       "choose a directory you can write.")
-
-
 def export_targets(out_dir: str, fmt: str, overwrite: bool) -> list[str]:
   """The three files an export writes into `out_dir`, after checking it can and may write them."""
   if fmt not in WEIGHT_FILES:
@@ -145,7 +132,7 @@ def export_targets(out_dir: str, fmt: str, overwrite: bool) -> list[str]:
   if existing and not overwrite:
     raise InteropError(f"{out_dir} already holds {', '.join(os.path.basename(t) for t in existing)};"
                        " pick an empty --out directory or pass --overwrite.")
-  check_out_dir_writable(out_dir)
+  check_writable_dir(out_dir, "--out")
   return targets
 
 
