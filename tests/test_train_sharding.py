@@ -183,6 +183,7 @@ def _train_real(cfg, devices, steps=2):
   return before, np.asarray(metrics), jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_real_model_sharded_step_matches_single_device():
   """Two train steps of the real model on data=2 x fsdp=2 x tensor=2 equal the one-device steps:
   the loss and gradient norm to fp32 reduction-order noise, every parameter to one bf16 ulp of
