@@ -18,7 +18,7 @@ import os
 import sys
 
 from atma_jax.config import resolve
-from atma_jax.errors import cli_boundary
+from atma_jax.errors import check_writable_dir, cli_boundary
 
 
 @cli_boundary
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
   ap.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = ap.parse_args(argv)
   cfg = resolve(args.config, args.overrides)
+  check_writable_dir(cfg.train.run_dir, "train.run_dir")
   import jax
 
   from atma_jax.train.loop import init_distributed, run

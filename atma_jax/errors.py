@@ -52,6 +52,8 @@ def describe_os_error(err: OSError) -> str:
     msg += " (check the path's permissions, or choose a directory you can write)"
   elif isinstance(err, FileNotFoundError):
     msg += " (check the path)"
+  elif isinstance(err, (NotADirectoryError, IsADirectoryError, FileExistsError)):
+    msg += " (something else is in the way at that path; choose another path)"
   return msg
 
 

@@ -63,6 +63,12 @@ def test_train_bad_shards_leave_no_run_dir(tmp_path):
   assert not run_dir.exists()
 
 
+def test_train_unwritable_run_dir(tmp_path):
+  (tmp_path / "file").write_text("")
+  proc = run_cli(["train.py", "--set", f"train.run_dir={tmp_path}/file/run"], tmp_path)
+  assert_one_line_error(proc, "cannot write to train.run_dir", "is a file")
+
+
 def test_eval_missing_checkpoint(tmp_path):
   proc = run_cli(["eval.py", "--checkpoint", str(tmp_path / "nothing")], tmp_path)
   assert_one_line_error(proc, "does not exist")
