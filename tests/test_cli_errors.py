@@ -152,3 +152,25 @@ def test_discard_unstarted_keeps_what_is_not_the_trainers(tmp_path):
   assert not discard_unstarted(str(tmp_path))  # a checkpoint
   (tmp_path / "checkpoints" / "0").rmdir()
   assert discard_unstarted(str(tmp_path)) and not tmp_path.exists()
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("train", "steps", "abc", "train.steps='abc' has the wrong type; expected int"),
+    ("model", "attn_type", "wall", "expected one of ['polar', 'nope', 'rope']"),
+    ("model", "mem_enabled", 1, "model.mem_enabled=1 has the wrong type; expected bool"),
+    ("model", "head_dim", 0, "model.head_dim=0 must be a positive integer"),
+    ("model", "global_offset", 4, "model.global_offset=4 must lie in [0, model.global_every=4)"),
+    ("optim", "adam_b2", 1.0, "optim.adam_b2=1.0 must lie in [0, 1)"),
+])
+def test_saved_config_values_are_checked(tmp_path, section, key, value, message):
+  """A config .json (e.g. an edited <run_dir>/config.json) is checked like --set values."""
+  import json
+
+  from atma_jax.config import load_preset, resolve, to_dict
+  data = to_dict(resolve("tiny"))
+  data[section][key] = value
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(data))
+  with pytest.raises(ConfigError) as err:
+    load_preset(str(path))
+  assert message in str(err.value)
