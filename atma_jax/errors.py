@@ -3,8 +3,9 @@
 `AtmaError` is the base of every error whose message names the problem and the fix (a bad
 config, shard, checkpoint, weights file or argument). `cli_boundary` wraps a `main(argv) -> int`:
 
-  * an `AtmaError`, or an `OSError` about a file (missing, unreadable, unwritable, disk full),
-    prints `error: <message>` to stderr and returns 2;
+  * an `AtmaError`, or an `OSError` (a missing, unreadable or unwritable file, a full disk, a
+    refused connection: the environment, not the code), prints `error: <message>` to stderr
+    and returns 2;
   * anything else is a bug and keeps its traceback.
 
     @cli_boundary
