@@ -49,7 +49,10 @@ def main(argv=None) -> int:
     run(cfg, resume=args.resume, progress=not args.no_progress)
   except BaseException:
     if fresh and jax.process_index() == 0:
-      discard_unstarted(cfg.train.run_dir)  # a start that failed leaves no empty run behind
+      try:  # a start that failed leaves no empty run behind
+        discard_unstarted(cfg.train.run_dir)
+      except OSError:
+        pass  # the original error matters more than the leftover
     raise
   return 0
 
