@@ -11,7 +11,8 @@ config, shard, checkpoint, weights file or argument). `cli_boundary` wraps a `ma
     @cli_boundary
     def main(argv=None) -> int: ...
 
-Set `ATMA_TRACEBACK=1` to see the traceback of a handled error too.
+A kernel backend asked for where none exists (`model.kernel_impl=pallas` on a CPU) is handled
+the same way. Set `ATMA_TRACEBACK=1` to see the traceback of a handled error too.
 """
 
 from __future__ import annotations
@@ -61,8 +62,16 @@ def describe_os_error(err: OSError) -> str:
 def report(err: BaseException) -> int:
   """Prints the one-line form of a handled error to stderr; returns the exit status."""
   text = describe_os_error(err) if isinstance(err, OSError) else str(err)
+  if not isinstance(err, (AtmaError, OSError)):  # a kernel backend missing on this platform
+    text += " (the backend is model.kernel_impl; eval.py --impl overrides it)"
   print(f"error: {text}", file=sys.stderr)
   return EXIT_USAGE
+
+
+def handled_errors() -> tuple[type, ...]:
+  """The exception types the boundary reports in one line (imported once one is raised)."""
+  from pallas_kernels.platform import KernelUnavailable  # kernel_impl=pallas where none exists
+  return (AtmaError, OSError, KernelUnavailable)
 
 
 def cli_boundary(main: Callable[..., int]) -> Callable[..., int]:
@@ -72,8 +81,8 @@ def cli_boundary(main: Callable[..., int]) -> Callable[..., int]:
   def wrapped(*args, **kwargs) -> int:
     try:
       return main(*args, **kwargs)
-    except (AtmaError, OSError) as err:
-      if os.environ.get("ATMA_TRACEBACK"):
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is a handled type
+      if not isinstance(err, handled_errors()) or os.environ.get("ATMA_TRACEBACK"):
         raise
       return report(err)
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import jax
 
 
+class KernelUnavailable(ValueError):
+  """`impl="pallas"` asked for inputs or a platform that no Pallas kernel takes (the message
+  says why and what to use instead)."""
+
+
 def platform_of(x) -> str:
   """The platform of a concrete array's device ("cpu", "gpu", "tpu"); for tracers, which carry
   no device, the default backend (the trace-time decision inside `jit`)."""

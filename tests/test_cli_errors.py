@@ -174,3 +174,29 @@ def test_saved_config_values_are_checked(tmp_path, section, key, value, message)
   with pytest.raises(ConfigError) as err:
     load_preset(str(path))
   assert message in str(err.value)
+
+
+def test_a_kernel_missing_on_this_platform_is_one_line(capsys):
+  """`model.kernel_impl=pallas` where no Pallas kernel exists fails at trace time; the boundary
+  reports it like a config error (the run directory is removed by train.py as above)."""
+  import jax
+  import jax.numpy as jnp
+
+  from pallas_kernels.platform import KernelUnavailable
+  from pallas_kernels.polar_attention import api
+
+  @cli_boundary
+  def main():
+    q = jnp.zeros((1, 8, 4, 16))
+    k = v = jnp.zeros((1, 8, 2, 16))
+    jax.jit(lambda q, k, v: api.attention_stats(q, k, v, jnp.ones((1, 8, 4)), impl="pallas")
+            )(q, k, v)
+    return 0
+
+  if jax.default_backend() != "cpu":
+    pytest.skip("Pallas kernels exist on this platform")
+  assert issubclass(KernelUnavailable, ValueError)
+  assert main() == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: impl='pallas': no Pallas Polar kernel for platform 'cpu'")
+  assert "model.kernel_impl" in err and err.count("\n") == 1

@@ -41,7 +41,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from atma_jax import sharding
-from pallas_kernels.platform import platform_of
+from pallas_kernels.platform import KernelUnavailable, platform_of
 from pallas_kernels.gated_delta import reference, xla_chunked
 
 IMPLS = ("auto", "pallas", "xla")
@@ -109,8 +109,8 @@ def _run_backend(impl: str, chunk_size: int, q, k, v, log_gamma, beta, s0):
     if mod is not None:
       return _pallas_rule(mod.__name__, chunk_size, *args)
     if impl == "pallas":
-      raise ValueError(f"gated_delta_rule(impl='pallas'): {reason}. Use impl='xla' (or 'auto', "
-                       "which falls back to XLA).")
+      raise KernelUnavailable(f"gated_delta_rule(impl='pallas'): {reason}. Use impl='xla' (or "
+                              "'auto', which falls back to XLA).")
   return xla_chunked.gated_delta_fwd(*args, chunk_size=chunk_size)
 
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from atma_jax import sharding
-from pallas_kernels.platform import platform_of
+from pallas_kernels.platform import KernelUnavailable, platform_of
 from pallas_kernels.polar_attention import reference, xla_streaming
 
 IMPLS = ("auto", "pallas", "xla")
@@ -94,15 +94,15 @@ def select_backend(q, k, v, *, window=None, q_offset=0, impl="auto"):
   if impl == "auto":
     return xla_streaming
   if not mods:
-    raise ValueError(f"impl='pallas': no Pallas Polar kernel for platform {platform!r} "
-                     f"(have {sorted(_PALLAS_CANDIDATES)}); use impl='xla' or 'auto'")
+    raise KernelUnavailable(f"impl='pallas': no Pallas Polar kernel for platform {platform!r} "
+                            f"(have {sorted(_PALLAS_CANDIDATES)}); use impl='xla' or 'auto'")
   mod = mods[-1]  # the most general candidate says why
   why = getattr(mod, "unsupported_reason", None)
   reason = (why(q, k, v, window=window, q_offset=q_offset) if why else None) or \
       "its is_supported() says no"
-  raise ValueError(f"impl='pallas': {mod.__name__} cannot take q {q.shape} {q.dtype}, "
-                   f"k {k.shape}, window={window}, q_offset={q_offset}: {reason}; "
-                   f"use impl='auto' to fall back to XLA")
+  raise KernelUnavailable(f"impl='pallas': {mod.__name__} cannot take q {q.shape} {q.dtype}, "
+                          f"k {k.shape}, window={window}, q_offset={q_offset}: {reason}; "
+                          f"use impl='auto' to fall back to XLA")
 
 
 # ----------------------------------------------------------------------------- sharding
