@@ -207,6 +207,18 @@ def test_resume_from_an_earlier_step(full, tmp_path):
   assert _metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]
 
 
+def test_eval_and_export_take_step(full, tmp_path, capsys):
+  full_dir, _ = full
+  from atma_jax.eval import cli as eval_cli
+  from atma_jax.interop import cli as interop_cli
+  assert eval_cli.main(["--checkpoint", str(full_dir), "--step", "5", "--no-progress"]) == 2
+  assert "--step 5: there is no checkpoint" in capsys.readouterr().err
+  assert interop_cli.main(["export", "--checkpoint", str(full_dir), "--step", "5", "--out",
+                           str(tmp_path / "export")]) == 2
+  err = capsys.readouterr().err
+  assert "--step 5: there is no checkpoint" in err and "available steps: [2, 4, 6]" in err
+
+
 # ----------------------------------------------------------------------------- divergence
 
 

@@ -171,11 +171,9 @@ def run(args: argparse.Namespace) -> int:
   from atma_jax.eval import plots, probe, suite
   from atma_jax.eval.forward import Forward
 
-  try:  # a step that fails its integrity check falls back to an older one unless it was named
-    loaded = ckpt.load_checkpoint(step_dir, older_ok=args.step is None and not
-                                  ckpt.is_step_dir(args.checkpoint))
-  except ckpt.CheckpointError as e:
-    raise EvalError(str(e)) from None
+  # a step that fails its integrity check falls back to an older one unless it was named
+  loaded = ckpt.load_checkpoint(step_dir, older_ok=args.step is None and not
+                                ckpt.is_step_dir(args.checkpoint))
   if loaded.step_dir != step_dir:
     step_dir, cfg = loaded.step_dir, loaded.cfg
   params = loaded.params
