@@ -176,7 +176,8 @@ def test_missing_and_garbled_files_are_named(full, tmp_path):
   (step6 / "config" / "aaa_unrelated.txt").write_text("not json")
   assert ckpt.read_config(step6).model.hidden_size == 64
   os.remove(step6 / "state" / "_METADATA")
-  with pytest.raises(ckpt.CorruptCheckpointError, match=re.escape(f"{step6}/state/_METADATA is missing")):
+  missing = re.escape(f"{step6}/state/_METADATA is missing")
+  with pytest.raises(ckpt.CorruptCheckpointError, match=missing):
     ckpt.resolve_step_dir(run_dir, step=6)
   warnings = []
   assert ckpt.resolve_step_dir(run_dir, warn=warnings.append) == step4
@@ -274,6 +275,18 @@ def test_nonfinite_step_skipped_when_configured(tmp_path):
   assert rows[3].get("skipped_nonfinite") and not rows[4].get("skipped_nonfinite")
   assert np.isfinite(rows[6]["loss"])
   assert all(np.isfinite(a).all() for a in _params(run_dir, 6))
+
+
+def test_skip_mode_gives_up_after_too_many_in_a_row():
+  from atma_jax.train.divergence import MAX_SKIPS_IN_A_ROW, NonFiniteGuard
+  guard = NonFiniteGuard("skip", lambda: "run/checkpoints/4")
+  bad = {"finite": 0.0, "loss": float("nan"), "grad_norm": float("inf")}
+  assert guard.check(5, bad) and not guard.check(6, {"finite": 1.0})  # a finite step resets
+  for step in range(7, 6 + MAX_SKIPS_IN_A_ROW):
+    assert guard.check(step, bad)
+  with pytest.raises(DivergenceError, match=f"{MAX_SKIPS_IN_A_ROW} updates in a row.*/4"):
+    guard.check(6 + MAX_SKIPS_IN_A_ROW, bad)
+  assert guard.skipped == MAX_SKIPS_IN_A_ROW + 1
 
 
 def test_train_cli_reports_divergence_as_error(monkeypatch, capsys):
