@@ -192,7 +192,8 @@ def test_missing_and_garbled_files_are_named(full, tmp_path):
 
 def test_resume_with_another_data_layout_is_refused(full):
   full_dir, _ = full
-  for change in ("train.seq_len=32", "train.global_batch=32"):
+  for change in ("train.seq_len=32", "train.global_batch=32", "data.seed=1",
+                 "data.val_fraction=0.1"):
     with pytest.raises(ckpt.CheckpointError, match=f"{change.split('=')[0]}.*reinterpret"):
       _train(_cfg(full_dir, change), resume=True)
 
