@@ -186,6 +186,11 @@ def test_missing_and_garbled_files_are_named(full, tmp_path):
   data_file.write_text("{garbled")
   with pytest.raises(ckpt.CorruptCheckpointError, match=re.escape(f"{data_file} is garbled")):
     _train(_cfg(run_dir), resume_step=4)
+  data_file = run_dir / "checkpoints" / "2" / "data" / "process_0-of-1.json"
+  data_file.write_text(json.dumps({"__json__": {"bogus": 1}}))  # JSON, not an iterator state
+  with pytest.raises(ckpt.CorruptCheckpointError,
+                     match=re.escape(f"{data_file}: not a state ToyData can resume from")):
+    _train(_cfg(run_dir), resume_step=2)
   with pytest.raises(ckpt.CheckpointError, match=r"--step 5: there is no checkpoint"):
     _train(_cfg(run_dir), resume_step=5)
 
