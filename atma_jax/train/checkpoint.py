@@ -341,16 +341,15 @@ def _restore_items(mngr: ocp.CheckpointManager, step: int, args: dict, step_dir:
   except CheckpointError:
     raise
   except Exception as e:  # noqa: BLE001 - tensorstore/orbax errors on damaged files
-    cause = e
-    while cause.__cause__ is not None or cause.__context__ is not None:
-      if isinstance(cause, CheckpointError):
-        break
-      cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, CheckpointError):
-      raise cause from None
+    ours, seen = e, set()
+    while ours is not None and not isinstance(ours, CheckpointError) and id(ours) not in seen:
+      seen.add(id(ours))
+      ours = ours.__cause__ or ours.__context__
+    if isinstance(ours, CheckpointError):  # raised by our data adapter inside orbax
+      raise ours from None
     reason = _first_line(e)
     raise CorruptCheckpointError(
-        f"checkpoint {step_dir}: the state cannot be read, a file is truncated or corrupt"
+        f"checkpoint {step_dir} cannot be read, a file is truncated or corrupt"
         f"{_suspect_files(step_dir, reason)}: {reason}.") from None
 
 
