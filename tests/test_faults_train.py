@@ -336,6 +336,17 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def test_multiprocess_arguments_checked_before_connecting():
+  from atma_jax.config import ConfigError
+  from atma_jax.train.distributed import init_distributed
+  with pytest.raises(ConfigError, match="expected host:port"):
+    init_distributed("nohost", 2, 0)
+  with pytest.raises(ConfigError, match="0 <= process_id < num_processes"):
+    init_distributed("127.0.0.1:1", 2, 2)
+  with pytest.raises(ConfigError, match="--init-timeout 0: must be a positive"):
+    init_distributed("127.0.0.1:1", 2, 1, timeout_s=0)
+
+
 def test_multiprocess_start_that_never_fills_times_out_with_a_message():
   port_none, port_host = _free_port(), _free_port()
   timeout = 4

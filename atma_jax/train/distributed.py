@@ -87,7 +87,11 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
   if process_id is None and os.environ.get("JAX_PROCESS_ID"):
     process_id = int(os.environ["JAX_PROCESS_ID"])
   if timeout_s is None:
-    timeout_s = float(os.environ.get("ATMA_INIT_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    env = os.environ.get("ATMA_INIT_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+      timeout_s = float(env)
+    except ValueError:
+      raise ConfigError(f"ATMA_INIT_TIMEOUT_S={env!r}: expected a number of seconds.") from None
   if coordinator is None and num_processes is None:
     return  # single process
   if coordinator is None or num_processes is None or process_id is None:
