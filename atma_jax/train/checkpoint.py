@@ -167,9 +167,9 @@ def check_step_dir(step_dir: Path, *, with_data: bool = False) -> None:
     f = _data_file(step_dir)
     if not f.is_file():
       saved = sorted(p.name for p in (step_dir / "data").glob("process_*.json"))
-      raise CorruptCheckpointError(
-          f"checkpoint {step_dir}: data-iterator file {f} is missing (found {saved}; a run "
-          f"with {jax.process_count()} process(es) needs it).")
+      kind = CheckpointError if saved else CorruptCheckpointError  # other process count: no
+      raise kind(f"checkpoint {step_dir}: data-iterator file {f} is missing (found {saved}; "
+                 f"resuming with {jax.process_count()} process(es) needs it).")
     try:
       json.loads(f.read_bytes().decode())
     except (ValueError, UnicodeDecodeError) as e:
