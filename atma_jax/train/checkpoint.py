@@ -167,7 +167,8 @@ def check_step_dir(step_dir: Path, *, with_data: bool = False) -> None:
     f = _data_file(step_dir)
     if not f.is_file():
       saved = sorted(p.name for p in (step_dir / "data").glob("process_*.json"))
-      kind = CheckpointError if saved else CorruptCheckpointError  # other process count: no
+      # files of another process count: a mismatch with this launch (no fallback), not damage
+      kind = CheckpointError if saved else CorruptCheckpointError
       raise kind(f"checkpoint {step_dir}: data-iterator file {f} is missing (found {saved}; "
                  f"resuming with {jax.process_count()} process(es) needs it).")
     try:
