@@ -281,8 +281,12 @@ def test_nonfinite_step_stops_and_keeps_the_last_finite_checkpoint(tmp_path):
 def test_nonfinite_step_skipped_when_configured(tmp_path):
   run_dir = tmp_path / "skipped"
   cfg = _cfg(run_dir, "train.on_nonfinite=skip")
-  summary = _train(cfg, data_fn=lambda c, i, n: PoisonAt(c, 3), losses_fn=poison_losses)
+  logs = []
+  summary = _train(cfg, data_fn=lambda c, i, n: PoisonAt(c, 3), losses_fn=poison_losses,
+                   logs=logs)
   assert summary["steps"] == 6 and summary["skipped_nonfinite"] == 1
+  assert logs[-1].startswith("done: step 6/6")
+  assert logs[-1].endswith("; 1 non-finite update(s) skipped")
   rows = {r["step"]: r for r in map(json.loads, open(run_dir / "metrics.jsonl"))}
   assert rows[3].get("skipped_nonfinite") and not rows[4].get("skipped_nonfinite")
   assert np.isfinite(rows[6]["loss"])

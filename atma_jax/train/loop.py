@@ -281,5 +281,6 @@ def run(cfg: Config, *, resume: bool = False, resume_step: int | None = None, mo
   if is_main:
     log(f"{'interrupted' if interrupted else 'done'}: step {step}/{t.steps} in {wall:.1f}s; "
         f"val loss {summary['first_val_loss']} -> {summary['last_val_loss']}; checkpoint "
-        f"{summary['checkpoint']}")
+        f"{summary['checkpoint']}"
+        + (f"; {guard.skipped} non-finite update(s) skipped" if guard.skipped else ""))
   return summary
