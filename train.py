@@ -6,11 +6,13 @@ Examples:
   python train.py --config atma_378m --set mesh.fsdp=8 --set data.source=bin \\
       --set data.path='/data/finewebedu_train_*.bin'
   python train.py --resume --set train.run_dir=runs/tiny  # continue the latest checkpoint
+  python train.py --step 500 --set train.run_dir=runs/tiny  # continue from checkpoints/500
 
 With no arguments: the `tiny` preset on the embedded corpus, on CPU, in a few minutes; the run
 directory (`runs/tiny`) then holds `checkpoints/<step>/`, `config.json` and `metrics.jsonl`.
 Multi-process: pass --coordinator host:port --num-processes N --process-id i (or the JAX_*
-environment variables); every process reads its own rows of each batch.
+environment variables); every process reads its own rows of each batch. If not every process
+joins within --init-timeout seconds (default 300), each one exits with a one-line error.
 """
 
 import argparse
@@ -31,22 +33,29 @@ def main(argv=None) -> int:
   ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                   help="override a config field, e.g. --set train.steps=100 (repeatable)")
   ap.add_argument("--resume", action="store_true",
-                  help="continue from the latest checkpoint in train.run_dir (bit-exact)")
+                  help="continue from the newest intact checkpoint in train.run_dir (bit-exact)")
+  ap.add_argument("--step", type=int, default=None,
+                  help="continue from checkpoints/<STEP> (implies --resume); newer checkpoints "
+                  "are moved aside to <run_dir>/checkpoints_set_aside/")
   ap.add_argument("--coordinator", help="multi-process: coordinator host:port")
   ap.add_argument("--num-processes", type=int, help="multi-process: total number of processes")
   ap.add_argument("--process-id", type=int, help="multi-process: this process's index, 0..N-1")
+  ap.add_argument("--init-timeout", type=float, default=None, metavar="SECONDS",
+                  help="multi-process: give up when not all processes joined within this time "
+                  "(default $ATMA_INIT_TIMEOUT_S or 300)")
   ap.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = ap.parse_args(argv)
   cfg = resolve(args.config, args.overrides)
   check_writable_dir(cfg.train.run_dir, "train.run_dir")
   import jax
 
-  from atma_jax.train.loop import init_distributed, run
+  from atma_jax.train.distributed import init_distributed
+  from atma_jax.train.loop import run
   from atma_jax.train.rundir import discard_unstarted
-  init_distributed(args.coordinator, args.num_processes, args.process_id)
+  init_distributed(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
   fresh = not os.path.exists(cfg.train.run_dir)
   try:
-    run(cfg, resume=args.resume, progress=not args.no_progress)
+    run(cfg, resume=args.resume, resume_step=args.step, progress=not args.no_progress)
   except BaseException:
     if fresh and jax.process_index() == 0:
       try:  # a start that failed leaves no empty run behind

@@ -159,6 +159,9 @@ class TrainConfig:
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
+  # a step with a non-finite loss or gradient: "stop" the run (nothing saved after the last
+  # finite checkpoint) or "skip" its update (parameters and optimizer state unchanged)
+  on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ def no_load(monkeypatch):
     raise AssertionError("load_model reached despite a bad argument")
 
   monkeypatch.setattr(checkpoint, "load_model", boom)
+  monkeypatch.setattr(checkpoint, "load_checkpoint", boom)
 
 
 @pytest.mark.parametrize("argv, message", [

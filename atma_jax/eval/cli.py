@@ -39,7 +39,10 @@ class EvalError(AtmaError, ValueError):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
   p.add_argument("--checkpoint", required=True,
-                 help="run directory (its latest checkpoint) or a checkpoints/<step> directory")
+                 help="run directory (its newest intact checkpoint) or a checkpoints/<step> "
+                 "directory")
+  p.add_argument("--step", type=int, default=None,
+                 help="evaluate checkpoints/<STEP> of the run directory (default: the newest)")
   p.add_argument("--lengths", default=None,
                  help="comma-separated context lengths (default: train length x 1,2,4,...,32)")
   p.add_argument("--out", default=None, help="output directory (default: <run>/eval[_nomem])")
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
   from atma_jax.train import checkpoint as ckpt
 
   try:  # config and integrity only: no arrays are read yet
-    step_dir = ckpt.resolve_step_dir(args.checkpoint)
+    step_dir = ckpt.resolve_step_dir(args.checkpoint, step=args.step)
     cfg = ckpt.read_config(step_dir)
   except ckpt.CheckpointError as e:
     raise EvalError(str(e)) from None
@@ -167,7 +170,12 @@ def run(args: argparse.Namespace) -> int:
   from atma_jax.eval import plots, probe, suite
   from atma_jax.eval.forward import Forward
 
-  _, _, params = ckpt.load_model(step_dir)
+  # a step that fails its integrity check falls back to an older one unless it was named
+  loaded = ckpt.load_checkpoint(step_dir, older_ok=args.step is None and not
+                                ckpt.is_step_dir(args.checkpoint))
+  if loaded.step_dir != step_dir:
+    step_dir, cfg = loaded.step_dir, loaded.cfg
+  params = loaded.params
   model_cfg = cfg.model if args.impl is None else dataclasses.replace(cfg.model,
                                                                       kernel_impl=args.impl)
   fwd = Forward(model_cfg, params, mem=not args.no_mem, logits_chunk=cfg.eval.logits_chunk,

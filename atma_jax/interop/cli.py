@@ -1,6 +1,6 @@
 """`python -m atma_jax.interop {export,import,verify}` — checkpoint interop with the PyTorch reference.
 
-  export --checkpoint RUN_OR_STEP_DIR --out DIR [--format safetensors|pt]
+  export --checkpoint RUN_OR_STEP_DIR [--step N] --out DIR [--format safetensors|pt]
       our checkpoint -> the reference layout: model.safetensors (or weights.pt = {"model": sd}),
       config.json (every AtmaConfig field), tokenizer.json.
   import --weights PATH [--config config.json] --out RUN_DIR [--preset NAME] [--set k=v ...]
@@ -31,7 +31,7 @@ def _export(args) -> int:
   from atma_jax.interop.runs import load_run
 
   export_targets(args.out, args.format, args.overwrite)  # before the checkpoint is read
-  cfg, _graphdef, params = load_run(args.checkpoint)
+  cfg, _graphdef, params = load_run(args.checkpoint, step=args.step)
   sd = state_dict_from_params(cfg.model, params, embed_dtype=args.embed_dtype)
   ref_cfg = reference_config(cfg.model, max_position_embeddings=cfg.train.seq_len)
   paths = write_reference_checkpoint(args.out, sd, ref_cfg, fmt=args.format,
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   e = sub.add_parser("export", help="our checkpoint -> reference layout")
   e.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step> dir")
+  e.add_argument("--step", type=int, default=None,
+                 help="export checkpoints/<STEP> of the run directory (default: the newest intact)")
   e.add_argument("--out", required=True, help="output directory")
   e.add_argument("--format", choices=("safetensors", "pt"), default="safetensors")
   e.add_argument("--embed-dtype", choices=("bfloat16", "float32"), default="bfloat16",

@@ -21,12 +21,13 @@ def _checkpoint_module():
   return checkpoint
 
 
-def load_run(path: str):
-  """(Config, graphdef, params) of a run directory or one of its checkpoints/<step> dirs."""
+def load_run(path: str, step: int | None = None):
+  """(Config, graphdef, params) of a run directory (its newest intact step, or `step`) or of
+  one of its checkpoints/<step> dirs."""
   if not os.path.exists(path):
     raise InteropError(f"checkpoint {path} does not exist; pass a run directory (holding "
                        "checkpoints/) or one checkpoints/<step> directory.")
-  return _checkpoint_module().load_model(path)
+  return _checkpoint_module().load_model(path, step=step)
 
 
 def check_out_dir(run_dir: str) -> None:

@@ -3,11 +3,15 @@
 The device is never synced per step: each step's metrics are fetched after the NEXT step has
 been dispatched (one step late). Evaluation and checkpoints happen every `train.eval_every` /
 `train.checkpoint_every` steps and at the end. SIGTERM / SIGINT finish the current step, save a
-checkpoint and return cleanly.
+checkpoint and return cleanly. A non-finite step stops the run or is skipped (divergence.py);
+before a checkpoint the metrics of the step being saved are read, so only finite states are
+written. Resuming picks `resume_step` or the newest intact checkpoint (checkpoint.py), moves any
+newer step aside and drops the metrics.jsonl rows after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -18,31 +22,12 @@ import numpy as np
 
 from atma_jax.config import Config, ConfigError, to_json
 from atma_jax.train import checkpoint as ckpt
+from atma_jax.train.divergence import NonFiniteGuard
 from atma_jax.train.mesh import batch_sharding, check_batch_divides, make_mesh
 from atma_jax.summary import count_params
 from atma_jax.train.metrics import MetricWriter, flops_per_token, mfu, peak_flops, peak_label
 from atma_jax.train.state import init_state, setup_state
 from atma_jax.train.step import make_eval_step, make_train_step, model_losses
-
-
-def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> None:
-  """`jax.distributed.initialize` when launched multi-process (flags or JAX_* env vars)."""
-  coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
-    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-  if process_id is None and os.environ.get("JAX_PROCESS_ID"):
-    process_id = int(os.environ["JAX_PROCESS_ID"])
-  if coordinator is None and num_processes is None:
-    return  # single process
-  if coordinator is None or num_processes is None or process_id is None:
-    raise ConfigError("multi-process launch needs all of --coordinator, --num-processes and "
-                      "--process-id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / "
-                      "JAX_PROCESS_ID).")
-  if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                             process_id=process_id)
 
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -85,6 +70,31 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
+@contextlib.contextmanager
+def _closing(mngr, writer, bar):
+  """Whatever ends the loop (a divergence too), a save in flight completes before returning."""
+  try:
+    yield
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    if bar is not None:
+      bar.close()
+
+
+def _set_aside_newer(run_dir, step: int, is_main: bool, log) -> None:
+  """Moves checkpoints newer than the resumed `step` out of the manager's way (kept on disk)."""
+  if is_main:
+    moved = ckpt.set_aside_newer(run_dir, step)
+    if moved:
+      log(f"moved the checkpoints after step {step} aside, kept in "
+          f"{', '.join(str(p) for p in moved)}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("atma_set_aside_newer")
+
+
 def default_data_fn(cfg, process_index, process_count):
   from atma_jax.data.pipeline import make_train_iterator
   return make_train_iterator(cfg, process_index=process_index, process_count=process_count,
@@ -97,14 +107,17 @@ def default_eval_data_fn(cfg, process_index, process_count):
                            log=None)
 
 
-def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable = model_losses,
-        data_fn: Callable = default_data_fn, eval_data_fn: Callable | None = default_eval_data_fn,
-        stop_after: int | None = None, progress: bool = True, log=print) -> dict[str, Any]:
-  """Trains `cfg` (resuming from the latest checkpoint with `resume`); returns a summary.
+def run(cfg: Config, *, resume: bool = False, resume_step: int | None = None, model_fn=None,
+        losses_fn: Callable = model_losses, data_fn: Callable = default_data_fn,
+        eval_data_fn: Callable | None = default_eval_data_fn, stop_after: int | None = None,
+        progress: bool = True, log=print) -> dict[str, Any]:
+  """Trains `cfg` (with `resume`: from the newest intact checkpoint, or `resume_step`); returns
+  a summary. Raises DivergenceError on a non-finite step (train.on_nonfinite="stop").
 
   `stop_after`: leave the loop (saving a checkpoint) once the state reaches that step, as if
   interrupted; used by the resume tests.
   """
+  resume = resume or resume_step is not None
   t, pidx, pcount = cfg.train, jax.process_index(), jax.process_count()
   is_main = pidx == 0
   cfg.validate()  # cadences, batch sizes (a config built by hand may skip resolve())
@@ -127,9 +140,16 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
     raise ConfigError(f"{ckpt.checkpoint_dir(t.run_dir)} already has checkpoints (latest step "
                       f"{latest}); pass --resume to continue that run or set train.run_dir to a "
                       "new directory.")
+  if resume_step is not None and latest is None:
+    raise ckpt.CheckpointError(f"--step {resume_step}: no checkpoints under "
+                               f"{ckpt.checkpoint_dir(t.run_dir)}.")
   if resume and latest is not None:
-    state = ckpt.restore(mngr, latest, setup.abstract, data_it, cfg)
-    log(f"resumed from {ckpt.checkpoint_dir(t.run_dir)}/{latest}")
+    restored, state = ckpt.restore_intact(mngr, setup.abstract, data_it, cfg, step=resume_step,
+                                          warn=log)
+    if restored != latest:
+      _set_aside_newer(t.run_dir, restored, is_main, log)
+      mngr.reload()
+    log(f"resumed from {ckpt.checkpoint_dir(t.run_dir)}/{restored}")
   else:
     if resume:
       log(f"--resume: no checkpoint under {ckpt.checkpoint_dir(t.run_dir)}; starting fresh")
@@ -147,8 +167,12 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
   n_params = count_params(cfg.model)
   fpt = flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size, t.seq_len)
   peak = peak_flops()
-  writer = MetricWriter(t.run_dir, enabled=is_main)
   start = int(jax.device_get(state.step))
+  # rows after the resumed step were logged by the run that is being replaced (kill, fallback)
+  writer = MetricWriter(t.run_dir, enabled=is_main, keep_through=start if start else -1)
+  guard = NonFiniteGuard(t.on_nonfinite, lambda: (
+      None if mngr.latest_step() is None
+      else str(ckpt.checkpoint_dir(t.run_dir) / str(mngr.latest_step()))))
   bar = None
   if progress and is_main:
     from tqdm import tqdm
@@ -177,9 +201,16 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
     nonlocal last_t
     step, m_dev = p
     m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
+    skipped = guard.check(step, m)  # raises DivergenceError to stop
+    m.pop("finite", None)
     dt = None if last_t is None else now - last_t
     last_t = now
     rec = {"step": step, **m}
+    if skipped:
+      rec["skipped_nonfinite"] = True
+      if bar is not None:
+        bar.write(f"step {step}: non-finite loss or gradient, update skipped "
+                  f"({guard.skipped} so far)")
     if dt:
       rec["tokens_per_s"] = m["tokens"] / dt
       u = mfu(rec["tokens_per_s"], fpt, jax.device_count(), peak)
@@ -198,8 +229,15 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
       bar.set_postfix(post, refresh=False)
       bar.update(1)
 
+  def save(step, force=False):
+    nonlocal pending
+    if pending is not None:  # the metrics (finite flag) of the step about to be saved
+      flush(pending, time.time())
+      pending = None
+    ckpt.save(mngr, step, state, data_it, cfg, force=force)
+
   t0 = time.time()
-  with _StopFlag() as stop:
+  with _StopFlag() as stop, _closing(mngr, writer, bar):
     if start == 0:
       v = evaluate(state, 0)
       if v is not None:
@@ -224,17 +262,13 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
         interrupted = True
         break
       if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.steps:
-        ckpt.save(mngr, step, state, data_it, cfg)
+        save(step)
     if pending is not None:
       flush(pending, time.time())
+      pending = None
     if mngr.latest_step() != step:
-      ckpt.save(mngr, step, state, data_it, cfg, force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-  if bar is not None:
-    bar.close()
+      save(step, force=True)
   wall = time.time() - t0
-  writer.close()
   vals = [v for _, v in history["val_loss"] if v is not None]
   summary = {
       "steps": step, "interrupted": interrupted, "wall_s": wall, "num_params": n_params,
@@ -242,9 +276,11 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
       "last_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
       "train_losses": history["train_loss"], "val_losses": history["val_loss"],
       "checkpoint": str(ckpt.checkpoint_dir(t.run_dir) / str(step)),
+      "skipped_nonfinite": guard.skipped,
   }
   if is_main:
     log(f"{'interrupted' if interrupted else 'done'}: step {step}/{t.steps} in {wall:.1f}s; "
         f"val loss {summary['first_val_loss']} -> {summary['last_val_loss']}; checkpoint "
-        f"{summary['checkpoint']}")
+        f"{summary['checkpoint']}"
+        + (f"; {guard.skipped} non-finite update(s) skipped" if guard.skipped else ""))
   return summary

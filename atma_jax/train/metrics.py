@@ -99,16 +99,46 @@ def mfu(tokens_per_s: float, fpt: float, num_devices: int, peak: float | None) -
   return tokens_per_s * fpt / (peak * num_devices)
 
 
-class MetricWriter:
-  """`<run_dir>/metrics.jsonl` (+ TensorBoard when a writer library is installed); process 0."""
+def keep_rows_through(path: str, step: int) -> int:
+  """Rewrites the JSON-lines file `path` without rows whose "step" exceeds `step` (and without a
+  torn last line); returns the number of rows dropped."""
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:  # a line cut by a kill
+        dropped += 1
+        continue
+      if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+        dropped += 1
+      else:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return dropped
 
-  def __init__(self, run_dir: str, enabled: bool = True):
+
+class MetricWriter:
+  """`<run_dir>/metrics.jsonl` (+ TensorBoard when a writer library is installed); process 0.
+
+  `keep_through`: first drop the rows of later steps (a resumed run rewrites them)."""
+
+  def __init__(self, run_dir: str, enabled: bool = True, keep_through: int | None = None):
     self.enabled = enabled
     self.tb = None
     if not enabled:
       return
     os.makedirs(run_dir, exist_ok=True)
-    self.f = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if keep_through is not None:
+      keep_rows_through(path, keep_through)
+    self.f = open(path, "a")
     try:  # optional
       from tensorboardX import SummaryWriter  # type: ignore
       self.tb = SummaryWriter(os.path.join(run_dir, "tb"))

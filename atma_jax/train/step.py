@@ -13,7 +13,9 @@ with CE the token SUM (`optim.loss_reduction="sum"`, the reference: gradients of
 accumulated over micro-batches with `lax.scan`) or the token MEAN of the whole step ("mean":
 CE_micro / tokens_per_step and the aux terms / N, so the accumulated gradient is that of the
 step mean). The optimizer then clips ALL gradients to global norm `clip_norm` (always active for
-"sum") and steps. Randomness: `fold_in(fold_in(state.rng, step), micro)`.
+"sum") and steps. Randomness: `fold_in(fold_in(state.rng, step), micro)`. `metrics["finite"]`
+says whether the loss terms and the gradient norm are finite; with `train.on_nonfinite="skip"`
+a non-finite step leaves parameters and optimizer state as they were (the step count advances).
 
 Micro-batch k holds rows {i * N + k}: a [B, T] batch sharded over data x fsdp in contiguous row
 blocks is reshaped to [M, N, T] (sharding of dim 0 kept) and swapped to [N, M, T], so every
@@ -102,6 +104,11 @@ def make_train_step(cfg: Config, setup: StateSetup, mesh: Mesh, *,
     (grads, ce, reg, align), _ = jax.lax.scan(body, init, (jnp.arange(N), inputs, targets))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     params, opt_state, stats = opt.apply(state.params, grads, state.opt_state)
+    finite = (jnp.isfinite(ce) & jnp.isfinite(reg) & jnp.isfinite(align)
+              & jnp.isfinite(stats["grad_norm"]))
+    if t.on_nonfinite == "skip":  # drop the update: this step's batch is consumed, nothing else
+      params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                       (params, opt_state), (state.params, state.opt_state))
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            rng=state.rng)
     metrics = {
@@ -112,6 +119,7 @@ def make_train_step(cfg: Config, setup: StateSetup, mesh: Mesh, *,
         "tokens": jnp.asarray(B * T, jnp.int32),
         "reg": reg / N,
         "align": align / N,
+        "finite": finite,  # loss terms and gradient norm all finite (divergence.py)
     }
     return new_state, metrics
 
