@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import Mesh
 
 from atma_jax import sharding
+from atma_jax.model import ops
 from pallas_kernels.gated_delta import api, reference, xla_chunked
 from tests.gated_delta_cases import CASES, Case, check_backend, random_inputs
 
@@ -126,7 +127,7 @@ def _mesh8():
 
 def _loss_and_grads(impl):
   def loss(q, k, v, lg, beta, s0):
-    o, s = api.gated_delta_rule(q, k, v, lg, beta, initial_state=s0, output_final_state=True,
+    o, s = ops.gated_delta_rule(q, k, v, lg, beta, initial_state=s0, output_final_state=True,
                                 chunk_size=16, impl=impl)
     return jnp.sum(o * o) + jnp.sum(jnp.sin(s)), (o, s)
   return jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True))

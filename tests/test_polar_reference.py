@@ -4,7 +4,7 @@
 - `polar_core` (prologue + op + log-domain epilogue) == `polar_oracle` (spec §3.2), fwd and
   gradients of q, k, v and all five polar parameters, fp64;
 - finite parameter gradients under windows, bf16 close to fp32, no T x T buffers, and the
-  sharded op (8 fake CPU devices) equal to the unsharded one.
+  sharded op (8 fake CPU devices, through the model's ops seam) equal to the unsharded one.
 """
 
 import functools
@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import Mesh
 
 from atma_jax import sharding
+from atma_jax.model import ops
 from pallas_kernels.polar_attention import api, reference, xla_streaming
 from tests.polar_cases import CASES, Case, check_backend, fast_jit, random_inputs
 
@@ -152,7 +153,7 @@ def test_sharded_equals_unsharded():
     params = _polar_params(case.H, case.D, 2, jnp.float32)
 
     def loss(q, k, v, *p):
-      c, mag = api.polar_core(q, k, v, *p, window=case.window, q_offset=case.q_offset,
+      c, mag = ops.polar_core(q, k, v, *p, window=case.window, q_offset=case.q_offset,
                               impl="xla")
       return jnp.sum(c * jnp.cos(c)) + jnp.sum(mag * mag), (c, mag)
 

@@ -1,4 +1,4 @@
-"""The gated delta rule op the model imports: dispatch, custom VJP, sharding (docs/DESIGN.md).
+"""The gated delta rule op: dispatch and custom VJP on plain (per-shard) arrays (docs/DESIGN.md).
 
   gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, *, initial_state=None,
                    output_final_state=False, chunk_size=64, impl="auto")
@@ -23,10 +23,8 @@ gets the XLA path's recompute-and-differentiate backward. A backend that also ex
 residuals and gets them back as `gated_delta_bwd(..., prepass=...)`: no prepass rerun in the
 backward, for B*Tp*H*((K + V)*itemsize + 4*C) more bytes per layer (gpu_triton docstring).
 
-Under an active mesh (`atma_jax.sharding.current_mesh()`) the backend call runs in
-`jax.shard_map` with batch split over "batch" and heads over "act_heads" (heads are
-independent; no communication); a batch or head count the mesh axes do not divide is replicated
-(e.g. batch-1 evaluation on a data-parallel mesh), as in the Polar op.
+Mesh-free: batch rows and heads are independent, so a caller that shards (the model's ops seam,
+`atma_jax/model/ops.py`) wraps `gated_delta_rule` in `jax.shard_map` over batch and heads.
 
 Dimension glossary: B batch, T tokens, H heads, K key/query dim, V value dim.
 """
@@ -35,12 +33,9 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 
 import jax
-from jax.sharding import PartitionSpec as P
 
-from atma_jax import sharding
 from pallas_kernels.platform import platform_of
 from pallas_kernels.gated_delta import reference, xla_chunked
 
@@ -114,25 +109,6 @@ def _run_backend(impl: str, chunk_size: int, q, k, v, log_gamma, beta, s0):
   return xla_chunked.gated_delta_fwd(*args, chunk_size=chunk_size)
 
 
-def _mesh_axis_size(mesh, entry) -> int:
-  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-  return math.prod(mesh.shape[a] for a in axes)
-
-
-def _sharded(fn, mesh, B: int, H: int):
-  """`fn` under shard_map: batch over "batch", heads over "act_heads"; an axis whose size the
-  mesh axes do not divide (e.g. batch 1 on a data-parallel mesh) is replicated instead, as the
-  Polar op does."""
-  x_spec = sharding.logical_to_spec(("batch", None, "act_heads", None), mesh)
-  batch = x_spec[0] if B % _mesh_axis_size(mesh, x_spec[0]) == 0 else None
-  heads = x_spec[2] if H % _mesh_axis_size(mesh, x_spec[2]) == 0 else None
-  x_spec = P(batch, None, heads, None)
-  g_spec = P(batch, None, heads)
-  s_spec = P(batch, heads, None, None)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, g_spec, g_spec, s_spec),
-                       out_specs=(x_spec, s_spec), check_vma=False)
-
-
 def gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, *, initial_state=None,
                      output_final_state: bool = False, chunk_size: int = 64, impl: str = "auto"):
   """Gated delta rule over T tokens: `(o_BTHV, final_state_BHKV or None)`, both fp32.
@@ -146,16 +122,12 @@ def gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, *, initial
     raise ValueError(f"chunk_size must be a positive int (e.g. 64); got {chunk_size!r}")
   reference.check_gated_delta_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH,
                                      initial_state)
-  B, _, H, _ = q_BTHK.shape
   # the oracle's own rule: fp64 when ANY input (state included) is fp64, else fp32
   dt, s0_BHKV = reference.initial_state_or_zeros(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH,
                                                  beta_BTH, initial_state)
   log_gamma_BTH, beta_BTH = log_gamma_BTH.astype(dt), beta_BTH.astype(dt)
-  fn = functools.partial(_run_backend, impl, chunk_size)
-  mesh = sharding.current_mesh()
-  if mesh is not None:
-    fn = _sharded(fn, mesh, B, H)
-  o_BTHV, sT_BHKV = fn(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, s0_BHKV)
+  o_BTHV, sT_BHKV = _run_backend(impl, chunk_size, q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH,
+                                 beta_BTH, s0_BHKV)
   return o_BTHV, (sT_BHKV if output_final_state else None)
 
 
