@@ -1,8 +1,17 @@
-"""`pallas_kernels` is a leaf library: nothing under it imports `atma_jax` (dependencies point
-one way: pallas_kernels <- atma_jax.model <- train / eval / generate)."""
+"""The kernel library's structure: a leaf package (nothing under `pallas_kernels` imports
+`atma_jax`; dependencies point one way: pallas_kernels <- atma_jax.model <- train / eval /
+generate) with one backend dispatch (`pallas_kernels.dispatch`) both ops use."""
 
 import ast
 import pathlib
+import sys
+import types
+import warnings
+
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import dispatch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,3 +41,76 @@ def test_kernel_library_never_imports_the_model_package():
 def test_import_scan_sees_model_imports():
   # the scanner itself finds such an import where one exists
   assert "atma_jax" in set(_imported_modules(ROOT / "atma_jax" / "model" / "ops.py"))
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def _fake_backend(name, reason=None):
+  """A backend module `name` whose `unsupported_reason` returns `reason` for every call."""
+  mod = types.ModuleType(name)
+  mod.run = lambda *a: name
+  mod.unsupported_reason = lambda *a, **kw: reason
+  return mod
+
+
+@pytest.fixture
+def fake_table(monkeypatch):
+  mods = {n: _fake_backend(f"fake_dispatch_{n}", r) for n, r in (
+      ("xla", None), ("fast", None), ("fast_refuses", "tile too small"), ("general", None),
+      ("general_refuses", "dtype int8 not taken"))}
+  for m in mods.values():
+    monkeypatch.setitem(sys.modules, m.__name__, m)
+  monkeypatch.setattr(dispatch, "platform_of", lambda x: "gpu")
+  dispatch.load.cache_clear()  # fresh fake modules under the same names in every test
+
+  def table(*cands):
+    return dispatch.Backends(op="fake", xla="fake_dispatch_xla", exports=("run",),
+                             pallas={"gpu": tuple(dispatch.Candidate(f"fake_dispatch_{n}", needs)
+                                                  for n, needs in cands)},
+                             arg_names=("q",))
+  yield mods, table
+  dispatch.load.cache_clear()
+
+
+def test_dispatch_takes_the_first_candidate_the_hardware_has_and_that_takes_the_call(
+    fake_table, monkeypatch):
+  mods, table = fake_table
+  x = jnp.zeros((2, 3))
+  t = table(("fast", "hopper"), ("general", None))
+  for hopper, want in ((True, "fast"), (False, "general")):
+    monkeypatch.setattr(dispatch, "is_hopper", lambda h=hopper: h)
+    for impl in ("auto", "pallas"):
+      assert dispatch.select(t, impl, (x,)) is mods[want]
+  assert dispatch.select(t, "xla", (x,)) is mods["xla"]
+  monkeypatch.setattr(dispatch, "is_hopper", lambda: True)
+  assert dispatch.select(table(("fast_refuses", "hopper"), ("general", None)), "pallas",
+                         (x,)) is mods["general"]
+
+
+def test_dispatch_pallas_error_names_every_refusal_and_auto_falls_back(fake_table, monkeypatch):
+  mods, table = fake_table
+  monkeypatch.setattr(dispatch, "is_hopper", lambda: False)
+  t = table(("fast", "hopper"), ("general_refuses", None))
+  x = jnp.zeros((2, 3), jnp.int8)
+  assert dispatch.select(t, "auto", (x,), {"window": 4}) is mods["xla"]
+  with pytest.raises(ValueError) as err:
+    dispatch.select(t, "pallas", (x,), {"window": 4})
+  msg = str(err.value)
+  for part in ("q (2, 3) int8", "window=4", "fake_dispatch_fast needs a Hopper GPU",
+               "fake_dispatch_general_refuses dtype int8 not taken", "impl='auto'"):
+    assert part in msg, (part, msg)
+  with pytest.raises(ValueError, match="impl must be one of"):
+    dispatch.select(t, "triton", (x,))
+
+
+def test_dispatch_caches_modules_and_skips_an_unimportable_one(fake_table):
+  mods, table = fake_table
+  t = table(("not_a_module_anywhere", None), ("general", None))
+  x = jnp.zeros(2)
+  with pytest.warns(UserWarning, match="unavailable"):
+    assert dispatch.select(t, "pallas", (x,)) is mods["general"]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # cached: no second import attempt, no second warning
+    assert dispatch.select(t, "auto", (x,)) is mods["general"]
+  with pytest.raises(ValueError, match="cannot be imported"):
+    dispatch.select(table(("not_a_module_anywhere", None)), "pallas", (x,))

@@ -80,14 +80,14 @@ def test_window_larger_than_t_and_block_larger_than_t():
                 jnp.float32, atol=2e-5, rtol=2e-5)
 
 
-def test_is_supported():
+def test_unsupported_reason():
   q = jnp.zeros((1, 8, 4, 16))
   k = jnp.zeros((1, 8, 2, 16))
-  assert gpu_triton.is_supported(q, k, k, window=None, q_offset=0)
-  assert not gpu_triton.is_supported(q[..., :12], k[..., :12], k[..., :12], window=None,
-                                     q_offset=0)
-  assert gpu_triton.is_supported(q, k, k, window=None, q_offset=jnp.int32(3))
-  assert not gpu_triton.is_supported(q, k, k, window=None, q_offset=jnp.zeros(2, jnp.int32))
+  assert gpu_triton.unsupported_reason(q, k, k, window=None, q_offset=0) is None
+  assert "head dim 12" in gpu_triton.unsupported_reason(q[..., :12], k[..., :12], k[..., :12])
+  assert gpu_triton.unsupported_reason(q, k, k, window=None, q_offset=jnp.int32(3)) is None
+  assert "q_offset" in gpu_triton.unsupported_reason(q, k, k, q_offset=jnp.zeros(2, jnp.int32))
+  assert "dtype" in gpu_triton.unsupported_reason(q.astype(jnp.int8), k, k)
 
 
 def test_lowers_to_triton_for_h100(monkeypatch):

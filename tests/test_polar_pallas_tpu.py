@@ -50,12 +50,12 @@ def test_default_blocks_short_input_window_larger_than_t():
                 atol=2e-5, rtol=2e-5)
 
 
-def test_is_supported():
+def test_unsupported_reason():
   q = jnp.zeros((1, 8, 4, 16))
   k = jnp.zeros((1, 8, 2, 16))
-  assert tpu.is_supported(q, k, k, window=8, q_offset=0)
-  assert not tpu.is_supported(q[..., :12], k[..., :12], k[..., :12], window=None, q_offset=0)
-  assert tpu.is_supported(q, k, k, window=None, q_offset=jnp.int32(3))
+  assert tpu.unsupported_reason(q, k, k, window=8, q_offset=0) is None
+  assert "head dim 12" in tpu.unsupported_reason(q[..., :12], k[..., :12], k[..., :12])
+  assert tpu.unsupported_reason(q, k, k, window=None, q_offset=jnp.int32(3)) is None
 
 
 def test_lowers_to_mosaic_for_tpu_v5e(monkeypatch):

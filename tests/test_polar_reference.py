@@ -181,7 +181,7 @@ def test_dispatch_and_input_errors():
   assert api.select_backend(q, k, v, impl="xla") is xla_streaming
   if jax.default_backend() == "cpu":
     assert api.select_backend(q, k, v, impl="auto") is xla_streaming
-    with pytest.raises(ValueError, match="no Pallas Polar kernel for platform 'cpu'"):
+    with pytest.raises(ValueError, match="no Pallas Polar attention backend for platform 'cpu'"):
       api.attention_stats(q, k, v, s, impl="pallas")
   with pytest.raises(ValueError, match="impl must be one of"):
     api.attention_stats(q, k, v, s, impl="cuda")

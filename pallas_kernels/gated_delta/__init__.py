@@ -5,7 +5,7 @@ names, not the backend modules. The op is mesh-free: a caller that shards wraps 
 (atma_jax/model/ops.py).
 """
 
-from pallas_kernels.gated_delta.api import IMPLS, gated_delta_rule, gated_delta_step
+from pallas_kernels.gated_delta.api import BACKENDS, IMPLS, gated_delta_rule, gated_delta_step
 from pallas_kernels.gated_delta.reference import check_gated_delta_shapes
 
-__all__ = ["IMPLS", "check_gated_delta_shapes", "gated_delta_rule", "gated_delta_step"]
+__all__ = ["BACKENDS", "IMPLS", "check_gated_delta_shapes", "gated_delta_rule", "gated_delta_step"]

@@ -5,14 +5,13 @@
       -> (c_BTHD, mag_BTH) in q.dtype      (spec §3.2 as prologue + attention_stats + epilogue)
   softmax_attention(q, k, v, *, scale, window, q_offset, impl) -> o_BTHD in q.dtype
 
-Backends are modules with `attention_stats_fwd`, `attention_stats_bwd` and `is_supported`
-(`xla_streaming`; Pallas `gpu_mosaic` on Hopper, `gpu_triton` on GPU and `tpu` on TPU, imported
-lazily). `impl`:
-"xla" -> streaming XLA; "pallas" -> the platform's Pallas kernel (error if it cannot take the
-shape); "auto" -> Pallas when available and supported, else XLA. Decided at trace time. On a
-Hopper GPU both Pallas choices take the Mosaic-GPU forward `gpu_mosaic` (paired with the Triton
-backward) for the calls it supports (training / prefill: q_offset 0, bf16/f16, D 64 or 128) and
-`gpu_triton` for the rest (decode, f32, other head dims, other GPUs).
+Backends are modules with `attention_stats_fwd`, `attention_stats_bwd` and `unsupported_reason`
+(`xla_streaming`; Pallas `gpu_mosaic` on Hopper, `gpu_triton` on GPU and `tpu` on TPU), chosen
+by `pallas_kernels.dispatch` from the `BACKENDS` table (`impl` = "auto" | "pallas" | "xla",
+decided at trace time). On a Hopper GPU both Pallas choices take the Mosaic-GPU forward
+`gpu_mosaic` (paired with the Triton backward) for the calls it supports (training / prefill:
+q_offset 0, bf16/f16, D 64 or 128) and `gpu_triton` for the rest (decode, f32, other head dims,
+other GPUs).
 
 Mesh-free: every function here works on the arrays it is given. A caller that shards (the
 model's ops seam, `atma_jax/model/ops.py`) wraps `attention_stats` in `jax.shard_map` over batch
@@ -27,82 +26,33 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import math
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.platform import platform_of
-from pallas_kernels.polar_attention import reference, xla_streaming
+from pallas_kernels import dispatch
+from pallas_kernels.polar_attention import reference
 
-IMPLS = ("auto", "pallas", "xla")
-_TRITON = "pallas_kernels.polar_attention.gpu_triton"
-# platform -> Pallas candidates (module, hardware it needs), the first one that exists on this
-# hardware and supports the call wins. Hopper: the Mosaic-GPU forward (+ the Triton backward);
-# measured on an H100 (bench/results/polar_mosaic_h100.json): forward 0.63 vs 0.69 ms at
-# (16, 2K), 1.36 vs 1.66 at (4, 8K), 16.8 vs 19.9 at (1, 64K); fwd+bwd 5.78 vs 6.37 at (4, 8K).
-_PALLAS_CANDIDATES = {
-    "gpu": (("pallas_kernels.polar_attention.gpu_mosaic", "hopper"), (_TRITON, None)),
-    "cuda": (("pallas_kernels.polar_attention.gpu_mosaic", "hopper"), (_TRITON, None)),
-    "tpu": (("pallas_kernels.polar_attention.tpu", None),),
-}
+IMPLS = dispatch.IMPLS
 
-
-# ----------------------------------------------------------------------------- dispatch
-
-@functools.cache
-def _import_module(name: str):
-  try:
-    return importlib.import_module(name)
-  except ImportError as e:  # module not written yet, or its deps missing on this machine
-    warnings.warn(f"Polar attention: Pallas backend {name} unavailable ({e}); using XLA.")
-    return None
-
-
-@functools.cache
-def _is_hopper() -> bool:
-  dev = jax.devices()[0]
-  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
-
-
-def _pallas_candidates(platform: str) -> list:
-  """The platform's Pallas modules that exist on this hardware, in order of preference."""
-  mods = []
-  for name, needs in _PALLAS_CANDIDATES.get(platform, ()):
-    if needs == "hopper" and not _is_hopper():
-      continue
-    mod = _import_module(name)
-    if mod is not None:
-      mods.append(mod)
-  return mods
+_P = "pallas_kernels.polar_attention."
+# platform -> Pallas candidates, preferred first (dispatch takes the first that this hardware has
+# and that takes the call). Hopper: the Mosaic-GPU forward (+ the Triton backward); measured on
+# an H100 (bench/results/polar_mosaic_h100.json): forward 0.63 vs 0.69 ms at (16, 2K), 1.36 vs
+# 1.66 at (4, 8K), 16.8 vs 19.9 at (1, 64K); fwd+bwd 5.78 vs 6.37 at (4, 8K).
+BACKENDS = dispatch.Backends(
+    op="Polar attention", xla=_P + "xla_streaming",
+    pallas={"gpu": (dispatch.Candidate(_P + "gpu_mosaic", needs="hopper"),
+                    dispatch.Candidate(_P + "gpu_triton")),
+            "tpu": (dispatch.Candidate(_P + "tpu"),)},
+    exports=("attention_stats_fwd", "attention_stats_bwd"), arg_names=("q", "k", "v"))
 
 
 def select_backend(q, k, v, *, window=None, q_offset=0, impl="auto"):
   """The backend module `attention_stats` uses for these inputs (trace-time decision)."""
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-  if impl == "xla":
-    return xla_streaming
-  platform = platform_of(q)
-  mods = _pallas_candidates(platform)
-  for mod in mods:
-    if mod.is_supported(q, k, v, window=window, q_offset=q_offset):
-      return mod
-  if impl == "auto":
-    return xla_streaming
-  if not mods:
-    raise ValueError(f"impl='pallas': no Pallas Polar kernel for platform {platform!r} "
-                     f"(have {sorted(_PALLAS_CANDIDATES)}); use impl='xla' or 'auto'")
-  mod = mods[-1]  # the most general candidate says why
-  why = getattr(mod, "unsupported_reason", None)
-  reason = (why(q, k, v, window=window, q_offset=q_offset) if why else None) or \
-      "its is_supported() says no"
-  raise ValueError(f"impl='pallas': {mod.__name__} cannot take q {q.shape} {q.dtype}, "
-                   f"k {k.shape}, window={window}, q_offset={q_offset}: {reason}; "
-                   f"use impl='auto' to fall back to XLA")
+  return dispatch.select(BACKENDS, impl, (q, k, v), {"window": window, "q_offset": q_offset})
 
 
 # ----------------------------------------------------------------------------- custom VJP

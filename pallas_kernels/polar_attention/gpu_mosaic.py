@@ -4,7 +4,7 @@
 `(o f32, lse f32, p2 f32) = attention_stats_fwd(q, k, v, scale, window=...)` computes exactly
 the contract of `gpu_forward.attention_stats_fwd` / `reference.attention_stats_materialized`
 for the training / evaluation scope: q_offset = 0 (Tq == Tk), bf16 / f16 inputs, D in
-{64, 128}, causal, window None or int. Anything else raises ValueError (`is_supported` says
+{64, 128}, causal, window None or int. Anything else raises ValueError (`unsupported_reason` says
 False). The backward is the Triton one (`attention_stats_bwd` wraps it: it takes lse, not
 how the forward ran), so this module has the backend contract of `gpu_triton`.
 
@@ -48,7 +48,7 @@ from pallas_kernels.polar_attention import gpu_backward
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
 
 __all__ = ["MosaicConfig", "DEFAULT_CONFIG", "attention_stats_bwd", "attention_stats_fwd",
-           "is_supported"]
+           "unsupported_reason"]
 
 _COMPUTE_WGS = 2
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -90,7 +90,8 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
                                           **kw)
 
 
-def _unsupported_reason(q, k, v, *, window, q_offset) -> str | None:
+def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
+  """None when this kernel can run this call (training / prefill scope only), else why not."""
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     return f"q [B,T,H,D], k/v [B,T,G,D] expected, got {q.shape}, {k.shape}, {v.shape}"
   if not (isinstance(q_offset, int) and q_offset == 0):
@@ -107,11 +108,6 @@ def _unsupported_reason(q, k, v, *, window, q_offset) -> str | None:
   if window is not None and not (isinstance(window, int) and window >= 1):
     return f"window must be None or a positive int (got {window!r})"
   return None
-
-
-def is_supported(q, k, v, *, window=None, q_offset=0) -> bool:
-  """True when this kernel can run this call (training / prefill scope only)."""
-  return _unsupported_reason(q, k, v, window=window, q_offset=q_offset) is None
 
 
 def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D, R,
@@ -254,7 +250,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   """Forward kernel: (o_BTHD f32, lse_BTH f32, p2_BTH f32); see the module docstring."""
   reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
                                    q_offset=q_offset)
-  why = _unsupported_reason(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset)
+  why = unsupported_reason(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset)
   if why is not None:
     raise ValueError(f"gpu_mosaic.attention_stats_fwd: {why}. Use gpu_triton (or the xla "
                      "backend) for this call.")

@@ -56,14 +56,20 @@ class BlockConfig:
 DEFAULT_CONFIG = BlockConfig()
 
 
-def is_supported(q, k, v, *, window=None, q_offset=0) -> bool:
-  """True when these kernels can run this call (else the api falls back to XLA)."""
+def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
+  """None when these kernels can run this call, else why not (dispatch then falls back to XLA)."""
+  if q.ndim != 4 or k.shape != v.shape or k.shape[-1] != q.shape[-1]:
+    return f"q [B,T,H,D], k/v [B,T,G,D] expected, got {q.shape}, {k.shape}, {v.shape}"
   D = q.shape[-1]
-  return (q.ndim == 4 and k.shape == v.shape and k.shape[-1] == D
-          and D >= 16 and D & (D - 1) == 0
-          and q.shape[2] % k.shape[2] == 0
-          and (isinstance(q_offset, int) or jnp.ndim(q_offset) == 0)
-          and (window is None or isinstance(window, int)))
+  if not (D >= 16 and D & (D - 1) == 0):
+    return f"head dim {D}: the TPU kernels need a power of 2 >= 16"
+  if q.shape[2] % k.shape[2]:
+    return f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}"
+  if not (isinstance(q_offset, int) or jnp.ndim(q_offset) == 0):
+    return f"q_offset must be an int or a scalar (got shape {jnp.shape(q_offset)})"
+  if not (window is None or isinstance(window, int)):
+    return f"window must be None or an int (got {window!r})"
+  return None
 
 
 def _interpret():

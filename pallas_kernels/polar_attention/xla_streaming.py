@@ -30,10 +30,10 @@ DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 512
 
 
-def is_supported(q, k, v, *, window=None, q_offset=0) -> bool:
-  """The XLA path takes every valid shape."""
+def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
+  """None: the XLA path takes every valid shape."""
   del q, k, v, window, q_offset
-  return True
+  return None
 
 
 def _blocks(t: int, block: int) -> tuple[int, int]:
