@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.polar_attention import reference
+from pallas_kernels.polar_attention import bands, reference
 from pallas_kernels.polar_attention import gpu_backward
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
 
@@ -120,8 +120,8 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
   wg = lax.axis_index("wg")
   tile = n_q_tiles - 1 - lax.axis_index("q_seq")  # heaviest (latest) tiles first
   t0 = tile * (2 * bq)
-  kv_lo = 0 if window is None else lax.div(jnp.maximum(t0 - window + 1, 0), bk)
-  kv_hi = lax.div(t0 + 2 * bq + bk - 1, bk)
+  # the tile's key blocks (both warpgroups' rows; Tq == Tk padded alike, so no key bound)
+  kv_lo, kv_hi = bands.key_range(t0, t0 + 2 * bq - 1, bk=bk, tk=None, window=window)
   n_steps = kv_hi - kv_lo
 
   @pl.when(wg < _COMPUTE_WGS)
@@ -152,9 +152,7 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
         rows = r0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
         cols = (kv_lo + i) * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1,
                                                          layout=plgpu.Layout.WGMMA)
-        valid = cols <= rows
-        if window is not None:
-          valid = valid & (cols > rows - window)
+        valid = bands.visible(rows, cols, tk=None, window=window)
         s_qk = jnp.where(valid, s_qk, NEG)
       m_new = jnp.maximum(m_q, s_qk.max(axis=1))
       alpha = jnp.exp2(m_q - m_new)
@@ -186,10 +184,9 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
       plgpu.barrier_arrive(v_used.at[slot])
       return m_new, l_q, q2_q, acc_qd
 
-    # Blocks fully visible to all bq rows: kb*bk + bk - 1 <= r0 (causal) and
-    # kb*bk >= r0 + bq - window (window); the rest of the tile band is masked.
-    u_hi = lax.div(r0 + 1, bk)
-    u_lo = 0 if window is None else lax.div(jnp.maximum(r0 + bq - window, 0) + bk - 1, bk)
+    # Blocks fully visible to this warpgroup's bq rows run unmasked; the rest of the tile's
+    # band is masked. Steps count from kv_lo.
+    _, u_lo, u_hi, _ = bands.key_band(r0, r0 + bq - 1, bk=bk, tk=None, window=window)
     u_lo = jnp.clip(u_lo, kv_lo, kv_hi) - kv_lo
     u_hi = jnp.clip(u_hi, u_lo + kv_lo, kv_hi) - kv_lo
     wgmma_row = plgpu.Layout.WGMMA.reduce(1)
