@@ -11,7 +11,7 @@ import warnings
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, gated_delta, polar_attention
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,62 @@ def test_kernel_library_never_imports_the_model_package():
 def test_import_scan_sees_model_imports():
   # the scanner itself finds such an import where one exists
   assert "atma_jax" in set(_imported_modules(ROOT / "atma_jax" / "model" / "ops.py"))
+
+
+# The library's public modules: the op packages (their exports), `api`, the oracles, the shared
+# integer / chunk math, and every backend module a dispatch table names (a backend's contract:
+# its fwd / bwd entry points, `unsupported_reason`, its config). The rest (gpu_tiles,
+# gpu_forward, gpu_backward, gpu_common) is private to the library.
+KERNEL_OPS = {"attention_stats", "polar_stats", "polar_core", "softmax_attention",
+              "gated_delta_rule", "gated_delta_step"}
+
+
+def _public_modules():
+  out = {"pallas_kernels", "pallas_kernels.dispatch"}
+  for pkg, extra in ((polar_attention, ("bands",)), (gated_delta, ("chunk_math",))):
+    out |= {pkg.__name__} | {f"{pkg.__name__}.{m}" for m in ("api", "reference") + extra}
+    out |= {pkg.BACKENDS.xla} | {c.module for cs in pkg.BACKENDS.pallas.values() for c in cs}
+  return out
+
+
+def _kernel_imports(path: pathlib.Path):
+  """(module, names) for every import of a pallas_kernels module in `path`; `from P import m`
+  of a submodule m counts as importing P.m."""
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      yield from ((a.name, ()) for a in node.names if a.name.startswith("pallas_kernels"))
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pallas_kernels"):
+      base = ROOT.joinpath(*node.module.split("."))
+      subs = [a.name for a in node.names
+              if (base / f"{a.name}.py").exists() or (base / a.name / "__init__.py").exists()]
+      yield from ((f"{node.module}.{m}", ()) for m in subs)
+      names = tuple(a.name for a in node.names if a.name not in subs)
+      if names:
+        yield node.module, names
+
+
+def test_tests_import_only_public_kernel_modules():
+  public = _public_modules()
+  files = sorted((ROOT / "tests").rglob("*.py"))
+  private = [f"{f.relative_to(ROOT)}: {m}" for f in files for m, _ in _kernel_imports(f)
+             if m not in public]
+  assert not private, private
+  assert "pallas_kernels.polar_attention.gpu_mosaic" in public  # from the dispatch table
+
+
+def test_model_imports_kernel_ops_only_through_its_ops_seam():
+  """atma_jax imports only the op packages; only model/ops.py takes the kernel ops themselves
+  (other modules may take the packages' jnp helpers, e.g. stats_dtype)."""
+  packages = {polar_attention.__name__, gated_delta.__name__}
+  seam = ROOT / "atma_jax" / "model" / "ops.py"
+  bad = []
+  for f in sorted((ROOT / "atma_jax").rglob("*.py")):
+    for module, names in _kernel_imports(f):
+      if module not in packages or (f != seam and KERNEL_OPS & set(names)) or (
+          f != seam and not names):
+        bad.append(f"{f.relative_to(ROOT)}: {module} {names}")
+  assert not bad, bad
+  assert {m for m, _ in _kernel_imports(seam)} == packages
 
 
 # ----------------------------------------------------------------------------- dispatch

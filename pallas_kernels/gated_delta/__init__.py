@@ -1,8 +1,10 @@
 """Gated delta rule (ATMA_SPEC §4.4-4.5): sequential oracle, chunked XLA path, Pallas kernels.
 
-The public API is what this package exports; callers outside the kernel library import these
-names, not the backend modules. The op is mesh-free: a caller that shards wraps it
-(atma_jax/model/ops.py).
+The public API: what this package exports (the op, its shape check, the `BACKENDS` table); the
+modules `api`, `reference` (oracle), `chunk_math` (the chunk math every backend shares) and the
+backend modules `BACKENDS` names (xla_chunked, gpu_triton, tpu). gpu_common, gpu_forward and
+gpu_backward are private (tests/test_kernel_library.py). The model imports only this package,
+through atma_jax/model/ops.py. The op is mesh-free: a caller that shards wraps it.
 """
 
 from pallas_kernels.gated_delta.api import BACKENDS, IMPLS, gated_delta_rule, gated_delta_step

@@ -1,9 +1,12 @@
 """Polar attention core op: materialized oracle (`reference`), streaming XLA backend
 (`xla_streaming`), Pallas GPU/TPU kernels, and the one custom-VJP op with dispatch (`api`).
 
-The public API is what this package exports (the op, its shape check, the helpers the model's
-prologue shares); callers outside the kernel library import these names, not the backend
-modules. The ops are mesh-free: a caller that shards wraps them (atma_jax/model/ops.py).
+The public API: what this package exports (the op, its shape check, the helpers the model's
+prologue shares, the `BACKENDS` table); the modules `api`, `reference` (oracles), `bands`
+(band arithmetic) and the backend modules `BACKENDS` names (xla_streaming, gpu_mosaic,
+gpu_triton, tpu: each one's fwd / bwd / unsupported_reason / config). gpu_tiles, gpu_forward
+and gpu_backward are private (tests/test_kernel_library.py). The model imports only this
+package, through atma_jax/model/ops.py. The ops are mesh-free: a caller that shards wraps them.
 """
 
 from pallas_kernels.polar_attention.api import (BACKENDS, IMPLS, attention_stats, polar_core,

@@ -105,7 +105,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dk_
 
 
 def _bwd_dq(off, q, k, v, scale, do, lse, delta, cq, *, H, R, bq, bk, tk, q_offset, window,
-            num_warps, num_stages):
+            num_warps, num_stages, interpret):
   """dQ (+ dscale) kernel on padded inputs: query-parallel, grid (query blocks, B*H)."""
   B, tq_pad, _, D = q.shape
   tk_pad = k.shape[1]
@@ -122,12 +122,12 @@ def _bwd_dq(off, q, k, v, scale, do, lse, delta, cq, *, H, R, bq, bk, tk, q_offs
       out_shape=[jax.ShapeDtypeStruct((B, tq_pad, H, D), q.dtype),
                  jax.ShapeDtypeStruct((B, H, tq_pad), jnp.float32)],
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=gpu_tiles._interpret(), name="polar_attention_bwd_dq",
+      interpret=interpret, name="polar_attention_bwd_dq",
   )(off, q, k, v, scale, do, lse, delta, cq)
 
 
 def _bwd_dkv(off, q, k, v, scale, do, lse, delta, cq, *, G, bq, bk, tk, q_offset, window,
-             num_warps, num_stages, flat):
+             num_warps, num_stages, flat, interpret):
   """dK/dV kernel on padded inputs: key-parallel, grid (key blocks, B*G); the kernel walks
   the group's R query heads, so dK/dV are summed over the GQA group in-kernel."""
   B, tq_pad, H, D = q.shape
@@ -146,7 +146,7 @@ def _bwd_dkv(off, q, k, v, scale, do, lse, delta, cq, *, G, bq, bk, tk, q_offset
       out_shape=[jax.ShapeDtypeStruct((B, tk_pad, G, D), k.dtype),
                  jax.ShapeDtypeStruct((B, tk_pad, G, D), v.dtype)],
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=gpu_tiles._interpret(), name="polar_attention_bwd_dkv",
+      interpret=interpret, name="polar_attention_bwd_dkv",
   )(off, q, k, v, scale, do, lse, delta, cq)
 
 
@@ -173,7 +173,8 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
           _pad_axis1(do_BTHD.astype(q_BTHD.dtype), tq_pad),
           _rows_bht(lse_BTH, tq_pad, PAD_LSE), _rows_bht(delta_BTH, tq_pad),
           _rows_bht(cq_BTH, tq_pad))
-  common = dict(tk=Tk, q_offset=_static_offset(q_offset), window=window)
+  common = dict(tk=Tk, q_offset=_static_offset(q_offset), window=window,
+                interpret=gpu_tiles.interpret_mode(config))
   dq = dk = dv = dscale = None
   if "dq" in parts:
     dq, dscale = _bwd_dq(*args, H=H, R=H // G, bq=dq_bq, bk=dq_bk,

@@ -113,7 +113,8 @@ def _decode_kernel(q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, q2_ref, *,
   q2_ref[...] = q2_m
 
 
-def _use_decode(Tq, R, Tk, window, q_offset, config) -> bool:
+def uses_split_k_decode(Tq, R, Tk, window, q_offset, config) -> bool:
+  """True when `attention_stats_fwd` takes the split-K decode kernel for this call."""
   off = _static_offset(q_offset)
   if off is None:  # traced offset: the band is at most min(Tk, window)
     band = Tk if window is None else min(Tk, window)
@@ -171,7 +172,7 @@ def _decode_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window, q_offset, config):
       + [jax.ShapeDtypeStruct((B * G, n_split, rows), f32)] * 3,
       compiler_params=pltriton.CompilerParams(num_warps=config.decode_num_warps,
                                               num_stages=config.decode_num_stages),
-      interpret=gpu_tiles._interpret(), name="polar_attention_decode",
+      interpret=gpu_tiles.interpret_mode(config), name="polar_attention_decode",
   )(_offset_arg(q_offset), q, k, v, scale)
   m_max = jnp.max(m, axis=1, keepdims=True)
   w = jnp.exp2(m - m_max)
@@ -203,7 +204,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   B, Tq, H, D = q_BTHD.shape
   Tk, G = k_BTGD.shape[1], k_BTGD.shape[2]
   R = H // G
-  if _use_decode(Tq, R, Tk, window, q_offset, config):
+  if uses_split_k_decode(Tq, R, Tk, window, q_offset, config):
     return _decode_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window, q_offset=q_offset,
                        config=config)
   bq = _fit_block(config.block_q, Tq)
@@ -229,7 +230,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
                  jax.ShapeDtypeStruct((B, tq_pad, H), jnp.float32)],
       compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
                                               num_stages=config.num_stages),
-      interpret=gpu_tiles._interpret(),
+      interpret=gpu_tiles.interpret_mode(config),
       name="polar_attention_fwd",
   )(_offset_arg(q_offset), q, k, v, scale)
   return o[:, :Tq], lse[:, :Tq], p2[:, :Tq]

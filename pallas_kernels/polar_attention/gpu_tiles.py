@@ -1,8 +1,8 @@
 """Shared pieces of the Pallas-Triton Polar kernels: launch config, padding, offsets, masks, bands.
 
 Package-internal (the `_` names are imported by `gpu_forward` and `gpu_backward`; the public
-entry is `gpu_triton`). `_interpret()` is looked up through this module at call time, so a test
-can monkeypatch it to lower the kernels for a GPU on a machine without one.
+entry is `gpu_triton`). `BlockConfig.interpret=False` lowers the kernels for a GPU on a machine
+without one.
 
 Band loops: each key (or query) loop runs only over the blocks in the causal/window band
 (`bands.py`), split in three phases: masked edge blocks, unmasked interior blocks, masked edge
@@ -70,13 +70,16 @@ class BlockConfig:
   decode_num_warps: int = 4
   decode_num_stages: int = 3
   decode_target_programs: int = 264  # ~2 per SM on an H100/H200
+  # Pallas interpret mode: None = on a machine without a GPU; False lowers the kernels for a GPU
+  # from any machine (lowering tests).
+  interpret: bool | None = None
 
 
 DEFAULT_CONFIG = BlockConfig()
 
 
-def _interpret() -> bool:
-  return jax.default_backend() != "gpu"
+def interpret_mode(config: BlockConfig) -> bool:
+  return (jax.default_backend() != "gpu") if config.interpret is None else config.interpret
 
 
 def _fit_block(block: int, t: int) -> int:

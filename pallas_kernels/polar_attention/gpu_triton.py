@@ -1,6 +1,6 @@
 """Pallas-Triton (GPU) kernels of the Polar core op `attention_stats` (KERNELS.md §2a): the
 public entry the api imports (`unsupported_reason`, `attention_stats_fwd`, `attention_stats_bwd`,
-`BlockConfig`, `DEFAULT_CONFIG`).
+`BlockConfig` (tiles, launch, `interpret`), `DEFAULT_CONFIG`, `uses_split_k_decode`).
 
   gpu_tiles     launch config, padding, traced/static offsets, masks, causal/window bands
   gpu_forward   query-tile forward (o, lse, p2) and the split-K decode forward
@@ -29,11 +29,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.polar_attention.gpu_backward import attention_stats_bwd
-from pallas_kernels.polar_attention.gpu_forward import attention_stats_fwd
+from pallas_kernels.polar_attention.gpu_forward import attention_stats_fwd, uses_split_k_decode
 from pallas_kernels.polar_attention.gpu_tiles import DEFAULT_CONFIG, BlockConfig
 
 __all__ = ["BlockConfig", "DEFAULT_CONFIG", "attention_stats_bwd", "attention_stats_fwd",
-           "unsupported_reason"]
+           "unsupported_reason", "uses_split_k_decode"]
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 

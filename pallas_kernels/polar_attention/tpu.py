@@ -52,6 +52,9 @@ class BlockConfig:
   dq_block_k: int = 512
   dkv_block_q: int = 512
   dkv_block_k: int = 512
+  # Pallas interpret mode: None = on a machine without a TPU; False lowers the kernels for a TPU
+  # from any machine (lowering tests).
+  interpret: bool | None = None
 
 
 DEFAULT_CONFIG = BlockConfig()
@@ -73,8 +76,9 @@ def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
   return None
 
 
-def _interpret():
-  return False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+def _interpret_mode(config: BlockConfig):
+  interpret = (jax.default_backend() != "tpu") if config.interpret is None else config.interpret
+  return pltpu.InterpretParams() if interpret else False
 
 
 def _fit_block(block: int, t: int) -> int:
@@ -113,7 +117,8 @@ def _with_offset(kernel, static):
   return wrapped
 
 
-def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, name, q_offset):
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, name, q_offset,
+          config):
   """pallas_call with the query offset as a scalar-prefetch operand (index maps get its ref)."""
   grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
                                            out_specs=out_specs, scratch_shapes=scratch_shapes)
@@ -121,7 +126,7 @@ def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, name,
       _with_offset(kernel, _static_offset(q_offset)), grid_spec=grid_spec, out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=_interpret(), name=name)
+      interpret=_interpret_mode(config), name=name)
   return lambda *args: call(jnp.asarray(q_offset, jnp.int32).reshape(1), *args)
 
 
@@ -227,7 +232,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   f32 = jnp.float32
   o, lse, p2 = _call(
       functools.partial(_fwd_kernel, bq=bq, bk=bk, tk=Tk, window=window),
-      q_offset=q_offset,
+      q_offset=q_offset, config=config,
       grid=(B, H, nq, nk),
       in_specs=[q_spec, kv_spec, kv_spec, row_spec],
       out_specs=[q_spec, row_spec, row_spec],
@@ -351,7 +356,7 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, _: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, bk, D), kv_index)
   dq, dscale = _call(
-      functools.partial(_dq_kernel, bq=bq, bk=bk, **common), q_offset=q_offset,
+      functools.partial(_dq_kernel, bq=bq, bk=bk, **common), q_offset=q_offset, config=config,
       grid=(B, H, nq, nk),
       in_specs=[q_spec, kv_spec, kv_spec, row_spec, q_spec, row_spec, row_spec, row_spec],
       out_specs=[q_spec, row_spec],
@@ -375,6 +380,7 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   k_spec = pl.BlockSpec((None, None, bk, D), lambda b, g, j, t, _: (b, g, j, 0))
   dk, dv = _call(
       functools.partial(_dkv_kernel, bq=bq, bk=bk, nq=nq, **common), q_offset=q_offset,
+      config=config,
       grid=(B, G, nk, R * nq),
       in_specs=[q_spec, k_spec, k_spec, row_spec, q_spec, row_spec, row_spec, row_spec],
       out_specs=[k_spec, k_spec],
