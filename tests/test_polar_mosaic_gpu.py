@@ -124,3 +124,18 @@ def test_hopper_dispatch(monkeypatch):
     assert api.select_backend(q, k, v, q_offset=3, impl="auto") is gpu_triton
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     assert api.select_backend(*f32, impl="auto") is gpu_triton
+
+
+@pytest.mark.gpu
+def test_dispatch_on_this_gpu():
+  """Real hardware, no monkeypatch: Mosaic forward on a Hopper GPU, Triton elsewhere; an
+  impl='pallas' call no candidate takes names every candidate's reason."""
+  from pallas_kernels import dispatch
+  from pallas_kernels.polar_attention import api, gpu_triton
+  q, k, v, s = random_inputs(Case(Tq=64, H=4, G=2, D=64), jnp.bfloat16)
+  want = gpu_mosaic if dispatch.is_hopper() else gpu_triton
+  assert api.select_backend(q, k, v, impl="auto") is want
+  assert api.select_backend(q, k, v, q_offset=0, window=16, impl="pallas") is want
+  q12, k12 = q[..., :12], k[..., :12]
+  with pytest.raises(ValueError, match="gpu_triton head dim 12"):
+    api.attention_stats(q12, k12, k12, s, impl="pallas")
