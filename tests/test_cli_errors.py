@@ -182,7 +182,7 @@ def test_a_kernel_missing_on_this_platform_is_one_line(capsys):
   import jax
   import jax.numpy as jnp
 
-  from pallas_kernels.platform import KernelUnavailable
+  from pallas_kernels.dispatch import KernelUnavailable
   from pallas_kernels.polar_attention import api
 
   @cli_boundary

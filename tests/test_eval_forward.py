@@ -92,11 +92,8 @@ def test_no_mem_changes_the_output(setup, fwd):
 
 
 def test_probe_block_by_block(setup, fwd, monkeypatch):
-  api = pytest.importorskip("pallas_kernels.polar_attention.api")
-  if not hasattr(api, "polar_stats"):
-    pytest.skip("polar_stats not in the kernel api yet")
   from atma_jax.eval import probe
-  from atma_jax.model import attention
+  from atma_jax.model import attention, ops
 
   cfg, params = setup
   seq = np.random.default_rng(4).integers(0, 50257, size=(2, 48))
@@ -105,9 +102,9 @@ def test_probe_block_by_block(setup, fwd, monkeypatch):
   seen = []
 
   def spy(*args, **kw):
-    st = api.polar_stats(*args, **kw)
+    st = ops.polar_stats(*args, **kw)
     seen.append({k: np.asarray(st[k]).mean(axis=(0, 1)) for k in probe.STATS})
-    return api.polar_core(*args, **kw)
+    return ops.polar_core(*args, **kw)
 
   monkeypatch.setattr(attention, "polar_core", spy)
   model = nnx.merge(fwd.graphdef, params)

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import dispatch
+from pallas_kernels import gated_delta as gd
 from pallas_kernels.gated_delta import chunk_math as cm
-from pallas_kernels.gated_delta import api, gpu_triton, reference
+from pallas_kernels.gated_delta import gpu_triton, reference
 from tests.gated_delta_cases import Case, check_backend
 from tests.oracle_check import assert_close
 
@@ -147,7 +149,6 @@ def test_rejects_bad_tuning():
 
 def test_rejects_unsupported_shapes():
   q = jnp.zeros((1, 8, 1, 12), jnp.float32)
-  assert not gpu_triton.is_supported(q, q, q, chunk_size=16)
   assert "powers of 2" in gpu_triton.unsupported_reason(q, q, q, chunk_size=16)
   with pytest.raises(ValueError, match="chunk_size"):
     gpu_triton.gated_delta_fwd(q, q, q, q[..., 0], q[..., 0], chunk_size=24, interpret=True)
@@ -164,34 +165,38 @@ def test_compiled_matches_oracle(dtype, kv, tol):
 def test_rejects_f32_at_k128():
   q = jnp.zeros((1, 8, 1, 128), jnp.float32)
   assert "shared memory" in gpu_triton.unsupported_reason(q, q, q, chunk_size=64)
-  assert gpu_triton.is_supported(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16),
-                                 q.astype(jnp.bfloat16), chunk_size=64)
+  bf16 = q.astype(jnp.bfloat16)
+  assert gpu_triton.unsupported_reason(bf16, bf16, bf16, chunk_size=64) is None
 
 
-def _interpret_backend(tuning, pieces=None):
-  """A module name whose fwd / fwd_residuals / bwd are gpu_triton's in interpret mode, for
-  `api._pallas_rule` (the custom_vjp that saves the prepass as residuals)."""
+def _interpret_backend(monkeypatch, tuning, pieces=None):
+  """Makes gpu_triton in interpret mode (fwd / fwd_residuals / bwd) this platform's Pallas
+  gated-delta backend, so impl="pallas" runs it through the api's custom_vjp (the one that saves
+  the forward's prepass as residuals)."""
   name = f"_gdn_interpret_backend_{abs(hash((tuning, pieces)))}"
   mod = types.ModuleType(name)
   kw = dict(interpret=True, tuning=tuning, pieces=pieces)
   mod.gated_delta_fwd = functools.partial(gpu_triton.gated_delta_fwd, **kw)
   mod.gated_delta_fwd_residuals = functools.partial(gpu_triton.gated_delta_fwd_residuals, **kw)
   mod.gated_delta_bwd = functools.partial(gpu_triton.gated_delta_bwd, **kw)
-  sys.modules[name] = mod
-  return name
+  mod.unsupported_reason = gpu_triton.unsupported_reason
+  monkeypatch.setitem(sys.modules, name, mod)
+  monkeypatch.setitem(gd.BACKENDS.pallas, jax.default_backend(), (dispatch.Candidate(name),))
+  dispatch.load.cache_clear()
 
 
 @pytest.mark.parametrize("tuning,pieces", [(_T(), None), (_T(wy_t0="recompute"), 2)],
                          ids=["wy_t0", "wy_recompute_pieces"])
-def test_api_vjp_reuses_forward_prepass(tuning, pieces):
+def test_api_vjp_reuses_forward_prepass(monkeypatch, tuning, pieces):
   """jax.vjp through api's custom_vjp with the forward's (w, u, T0) as residuals vs the oracle;
   and the saved-prepass backward equals the recomputing one exactly."""
   case = Case(T=61, B=2, H=1, K=16, V=16, chunk=16)
-  name = _interpret_backend(tuning, pieces)
-  fwd = lambda q, k, v, lg, b, s0, chunk_size: api._pallas_rule(name, chunk_size, q, k, v,
-                                                                 lg.astype(jnp.float32),
-                                                                 b.astype(jnp.float32), s0)
+  _interpret_backend(monkeypatch, tuning, pieces)
+  fwd = lambda q, k, v, lg, b, s0, chunk_size: gd.gated_delta_rule(
+      q, k, v, lg, b, initial_state=s0, output_final_state=True, chunk_size=chunk_size,
+      impl="pallas")
   check_backend(fwd, case, jnp.float32, atol=2e-5, rtol=2e-5, seed=11)
+  dispatch.load.cache_clear()
   rng = np.random.default_rng(0)
   q, k = (jnp.asarray(rng.standard_normal((1, 61, 1, 16)), jnp.float32) for _ in range(2))
   v, do = (jnp.asarray(rng.standard_normal((1, 61, 1, 16)), jnp.float32) for _ in range(2))

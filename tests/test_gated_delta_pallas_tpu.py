@@ -33,7 +33,7 @@ def test_interpret_matches_oracle(case, interpret):
 
 def test_rejects_unsupported_chunk():
   q = jnp.zeros((1, 8, 1, 16), jnp.float32)
-  assert not tpu.is_supported(q, q, q, chunk_size=12)
+  assert "multiple of 8" in tpu.unsupported_reason(q, q, q, chunk_size=12)
   with pytest.raises(ValueError, match="multiple of 8"):
     tpu.gated_delta_fwd(q, q, q, q[..., 0], q[..., 0], chunk_size=12, interpret=True)
 

@@ -16,6 +16,9 @@ import pytest
 from jax.sharding import Mesh
 
 from atma_jax import sharding
+from atma_jax.model import ops
+from pallas_kernels import dispatch
+from pallas_kernels import gated_delta as gd
 from pallas_kernels.gated_delta import api, reference, xla_chunked
 from tests.gated_delta_cases import CASES, Case, check_backend, random_inputs
 
@@ -126,7 +129,7 @@ def _mesh8():
 
 def _loss_and_grads(impl):
   def loss(q, k, v, lg, beta, s0):
-    o, s = api.gated_delta_rule(q, k, v, lg, beta, initial_state=s0, output_final_state=True,
+    o, s = ops.gated_delta_rule(q, k, v, lg, beta, initial_state=s0, output_final_state=True,
                                 chunk_size=16, impl=impl)
     return jnp.sum(o * o) + jnp.sum(jnp.sin(s)), (o, s)
   return jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True))
@@ -149,15 +152,18 @@ def fake_pallas(monkeypatch):
   """Routes impl='pallas' on CPU to a module with the backend contract (xla_chunked, or a copy
   without a bwd) so the api's custom_vjp wiring is tested without a GPU."""
   def install(with_bwd: bool):
-    mod = types.ModuleType("fake_gated_delta_pallas")
+    mod = types.ModuleType(f"fake_gated_delta_pallas_bwd_{with_bwd}")
     mod.gated_delta_fwd = xla_chunked.gated_delta_fwd
-    mod.is_supported = lambda *a, chunk_size: chunk_size != 7
-    mod.unsupported_reason = lambda *a, chunk_size: "chunk_size 7 is not a tile size"
+    mod.unsupported_reason = lambda *a, chunk_size: (
+        "chunk_size 7 is not a tile size" if chunk_size == 7 else None)
     if with_bwd:
       mod.gated_delta_bwd = xla_chunked.gated_delta_bwd
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setitem(api._PALLAS_MODULES, jax.default_backend(), mod.__name__)
-  return install
+    monkeypatch.setitem(gd.BACKENDS.pallas, jax.default_backend(),
+                        (dispatch.Candidate(mod.__name__),))
+    dispatch.load.cache_clear()  # dispatch caches modules by name
+  yield install
+  dispatch.load.cache_clear()
 
 
 def test_sharded_under_8_device_mesh_equals_unsharded(fake_pallas):
@@ -194,7 +200,7 @@ def test_pallas_unsupported_errors_and_auto_falls_back(fake_pallas):
 
 def test_bad_inputs_raise_clear_errors():
   q, k, v, lg, beta, s0 = random_inputs(Case(T=5, H=2, K=16, V=8))
-  with pytest.raises(ValueError, match="no Pallas backend for platform 'cpu'"):
+  with pytest.raises(ValueError, match="no Pallas gated delta backend for platform 'cpu'"):
     api.gated_delta_rule(q, k, v, lg, beta, impl="pallas")
   with pytest.raises(ValueError, match="impl must be one of"):
     api.gated_delta_rule(q, k, v, lg, beta, impl="triton")

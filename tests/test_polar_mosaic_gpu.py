@@ -12,6 +12,7 @@ compiled.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -67,11 +68,11 @@ def test_out_of_scope_inputs_raise(change, match):
   k = jnp.zeros((B, tk, G, D), dtype)
   s = jnp.ones((B, T, H), jnp.float32)
   kw = dict(window=change.get("window"), q_offset=change.get("q_offset", 0))
-  assert not gpu_mosaic.is_supported(q, k, k, **kw)
+  assert re.search(match, gpu_mosaic.unsupported_reason(q, k, k, **kw))
   with pytest.raises(ValueError, match=match):
     gpu_mosaic.attention_stats_fwd(q, k, k, s, **kw)
   q_ok, k_ok = jnp.zeros((B, T, H, 64), jnp.bfloat16), jnp.zeros((B, T, G, 64), jnp.bfloat16)
-  assert gpu_mosaic.is_supported(q_ok, k_ok, k_ok, window=None, q_offset=0)
+  assert gpu_mosaic.unsupported_reason(q_ok, k_ok, k_ok, window=None, q_offset=0) is None
 
 
 @pytest.mark.parametrize("shape,window,config", [
@@ -112,13 +113,29 @@ def test_compiled_on_gpu_bf16(case, config):
 def test_hopper_dispatch(monkeypatch):
   """On a Hopper GPU `auto` / `pallas` take the Mosaic forward for training / prefill calls and
   the Triton kernels for what it does not take (decode offsets, f32); other GPUs stay Triton."""
+  from pallas_kernels import dispatch
   from pallas_kernels.polar_attention import api, gpu_triton
-  monkeypatch.setattr(api, "platform_of", lambda x: "gpu")
+  monkeypatch.setattr(dispatch, "platform_of", lambda x: "gpu")
   q, k, v, _ = random_inputs(Case(Tq=64, H=4, G=2, D=64), jnp.bfloat16)
   for hopper, want in ((True, gpu_mosaic), (False, gpu_triton)):
-    monkeypatch.setattr(api, "_is_hopper", lambda h=hopper: h)
+    monkeypatch.setattr(dispatch, "is_hopper", lambda h=hopper: h)
     for impl in ("auto", "pallas"):
       assert api.select_backend(q, k, v, window=16, impl=impl) is want
     assert api.select_backend(q, k, v, q_offset=3, impl="auto") is gpu_triton
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     assert api.select_backend(*f32, impl="auto") is gpu_triton
+
+
+@pytest.mark.gpu
+def test_dispatch_on_this_gpu():
+  """Real hardware, no monkeypatch: Mosaic forward on a Hopper GPU, Triton elsewhere; an
+  impl='pallas' call no candidate takes names every candidate's reason."""
+  from pallas_kernels import dispatch
+  from pallas_kernels.polar_attention import api, gpu_triton
+  q, k, v, s = random_inputs(Case(Tq=64, H=4, G=2, D=64), jnp.bfloat16)
+  want = gpu_mosaic if dispatch.is_hopper() else gpu_triton
+  assert api.select_backend(q, k, v, impl="auto") is want
+  assert api.select_backend(q, k, v, q_offset=0, window=16, impl="pallas") is want
+  q12, k12 = q[..., :12], k[..., :12]
+  with pytest.raises(ValueError, match="gpu_triton head dim 12"):
+    api.attention_stats(q12, k12, k12, s, impl="pallas")

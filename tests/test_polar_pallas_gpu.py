@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.polar_attention import gpu_forward, gpu_tiles, gpu_triton
+from pallas_kernels.polar_attention import gpu_triton
 from tests.polar_cases import CASES, SMALL_CASES, Case, check_backend, traced_offset_backend
 
 # Small, mixed blocks: several key/query blocks at T ~ 33-100, different dq/dkv tilings.
@@ -61,8 +61,8 @@ DECODE_BLOCKS = dataclasses.replace(SMALL_BLOCKS, decode_min_keys=1, decode_bloc
     Case(Tq=3, Tk=90, q_offset=70, H=6, G=2, window=33),   # 3 rows x 3 heads, longer cache
 ], ids=str)
 def test_split_k_decode_matches_oracle(case):
-  assert gpu_forward._use_decode(case.Tq, case.H // case.G, case.tk, case.window, case.q_offset,
-                                 DECODE_BLOCKS)
+  assert gpu_triton.uses_split_k_decode(case.Tq, case.H // case.G, case.tk, case.window,
+                                        case.q_offset, DECODE_BLOCKS)
   check_backend(*_backend(DECODE_BLOCKS), case, jnp.float32, atol=2e-5, rtol=2e-5)
 
 
@@ -80,19 +80,19 @@ def test_window_larger_than_t_and_block_larger_than_t():
                 jnp.float32, atol=2e-5, rtol=2e-5)
 
 
-def test_is_supported():
+def test_unsupported_reason():
   q = jnp.zeros((1, 8, 4, 16))
   k = jnp.zeros((1, 8, 2, 16))
-  assert gpu_triton.is_supported(q, k, k, window=None, q_offset=0)
-  assert not gpu_triton.is_supported(q[..., :12], k[..., :12], k[..., :12], window=None,
-                                     q_offset=0)
-  assert gpu_triton.is_supported(q, k, k, window=None, q_offset=jnp.int32(3))
-  assert not gpu_triton.is_supported(q, k, k, window=None, q_offset=jnp.zeros(2, jnp.int32))
+  assert gpu_triton.unsupported_reason(q, k, k, window=None, q_offset=0) is None
+  assert "head dim 12" in gpu_triton.unsupported_reason(q[..., :12], k[..., :12], k[..., :12])
+  assert gpu_triton.unsupported_reason(q, k, k, window=None, q_offset=jnp.int32(3)) is None
+  assert "q_offset" in gpu_triton.unsupported_reason(q, k, k, q_offset=jnp.zeros(2, jnp.int32))
+  assert "dtype" in gpu_triton.unsupported_reason(q.astype(jnp.int8), k, k)
 
 
-def test_lowers_to_triton_for_h100(monkeypatch):
+def test_lowers_to_triton_for_h100():
   """Traces and lowers fwd + both bwd kernels to Triton IR for an abstract H100 (bf16, D=128)."""
-  monkeypatch.setattr(gpu_tiles, "_interpret", lambda: False)
+  lower = gpu_triton.BlockConfig(interpret=False)
   mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
       device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132))
   checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
@@ -100,7 +100,7 @@ def test_lowers_to_triton_for_h100(monkeypatch):
   q = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((B, T, G, D), jnp.bfloat16)
   row = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
-  kw = dict(window=100, q_offset=0)
+  kw = dict(window=100, q_offset=0, config=lower)
   with jax.sharding.use_abstract_mesh(mesh):
     fwd = jax.export.export(jax.jit(functools.partial(gpu_triton.attention_stats_fwd, **kw)),
                             platforms=["cuda"], disabled_checks=checks)(q, kv, kv, row)
@@ -109,7 +109,7 @@ def test_lowers_to_triton_for_h100(monkeypatch):
                                 q, kv, kv, row, row, q, row, row)
     decode = jax.export.export(
         jax.jit(lambda q, k, v, s, off: gpu_triton.attention_stats_fwd(
-            q, k, v, s, window=None, q_offset=off)),
+            q, k, v, s, window=None, q_offset=off, config=lower)),
         platforms=["cuda"], disabled_checks=checks)(
             jax.ShapeDtypeStruct((B, 1, H, D), jnp.bfloat16),
             jax.ShapeDtypeStruct((B, 8192, G, D), jnp.bfloat16),

@@ -50,18 +50,18 @@ def test_default_blocks_short_input_window_larger_than_t():
                 atol=2e-5, rtol=2e-5)
 
 
-def test_is_supported():
+def test_unsupported_reason():
   q = jnp.zeros((1, 8, 4, 16))
   k = jnp.zeros((1, 8, 2, 16))
-  assert tpu.is_supported(q, k, k, window=8, q_offset=0)
-  assert not tpu.is_supported(q[..., :12], k[..., :12], k[..., :12], window=None, q_offset=0)
-  assert tpu.is_supported(q, k, k, window=None, q_offset=jnp.int32(3))
+  assert tpu.unsupported_reason(q, k, k, window=8, q_offset=0) is None
+  assert "head dim 12" in tpu.unsupported_reason(q[..., :12], k[..., :12], k[..., :12])
+  assert tpu.unsupported_reason(q, k, k, window=None, q_offset=jnp.int32(3)) is None
 
 
-def test_lowers_to_mosaic_for_tpu_v5e(monkeypatch):
+def test_lowers_to_mosaic_for_tpu_v5e():
   """Traces and lowers fwd + dQ + dK/dV to Mosaic for an abstract TPU v5e (bf16, D=128, 512
   blocks, static and traced offsets): checks block shapes and op support (not libtpu's passes)."""
-  monkeypatch.setattr(tpu, "_interpret", lambda: False)
+  lower = tpu.BlockConfig(interpret=False)
   mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
       device_kind="TPU v5 lite", platform="tpu", num_cores=1))
   B, T, H, G, D = 1, 1500, 8, 2, 128
@@ -70,11 +70,11 @@ def test_lowers_to_mosaic_for_tpu_v5e(monkeypatch):
   row = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
   with jax.sharding.use_abstract_mesh(mesh):
     fwd = jax.export.export(jax.jit(functools.partial(tpu.attention_stats_fwd, window=700,
-                                                      q_offset=0)), platforms=["tpu"])(
-                                                          q, kv, kv, row)
+                                                      q_offset=0, config=lower)),
+                            platforms=["tpu"])(q, kv, kv, row)
     bwd = jax.export.export(
         jax.jit(lambda q, k, v, s, off: tpu.attention_stats_bwd(
-            q, k, v, s, s, q, s, s, window=None, q_offset=off)),
+            q, k, v, s, s, q, s, s, window=None, q_offset=off, config=lower)),
         platforms=["tpu"])(q, kv, kv, row, jnp.int32(0))
   assert fwd.mlir_module().count("tpu_custom_call") == 1
   assert bwd.mlir_module().count("tpu_custom_call") == 2

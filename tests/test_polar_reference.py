@@ -4,7 +4,7 @@
 - `polar_core` (prologue + op + log-domain epilogue) == `polar_oracle` (spec §3.2), fwd and
   gradients of q, k, v and all five polar parameters, fp64;
 - finite parameter gradients under windows, bf16 close to fp32, no T x T buffers, and the
-  sharded op (8 fake CPU devices) equal to the unsharded one.
+  sharded op (8 fake CPU devices, through the model's ops seam) equal to the unsharded one.
 """
 
 import functools
@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import Mesh
 
 from atma_jax import sharding
+from atma_jax.model import ops
 from pallas_kernels.polar_attention import api, reference, xla_streaming
 from tests.polar_cases import CASES, Case, check_backend, fast_jit, random_inputs
 
@@ -152,7 +153,7 @@ def test_sharded_equals_unsharded():
     params = _polar_params(case.H, case.D, 2, jnp.float32)
 
     def loss(q, k, v, *p):
-      c, mag = api.polar_core(q, k, v, *p, window=case.window, q_offset=case.q_offset,
+      c, mag = ops.polar_core(q, k, v, *p, window=case.window, q_offset=case.q_offset,
                               impl="xla")
       return jnp.sum(c * jnp.cos(c)) + jnp.sum(mag * mag), (c, mag)
 
@@ -180,7 +181,7 @@ def test_dispatch_and_input_errors():
   assert api.select_backend(q, k, v, impl="xla") is xla_streaming
   if jax.default_backend() == "cpu":
     assert api.select_backend(q, k, v, impl="auto") is xla_streaming
-    with pytest.raises(ValueError, match="no Pallas Polar kernel for platform 'cpu'"):
+    with pytest.raises(ValueError, match="no Pallas Polar attention backend for platform 'cpu'"):
       api.attention_stats(q, k, v, s, impl="pallas")
   with pytest.raises(ValueError, match="impl must be one of"):
     api.attention_stats(q, k, v, s, impl="cuda")
@@ -210,3 +211,23 @@ def test_traced_q_offset_matches_static():
   (_, want), want_g = fast_jit(functools.partial(f, case.q_offset))(q, k, v, *params)
   for g, w in zip(tuple(got) + got_g, tuple(want) + want_g):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=1e-6)
+
+
+def test_sharded_traced_offset_equals_unsharded():
+  # The decode path through the model's ops seam: a traced offset enters the shard_map
+  # replicated; heads split over "tensor", the batch over data x fsdp.
+  case = Case(Tq=3, Tk=30, q_offset=27, B=4, H=4, G=2, window=9)
+  q, k, v, _ = random_inputs(case, jnp.float32, seed=13)
+  params = _polar_params(4, 16, 5, jnp.float32)
+
+  def loss(off, q, k, v, *p):
+    c, mag = ops.polar_core(q, k, v, *p, window=case.window, q_offset=off, impl="xla")
+    return jnp.sum(c * jnp.sin(c)) + jnp.sum(mag), (c, mag)
+
+  f = jax.value_and_grad(loss, argnums=range(1, 9), has_aux=True)
+  (_, want), want_g = fast_jit(f)(jnp.int32(case.q_offset), q, k, v, *params)
+  with sharding.use_mesh(Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)):
+    assert "shard_map" in str(jax.make_jaxpr(f)(jnp.int32(case.q_offset), q, k, v, *params))
+    (_, got), got_g = fast_jit(f)(jnp.int32(case.q_offset), q, k, v, *params)
+  for g, w in zip(tuple(got) + got_g, tuple(want) + want_g):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-5)

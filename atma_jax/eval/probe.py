@@ -5,7 +5,7 @@ Dimension glossary: B batch, T time, D hidden, H query heads, G KV heads, d head
 The probe runs the evaluation model block by block (embedding, then each `Block` in order, the
 same calls `Atma.forward_embeddings` makes) and, at every Polar global block, rebuilds that
 block's attention inputs with `GlobalMixer.core_inputs` (the method its `__call__` uses) and
-hands them to `polar_stats` (the kernel api's statistics of the same prologue/epilogue as
+hands them to `polar_stats` (the model ops seam: the kernel op's statistics of the same prologue/epilogue as
 `polar_core`, window removed). Per layer it reports, mean over positions
 (and heads), the effective key count `n_eff = 1/p2`, the magnitude `mag`, the null-sink
 mass `w_N` and the temperature `temp`, plus the per-head means. The final hidden state is
@@ -22,22 +22,13 @@ import numpy as np
 from flax import nnx
 
 from atma_jax.eval.forward import Forward
+from atma_jax.model.ops import polar_stats
 
 STATS = ("n_eff", "mag", "w_null", "temp")
 
 
-def _polar_stats():
-  try:
-    from pallas_kernels.polar_attention.api import polar_stats
-  except ImportError:  # an older checkout of the kernel api
-    raise RuntimeError("--probe needs pallas_kernels.polar_attention.api.polar_stats, which this "
-                       "checkout does not have yet; run without --probe.") from None
-  return polar_stats
-
-
 def probe_fn(fwd: Forward):
   """A jitted `(params, ids_BT) -> ({layer: {stat: [H] mean over B, T}}, h_BTD)`."""
-  polar_stats = _polar_stats()
   graphdef, use_mem, impl = fwd.graphdef, fwd.mem, fwd.cfg.kernel_impl
 
   def run(params, ids_BT):

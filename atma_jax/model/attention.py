@@ -32,7 +32,7 @@ from atma_jax.model import aux_losses, init
 from atma_jax.model.layers import DepthwiseConv, Linear, rms_norm, stats_dtype
 from atma_jax.model.memory import Memory
 from atma_jax.model.rope import apply_rope
-from pallas_kernels.polar_attention.api import polar_core, softmax_attention
+from atma_jax.model.ops import polar_core, softmax_attention
 
 
 class GlobalMixer(nnx.Module):

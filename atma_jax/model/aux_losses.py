@@ -16,8 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.polar_attention.api import softmax_attention
-from pallas_kernels.polar_attention.reference import polar_temperature_null
+from atma_jax.model.ops import softmax_attention
+from pallas_kernels.polar_attention import polar_temperature_null
 
 SIGREG_MODES = ("baseline", "weak", "discrete", "strong", "zipfian")
 SKETCH_DIM = 64

@@ -23,7 +23,7 @@ from flax import nnx
 from atma_jax.model import init
 # fp32 for half/single activations (statistics, gates, accumulation), fp64 stays fp64: the one
 # copy lives beside the Polar oracle and is re-exported here for the model modules.
-from pallas_kernels.polar_attention.reference import stats_dtype  # noqa: F401
+from pallas_kernels.polar_attention import stats_dtype  # noqa: F401
 
 # Weightless RMS-norm eps: torch's default for F.rms_norm without eps is the machine epsilon of
 # the computation type, fp32 for bf16/fp16/fp32 inputs (spec §2.3).

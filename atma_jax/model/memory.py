@@ -22,7 +22,7 @@ from flax import nnx
 
 from atma_jax.config import ModelConfig
 from atma_jax.model.layers import Linear, l2_normalize, rms_norm, stats_dtype
-from pallas_kernels.gated_delta.api import gated_delta_rule
+from atma_jax.model.ops import gated_delta_rule
 
 L2_FLOOR = 1e-12  # F.normalize default eps
 

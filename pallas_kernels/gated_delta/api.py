@@ -1,4 +1,4 @@
-"""The gated delta rule op the model imports: dispatch, custom VJP, sharding (docs/DESIGN.md).
+"""The gated delta rule op: dispatch and custom VJP on plain (per-shard) arrays (docs/DESIGN.md).
 
   gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, *, initial_state=None,
                    output_final_state=False, chunk_size=64, impl="auto")
@@ -11,10 +11,10 @@ u = beta (v - S^T k); S <- S + k u^T; o = S^T q`, state `[K, V]`. q, k unit-norm
 caller; log_gamma <= 0, beta in [0, 1], fp32. Differentiable in q, k, v, log_gamma, beta and
 the initial state.
 
-`impl` (decided at trace time):
+`impl` (decided at trace time by `pallas_kernels.dispatch` from the `BACKENDS` table):
   "xla"    chunked XLA path (`xla_chunked.py`), differentiated by checkpointed autodiff;
-  "pallas" the platform's Pallas backend (`gpu_triton` on GPU, `tpu` on TPU, imported lazily),
-           error naming the reason when it is absent or does not support the shapes;
+  "pallas" the platform's Pallas backend (`gpu_triton` on GPU, `tpu` on TPU), error naming the
+           reason when it is absent or does not support the shapes;
   "auto"   Pallas on GPU/TPU when available and supported, else "xla".
 A Pallas backend's `gated_delta_fwd` and `gated_delta_bwd` are joined here into the one
 `custom_vjp` (residuals = the primal inputs, see `xla_chunked.py`); a backend without a `bwd`
@@ -23,10 +23,8 @@ gets the XLA path's recompute-and-differentiate backward. A backend that also ex
 residuals and gets them back as `gated_delta_bwd(..., prepass=...)`: no prepass rerun in the
 backward, for B*Tp*H*((K + V)*itemsize + 4*C) more bytes per layer (gpu_triton docstring).
 
-Under an active mesh (`atma_jax.sharding.current_mesh()`) the backend call runs in
-`jax.shard_map` with batch split over "batch" and heads over "act_heads" (heads are
-independent; no communication); a batch or head count the mesh axes do not divide is replicated
-(e.g. batch-1 evaluation on a data-parallel mesh), as in the Polar op.
+Mesh-free: batch rows and heads are independent, so a caller that shards (the model's ops seam,
+`atma_jax/model/ops.py`) wraps `gated_delta_rule` in `jax.shard_map` over batch and heads.
 
 Dimension glossary: B batch, T tokens, H heads, K key/query dim, V value dim.
 """
@@ -34,64 +32,41 @@ Dimension glossary: B batch, T tokens, H heads, K key/query dim, V value dim.
 from __future__ import annotations
 
 import functools
-import importlib
-import math
 
 import jax
-from jax.sharding import PartitionSpec as P
 
-from atma_jax import sharding
-from pallas_kernels.platform import KernelUnavailable, platform_of
+from pallas_kernels import dispatch
 from pallas_kernels.gated_delta import reference, xla_chunked
 
-IMPLS = ("auto", "pallas", "xla")
-_PALLAS_MODULES = {"gpu": "pallas_kernels.gated_delta.gpu_triton",
-                   "tpu": "pallas_kernels.gated_delta.tpu"}
-
-
-def _pallas_module(args, chunk_size: int):
-  """(module, None) for a usable Pallas backend on this platform, else (None, reason)."""
-  platform = platform_of(args[0])
-  name = _PALLAS_MODULES.get(platform)
-  if name is None:
-    return None, f"no Pallas backend for platform {platform!r} (only gpu and tpu have one)"
-  try:
-    mod = importlib.import_module(name)
-  except ImportError as e:
-    return None, f"{name} could not be imported ({e})"
-  missing = [f for f in ("gated_delta_fwd", "is_supported") if not hasattr(mod, f)]
-  if missing:
-    return None, f"{name} does not export {missing}"
-  if not mod.is_supported(*args, chunk_size=chunk_size):
-    why = getattr(mod, "unsupported_reason", lambda *a, **k: None)(*args, chunk_size=chunk_size)
-    shapes = ", ".join(f"{n} {tuple(a.shape)} {a.dtype}"
-                       for n, a in zip(("q", "k", "v", "log_gamma", "beta", "state"), args))
-    return None, f"{name} does not support {shapes}, chunk_size={chunk_size}" + (
-        f": {why}" if why else "")
-  return mod, None
+IMPLS = dispatch.IMPLS
+_P = "pallas_kernels.gated_delta."
+# platform -> Pallas candidates, preferred first (pallas_kernels.dispatch)
+BACKENDS = dispatch.Backends(
+    op="gated delta", xla=_P + "xla_chunked",
+    pallas={"gpu": (dispatch.Candidate(_P + "gpu_triton"),),
+            "tpu": (dispatch.Candidate(_P + "tpu"),)},
+    exports=("gated_delta_fwd",),
+    arg_names=("q", "k", "v", "log_gamma", "beta", "initial_state"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _pallas_rule(module_name: str, chunk_size: int, q, k, v, log_gamma, beta, s0):
-  mod = importlib.import_module(module_name)
+def _pallas_rule(mod, chunk_size: int, q, k, v, log_gamma, beta, s0):
   return mod.gated_delta_fwd(q, k, v, log_gamma, beta, s0, chunk_size=chunk_size)
 
 
-def _pallas_rule_fwd(module_name, chunk_size, q, k, v, log_gamma, beta, s0):
+def _pallas_rule_fwd(mod, chunk_size, q, k, v, log_gamma, beta, s0):
   primals = (q, k, v, log_gamma, beta, s0)
-  mod = importlib.import_module(module_name)
   fwd_res = getattr(mod, "gated_delta_fwd_residuals", None)
   if fwd_res is None or getattr(mod, "gated_delta_bwd", None) is None:
-    out = _pallas_rule(module_name, chunk_size, *primals)
+    out = _pallas_rule(mod, chunk_size, *primals)
     return out, (primals, None)  # residuals = the primal inputs
   o, s_final, prepass = fwd_res(*primals, chunk_size=chunk_size)
   return (o, s_final), (primals, prepass)  # + the forward's prepass (w, u, T0): no rerun
 
 
-def _pallas_rule_bwd(module_name, chunk_size, res, cts):
+def _pallas_rule_bwd(mod, chunk_size, res, cts):
   do_BTHV, dsT_BHKV = cts
   primals, prepass = res
-  mod = importlib.import_module(module_name)
   bwd = getattr(mod, "gated_delta_bwd", None) or xla_chunked.gated_delta_bwd
   extra = {} if prepass is None else {"prepass": prepass}
   grads = bwd(*primals, do_BTHV, dsT_BHKV, chunk_size=chunk_size, **extra)
@@ -102,35 +77,12 @@ _pallas_rule.defvjp(_pallas_rule_fwd, _pallas_rule_bwd)
 
 
 def _run_backend(impl: str, chunk_size: int, q, k, v, log_gamma, beta, s0):
-  """Picks the backend for these (per-shard) arrays and runs it: (o_BTHV, final_state_BHKV)."""
+  """Picks the backend for these arrays and runs it: (o_BTHV, final_state_BHKV)."""
   args = (q, k, v, log_gamma, beta, s0)
-  if impl != "xla":
-    mod, reason = _pallas_module(args, chunk_size)
-    if mod is not None:
-      return _pallas_rule(mod.__name__, chunk_size, *args)
-    if impl == "pallas":
-      raise KernelUnavailable(f"gated_delta_rule(impl='pallas'): {reason}. Use impl='xla' (or "
-                              "'auto', which falls back to XLA).")
-  return xla_chunked.gated_delta_fwd(*args, chunk_size=chunk_size)
-
-
-def _mesh_axis_size(mesh, entry) -> int:
-  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-  return math.prod(mesh.shape[a] for a in axes)
-
-
-def _sharded(fn, mesh, B: int, H: int):
-  """`fn` under shard_map: batch over "batch", heads over "act_heads"; an axis whose size the
-  mesh axes do not divide (e.g. batch 1 on a data-parallel mesh) is replicated instead, as the
-  Polar op does."""
-  x_spec = sharding.logical_to_spec(("batch", None, "act_heads", None), mesh)
-  batch = x_spec[0] if B % _mesh_axis_size(mesh, x_spec[0]) == 0 else None
-  heads = x_spec[2] if H % _mesh_axis_size(mesh, x_spec[2]) == 0 else None
-  x_spec = P(batch, None, heads, None)
-  g_spec = P(batch, None, heads)
-  s_spec = P(batch, heads, None, None)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, g_spec, g_spec, s_spec),
-                       out_specs=(x_spec, s_spec), check_vma=False)
+  mod = dispatch.select(BACKENDS, impl, args, {"chunk_size": chunk_size})
+  if mod.__name__ == BACKENDS.xla:  # differentiated by (checkpointed) autodiff
+    return mod.gated_delta_fwd(*args, chunk_size=chunk_size)
+  return _pallas_rule(mod, chunk_size, *args)
 
 
 def gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, *, initial_state=None,
@@ -146,16 +98,12 @@ def gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, *, initial
     raise ValueError(f"chunk_size must be a positive int (e.g. 64); got {chunk_size!r}")
   reference.check_gated_delta_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH,
                                      initial_state)
-  B, _, H, _ = q_BTHK.shape
   # the oracle's own rule: fp64 when ANY input (state included) is fp64, else fp32
   dt, s0_BHKV = reference.initial_state_or_zeros(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH,
                                                  beta_BTH, initial_state)
   log_gamma_BTH, beta_BTH = log_gamma_BTH.astype(dt), beta_BTH.astype(dt)
-  fn = functools.partial(_run_backend, impl, chunk_size)
-  mesh = sharding.current_mesh()
-  if mesh is not None:
-    fn = _sharded(fn, mesh, B, H)
-  o_BTHV, sT_BHKV = fn(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, s0_BHKV)
+  o_BTHV, sT_BHKV = _run_backend(impl, chunk_size, q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH,
+                                 beta_BTH, s0_BHKV)
   return o_BTHV, (sT_BHKV if output_final_state else None)
 
 

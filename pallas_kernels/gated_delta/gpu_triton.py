@@ -22,7 +22,7 @@ ms at (1, 64K); forward+backward 2.97 ms at (16, 2K), 3.62 at (4, 8K), 3.84 at (
 gradient kernels these replaced lost at (16, 2K) fwd+bwd: one fused per-chunk kernel 11.7 ms
 (gated_delta_bwd_h100_run2.json), a (chunk, V block) split 6.7 ms (gated_delta_h100_run1.json).
 
-Public: `gated_delta_fwd`, `gated_delta_fwd_residuals`, `gated_delta_bwd`, `is_supported`,
+Public: `gated_delta_fwd`, `gated_delta_fwd_residuals`, `gated_delta_bwd`,
 `unsupported_reason` (contract of `xla_chunked.py`), `Tuning` / `DEFAULT_TUNING` /
 `INVERSE_PRECISIONS` (launch knobs, `gpu_common.py`). Pass `interpret=True` to run on CPU.
 f32 q/k/v are refused at K*V > 64*64 (shared memory).
@@ -43,7 +43,7 @@ from pallas_kernels.gated_delta import gpu_common as gpc
 from pallas_kernels.gated_delta.gpu_common import DEFAULT_TUNING, INVERSE_PRECISIONS, Tuning
 
 __all__ = ["DEFAULT_TUNING", "INVERSE_PRECISIONS", "Tuning", "gated_delta_bwd", "gated_delta_fwd",
-           "gated_delta_fwd_residuals", "is_supported", "unsupported_reason"]
+           "gated_delta_fwd_residuals", "unsupported_reason"]
 
 
 def unsupported_reason(q, k, v, *unused, chunk_size: int) -> str | None:
@@ -61,11 +61,6 @@ def unsupported_reason(q, k, v, *unused, chunk_size: int) -> str | None:
     return (f"f32 q/k/v with K={K}, V={V}: a kernel asked for 273 KiB of shared memory on an "
             "H200 (limit 227 KiB); pass bf16 q/k/v (the state stays f32) or use impl='xla'")
   return None
-
-
-def is_supported(q, k, v, *unused, chunk_size: int) -> bool:
-  """True when `unsupported_reason` finds nothing (extra positional args are ignored)."""
-  return unsupported_reason(q, k, v, chunk_size=chunk_size) is None
 
 
 def _check(q, k, v, chunk_size):

@@ -19,7 +19,7 @@ Kernels
   `_grads`      grid (B, H, NC), all parallel: dq, dk, dv, dbeta, and dlog_gamma (reverse
                 chunk-local cumsum as an upper-triangular-ones matmul; column + row parts).
 
-Public: `gated_delta_fwd`, `gated_delta_bwd`, `is_supported`, `unsupported_reason` (contract of
+Public: `gated_delta_fwd`, `gated_delta_bwd`, `unsupported_reason` (contract of
 `xla_chunked.py`). Residuals = the primal inputs (the backward recomputes the states).
 Run on CPU with `interpret=True` (or `pltpu.InterpretParams()`).
 
@@ -50,11 +50,6 @@ def unsupported_reason(q, k, v, *unused, chunk_size: int) -> str | None:
   if q.dtype not in (jnp.float32, jnp.bfloat16) or not (k.dtype == v.dtype == q.dtype):
     return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: need one of f32/bf16 for all three"
   return None
-
-
-def is_supported(q, k, v, *unused, chunk_size: int) -> bool:
-  """True when `unsupported_reason` finds nothing (extra positional args are ignored)."""
-  return unsupported_reason(q, k, v, chunk_size=chunk_size) is None
 
 
 def _dots(dtype) -> cm.Dots:

@@ -35,8 +35,8 @@ signatures; `api.py` wires `fwd` + `bwd` into one `custom_vjp`):
                   chunk_size) -> (o_BTHV f32, final_state_BHKV f32)
   gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do_BTHV, dfinal_state_BHKV, *,
                   chunk_size) -> (dq, dk, dv, dlog_gamma, dbeta, dinitial_state)
-  is_supported(q, k, v, log_gamma, beta, initial_state, *, chunk_size) -> bool
-  (optional) unsupported_reason(same args) -> str | None   # used in api's error message
+  unsupported_reason(q, k, v, log_gamma, beta, initial_state, *, chunk_size) -> str | None
+      (None: the backend takes the call; else the reason, which `impl="pallas"` errors name)
 
 Residual format: the residuals ARE the six primal inputs, exactly as passed to `fwd` (q, k, v in
 their input dtype, possibly bf16; log_gamma, beta, initial_state fp32; initial_state is always
@@ -168,8 +168,8 @@ def gated_delta_bwd(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, initial_sta
   return vjp((do_BTHV.astype(o.dtype), dfinal_state_BHKV.astype(sT.dtype)))
 
 
-def is_supported(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, initial_state_BHKV, *,
-                 chunk_size: int = 64) -> bool:
-  """The XLA path takes every shape and dtype `check_gated_delta_shapes` accepts."""
+def unsupported_reason(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, initial_state_BHKV,
+                       *, chunk_size: int = 64) -> str | None:
+  """None: the XLA path takes every shape and dtype `check_gated_delta_shapes` accepts."""
   del q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, initial_state_BHKV, chunk_size
-  return True
+  return None

@@ -1,21 +1,22 @@
-"""The Polar attention op the model imports: one custom VJP, backend dispatch, sharding.
+"""The Polar attention op: one custom VJP and backend dispatch, on plain (per-shard) arrays.
 
   attention_stats(q, k, v, scale, *, window, q_offset, impl) -> (o f32, lse f32, p2 f32)
   polar_core(q, k, v, v_null, len_gain_raw, null_base, null_slope_raw, mag_beta_raw, ...)
       -> (c_BTHD, mag_BTH) in q.dtype      (spec §3.2 as prologue + attention_stats + epilogue)
   softmax_attention(q, k, v, *, scale, window, q_offset, impl) -> o_BTHD in q.dtype
 
-Backends are modules with `attention_stats_fwd`, `attention_stats_bwd` and `is_supported`
-(`xla_streaming`; Pallas `gpu_mosaic` on Hopper, `gpu_triton` on GPU and `tpu` on TPU, imported
-lazily). `impl`:
-"xla" -> streaming XLA; "pallas" -> the platform's Pallas kernel (error if it cannot take the
-shape); "auto" -> Pallas when available and supported, else XLA. Decided at trace time. On a
-Hopper GPU both Pallas choices take the Mosaic-GPU forward `gpu_mosaic` (paired with the Triton
-backward) for the calls it supports (training / prefill: q_offset 0, bf16/f16, D 64 or 128) and
-`gpu_triton` for the rest (decode, f32, other head dims, other GPUs).
+Backends are modules with `attention_stats_fwd`, `attention_stats_bwd` and `unsupported_reason`
+(`xla_streaming`; Pallas `gpu_mosaic` on Hopper, `gpu_triton` on GPU and `tpu` on TPU), chosen
+by `pallas_kernels.dispatch` from the `BACKENDS` table (`impl` = "auto" | "pallas" | "xla",
+decided at trace time). On a Hopper GPU both Pallas choices take the Mosaic-GPU forward
+`gpu_mosaic` (paired with the Triton backward) for the calls it supports (training / prefill:
+q_offset 0, bf16/f16, D 64 or 128) and `gpu_triton` for the rest (decode, f32, other head dims,
+other GPUs).
 
-When an `atma_jax.sharding` mesh is active, backend calls run under `jax.shard_map`, split over
-batch and (when both H and G divide the tensor axis) over heads; otherwise heads are replicated.
+Mesh-free: every function here works on the arrays it is given. A caller that shards (the
+model's ops seam, `atma_jax/model/ops.py`) wraps `attention_stats` in `jax.shard_map` over batch
+and heads and hands that wrapper to `polar_stats` / `polar_core` / `softmax_attention` as
+`stats_fn`, so the jnp prologue and epilogue stay outside the shard_map.
 
 Dimension glossary: B batch, Tq query rows, Tk key rows, H query heads, G KV heads (head h uses
 KV head h // (H // G)), D head dim.
@@ -25,107 +26,33 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import math
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
-from atma_jax import sharding
-from pallas_kernels.platform import KernelUnavailable, platform_of
-from pallas_kernels.polar_attention import reference, xla_streaming
+from pallas_kernels import dispatch
+from pallas_kernels.polar_attention import reference
 
-IMPLS = ("auto", "pallas", "xla")
-_TRITON = "pallas_kernels.polar_attention.gpu_triton"
-# platform -> Pallas candidates (module, hardware it needs), the first one that exists on this
-# hardware and supports the call wins. Hopper: the Mosaic-GPU forward (+ the Triton backward);
-# measured on an H100 (bench/results/polar_mosaic_h100.json): forward 0.63 vs 0.69 ms at
-# (16, 2K), 1.36 vs 1.66 at (4, 8K), 16.8 vs 19.9 at (1, 64K); fwd+bwd 5.78 vs 6.37 at (4, 8K).
-_PALLAS_CANDIDATES = {
-    "gpu": (("pallas_kernels.polar_attention.gpu_mosaic", "hopper"), (_TRITON, None)),
-    "cuda": (("pallas_kernels.polar_attention.gpu_mosaic", "hopper"), (_TRITON, None)),
-    "tpu": (("pallas_kernels.polar_attention.tpu", None),),
-}
+IMPLS = dispatch.IMPLS
 
-
-# ----------------------------------------------------------------------------- dispatch
-
-@functools.cache
-def _import_module(name: str):
-  try:
-    return importlib.import_module(name)
-  except ImportError as e:  # module not written yet, or its deps missing on this machine
-    warnings.warn(f"Polar attention: Pallas backend {name} unavailable ({e}); using XLA.")
-    return None
-
-
-@functools.cache
-def _is_hopper() -> bool:
-  dev = jax.devices()[0]
-  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
-
-
-def _pallas_candidates(platform: str) -> list:
-  """The platform's Pallas modules that exist on this hardware, in order of preference."""
-  mods = []
-  for name, needs in _PALLAS_CANDIDATES.get(platform, ()):
-    if needs == "hopper" and not _is_hopper():
-      continue
-    mod = _import_module(name)
-    if mod is not None:
-      mods.append(mod)
-  return mods
+_P = "pallas_kernels.polar_attention."
+# platform -> Pallas candidates, preferred first (dispatch takes the first that this hardware has
+# and that takes the call). Hopper: the Mosaic-GPU forward (+ the Triton backward); measured on
+# an H100 (bench/results/polar_mosaic_h100.json): forward 0.63 vs 0.69 ms at (16, 2K), 1.36 vs
+# 1.66 at (4, 8K), 16.8 vs 19.9 at (1, 64K); fwd+bwd 5.78 vs 6.37 at (4, 8K).
+BACKENDS = dispatch.Backends(
+    op="Polar attention", xla=_P + "xla_streaming",
+    pallas={"gpu": (dispatch.Candidate(_P + "gpu_mosaic", needs="hopper"),
+                    dispatch.Candidate(_P + "gpu_triton")),
+            "tpu": (dispatch.Candidate(_P + "tpu"),)},
+    exports=("attention_stats_fwd", "attention_stats_bwd"), arg_names=("q", "k", "v"))
 
 
 def select_backend(q, k, v, *, window=None, q_offset=0, impl="auto"):
   """The backend module `attention_stats` uses for these inputs (trace-time decision)."""
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-  if impl == "xla":
-    return xla_streaming
-  platform = platform_of(q)
-  mods = _pallas_candidates(platform)
-  for mod in mods:
-    if mod.is_supported(q, k, v, window=window, q_offset=q_offset):
-      return mod
-  if impl == "auto":
-    return xla_streaming
-  if not mods:
-    raise KernelUnavailable(f"impl='pallas': no Pallas Polar kernel for platform {platform!r} "
-                            f"(have {sorted(_PALLAS_CANDIDATES)}); use impl='xla' or 'auto'")
-  mod = mods[-1]  # the most general candidate says why
-  why = getattr(mod, "unsupported_reason", None)
-  reason = (why(q, k, v, window=window, q_offset=q_offset) if why else None) or \
-      "its is_supported() says no"
-  raise KernelUnavailable(f"impl='pallas': {mod.__name__} cannot take q {q.shape} {q.dtype}, "
-                          f"k {k.shape}, window={window}, q_offset={q_offset}: {reason}; "
-                          f"use impl='auto' to fall back to XLA")
-
-
-# ----------------------------------------------------------------------------- sharding
-
-def _specs(mesh, B: int, H: int, G: int):
-  """(spec_BTHD for q/o, spec_BTGD for k/v, spec_BTH for rows) under `mesh`."""
-  full = sharding.logical_to_spec(("batch", "seq", "act_heads", "head_dim"), mesh)
-  batch_axes, head_axis = full[0], full[2]
-  size = lambda axes: math.prod(mesh.shape[a] for a in
-                                ((axes,) if isinstance(axes, str) else (axes or ())))
-  if batch_axes is not None and B % size(batch_axes):
-    batch_axes = None  # e.g. B=1 decode on a data-parallel mesh: replicate the batch
-  if head_axis is not None and (H % size(head_axis) or G % size(head_axis)):
-    head_axis = None  # each shard must hold whole GQA groups with their KV heads
-  return (P(batch_axes, None, head_axis, None), P(batch_axes, None, head_axis, None),
-          P(batch_axes, None, head_axis))
-
-
-def _maybe_shard(fn, in_specs, out_specs):
-  mesh = sharding.current_mesh()
-  if mesh is None:
-    return fn
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  return dispatch.select(BACKENDS, impl, (q, k, v), {"window": window, "q_offset": q_offset})
 
 
 # ----------------------------------------------------------------------------- custom VJP
@@ -141,34 +68,14 @@ def _offset(cfg: _Static, off):
   return cfg.q_offset if cfg.q_offset is not None else off
 
 
-def _active_specs(q, k):
-  """`_specs` for the active mesh ((None,) * 3 without one: `_maybe_shard` is then a no-op)."""
-  mesh = sharding.current_mesh()
-  if mesh is None:
-    return (None,) * 3
-  return _specs(mesh, q.shape[0], q.shape[2], k.shape[2])
-
-
 def _run_fwd(cfg, q, k, v, scale, off):
-  sq, skv, srow = _active_specs(q, k)
-
-  def fwd(q, k, v, scale, off):
-    return cfg.backend.attention_stats_fwd(q, k, v, scale, window=cfg.window,
-                                           q_offset=_offset(cfg, off))
-
-  return _maybe_shard(fwd, (sq, skv, skv, srow, P()), (sq, srow, srow))(q, k, v, scale, off)
+  return cfg.backend.attention_stats_fwd(q, k, v, scale, window=cfg.window,
+                                         q_offset=_offset(cfg, off))
 
 
 def _run_bwd(cfg, q, k, v, scale, lse, do, delta, cq, off):
-  sq, skv, srow = _active_specs(q, k)
-
-  def bwd(q, k, v, scale, lse, do, delta, cq, off):
-    return cfg.backend.attention_stats_bwd(q, k, v, scale, lse, do, delta, cq,
-                                           window=cfg.window, q_offset=_offset(cfg, off))
-
-  in_specs = (sq, skv, skv, srow, srow, sq, srow, srow, P())
-  return _maybe_shard(bwd, in_specs, (sq, skv, skv, srow))(q, k, v, scale, lse, do, delta, cq,
-                                                           off)
+  return cfg.backend.attention_stats_bwd(q, k, v, scale, lse, do, delta, cq, window=cfg.window,
+                                         q_offset=_offset(cfg, off))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -213,7 +120,8 @@ def attention_stats(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_offset=
 # ----------------------------------------------------------------------------- model-facing ops
 
 def polar_stats(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
-                null_slope_raw_H, mag_beta_raw_H, *, window=None, q_offset=0, impl="auto"):
+                null_slope_raw_H, mag_beta_raw_H, *, window=None, q_offset=0, impl="auto",
+                stats_fn=None):
   """Polar core with its internals, all fp32 (statistics dtype): a dict with
   `c` [B,T,H,D] unit direction, `mag` [B,T,H], `n_eff` = 1/p2 (participation ratio over the real
   keys), `w_null` (null-sink probability mass) and `temp` (per-row temperature t).
@@ -223,6 +131,8 @@ def polar_stats(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
   Epilogue (null fold in the log domain): w_N = sigmoid(t nu - lse),
   c = normalize((1 - w_N) o + w_N v_null), m_eff = (1 - w_N) / p2,
   mag = tanh(softplus(mag_beta_raw) log1p(m_eff)). Differentiated by autodiff.
+  `stats_fn` (default `attention_stats`, same signature) runs the attention in the middle; the
+  model's ops seam passes its shard_map-wrapped `attention_stats` here.
   """
   B, Tq, H, D = q_BTHD.shape
   if v_null_HD.shape != (H, D):
@@ -236,8 +146,9 @@ def polar_stats(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
       len_gain_raw_H, null_base_H, null_slope_raw_H, Tq, q_offset=q_offset, window=window,
       dtype=cdt)
   scale_BTH = jnp.broadcast_to(t_TH / math.sqrt(D), (B, Tq, H))
-  o_BTHD, lse_BTH, p2_BTH = attention_stats(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
-                                            q_offset=q_offset, impl=impl)
+  stats_fn = attention_stats if stats_fn is None else stats_fn
+  o_BTHD, lse_BTH, p2_BTH = stats_fn(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
+                                     q_offset=q_offset, impl=impl)
   a_null_TH = t_TH * nu_TH
   w_null_BTH = jax.nn.sigmoid(a_null_TH - lse_BTH)
   w_real_BTH = jax.nn.sigmoid(lse_BTH - a_null_TH)  # 1 - w_null without cancellation
@@ -253,24 +164,28 @@ def polar_stats(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
 
 
 def polar_core(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
-               null_slope_raw_H, mag_beta_raw_H, *, window=None, q_offset=0, impl="auto"):
+               null_slope_raw_H, mag_beta_raw_H, *, window=None, q_offset=0, impl="auto",
+               stats_fn=None):
   """Polar attention core (spec §3.2): (c_BTHD unit direction, mag_BTH), both in q.dtype.
 
   The math is `polar_stats`; this keeps only the two outputs the model consumes.
   """
   st = polar_stats(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
-                   null_slope_raw_H, mag_beta_raw_H, window=window, q_offset=q_offset, impl=impl)
+                   null_slope_raw_H, mag_beta_raw_H, window=window, q_offset=q_offset, impl=impl,
+                   stats_fn=stats_fn)
   return st["c"].astype(q_BTHD.dtype), st["mag"].astype(q_BTHD.dtype)
 
 
-def softmax_attention(q_BTHD, k_BTGD, v_BTGD, *, scale, window=None, q_offset=0, impl="auto"):
+def softmax_attention(q_BTHD, k_BTGD, v_BTGD, *, scale, window=None, q_offset=0, impl="auto",
+                      stats_fn=None):
   """Plain causal (optionally windowed) softmax attention with a constant scale; q.dtype out.
 
-  NoPE uses scale = 1/sqrt(D), RoPE scale = 0.12 (spec §5).
+  NoPE uses scale = 1/sqrt(D), RoPE scale = 0.12 (spec §5). `stats_fn` as in `polar_stats`.
   """
   B, Tq, H, _ = q_BTHD.shape
   sdt = reference.stats_dtype(q_BTHD.dtype)
   scale_BTH = jnp.full((B, Tq, H), scale, sdt)
-  o_BTHD, _, _ = attention_stats(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
-                                 q_offset=q_offset, impl=impl)
+  stats_fn = attention_stats if stats_fn is None else stats_fn
+  o_BTHD, _, _ = stats_fn(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window, q_offset=q_offset,
+                          impl=impl)
   return o_BTHD.astype(q_BTHD.dtype)

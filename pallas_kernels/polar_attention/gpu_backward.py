@@ -31,11 +31,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.polar_attention import gpu_tiles, reference
+from pallas_kernels.polar_attention import bands, gpu_tiles, reference
 from pallas_kernels.polar_attention.gpu_tiles import (
     DEFAULT_CONFIG, LOG2E, NEG, OFFSET_SPEC, PAD_LSE, BlockConfig, _dot, _fit_block,
-    _heads_three_phase, _key_band, _key_block_logits, _offset_arg, _pad_axis1, _query_band,
-    _rev_q, _rows_bht, _static_offset, _three_phase, _visible, _with_offset)
+    _heads_three_phase, _key_block_logits, _offset_arg, _pad_axis1, _rev_q, _rows_bht,
+    _static_offset, _three_phase, _with_offset)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dq_ref, dsc_ref,
@@ -60,7 +60,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dq_r
     ds_qk = pi_qk * (dp_qk - delta_q[:, None]) + cq_q[:, None] * pi_qk * pi_qk
     return acc_qd + _dot(ds_qk.astype(k.dtype), k)
 
-  band = _key_band(p0, p0 + bq - 1, bk=bk, tk=tk, window=window)
+  band = bands.key_band(p0, p0 + bq - 1, bk=bk, tk=tk, window=window)
   acc_qd = _three_phase(*band, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (acc_qd * scale_q[:, None]).astype(dq_ref.dtype)
   dsc_ref[...] = jnp.sum(acc_qd * q.astype(jnp.float32), axis=1)
@@ -73,8 +73,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dk_
   v = v_ref[...]
   k0 = kb * bk
   cols_k = k0 + jnp.arange(bk)
-  band = _query_band(k0, k0 + bk - 1, bq=bq, nq=nq, q_offset=q_offset,
-                     tk_block_ok=(kb + 1) * bk <= tk, window=window)
+  band = bands.query_band(k0, k0 + bk - 1, bq=bq, nq=nq, q_offset=q_offset,
+                          tk_block_ok=(kb + 1) * bk <= tk, window=window)
 
   def body(qb, r, carry, masked):  # query tile qb of the group's head r; dK/dV summed here
     dk_kd, dv_kd = carry
@@ -88,8 +88,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dk_
     cq_q = cq_ref.at[r, rows][...]
     s_kq = _dot(k, q, trans_b=True) * (scale_q * LOG2E)[None, :]
     if masked:
-      valid = _visible((q_offset + start + jnp.arange(bq))[None, :], cols_k[:, None], tk=tk,
-                       window=window)
+      valid = bands.visible((q_offset + start + jnp.arange(bq))[None, :], cols_k[:, None],
+                            tk=tk, window=window)
       s_kq = jnp.where(valid, s_kq, NEG)
     pi_kq = jnp.exp2(s_kq - lse2_q[None, :])
     dv_kd = dv_kd + _dot(pi_kq.astype(do.dtype), do)
@@ -105,7 +105,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dk_
 
 
 def _bwd_dq(off, q, k, v, scale, do, lse, delta, cq, *, H, R, bq, bk, tk, q_offset, window,
-            num_warps, num_stages):
+            num_warps, num_stages, interpret):
   """dQ (+ dscale) kernel on padded inputs: query-parallel, grid (query blocks, B*H)."""
   B, tq_pad, _, D = q.shape
   tk_pad = k.shape[1]
@@ -122,12 +122,12 @@ def _bwd_dq(off, q, k, v, scale, do, lse, delta, cq, *, H, R, bq, bk, tk, q_offs
       out_shape=[jax.ShapeDtypeStruct((B, tq_pad, H, D), q.dtype),
                  jax.ShapeDtypeStruct((B, H, tq_pad), jnp.float32)],
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=gpu_tiles._interpret(), name="polar_attention_bwd_dq",
+      interpret=interpret, name="polar_attention_bwd_dq",
   )(off, q, k, v, scale, do, lse, delta, cq)
 
 
 def _bwd_dkv(off, q, k, v, scale, do, lse, delta, cq, *, G, bq, bk, tk, q_offset, window,
-             num_warps, num_stages, flat):
+             num_warps, num_stages, flat, interpret):
   """dK/dV kernel on padded inputs: key-parallel, grid (key blocks, B*G); the kernel walks
   the group's R query heads, so dK/dV are summed over the GQA group in-kernel."""
   B, tq_pad, H, D = q.shape
@@ -146,7 +146,7 @@ def _bwd_dkv(off, q, k, v, scale, do, lse, delta, cq, *, G, bq, bk, tk, q_offset
       out_shape=[jax.ShapeDtypeStruct((B, tk_pad, G, D), k.dtype),
                  jax.ShapeDtypeStruct((B, tk_pad, G, D), v.dtype)],
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=gpu_tiles._interpret(), name="polar_attention_bwd_dkv",
+      interpret=interpret, name="polar_attention_bwd_dkv",
   )(off, q, k, v, scale, do, lse, delta, cq)
 
 
@@ -173,7 +173,8 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
           _pad_axis1(do_BTHD.astype(q_BTHD.dtype), tq_pad),
           _rows_bht(lse_BTH, tq_pad, PAD_LSE), _rows_bht(delta_BTH, tq_pad),
           _rows_bht(cq_BTH, tq_pad))
-  common = dict(tk=Tk, q_offset=_static_offset(q_offset), window=window)
+  common = dict(tk=Tk, q_offset=_static_offset(q_offset), window=window,
+                interpret=gpu_tiles.interpret_mode(config))
   dq = dk = dv = dscale = None
   if "dq" in parts:
     dq, dscale = _bwd_dq(*args, H=H, R=H // G, bq=dq_bq, bk=dq_bk,

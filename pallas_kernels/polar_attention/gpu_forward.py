@@ -30,11 +30,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.polar_attention import gpu_tiles, reference
+from pallas_kernels.polar_attention import bands, gpu_tiles, reference
 from pallas_kernels.polar_attention.gpu_tiles import (
-    DEFAULT_CONFIG, LOG2E, NEG, OFFSET_SPEC, BlockConfig, _cdiv, _dot, _fit_block,
-    _key_band, _key_block_logits, _offset_arg, _pad_axis1, _rev_q, _static_offset,
-    _three_phase, _with_offset)
+    DEFAULT_CONFIG, LOG2E, NEG, OFFSET_SPEC, BlockConfig, _dot, _fit_block, _key_block_logits,
+    _offset_arg, _pad_axis1, _rev_q, _static_offset, _three_phase, _with_offset)
 
 
 # ----------------------------------------------------------------------------- query tiles
@@ -70,7 +69,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, *, bq, bk, t
                                           window=window, masked=masked)
     return _online_update(carry, s_qk, valid if masked else None, v)
 
-  band = _key_band(p0, p0 + bq - 1, bk=bk, tk=tk, window=window)
+  band = bands.key_band(p0, p0 + bq - 1, bk=bk, tk=tk, window=window)
   zeros_q = jnp.zeros((bq,), jnp.float32)
   init = (zeros_q + NEG, zeros_q, zeros_q, jnp.zeros(q.shape, jnp.float32))
   m_q, l_q, q2_q, acc_qd = _three_phase(*band, body, init)
@@ -84,18 +83,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, *, bq, bk, t
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, q2_ref, *, rows, R,
-                   tq, bk, tk, q_offset, window, band_lo, blocks_per_split, band_hi):
-  """One (batch, KV head, key split): the group's R heads x Tq positions packed as rows."""
+                   tq, bk, tk, q_offset, window, blocks_lo, blocks_per_split, blocks_hi):
+  """One (batch, KV head, key split): the group's R heads x Tq positions packed as rows; the
+  splits share the static key blocks [blocks_lo, blocks_hi)."""
   s_idx = pl.program_id(1)
   q = q_ref[...]
   scale2_m = s_ref[...] * LOG2E
   pos_m = q_offset + jnp.minimum(lax.div(jnp.arange(rows), R), tq - 1)
-  lo = band_lo // bk + s_idx * blocks_per_split
-  hi = jnp.minimum(lo + blocks_per_split, _cdiv(jnp.int32(band_hi), bk))
+  lo = blocks_lo + s_idx * blocks_per_split
+  hi = jnp.minimum(lo + blocks_per_split, blocks_hi)
   # Intersect with the rows' own band (a no-op for a static offset, needed for a traced one).
-  hi = jnp.minimum(hi, _cdiv(jnp.minimum(q_offset + tq, tk), bk))
+  rows_lo, rows_hi = bands.key_range(q_offset, q_offset + tq - 1, bk=bk, tk=tk, window=window)
+  hi = jnp.minimum(hi, rows_hi)
   if window is not None:
-    lo = jnp.maximum(lo, lax.div(jnp.maximum(q_offset - window + 1, 0), bk))
+    lo = jnp.maximum(lo, rows_lo)
 
   def body(kb, carry):
     start = pl.multiple_of(kb * bk, bk)
@@ -112,12 +113,14 @@ def _decode_kernel(q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, q2_ref, *,
   q2_ref[...] = q2_m
 
 
-def _use_decode(Tq, R, Tk, window, q_offset, config) -> bool:
+def uses_split_k_decode(Tq, R, Tk, window, q_offset, config) -> bool:
+  """True when `attention_stats_fwd` takes the split-K decode kernel for this call."""
   off = _static_offset(q_offset)
   if off is None:  # traced offset: the band is at most min(Tk, window)
     band = Tk if window is None else min(Tk, window)
   else:
-    band = min(Tk, off + Tq) - (0 if window is None else max(0, off - window + 1))
+    first, end = bands.key_span(off, off + Tq - 1, tk=Tk, window=window)
+    band = end - first
   return Tq * R <= config.decode_max_rows and band >= config.decode_min_keys
 
 
@@ -136,9 +139,11 @@ def _decode_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window, q_offset, config):
   bk = _fit_block(config.decode_block_k, Tk)
   tk_pad = pl.cdiv(Tk, bk) * bk
   off = _static_offset(q_offset)
-  band_lo = 0 if (window is None or off is None) else max(0, off - window + 1)
-  band_hi = Tk if off is None else min(Tk, off + Tq)
-  n_blocks = pl.cdiv(band_hi, bk) - band_lo // bk
+  if off is None:  # traced offset: any key block may be in the rows' band
+    blocks_lo, blocks_hi = 0, pl.cdiv(Tk, bk)
+  else:
+    blocks_lo, blocks_hi = bands.key_range(off, off + Tq - 1, bk=bk, tk=Tk, window=window)
+  n_blocks = blocks_hi - blocks_lo
   n_split = max(1, min(n_blocks, pl.cdiv(config.decode_target_programs, B * G)))
   per_split = pl.cdiv(n_blocks, n_split)
   n_split = pl.cdiv(n_blocks, per_split)
@@ -157,8 +162,8 @@ def _decode_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window, q_offset, config):
   f32 = jnp.float32
   acc, m, l, q2 = pl.pallas_call(
       _with_offset(functools.partial(_decode_kernel, rows=rows, R=R, tq=Tq, bk=bk, tk=Tk,
-                                     window=window, band_lo=band_lo, blocks_per_split=per_split,
-                                     band_hi=band_hi), off),
+                                     window=window, blocks_lo=blocks_lo,
+                                     blocks_per_split=per_split, blocks_hi=blocks_hi), off),
       grid=(B * G, n_split),
       in_specs=[OFFSET_SPEC, pl.BlockSpec((None, rows, D), lambda bg, s: (bg, 0, 0)), kv_spec,
                 kv_spec, pl.BlockSpec((None, rows), lambda bg, s: (bg, 0))],
@@ -167,7 +172,7 @@ def _decode_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window, q_offset, config):
       + [jax.ShapeDtypeStruct((B * G, n_split, rows), f32)] * 3,
       compiler_params=pltriton.CompilerParams(num_warps=config.decode_num_warps,
                                               num_stages=config.decode_num_stages),
-      interpret=gpu_tiles._interpret(), name="polar_attention_decode",
+      interpret=gpu_tiles.interpret_mode(config), name="polar_attention_decode",
   )(_offset_arg(q_offset), q, k, v, scale)
   m_max = jnp.max(m, axis=1, keepdims=True)
   w = jnp.exp2(m - m_max)
@@ -199,7 +204,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   B, Tq, H, D = q_BTHD.shape
   Tk, G = k_BTGD.shape[1], k_BTGD.shape[2]
   R = H // G
-  if _use_decode(Tq, R, Tk, window, q_offset, config):
+  if uses_split_k_decode(Tq, R, Tk, window, q_offset, config):
     return _decode_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window, q_offset=q_offset,
                        config=config)
   bq = _fit_block(config.block_q, Tq)
@@ -225,7 +230,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
                  jax.ShapeDtypeStruct((B, tq_pad, H), jnp.float32)],
       compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
                                               num_stages=config.num_stages),
-      interpret=gpu_tiles._interpret(),
+      interpret=gpu_tiles.interpret_mode(config),
       name="polar_attention_fwd",
   )(_offset_arg(q_offset), q, k, v, scale)
   return o[:, :Tq], lse[:, :Tq], p2[:, :Tq]

@@ -4,7 +4,7 @@
 `(o f32, lse f32, p2 f32) = attention_stats_fwd(q, k, v, scale, window=...)` computes exactly
 the contract of `gpu_forward.attention_stats_fwd` / `reference.attention_stats_materialized`
 for the training / evaluation scope: q_offset = 0 (Tq == Tk), bf16 / f16 inputs, D in
-{64, 128}, causal, window None or int. Anything else raises ValueError (`is_supported` says
+{64, 128}, causal, window None or int. Anything else raises ValueError (`unsupported_reason` says
 False). The backward is the Triton one (`attention_stats_bwd` wraps it: it takes lse, not
 how the forward ran), so this module has the backend contract of `gpu_triton`.
 
@@ -43,12 +43,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.polar_attention import reference
+from pallas_kernels.polar_attention import bands, reference
 from pallas_kernels.polar_attention import gpu_backward
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
 
 __all__ = ["MosaicConfig", "DEFAULT_CONFIG", "attention_stats_bwd", "attention_stats_fwd",
-           "is_supported"]
+           "unsupported_reason"]
 
 _COMPUTE_WGS = 2
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -90,7 +90,8 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
                                           **kw)
 
 
-def _unsupported_reason(q, k, v, *, window, q_offset) -> str | None:
+def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
+  """None when this kernel can run this call (training / prefill scope only), else why not."""
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     return f"q [B,T,H,D], k/v [B,T,G,D] expected, got {q.shape}, {k.shape}, {v.shape}"
   if not (isinstance(q_offset, int) and q_offset == 0):
@@ -109,11 +110,6 @@ def _unsupported_reason(q, k, v, *, window, q_offset) -> str | None:
   return None
 
 
-def is_supported(q, k, v, *, window=None, q_offset=0) -> bool:
-  """True when this kernel can run this call (training / prefill scope only)."""
-  return _unsupported_reason(q, k, v, window=window, q_offset=q_offset) is None
-
-
 def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D, R,
             n_q_tiles, stages, window, p_via_smem, o_splits):
   (q_smem2, k_smem, v_smem, o_smem2, s_smem2, lse_smem2, p2_smem2, p_smem2), bars = scoped
@@ -124,8 +120,8 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
   wg = lax.axis_index("wg")
   tile = n_q_tiles - 1 - lax.axis_index("q_seq")  # heaviest (latest) tiles first
   t0 = tile * (2 * bq)
-  kv_lo = 0 if window is None else lax.div(jnp.maximum(t0 - window + 1, 0), bk)
-  kv_hi = lax.div(t0 + 2 * bq + bk - 1, bk)
+  # the tile's key blocks (both warpgroups' rows; Tq == Tk padded alike, so no key bound)
+  kv_lo, kv_hi = bands.key_range(t0, t0 + 2 * bq - 1, bk=bk, tk=None, window=window)
   n_steps = kv_hi - kv_lo
 
   @pl.when(wg < _COMPUTE_WGS)
@@ -156,9 +152,7 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
         rows = r0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
         cols = (kv_lo + i) * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1,
                                                          layout=plgpu.Layout.WGMMA)
-        valid = cols <= rows
-        if window is not None:
-          valid = valid & (cols > rows - window)
+        valid = bands.visible(rows, cols, tk=None, window=window)
         s_qk = jnp.where(valid, s_qk, NEG)
       m_new = jnp.maximum(m_q, s_qk.max(axis=1))
       alpha = jnp.exp2(m_q - m_new)
@@ -190,10 +184,9 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
       plgpu.barrier_arrive(v_used.at[slot])
       return m_new, l_q, q2_q, acc_qd
 
-    # Blocks fully visible to all bq rows: kb*bk + bk - 1 <= r0 (causal) and
-    # kb*bk >= r0 + bq - window (window); the rest of the tile band is masked.
-    u_hi = lax.div(r0 + 1, bk)
-    u_lo = 0 if window is None else lax.div(jnp.maximum(r0 + bq - window, 0) + bk - 1, bk)
+    # Blocks fully visible to this warpgroup's bq rows run unmasked; the rest of the tile's
+    # band is masked. Steps count from kv_lo.
+    _, u_lo, u_hi, _ = bands.key_band(r0, r0 + bq - 1, bk=bk, tk=None, window=window)
     u_lo = jnp.clip(u_lo, kv_lo, kv_hi) - kv_lo
     u_hi = jnp.clip(u_hi, u_lo + kv_lo, kv_hi) - kv_lo
     wgmma_row = plgpu.Layout.WGMMA.reduce(1)
@@ -254,7 +247,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   """Forward kernel: (o_BTHD f32, lse_BTH f32, p2_BTH f32); see the module docstring."""
   reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
                                    q_offset=q_offset)
-  why = _unsupported_reason(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset)
+  why = unsupported_reason(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset)
   if why is not None:
     raise ValueError(f"gpu_mosaic.attention_stats_fwd: {why}. Use gpu_triton (or the xla "
                      "backend) for this call.")

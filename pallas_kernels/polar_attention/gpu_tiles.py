@@ -1,15 +1,18 @@
 """Shared pieces of the Pallas-Triton Polar kernels: launch config, padding, offsets, masks, bands.
 
 Package-internal (the `_` names are imported by `gpu_forward` and `gpu_backward`; the public
-entry is `gpu_triton`). `_interpret()` is looked up through this module at call time, so a test
-can monkeypatch it to lower the kernels for a GPU on a machine without one.
+entry is `gpu_triton`). `BlockConfig.interpret=False` lowers the kernels for a GPU on a machine
+without one.
 
-Band helpers: each key (or query) loop runs only over the blocks in the causal/window band,
-split in three phases: masked edge blocks, unmasked interior blocks, masked edge blocks.
+Band loops: each key (or query) loop runs only over the blocks in the causal/window band
+(`bands.py`), split in three phases: masked edge blocks, unmasked interior blocks, masked edge
+blocks.
 Logits are kept in base 2 (`scale * log2 e` folded into the per-row scale); statistics are
 fp32; dot operands are in the input dtype (bf16 in training) with fp32 accumulation.
 
-The Triton backend of Pallas is deprecated in JAX 0.11 but works; its warning is silenced here.
+The Triton backend of Pallas is deprecated in JAX 0.11 but works; JAX raises its
+DeprecationWarning when these kernels are lowered (at jit compile time, so no local filter here
+can scope it; Python shows it only with warnings enabled, e.g. under pytest or `-W default`).
 
 Dimension glossary
   B batch   Tq/Tk query/key rows   H query heads   G KV heads   R = H // G   D head dim
@@ -21,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.polar_attention import reference
-
-warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
+from pallas_kernels.polar_attention import bands, reference
 
 LOG2E = math.log2(math.e)
 NEG = reference.MASK_SENTINEL  # finite sentinel for invisible logits (spec §3.4)
@@ -70,13 +70,16 @@ class BlockConfig:
   decode_num_warps: int = 4
   decode_num_stages: int = 3
   decode_target_programs: int = 264  # ~2 per SM on an H100/H200
+  # Pallas interpret mode: None = on a machine without a GPU; False lowers the kernels for a GPU
+  # from any machine (lowering tests).
+  interpret: bool | None = None
 
 
 DEFAULT_CONFIG = BlockConfig()
 
 
-def _interpret() -> bool:
-  return jax.default_backend() != "gpu"
+def interpret_mode(config: BlockConfig) -> bool:
+  return (jax.default_backend() != "gpu") if config.interpret is None else config.interpret
 
 
 def _fit_block(block: int, t: int) -> int:
@@ -118,23 +121,6 @@ def _with_offset(kernel, q_offset):
   return wrapped
 
 
-def _cdiv(x, n: int):
-  """ceil(x / n) for a traced x >= 0."""
-  return lax.div(x + (n - 1), n)
-
-
-def _clip(x, lo, hi):
-  return jnp.minimum(jnp.maximum(x, lo), hi)
-
-
-def _visible(rows, cols, *, tk, window):
-  """bool mask of visible (row, key) pairs; rows/cols are absolute positions, broadcastable."""
-  valid = (cols <= rows) & (cols < tk)
-  if window is not None:
-    valid = valid & (cols > rows - window)
-  return valid
-
-
 def _dot(a, b, *, trans_a=False, trans_b=False):
   """MXU/tensor-core dot with fp32 accumulation (full fp32 precision for fp32 operands)."""
   prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
@@ -152,44 +138,10 @@ def _key_block_logits(q, k_ref, v_ref, scale2_q, rows_q, start, bk, *, tk, windo
   s_qk = _dot(q, k, trans_b=True) * scale2_q[:, None]
   valid = None
   if masked:
-    valid = _visible(rows_q[:, None], (start + jnp.arange(bk))[None, :], tk=tk, window=window)
+    valid = bands.visible(rows_q[:, None], (start + jnp.arange(bk))[None, :], tk=tk,
+                          window=window)
     s_qk = jnp.where(valid, s_qk, NEG)
   return k, v, s_qk, valid
-
-
-def _key_band(p0, p1, *, bk, tk, window):
-  """Key blocks for query rows at positions [p0, p1] -> (lo, full_lo, full_hi, hi).
-
-  Blocks [full_lo, full_hi) are visible to every row (no mask); [lo, full_lo) and
-  [full_hi, hi) need the mask; blocks outside [lo, hi) are wholly invisible and skipped.
-  """
-  hi = _cdiv(jnp.minimum(p1 + 1, tk), bk)
-  if window is None:
-    lo = jnp.int32(0)
-    full_lo = jnp.int32(0)
-  else:
-    lo = lax.div(jnp.maximum(p0 - window + 1, 0), bk)
-    full_lo = _cdiv(jnp.maximum(p1 - window + 1, 0), bk)
-  full_hi = jnp.minimum(lax.div(p0 + 1, bk), tk // bk)
-  full_lo = _clip(full_lo, lo, hi)
-  full_hi = _clip(full_hi, full_lo, hi)
-  return lo, full_lo, full_hi, hi
-
-
-def _query_band(k0, k1, *, bq, nq, q_offset, tk_block_ok, window):
-  """Query blocks whose rows see keys [k0, k1] -> (lo, full_lo, full_hi, hi) as in _key_band."""
-  lo = lax.div(jnp.maximum(k0 - q_offset, 0), bq)
-  full_lo = _cdiv(jnp.maximum(k1 - q_offset, 0), bq)
-  if window is None:
-    hi = jnp.int32(nq)
-    full_hi = jnp.int32(nq)
-  else:
-    hi = jnp.minimum(_cdiv(jnp.maximum(k1 + window - q_offset, 0), bq), nq)
-    full_hi = _cdiv(jnp.maximum(k0 + window - q_offset - bq + 1, 0), bq)
-  full_hi = jnp.where(tk_block_ok, full_hi, 0)  # a key block crossing Tk is always masked
-  full_lo = _clip(full_lo, lo, hi)
-  full_hi = _clip(full_hi, full_lo, hi)
-  return lo, full_lo, full_hi, hi
 
 
 def _rev_q(nq: int, H: int, D: int | None):

@@ -1,6 +1,6 @@
 """Pallas-Triton (GPU) kernels of the Polar core op `attention_stats` (KERNELS.md §2a): the
-public entry the api imports (`is_supported`, `attention_stats_fwd`, `attention_stats_bwd`,
-`BlockConfig`, `DEFAULT_CONFIG`).
+public entry the api imports (`unsupported_reason`, `attention_stats_fwd`, `attention_stats_bwd`,
+`BlockConfig` (tiles, launch, `interpret`), `DEFAULT_CONFIG`, `uses_split_k_decode`).
 
   gpu_tiles     launch config, padding, traced/static offsets, masks, causal/window bands
   gpu_forward   query-tile forward (o, lse, p2) and the split-K decode forward
@@ -29,20 +29,28 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.polar_attention.gpu_backward import attention_stats_bwd
-from pallas_kernels.polar_attention.gpu_forward import attention_stats_fwd
+from pallas_kernels.polar_attention.gpu_forward import attention_stats_fwd, uses_split_k_decode
 from pallas_kernels.polar_attention.gpu_tiles import DEFAULT_CONFIG, BlockConfig
 
 __all__ = ["BlockConfig", "DEFAULT_CONFIG", "attention_stats_bwd", "attention_stats_fwd",
-           "is_supported"]
+           "unsupported_reason", "uses_split_k_decode"]
+
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
-def is_supported(q, k, v, *, window=None, q_offset=0) -> bool:
-  """True when these kernels can run this call (else the api falls back to XLA)."""
+def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
+  """None when these kernels can run this call, else why not (dispatch then falls back to XLA)."""
+  if q.ndim != 4 or k.shape != v.shape or k.shape[-1] != q.shape[-1]:
+    return f"q [B,T,H,D], k/v [B,T,G,D] expected, got {q.shape}, {k.shape}, {v.shape}"
   D = q.shape[-1]
-  return (q.ndim == 4 and k.shape == v.shape and k.shape[-1] == D
-          and D >= 16 and D & (D - 1) == 0 and D <= 256
-          and q.shape[2] % k.shape[2] == 0
-          and (isinstance(q_offset, int) or jnp.ndim(q_offset) == 0)
-          and (window is None or isinstance(window, int))
-          and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
-                                     jnp.dtype(jnp.float32)))
+  if not (16 <= D <= 256 and D & (D - 1) == 0):
+    return f"head dim {D}: the Triton kernels need a power of 2 in [16, 256]"
+  if q.shape[2] % k.shape[2]:
+    return f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}"
+  if not (isinstance(q_offset, int) or jnp.ndim(q_offset) == 0):
+    return f"q_offset must be an int or a scalar (got shape {jnp.shape(q_offset)})"
+  if not (window is None or isinstance(window, int)):
+    return f"window must be None or an int (got {window!r})"
+  if jnp.dtype(q.dtype) not in _DTYPES:
+    return f"dtype {q.dtype}: the Triton kernels take bf16, f16 or f32"
+  return None

@@ -10,9 +10,10 @@ last two dims by (8, 128)); per-row vectors travel as `[B, heads, T, 1]` fp32 (`
 - dK/dV kernel: grid (B, G, nk, R * nq): the last ("arbitrary") axis walks the GQA group's R
   query heads and the query blocks, so dK/dV are summed over the group in VMEM.
 
-Blocks wholly outside the causal/window band are skipped with `pl.when`, and their index_map
-clamps the block index into the band so the pipeline re-uses the resident block (no DMA).
-Blocks inside the band split into unmasked interior blocks and masked edge blocks. Logits of
+Blocks wholly outside the causal/window band (`bands.py`) are skipped with `pl.when`, and their
+index_map
+clamps the block index into the band so the pipeline re-uses the resident block (no DMA). Blocks
+inside the band split into unmasked interior blocks and masked edge blocks. Logits of
 invisible keys take a finite sentinel and p is zeroed explicitly (spec §3.4). Lengths are padded
 to the block; padded query rows get lse = +1e30 so that they add nothing to dK/dV.
 
@@ -34,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.polar_attention import reference
+from pallas_kernels.polar_attention import bands, reference
 
 NEG = reference.MASK_SENTINEL
 PAD_LSE = 1e30
@@ -51,23 +52,33 @@ class BlockConfig:
   dq_block_k: int = 512
   dkv_block_q: int = 512
   dkv_block_k: int = 512
+  # Pallas interpret mode: None = on a machine without a TPU; False lowers the kernels for a TPU
+  # from any machine (lowering tests).
+  interpret: bool | None = None
 
 
 DEFAULT_CONFIG = BlockConfig()
 
 
-def is_supported(q, k, v, *, window=None, q_offset=0) -> bool:
-  """True when these kernels can run this call (else the api falls back to XLA)."""
+def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
+  """None when these kernels can run this call, else why not (dispatch then falls back to XLA)."""
+  if q.ndim != 4 or k.shape != v.shape or k.shape[-1] != q.shape[-1]:
+    return f"q [B,T,H,D], k/v [B,T,G,D] expected, got {q.shape}, {k.shape}, {v.shape}"
   D = q.shape[-1]
-  return (q.ndim == 4 and k.shape == v.shape and k.shape[-1] == D
-          and D >= 16 and D & (D - 1) == 0
-          and q.shape[2] % k.shape[2] == 0
-          and (isinstance(q_offset, int) or jnp.ndim(q_offset) == 0)
-          and (window is None or isinstance(window, int)))
+  if not (D >= 16 and D & (D - 1) == 0):
+    return f"head dim {D}: the TPU kernels need a power of 2 >= 16"
+  if q.shape[2] % k.shape[2]:
+    return f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}"
+  if not (isinstance(q_offset, int) or jnp.ndim(q_offset) == 0):
+    return f"q_offset must be an int or a scalar (got shape {jnp.shape(q_offset)})"
+  if not (window is None or isinstance(window, int)):
+    return f"window must be None or an int (got {window!r})"
+  return None
 
 
-def _interpret():
-  return False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+def _interpret_mode(config: BlockConfig):
+  interpret = (jax.default_backend() != "tpu") if config.interpret is None else config.interpret
+  return pltpu.InterpretParams() if interpret else False
 
 
 def _fit_block(block: int, t: int) -> int:
@@ -106,7 +117,8 @@ def _with_offset(kernel, static):
   return wrapped
 
 
-def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, name, q_offset):
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, name, q_offset,
+          config):
   """pallas_call with the query offset as a scalar-prefetch operand (index maps get its ref)."""
   grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
                                            out_specs=out_specs, scratch_shapes=scratch_shapes)
@@ -114,51 +126,12 @@ def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, name,
       _with_offset(kernel, _static_offset(q_offset)), grid_spec=grid_spec, out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=_interpret(), name=name)
+      interpret=_interpret_mode(config), name=name)
   return lambda *args: call(jnp.asarray(q_offset, jnp.int32).reshape(1), *args)
 
 
 def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-def _visible(rows, cols, *, tk, window):
-  valid = (cols <= rows) & (cols < tk)
-  if window is not None:
-    valid = valid & (cols > rows - window)
-  return valid
-
-
-def _key_band(i, *, bq, bk, tk, q_offset, window):
-  """Key blocks of query block i -> (lo, full_lo, full_hi, hi); [full_lo, full_hi) unmasked."""
-  p0 = q_offset + i * bq
-  p1 = p0 + bq - 1
-  hi = (jnp.minimum(p1 + 1, tk) + bk - 1) // bk
-  if window is None:
-    lo = full_lo = jnp.int32(0)
-  else:
-    lo = jnp.maximum(p0 - window + 1, 0) // bk
-    full_lo = (jnp.maximum(p1 - window + 1, 0) + bk - 1) // bk
-  full_hi = jnp.minimum((p0 + 1) // bk, tk // bk)
-  full_lo = jnp.clip(full_lo, lo, hi)
-  full_hi = jnp.clip(full_hi, full_lo, hi)
-  return lo, full_lo, full_hi, hi
-
-
-def _query_band(j, *, bq, bk, nq, tk, q_offset, window):
-  """Query blocks that see key block j -> (lo, full_lo, full_hi, hi)."""
-  k0, k1 = j * bk, j * bk + bk - 1
-  lo = jnp.maximum(k0 - q_offset, 0) // bq
-  full_lo = (jnp.maximum(k1 - q_offset, 0) + bq - 1) // bq
-  if window is None:
-    hi = full_hi = jnp.int32(nq)
-  else:
-    hi = jnp.minimum((jnp.maximum(k1 + window - q_offset, 0) + bq - 1) // bq, nq)
-    full_hi = (jnp.maximum(k0 + window - q_offset - bq + 1, 0) + bq - 1) // bq
-  full_hi = jnp.where((j + 1) * bk <= tk, full_hi, 0)
-  full_lo = jnp.clip(full_lo, lo, hi)
-  full_hi = jnp.clip(full_hi, full_lo, hi)
-  return lo, full_lo, full_hi, hi
 
 
 def _masked_and_full(idx, band, body):
@@ -205,7 +178,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, m_sc, l_sc, 
     if masked:
       rows = q_offset + i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
       cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-      valid = _visible(rows, cols, tk=tk, window=window)
+      valid = bands.visible(rows, cols, tk=tk, window=window)
       a_qk = jnp.where(valid, a_qk, NEG)
     m_prev = m_sc[...]
     m_new = jnp.maximum(m_prev, jnp.max(a_qk, axis=1, keepdims=True))
@@ -220,7 +193,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, m_sc, l_sc, 
         p_qk.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
         preferred_element_type=jnp.float32)
 
-  band = _key_band(i, bq=bq, bk=bk, tk=tk, q_offset=q_offset, window=window)
+  band = bands.keys_of_query_block(i, bq=bq, bk=bk, tk=tk, q_offset=q_offset, window=window)
   _masked_and_full(j, band, body)
 
   @pl.when(j == pl.num_programs(3) - 1)
@@ -249,8 +222,8 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   static = _static_offset(q_offset)
 
   def kv_index(b, h, i, j, off_ref):
-    band = _key_band(i, bq=bq, bk=bk, tk=Tk, q_offset=_offset_of(static, off_ref),
-                     window=window)
+    band = bands.keys_of_query_block(i, bq=bq, bk=bk, tk=Tk,
+                                     q_offset=_offset_of(static, off_ref), window=window)
     return b, h // R, _clamp(j, band, nk), 0
 
   q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, _: (b, h, i, 0))
@@ -259,7 +232,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   f32 = jnp.float32
   o, lse, p2 = _call(
       functools.partial(_fwd_kernel, bq=bq, bk=bk, tk=Tk, window=window),
-      q_offset=q_offset,
+      q_offset=q_offset, config=config,
       grid=(B, H, nq, nk),
       in_specs=[q_spec, kv_spec, kv_spec, row_spec],
       out_specs=[q_spec, row_spec, row_spec],
@@ -284,7 +257,7 @@ def _ds_block(q, k, v, do, scale, lse, delta, cq, *, rows0, cols0, bq, bk, tk, w
   if masked:
     rows = rows0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     cols = cols0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    a_qk = jnp.where(_visible(rows, cols, tk=tk, window=window), a_qk, NEG)
+    a_qk = jnp.where(bands.visible(rows, cols, tk=tk, window=window), a_qk, NEG)
   pi_qk = jnp.exp(a_qk - lse)
   dp_qk = lax.dot_general(do, v, _NT, precision=prec, preferred_element_type=jnp.float32)
   ds_qk = pi_qk * (dp_qk - delta) + cq * pi_qk * pi_qk
@@ -308,8 +281,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dq_r
                                    precision=_precision(k.dtype),
                                    preferred_element_type=jnp.float32)
 
-  _masked_and_full(j, _key_band(i, bq=bq, bk=bk, tk=tk, q_offset=q_offset, window=window),
-                   body)
+  band = bands.keys_of_query_block(i, bq=bq, bk=bk, tk=tk, q_offset=q_offset, window=window)
+  _masked_and_full(j, band, body)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _():
@@ -339,8 +312,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, s_ref, do_ref, lse_ref, dl_ref, cq_ref, dk_
     dk_sc[...] += lax.dot_general((scale * ds_qk).astype(q.dtype), q, _TN, precision=prec,
                                   preferred_element_type=jnp.float32)
 
-  _masked_and_full(i, _query_band(j, bq=bq, bk=bk, nq=nq, tk=tk, q_offset=q_offset,
-                                  window=window), body)
+  band = bands.queries_of_key_block(j, bq=bq, bk=bk, nq=nq, tk=tk, q_offset=q_offset,
+                                    window=window)
+  _masked_and_full(i, band, body)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _():
@@ -374,14 +348,15 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   nq, nk = pl.cdiv(Tq, bq), pl.cdiv(Tk, bk)
 
   def kv_index(b, h, i, j, off_ref, bq=bq, bk=bk, nk=nk):
-    band = _key_band(i, bq=bq, bk=bk, q_offset=_offset_of(static, off_ref), **common)
+    band = bands.keys_of_query_block(i, bq=bq, bk=bk, q_offset=_offset_of(static, off_ref),
+                                     **common)
     return b, h // R, _clamp(j, band, nk), 0
 
   q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, _: (b, h, i, 0))
   row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, _: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, bk, D), kv_index)
   dq, dscale = _call(
-      functools.partial(_dq_kernel, bq=bq, bk=bk, **common), q_offset=q_offset,
+      functools.partial(_dq_kernel, bq=bq, bk=bk, **common), q_offset=q_offset, config=config,
       grid=(B, H, nq, nk),
       in_specs=[q_spec, kv_spec, kv_spec, row_spec, q_spec, row_spec, row_spec, row_spec],
       out_specs=[q_spec, row_spec],
@@ -396,7 +371,8 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   nq, nk = pl.cdiv(Tq, bq), pl.cdiv(Tk, bk)
 
   def q_index(b, g, j, t, off_ref, bq=bq, bk=bk, nq=nq):
-    band = _query_band(j, bq=bq, bk=bk, nq=nq, q_offset=_offset_of(static, off_ref), **common)
+    band = bands.queries_of_key_block(j, bq=bq, bk=bk, nq=nq,
+                                      q_offset=_offset_of(static, off_ref), **common)
     return b, g * R + t // nq, _clamp(t % nq, band, nq), 0
 
   q_spec = pl.BlockSpec((None, None, bq, D), q_index)
@@ -404,6 +380,7 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   k_spec = pl.BlockSpec((None, None, bk, D), lambda b, g, j, t, _: (b, g, j, 0))
   dk, dv = _call(
       functools.partial(_dkv_kernel, bq=bq, bk=bk, nq=nq, **common), q_offset=q_offset,
+      config=config,
       grid=(B, G, nk, R * nq),
       in_specs=[q_spec, k_spec, k_spec, row_spec, q_spec, row_spec, row_spec, row_spec],
       out_specs=[k_spec, k_spec],

@@ -1,7 +1,8 @@
 """Streaming XLA backend of `attention_stats`: O(T * block) memory in forward and backward.
 
-Forward: for each query block (lax.map), stream the key blocks it can see (fori_loop with
-causal/window bounds) keeping online statistics per row, in fp32 (fp64 for fp64 inputs):
+Forward: for each query block (lax.map), stream the key blocks it can see (fori_loop over the
+causal/window band of `bands.py`) keeping online statistics per row, in fp32 (fp64 for fp64
+inputs):
   M  running max (finite sentinel start)    L  = sum p      Q2 = sum p^2 (rescaled by alpha^2)
   S  = sum p v                               with p = exp(a - M), forced to 0 on invisible keys.
 Then o = S / L, lse = M + log L, p2 = Q2 / L^2.
@@ -23,17 +24,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.polar_attention import reference
+from pallas_kernels.polar_attention import bands, reference
 from pallas_kernels.polar_attention.reference import MASK_SENTINEL, stats_dtype
 
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 512
 
 
-def is_supported(q, k, v, *, window=None, q_offset=0) -> bool:
-  """The XLA path takes every valid shape."""
+def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
+  """None: the XLA path takes every valid shape."""
   del q, k, v, window, q_offset
-  return True
+  return None
 
 
 def _blocks(t: int, block: int) -> tuple[int, int]:
@@ -55,24 +56,6 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) != jnp.bfloat16 else None
 
 
-def _key_block_range(qb, bq, bk, nk, q_offset, window):
-  """Key blocks [lo, hi) that hold any key visible to query block qb."""
-  pos_lo = q_offset + qb * bq
-  hi = jnp.minimum(nk, (pos_lo + bq - 1) // bk + 1)
-  lo = 0 if window is None else jnp.maximum(0, pos_lo - window + 1) // bk
-  return lo, hi
-
-
-def _query_block_range(kb, bq, bk, nq, q_offset, window):
-  """Query blocks [lo, hi) holding any row that sees a key of key block kb."""
-  lo = jnp.maximum(0, kb * bk - q_offset) // bq
-  if window is None:
-    return lo, nq
-  last_row = (kb + 1) * bk - 2 + window - q_offset  # last row with pos < last key + W
-  hi = jnp.clip(last_row // bq + 1, 0, nq)
-  return lo, jnp.maximum(hi, lo)
-
-
 def _block_logits(q_BqGRD, k_BkGD, scale_BGRq, qb, kb, bq, bk, tk, q_offset, window):
   """dots_BGRqk (q.k in fp32/fp64), a_BGRqk (masked with the sentinel) and the mask."""
   cdt = scale_BGRq.dtype
@@ -80,9 +63,7 @@ def _block_logits(q_BqGRD, k_BkGD, scale_BGRq, qb, kb, bq, bk, tk, q_offset, win
                     precision=_precision(q_BqGRD.dtype))
   pos_q1 = q_offset + qb * bq + jnp.arange(bq)[:, None]
   key_1k = kb * bk + jnp.arange(bk)[None, :]
-  mask_qk = (key_1k <= pos_q1) & (key_1k < tk)
-  if window is not None:
-    mask_qk = mask_qk & (key_1k > pos_q1 - window)
+  mask_qk = bands.visible(pos_q1, key_1k, tk=tk, window=window)
   a = jnp.where(mask_qk, scale_BGRq[..., None] * dots, MASK_SENTINEL)
   return dots, a, mask_qk
 
@@ -127,7 +108,8 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
     stat0 = jnp.full((B, G, R, bq), MASK_SENTINEL, cdt)
     init = (stat0, jnp.zeros_like(stat0), jnp.zeros_like(stat0),
             jnp.zeros((B, G, R, bq, D), cdt))
-    lo, hi = _key_block_range(qb, bq, bk, nk, q_offset, window)
+    lo, _, _, hi = bands.keys_of_query_block(qb, bq=bq, bk=bk, tk=Tk, q_offset=q_offset,
+                                             window=window)
     m, l, q2, acc = lax.fori_loop(lo, hi, key_step, init)
     l_safe = jnp.where(l > 0, l, 1.0)  # rows without visible keys exist only in the padding
     return acc / l_safe[..., None], m + jnp.log(l_safe), q2 / (l_safe * l_safe)
@@ -191,7 +173,8 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
       return dk, dv, dq_all, dscale_all
 
     zeros_kv = jnp.zeros((B, bk, G, D), cdt)
-    lo, hi = _query_block_range(kb, bq, bk, nq, q_offset, window)
+    lo, _, _, hi = bands.queries_of_key_block(kb, bq=bq, bk=bk, nq=nq, tk=Tk, q_offset=q_offset,
+                                              window=window)  # hi <= lo: no step
     dk, dv, dq_all, dscale_all = lax.fori_loop(lo, hi, query_step, (zeros_kv, zeros_kv) + carry)
     return (dq_all, dscale_all), (dk.astype(dt), dv.astype(dt))
 
