@@ -124,7 +124,7 @@ def select(backends: Backends, impl: str, args, static: dict | None = None):
   if not candidates:
     raise KernelUnavailable(
         f"impl='pallas': no Pallas {backends.op} backend for platform {platform!r} "
-                     f"(only {sorted(backends.pallas)} have one); use impl='xla' or 'auto'")
+        f"(only {sorted(backends.pallas)} have one); use impl='xla' or 'auto'")
   raise KernelUnavailable(f"impl='pallas': no Pallas {backends.op} backend takes "
-                   f"{_describe(backends, args, static)}: " + "; ".join(reasons)
-                   + ". Use impl='auto' to fall back to XLA (or impl='xla').")
+                          f"{_describe(backends, args, static)}: " + "; ".join(reasons)
+                          + ". Use impl='auto' to fall back to XLA (or impl='xla').")
