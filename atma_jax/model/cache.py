@@ -1,0 +1,230 @@
+"""Decode state of the ATMA model: one pytree of arrays carried between prefill and decode steps.
+
+Dimension glossary
+  B batch (sequences)   S key slots (max_len, or min(W, max_len) for a window-W model)
+  G KV heads   H query / memory heads   d head dim   D hidden
+  Kc LFM2 conv taps   Ka Canon conv taps
+
+Per layer (ATMA_SPEC §4.7):
+  conv blocks    `ConvLayerCache.tail_BKD`   the last Kc-1 inputs of the LFM2 conv (b * u)
+  global blocks  `GlobalLayerCache`          K/V of the attention core ([B, S, G, d], post-Canon
+                 or post-rotary, compute dtype), the Canon q/k/v conv tails (last Ka-1 inputs;
+                 polar / nope only), the gated-delta memory state [B, H, K, V] (fp32; memory
+                 models only)
+and `Cache.positions` int32 [B]: tokens consumed so far per sequence = absolute position of its
+next token. A full-context cache stores position p in slot p; a windowed one is a ring buffer,
+position p in slot p % S. Slots at or after `positions` hold nothing meaningful.
+
+The memory needs no partial-chunk data: its chunked scan is exact, so the state after any prefix
+continues the recurrence token by token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from atma_jax.config import ModelConfig
+from atma_jax.model.layers import stats_dtype
+from atma_jax.sharding import current_mesh, logical_to_spec
+from pallas_kernels.polar_attention.cached import INVALID_POS
+
+
+@struct.dataclass
+class ConvLayerCache:
+  tail_BKD: jax.Array  # [B, Kc-1, D] LFM2 conv inputs, oldest first
+
+  def axes(self) -> dict[str, tuple]:
+    return {"tail_BKD": ("batch", None, "mixer")}
+
+
+@struct.dataclass
+class GlobalLayerCache:
+  k_BSGd: jax.Array  # [B, S, G, d] keys as the attention core sees them
+  v_BSGd: jax.Array  # [B, S, G, d]
+  canon_q_BKF: jax.Array | None  # [B, Ka-1, H*d] Canon q inputs (None for rope)
+  canon_k_BKF: jax.Array | None  # [B, Ka-1, G*d]
+  canon_v_BKF: jax.Array | None  # [B, Ka-1, G*d]
+  mem_BHKV: jax.Array | None  # [B, H, d, d] gated-delta state, fp32 (None without memory)
+
+  def axes(self) -> dict[str, tuple]:
+    kv = ("batch", "seq", "act_kv_heads", "head_dim")
+    return {"k_BSGd": kv, "v_BSGd": kv, "canon_q_BKF": ("batch", None, "heads"),
+            "canon_k_BKF": ("batch", None, "kv"), "canon_v_BKF": ("batch", None, "kv"),
+            "mem_BHKV": ("batch", "act_heads", "head_dim", "head_dim")}
+
+
+@struct.dataclass
+class Cache:
+  positions: jax.Array  # int32 [B]: tokens consumed per sequence (position of the next one)
+  layers: tuple  # ConvLayerCache | GlobalLayerCache per block, in block order
+  max_len: int = struct.field(pytree_node=False)  # the longest sequence the cache may hold
+
+  @property
+  def batch_size(self) -> int:
+    return self.positions.shape[0]
+
+
+class TokenSpan(struct.PyTreeNode):
+  """Where the tokens of one prefill / decode call go: row b's tokens t < lengths[b] are real,
+  at absolute positions starts[b] + t; the rest is right padding that must not touch a state."""
+
+  starts_B: jax.Array  # int32 [B]
+  lengths_B: jax.Array  # int32 [B]
+
+  def positions_BT(self, T: int) -> jax.Array:
+    return self.starts_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+
+  def valid_BT(self, T: int) -> jax.Array:
+    return jnp.arange(T, dtype=jnp.int32)[None, :] < self.lengths_B[:, None]
+
+
+def cache_slots(cfg: ModelConfig, max_len: int) -> int:
+  """Key slots per sequence: max_len, or a ring of min(W, max_len) for a window-W model."""
+  return max_len if cfg.attn_window is None else min(cfg.attn_window, max_len)
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Cache:
+  """An empty decode state for `batch_size` sequences of up to `max_len` tokens (zeros,
+  positions 0), activations in cfg.compute_dtype, memory state in fp32."""
+  if batch_size < 1 or max_len < 1:
+    raise ValueError(f"init_cache needs batch_size >= 1 and max_len >= 1; got {batch_size}, "
+                     f"{max_len}")
+  B, D, H, G, d = (batch_size, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+  act = jnp.dtype(cfg.compute_dtype)
+  S = cache_slots(cfg, max_len)
+  layers = []
+  for l in range(cfg.num_layers):
+    if not cfg.is_global(l):
+      layers.append(ConvLayerCache(jnp.zeros((B, cfg.conv_kernel_size - 1, D), act)))
+      continue
+    Ka = cfg.attn_kernel_size
+    canon = cfg.attn_type != "rope"
+    tail = lambda F: jnp.zeros((B, Ka - 1, F), act) if canon else None
+    layers.append(GlobalLayerCache(
+        k_BSGd=jnp.zeros((B, S, G, d), act), v_BSGd=jnp.zeros((B, S, G, d), act),
+        canon_q_BKF=tail(H * d), canon_k_BKF=tail(G * d), canon_v_BKF=tail(G * d),
+        mem_BHKV=(jnp.zeros((B, H, d, d), stats_dtype(act)) if cfg.mem_enabled else None)))
+  return Cache(positions=jnp.zeros((B,), jnp.int32), layers=tuple(layers), max_len=max_len)
+
+
+def _leaf_names(cache: Cache):
+  """[(name, array, logical axes)] for every array of the cache."""
+  out = [("positions", cache.positions, ("batch",))]
+  for l, layer in enumerate(cache.layers):
+    for field, axes in layer.axes().items():
+      x = getattr(layer, field)
+      if x is not None:
+        out.append((f"layers[{l}].{field}", x, axes))
+  return out
+
+
+def check_cache(cfg: ModelConfig, cache: Any, batch_size: int | None = None) -> None:
+  """Raises ValueError when `cache` is not a `Cache` of this model's layout (shapes, dtypes),
+  or (given `batch_size`) holds a different number of sequences."""
+  if not isinstance(cache, Cache):
+    raise ValueError(f"expected an atma_jax.model.cache.Cache, got {type(cache).__name__}; "
+                     "build one with init_cache(cfg, batch_size, max_len)")
+  B = cache.positions.shape[0] if cache.positions.ndim == 1 else None
+  if B is None:
+    raise ValueError(f"cache.positions must be int32 [B]; got shape {cache.positions.shape}")
+  if batch_size is not None and batch_size != B:
+    raise ValueError(f"the batch has {batch_size} rows but the cache holds {B} sequences; "
+                     f"build the cache with init_cache(cfg, batch_size={batch_size}, max_len)")
+  want = jax.eval_shape(lambda: init_cache(cfg, B, cache.max_len))
+  if len(cache.layers) != len(want.layers):
+    raise ValueError(f"the cache has {len(cache.layers)} layers but the model has "
+                     f"{len(want.layers)}; build it with init_cache(model.cfg, batch, max_len)")
+  for l, (g, w) in enumerate(zip(cache.layers, want.layers)):
+    if type(g) is not type(w):
+      raise ValueError(f"the cache does not fit this model: layer {l} holds a "
+                       f"{type(g).__name__}, the model's block {l} needs a {type(w).__name__}; "
+                       "build it with init_cache(model.cfg, batch_size, max_len)")
+  got_leaves, want_leaves = _leaf_names(cache), _leaf_names(want)
+  got_d = {n: x for n, x, _ in got_leaves}
+  for name, w, _ in want_leaves:
+    g = got_d.get(name)
+    if g is None or (g.shape, g.dtype) != (w.shape, w.dtype):
+      got = "missing" if g is None else f"{g.dtype}{list(g.shape)}"
+      raise ValueError(f"the cache does not fit this model: {name} is {got}, expected "
+                       f"{w.dtype}{list(w.shape)}; build it with init_cache(model.cfg, "
+                       f"batch_size, max_len) for this model's config")
+  if len(got_leaves) != len(want_leaves):
+    extra = sorted(set(got_d) - {n for n, _, _ in want_leaves})
+    raise ValueError(f"the cache does not fit this model: unexpected state {extra}; build it "
+                     "with init_cache(model.cfg, batch_size, max_len)")
+
+
+def kv_update(k_cache_BSGd, v_cache_BSGd, k_new_BTGd, v_new_BTGd, span: TokenSpan,
+              window: int | None):
+  """Writes this call's real keys / values into the cache and returns what the queries attend:
+  (keys [B, S', G, d], values, key positions [B, S'] int32, new k cache, new v cache).
+
+  Full cache: position p goes to slot p and the queries attend the updated cache (S' = S, slot
+  s at position s; slots past a query are masked by causality). Ring (window): the queries attend
+  the old ring (slot s holds the latest position < start congruent to s mod S) followed by the
+  new tokens (S' = S + T); the last min(length, S) new tokens then overwrite their slots.
+  Padded tokens are never written, and read as `INVALID_POS` keys.
+  """
+  B, S = k_cache_BSGd.shape[:2]
+  T = k_new_BTGd.shape[1]
+  pos_BT = span.positions_BT(T)
+  valid_BT = span.valid_BT(T)
+  rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+  write = lambda cache, new, slot: cache.at[rows_BT, slot].set(new.astype(cache.dtype),
+                                                               mode="drop")
+  if window is None:
+    slot_BT = jnp.where(valid_BT, pos_BT, S)  # slot S is out of range: dropped
+    k_cache, v_cache = write(k_cache_BSGd, k_new_BTGd, slot_BT), write(v_cache_BSGd, v_new_BTGd,
+                                                                       slot_BT)
+    key_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S))
+    return k_cache, v_cache, key_pos_BS, k_cache, v_cache
+  last_B1 = span.starts_B[:, None] - 1
+  s_1S = jnp.arange(S, dtype=jnp.int32)[None, :]
+  ring_pos_BS = last_B1 - jnp.mod(last_B1 - s_1S, S)
+  ring_pos_BS = jnp.where(ring_pos_BS >= 0, ring_pos_BS, INVALID_POS)
+  new_pos_BT = jnp.where(valid_BT, pos_BT, INVALID_POS)
+  keys = jnp.concatenate([k_cache_BSGd, k_new_BTGd.astype(k_cache_BSGd.dtype)], axis=1)
+  values = jnp.concatenate([v_cache_BSGd, v_new_BTGd.astype(v_cache_BSGd.dtype)], axis=1)
+  key_pos = jnp.concatenate([ring_pos_BS, new_pos_BT], axis=1)
+  t_BT = jnp.arange(T, dtype=jnp.int32)[None, :]
+  kept_BT = valid_BT & (t_BT >= span.lengths_B[:, None] - S)
+  slot_BT = jnp.where(kept_BT, jnp.mod(pos_BT, S), S)
+  return (keys, values, key_pos, write(k_cache_BSGd, k_new_BTGd, slot_BT),
+          write(v_cache_BSGd, v_new_BTGd, slot_BT))
+
+
+def _fitting_spec(names, shape, mesh) -> P:
+  """logical_to_spec, with every mesh axis that does not divide its dimension dropped."""
+  spec = logical_to_spec(names, mesh)
+  out = []
+  for entry, n in zip(spec, shape):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    size = math.prod(mesh.shape[a] for a in axes) if mesh is not None else 1
+    out.append(entry if n % size == 0 else None)
+  return P(*out)
+
+
+def cache_partition_specs(cache: Cache, mesh=None) -> Cache:
+  """Same tree as `cache` with a PartitionSpec per array (default mesh: the active one): batch
+  over data/fsdp, heads over tensor, each only where the mesh axes divide the dimension."""
+  mesh = mesh if mesh is not None else current_mesh()
+
+  def layer_specs(layer):
+    return layer.replace(**{f: (None if getattr(layer, f) is None else
+                                _fitting_spec(a, getattr(layer, f).shape, mesh))
+                            for f, a in layer.axes().items()})
+
+  return cache.replace(positions=_fitting_spec(("batch",), cache.positions.shape, mesh),
+                       layers=tuple(layer_specs(l) for l in cache.layers))
+
+
+def cache_shardings(cache: Cache, mesh) -> Cache:
+  """`cache_partition_specs` as NamedShardings on `mesh` (for jit / device_put)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), cache_partition_specs(cache, mesh),
+                      is_leaf=lambda x: isinstance(x, P))

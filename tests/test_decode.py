@@ -1,0 +1,171 @@
+"""Prefill / decode over the decode cache equal the full forward (issue 11).
+
+Tiny fp32 models (kernel_impl="xla"), memory chunk 4 and window 5, so the sequences cross
+memory-chunk boundaries and wrap the window's ring buffer.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from atma_jax.generate import (cache_shardings, decode, init_cache, jit_decode, jit_prefill,
+                               prefill)
+from atma_jax.model import param_partition_specs
+from atma_jax.model.testing import init_model, jit, perturb, tiny_config
+from atma_jax.sharding import use_mesh
+
+T = 12  # tokens per sequence: 3 memory chunks of 4, the window-5 ring wraps twice
+MAX_LEN = 16
+TOL = 1e-5
+
+
+def _setup(**overrides):
+  cfg = tiny_config(kernel_impl="xla", mem_chunk=4, **overrides)
+  graphdef, params = init_model(cfg)
+  params = perturb(params, jax.random.key(1))  # zero-init branches (memory proj) come alive
+  return cfg, graphdef, params
+
+
+def _full_logits(graphdef, params, ids_BT):
+  """Ground truth: the whole-sequence forward's capped logits [B, T, V]."""
+
+  @jit
+  def run(params, ids):
+    model = nnx.merge(graphdef, params)
+    h, _ = model(ids)
+    return model.logits(h)
+
+  return np.asarray(run(params, ids_BT))
+
+
+def _steps(graphdef):
+  return (jit(lambda p, ids, n, c: prefill(graphdef, p, ids, n, c)),
+          jit(lambda p, tok, c: decode(graphdef, p, tok, c)))
+
+
+VARIANTS = list(itertools.product(("polar", "nope", "rope"), (True, False), (None, 5)))
+
+
+@pytest.mark.parametrize("attn_type,mem,window", VARIANTS,
+                         ids=[f"{a}-{'mem' if m else 'nomem'}-w{w}" for a, m, w in VARIANTS])
+def test_ragged_prefill_then_decode_matches_full_forward(attn_type, mem, window):
+  """Rows of lengths 6 and 3 prefilled together, then decoded token by token: every logit
+  equals the full forward's at the same position (each row at its own positions)."""
+  cfg, graphdef, params = _setup(attn_type=attn_type, mem_enabled=mem, attn_window=window)
+  ids = jax.random.randint(jax.random.key(2), (2, T), 0, cfg.vocab_size)
+  want = _full_logits(graphdef, params, ids)
+  run_prefill, run_decode = _steps(graphdef)
+  lengths = np.array([6, 3])
+  prompt = jnp.where(jnp.arange(6)[None, :] < lengths[:, None], ids[:, :6], 0)
+  logits, cache = run_prefill(params, prompt, jnp.asarray(lengths), init_cache(cfg, 2, MAX_LEN))
+  np.testing.assert_allclose(logits, want[[0, 1], lengths - 1], atol=TOL, rtol=TOL)
+  pos = lengths.copy()
+  for _ in range(T - 6):
+    logits, cache = run_decode(params, ids[jnp.arange(2), pos], cache)
+    np.testing.assert_allclose(logits, want[[0, 1], pos], atol=TOL, rtol=TOL,
+                               err_msg=f"positions {pos}")
+    pos += 1
+  np.testing.assert_array_equal(cache.positions, pos)
+
+
+def test_chunked_prefill_equals_one_prefill():
+  """Prefill in ragged chunks (rows at different positions in the second call, one row idle in
+  the third), then decode: the same logits as one prefill of each whole prompt."""
+  cfg, graphdef, params = _setup(attn_window=5)
+  ids = jax.random.randint(jax.random.key(3), (2, T), 0, cfg.vocab_size)
+  want = _full_logits(graphdef, params, ids)
+  run_prefill, run_decode = _steps(graphdef)
+  cache = init_cache(cfg, 2, MAX_LEN)
+  chunks = ((4, 2), (3, 5), (2, 0))  # row 0: 4 + 3 + 2 = 9 tokens; row 1: 2 + 5 = 7
+  done = np.zeros(2, int)
+  for n in chunks:
+    n = np.array(n)
+    take = np.minimum(done[:, None] + np.arange(5)[None, :], T - 1)
+    chunk = jnp.where(np.arange(5)[None, :] < n[:, None], ids[np.arange(2)[:, None], take], 0)
+    logits, cache = run_prefill(params, chunk, jnp.asarray(n), cache)
+    done += n
+    for b in np.flatnonzero(n):
+      np.testing.assert_allclose(logits[b], want[b, done[b] - 1], atol=TOL, rtol=TOL)
+  one_logits, one_cache = run_prefill(
+      params, jnp.where(np.arange(9)[None, :] < done[:, None], ids[:, :9], 0), jnp.asarray(done),
+      init_cache(cfg, 2, MAX_LEN))
+  np.testing.assert_allclose(logits[0], one_logits[0], atol=TOL, rtol=TOL)
+  for got, ref in zip(jax.tree.leaves(cache), jax.tree.leaves(one_cache)):
+    np.testing.assert_allclose(got, ref, atol=TOL, rtol=TOL)
+  logits, cache = run_decode(params, ids[np.arange(2), done], cache)
+  np.testing.assert_allclose(logits, want[[0, 1], done], atol=TOL, rtol=TOL)
+
+
+def test_ragged_rows_equal_each_prompt_alone():
+  """A batch row gives what its prompt alone gives; a length-0 row leaves its state as is."""
+  cfg, graphdef, params = _setup()
+  ids = jax.random.randint(jax.random.key(4), (3, 7), 0, cfg.vocab_size)
+  lengths = jnp.array([7, 2, 0])
+  run_prefill, run_decode = _steps(graphdef)
+  empty = init_cache(cfg, 3, MAX_LEN)
+  batch_logits, batch_cache = run_prefill(params, ids, lengths, empty)
+  for b in (0, 1):
+    n = int(lengths[b])
+    alone_logits, alone_cache = prefill(graphdef, params, ids[b:b + 1, :n], jnp.array([n]),
+                                        init_cache(cfg, 1, MAX_LEN))
+    np.testing.assert_allclose(batch_logits[b], alone_logits[0], atol=TOL, rtol=TOL)
+    for got, ref in zip(jax.tree.leaves(batch_cache), jax.tree.leaves(alone_cache)):
+      if got.ndim > 1 and got.shape[1] == MAX_LEN:  # K/V: slots past the prompt hold nothing
+        got, ref = got[:, :n], ref[:, :n]
+      np.testing.assert_allclose(got[b], ref[0], atol=TOL, rtol=TOL)
+  for got, ref in zip(jax.tree.leaves(batch_cache), jax.tree.leaves(empty)):
+    np.testing.assert_array_equal(got[2], ref[2])
+
+
+def test_sharded_decode_matches_unsharded():
+  cfg, graphdef, params = _setup(attn_window=5)
+  ids = jax.random.randint(jax.random.key(5), (4, 8), 0, cfg.vocab_size)
+  lengths = jnp.array([8, 5, 6, 1])
+
+  def run(params, cache, mesh=None):
+    logits, cache = jit_prefill(graphdef, mesh=mesh)(params, ids, lengths, cache)
+    step = jit_decode(graphdef, mesh=mesh)
+    out = [logits]
+    for t in range(3):
+      logits, cache = step(params, ids[:, t], cache)
+      out.append(logits)
+    return np.stack(out), cache
+
+  want, want_cache = run(params, init_cache(cfg, 4, MAX_LEN))
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+  with use_mesh(mesh):
+    specs = param_partition_specs(params)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), nnx.to_pure_dict(specs))
+    placed = nnx.State(params)
+    nnx.replace_by_pure_dict(placed, jax.device_put(nnx.to_pure_dict(params), shardings))
+  cache = init_cache(cfg, 4, MAX_LEN)
+  cache = jax.device_put(cache, cache_shardings(cache, mesh))
+  got, got_cache = run(placed, cache, mesh)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  k = got_cache.layers[0].k_BSGd
+  assert k.sharding.spec[0] == ("data", "fsdp")
+  mem = got_cache.layers[0].mem_BHKV
+  assert mem.sharding.spec[:2] == (("data", "fsdp"), "tensor")
+
+
+def test_bad_inputs_raise_before_compute():
+  cfg, graphdef, params = _setup()
+  ids = jnp.zeros((2, 9), jnp.int32)
+  with pytest.raises(ValueError, match="max_len=8"):
+    prefill(graphdef, params, ids, jnp.array([9, 9]), init_cache(cfg, 2, 8))
+  cache = init_cache(cfg, 2, 16).replace(positions=jnp.array([10, 0], jnp.int32))
+  with pytest.raises(ValueError, match="row 0 would reach position 19"):
+    prefill(graphdef, params, ids, jnp.array([9, 3]), cache)
+  other = tiny_config(kernel_impl="xla", attn_type="rope")
+  with pytest.raises(ValueError, match="does not fit this model"):
+    decode(graphdef, params, jnp.zeros((2,), jnp.int32), init_cache(other, 2, 16))
+  with pytest.raises(ValueError, match="the cache holds 3 sequences"):
+    decode(graphdef, params, jnp.zeros((2,), jnp.int32), init_cache(cfg, 3, 16))
+  wide = tiny_config(kernel_impl="xla", hidden_size=64)
+  with pytest.raises(ValueError, match="does not fit this model"):
+    decode(graphdef, params, jnp.zeros((2,), jnp.int32), init_cache(wide, 2, 16))
