@@ -73,15 +73,17 @@ def test_ragged_prefill_then_decode_matches_full_forward(attn_type, mem, window)
   np.testing.assert_array_equal(cache.positions, pos)
 
 
-def test_chunked_prefill_equals_one_prefill():
-  """Prefill in ragged chunks (rows at different positions in the second call, one row idle in
-  the third), then decode: the same logits as one prefill of each whole prompt."""
-  cfg, graphdef, params = _setup(attn_window=5)
+@pytest.mark.parametrize("attn_type,window", [("polar", 5), ("rope", None)])
+def test_chunked_prefill_equals_one_prefill(attn_type, window):
+  """Prefill in chunks: all rows fresh, then at different positions, then at the same position
+  with one row idle (the three forms of `kv_cache.attend_cached`), then decode: the same logits
+  and cache as one prefill of each whole prompt."""
+  cfg, graphdef, params = _setup(attn_type=attn_type, attn_window=window)
   ids = jax.random.randint(jax.random.key(3), (2, T), 0, cfg.vocab_size)
   want = _full_logits(graphdef, params, ids)
   run_prefill, run_decode = _steps(graphdef)
   cache = init_cache(cfg, 2, MAX_LEN)
-  chunks = ((4, 2), (3, 5), (2, 0))  # row 0: 4 + 3 + 2 = 9 tokens; row 1: 2 + 5 = 7
+  chunks = ((4, 4), (3, 1), (2, 0))  # starts (0, 0), (4, 4), (7, 5); 9 and 5 tokens
   done = np.zeros(2, int)
   for n in chunks:
     n = np.array(n)

@@ -28,7 +28,7 @@ from flax import nnx
 
 from atma_jax.config import ModelConfig
 from atma_jax.model import aux_losses, init
-from atma_jax.model.cache import kv_update
+from atma_jax.model.kv_cache import attend_cached
 from atma_jax.model.layers import DepthwiseConv, Linear, rms_norm, stats_dtype
 from atma_jax.model.memory import Memory
 from atma_jax.model.rope import apply_rope
@@ -154,9 +154,14 @@ class GlobalMixer(nnx.Module):
       else:
         gate_BTHd, (q_att, k_att, v_att), (q_mem, k_mem, v_mem), new = self.core_inputs_cached(
             x_BTD, cache, span)
-        keys, values, key_pos_BS, new["k_BSGd"], new["v_BSGd"] = kv_update(
-            cache.k_BSGd, cache.v_BSGd, k_att, v_att, span, W)
-        q_pos_BT = span.positions_BT(T)
+
+    def run_core(core, core_at):
+      """core(q, k, v, q_offset) without a cache; over the cache (kv_cache.attend_cached)."""
+      if cache is None:
+        return core(q_att, k_att, v_att, q_offset)
+      out, new["k_BSGd"], new["v_BSGd"] = attend_cached(
+          q_att, k_att, v_att, cache.k_BSGd, cache.v_BSGd, span, W, core=core, core_at=core_at)
+      return out
 
     distract = rng is not None and cfg.num_random_keys > 0 and cache is None
     align = jnp.zeros((), jnp.float32)
@@ -170,12 +175,11 @@ class GlobalMixer(nnx.Module):
       polar_params = (self.v_null.get_value(), len_gain_raw_H, null_base_H, null_slope_raw_H,
                       self.mag_beta_raw.get_value())
       with jax.named_scope("polar_core"):
-        if cache is None:
-          c_BTHd, mag_BTH = polar_core(q_att, k_att, v_att, *polar_params, window=W,
-                                       q_offset=q_offset, impl=cfg.kernel_impl)
-        else:
-          c_BTHd, mag_BTH = polar_core_at(q_att, keys, values, *polar_params, q_pos_BT,
-                                          key_pos_BS, window=W)
+        c_BTHd, mag_BTH = run_core(
+            lambda q, k, v, off: polar_core(q, k, v, *polar_params, window=W, q_offset=off,
+                                            impl=cfg.kernel_impl),
+            lambda q, k, v, q_pos, k_pos: polar_core_at(q, k, v, *polar_params, q_pos, k_pos,
+                                                        window=W))
       out_BTD = self.proj(c_BTHd.reshape(B, T, H * d) * gate_BTF)
       out_BTD = out_BTD + self.mu_proj(mag_BTH.astype(x_BTD.dtype))
       if distract:
@@ -184,12 +188,11 @@ class GlobalMixer(nnx.Module):
                                             null_slope_raw_H, q_offset=q_offset)
     else:
       scale = cfg.rope_scale if cfg.attn_type == "rope" else 1.0 / math.sqrt(d)
-      if cache is None:
-        y_BTHd = softmax_attention(q_att, k_att, v_att, scale=scale, window=W, q_offset=q_offset,
-                                   impl=cfg.kernel_impl)
-      else:
-        y_BTHd = softmax_attention_at(q_att, keys, values, q_pos_BT, key_pos_BS, scale=scale,
-                                      window=W)
+      y_BTHd = run_core(
+          lambda q, k, v, off: softmax_attention(q, k, v, scale=scale, window=W, q_offset=off,
+                                                 impl=cfg.kernel_impl),
+          lambda q, k, v, q_pos, k_pos: softmax_attention_at(q, k, v, q_pos, k_pos, scale=scale,
+                                                             window=W))
       out_BTD = self.proj(y_BTHd.reshape(B, T, H * d) * gate_BTF)
       if distract:
         k_rand, v_rand = self._random_kv(x_BTD, rng, normed=cfg.attn_type == "rope")

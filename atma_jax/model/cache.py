@@ -32,7 +32,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from atma_jax.config import ModelConfig
 from atma_jax.model.layers import stats_dtype
 from atma_jax.sharding import current_mesh, logical_to_spec
-from pallas_kernels.polar_attention.cached import INVALID_POS
 
 
 @struct.dataclass
@@ -158,45 +157,6 @@ def check_cache(cfg: ModelConfig, cache: Any, batch_size: int | None = None) -> 
     extra = sorted(set(got_d) - {n for n, _, _ in want_leaves})
     raise ValueError(f"the cache does not fit this model: unexpected state {extra}; build it "
                      "with init_cache(model.cfg, batch_size, max_len)")
-
-
-def kv_update(k_cache_BSGd, v_cache_BSGd, k_new_BTGd, v_new_BTGd, span: TokenSpan,
-              window: int | None):
-  """Writes this call's real keys / values into the cache and returns what the queries attend:
-  (keys [B, S', G, d], values, key positions [B, S'] int32, new k cache, new v cache).
-
-  Full cache: position p goes to slot p and the queries attend the updated cache (S' = S, slot
-  s at position s; slots past a query are masked by causality). Ring (window): the queries attend
-  the old ring (slot s holds the latest position < start congruent to s mod S) followed by the
-  new tokens (S' = S + T); the last min(length, S) new tokens then overwrite their slots.
-  Padded tokens are never written, and read as `INVALID_POS` keys.
-  """
-  B, S = k_cache_BSGd.shape[:2]
-  T = k_new_BTGd.shape[1]
-  pos_BT = span.positions_BT(T)
-  valid_BT = span.valid_BT(T)
-  rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-  write = lambda cache, new, slot: cache.at[rows_BT, slot].set(new.astype(cache.dtype),
-                                                               mode="drop")
-  if window is None:
-    slot_BT = jnp.where(valid_BT, pos_BT, S)  # slot S is out of range: dropped
-    k_cache, v_cache = write(k_cache_BSGd, k_new_BTGd, slot_BT), write(v_cache_BSGd, v_new_BTGd,
-                                                                       slot_BT)
-    key_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S))
-    return k_cache, v_cache, key_pos_BS, k_cache, v_cache
-  last_B1 = span.starts_B[:, None] - 1
-  s_1S = jnp.arange(S, dtype=jnp.int32)[None, :]
-  ring_pos_BS = last_B1 - jnp.mod(last_B1 - s_1S, S)
-  ring_pos_BS = jnp.where(ring_pos_BS >= 0, ring_pos_BS, INVALID_POS)
-  new_pos_BT = jnp.where(valid_BT, pos_BT, INVALID_POS)
-  keys = jnp.concatenate([k_cache_BSGd, k_new_BTGd.astype(k_cache_BSGd.dtype)], axis=1)
-  values = jnp.concatenate([v_cache_BSGd, v_new_BTGd.astype(v_cache_BSGd.dtype)], axis=1)
-  key_pos = jnp.concatenate([ring_pos_BS, new_pos_BT], axis=1)
-  t_BT = jnp.arange(T, dtype=jnp.int32)[None, :]
-  kept_BT = valid_BT & (t_BT >= span.lengths_B[:, None] - S)
-  slot_BT = jnp.where(kept_BT, jnp.mod(pos_BT, S), S)
-  return (keys, values, key_pos, write(k_cache_BSGd, k_new_BTGd, slot_BT),
-          write(v_cache_BSGd, v_new_BTGd, slot_BT))
 
 
 def _fitting_spec(names, shape, mesh) -> P:
