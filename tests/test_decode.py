@@ -163,6 +163,8 @@ def test_bad_inputs_raise_before_compute():
   cache = init_cache(cfg, 2, 16).replace(positions=jnp.array([10, 0], jnp.int32))
   with pytest.raises(ValueError, match="row 0 would reach position 19"):
     prefill(graphdef, params, ids, jnp.array([9, 3]), cache)
+  with pytest.raises(ValueError, match="lengths must be in"):
+    prefill(graphdef, params, ids, jnp.array([10, 3]), init_cache(cfg, 2, 16))
   other = tiny_config(kernel_impl="xla", attn_type="rope")
   with pytest.raises(ValueError, match="does not fit this model"):
     decode(graphdef, params, jnp.zeros((2,), jnp.int32), init_cache(other, 2, 16))
@@ -171,3 +173,33 @@ def test_bad_inputs_raise_before_compute():
   wide = tiny_config(kernel_impl="xla", hidden_size=64)
   with pytest.raises(ValueError, match="does not fit this model"):
     decode(graphdef, params, jnp.zeros((2,), jnp.int32), init_cache(wide, 2, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,window,tol", [("float32", None, 2e-3), ("float32", 24, 2e-3),
+                                              ("bfloat16", None, 0.1)])
+def test_gpu_kernels_prefill_and_decode_match_full_forward(dtype, window, tol):
+  """kernel_impl="auto" on a GPU: the fresh and same-start prefill forms run the Pallas kernels
+  (head_dim 16, memory chunk 16), ragged starts and decode the XLA path; all match the full
+  forward (fp32: TF32-level dots; bf16: activation rounding)."""
+  cfg = tiny_config(kernel_impl="auto", hidden_size=64, head_dim=16, mem_chunk=16,
+                    attn_window=window, compute_dtype=dtype)
+  graphdef, params = init_model(cfg)
+  params = perturb(params, jax.random.key(1))
+  n = 56
+  ids = jax.random.randint(jax.random.key(2), (2, n), 0, cfg.vocab_size)
+  want = _full_logits(graphdef, params, ids)
+  run_prefill, run_decode = _steps(graphdef)
+  cache = init_cache(cfg, 2, 64)
+  done = np.zeros(2, int)
+  for lengths in ((20, 20), (17, 9), (3, 14)):  # fresh, same start, ragged starts
+    lengths = np.array(lengths)
+    take = np.minimum(done[:, None] + np.arange(20)[None, :], n - 1)
+    logits, cache = run_prefill(params, ids[np.arange(2)[:, None], take], jnp.asarray(lengths),
+                                cache)
+    done += lengths
+    np.testing.assert_allclose(logits, want[[0, 1], done - 1], atol=tol, rtol=0)
+  for _ in range(6):
+    logits, cache = run_decode(params, ids[np.arange(2), done], cache)
+    np.testing.assert_allclose(logits, want[[0, 1], done], atol=tol, rtol=0)
+    done += 1

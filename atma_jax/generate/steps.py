@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -22,17 +23,20 @@ from atma_jax.model.cache import Cache, cache_shardings, check_cache
 from atma_jax.sharding import logical_to_spec, use_mesh
 
 
-def _check_concrete_fit(cache: Cache, lengths_B) -> None:
-  """Outside jit (concrete values) a row that would run past max_len is an error."""
+def _check_concrete_fit(cache: Cache, lengths_B, T: int) -> None:
+  """Outside jit (concrete values): lengths in [0, T] and no row past the cache's max_len."""
   if isinstance(lengths_B, jax.core.Tracer) or isinstance(cache.positions, jax.core.Tracer):
     return
-  end = jnp.asarray(cache.positions) + jnp.asarray(lengths_B)
-  worst = int(jnp.max(end)) if end.size else 0
-  if worst > cache.max_len:
-    row = int(jnp.argmax(end))
-    raise ValueError(f"row {row} would reach position {worst} > the cache's max_len="
+  lengths = np.asarray(lengths_B)
+  if lengths.size and (lengths.min() < 0 or lengths.max() > T):
+    raise ValueError(f"lengths must be in [0, {T}] (real tokens of each right-padded row); got "
+                     f"{lengths.tolist()}")
+  end = np.asarray(cache.positions) + lengths
+  if end.size and end.max() > cache.max_len:
+    row = int(np.argmax(end))
+    raise ValueError(f"row {row} would reach position {int(end[row])} > the cache's max_len="
                      f"{cache.max_len}; build the cache with init_cache(cfg, batch, "
-                     f"max_len>={worst}) or shorten the prompt")
+                     f"max_len>={int(end.max())}) or shorten the prompt")
 
 
 def prefill(graphdef, params, ids_BT: jax.Array, lengths_B: jax.Array, cache: Cache, *,
@@ -54,7 +58,7 @@ def prefill(graphdef, params, ids_BT: jax.Array, lengths_B: jax.Array, cache: Ca
     raise ValueError(f"the prompt has {T} tokens but the cache holds at most max_len="
                      f"{cache.max_len}; build the cache with a larger max_len or prefill in "
                      "chunks of at most max_len tokens")
-  _check_concrete_fit(cache, lengths_B)
+  _check_concrete_fit(cache, lengths_B, T)
   lengths_B = jnp.asarray(lengths_B, jnp.int32)
   h_BTD, _, cache = model(ids_BT, cache=cache, lengths=lengths_B, mem=mem)
   last_B = jnp.clip(lengths_B - 1, 0, T - 1)
@@ -69,7 +73,7 @@ def decode(graphdef, params, tokens_B: jax.Array, cache: Cache, *, mem: bool = T
   B = tokens_B.shape[0]
   model = nnx.merge(graphdef, params)
   check_cache(model.cfg, cache, B)
-  _check_concrete_fit(cache, jnp.ones((B,), jnp.int32))
+  _check_concrete_fit(cache, np.ones((B,), np.int32), 1)
   h_B1D, _, cache = model(tokens_B[:, None], cache=cache, mem=mem)
   return model.logits(h_B1D[:, 0]), cache
 

@@ -16,6 +16,11 @@ Given the normed block input x:
   6. out = proj(flat(y) * sigmoid(flat(gate))) [+ mu_proj(mag) for polar] [+ mem(...)].
 Memory inputs (GQA expanded by repeat-interleave): post-norm post-Canon q, k, v (polar, nope);
 post-norm pre-rotary q, k and raw v (rope).
+
+With a decode cache (`cache`, `span`; see `atma_jax.model.cache`) the same steps continue the
+cached sequences: the Canon convs start from their cached tails, RoPE rotates at each row's
+absolute positions, the core runs over the K/V cache (`kv_cache.attend_cached`) and the memory
+continues from its state; the new layer cache is returned beside the output.
 """
 
 from __future__ import annotations
