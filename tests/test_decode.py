@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from atma_jax.generate import (cache_shardings, decode, init_cache, jit_decode, jit_prefill,
-                               prefill)
+from atma_jax.generate import (CacheError, cache_shardings, decode, init_cache, jit_decode,
+                               jit_prefill, prefill)
 from atma_jax.model import param_partition_specs
 from atma_jax.model.testing import init_model, jit, perturb, tiny_config
 from atma_jax.sharding import use_mesh
@@ -158,20 +158,20 @@ def test_sharded_decode_matches_unsharded():
 def test_bad_inputs_raise_before_compute():
   cfg, graphdef, params = _setup()
   ids = jnp.zeros((2, 9), jnp.int32)
-  with pytest.raises(ValueError, match="max_len=8"):
+  with pytest.raises(CacheError, match="max_len=8"):
     prefill(graphdef, params, ids, jnp.array([9, 9]), init_cache(cfg, 2, 8))
   cache = init_cache(cfg, 2, 16).replace(positions=jnp.array([10, 0], jnp.int32))
-  with pytest.raises(ValueError, match="row 0 would reach position 19"):
+  with pytest.raises(CacheError, match="row 0 would reach position 19"):
     prefill(graphdef, params, ids, jnp.array([9, 3]), cache)
-  with pytest.raises(ValueError, match="lengths must be in"):
+  with pytest.raises(CacheError, match="lengths must be in"):
     prefill(graphdef, params, ids, jnp.array([10, 3]), init_cache(cfg, 2, 16))
   other = tiny_config(kernel_impl="xla", attn_type="rope")
-  with pytest.raises(ValueError, match="does not fit this model"):
+  with pytest.raises(CacheError, match="does not fit this model"):
     decode(graphdef, params, jnp.zeros((2,), jnp.int32), init_cache(other, 2, 16))
-  with pytest.raises(ValueError, match="the cache holds 3 sequences"):
+  with pytest.raises(CacheError, match="the cache holds 3 sequences"):
     decode(graphdef, params, jnp.zeros((2,), jnp.int32), init_cache(cfg, 3, 16))
   wide = tiny_config(kernel_impl="xla", hidden_size=64)
-  with pytest.raises(ValueError, match="does not fit this model"):
+  with pytest.raises(CacheError, match="does not fit this model"):
     decode(graphdef, params, jnp.zeros((2,), jnp.int32), init_cache(wide, 2, 16))
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from atma_jax.model.cache import Cache, cache_shardings, check_cache
+from atma_jax.model.cache import Cache, CacheError, cache_shardings, check_cache
 from atma_jax.sharding import logical_to_spec, use_mesh
 
 
@@ -29,12 +29,12 @@ def _check_concrete_fit(cache: Cache, lengths_B, T: int) -> None:
     return
   lengths = np.asarray(lengths_B)
   if lengths.size and (lengths.min() < 0 or lengths.max() > T):
-    raise ValueError(f"lengths must be in [0, {T}] (real tokens of each right-padded row); got "
+    raise CacheError(f"lengths must be in [0, {T}] (real tokens of each right-padded row); got "
                      f"{lengths.tolist()}")
   end = np.asarray(cache.positions) + lengths
   if end.size and end.max() > cache.max_len:
     row = int(np.argmax(end))
-    raise ValueError(f"row {row} would reach position {int(end[row])} > the cache's max_len="
+    raise CacheError(f"row {row} would reach position {int(end[row])} > the cache's max_len="
                      f"{cache.max_len}; build the cache with init_cache(cfg, batch, "
                      f"max_len>={int(end.max())}) or shorten the prompt")
 
@@ -47,15 +47,15 @@ def prefill(graphdef, params, ids_BT: jax.Array, lengths_B: jax.Array, cache: Ca
   A row with lengths 0 gets meaningless (finite) logits.
   """
   if ids_BT.ndim != 2:
-    raise ValueError(f"ids must be [B, T]; got shape {ids_BT.shape}")
+    raise CacheError(f"ids must be [B, T]; got shape {ids_BT.shape}")
   B, T = ids_BT.shape
   if jnp.shape(lengths_B) != (B,):
-    raise ValueError(f"lengths must be [B={B}] (real tokens per row); got shape "
+    raise CacheError(f"lengths must be [B={B}] (real tokens per row); got shape "
                      f"{jnp.shape(lengths_B)}")
   model = nnx.merge(graphdef, params)
   check_cache(model.cfg, cache, B)
   if T > cache.max_len:
-    raise ValueError(f"the prompt has {T} tokens but the cache holds at most max_len="
+    raise CacheError(f"the prompt has {T} tokens but the cache holds at most max_len="
                      f"{cache.max_len}; build the cache with a larger max_len or prefill in "
                      "chunks of at most max_len tokens")
   _check_concrete_fit(cache, lengths_B, T)
@@ -69,7 +69,7 @@ def prefill(graphdef, params, ids_BT: jax.Array, lengths_B: jax.Array, cache: Ca
 def decode(graphdef, params, tokens_B: jax.Array, cache: Cache, *, mem: bool = True):
   """One token per row at position cache.positions: (capped logits [B, V] fp32, cache + 1)."""
   if tokens_B.ndim != 1:
-    raise ValueError(f"tokens must be [B] (one per sequence); got shape {tokens_B.shape}")
+    raise CacheError(f"tokens must be [B] (one per sequence); got shape {tokens_B.shape}")
   B = tokens_B.shape[0]
   model = nnx.merge(graphdef, params)
   check_cache(model.cfg, cache, B)

@@ -21,7 +21,7 @@ from flax import nnx
 from atma_jax.config import ConfigError, ModelConfig
 from atma_jax.model import aux_losses
 from atma_jax.model.block import ACT_AXES, Block
-from atma_jax.model.cache import Cache, TokenSpan, check_cache
+from atma_jax.model.cache import Cache, CacheError, TokenSpan, check_cache
 from atma_jax.model.init import INIT_SCHEMES, apply_init_scheme
 from atma_jax.model.layers import Embed, Linear, RMSNorm, stats_dtype
 from atma_jax.sharding import constrain
@@ -115,12 +115,12 @@ class Atma(nnx.Module):
     B, T, _ = x_BTD.shape
     check_cache(self.cfg, cache, B)
     if T > cache.max_len:
-      raise ValueError(f"{T} tokens do not fit a cache of max_len={cache.max_len}; build the "
+      raise CacheError(f"{T} tokens do not fit a cache of max_len={cache.max_len}; build the "
                        "cache with a larger max_len or feed the prompt in shorter chunks")
     lengths_B = (jnp.full((B,), T, jnp.int32) if lengths is None
                  else jnp.asarray(lengths).astype(jnp.int32))
     if lengths_B.shape != (B,):
-      raise ValueError(f"lengths must be int [B={B}] (real tokens per row); got shape "
+      raise CacheError(f"lengths must be int [B={B}] (real tokens per row); got shape "
                        f"{lengths_B.shape}")
     span = TokenSpan(starts_B=cache.positions, lengths_B=lengths_B)
     x = x_BTD

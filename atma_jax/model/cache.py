@@ -30,8 +30,13 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atma_jax.config import ModelConfig
+from atma_jax.errors import AtmaError
 from atma_jax.model.layers import stats_dtype
 from atma_jax.sharding import current_mesh, logical_to_spec
+
+
+class CacheError(AtmaError, ValueError):
+  """A decode cache or prompt that does not fit the model (message says how to fix it)."""
 
 
 @struct.dataclass
@@ -92,7 +97,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Cache:
   """An empty decode state for `batch_size` sequences of up to `max_len` tokens (zeros,
   positions 0), activations in cfg.compute_dtype, memory state in fp32."""
   if batch_size < 1 or max_len < 1:
-    raise ValueError(f"init_cache needs batch_size >= 1 and max_len >= 1; got {batch_size}, "
+    raise CacheError(f"init_cache needs batch_size >= 1 and max_len >= 1; got {batch_size}, "
                      f"{max_len}")
   B, D, H, G, d = (batch_size, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
   act = jnp.dtype(cfg.compute_dtype)
@@ -124,24 +129,24 @@ def _leaf_names(cache: Cache):
 
 
 def check_cache(cfg: ModelConfig, cache: Any, batch_size: int | None = None) -> None:
-  """Raises ValueError when `cache` is not a `Cache` of this model's layout (shapes, dtypes),
+  """Raises CacheError when `cache` is not a `Cache` of this model's layout (shapes, dtypes),
   or (given `batch_size`) holds a different number of sequences."""
   if not isinstance(cache, Cache):
-    raise ValueError(f"expected an atma_jax.model.cache.Cache, got {type(cache).__name__}; "
+    raise CacheError(f"expected an atma_jax.model.cache.Cache, got {type(cache).__name__}; "
                      "build one with init_cache(cfg, batch_size, max_len)")
   B = cache.positions.shape[0] if cache.positions.ndim == 1 else None
   if B is None:
-    raise ValueError(f"cache.positions must be int32 [B]; got shape {cache.positions.shape}")
+    raise CacheError(f"cache.positions must be int32 [B]; got shape {cache.positions.shape}")
   if batch_size is not None and batch_size != B:
-    raise ValueError(f"the batch has {batch_size} rows but the cache holds {B} sequences; "
+    raise CacheError(f"the batch has {batch_size} rows but the cache holds {B} sequences; "
                      f"build the cache with init_cache(cfg, batch_size={batch_size}, max_len)")
   want = jax.eval_shape(lambda: init_cache(cfg, B, cache.max_len))
   if len(cache.layers) != len(want.layers):
-    raise ValueError(f"the cache has {len(cache.layers)} layers but the model has "
+    raise CacheError(f"the cache has {len(cache.layers)} layers but the model has "
                      f"{len(want.layers)}; build it with init_cache(model.cfg, batch, max_len)")
   for l, (g, w) in enumerate(zip(cache.layers, want.layers)):
     if type(g) is not type(w):
-      raise ValueError(f"the cache does not fit this model: layer {l} holds a "
+      raise CacheError(f"the cache does not fit this model: layer {l} holds a "
                        f"{type(g).__name__}, the model's block {l} needs a {type(w).__name__}; "
                        "build it with init_cache(model.cfg, batch_size, max_len)")
   got_leaves, want_leaves = _leaf_names(cache), _leaf_names(want)
@@ -150,12 +155,12 @@ def check_cache(cfg: ModelConfig, cache: Any, batch_size: int | None = None) -> 
     g = got_d.get(name)
     if g is None or (g.shape, g.dtype) != (w.shape, w.dtype):
       got = "missing" if g is None else f"{g.dtype}{list(g.shape)}"
-      raise ValueError(f"the cache does not fit this model: {name} is {got}, expected "
+      raise CacheError(f"the cache does not fit this model: {name} is {got}, expected "
                        f"{w.dtype}{list(w.shape)}; build it with init_cache(model.cfg, "
                        f"batch_size, max_len) for this model's config")
   if len(got_leaves) != len(want_leaves):
     extra = sorted(set(got_d) - {n for n, _, _ in want_leaves})
-    raise ValueError(f"the cache does not fit this model: unexpected state {extra}; build it "
+    raise CacheError(f"the cache does not fit this model: unexpected state {extra}; build it "
                      "with init_cache(model.cfg, batch_size, max_len)")
 
 
