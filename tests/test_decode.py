@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from atma_jax.generate import (CacheError, cache_shardings, decode, init_cache, jit_decode,
-                               jit_prefill, prefill)
+                               jit_prefill, prefill, reset_rows)
 from atma_jax.model import param_partition_specs
 from atma_jax.model.testing import init_model, jit, perturb, tiny_config
 from atma_jax.sharding import use_mesh
@@ -104,7 +104,8 @@ def test_chunked_prefill_equals_one_prefill(attn_type, window):
 
 
 def test_ragged_rows_equal_each_prompt_alone():
-  """A batch row gives what its prompt alone gives; a length-0 row leaves its state as is."""
+  """A batch row gives what its prompt alone gives; a length-0 row leaves its state as is; a
+  row emptied by `reset_rows` takes a new prompt as if fresh."""
   cfg, graphdef, params = _setup()
   ids = jax.random.randint(jax.random.key(4), (3, 7), 0, cfg.vocab_size)
   lengths = jnp.array([7, 2, 0])
@@ -122,6 +123,12 @@ def test_ragged_rows_equal_each_prompt_alone():
       np.testing.assert_allclose(got[b], ref[0], atol=TOL, rtol=TOL)
   for got, ref in zip(jax.tree.leaves(batch_cache), jax.tree.leaves(empty)):
     np.testing.assert_array_equal(got[2], ref[2])
+  # a reset row takes a new prompt as if fresh; the other rows keep their state
+  reset = reset_rows(batch_cache, jnp.array([True, False, False]))
+  again_logits, again_cache = run_prefill(params, ids, jnp.array([7, 0, 0]), reset)
+  np.testing.assert_allclose(again_logits[0], batch_logits[0], atol=TOL, rtol=TOL)
+  for got, ref in zip(jax.tree.leaves(again_cache), jax.tree.leaves(batch_cache)):
+    np.testing.assert_allclose(got, ref, atol=TOL, rtol=TOL)
 
 
 def test_sharded_decode_matches_unsharded():

@@ -2,7 +2,8 @@
 
 from atma_jax.generate.steps import decode, jit_decode, jit_prefill, prefill
 from atma_jax.model.cache import (Cache, CacheError, cache_partition_specs, cache_shardings,
-                                  check_cache, init_cache)
+                                  check_cache, init_cache, reset_rows)
 
 __all__ = ["prefill", "decode", "jit_prefill", "jit_decode", "Cache", "CacheError",
-           "init_cache", "check_cache", "cache_partition_specs", "cache_shardings"]
+           "init_cache", "reset_rows", "check_cache", "cache_partition_specs",
+           "cache_shardings"]

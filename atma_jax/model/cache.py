@@ -117,6 +117,23 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Cache:
   return Cache(positions=jnp.zeros((B,), jnp.int32), layers=tuple(layers), max_len=max_len)
 
 
+def reset_rows(cache: Cache, rows_B: jax.Array) -> Cache:
+  """The cache with the sequences where `rows_B` (bool [B]) is set emptied (position 0, zero
+  conv tails and memory state), ready for a new prompt; the other rows are untouched. Their
+  K/V slots are left as they are: nothing at or past a row's position is ever read."""
+  def clear(x):
+    if x is None:
+      return None
+    return jnp.where(rows_B.reshape((-1,) + (1,) * (x.ndim - 1)), jnp.zeros((), x.dtype), x)
+
+  layers = []
+  for layer in cache.layers:
+    keep_kv = ("k_BSGd", "v_BSGd")
+    layers.append(layer.replace(**{f: clear(getattr(layer, f)) for f in layer.axes()
+                                   if f not in keep_kv}))
+  return cache.replace(positions=clear(cache.positions), layers=tuple(layers))
+
+
 def _leaf_names(cache: Cache):
   """[(name, array, logical axes)] for every array of the cache."""
   out = [("positions", cache.positions, ("batch",))]
