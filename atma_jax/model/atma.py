@@ -117,9 +117,8 @@ class Atma(nnx.Module):
     if T > cache.max_len:
       raise CacheError(f"{T} tokens do not fit a cache of max_len={cache.max_len}; build the "
                        "cache with a larger max_len or feed the prompt in shorter chunks")
-    lengths_B = (jnp.full((B,), T, jnp.int32) if lengths is None
-                 else jnp.asarray(lengths).astype(jnp.int32))
-    if lengths_B.shape != (B,):
+    lengths_B = None if lengths is None else jnp.asarray(lengths).astype(jnp.int32)
+    if lengths_B is not None and lengths_B.shape != (B,):
       raise CacheError(f"lengths must be int [B={B}] (real tokens per row); got shape "
                        f"{lengths_B.shape}")
     span = TokenSpan(starts_B=cache.positions, lengths_B=lengths_B)
@@ -129,7 +128,7 @@ class Atma(nnx.Module):
       x, _, _, layer_cache = block(x, mem=mem, cache=layer_cache, span=span)
       layers.append(layer_cache)
     zero = jnp.zeros((), jnp.float32)
-    new_cache = cache.replace(positions=cache.positions + lengths_B, layers=tuple(layers))
+    new_cache = cache.replace(positions=span.advanced(T), layers=tuple(layers))
     return self.norm(x), {"reg": zero, "align": zero}, new_cache
 
   def _run_block(self, block: Block, x, rng, **kw):

@@ -76,16 +76,24 @@ class Cache:
 
 class TokenSpan(struct.PyTreeNode):
   """Where the tokens of one prefill / decode call go: row b's tokens t < lengths[b] are real,
-  at absolute positions starts[b] + t; the rest is right padding that must not touch a state."""
+  at absolute positions starts[b] + t; the rest is right padding that must not touch a state.
+  `lengths_B=None` says statically that every token is real (decode): no masks, static slices."""
 
   starts_B: jax.Array  # int32 [B]
-  lengths_B: jax.Array  # int32 [B]
+  lengths_B: jax.Array | None  # int32 [B], or None = all T tokens of every row
 
   def positions_BT(self, T: int) -> jax.Array:
     return self.starts_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
 
-  def valid_BT(self, T: int) -> jax.Array:
+  def valid_BT(self, T: int) -> jax.Array | None:
+    """bool [B, T] real-token mask, None when every token is real."""
+    if self.lengths_B is None:
+      return None
     return jnp.arange(T, dtype=jnp.int32)[None, :] < self.lengths_B[:, None]
+
+  def advanced(self, T: int) -> jax.Array:
+    """Positions after this call: starts + lengths."""
+    return self.starts_B + (T if self.lengths_B is None else self.lengths_B)
 
 
 def cache_slots(cfg: ModelConfig, max_len: int) -> int:

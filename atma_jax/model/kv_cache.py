@@ -47,7 +47,9 @@ def kv_write(k_cache_BSGd, v_cache_BSGd, k_new_BTGd, v_new_BTGd, span: TokenSpan
   T = k_new_BTGd.shape[1]
   pos_BT, valid_BT = span.positions_BT(T), span.valid_BT(T)
   if window is None:
-    slot_BT = jnp.where(valid_BT, pos_BT, S)
+    slot_BT = pos_BT if valid_BT is None else jnp.where(valid_BT, pos_BT, S)
+  elif valid_BT is None:
+    slot_BT = jnp.where(jnp.arange(T)[None, :] >= T - S, jnp.mod(pos_BT, S), S)
   else:
     kept_BT = valid_BT & (jnp.arange(T)[None, :] >= span.lengths_B[:, None] - S)
     slot_BT = jnp.where(kept_BT, jnp.mod(pos_BT, S), S)
@@ -70,7 +72,10 @@ def keys_at_positions(k_old_BSGd, v_old_BSGd, k_written_BSGd, v_written_BSGd, k_
   last_B1 = span.starts_B[:, None] - 1
   ring_pos_BS = last_B1 - jnp.mod(last_B1 - jnp.arange(S, dtype=jnp.int32)[None, :], S)
   ring_pos_BS = jnp.where(ring_pos_BS >= 0, ring_pos_BS, INVALID_POS)
-  new_pos_BT = jnp.where(span.valid_BT(T), span.positions_BT(T), INVALID_POS)
+  valid_BT = span.valid_BT(T)
+  new_pos_BT = span.positions_BT(T)
+  if valid_BT is not None:
+    new_pos_BT = jnp.where(valid_BT, new_pos_BT, INVALID_POS)
   cat = lambda old, new: jnp.concatenate([old, new.astype(old.dtype)], axis=1)
   return (cat(k_old_BSGd, k_new_BTGd), cat(v_old_BSGd, v_new_BTGd),
           jnp.concatenate([ring_pos_BS, new_pos_BT], axis=1))

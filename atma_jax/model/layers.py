@@ -140,11 +140,15 @@ def causal_depthwise_conv(x_BTC: jax.Array, w_KC: jax.Array,
   return y.astype(x_BTC.dtype)
 
 
-def conv_tail_after(x_BTC: jax.Array, tail_BKC: jax.Array, lengths_B: jax.Array) -> jax.Array:
+def conv_tail_after(x_BTC: jax.Array, tail_BKC: jax.Array,
+                    lengths_B: jax.Array | None) -> jax.Array:
   """The K-1 conv inputs before position lengths[b] of `concat(tail, x)` per row: the tail a
-  causal conv needs to continue after each row's real tokens (padding never enters it)."""
+  causal conv needs to continue after each row's real tokens (padding never enters it).
+  `lengths_B=None`: every row's T inputs are real (a static slice)."""
   Km1 = tail_BKC.shape[1]
   x_ext = jnp.concatenate([tail_BKC, x_BTC.astype(tail_BKC.dtype)], axis=1)
+  if lengths_B is None:
+    return x_ext[:, x_BTC.shape[1]:]
   idx_BK = lengths_B.astype(jnp.int32)[:, None] + jnp.arange(Km1, dtype=jnp.int32)[None, :]
   return jnp.take_along_axis(x_ext, idx_BK[:, :, None], axis=1)
 
@@ -162,7 +166,7 @@ class DepthwiseConv(nnx.Module):
   def __call__(self, x_BTC: jax.Array) -> jax.Array:
     return causal_depthwise_conv(x_BTC, self.kernel.get_value())
 
-  def cached(self, x_BTC: jax.Array, tail_BKC: jax.Array, lengths_B: jax.Array):
+  def cached(self, x_BTC: jax.Array, tail_BKC: jax.Array, lengths_B: jax.Array | None):
     """Continues from `tail` [B, K-1, C]: (y [B, T, C], tail after each row's `lengths` real
     inputs). Outputs at padded positions (t >= lengths[b]) are meaningless."""
     y_BTC = causal_depthwise_conv(x_BTC, self.kernel.get_value(), tail_BKC)
