@@ -29,9 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels.gated_delta.api import gated_delta_step  # noqa: E402
-from pallas_kernels.polar_attention.api import attention_stats  # noqa: E402
-from pallas_kernels.polar_attention.cached import attention_stats_at  # noqa: E402
+from pallas_kernels.gated_delta import gated_delta_step  # noqa: E402
+from pallas_kernels.polar_attention import attention_stats, attention_stats_at  # noqa: E402
 
 H, G, D = 8, 2, 128
 SHAPES = ((1, 2048), (1, 65536), (8, 8192), (512, 1024))  # (sequences, cached positions)

@@ -37,8 +37,8 @@ from atma_jax.model.kv_cache import attend_cached
 from atma_jax.model.layers import DepthwiseConv, Linear, rms_norm, stats_dtype
 from atma_jax.model.memory import Memory
 from atma_jax.model.rope import apply_rope
-from atma_jax.model.ops import polar_core, softmax_attention
-from pallas_kernels.polar_attention.cached import polar_core_at, softmax_attention_at
+from atma_jax.model.ops import (polar_core, polar_core_at, softmax_attention,
+                                softmax_attention_at)
 
 
 class GlobalMixer(nnx.Module):

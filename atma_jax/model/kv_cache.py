@@ -14,7 +14,7 @@ start positions; a one-token call always takes the last):
   1. every row starts at the same position p: the training op with the traced q_offset on the
      cache laid out in position order (the keys before p, then the new ones);
   2. otherwise (ragged rows, decode): attention at per-row absolute positions
-     (`pallas_kernels.polar_attention.cached`, XLA).
+     (`ops.polar_core_at` / `ops.softmax_attention_at`, XLA).
 A padded query row never sees a real key of a later position, so right padding does not need a
 mask in forms 0 and 1; its outputs are meaningless and dropped by the caller.
 """
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from atma_jax.model.cache import TokenSpan
-from pallas_kernels.polar_attention.cached import INVALID_POS
+from pallas_kernels.polar_attention import INVALID_POS
 
 
 def _write(cache_BSGd, new_BTGd, slot_BT):
