@@ -8,7 +8,8 @@ Rows (bf16, 8 query / 2 KV heads, head dim 128, one query row per sequence):
   pallas_offset the kernel op `attention_stats` with a traced uniform q_offset (the Triton
                 split-K decode kernel on GPU; usable only when every row sits at one position);
   xla_offset    the same op on the XLA streaming backend.
-plus `gated_delta_step` on the memory state [B, 8, 128, 128] fp32. Each timing is the median
+plus `gated_delta_step` on the memory state [B, 8, 128, 128] fp32, beside a two-pass form of
+the same step (state read twice, written once) that would replace it if faster. Each timing is the median
 over `--reps` runs of one jit holding `--inner` calls in a fori_loop (device time per call, no
 Python dispatch), divided by `--inner`. The numbers decide whether decode should route uniform
 positions to the kernel ("measure before fusing", issue 11); the cache bytes read per call are
@@ -44,6 +45,19 @@ def _inputs(B, S, dtype):
   v = jax.random.normal(ks[2], (B, S, G, D), jnp.float32).astype(dtype)
   scale = jnp.full((B, 1, H), 1.0 / D ** 0.5, jnp.float32)
   return q, k, v, scale
+
+
+def _step_two_pass(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, s_BHKV):
+  """The decode step with the state read twice and written once (a candidate, timed beside the
+  op): [pred, r] = S^T [k, q] in one contraction, then o = gamma r + u (k.q) and
+  S' = gamma S + k u^T, since S'^T q = gamma S^T q + u (k . q)."""
+  hi = jax.lax.Precision.HIGHEST
+  gamma_BH1 = jnp.exp(log_gamma_BH)[..., None]
+  kq_BH2K = jnp.stack([k_BHK, q_BHK], axis=2)
+  both_BH2V = jnp.einsum("bhkv,bhjk->bhjv", s_BHKV, kq_BH2K, precision=hi)
+  u_BHV = beta_BH[..., None] * (v_BHV - gamma_BH1 * both_BH2V[:, :, 0])
+  o_BHV = gamma_BH1 * both_BH2V[:, :, 1] + u_BHV * jnp.sum(k_BHK * q_BHK, -1, keepdims=True)
+  return o_BHV, gamma_BH1[..., None] * s_BHKV + k_BHK[..., None] * u_BHV[..., None, :]
 
 
 def _timed(fn, args, inner, reps):
@@ -104,6 +118,13 @@ def main(argv=None) -> int:
     row["gated_delta_step_us"] = 1e6 * _timed(
         lambda st, qk, i: gated_delta_step(qk, qk, qk, *gates, st)[1], (st, qk), args.inner,
         args.reps)
+    row["gated_delta_step_two_pass_us"] = 1e6 * _timed(
+        lambda st, qk, i: _step_two_pass(qk, qk, qk, *gates, st)[1], (st, qk), args.inner,
+        args.reps)
+    o_ref, s_ref = gated_delta_step(qk, qk, qk, *gates, st + 0.01)
+    o_two, s_two = _step_two_pass(qk, qk, qk, *gates, st + 0.01)
+    row["two_pass_max_abs_diff"] = float(max(jnp.max(jnp.abs(o_ref - o_two)),
+                                             jnp.max(jnp.abs(s_ref - s_two))))
     rows.append(row)
     print(json.dumps(row), flush=True)
   result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
