@@ -48,6 +48,7 @@ def test_import_scan_sees_model_imports():
 # its fwd / bwd entry points, `unsupported_reason`, its config). The rest (gpu_tiles,
 # gpu_forward, gpu_backward, gpu_common) is private to the library.
 KERNEL_OPS = {"attention_stats", "polar_stats", "polar_core", "softmax_attention",
+              "attention_stats_at", "polar_core_at", "softmax_attention_at",
               "gated_delta_rule", "gated_delta_step"}
 
 

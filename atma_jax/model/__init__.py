@@ -3,7 +3,8 @@
 Files, one concept each: `layers` (Linear, Embed, RMSNorm, depthwise causal conv, MLP), `lfm2`
 (gated conv mixer), `rope`, `memory` (gated-delta MAG branch), `attention` (global mixer surround
 + cores), `block`, `atma` (the LM), `init` (init schemes), `aux_losses` (distractor, SigReg),
-`loss` (chunked token NLL), `axes` (logical-axis metadata helpers).
+`loss` (chunked token NLL), `axes` (logical-axis metadata helpers), `cache` (the decode state
+pytree), `kv_cache` (the attention core over a decode cache).
 """
 
 from atma_jax.model.atma import Atma, soft_cap

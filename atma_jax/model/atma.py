@@ -21,6 +21,7 @@ from flax import nnx
 from atma_jax.config import ConfigError, ModelConfig
 from atma_jax.model import aux_losses
 from atma_jax.model.block import ACT_AXES, Block
+from atma_jax.model.cache import Cache, CacheError, TokenSpan, check_cache
 from atma_jax.model.init import INIT_SCHEMES, apply_init_scheme
 from atma_jax.model.layers import Embed, Linear, RMSNorm, stats_dtype
 from atma_jax.sharding import constrain
@@ -84,13 +85,18 @@ class Atma(nnx.Module):
     return constrain(self.embed(ids_BT, jnp.dtype(self.cfg.compute_dtype)), ACT_AXES)
 
   def forward_embeddings(self, x_BTD: jax.Array, *, rng: jax.Array | None = None, q_offset=0,
-                         mem: bool = True, sigreg_mode: str = "baseline"):
-    """Blocks + final norm on given input embeddings: (h_BTD, aux)."""
+                         mem: bool = True, sigreg_mode: str = "baseline", cache=None,
+                         lengths=None):
+    """Blocks + final norm on given input embeddings: (h_BTD, aux), or (h_BTD, aux, cache)
+    when a decode `cache` is given (see `__call__`)."""
     aux_losses.check_sigreg_mode(sigreg_mode)
+    if cache is not None:
+      return self._forward_cached(x_BTD, cache, lengths, mem=mem)
     if not (isinstance(q_offset, int) and q_offset == 0):
       raise ValueError(
-          f"q_offset={q_offset!r}: Atma.__call__ recomputes the whole context (no KV, conv or "
-          "memory caches yet), so its rows must start at position 0; pass the full sequence.")
+          f"q_offset={q_offset!r}: without a cache Atma.__call__ recomputes the whole context, "
+          "so its rows must start at position 0; pass the full sequence, or continue a sequence "
+          "with cache=init_cache(...) (atma_jax.generate.prefill / decode).")
     reg = jnp.zeros((), jnp.float32)
     align = jnp.zeros((), jnp.float32)
     x = x_BTD
@@ -104,6 +110,27 @@ class Atma(nnx.Module):
     aux = {"reg": reg / len(self.blocks), "align": align / max(self.num_global, 1)}
     return h_BTD, aux
 
+  def _forward_cached(self, x_BTD: jax.Array, cache: Cache, lengths, *, mem: bool):
+    """The blocks continuing `cache`: (h_BTD, zero aux, cache advanced by `lengths`)."""
+    B, T, _ = x_BTD.shape
+    check_cache(self.cfg, cache, B)
+    if T > cache.max_len:
+      raise CacheError(f"{T} tokens do not fit a cache of max_len={cache.max_len}; build the "
+                       "cache with a larger max_len or feed the prompt in shorter chunks")
+    lengths_B = None if lengths is None else jnp.asarray(lengths).astype(jnp.int32)
+    if lengths_B is not None and lengths_B.shape != (B,):
+      raise CacheError(f"lengths must be int [B={B}] (real tokens per row); got shape "
+                       f"{lengths_B.shape}")
+    span = TokenSpan(starts_B=cache.positions, lengths_B=lengths_B)
+    x = x_BTD
+    layers = []
+    for block, layer_cache in zip(self.blocks, cache.layers):
+      x, _, _, layer_cache = block(x, mem=mem, cache=layer_cache, span=span)
+      layers.append(layer_cache)
+    zero = jnp.zeros((), jnp.float32)
+    new_cache = cache.replace(positions=span.advanced(T), layers=tuple(layers))
+    return self.norm(x), {"reg": zero, "align": zero}, new_cache
+
   def _run_block(self, block: Block, x, rng, **kw):
     if not self.cfg.remat:
       return block(x, rng=rng, **kw)
@@ -115,16 +142,22 @@ class Atma(nnx.Module):
     return jax.checkpoint(run)(state, x, rng)
 
   def __call__(self, ids_BT: jax.Array, *, rng: jax.Array | None = None, q_offset=0,
-               mem: bool = True, sigreg_mode: str = "baseline"):
+               mem: bool = True, sigreg_mode: str = "baseline", cache=None, lengths=None):
     """ids [B, T] -> (h [B, T, D] final-normed, compute dtype; aux {"reg", "align"} fp32).
 
     `rng` (training only) draws distractor keys (when cfg.num_random_keys > 0) and SigReg
     sketches; without it both aux losses are 0. `mem=False` drops the memory branch (eval's
-    --no-mem). `q_offset` is reserved for cached incremental decoding and must be 0 here.
+    --no-mem). `q_offset` must be 0 without a cache.
     `sigreg_mode` is `optim.sigreg_mode` (baseline | weak | discrete | strong | zipfian).
+
+    With `cache` (`atma_jax.model.cache.init_cache`) the tokens continue the cached sequences:
+    row b's first `lengths[b]` tokens (default all T; the rest is right padding that touches no
+    state) sit at positions cache.positions[b] + t. Returns (h, aux, new cache), the cache
+    advanced by `lengths`; outputs at padded positions are meaningless.
     """
     return self.forward_embeddings(self.embed_tokens(ids_BT), rng=rng, q_offset=q_offset,
-                                   mem=mem, sigreg_mode=sigreg_mode)
+                                   mem=mem, sigreg_mode=sigreg_mode, cache=cache,
+                                   lengths=lengths)
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     """Biased LM head (rounded to the compute dtype, as the reference) then the fp32 soft cap."""

@@ -16,6 +16,11 @@ Given the normed block input x:
   6. out = proj(flat(y) * sigmoid(flat(gate))) [+ mu_proj(mag) for polar] [+ mem(...)].
 Memory inputs (GQA expanded by repeat-interleave): post-norm post-Canon q, k, v (polar, nope);
 post-norm pre-rotary q, k and raw v (rope).
+
+With a decode cache (`cache`, `span`; see `atma_jax.model.cache`) the same steps continue the
+cached sequences: the Canon convs start from their cached tails, RoPE rotates at each row's
+absolute positions, the core runs over the K/V cache (`kv_cache.attend_cached`) and the memory
+continues from its state; the new layer cache is returned beside the output.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from flax import nnx
 
 from atma_jax.config import ModelConfig
 from atma_jax.model import aux_losses, init
+from atma_jax.model.kv_cache import attend_cached
 from atma_jax.model.layers import DepthwiseConv, Linear, rms_norm, stats_dtype
 from atma_jax.model.memory import Memory
 from atma_jax.model.rope import apply_rope
-from atma_jax.model.ops import polar_core, softmax_attention
+from atma_jax.model.ops import (polar_core, polar_core_at, softmax_attention,
+                                softmax_attention_at)
 
 
 class GlobalMixer(nnx.Module):
@@ -66,11 +73,15 @@ class GlobalMixer(nnx.Module):
 
   # -- pieces ------------------------------------------------------------------------------------
 
-  def _canon(self, conv: DepthwiseConv, x_BTNd: jax.Array) -> jax.Array:
-    """Canon-B residual conv on head-major flattened channels: x + conv(x)."""
+  def _canon(self, conv: DepthwiseConv, x_BTNd: jax.Array, tail_BKC=None, lengths_B=None):
+    """Canon-B residual conv on head-major flattened channels: x + conv(x). With a cached
+    `tail_BKC` the conv continues from it: returns (x + conv(x), new tail)."""
     B, T, N, d = x_BTNd.shape
     x_BTC = x_BTNd.reshape(B, T, N * d)
-    return (x_BTC + conv(x_BTC)).reshape(B, T, N, d)
+    if tail_BKC is None:
+      return (x_BTC + conv(x_BTC)).reshape(B, T, N, d)
+    y_BTC, tail_BKC = conv.cached(x_BTC, tail_BKC, lengths_B)
+    return (x_BTC + y_BTC).reshape(B, T, N, d), tail_BKC
 
   def project_qkv(self, x_BTD: jax.Array):
     """q [B,T,H,d] (QK-normed), gate [B,T,H,d], k [B,T,G,d] (QK-normed), v [B,T,G,d] (raw)."""
@@ -109,20 +120,56 @@ class GlobalMixer(nnx.Module):
             self._canon(self.canon_v, v_BTGd))
     return gate_BTHd, core, core
 
+  def core_inputs_cached(self, x_BTD: jax.Array, cache, span):
+    """`core_inputs` continuing a decode cache (Canon tails, per-row RoPE positions): the same
+    (gate, core, memory inputs) plus the updated Canon tails {field: [B, Ka-1, F]} ({} for rope).
+    """
+    q_BTHd, gate_BTHd, k_BTGd, v_BTGd = self.project_qkv(x_BTD)
+    if self.cfg.attn_type == "rope":
+      core = (apply_rope(q_BTHd, span.starts_B), apply_rope(k_BTGd, span.starts_B), v_BTGd)
+      return gate_BTHd, core, (q_BTHd, k_BTGd, v_BTGd), {}
+    lengths_B = span.lengths_B
+    q_BTHd, tail_q = self._canon(self.canon_q, q_BTHd, cache.canon_q_BKF, lengths_B)
+    k_BTGd, tail_k = self._canon(self.canon_k, k_BTGd, cache.canon_k_BKF, lengths_B)
+    v_BTGd, tail_v = self._canon(self.canon_v, v_BTGd, cache.canon_v_BKF, lengths_B)
+    core = (q_BTHd, k_BTGd, v_BTGd)
+    return gate_BTHd, core, core, {"canon_q_BKF": tail_q, "canon_k_BKF": tail_k,
+                                   "canon_v_BKF": tail_v}
+
   # -- forward -----------------------------------------------------------------------------------
 
   def __call__(self, x_BTD: jax.Array, *, q_offset=0, mem: bool = True,
-               rng: jax.Array | None = None):
-    """Returns (out [B, T, D], align f32 scalar). `rng` enables the distractor loss."""
+               rng: jax.Array | None = None, cache=None, span=None):
+    """Returns (out [B, T, D], align f32 scalar). `rng` enables the distractor loss.
+
+    With `cache` (a `GlobalLayerCache`) and `span` (a `TokenSpan`: each row's start position and
+    number of real tokens) the tokens continue the cached sequences: attention over the cached
+    keys, Canon / memory state carried; returns (out, align = 0, new cache). `mem=False` then
+    leaves the memory state untouched.
+    """
     cfg = self.cfg
     B, T, D = x_BTD.shape
     H, G, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     r = H // G
     W = cfg.attn_window
+    new = {}
     with jax.named_scope("core_inputs"):
-      gate_BTHd, (q_att, k_att, v_att), (q_mem, k_mem, v_mem) = self.core_inputs(x_BTD, q_offset)
+      if cache is None:
+        gate_BTHd, (q_att, k_att, v_att), (q_mem, k_mem, v_mem) = self.core_inputs(x_BTD,
+                                                                                  q_offset)
+      else:
+        gate_BTHd, (q_att, k_att, v_att), (q_mem, k_mem, v_mem), new = self.core_inputs_cached(
+            x_BTD, cache, span)
 
-    distract = rng is not None and cfg.num_random_keys > 0
+    def run_core(core, core_at):
+      """core(q, k, v, q_offset) without a cache; over the cache (kv_cache.attend_cached)."""
+      if cache is None:
+        return core(q_att, k_att, v_att, q_offset)
+      out, new["k_BSGd"], new["v_BSGd"] = attend_cached(
+          q_att, k_att, v_att, cache.k_BSGd, cache.v_BSGd, span, W, core=core, core_at=core_at)
+      return out
+
+    distract = rng is not None and cfg.num_random_keys > 0 and cache is None
     align = jnp.zeros((), jnp.float32)
     gate_BTF = jax.nn.sigmoid(gate_BTHd.astype(stats_dtype(x_BTD.dtype))).astype(x_BTD.dtype)
     gate_BTF = gate_BTF.reshape(B, T, H * d)
@@ -131,11 +178,14 @@ class GlobalMixer(nnx.Module):
       len_gain_raw_H, null_base_H, null_slope_raw_H = (
           self.len_gain_raw.get_value(), self.null_base.get_value(),
           self.null_slope_raw.get_value())
+      polar_params = (self.v_null.get_value(), len_gain_raw_H, null_base_H, null_slope_raw_H,
+                      self.mag_beta_raw.get_value())
       with jax.named_scope("polar_core"):
-        c_BTHd, mag_BTH = polar_core(
-            q_att, k_att, v_att, self.v_null.get_value(), len_gain_raw_H, null_base_H,
-            null_slope_raw_H, self.mag_beta_raw.get_value(), window=W, q_offset=q_offset,
-            impl=cfg.kernel_impl)
+        c_BTHd, mag_BTH = run_core(
+            lambda q, k, v, off: polar_core(q, k, v, *polar_params, window=W, q_offset=off,
+                                            impl=cfg.kernel_impl),
+            lambda q, k, v, q_pos, k_pos: polar_core_at(q, k, v, *polar_params, q_pos, k_pos,
+                                                        window=W))
       chex.assert_shape([c_BTHd, mag_BTH], [(B, T, H, d), (B, T, H)])  # at trace time
       out_BTD = self.proj(c_BTHd.reshape(B, T, H * d) * gate_BTF)
       out_BTD = out_BTD + self.mu_proj(mag_BTH.astype(x_BTD.dtype))
@@ -145,8 +195,11 @@ class GlobalMixer(nnx.Module):
                                             null_slope_raw_H, q_offset=q_offset)
     else:
       scale = cfg.rope_scale if cfg.attn_type == "rope" else 1.0 / math.sqrt(d)
-      y_BTHd = softmax_attention(q_att, k_att, v_att, scale=scale, window=W, q_offset=q_offset,
-                                 impl=cfg.kernel_impl)
+      y_BTHd = run_core(
+          lambda q, k, v, off: softmax_attention(q, k, v, scale=scale, window=W, q_offset=off,
+                                                 impl=cfg.kernel_impl),
+          lambda q, k, v, q_pos, k_pos: softmax_attention_at(q, k, v, q_pos, k_pos, scale=scale,
+                                                             window=W))
       chex.assert_shape(y_BTHd, (B, T, H, d))
       out_BTD = self.proj(y_BTHd.reshape(B, T, H * d) * gate_BTF)
       if distract:
@@ -158,7 +211,14 @@ class GlobalMixer(nnx.Module):
     if cfg.mem_enabled and mem:
       expand = lambda t: jnp.repeat(t, r, axis=2)  # repeat-interleave: head h <- KV head h // r
       with jax.named_scope("memory"):
-        mem_BTD = self.mem(x_BTD, q_mem, expand(k_mem), expand(v_mem))
+        if cache is None:
+          mem_BTD = self.mem(x_BTD, q_mem, expand(k_mem), expand(v_mem))
+        else:
+          mem_BTD, new["mem_BHKV"] = self.mem(x_BTD, q_mem, expand(k_mem), expand(v_mem),
+                                              state_BHKV=cache.mem_BHKV,
+                                              valid_BT=span.valid_BT(T))
         chex.assert_equal_shape([out_BTD, mem_BTD])  # no silent broadcast into the residual
         out_BTD = out_BTD + mem_BTD
-    return out_BTD, align
+    if cache is None:
+      return out_BTD, align
+    return out_BTD, align, cache.replace(**new)

@@ -35,23 +35,34 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg.hidden_size, cfg.mlp_ratio, param_dtype=pd, rngs=rngs)
 
   def __call__(self, x_BTD: jax.Array, *, q_offset=0, mem: bool = True,
-               rng: jax.Array | None = None, sigreg_mode: str = "baseline"):
-    """Returns (out [B, T, D], reg f32, align f32). `rng` draws distractor keys and sketches."""
+               rng: jax.Array | None = None, sigreg_mode: str = "baseline", cache=None,
+               span=None):
+    """Returns (out [B, T, D], reg f32, align f32). `rng` draws distractor keys and sketches.
+
+    With `cache` (this block's layer cache) and `span` (a `TokenSpan`) the mixer continues the
+    cached sequences and a fourth item, the new layer cache, is returned.
+    """
     rng_attn = rng_reg = None
     if rng is not None:
       rng_attn, rng_reg = jax.random.split(rng)
     h_BTD = self.norm1(x_BTD)
+    state = {} if cache is None else {"cache": cache, "span": span}
     # Named scopes label the ops in profiles (bench/profile_train_step.py); no numerical effect.
     if self.is_global:
       with jax.named_scope("global_mixer"):
-        mix_BTD, align = self.attn(h_BTD, q_offset=q_offset, mem=mem, rng=rng_attn)
+        mix = self.attn(h_BTD, q_offset=q_offset, mem=mem, rng=rng_attn, **state)
+      mix_BTD, align, new_cache = mix if cache is not None else (*mix, None)
     else:
       with jax.named_scope("lfm2_mixer"):
-        mix_BTD, align = self.attn(h_BTD), jnp.zeros((), jnp.float32)
+        mix = self.attn(h_BTD, **state)
+      mix_BTD, new_cache = mix if cache is not None else (mix, None)
+      align = jnp.zeros((), jnp.float32)
     chex.assert_equal_shape([x_BTD, mix_BTD])  # at trace time: a mixer must not broadcast
     y_BTD = constrain(x_BTD + mix_BTD, ACT_AXES)
     with jax.named_scope("mlp"):
       out_BTD = constrain(y_BTD + self.mlp(self.norm2(y_BTD)), ACT_AXES)
     with jax.named_scope("sigreg"):
       reg = aux_losses.sigreg(out_BTD, sigreg_mode, rng_reg)
-    return out_BTD, reg, align
+    if cache is None:
+      return out_BTD, reg, align
+    return out_BTD, reg, align, new_cache

@@ -120,19 +120,37 @@ class RMSNorm(nnx.Module):
     return rms_norm(x, self.eps) * self.weight.get_value().astype(x.dtype)
 
 
-def causal_depthwise_conv(x_BTC: jax.Array, w_KC: jax.Array) -> jax.Array:
+def causal_depthwise_conv(x_BTC: jax.Array, w_KC: jax.Array,
+                          tail_BKC: jax.Array | None = None) -> jax.Array:
   """y_t[c] = sum_m w[m, c] x_{t-(K-1)+m}[c], zero left padding (tap K-1 = current token).
 
   Cross-correlation orientation of torch's Conv1d; accumulated in fp32, returned in x's dtype.
+  `tail_BKC` [B, K-1, C] replaces the zero padding by the K-1 inputs before x (a decode cache).
   """
   K = w_KC.shape[0]
   T = x_BTC.shape[1]
   acc = stats_dtype(x_BTC.dtype)
   xf = x_BTC.astype(acc)
   w = w_KC.astype(x_BTC.dtype).astype(acc)  # torch casts the weight to the activation dtype
-  x_pad = jnp.pad(xf, ((0, 0), (K - 1, 0), (0, 0)))
+  if tail_BKC is None:
+    x_pad = jnp.pad(xf, ((0, 0), (K - 1, 0), (0, 0)))
+  else:
+    x_pad = jnp.concatenate([tail_BKC.astype(x_BTC.dtype).astype(acc), xf], axis=1)
   y = sum(x_pad[:, m:m + T, :] * w[m] for m in range(K))
   return y.astype(x_BTC.dtype)
+
+
+def conv_tail_after(x_BTC: jax.Array, tail_BKC: jax.Array,
+                    lengths_B: jax.Array | None) -> jax.Array:
+  """The K-1 conv inputs before position lengths[b] of `concat(tail, x)` per row: the tail a
+  causal conv needs to continue after each row's real tokens (padding never enters it).
+  `lengths_B=None`: every row's T inputs are real (a static slice)."""
+  Km1 = tail_BKC.shape[1]
+  x_ext = jnp.concatenate([tail_BKC, x_BTC.astype(tail_BKC.dtype)], axis=1)
+  if lengths_B is None:
+    return x_ext[:, x_BTC.shape[1]:]
+  idx_BK = lengths_B.astype(jnp.int32)[:, None] + jnp.arange(Km1, dtype=jnp.int32)[None, :]
+  return jnp.take_along_axis(x_ext, idx_BK[:, :, None], axis=1)
 
 
 class DepthwiseConv(nnx.Module):
@@ -147,6 +165,12 @@ class DepthwiseConv(nnx.Module):
 
   def __call__(self, x_BTC: jax.Array) -> jax.Array:
     return causal_depthwise_conv(x_BTC, self.kernel.get_value())
+
+  def cached(self, x_BTC: jax.Array, tail_BKC: jax.Array, lengths_B: jax.Array | None):
+    """Continues from `tail` [B, K-1, C]: (y [B, T, C], tail after each row's `lengths` real
+    inputs). Outputs at padded positions (t >= lengths[b]) are meaningless."""
+    y_BTC = causal_depthwise_conv(x_BTC, self.kernel.get_value(), tail_BKC)
+    return y_BTC, conv_tail_after(x_BTC, tail_BKC, lengths_B)
 
 
 class MLP(nnx.Module):

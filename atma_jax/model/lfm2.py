@@ -32,7 +32,11 @@ class LFM2Conv(nnx.Module):
                               rngs=rngs)
     self.out_proj = Linear(D, D, axes=("mixer", "embed"), param_dtype=pd, rngs=rngs)
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, *, cache=None, span=None):
+    """out [B, T, D]; with `cache` (a `ConvLayerCache`) and `span` (a `TokenSpan`) the conv
+    continues from the cached tail and the result is (out, new cache)."""
     b_BTD, c_BTD, u_BTD = self.in_proj.column_blocks(x_BTD, 3)
-    w_BTD = self.conv(b_BTD * u_BTD)
-    return self.out_proj(c_BTD * w_BTD)
+    if cache is None:
+      return self.out_proj(c_BTD * self.conv(b_BTD * u_BTD))
+    w_BTD, tail_BKD = self.conv.cached(b_BTD * u_BTD, cache.tail_BKD, span.lengths_B)
+    return self.out_proj(c_BTD * w_BTD), cache.replace(tail_BKD=tail_BKD)

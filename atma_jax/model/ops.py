@@ -4,6 +4,8 @@
   polar_stats / polar_core(q, k, v, v_null, len_gain_raw, null_base, null_slope_raw,
                            mag_beta_raw, *, window, q_offset, impl)
   softmax_attention(q, k, v, *, scale, window, q_offset, impl) -> o_BTHD
+  polar_core_at / softmax_attention_at(q, k, v, ..., q_pos_BT, k_pos_BS, *, window)
+      the same cores over a decode cache, every query row and key at its own absolute position
   gated_delta_rule(q, k, v, log_gamma, beta, *, initial_state, output_final_state, chunk_size,
                    impl) -> (o_BTHV f32, final_state_BHKV f32 | None)
   gated_delta_step(q, k, v, log_gamma, beta, state) -> (o_BHV f32, state_BHKV f32)
@@ -100,6 +102,21 @@ def softmax_attention(q_BTHD, k_BTGD, v_BTGD, *, scale, window=None, q_offset=0,
   """`pallas_kernels.polar_attention.softmax_attention` (NoPE / RoPE cores), sharded."""
   return pa.softmax_attention(q_BTHD, k_BTGD, v_BTGD, scale=scale, window=window,
                               q_offset=q_offset, impl=impl, stats_fn=attention_stats)
+
+
+def polar_core_at(q_BTHD, k_BSGD, v_BSGD, v_null_HD, len_gain_raw_H, null_base_H,
+                  null_slope_raw_H, mag_beta_raw_H, q_pos_BT, k_pos_BS, *, window=None):
+  """`pallas_kernels.polar_attention.polar_core_at`: the Polar core over a decode cache at
+  per-row positions, (c_BTHD, mag_BTH) in q.dtype. Plain XLA: GSPMD shards it (no shard_map)."""
+  return pa.polar_core_at(q_BTHD, k_BSGD, v_BSGD, v_null_HD, len_gain_raw_H, null_base_H,
+                          null_slope_raw_H, mag_beta_raw_H, q_pos_BT, k_pos_BS, window=window)
+
+
+def softmax_attention_at(q_BTHD, k_BSGD, v_BSGD, q_pos_BT, k_pos_BS, *, scale, window=None):
+  """`pallas_kernels.polar_attention.softmax_attention_at`: the NoPE / RoPE core over a decode
+  cache at per-row positions, o_BTHD in q.dtype. Plain XLA: GSPMD shards it."""
+  return pa.softmax_attention_at(q_BTHD, k_BSGD, v_BSGD, q_pos_BT, k_pos_BS, scale=scale,
+                                 window=window)
 
 
 # ----------------------------------------------------------------------------- memory

@@ -31,13 +31,17 @@ def rope_frequencies(head_dim: int) -> jax.Array:
 
 
 def apply_rope(x_BTHd: jax.Array, q_offset=0) -> jax.Array:
-  """Rotates `x [B, T, H, d]` at absolute positions q_offset + t; returns x's dtype."""
+  """Rotates `x [B, T, H, d]` at absolute positions q_offset + t; returns x's dtype.
+
+  `q_offset` is an int, a scalar, or an int array [B] (per-sequence decode positions).
+  """
   T, d = x_BTHd.shape[1], x_BTHd.shape[-1]
   freq_F = rope_frequencies(d)
-  pos_T = (jnp.arange(T) + q_offset).astype(jnp.float32)
-  theta_TF = pos_T[:, None] * freq_F[None, :]
-  cos = jnp.cos(theta_TF)[None, :, None, :]
-  sin = jnp.sin(theta_TF)[None, :, None, :]
+  offset = jnp.reshape(jnp.asarray(q_offset), (-1, 1))  # [1, 1] or [B, 1]
+  pos_bT = (jnp.arange(T)[None, :] + offset).astype(jnp.float32)
+  theta_bTF = pos_bT[..., None] * freq_F
+  cos = jnp.cos(theta_bTF)[:, :, None, :]
+  sin = jnp.sin(theta_bTF)[:, :, None, :]
   xf = x_BTHd.astype(stats_dtype(x_BTHd.dtype))
   x1, x2 = jnp.split(xf, 2, axis=-1)
   y1 = x1 * cos + x2 * sin

@@ -149,18 +149,9 @@ def polar_stats(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
   stats_fn = attention_stats if stats_fn is None else stats_fn
   o_BTHD, lse_BTH, p2_BTH = stats_fn(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
                                      q_offset=q_offset, impl=impl)
-  a_null_TH = t_TH * nu_TH
-  w_null_BTH = jax.nn.sigmoid(a_null_TH - lse_BTH)
-  w_real_BTH = jax.nn.sigmoid(lse_BTH - a_null_TH)  # 1 - w_null without cancellation
-  s_BTHD = (w_real_BTH[..., None] * o_BTHD
-            + w_null_BTH[..., None] * v_null_HD.astype(cdt)[None, None])
-  c_BTHD = reference.safe_normalize(s_BTHD)
-  n_eff_BTH = 1.0 / p2_BTH
-  m_eff_BTH = w_real_BTH / p2_BTH
-  beta_H = jax.nn.softplus(mag_beta_raw_H.astype(cdt))
-  mag_BTH = jnp.tanh(beta_H * jnp.log1p(m_eff_BTH))
-  return {"c": c_BTHD, "mag": mag_BTH, "n_eff": n_eff_BTH, "w_null": w_null_BTH,
-          "temp": jnp.broadcast_to(t_TH, (B, Tq, H))}
+  st = reference.polar_fold_null(o_BTHD, lse_BTH, p2_BTH, t_TH, nu_TH, v_null_HD,
+                                 mag_beta_raw_H)
+  return {**st, "temp": jnp.broadcast_to(t_TH, (B, Tq, H))}
 
 
 def polar_core(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,

@@ -12,8 +12,9 @@ Dimension glossary
 Counts are absolute: query row i sits at position `q_offset + i` and sees keys
 `j <= q_offset + i` (and `j > q_offset + i - window` with a window).
 
-Shared math helpers used by `api.py` (one copy): `visible_mask`, `polar_temperature_null`,
-`safe_normalize`, `stats_vjp_prologue`, `check_attention_shapes`.
+Shared math helpers used by `api.py` and `cached.py` (one copy): `visible_mask`,
+`polar_temperature_null` / `polar_length_terms`, `polar_fold_null`, `safe_normalize`,
+`stats_vjp_prologue`, `check_attention_shapes`.
 """
 
 from __future__ import annotations
@@ -123,21 +124,52 @@ def stats_vjp_prologue(o_BTHD, p2_BTH, do_BTHD, dlse_BTH, dp2_BTH):
 
 def polar_temperature_null(len_gain_raw_H, null_base_H, null_slope_raw_H, tq: int, *,
                            q_offset=0, window=None, dtype=jnp.float32):
-  """Per-row temperature t_TH and null floor nu_TH (spec §3.2 steps 1-3).
-
-  n~ = max(min(n, W), 1) with n = q_offset + i + 1 (capped count for temperature and null;
-  the mask uses the raw count), t = 1 + softplus(len_gain_raw) ln n~,
-  nu = null_base + softplus(null_slope_raw) sqrt(ln(n~ + 1)).
+  """Per-row temperature t_TH and null floor nu_TH (spec §3.2 steps 1-3) for the rows at
+  absolute positions q_offset + i: `polar_length_terms` of the counts n = q_offset + i + 1.
   """
-  n_T = (q_offset + jnp.arange(tq) + 1).astype(dtype)
+  n_T = q_offset + jnp.arange(tq) + 1
+  return polar_length_terms(len_gain_raw_H, null_base_H, null_slope_raw_H, n_T, window=window,
+                            dtype=dtype)
+
+
+def polar_length_terms(len_gain_raw_H, null_base_H, null_slope_raw_H, n, *, window=None,
+                       dtype=jnp.float32):
+  """Temperature t and null floor nu, shaped `n.shape + (H,)`, for raw visible counts `n`.
+
+  n~ = max(min(n, W), 1) (capped count for temperature and null; the mask uses the raw count),
+  t = 1 + softplus(len_gain_raw) ln n~, nu = null_base + softplus(null_slope_raw) sqrt(ln(n~+1)).
+  `n` may be any shape (e.g. [T] for one offset, [B, T] for per-sequence decode positions).
+  """
+  n = jnp.asarray(n).astype(dtype)
   if window is not None:
-    n_T = jnp.minimum(n_T, float(window))
-  n_T1 = jnp.maximum(n_T, 1.0)[:, None]
+    n = jnp.minimum(n, float(window))
+  n1 = jnp.maximum(n, 1.0)[..., None]
   g_H = jax.nn.softplus(len_gain_raw_H.astype(dtype))
   sig_H = jax.nn.softplus(null_slope_raw_H.astype(dtype))
-  t_TH = 1.0 + g_H * jnp.log(n_T1)
-  nu_TH = null_base_H.astype(dtype) + sig_H * jnp.sqrt(jnp.log(n_T1 + 1.0))
-  return t_TH, nu_TH
+  t = 1.0 + g_H * jnp.log(n1)
+  nu = null_base_H.astype(dtype) + sig_H * jnp.sqrt(jnp.log(n1 + 1.0))
+  return t, nu
+
+
+def polar_fold_null(o_BTHD, lse_BTH, p2_BTH, t_BTH, nu_BTH, v_null_HD, mag_beta_raw_H):
+  """Polar epilogue on the real-key statistics (spec §3.2 steps 6-11, null folded in the log
+  domain), all in o's dtype: a dict with `c` [B,T,H,D] unit direction, `mag` [B,T,H],
+  `n_eff` = 1/p2 and `w_null` (null-sink probability mass).
+
+  w_N = sigmoid(t nu - lse), c = normalize((1 - w_N) o + w_N v_null), m_eff = (1 - w_N) / p2,
+  mag = tanh(softplus(mag_beta_raw) log1p(m_eff)). `t`, `nu` broadcast against [B, T, H].
+  """
+  cdt = o_BTHD.dtype
+  a_null_BTH = t_BTH * nu_BTH
+  w_null_BTH = jax.nn.sigmoid(a_null_BTH - lse_BTH)
+  w_real_BTH = jax.nn.sigmoid(lse_BTH - a_null_BTH)  # 1 - w_null without cancellation
+  s_BTHD = (w_real_BTH[..., None] * o_BTHD
+            + w_null_BTH[..., None] * v_null_HD.astype(cdt)[None, None])
+  c_BTHD = safe_normalize(s_BTHD)
+  m_eff_BTH = w_real_BTH / p2_BTH
+  beta_H = jax.nn.softplus(mag_beta_raw_H.astype(cdt))
+  mag_BTH = jnp.tanh(beta_H * jnp.log1p(m_eff_BTH))
+  return {"c": c_BTHD, "mag": mag_BTH, "n_eff": 1.0 / p2_BTH, "w_null": w_null_BTH}
 
 
 def safe_normalize(s_BTHD, floor=NORM_FLOOR):

@@ -1,0 +1,139 @@
+"""Attention over a decode cache: every query row and key carries its own absolute position.
+
+The training ops (`api.py`) take one `q_offset` for the whole batch and keys laid out from
+position 0. A decode cache breaks both: sequences of one batch sit at different positions, and a
+windowed cache is a ring buffer whose slots hold positions out of order. Here the caller passes
+the absolute position of every query row (`q_pos_BT`) and of every key (`k_pos_BS`, per row);
+key j is visible to row i iff
+
+    k_pos[j] <= q_pos[i]   and (window W)   k_pos[j] > q_pos[i] - W
+
+so empty or invalid slots are keys at position `INVALID_POS` (never visible). Polar's
+temperature and null floor use the absolute count q_pos + 1 of each row (capped at W), exactly
+as the training op with q_offset does.
+
+  attention_stats_at(q, k, v, scale, q_pos, k_pos, *, window, block_k) -> (o, lse, p2) fp32
+  polar_core_at(q, k, v, v_null, len_gain_raw, null_base, null_slope_raw, mag_beta_raw,
+                q_pos, k_pos, *, window) -> (c_BTHD, mag_BTH) in q.dtype
+  softmax_attention_at(q, k, v, q_pos, k_pos, *, scale, window) -> o_BTHD in q.dtype
+
+Plain XLA, streamed over key blocks (online softmax, fp32 statistics); a decode step (one query
+row) takes the whole cache as one block. Dimension glossary: B batch, T query rows, S key slots,
+H query heads, G KV heads (head h uses KV head h // (H // G)), R = H // G, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.polar_attention import reference
+from pallas_kernels.polar_attention.reference import MASK_SENTINEL, stats_dtype
+
+INVALID_POS = 2 ** 30  # position of an empty cache slot: after every query, so never visible
+DEFAULT_BLOCK_K = 512
+
+
+def _precision(dtype):
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) != jnp.bfloat16 else None
+
+
+def _check(q_BTHD, k_BSGD, v_BSGD, q_pos_BT, k_pos_BS):
+  B, T, H, D = q_BTHD.shape
+  _, S, G, _ = k_BSGD.shape
+  if (k_BSGD.shape != v_BSGD.shape or k_BSGD.shape[0] != B or k_BSGD.shape[3] != D or G < 1
+      or H % G):
+    raise ValueError(f"k {k_BSGD.shape} and v {v_BSGD.shape} must be [B={B}, S, G, D={D}] with "
+                     f"G dividing the {H} query heads")
+  if q_pos_BT.shape != (B, T) or k_pos_BS.shape != (B, S):
+    raise ValueError(f"q_pos must be [B, T] = {(B, T)} and k_pos [B, S] = {(B, S)}; got "
+                     f"{q_pos_BT.shape} and {k_pos_BS.shape}")
+
+
+def attention_stats_at(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT, k_pos_BS, *, window=None,
+                       block_k: int | None = None):
+  """Softmax over the visible keys of each row: (o_BTHD, lse_BTH, p2_BTH) in fp32.
+
+  a_ij = scale_i (q_i . k_j); o = sum pi v, lse = logsumexp a, p2 = sum pi^2. A row without a
+  visible key (only a padded row can be one) gets o = 0, lse = MASK_SENTINEL, p2 = 1 (finite).
+  `block_k` keys per streaming step (default: all of them for one query row, else 512).
+  """
+  _check(q_BTHD, k_BSGD, v_BSGD, q_pos_BT, k_pos_BS)
+  B, T, H, D = q_BTHD.shape
+  S, G = k_BSGD.shape[1], k_BSGD.shape[2]
+  R = H // G
+  cdt = stats_dtype(q_BTHD.dtype)
+  if block_k is None:
+    block_k = S if T == 1 else DEFAULT_BLOCK_K
+  bk = max(1, min(block_k, S))
+  nk = -(-S // bk)
+  pad = nk * bk - S
+  if pad:
+    k_BSGD = jnp.pad(k_BSGD, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    v_BSGD = jnp.pad(v_BSGD, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    k_pos_BS = jnp.pad(k_pos_BS, ((0, 0), (0, pad)), constant_values=INVALID_POS)
+  blocks = lambda x: jnp.moveaxis(x.reshape(B, nk, bk, *x.shape[2:]), 1, 0)
+  q_BTGRD = q_BTHD.reshape(B, T, G, R, D)
+  scale_BTGR = scale_BTH.astype(cdt).reshape(B, T, G, R)
+  q_pos_BT = q_pos_BT.astype(jnp.int32)
+  prec = _precision(q_BTHD.dtype)
+
+  def step(carry, blk):
+    m, l, q2, acc = carry
+    k_BKGD, v_BKGD, kp_BK = blk
+    dots = jnp.einsum("btgrd,bkgd->btgrk", q_BTGRD, k_BKGD.astype(q_BTHD.dtype),
+                      preferred_element_type=cdt, precision=prec)
+    vis_BTK = kp_BK[:, None, :] <= q_pos_BT[:, :, None]
+    if window is not None:
+      vis_BTK = vis_BTK & (kp_BK[:, None, :] > q_pos_BT[:, :, None] - window)
+    vis = vis_BTK[:, :, None, None, :]
+    a = jnp.where(vis, scale_BTGR[..., None] * dots, MASK_SENTINEL)
+    m_new = jnp.maximum(m, jnp.max(a, axis=-1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.where(vis, jnp.exp(a - m_new[..., None]), 0.0)
+    l = alpha * l + jnp.sum(p, axis=-1)
+    q2 = alpha * alpha * q2 + jnp.sum(p * p, axis=-1)
+    pv = jnp.einsum("btgrk,bkgd->btgrd", p.astype(v_BKGD.dtype), v_BKGD,
+                    preferred_element_type=cdt, precision=prec)
+    return (m_new, l, q2, alpha[..., None] * acc + pv), None
+
+  init = (jnp.full((B, T, G, R), MASK_SENTINEL, cdt), jnp.zeros((B, T, G, R), cdt),
+          jnp.zeros((B, T, G, R), cdt), jnp.zeros((B, T, G, R, D), cdt))
+  (m, l, q2, acc), _ = lax.scan(step, init, (blocks(k_BSGD), blocks(v_BSGD), blocks(k_pos_BS)))
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  o = acc / l_safe[..., None]
+  lse = jnp.where(seen, m + jnp.log(l_safe), MASK_SENTINEL)
+  p2 = jnp.where(seen, q2 / (l_safe * l_safe), 1.0)
+  return o.reshape(B, T, H, D), lse.reshape(B, T, H), p2.reshape(B, T, H)
+
+
+def polar_core_at(q_BTHD, k_BSGD, v_BSGD, v_null_HD, len_gain_raw_H, null_base_H,
+                  null_slope_raw_H, mag_beta_raw_H, q_pos_BT, k_pos_BS, *, window=None,
+                  block_k: int | None = None):
+  """Polar core (spec §3.2) at absolute positions: (c_BTHD, mag_BTH) in q.dtype.
+
+  Same prologue / epilogue as `api.polar_stats` (`reference.polar_length_terms`,
+  `reference.polar_fold_null`) with per-row counts n = q_pos + 1.
+  """
+  B, T, H, D = q_BTHD.shape
+  cdt = stats_dtype(q_BTHD.dtype)
+  t_BTH, nu_BTH = reference.polar_length_terms(len_gain_raw_H, null_base_H, null_slope_raw_H,
+                                               q_pos_BT + 1, window=window, dtype=cdt)
+  o, lse, p2 = attention_stats_at(q_BTHD, k_BSGD, v_BSGD, t_BTH / math.sqrt(D), q_pos_BT,
+                                  k_pos_BS, window=window, block_k=block_k)
+  st = reference.polar_fold_null(o, lse, p2, t_BTH, nu_BTH, v_null_HD, mag_beta_raw_H)
+  return st["c"].astype(q_BTHD.dtype), st["mag"].astype(q_BTHD.dtype)
+
+
+def softmax_attention_at(q_BTHD, k_BSGD, v_BSGD, q_pos_BT, k_pos_BS, *, scale, window=None,
+                         block_k: int | None = None):
+  """Causal (optionally windowed) softmax attention at absolute positions; q.dtype out."""
+  B, T, H, _ = q_BTHD.shape
+  scale_BTH = jnp.full((B, T, H), scale, stats_dtype(q_BTHD.dtype))
+  o, _, _ = attention_stats_at(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT, k_pos_BS,
+                               window=window, block_k=block_k)
+  return o.astype(q_BTHD.dtype)

@@ -1,0 +1,209 @@
+"""Prefill / decode over the decode cache equal the full forward (issue 11).
+
+Tiny fp32 models (kernel_impl="xla"), memory chunk 4 and window 5, so the sequences cross
+memory-chunk boundaries and wrap the window's ring buffer.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from atma_jax.generate import (CacheError, cache_shardings, decode, init_cache, jit_decode,
+                               jit_prefill, prefill, reset_rows)
+from atma_jax.model import param_partition_specs
+from atma_jax.model.testing import init_model, jit, perturb, tiny_config
+from atma_jax.sharding import use_mesh
+
+T = 12  # tokens per sequence: 3 memory chunks of 4, the window-5 ring wraps twice
+MAX_LEN = 16
+TOL = 1e-5
+
+
+def _setup(**overrides):
+  cfg = tiny_config(kernel_impl="xla", mem_chunk=4, **overrides)
+  graphdef, params = init_model(cfg)
+  params = perturb(params, jax.random.key(1))  # zero-init branches (memory proj) come alive
+  return cfg, graphdef, params
+
+
+def _full_logits(graphdef, params, ids_BT):
+  """Ground truth: the whole-sequence forward's capped logits [B, T, V]."""
+
+  @jit
+  def run(params, ids):
+    model = nnx.merge(graphdef, params)
+    h, _ = model(ids)
+    return model.logits(h)
+
+  return np.asarray(run(params, ids_BT))
+
+
+def _steps(graphdef):
+  return (jit(lambda p, ids, n, c: prefill(graphdef, p, ids, n, c)),
+          jit(lambda p, tok, c: decode(graphdef, p, tok, c)))
+
+
+VARIANTS = list(itertools.product(("polar", "nope", "rope"), (True, False), (None, 5)))
+
+
+@pytest.mark.parametrize("attn_type,mem,window", VARIANTS,
+                         ids=[f"{a}-{'mem' if m else 'nomem'}-w{w}" for a, m, w in VARIANTS])
+def test_ragged_prefill_then_decode_matches_full_forward(attn_type, mem, window):
+  """Rows of lengths 6 and 3 prefilled together, then decoded token by token: every logit
+  equals the full forward's at the same position (each row at its own positions)."""
+  cfg, graphdef, params = _setup(attn_type=attn_type, mem_enabled=mem, attn_window=window)
+  ids = jax.random.randint(jax.random.key(2), (2, T), 0, cfg.vocab_size)
+  want = _full_logits(graphdef, params, ids)
+  run_prefill, run_decode = _steps(graphdef)
+  lengths = np.array([6, 3])
+  prompt = jnp.where(jnp.arange(6)[None, :] < lengths[:, None], ids[:, :6], 0)
+  logits, cache = run_prefill(params, prompt, jnp.asarray(lengths), init_cache(cfg, 2, MAX_LEN))
+  np.testing.assert_allclose(logits, want[[0, 1], lengths - 1], atol=TOL, rtol=TOL)
+  pos = lengths.copy()
+  for _ in range(T - 6):
+    logits, cache = run_decode(params, ids[jnp.arange(2), pos], cache)
+    np.testing.assert_allclose(logits, want[[0, 1], pos], atol=TOL, rtol=TOL,
+                               err_msg=f"positions {pos}")
+    pos += 1
+  np.testing.assert_array_equal(cache.positions, pos)
+
+
+@pytest.mark.parametrize("attn_type,window", [("polar", 5), ("rope", None)])
+def test_chunked_prefill_equals_one_prefill(attn_type, window):
+  """Prefill in chunks: all rows fresh, then at different positions, then at the same position
+  with one row idle (the three forms of `kv_cache.attend_cached`), then decode: the same logits
+  and cache as one prefill of each whole prompt."""
+  cfg, graphdef, params = _setup(attn_type=attn_type, attn_window=window)
+  ids = jax.random.randint(jax.random.key(3), (2, T), 0, cfg.vocab_size)
+  want = _full_logits(graphdef, params, ids)
+  run_prefill, run_decode = _steps(graphdef)
+  cache = init_cache(cfg, 2, MAX_LEN)
+  chunks = ((4, 4), (3, 1), (2, 0))  # starts (0, 0), (4, 4), (7, 5); 9 and 5 tokens
+  done = np.zeros(2, int)
+  for n in chunks:
+    n = np.array(n)
+    take = np.minimum(done[:, None] + np.arange(5)[None, :], T - 1)
+    chunk = jnp.where(np.arange(5)[None, :] < n[:, None], ids[np.arange(2)[:, None], take], 0)
+    logits, cache = run_prefill(params, chunk, jnp.asarray(n), cache)
+    done += n
+    for b in np.flatnonzero(n):
+      np.testing.assert_allclose(logits[b], want[b, done[b] - 1], atol=TOL, rtol=TOL)
+  one_logits, one_cache = run_prefill(
+      params, jnp.where(np.arange(9)[None, :] < done[:, None], ids[:, :9], 0), jnp.asarray(done),
+      init_cache(cfg, 2, MAX_LEN))
+  np.testing.assert_allclose(logits[0], one_logits[0], atol=TOL, rtol=TOL)
+  for got, ref in zip(jax.tree.leaves(cache), jax.tree.leaves(one_cache)):
+    np.testing.assert_allclose(got, ref, atol=TOL, rtol=TOL)
+  logits, cache = run_decode(params, ids[np.arange(2), done], cache)
+  np.testing.assert_allclose(logits, want[[0, 1], done], atol=TOL, rtol=TOL)
+
+
+def test_ragged_rows_equal_each_prompt_alone():
+  """A batch row gives what its prompt alone gives; a length-0 row leaves its state as is; a
+  row emptied by `reset_rows` takes a new prompt as if fresh."""
+  cfg, graphdef, params = _setup()
+  ids = jax.random.randint(jax.random.key(4), (3, 7), 0, cfg.vocab_size)
+  lengths = jnp.array([7, 2, 0])
+  run_prefill, run_decode = _steps(graphdef)
+  empty = init_cache(cfg, 3, MAX_LEN)
+  batch_logits, batch_cache = run_prefill(params, ids, lengths, empty)
+  for b in (0, 1):  # the same prompt with the other rows empty: no cross-row leakage
+    alone = jnp.zeros(3, jnp.int32).at[b].set(lengths[b])
+    alone_logits, alone_cache = run_prefill(params, ids, alone, empty)
+    np.testing.assert_allclose(batch_logits[b], alone_logits[b], atol=TOL, rtol=TOL)
+    for got, ref in zip(jax.tree.leaves(batch_cache), jax.tree.leaves(alone_cache)):
+      np.testing.assert_allclose(got[b], ref[b], atol=TOL, rtol=TOL)
+  for got, ref in zip(jax.tree.leaves(batch_cache), jax.tree.leaves(empty)):
+    np.testing.assert_array_equal(got[2], ref[2])
+  # a reset row takes a new prompt as if fresh; the other rows keep their state
+  reset = reset_rows(batch_cache, jnp.array([True, False, False]))
+  again_logits, again_cache = run_prefill(params, ids, jnp.array([7, 0, 0]), reset)
+  np.testing.assert_allclose(again_logits[0], batch_logits[0], atol=TOL, rtol=TOL)
+  for got, ref in zip(jax.tree.leaves(again_cache), jax.tree.leaves(batch_cache)):
+    np.testing.assert_allclose(got, ref, atol=TOL, rtol=TOL)
+
+
+def test_sharded_decode_matches_unsharded():
+  cfg, graphdef, params = _setup(attn_window=5)
+  ids = jax.random.randint(jax.random.key(5), (4, 8), 0, cfg.vocab_size)
+  lengths = jnp.array([8, 5, 6, 1])
+
+  def run(params, cache, mesh=None):
+    logits, cache = jit_prefill(graphdef, mesh=mesh)(params, ids, lengths, cache)
+    step = jit_decode(graphdef, mesh=mesh)
+    out = [logits]
+    for t in range(3):
+      logits, cache = step(params, ids[:, t], cache)
+      out.append(logits)
+    return np.stack(out), cache
+
+  want, want_cache = run(params, init_cache(cfg, 4, MAX_LEN))
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+  with use_mesh(mesh):
+    specs = param_partition_specs(params)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), nnx.to_pure_dict(specs))
+    placed = nnx.State(params)
+    nnx.replace_by_pure_dict(placed, jax.device_put(nnx.to_pure_dict(params), shardings))
+  cache = init_cache(cfg, 4, MAX_LEN)
+  cache = jax.device_put(cache, cache_shardings(cache, mesh))
+  got, got_cache = run(placed, cache, mesh)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  k = got_cache.layers[0].k_BSGd
+  assert k.sharding.spec[0] == ("data", "fsdp")
+  mem = got_cache.layers[0].mem_BHKV
+  assert mem.sharding.spec[:2] == (("data", "fsdp"), "tensor")
+
+
+def test_bad_inputs_raise_before_compute():
+  cfg, graphdef, params = _setup()
+  ids = jnp.zeros((2, 9), jnp.int32)
+  with pytest.raises(CacheError, match="max_len=8"):
+    prefill(graphdef, params, ids, jnp.array([9, 9]), init_cache(cfg, 2, 8))
+  cache = init_cache(cfg, 2, 16).replace(positions=jnp.array([10, 0], jnp.int32))
+  with pytest.raises(CacheError, match="row 0 would reach position 19"):
+    prefill(graphdef, params, ids, jnp.array([9, 3]), cache)
+  with pytest.raises(CacheError, match="lengths must be in"):
+    prefill(graphdef, params, ids, jnp.array([10, 3]), init_cache(cfg, 2, 16))
+  other = tiny_config(kernel_impl="xla", attn_type="rope")
+  with pytest.raises(CacheError, match="does not fit this model"):
+    decode(graphdef, params, jnp.zeros((2,), jnp.int32), init_cache(other, 2, 16))
+  with pytest.raises(CacheError, match="the cache holds 3 sequences"):
+    decode(graphdef, params, jnp.zeros((2,), jnp.int32), init_cache(cfg, 3, 16))
+  wide = tiny_config(kernel_impl="xla", hidden_size=64)
+  with pytest.raises(CacheError, match="does not fit this model"):
+    decode(graphdef, params, jnp.zeros((2,), jnp.int32), init_cache(wide, 2, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,window,tol", [("float32", None, 2e-3), ("float32", 24, 2e-3),
+                                              ("bfloat16", None, 0.1)])
+def test_gpu_kernels_prefill_and_decode_match_full_forward(dtype, window, tol):
+  """kernel_impl="auto" on a GPU: the fresh and same-start prefill forms run the Pallas kernels
+  (head_dim 16, memory chunk 16), ragged starts and decode the XLA path; all match the full
+  forward (fp32: TF32-level dots; bf16: activation rounding)."""
+  cfg = tiny_config(kernel_impl="auto", hidden_size=64, head_dim=16, mem_chunk=16,
+                    attn_window=window, compute_dtype=dtype)
+  graphdef, params = init_model(cfg)
+  params = perturb(params, jax.random.key(1))
+  n = 56
+  ids = jax.random.randint(jax.random.key(2), (2, n), 0, cfg.vocab_size)
+  want = _full_logits(graphdef, params, ids)
+  run_prefill, run_decode = _steps(graphdef)
+  cache = init_cache(cfg, 2, 64)
+  done = np.zeros(2, int)
+  for lengths in ((20, 20), (17, 9), (3, 14)):  # fresh, same start, ragged starts
+    lengths = np.array(lengths)
+    take = np.minimum(done[:, None] + np.arange(20)[None, :], n - 1)
+    logits, cache = run_prefill(params, ids[np.arange(2)[:, None], take], jnp.asarray(lengths),
+                                cache)
+    done += lengths
+    np.testing.assert_allclose(logits, want[[0, 1], done - 1], atol=tol, rtol=0)
+  for _ in range(6):
+    logits, cache = run_decode(params, ids[np.arange(2), done], cache)
+    np.testing.assert_allclose(logits, want[[0, 1], done], atol=tol, rtol=0)
+    done += 1
