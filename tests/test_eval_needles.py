@@ -139,6 +139,43 @@ def test_retrieval_grid_with_oracle(tok):
              for n, c in ((int(k), v) for k, v in ind.items()))
 
 
+class CopyGenerator:
+  """Stand-in for a Generator: continues each context with the 5 tokens after the earlier
+  occurrence of its last 4 tokens (the cue), shifted by `shift`; records the batch sizes."""
+
+  def __init__(self, shift=0):
+    self.shift, self.calls = shift, []
+
+  def generate(self, prompts, sampling):
+    self.calls.append((len(prompts), sampling.max_new_tokens, sampling.temperature))
+    out = []
+    for p in prompts:
+      key = p[-4:]
+      j = next(j for j in range(len(p) - 4) if p[j:j + 4] == key) + 4 + self.shift
+      out.append(p[j:j + sampling.max_new_tokens])
+    return out
+
+
+def test_generated_metrics():
+  assert scoring.generated_metrics([1, 2, 3], [1, 2, 3]) == {"digit_acc": 1.0, "exact": 1.0}
+  assert scoring.generated_metrics([1, 9, 3, 7], [1, 2, 3]) == {"digit_acc": 2 / 3, "exact": 0.0}
+  assert scoring.generated_metrics([1], [1, 2]) == {"digit_acc": 0.5, "exact": 0.0}
+
+
+def test_retrieval_generated_grid_with_oracle(tok):
+  gen = CopyGenerator()
+  grid = suite.retrieval_generated_grid(gen, tok, "passkey", [128, 256], [0.0, 0.5], 5, 1234,
+                                        tokens_per_call=3 * 256)
+  for row in grid.values():
+    for cell in row.values():
+      assert cell == {"digit_acc": 1.0, "exact": 1.0, "trials": 5}
+  # 128: 5 samples in one call of 5 rows; 256: 3 rows per call, the second call padded to 3
+  assert [c[0] for c in gen.calls] == [5, 5, 3, 3, 3, 3]
+  assert {c[1:] for c in gen.calls} == {(needles.VALUE_TOKENS, 0.0)}
+  off = suite.retrieval_generated_grid(CopyGenerator(shift=1), tok, "niah", [128], [0.5], 2, 1)
+  assert off["128"]["0.5"]["exact"] == 0.0 and off["128"]["0.5"]["digit_acc"] < 1.0
+
+
 def test_loss_bookkeeping():
   assert scoring.bits_per_byte(8 * math.log(2), 4) == pytest.approx(2.0)
   with pytest.raises(ValueError):

@@ -8,6 +8,9 @@ with the training window removed (ATMA_SPEC §3.3, §7):
              (§7.2 junk_ppl analogue); a length the split cannot fill is skipped with a note
   retrieval  passkey and NIAH (§7.3), synthetic and real-text haystacks, several depths and
              trials, five teacher-forced target tokens: token and exact five-token accuracy
+  retrieval_gen  the same samples scored by greedy generation of the five value tokens after
+             the cue (prefill + decode with caches): per-digit and exact accuracy (opt-in, or
+             --generate; it costs about as much again as `retrieval`)
   induction  the §7.2 induction needle (needle first, cue `length - 40` tokens later), and its
              needle-absent baseline (the model's prior on the value, once per trial)
   probe      Polar internals per global layer and length (n_eff, mag, null mass)
@@ -26,7 +29,7 @@ import time
 
 from atma_jax.errors import AtmaError, check_writable_dir, cli_boundary
 
-TASKS = ("loss", "junk", "retrieval", "induction", "probe")
+TASKS = ("loss", "junk", "retrieval", "retrieval_gen", "induction", "probe")
 DEFAULT_TASKS = ("loss", "junk", "retrieval", "induction")
 LADDER = (1, 2, 4, 8, 16, 32)
 MIN_LENGTH = 64  # the retrieval scaffold (EOT, needle, cue) needs ~30 tokens
@@ -55,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="held-out long documents: code (always available), austen or kjv")
   p.add_argument("--no-mem", action="store_true", help="remove the memory branch (diagnostic)")
   p.add_argument("--probe", action="store_true", help="add the Polar probe to --tasks")
+  p.add_argument("--generate", action="store_true",
+                 help="add retrieval_gen (retrieval scored by greedy generation) to --tasks")
   p.add_argument("--tokens-per-call", type=int, default=65536,
                  help="batch short sequences up to this many tokens per forward")
   p.add_argument("--impl", choices=("auto", "pallas", "xla"), default=None,
@@ -88,13 +93,14 @@ def parse_depths(text: str) -> list[float]:
   return vals
 
 
-def parse_tasks(text: str, probe: bool) -> list[str]:
+def parse_tasks(text: str, probe: bool, generate: bool = False) -> list[str]:
   tasks = [t.strip() for t in text.split(",") if t.strip()]
   unknown = sorted(set(tasks) - set(TASKS))
   if unknown or not tasks:
     raise EvalError(f"unknown --tasks {unknown}; choose from {','.join(TASKS)}")
-  if probe and "probe" not in tasks:
-    tasks.append("probe")
+  for flag, task in ((probe, "probe"), (generate, "retrieval_gen")):
+    if flag and task not in tasks:
+      tasks.append(task)
   return tasks
 
 
@@ -102,7 +108,7 @@ def check_args(args: argparse.Namespace) -> dict:
   """Every cheap check, before anything heavy is imported or loaded."""
   from atma_jax.data.eval_docs import KINDS
 
-  out = {"tasks": parse_tasks(args.tasks, args.probe),
+  out = {"tasks": parse_tasks(args.tasks, args.probe, args.generate),
          "lengths": parse_lengths(args.lengths) if args.lengths is not None else None,
          "depths": parse_depths(args.depths) if args.depths is not None else None}
   for name in ("trials", "docs", "tokens_per_call"):
@@ -141,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
   if "probe" in tasks and cfg.model.attn_type != "polar":
     raise EvalError(f"--probe reports Polar internals, but this checkpoint's attn_type is "
                     f"{cfg.model.attn_type!r}; drop --probe")
+  if args.no_mem and "retrieval_gen" in tasks:
+    raise EvalError("retrieval_gen decodes with the model's caches, which always include the "
+                    "memory branch; drop --no-mem or the retrieval_gen task")
   if args.no_mem and not cfg.model.mem_enabled:
     print("note: --no-mem has no effect, this model has no memory branch", file=sys.stderr)
   depths = checked["depths"] or list(cfg.eval.depths)
@@ -184,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
 
   units = {"loss": len(lengths) * len(docs), "junk": len(junk) * num_docs,
            "retrieval": 4 * len(lengths) * len(depths) * trials,
+           "retrieval_gen": 4 * len(lengths) * len(depths) * trials,
            "induction": (len(lengths) + 1) * trials, "probe": len(lengths) * len(docs)}
   bar = tqdm(total=sum(units[t] for t in tasks), desc="eval", unit="seq", dynamic_ncols=True,
              disable=args.no_progress)
@@ -214,6 +224,15 @@ def run(args: argparse.Namespace) -> int:
       for hay_name, hay in (("synthetic", None), (args.corpus, docs[0])):
         report["retrieval"][f"{kind}_{hay_name}"] = suite.retrieval_grid(
             fwd, tok, kind, lengths, depths, trials, cfg.eval.seed, hay, tick)
+  if "retrieval_gen" in tasks:
+    from atma_jax.generate import Generator
+    gen = Generator(fwd.cfg, fwd.graphdef, params)
+    report["retrieval_generated"] = {}
+    for kind in ("passkey", "niah"):
+      for hay_name, hay in (("synthetic", None), (args.corpus, docs[0])):
+        report["retrieval_generated"][f"{kind}_{hay_name}"] = suite.retrieval_generated_grid(
+            gen, tok, kind, lengths, depths, trials, cfg.eval.seed, hay, tick,
+            args.tokens_per_call)
   if "induction" in tasks:
     report["induction"] = suite.induction_by_length(fwd, tok, lengths, trials, cfg.eval.seed,
                                                     haystacks, tick)
@@ -259,7 +278,7 @@ def summary_table(report: dict) -> str:
   from atma_jax.eval.plots import fmt_len
 
   lengths = [str(n) for n in report["lengths"]]
-  width = 26
+  width = 30
   head = f"{'':<{width}}" + "".join(f"{fmt_len(int(n)):>8}" for n in lengths)
   lines = [head, "-" * len(head)]
 
@@ -277,6 +296,10 @@ def summary_table(report: dict) -> str:
     row("bpb junk val stream", [t.get(n, {}).get("bpb") for n in lengths], ".3f")
   for name, table in report.get("retrieval", {}).items():
     for metric, tag in (("token_acc", "tok%"), ("exact", "exact%")):
+      row(f"{name} {tag}", [100 * scoring.mean_over(list(table[n].values()), metric)
+                            for n in lengths], ".1f")
+  for name, table in report.get("retrieval_generated", {}).items():
+    for metric, tag in (("digit_acc", "gen digit%"), ("exact", "gen exact%")):
       row(f"{name} {tag}", [100 * scoring.mean_over(list(table[n].values()), metric)
                             for n in lengths], ".1f")
   if "induction" in report:

@@ -4,9 +4,10 @@
   and on the junk validation stream, and NLL by position bucket inside the longest context;
   the training length is marked.
 - `retrieval.png`: one length x depth heatmap per task x haystack (token accuracy %, exact
-  five-token accuracy % underneath).
-- `retrieval_by_length.png`: token accuracy (mean over depths) vs length per table and the
-  induction needle; next to it the induction value NLL against the needle-absent baseline.
+  five-token accuracy % underneath); `retrieval_generated.png` the same for the values
+  generated greedily (per-digit accuracy %, exact %).
+- `retrieval_by_length.png`: token accuracy (mean over depths) vs length per table (dashed:
+  generated per-digit accuracy) and the induction needle; next to it the induction value NLL against the needle-absent baseline.
 - `probe.png`: Polar n_eff, magnitude and null mass per global layer vs length.
 """
 
@@ -95,7 +96,8 @@ def plot_loss(report: dict[str, Any], path: str) -> str:
   return path
 
 
-def _heatmap(ax, table: dict[str, dict[str, dict[str, float]]], title: str):
+def _heatmap(ax, table: dict[str, dict[str, dict[str, float]]], title: str,
+             acc_key: str = "token_acc"):
   lengths = sorted(table, key=int)
   depths = sorted({d for row in table.values() for d in row}, key=float)
   acc = np.full((len(depths), len(lengths)), np.nan)
@@ -103,7 +105,7 @@ def _heatmap(ax, table: dict[str, dict[str, dict[str, float]]], title: str):
   for j, n in enumerate(lengths):
     for i, d in enumerate(depths):
       cell = table[n].get(d, {})
-      acc[i, j] = 100.0 * cell.get("token_acc", np.nan)
+      acc[i, j] = 100.0 * cell.get(acc_key, np.nan)
       exact[i, j] = 100.0 * cell.get("exact", np.nan)
   im = ax.imshow(acc, vmin=0, vmax=100, cmap="viridis", aspect="auto")
   for i in range(len(depths)):
@@ -122,8 +124,12 @@ def _heatmap(ax, table: dict[str, dict[str, dict[str, float]]], title: str):
   return im
 
 
-def plot_retrieval(report: dict[str, Any], path: str) -> str:
-  tables = report["retrieval"]
+def plot_retrieval(report: dict[str, Any], path: str, key: str = "retrieval") -> str:
+  """Heatmaps of `report[key]`: "retrieval" (teacher-forced token accuracy) or
+  "retrieval_generated" (greedy generation, per-digit accuracy)."""
+  acc_key, what = (("digit_acc", "generated digit accuracy") if key == "retrieval_generated"
+                   else ("token_acc", "token accuracy"))
+  tables = report[key]
   names = list(tables)
   cols = 2 if len(names) > 1 else 1
   rows = -(-len(names) // cols)
@@ -132,16 +138,16 @@ def plot_retrieval(report: dict[str, Any], path: str) -> str:
                            squeeze=False, layout="constrained")
   im = None
   for ax, name in zip(axes.flat, names):
-    im = _heatmap(ax, tables[name], name.replace("_", " / "))
+    im = _heatmap(ax, tables[name], name.replace("_", " / "), acc_key)
   for ax in axes[-1]:
     ax.set_xlabel("context length")
   for ax in axes[:, 0]:
     ax.set_ylabel("needle depth")
   for ax in list(axes.flat)[len(names):]:
     ax.axis("off")
-  fig.suptitle(f"{_title(report)}: retrieval token accuracy % (exact 5-token %), "
+  fig.suptitle(f"{_title(report)}: retrieval {what} % (exact 5-token %), "
                f"{report.get('trials')} trials per cell", fontsize=10)
-  fig.colorbar(im, ax=axes, shrink=0.8, pad=0.02, label="token accuracy (%)")
+  fig.colorbar(im, ax=axes, shrink=0.8, pad=0.02, label=f"{what} (%)")
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
@@ -155,9 +161,13 @@ def plot_retrieval_by_length(report: dict[str, Any], path: str) -> str:
                            squeeze=False)
   ax = axes[0, 0]
   lengths = [int(n) for n in report["lengths"]]
-  for name, table in report.get("retrieval", {}).items():
+  for i, (name, table) in enumerate(report.get("retrieval", {}).items()):
     accs = [100 * scoring.mean_over(list(table[str(n)].values()), "token_acc") for n in lengths]
-    ax.plot(lengths, accs, marker="o", label=name.replace("_", " / "))
+    ax.plot(lengths, accs, marker="o", color=f"C{i}", label=name.replace("_", " / "))
+  for i, (name, table) in enumerate(report.get("retrieval_generated", {}).items()):
+    accs = [100 * scoring.mean_over(list(table[str(n)].values()), "digit_acc") for n in lengths]
+    ax.plot(lengths, accs, marker="x", ls="--", color=f"C{i}",
+            label=name.replace("_", " / ") + " (generated)")
   if ind:
     ax.plot(lengths, [100 * ind[str(n)].get("token_acc", np.nan) for n in lengths], marker="^",
             color="black", ls="--", label="induction needle")
@@ -218,7 +228,10 @@ def write_all(report: dict[str, Any], out_dir: str) -> list[str]:
     paths.append(plot_loss(report, os.path.join(out_dir, "loss.png")))
   if report.get("retrieval"):
     paths.append(plot_retrieval(report, os.path.join(out_dir, "retrieval.png")))
-  if report.get("retrieval") or report.get("induction"):
+  if report.get("retrieval_generated"):
+    paths.append(plot_retrieval(report, os.path.join(out_dir, "retrieval_generated.png"),
+                                "retrieval_generated"))
+  if report.get("retrieval") or report.get("retrieval_generated") or report.get("induction"):
     paths.append(plot_retrieval_by_length(report, os.path.join(out_dir,
                                                                 "retrieval_by_length.png")))
   if report.get("probe"):

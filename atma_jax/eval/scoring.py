@@ -29,6 +29,16 @@ def target_metrics(logits_NV: np.ndarray, targets_N: Sequence[int]) -> dict[str,
           "nll": float(nll.mean())}
 
 
+def generated_metrics(generated: Sequence[int], targets_N: Sequence[int]) -> dict[str, float]:
+  """Per-digit accuracy and exact match of a greedily generated value against the N targets
+  (a generation shorter than N counts its missing tokens as wrong)."""
+  targets = list(targets_N)
+  got = list(generated)[:len(targets)]
+  hits = [g == t for g, t in zip(got, targets)]
+  return {"digit_acc": sum(hits) / len(targets), "exact": float(len(got) == len(targets)
+                                                                 and all(hits))}
+
+
 def scored_input(context: Sequence[int], value: Sequence[int]) -> tuple[list[int], int]:
   """Model input `context + value[:-1]` and the first position whose logits predict `value[0]`."""
   ids = list(context) + list(value[:-1])

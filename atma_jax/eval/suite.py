@@ -1,6 +1,7 @@
 """The evaluation suite: loss by length, loss by position, retrieval grids, induction needle.
 
-Each function takes a `Forward` (jitted model passes), plain Python inputs and a `progress(n)`
+Each function takes a `Forward` (jitted model passes) or, for the retrieval scored by greedy
+generation, an `atma_jax.generate.Generator`, plain Python inputs and a `progress(n)`
 callable (advances a progress bar by n forward sequences), and returns JSON-ready dicts keyed
 by `str(length)` (and `f"{depth:g}"`). A cell whose forward runs out of device memory is
 recorded as `{"error": "out of memory"}` and the ladder goes on (never silently shortened).
@@ -18,6 +19,7 @@ from atma_jax.eval.forward import Forward, round_up
 
 Progress = Callable[[int], None]
 METRICS = ("token_acc", "exact", "nll")
+GENERATED_METRICS = ("digit_acc", "exact")
 PAD_MULTIPLE = 64  # retrieval inputs (length + 4) are padded to a multiple of this
 
 
@@ -158,6 +160,52 @@ def retrieval_grid(fwd: Forward, tok, kind: str, lengths: Sequence[int], depths:
                                           needles.sample_rng(seed, kind, i), haystack)
                  for i in range(trials)]
       row[f"{depth:g}"] = _cell(fwd, samples, scored_length(length), progress)
+    table[str(length)] = row
+  return table
+
+
+def generate_values(gen, samples: Sequence[needles.Sample], rows: int) -> list[list[int]]:
+  """Greedy continuations (VALUE_TOKENS new tokens, no stop token) of each sample's context,
+  `rows` contexts per call (the last call padded with repeats: one compile per length)."""
+  from atma_jax.generate import SamplingParams
+
+  greedy = SamplingParams(temperature=0.0, max_new_tokens=needles.VALUE_TOKENS)
+  out = []
+  for lo in range(0, len(samples), rows):
+    batch = [s.context for s in samples[lo:lo + rows]]
+    out += gen.generate(batch + [batch[-1]] * (rows - len(batch)), greedy)[:len(batch)]
+  return out
+
+
+def retrieval_generated_grid(gen, tok, kind: str, lengths: Sequence[int],
+                             depths: Sequence[float], trials: int, seed: int,
+                             haystack: Sequence[int] | None = None, progress: Progress = _noop,
+                             tokens_per_call: int = 65536
+                             ) -> dict[str, dict[str, dict[str, float]]]:
+  """The samples of `retrieval_grid` (same seeds: paired with the teacher-forced cells), scored
+  by greedy decoding of the value after the cue: `table[str(L)][f"{depth:g}"] = {digit_acc,
+  exact, trials}` (per-digit accuracy of the five generated tokens; all five right)."""
+  table: dict[str, dict[str, dict[str, float]]] = {}
+  for length in lengths:
+    row = {}
+    for depth in depths:
+      samples = [needles.retrieval_sample(tok, kind, length, depth,
+                                          needles.sample_rng(seed, kind, i), haystack)
+                 for i in range(trials)]
+      rows = min(len(samples), max(1, tokens_per_call // length))
+      try:
+        values = generate_values(gen, samples, rows)
+      except Exception as e:  # noqa: BLE001 - only device OOM is recorded; the rest re-raises
+        if not is_oom(e):
+          raise
+        row[f"{depth:g}"] = {"error": "out of memory"}
+        progress(len(samples))
+        continue
+      progress(len(samples))
+      cells = [scoring.generated_metrics(v, s.value) for v, s in zip(values, samples)]
+      cell = {k: scoring.mean_over(cells, k) for k in GENERATED_METRICS}
+      cell["trials"] = len(cells)
+      row[f"{depth:g}"] = cell
     table[str(length)] = row
   return table
 
