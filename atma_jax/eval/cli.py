@@ -147,9 +147,6 @@ def run(args: argparse.Namespace) -> int:
   if "probe" in tasks and cfg.model.attn_type != "polar":
     raise EvalError(f"--probe reports Polar internals, but this checkpoint's attn_type is "
                     f"{cfg.model.attn_type!r}; drop --probe")
-  if args.no_mem and "retrieval_gen" in tasks:
-    raise EvalError("retrieval_gen decodes with the model's caches, which always include the "
-                    "memory branch; drop --no-mem or the retrieval_gen task")
   if args.no_mem and not cfg.model.mem_enabled:
     print("note: --no-mem has no effect, this model has no memory branch", file=sys.stderr)
   depths = checked["depths"] or list(cfg.eval.depths)
@@ -226,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
             fwd, tok, kind, lengths, depths, trials, cfg.eval.seed, hay, tick)
   if "retrieval_gen" in tasks:
     from atma_jax.generate import Generator
-    gen = Generator(fwd.cfg, fwd.graphdef, params)
+    gen = Generator(fwd.cfg, fwd.graphdef, params, mem=not args.no_mem)
     report["retrieval_generated"] = {}
     for kind in ("passkey", "niah"):
       for hay_name, hay in (("synthetic", None), (args.corpus, docs[0])):

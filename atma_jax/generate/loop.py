@@ -21,7 +21,7 @@ signatures.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
@@ -48,10 +48,14 @@ class Steps(NamedTuple):
   decode: Callable[..., Any]  # (graphdef, params, tokens_B, cache) -> (logits_BV, cache)
 
 
-def model_steps() -> Steps:
+def model_steps(mem: bool = True) -> Steps:
+  """The model's steps; `mem=False` drops the memory branch (as eval's --no-mem)."""
   from atma_jax.generate import steps
   from atma_jax.model.cache import init_cache
-  return Steps(init_cache, steps.prefill, steps.decode)
+  if mem:
+    return Steps(init_cache, steps.prefill, steps.decode)
+  return Steps(init_cache, functools.partial(steps.prefill, mem=False),
+               functools.partial(steps.decode, mem=False))
 
 
 class DecodeState(NamedTuple):
@@ -111,13 +115,13 @@ class Generator:
   """
 
   def __init__(self, model_cfg: ModelConfig, graphdef, params, *, steps: Steps | None = None,
-               prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+               prefill_chunk: int = DEFAULT_PREFILL_CHUNK, mem: bool = True):
     if prefill_chunk < 1:
       raise GenerateError(f"prefill_chunk={prefill_chunk} must be >= 1")
     self.cfg = model_cfg
     self.graphdef = graphdef
     self.params = params
-    self.steps = steps or model_steps()
+    self.steps = steps or model_steps(mem)
     self.prefill_chunk = round_up(prefill_chunk, LENGTH_MULTIPLE)
     steps_, graphdef_ = self.steps, graphdef
 
@@ -171,10 +175,11 @@ class Generator:
 
   # -- host side ------------------------------------------------------------------------------
 
-  def prefill(self, prompts: Sequence[Sequence[int]], cache):
-    """(last_logits_BV fp32, cache) after the ragged prompts, chunk by chunk."""
+  def prefill(self, prompts: Sequence[Sequence[int]], cache, capacity: int):
+    """(last_logits_BV fp32, cache) after the ragged prompts, chunk by chunk (chunks of at
+    most `capacity`, the cache's max_len)."""
     lengths = np.asarray([len(p) for p in prompts], np.int32)
-    chunk = min(self.prefill_chunk, round_up(int(lengths.max()), LENGTH_MULTIPLE))
+    chunk = min(self.prefill_chunk, round_up(int(lengths.max()), LENGTH_MULTIPLE), capacity)
     T = round_up(int(lengths.max()), chunk)
     ids_BT = np.zeros((len(prompts), T), np.int32)
     for b, p in enumerate(prompts):
@@ -186,27 +191,39 @@ class Generator:
                                            jnp.asarray(lens_B), cache, last_BV)
     return last_BV, cache
 
-  def stream(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-             max_len: int | None = None, block: int = 16) -> Iterator[list[list[int]]]:
-    """Yields, per decode block, each row's new tokens (possibly empty); the first yield is
-    the token sampled from the prompt. Stops when every row is done."""
+  def start(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+            max_len: int | None = None) -> tuple[DecodeState, jax.Array]:
+    """Checks the inputs, allocates the cache, prefills the prompts and samples each row's
+    first new token: (state for `decode_block`, first tokens [B] int32)."""
     try:
       sampling.validate(self.cfg.vocab_size)
     except SamplingError as e:
       raise GenerateError(str(e)) from None
-    if block < 1:
-      raise GenerateError(f"block={block} must be >= 1")
     prompts = check_prompts(prompts, self.cfg.vocab_size)
     capacity = cache_length(prompts, sampling, max_len)
     cache = self.steps.init_cache(self.cfg, len(prompts), capacity)
-    last_BV, cache = self.prefill(prompts, cache)
-    state, first_B = self._begin(last_BV, cache, sampling)
-    finished = [False] * len(prompts)
+    last_BV, cache = self.prefill(prompts, cache, capacity)
+    return self._begin(last_BV, cache, sampling)
+
+  def decode_block(self, state: DecodeState, sampling: SamplingParams, n: int
+                   ) -> tuple[DecodeState, jax.Array]:
+    """Up to `n` decode steps on device (one dispatch; `state` is donated): (state, tokens
+    [B, n] int32, PAD where a row was done or the loop stopped early)."""
+    return self._block(self.params, state, sampling, n)
+
+  def stream(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+             max_len: int | None = None, block: int = 16) -> Iterator[list[list[int]]]:
+    """Yields, per decode block, each row's new tokens (possibly empty); the first yield is
+    the token sampled from the prompt. Stops when every row is done."""
+    if block < 1:
+      raise GenerateError(f"block={block} must be >= 1")
+    state, first_B = self.start(prompts, sampling, max_len=max_len)
+    finished = [False] * len(first_B)
     yield _emit(np.asarray(first_B)[:, None], finished, sampling.stop_token_ids)
     remaining = sampling.max_new_tokens - 1
     n = min(block, remaining)
     while remaining > 0 and not all(finished):
-      state, out_BN = self._block(self.params, state, sampling, n)
+      state, out_BN = self.decode_block(state, sampling, n)
       remaining -= n
       yield _emit(np.asarray(out_BN), finished, sampling.stop_token_ids)
 
