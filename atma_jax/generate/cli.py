@@ -14,8 +14,10 @@ import os
 import sys
 import time
 
+from atma_jax.errors import AtmaError, cli_boundary
 
-class CliError(ValueError):
+
+class CliError(AtmaError, ValueError):
   """A bad command line or input, with a message that says how to fix it."""
 
 
@@ -47,15 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace):
   """Every cheap check, before any array is read: returns (SamplingParams, step_dir, Config)."""
   from atma_jax.generate.load import checkpoint_config
-  from atma_jax.generate.sampler import SamplingError, SamplingParams
-  from atma_jax.train.checkpoint import CheckpointError
+  from atma_jax.generate.sampler import SamplingParams
 
   sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, max_new_tokens=args.max_new_tokens)
-  try:
-    sampling.validate()
-  except SamplingError as e:
-    raise CliError(str(e)) from None
+                            seed=args.seed, max_new_tokens=args.max_new_tokens).validate()
   for name in ("block", "max_len"):
     value = getattr(args, name)
     if value is not None and value < 1:
@@ -64,26 +61,14 @@ def check_args(args: argparse.Namespace):
     raise CliError(f"checkpoint path {args.checkpoint!r} does not exist; pass the run directory "
                    "written by train.py (e.g. runs/tiny), one of its checkpoints/<step> folders, "
                    "or a directory made by `python -m atma_jax.interop import`")
-  try:
-    step_dir, cfg = checkpoint_config(args.checkpoint, args.step)
-  except CheckpointError as e:
-    raise CliError(str(e)) from None
-  try:
-    sampling.validate(cfg.model.vocab_size)
-  except SamplingError as e:
-    raise CliError(str(e)) from None
+  step_dir, cfg = checkpoint_config(args.checkpoint, args.step)  # CheckpointError: one line
+  sampling.validate(cfg.model.vocab_size)
   return sampling, step_dir, cfg
 
 
+@cli_boundary
 def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
-  from atma_jax.data.tokenizer import TokenizerError
-  from atma_jax.generate.loop import GenerateError
-  try:
-    return run(args)
-  except (CliError, GenerateError, TokenizerError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return run(parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from atma_jax.config import ModelConfig
+from atma_jax.errors import AtmaError
 from atma_jax.generate.sampler import SamplingError, SamplingParams, next_done, sample
 
 PAD = -1  # emitted by a done row; never fed to the model (fed as 0 and ignored)
@@ -36,7 +37,7 @@ LENGTH_MULTIPLE = 64  # prompt chunks and cache lengths are rounded up to this (
 DEFAULT_PREFILL_CHUNK = 4096
 
 
-class GenerateError(ValueError):
+class GenerateError(AtmaError, ValueError):
   """Bad prompts or lengths, with a message that says how to fix them."""
 
 

@@ -22,10 +22,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from atma_jax.errors import AtmaError
+
 NEG_INF = -jnp.inf
 
 
-class SamplingError(ValueError):
+class SamplingError(AtmaError, ValueError):
   """Bad sampling settings, with a message that says how to fix them."""
 
 
