@@ -298,15 +298,13 @@ def run_reference(ref_dir: str, python: str, shapes: dict, reps: int, timeout: i
   return out
 
 
-def reference_skip_reason(ref_dir: str, python: str | None) -> str | None:
+def reference_skip_reason(ref_dir: str, python: str) -> str | None:
   if not os.path.isfile(os.path.join(ref_dir, "scripts", "stress_inference.py")):
     return f"no checkout of the original at {ref_dir!r} (scripts/stress_inference.py missing)"
-  if python is None:
-    return "no Python with torch (set ATMA_TORCH_PYTHON or pass --ref-python)"
   probe = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"],
                          capture_output=True, text=True)
   if probe.returncode != 0:
-    return f"{python} cannot import torch"
+    return f"{python} cannot import torch (pass --ref-python or set ATMA_TORCH_PYTHON)"
   if probe.stdout.strip() != "True":
     return "torch sees no CUDA device (the original's stress script requires CUDA)"
   return None
@@ -335,7 +333,7 @@ def main(argv=None) -> int:
   ap.add_argument("--impl", default=None, help="model.kernel_impl (default: the config's)")
   ap.add_argument("--ref", default="ref_atma", help="checkout of the original repository")
   ap.add_argument("--ref-python", default=None, help="Python with torch for the original "
-                  "(default: $ATMA_TORCH_PYTHON, else this Python if it has torch)")
+                  "(default: $ATMA_TORCH_PYTHON, else this Python)")
   ap.add_argument("--ref-timeout", type=int, default=150, help="seconds per original's row")
   ap.add_argument("--skip-ours", action="store_true")
   ap.add_argument("--skip-ref", action="store_true")
@@ -355,8 +353,7 @@ def main(argv=None) -> int:
         f.write(text)
 
   if not args.skip_ref:
-    from atma_jax.interop.verify import default_torch_python
-    python = args.ref_python or default_torch_python()
+    python = args.ref_python or os.environ.get("ATMA_TORCH_PYTHON") or sys.executable
     reason = reference_skip_reason(args.ref, python)
     if reason:
       report["original"] = {"skipped": reason}

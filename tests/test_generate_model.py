@@ -11,7 +11,7 @@ import pytest
 
 from atma_jax.eval.forward import Forward, eval_graphdef, eval_model_config
 from atma_jax.eval.testing import tiny_eval_config, tiny_params
-from atma_jax.generate import Generator, SamplingParams
+from atma_jax.generate import Generator, SamplingParams, generate
 
 # One cache length and number of new tokens for every call: the tests share their compiles.
 MAX_LEN = 192
@@ -54,7 +54,7 @@ def test_greedy_tokens_follow_the_full_forward(setup, gen):
 
 def test_ragged_batch_equals_each_prompt_alone(gen):
   ps = prompts([3, 90, 17], seed=2)
-  together = gen.generate(ps, GREEDY, max_len=MAX_LEN)
+  together = generate(gen, ps, GREEDY, max_len=MAX_LEN)  # the public function
   assert together == [gen.generate([p], GREEDY, max_len=MAX_LEN)[0] for p in ps]
 
 
