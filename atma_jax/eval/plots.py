@@ -7,7 +7,8 @@
   five-token accuracy % underneath); `retrieval_generated.png` the same for the values
   generated greedily (per-digit accuracy %, exact %).
 - `retrieval_by_length.png`: token accuracy (mean over depths) vs length per table (dashed:
-  generated per-digit accuracy) and the induction needle; next to it the induction value NLL against the needle-absent baseline.
+  generated per-digit accuracy) and the induction needle; next to it the induction value NLL
+  against the needle-absent baseline.
 - `probe.png`: Polar n_eff, magnitude and null mass per global layer vs length.
 """
 
