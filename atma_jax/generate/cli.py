@@ -2,8 +2,9 @@
 
 The prompt is read as the start of a document (`[EOT] + tokens`); generation stops at the end
 of a document (EOT) unless --no-stop, or after --max-new-tokens. Decoding runs on device in
-blocks of --block tokens, each printed as soon as it arrives. Sampling: --temperature 0 is
-greedy; --top-k / --top-p filter the distribution; --seed makes a sampled run repeatable.
+blocks of --block tokens, each printed as soon as it arrives. Sampling: by default from the
+model's distribution (temperature 1); --temperature 0 is greedy; --top-k / --top-p filter the
+distribution; --seed makes a sampled run repeatable.
 Like eval.py, the model runs without its training window (ATMA_SPEC §7) unless --keep-window.
 """
 
@@ -28,10 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "or a run directory written by `python -m atma_jax.interop import`")
   p.add_argument("--prompt", required=True, help="the text to continue")
   p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
-  p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+  p.add_argument("--temperature", type=float, default=1.0,
+                 help="1 = the model's own distribution (default), 0 = greedy")
   p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-  p.add_argument("--top-p", type=float, default=0.95,
-                 help="keep the smallest set of tokens holding this probability (1 = off)")
+  p.add_argument("--top-p", type=float, default=1.0,
+                 help="keep the smallest set of tokens holding this probability (default 1 = off)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--step", type=int, default=None,
                  help="load checkpoints/<step> of the run (default: the latest)")
