@@ -33,8 +33,8 @@ The original runs first, before JAX initializes (and preallocates) the GPU.
 
 Bounds: each decode row records the bytes it must move per step (parameters once, plus per
 sequence: the K/V read up to the context, the fp32 gated-delta state read and written) against
-the device copy bandwidth measured here, and the FLOPs (2 x matmul parameters per token)
-against the bf16 matmul rate measured here; the prefill row its FLOPs (matmuls + causal
+the device copy bandwidth measured here, and the FLOPs (2 x matmul parameters per token, plus
+the attention over the context) against the bf16 matmul rate measured here; the prefill row its FLOPs (matmuls + causal
 attention) against that rate. JSON is rewritten after every row.
 """
 
@@ -177,7 +177,10 @@ def decode_row(gen: Generator, cfg, name, batch, context, steps, reps, ceilings,
   per_seq = state_bytes_per_seq(cfg, context + steps * reps // 2)
   step_bytes = pbytes + batch * sum(per_seq.values())
   mem_s = step_bytes / ceilings["copy_bytes_per_s"]
-  flop_s = 2 * mm * batch / ceilings["matmul_flops_per_s"]
+  glob = sum(cfg.is_global(l) for l in range(cfg.num_layers))
+  flops = batch * (2 * mm + glob * 4 * (context + steps * reps // 2) * cfg.num_heads
+                   * cfg.head_dim)  # matmuls + QK^T and PV over the context
+  flop_s = flops / ceilings["matmul_flops_per_s"]
   return {
       "name": name, "batch": batch, "context": context, "steps_per_block": steps,
       "block_seconds": times, "median_block_s": med,
@@ -191,7 +194,7 @@ def decode_row(gen: Generator, cfg, name, batch, context, steps, reps, ceilings,
       "all_tokens_in_vocab": bool(((toks >= 0) & (toks < cfg.vocab_size)).all()),
       "bound": {
           "bytes_per_step": step_bytes, "param_bytes": pbytes, "per_sequence_bytes": per_seq,
-          "memory_floor_ms_per_step": 1e3 * mem_s, "flops_per_step": 2 * mm * batch,
+          "memory_floor_ms_per_step": 1e3 * mem_s, "flops_per_step": flops,
           "compute_floor_ms_per_step": 1e3 * flop_s,
           "tok_per_s_ceiling": batch / max(mem_s, flop_s),
           "binding": "memory bandwidth" if mem_s >= flop_s else "compute",
