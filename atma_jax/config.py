@@ -378,7 +378,7 @@ def from_json(text: str) -> Config:
   return from_dict(json.loads(text))
 
 
-PRESETS = ("tiny", "atma_378m")
+PRESETS = ("tiny", "small", "atma_378m")
 
 
 def load_preset(name: str) -> Config:
