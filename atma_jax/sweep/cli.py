@@ -14,6 +14,7 @@ exists and resumes interrupted trainings. `--set` applies to every cell (e.g. th
 `--set train.steps=N`). `--deadline S` stops trainings still running S seconds after the start
 (each saves a checkpoint and is evaluated where it stopped). `--merge` adds the finished cells
 of an earlier report.json (from another call) to this report without rerunning them.
+`--train-only` skips the evaluations (a throughput probe: the report's tok/s column).
 
 Writes report.json, report.md, retrieval.png, loss.png, training.png and commands.txt to --out
 (default reports/<grid>, or runs/sweep/<grid>_smoke/report with --smoke).
@@ -48,6 +49,8 @@ def parse_args(argv):
                  help="an earlier report.json whose finished cells join this report")
   p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                  help="stop trainings still running this long after the start")
+  p.add_argument("--train-only", action="store_true",
+                 help="train, do not evaluate (e.g. a throughput probe with --deadline)")
   p.add_argument("--report-only", action="store_true",
                  help="run nothing; rebuild the report from the work folder")
   return p.parse_args(argv)
@@ -104,7 +107,8 @@ def run(args, command: list[str]) -> int:
     print(f"[sweep {datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
 
   records = {} if args.report_only else runner.run_jobs(
-      run_now, parallel=args.parallel, deadline_s=args.deadline, work=work, say=say)
+      run_now, parallel=args.parallel, deadline_s=args.deadline, work=work, say=say,
+      train_only=args.train_only)
   if args.report_only:
     records = {j.name: runner.read_record(j) for j in run_now}
   cells_out = report_lib.collect(jobs, records, merged)
@@ -123,7 +127,8 @@ def run(args, command: list[str]) -> int:
   }
   report["checks"] = report_lib.checks(cells_out, grid.primary_cell)
   paths = report_lib.write(report, out)
-  bad = [n for n, c in cells_out.items() if c.get("status") != "done"]
+  bad = [n for n, c in cells_out.items()
+         if c.get("status") != ("trained" if args.train_only else "done")]
   say(f"wrote {len(paths)} files to {out}: {', '.join(p.name for p in paths)}")
   if bad:
     say(f"{len(bad)} cell(s) without an evaluation: {', '.join(bad)} (see report.md)")

@@ -229,7 +229,7 @@ def markdown(report: dict) -> str:
       lines.append(f"- clean NLL non-increasing with length (rise <= {LOSS_TOLERANCE} nats per "
                    f"doubling): {'yes' if ch['clean_nll_non_increasing'] else 'no'} (largest "
                    f"rise {ch['clean_nll_max_rise']:+.3f})")
-  failed = {n: c for n, c in cells.items() if c.get("status") not in ("done",)}
+  failed = {n: c for n, c in cells.items() if c.get("status") not in ("done", "trained")}
   if failed:
     lines += ["", "## Cells without an evaluation", ""]
     for n, c in failed.items():

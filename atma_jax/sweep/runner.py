@@ -168,8 +168,10 @@ def _run_stage(cmd: list[str], log_path: Path, env: dict, deadline: Deadline | N
   return rc, time.monotonic() - t0, stopped
 
 
-def run_cell(job: CellJob, env: dict, deadline: Deadline, say: Callable[[str], None]) -> dict:
-  """Trains (or resumes) and evaluates one cell; returns and saves its record."""
+def run_cell(job: CellJob, env: dict, deadline: Deadline, say: Callable[[str], None],
+             train_only: bool = False) -> dict:
+  """Trains (or resumes) and evaluates one cell (`train_only`: no evaluation, e.g. a
+  throughput probe); returns and saves its record."""
   record = read_record(job)
   record.update({"cell": job.name, "id": job.cell.id, "axes": job.cell.axes(),
                  "overrides": list(job.overrides), "train_cmd": job.train_cmd(),
@@ -193,8 +195,12 @@ def run_cell(job: CellJob, env: dict, deadline: Deadline, say: Callable[[str], N
     _write_record(job, record)
     say(f"{job.name}: training FAILED (exit {rc}); see {train_log}")
     return record
-  say(f"{job.name}: trained in {secs:.0f}s{' (stopped at the deadline)' if stopped else ''}; "
-      "evaluating")
+  say(f"{job.name}: trained in {secs:.0f}s{' (stopped at the deadline)' if stopped else ''}"
+      f"{'' if train_only else '; evaluating'}")
+  if train_only:
+    record["status"] = "trained"
+    _write_record(job, record)
+    return record
   eval_log = job.run_dir / "eval.log"
   rc, secs, _ = _run_stage(job.eval_cmd(), eval_log, env, None)
   record["eval_seconds"] = round(secs, 1)
@@ -210,7 +216,7 @@ def run_cell(job: CellJob, env: dict, deadline: Deadline, say: Callable[[str], N
 
 
 def run_jobs(jobs: list[CellJob], *, parallel: int, deadline_s: float | None, work: Path,
-             say: Callable[[str], None] = print) -> dict[str, dict]:
+             say: Callable[[str], None] = print, train_only: bool = False) -> dict[str, dict]:
   """Runs the unfinished jobs, `parallel` at a time; returns {cell name: record}."""
   env = child_env(parallel, work)
   deadline = Deadline(deadline_s)
@@ -231,7 +237,8 @@ def run_jobs(jobs: list[CellJob], *, parallel: int, deadline_s: float | None, wo
     else:
       todo.append(job)
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-    futures = {pool.submit(run_cell, job, env, deadline, locked_say): job for job in todo}
+    futures = {pool.submit(run_cell, job, env, deadline, locked_say, train_only): job
+               for job in todo}
     for fut in concurrent.futures.as_completed(futures):
       job = futures[fut]
       try:
