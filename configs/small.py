@@ -24,7 +24,7 @@ def config() -> Config:
       model=ModelConfig(num_layers=8, hidden_size=512, head_dim=64, mem_chunk=64),
       data=DataConfig(source="english", path=f"{DATA_DIR}/english", cache_dir=DATA_DIR),
       optim=OptimConfig(),
-      train=TrainConfig(seq_len=512, global_batch=128, micro_batch=32, steps=800,
+      train=TrainConfig(seq_len=512, global_batch=128, micro_batch=32, steps=600,
                         run_dir="runs/small", log_every=10, eval_every=100, eval_batches=8,
                         checkpoint_every=0, keep_checkpoints=1),
       eval=EvalConfig(trials=16, num_docs=4, logits_chunk=8192),

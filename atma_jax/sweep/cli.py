@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from atma_jax.config import ConfigError
+from atma_jax.errors import cli_boundary
 
 
 def parse_args(argv):
@@ -68,14 +69,10 @@ def git_commit() -> str:
     return "unknown"
 
 
+@cli_boundary
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  try:
-    return run(args, ["python", "-m", "atma_jax.sweep",
-                      *(sys.argv[1:] if argv is None else argv)])
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return run(args, ["python", "-m", "atma_jax.sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 def run(args, command: list[str]) -> int:
