@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -103,27 +104,44 @@ def run(args, command: list[str]) -> int:
   def say(msg):
     print(f"[sweep {datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
 
-  records = {} if args.report_only else runner.run_jobs(
-      run_now, parallel=args.parallel, deadline_s=args.deadline, work=work, say=say,
-      train_only=args.train_only)
-  if args.report_only:
-    records = {j.name: runner.read_record(j) for j in run_now}
-  cells_out = report_lib.collect(jobs, records, merged)
   plan = grid.plan(args.smoke)
   seq_len = jobs[0].seq_len
-  report = {
+  header = {
       "grid": grid.name, "smoke": args.smoke, "base": grid.base, "notes": grid.notes,
-      "commit": git_commit(), "created": datetime.datetime.now(datetime.timezone.utc)
-      .strftime("%Y-%m-%d %H:%M UTC"), "command": command,
-      "overrides_all_cells": list(args.overrides), "parallel": args.parallel,
-      "deadline_s": args.deadline, "train_seq_len": seq_len, "lengths": plan.lengths(seq_len),
+      "commit": git_commit(), "command": command, "overrides_all_cells": list(args.overrides),
+      "parallel": args.parallel, "deadline_s": args.deadline, "train_seq_len": seq_len,
+      "lengths": plan.lengths(seq_len),
       "plan": {"multipliers": list(plan.multipliers), "tasks": list(plan.tasks),
                "corpus": plan.corpus, "trials": plan.trials, "docs": plan.docs,
                "depths": list(plan.depths)},
-      "primary": grid.primary_cell, "cells": cells_out,
+      "primary": grid.primary_cell,
   }
-  report["checks"] = report_lib.checks(cells_out, grid.primary_cell)
-  paths = report_lib.write(report, out)
+
+  def write_report(records):
+    cells_out = report_lib.collect(jobs, records, merged)
+    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    report = {**header, "created": created, "cells": cells_out,
+              "checks": report_lib.checks(cells_out, grid.primary_cell)}
+    return cells_out, report_lib.write(report, out)
+
+  if args.report_only:
+    records = {j.name: runner.read_record(j) for j in run_now}
+  else:
+    def interrupted(signum, frame):
+      raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+      records = runner.run_jobs(run_now, parallel=args.parallel, deadline_s=args.deadline,
+                                work=work, say=say, train_only=args.train_only,
+                                on_cell_done=write_report)
+    except KeyboardInterrupt:
+      say("stopped: the running cells were sent SIGTERM (a trainer in its loop saves a "
+          "checkpoint); re-run the same command to resume")
+      return 130
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+  cells_out, paths = write_report(records)
   bad = [n for n, c in cells_out.items()
          if c.get("status") != ("trained" if args.train_only else "done")]
   say(f"wrote {len(paths)} files to {out}: {', '.join(p.name for p in paths)}")

@@ -94,7 +94,7 @@ def collect(jobs, records: dict[str, dict], merged: dict[str, dict]) -> dict[str
       continue
     rec = dict(records.get(job.name, {}))
     entry = {"cell": job.name, "id": job.cell.id, "axes": job.cell.axes(),
-             "overrides": list(job.overrides), "status": rec.get("status", "not run"),
+             "overrides": list(job.overrides), "status": rec.get("status", "pending"),
              "error": rec.get("error"), "train_seconds": rec.get("train_seconds"),
              "eval_seconds": rec.get("eval_seconds"),
              "stopped_by_deadline": rec.get("stopped_by_deadline", False),

@@ -36,6 +36,20 @@ CELL_FILE = "sweep_cell.json"
 TAIL_LINES = 25
 TERM_GRACE_S = 90  # after SIGTERM, how long a trainer may take to checkpoint before SIGKILL
 
+_live: set[subprocess.Popen] = set()  # children running now (stop_all ends them)
+_live_lock = threading.Lock()
+_stopping = threading.Event()  # set by stop_all: no new stage starts
+
+
+def stop_all() -> None:
+  """Asks every running child to stop (SIGTERM: a trainer checkpoints) and starts no new one;
+  for the sweep's own SIGINT / SIGTERM."""
+  _stopping.set()
+  with _live_lock:
+    for proc in _live:
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+
 
 @dataclasses.dataclass(frozen=True)
 class CellJob:
@@ -143,8 +157,12 @@ def _run_stage(cmd: list[str], log_path: Path, env: dict, deadline: Deadline | N
   with open(log_path, "a") as log:
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            stdin=subprocess.DEVNULL)
+    with _live_lock:
+      if _stopping.is_set():
+        return -signal.SIGTERM, 0.0, True
+      proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              stdin=subprocess.DEVNULL)
+      _live.add(proc)
     try:
       while True:
         try:
@@ -165,6 +183,9 @@ def _run_stage(cmd: list[str], log_path: Path, env: dict, deadline: Deadline | N
       proc.kill()  # the sweep itself is interrupted: leave no orphan
       proc.wait()
       raise
+    finally:
+      with _live_lock:
+        _live.discard(proc)
   return rc, time.monotonic() - t0, stopped
 
 
@@ -201,6 +222,10 @@ def run_cell(job: CellJob, env: dict, deadline: Deadline, say: Callable[[str], N
     record["status"] = "trained"
     _write_record(job, record)
     return record
+  if _stopping.is_set():
+    record.update(status="failed", error={"stage": "eval", "message": "the sweep was stopped"})
+    _write_record(job, record)
+    return record
   eval_log = job.run_dir / "eval.log"
   rc, secs, _ = _run_stage(job.eval_cmd(), eval_log, env, None)
   record["eval_seconds"] = round(secs, 1)
@@ -216,8 +241,11 @@ def run_cell(job: CellJob, env: dict, deadline: Deadline, say: Callable[[str], N
 
 
 def run_jobs(jobs: list[CellJob], *, parallel: int, deadline_s: float | None, work: Path,
-             say: Callable[[str], None] = print, train_only: bool = False) -> dict[str, dict]:
-  """Runs the unfinished jobs, `parallel` at a time; returns {cell name: record}."""
+             say: Callable[[str], None] = print, train_only: bool = False,
+             on_cell_done: Callable[[dict[str, dict]], None] | None = None) -> dict[str, dict]:
+  """Runs the unfinished jobs, `parallel` at a time; returns {cell name: record}.
+  `on_cell_done(records so far)` runs after each cell (the CLI rewrites the report, so a run
+  killed from outside still leaves the cells finished by then)."""
   env = child_env(parallel, work)
   deadline = Deadline(deadline_s)
   lock = threading.Lock()
@@ -239,11 +267,17 @@ def run_jobs(jobs: list[CellJob], *, parallel: int, deadline_s: float | None, wo
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
     futures = {pool.submit(run_cell, job, env, deadline, locked_say, train_only): job
                for job in todo}
-    for fut in concurrent.futures.as_completed(futures):
-      job = futures[fut]
-      try:
-        records[job.name] = fut.result()
-      except Exception as e:  # noqa: BLE001 - a runner bug in one cell must not stop the rest
-        records[job.name] = {"cell": job.name, "status": "failed",
-                             "error": {"stage": "runner", "tail": f"{type(e).__name__}: {e}"}}
+    try:
+      for fut in concurrent.futures.as_completed(futures):
+        job = futures[fut]
+        try:
+          records[job.name] = fut.result()
+        except Exception as e:  # noqa: BLE001 - a runner bug in one cell must not stop the rest
+          records[job.name] = {"cell": job.name, "status": "failed",
+                               "error": {"stage": "runner", "tail": f"{type(e).__name__}: {e}"}}
+        if on_cell_done is not None:
+          on_cell_done(dict(records))
+    except BaseException:  # Ctrl-C / SIGTERM of the sweep: stop the children before waiting
+      stop_all()
+      raise
   return {job.name: records[job.name] for job in jobs}
