@@ -111,6 +111,9 @@ class DataConfig:
   cache_dir: str = "data_cache"  # tokenized embedded/english corpora are cached here
   val_fraction: float = 0.05  # embedded: deterministic share of documents held out
   seed: int = 0
+  # Demonstration aid, off by default: the share of training rows replaced by passkey / NIAH
+  # needle examples built from the row's own text (atma_jax/data/needle_mix.py).
+  needle_mix: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,12 @@ class Config:
       raise ConfigError(f"eval.depths={e.depths}: every needle depth must lie in [0, 1].")
     if not 0.0 <= self.data.val_fraction < 1.0:
       raise ConfigError(f"data.val_fraction={self.data.val_fraction} must lie in [0, 1).")
+    if not 0.0 <= self.data.needle_mix <= 1.0:
+      raise ConfigError(f"data.needle_mix={self.data.needle_mix} must lie in [0, 1] (the share "
+                        "of training rows made needle examples; 0 turns it off).")
+    if self.data.needle_mix > 0 and t.seq_len < 64:
+      raise ConfigError(f"data.needle_mix needs train.seq_len >= 64 (the needle scaffold takes "
+                        f"~30 tokens); got {t.seq_len}.")
     return self
 
 
@@ -381,7 +390,7 @@ def from_json(text: str) -> Config:
   return from_dict(json.loads(text))
 
 
-PRESETS = ("tiny", "atma_378m")
+PRESETS = ("tiny", "small", "atma_378m")
 
 
 def load_preset(name: str) -> Config:

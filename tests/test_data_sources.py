@@ -147,6 +147,23 @@ def test_missing_debian_packages_name_the_install(monkeypatch, tok):
 
 
 @pytest.mark.skipif(not os.path.isdir(sources.PY_DOC_DIR), reason="python3.11-doc not installed")
+def test_heldout_cache_serves_a_machine_without_the_packages(tmp_path, monkeypatch, tok):
+  novels = [("austen:a", "It is a truth universally acknowledged. " * 40),
+            ("austen:b", "Emma Woodhouse, handsome, clever, and rich. " * 60)]
+  monkeypatch.setattr(sources, "austen_novels", lambda: novels)
+  built = eval_docs.long_documents("austen", 100, tok, limit=4, cache_dir=str(tmp_path))
+  assert os.path.isfile(eval_docs.cache_path("austen", str(tmp_path), tok))
+
+  def missing():
+    raise sources.SourceError("no package here")
+
+  monkeypatch.setattr(sources, "austen_novels", missing)
+  assert eval_docs.long_documents("austen", 100, tok, limit=4, cache_dir=str(tmp_path)) == built
+  assert built == [tok.encode(text)[:100] for _, text in novels]
+  with pytest.raises(sources.SourceError, match="no package here"):  # no cache: the source
+    eval_docs.long_documents("austen", 100, tok, cache_dir=str(tmp_path / "other"))
+
+
 def test_english_documents_start_with_python_docs():
   gen = sources.english_documents()
   first = [next(gen) for _ in range(3)]

@@ -13,13 +13,21 @@ long texts that no training split contains:
 Every returned document is exactly `min_tokens` GPT-2 ids (the document's first `min_tokens`),
 with no EOT prepended: the caller adds `[50256]` where a protocol wants it (§10 pitfall 24).
 Sources too short for `min_tokens` yield fewer documents; none at all raises ValueError.
+
+With a `cache_dir`, the tokenized Austen / KJV texts are kept in
+`<cache_dir>/heldout-<kind>-<tokenizer fingerprint>.bin` (a `.bin` shard, each document led by
+EOT) and read from there when present, so a machine without the Debian packages (e.g. a GPU
+machine that receives the cache as files) evaluates on the same documents.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
-from atma_jax.data import sources
+import numpy as np
+
+from atma_jax.data import shards, sources
 from atma_jax.data.tokenizer import EOT_ID, Tokenizer, load_gpt2_tokenizer
 
 KINDS = ("code", "austen", "kjv")
@@ -53,10 +61,32 @@ def _code_documents(min_tokens: int, tok: Tokenizer, limit: int) -> list[list[in
   return docs
 
 
+def cache_path(kind: str, cache_dir: str, tok: Tokenizer) -> str:
+  return os.path.join(cache_dir, f"heldout-{kind}-{tok.fingerprint}.bin")
+
+
+def text_documents(kind: str, tok: Tokenizer, cache_dir: str | None = None) -> list[list[int]]:
+  """The whole tokenized Austen novels (one list each) or KJV (one list), from the cache when
+  `cache_dir` holds it, else from the Debian package (then written to the cache)."""
+  path = cache_path(kind, cache_dir, tok) if cache_dir else None
+  if path and os.path.isfile(path):
+    flat = np.asarray(shards.read_shard(path), dtype=np.int64)
+    starts = np.flatnonzero(flat == EOT_ID).tolist() + [len(flat)]
+    return [flat[a + 1:b].tolist() for a, b in zip(starts, starts[1:])]
+  if kind == "austen":
+    docs = [tok.encode(text) for _, text in sources.austen_novels()]
+  else:
+    docs = [tok.encode(sources.kjv_text())]
+  if path:
+    shards.write_shard(path, [t for d in docs for t in (EOT_ID, *d)], bytes_per_token=2)
+  return docs
+
+
 def long_documents(kind: str, min_tokens: int, tokenizer: Tokenizer | None = None,
-                   limit: int = 4) -> list[list[int]]:
+                   limit: int = 4, cache_dir: str | None = None) -> list[list[int]]:
   """Up to `limit` held-out documents of `kind` ("code", "austen", "kjv"), each exactly
-  `min_tokens` ids. Raises SourceError naming the Debian package if austen/kjv is missing."""
+  `min_tokens` ids. Raises SourceError naming the Debian package if austen/kjv is missing and
+  not cached under `cache_dir`."""
   if kind not in KINDS:
     raise ValueError(f"unknown long-document kind {kind!r}; choose one of {KINDS}.")
   if min_tokens < 1 or limit < 1:
@@ -65,15 +95,10 @@ def long_documents(kind: str, min_tokens: int, tokenizer: Tokenizer | None = Non
   if kind == "code":
     docs = _code_documents(min_tokens, tok, limit)
   elif kind == "austen":
-    docs = []
-    for _, text in sources.austen_novels():
-      ids = tok.encode(text)
-      if len(ids) >= min_tokens:
-        docs.append(ids[:min_tokens])
-      if len(docs) >= limit:
-        break
+    docs = [ids[:min_tokens] for ids in text_documents(kind, tok, cache_dir)
+            if len(ids) >= min_tokens][:limit]
   else:
-    ids = tok.encode(sources.kjv_text())
+    (ids,) = text_documents(kind, tok, cache_dir)
     docs = [ids[i:i + min_tokens] for i in range(0, len(ids) - min_tokens + 1, min_tokens)]
     docs = docs[:limit]
   if not docs:

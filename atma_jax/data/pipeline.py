@@ -149,6 +149,10 @@ def make_train_dataset(cfg: Config, *, process_index: int = 0, process_count: in
   """Infinite `grain.IterDataset` of per-step batches (see the module docstring)."""
   windows = train_windows(cfg, process_index=process_index, process_count=process_count, log=log)
   ds = grain.MapDataset.source(windows).repeat(None)  # epochs wrap in the same order
+  if cfg.data.needle_mix > 0:  # demonstration aid: some rows become needle examples
+    from atma_jax.data.needle_mix import NeedleMixer
+    ds = ds.map_with_index(NeedleMixer(cfg.data.needle_mix, cfg.data.seed, windows.row_start,
+                                       load_gpt2_tokenizer()))
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=prefetch))
 

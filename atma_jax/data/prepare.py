@@ -11,7 +11,9 @@ per split and per sub-source, timing) into `--out`. Train on them with
 
 The english corpus needs Debian packages (CPython docs + Linux kernel docs); the held-out eval
 texts (Austen, KJV) are checked too. A missing package exits with status 2 and prints the exact
-`apt-get install` line.
+`apt-get install` line. `--heldout-cache DIR` also tokenizes those eval texts into
+`DIR/heldout-{austen,kjv}-<tokenizer>.bin`, where `eval.py` finds them when the run's
+`data.cache_dir` is DIR (so a machine without the packages evaluates on them).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--hf-split", default="train")
   p.add_argument("--pure-python", action="store_true", help="do not use tiktoken even if present")
   p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+  p.add_argument("--heldout-cache", default="",
+                 help="also tokenize the held-out eval texts (Austen, KJV) into this folder")
   args = p.parse_args(argv)
 
   if args.source == "english":
@@ -93,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
                                    max_tokens=args.max_tokens or None,
                                    log=lambda m: print(m, flush=True))
   print(json.dumps({k: v for k, v in meta.items() if not k.endswith("_files")}, indent=2))
+  if args.heldout_cache:
+    from atma_jax.data import eval_docs
+    os.makedirs(args.heldout_cache, exist_ok=True)
+    for kind in ("austen", "kjv"):
+      docs = eval_docs.text_documents(kind, tok, args.heldout_cache)  # SourceError: exit 2
+      path = eval_docs.cache_path(kind, args.heldout_cache, tok)
+      print(f"[prepare] held-out {kind}: {len(docs)} document(s), {sum(map(len, docs)):,} tokens"
+            f" -> {path}")
   return 0
 
 

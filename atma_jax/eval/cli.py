@@ -159,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
   tok = load_gpt2_tokenizer()
   longest = max(lengths)
   try:
-    docs = eval_docs.long_documents(args.corpus, longest, tok, limit=num_docs)
+    docs = eval_docs.long_documents(args.corpus, longest, tok, limit=num_docs,
+                                    cache_dir=cfg.data.cache_dir)
   except Exception as e:  # noqa: BLE001 - missing package or too short: a user-facing problem
     raise EvalError(f"held-out {args.corpus!r} documents of {longest:,} tokens: {e}") from None
   if len(docs) < num_docs:

@@ -1,0 +1,102 @@
+"""`python -m atma_jax.sweep --smoke` end to end on CPU: the report files, a failing cell recorded
+while the others go on, finished cells skipped on a re-run, an earlier report merged in."""
+
+import json
+import os
+
+import pytest
+
+from atma_jax.config import ConfigError
+from atma_jax.sweep import cli
+from atma_jax.sweep import grid as grid_lib
+from atma_jax.sweep import report as report_lib
+
+# polar+mem and polar+mem+live compile the same programs (the init differs only in values), so
+# the second cell reuses the first one's compilations from the sweep's cache.
+CELLS = "polar+mem,polar+mem+live,broken"
+# One global layer (memory on it) instead of the smoke's two: half the compile time.
+FAST = [a for kv in ("model.num_layers=1", "model.global_every=1", "model.global_offset=0",
+                     "train.steps=2", "train.eval_every=2") for a in ("--set", kv)]
+# model.vocab_size below the GPT-2 vocabulary passes config validation but fails in the data
+# pipeline of the child process: a runtime failure of one cell.
+BROKEN = grid_lib.Cell(core="polar", label="broken", extra=("model.vocab_size=1000",))
+
+
+@pytest.fixture
+def grid_with_broken_cell(monkeypatch):
+  real = grid_lib.load_grid("sweep_small")
+  patched = grid_lib.replace(real, cells=real.cells + (BROKEN,))
+  monkeypatch.setattr(grid_lib, "load_grid", lambda name: patched)
+  # Children see one CPU device (the 8 fake ones are for this process's sharding tests).
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+  return patched
+
+
+def test_smoke_sweep(tmp_path, grid_with_broken_cell, capsys):
+  work, out = tmp_path / "work", tmp_path / "report"
+  argv = ["--config", "sweep_small", "--smoke", "--cells", CELLS, "--work", str(work),
+          "--out", str(out), *FAST]
+  assert cli.main(argv) == 1  # one cell failed
+  assert sorted(os.listdir(out)) == sorted(report_lib.FILES)
+  report = json.loads((out / "report.json").read_text())
+  cells = report["cells"]
+  assert list(cells) == ["polar+mem", "polar+mem+live", "broken"]
+  for name in ("polar+mem", "polar+mem+live"):
+    c = cells[name]
+    assert c["status"] == "done", c.get("error")
+    assert c["train"]["steps"] == 2 and c["train"]["tokens_seen"] == 2 * 8 * 64
+    assert c["eval"]["lengths"] == [64, 128]
+    assert set(c["series"]["needle_acc"]) == {"64", "128"}
+    assert all(0.0 <= v <= 1.0 for v in c["series"]["retrieval_acc"].values())
+  assert cells["polar+mem+live"]["axes"]["init"] == "live_mixers"
+  broken = cells["broken"]
+  assert broken["status"] == "failed" and broken["error"]["stage"] == "train"
+  assert "vocab_size" in broken["error"]["tail"]
+  md = (out / "report.md").read_text()
+  assert "| polar+mem | done |" in md and "### broken: failed (train" in md
+  assert "model.vocab_size=1000" in (out / "commands.txt").read_text()
+
+  # Re-run: the finished cells are skipped (their evaluations untouched), the broken one retried.
+  stamp = os.path.getmtime(work / cells["polar+mem"]["id"] / "eval" / "report.json")
+  capsys.readouterr()
+  assert cli.main(argv) == 1
+  log = capsys.readouterr().out
+  assert log.count("already finished") == 2 and "broken: training FAILED" in log
+  assert os.path.getmtime(work / cells["polar+mem"]["id"] / "eval" / "report.json") == stamp
+
+  # Another call's report merged in: nothing runs, both cells are reported.
+  merged_out = tmp_path / "merged"
+  assert cli.main(["--config", "sweep_small", "--smoke", "--cells", "polar+mem,polar+mem+live",
+                   "--work", str(tmp_path / "fresh"), "--out", str(merged_out),
+                   "--merge", str(out / "report.json")]) == 0
+  merged = json.loads((merged_out / "report.json").read_text())["cells"]
+  assert all(c["from_earlier_report"] and c["status"] == "done" for c in merged.values())
+  assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "tiny"], "no grid() function"),
+    (["--config", "nonexistent_grid"], "unknown sweep grid"),
+    (["--config", "sweep_small", "--cells", "polar+mem,bogus"], "--cells ['bogus']"),
+    (["--config", "sweep_small", "--set", "model.bogus=1"], "unknown config key"),
+    (["--config", "sweep_small", "--parallel", "0"], "--parallel 0 must be >= 1"),
+    (["--config", "sweep_small", "--merge", "/nonexistent/report.json"], "no such report.json"),
+])
+def test_bad_arguments_fail_before_running(tmp_path, capsys, argv, message):
+  assert cli.main(argv + ["--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "w").exists()
+
+
+def test_cell_overrides_and_ids():
+  cell = grid_lib.Cell(core="nope", memory=False, window=256, distractor=512,
+                       regularizer="zipfian", init="live_mixers")
+  sets = dict(s.split("=", 1) for s in cell.overrides())
+  assert sets["model.attn_type"] == "nope" and sets["model.mem_enabled"] == "false"
+  assert sets["model.attn_window"] == "256" and sets["model.num_random_keys"] == "512"
+  assert float(sets["optim.distractor_weight"]) > 0 and float(sets["optim.sigreg_alpha"]) > 0
+  assert cell.id == "nope__reg-zipfian__distr-1__mem-0__win-1__init-live_mixers"
+  with pytest.raises(ConfigError, match="core='wall'"):
+    grid_lib.Cell(core="wall").validate()
+  with pytest.raises(ConfigError, match="needs a label"):
+    _ = grid_lib.Cell(extra=("data.needle_mix=0.25",)).name
