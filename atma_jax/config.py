@@ -150,6 +150,8 @@ class TrainConfig:
   seq_len: int = 2048
   global_batch: int = 256  # sequences per optimizer step
   micro_batch: int = 16  # sequences per micro-step (global, across all devices)
+  prefetch: int = 2  # batches put on the devices ahead of the step (0: read at each step)
+  mfu_peak: str = "datasheet"  # MFU's peak: datasheet, measured (bf16 matmul) or TFLOP/s
   steps: int = 18722
   seed: int = 0
   run_dir: str = "runs/default"
@@ -191,7 +193,7 @@ class Config:
       if getattr(t, name) < 1:
         raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 1; "
                           f"set e.g. --set train.{name}=1.")
-    for name in ("checkpoint_every", "eval_batches"):
+    for name in ("checkpoint_every", "eval_batches", "prefetch"):
       if getattr(t, name) < 0:
         raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0 (0 turns it off).")
     if t.global_batch % t.micro_batch:
