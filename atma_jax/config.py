@@ -202,6 +202,7 @@ class Config:
           f"{t.micro_batch}; set global_batch to k * micro_batch.")
     if t.seq_len < 2:
       raise ConfigError("train.seq_len must be >= 2.")
+    parse_mfu_peak(t.mfu_peak)
     o = self.optim
     if not 0.0 <= o.cooldown_frac <= 1.0:
       raise ConfigError("optim.cooldown_frac must lie in [0, 1].")
@@ -224,6 +225,21 @@ class Config:
     if not 0.0 <= self.data.val_fraction < 1.0:
       raise ConfigError(f"data.val_fraction={self.data.val_fraction} must lie in [0, 1).")
     return self
+
+
+def parse_mfu_peak(spec: str) -> str | float:
+  """`train.mfu_peak` -> "datasheet", "measured" or a peak in FLOP/s (given in TFLOP/s)."""
+  text = str(spec).strip().lower()
+  if text in ("datasheet", "measured"):
+    return text
+  try:
+    tflops = float(text)
+  except ValueError:
+    tflops = -1.0
+  if not tflops > 0:
+    raise ConfigError(f"train.mfu_peak={spec!r} is not datasheet, measured or a positive number "
+                      "of TFLOP/s per device (e.g. --set train.mfu_peak=790).")
+  return tflops * 1e12
 
 
 # ---------------------------------------------------------------------------------------------

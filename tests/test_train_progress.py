@@ -2,7 +2,7 @@
 
 import pytest
 
-from atma_jax.config import ConfigError
+from atma_jax.config import ConfigError, resolve
 from atma_jax.train import progress
 from atma_jax.train.metrics import flops_per_token
 
@@ -65,9 +65,11 @@ def test_peaks_are_labelled_by_source():
 
   m = progress.resolve_peak("measured", cpu, measure=fake_measure)
   assert calls == [256] and m.label == "mfu(vs 812 TFLOP/s measured bf16 matmul)"
-  for bad in ("fast", "0", "-3"):
+  for bad in ("fast", "0", "-3", "nan"):
     with pytest.raises(ConfigError, match="train.mfu_peak"):
       progress.resolve_peak(bad, cpu)
+    with pytest.raises(ConfigError, match="train.mfu_peak"):  # before any compute
+      resolve("tiny", [f"train.mfu_peak={bad}"])
 
 
 def test_postfix_names_the_peak():

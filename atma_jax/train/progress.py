@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from atma_jax.config import ConfigError
+from atma_jax.config import parse_mfu_peak
 
 
 @dataclass(frozen=True)
@@ -42,23 +42,16 @@ def resolve_peak(spec: str, device=None, *, measure: Callable | None = None) -> 
   """The peak named by `train.mfu_peak`: "datasheet" (the spec table of metrics.PEAK_FLOPS),
   "measured" (this device's bf16 matmul, timed now) or a positive number of TFLOP/s."""
   from atma_jax.train import metrics
-  text = str(spec).strip().lower()
-  if text == "datasheet":
+  kind = parse_mfu_peak(spec)
+  if kind == "datasheet":
     return Peak(metrics.peak_flops(device), "datasheet")
-  if text == "measured":
+  if kind == "measured":
     import jax
     device = device or jax.devices()[0]
     n = 256 if device.platform == "cpu" else 8192
     r = (measure or metrics.measure_matmul_peak)(n, device=device)
     return Peak(float(r["flops_per_s"]), "measured bf16 matmul")
-  try:
-    tflops = float(text)
-  except ValueError:
-    tflops = -1.0
-  if not tflops > 0:
-    raise ConfigError(f"train.mfu_peak={spec!r} is not datasheet, measured or a positive number "
-                      "of TFLOP/s per device (e.g. --set train.mfu_peak=790).")
-  return Peak(tflops * 1e12, "given")
+  return Peak(kind, "given")
 
 
 def window_rates(steps: int, tokens: int, seconds: float, *, flops_per_token: float,
