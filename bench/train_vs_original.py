@@ -250,7 +250,7 @@ def run_original(args, ref_config, tmp) -> dict:
   env["FLA_CUSTOM_OP"] = "1"
   cmd = [args.torch_python, os.path.abspath(__file__), "--side", "original", "--spec",
          spec_path, "--result", res_path]
-  rc, log, secs = run_child(cmd, env, args.side_timeout, cwd=ref)
+  rc, log, secs = run_child(cmd, env, args.original_timeout, cwd=ref)
   res = {}
   if rc == 0 and os.path.exists(res_path):
     with open(res_path) as f:
@@ -273,7 +273,7 @@ def run_ours(args, tmp) -> dict:
     cmd += ["--seq-len", str(args.seq_len), "--global-batch", str(args.global_batch),
             "--micro-batch", str(args.micro_batch), "--window", str(args.steps),
             "--windows", str(args.reps)]
-  rc, log, secs = run_child(cmd, dict(os.environ), args.side_timeout)
+  rc, log, secs = run_child(cmd, dict(os.environ), args.ours_timeout)
   res = {}
   if os.path.exists(res_path):
     with open(res_path) as f:
@@ -314,7 +314,9 @@ def main():
   ap.add_argument("--mem-chunk", type=int, default=128,
                   help="original: AtmaConfig.mem_chunk (its trainers use 128)")
   ap.add_argument("--our-phases", default="step_synthetic,loop")
-  ap.add_argument("--side-timeout", type=float, default=260.0, help="seconds per side")
+  ap.add_argument("--original-timeout", type=float, default=300.0,
+                  help="seconds for the original's side (torch.compile + FLA autotuning)")
+  ap.add_argument("--ours-timeout", type=float, default=240.0, help="seconds for our side")
   ap.add_argument("--skip-original", action="store_true")
   ap.add_argument("--out", default=None)
   ap.add_argument("--smoke", action="store_true",
