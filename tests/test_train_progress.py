@@ -56,7 +56,7 @@ def test_peaks_are_labelled_by_source():
   assert progress.resolve_peak("datasheet", cpu) == progress.Peak(None, "datasheet")
   assert progress.resolve_peak("datasheet", cpu).label == "no mfu (device not in the datasheet table)"
   given = progress.resolve_peak("790.5", cpu)
-  assert given.flops == 790.5e12 and given.label == "mfu(vs 790 TFLOP/s given)"
+  assert given.flops == 790.5e12 and given.label == "mfu(vs 790.5 TFLOP/s given)"
   calls = []
 
   def fake_measure(n, device):
@@ -64,7 +64,7 @@ def test_peaks_are_labelled_by_source():
     return {"flops_per_s": 812.4e12}
 
   m = progress.resolve_peak("measured", cpu, measure=fake_measure)
-  assert calls == [256] and m.label == "mfu(vs 812 TFLOP/s measured bf16 matmul)"
+  assert calls == [256] and m.label == "mfu(vs 812.4 TFLOP/s measured bf16 matmul)"
   for bad in ("fast", "0", "-3", "nan"):
     with pytest.raises(ConfigError, match="train.mfu_peak"):
       progress.resolve_peak(bad, cpu)

@@ -35,7 +35,7 @@ class Peak:
   def label(self) -> str:
     if self.flops is None:
       return f"no mfu (device not in the {self.source} table)"
-    return f"mfu(vs {self.flops / 1e12:.0f} TFLOP/s {self.source})"
+    return f"mfu(vs {self.flops / 1e12:.4g} TFLOP/s {self.source})"
 
 
 def resolve_peak(spec: str, device=None, *, measure: Callable | None = None) -> Peak:
