@@ -152,6 +152,9 @@ class TrainConfig:
   micro_batch: int = 16  # sequences per micro-step (global, across all devices)
   prefetch: int = 2  # batches put on the devices ahead of the step (0: read at each step)
   mfu_peak: str = "datasheet"  # MFU's peak: datasheet, measured (bf16 matmul) or TFLOP/s
+  # gradients summed over data-parallel devices every "micro" step, or once per "step" (pure
+  # data parallel, aux losses off; atma_jax/train/accumulate.py)
+  grad_reduce: Literal["micro", "step"] = "micro"
   steps: int = 18722
   seed: int = 0
   run_dir: str = "runs/default"
