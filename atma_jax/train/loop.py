@@ -223,10 +223,9 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
       state, metrics = train_step(state, next(feed))
       step += 1
       pending.append((step, metrics))
-      # the window that ended at the previous step is read now that this step is queued
-      prev = step - 1
-      if prev == start + 1 or (prev > start and prev % t.log_every == 0):
-        flush(prev, clock)
+      # a log window that ended at the previous step is read now that this step is queued
+      if step - 1 > start and (step - 1) % t.log_every == 0:
+        flush(step - 1, clock)
       signalled = stop.requested
       if pcount > 1:  # all processes must agree; ask only every log_every steps
         signalled = _any_process(signalled) if step % t.log_every == 0 else False
@@ -234,7 +233,7 @@ def run(cfg: Config, *, resume: bool = False, model_fn=None, losses_fn: Callable
       is_eval = step % t.eval_every == 0 or step == t.steps
       is_ckpt = t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.steps
       if is_eval or is_ckpt or (want_stop and step < t.steps) or step == start + 1:
-        flush(step, clock)  # a pause: the window ends here
+        flush(step, clock)  # the first step (compile) or a pause: the window ends here
       if is_eval:
         history["val_loss"].append((step, evaluate(state, step)))
       if want_stop and step < t.steps:
