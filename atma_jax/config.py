@@ -153,6 +153,11 @@ class TrainConfig:
   seq_len: int = 2048
   global_batch: int = 256  # sequences per optimizer step
   micro_batch: int = 16  # sequences per micro-step (global, across all devices)
+  prefetch: int = 2  # batches put on the devices ahead of the step (0: read at each step)
+  mfu_peak: str = "datasheet"  # MFU's peak: datasheet, measured (bf16 matmul) or TFLOP/s
+  # gradients summed over data-parallel devices every "micro" step, or once per "step" (pure
+  # data parallel, aux losses off; atma_jax/train/accumulate.py)
+  grad_reduce: Literal["micro", "step"] = "micro"
   steps: int = 18722
   seed: int = 0
   run_dir: str = "runs/default"
@@ -197,7 +202,7 @@ class Config:
       if getattr(t, name) < 1:
         raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 1; "
                           f"set e.g. --set train.{name}=1.")
-    for name in ("checkpoint_every", "eval_batches"):
+    for name in ("checkpoint_every", "eval_batches", "prefetch"):
       if getattr(t, name) < 0:
         raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0 (0 turns it off).")
     if t.global_batch % t.micro_batch:
@@ -206,6 +211,7 @@ class Config:
           f"{t.micro_batch}; set global_batch to k * micro_batch.")
     if t.seq_len < 2:
       raise ConfigError("train.seq_len must be >= 2.")
+    parse_mfu_peak(t.mfu_peak)
     o = self.optim
     if not 0.0 <= o.cooldown_frac <= 1.0:
       raise ConfigError("optim.cooldown_frac must lie in [0, 1].")
@@ -234,6 +240,21 @@ class Config:
       raise ConfigError(f"data.needle_mix needs train.seq_len >= 64 (the needle scaffold takes "
                         f"~30 tokens); got {t.seq_len}.")
     return self
+
+
+def parse_mfu_peak(spec: str) -> str | float:
+  """`train.mfu_peak` -> "datasheet", "measured" or a peak in FLOP/s (given in TFLOP/s)."""
+  text = str(spec).strip().lower()
+  if text in ("datasheet", "measured"):
+    return text
+  try:
+    tflops = float(text)
+  except ValueError:
+    tflops = -1.0
+  if not tflops > 0:
+    raise ConfigError(f"train.mfu_peak={spec!r} is not datasheet, measured or a positive number "
+                      "of TFLOP/s per device (e.g. --set train.mfu_peak=790).")
+  return tflops * 1e12
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,6 +116,9 @@ def test_eval_batches_fixed_from_val_start(shard_dir):
         np.concatenate([halves[0][i]["inputs"], halves[1][i]["inputs"]]), ev[i]["inputs"])
   with pytest.raises(shards.ShardError, match="lower train.eval_batches"):
     pipeline.make_eval_batches(cfg, 1000, log=None)
+  held = (len(val) - 2) // (2 * T)  # 18 batches of 2 x 8 (+1) tokens
+  clamped = pipeline.make_eval_batches(cfg, 1000, clamp=True, log=None)
+  assert len(clamped) == held and _same(clamped, pipeline.make_eval_batches(cfg, held, log=None))
 
 
 def test_bad_configs_fail_clearly(shard_dir, tmp_path_factory):

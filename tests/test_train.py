@@ -56,7 +56,7 @@ class SigtermAt:
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("train")
   full = run(_cfg(root / "full"), progress=False, log=lambda *_: None)
-  cfg = _cfg(root / "split")
+  cfg = _cfg(root / "split", "train.prefetch=0")  # SigtermAt counts batches as the step reads
   first = run(cfg, progress=False, log=lambda *_: None,
               data_fn=lambda c, i, n: SigtermAt(default_data_fn(c, i, n), at=1))
   second = run(cfg, resume=True, progress=False, log=lambda *_: None)
@@ -162,15 +162,14 @@ def test_matmul_chain_matches_numpy_and_peak_accounting():
     metrics.measure_matmul_peak(0)
 
 
-def test_mfu_and_peak_label():
+def test_mfu_and_datasheet_peak():
   from atma_jax.train import metrics
 
   class Dev:
     device_kind = "NVIDIA H100 80GB HBM3"
 
   assert metrics.peak_flops(Dev()) == 989e12
-  assert "989 TFLOP/s" in metrics.peak_label(Dev()) and "spec table" in metrics.peak_label(Dev())
-  assert metrics.peak_label(jax.devices("cpu")[0]).startswith("no MFU")
+  assert metrics.peak_flops(jax.devices("cpu")[0]) is None
   tps, fpt = 97028.26, metrics.flops_per_token(378220864, 16, 1024, 2048)
   assert fpt == 6 * 378220864 + 12 * 16 * 1024 * 2048
   assert metrics.mfu(tps, fpt, 2, 718e12) == pytest.approx(tps * fpt / (2 * 718e12))

@@ -18,9 +18,11 @@ Training / validation batches (`atma_jax.data.pipeline`), for `cfg.data.source` 
          process p holds global rows [p*B_local, (p+1)*B_local) of the reference batch and reads
          only those tokens. Split into micro-batches in the trainer. Checkpoint with
          `it.get_state()` (JSON-able dict), resume with `it.set_state(state)` or `state=`.
-  make_eval_batches(cfg, num_batches=None, *, process_index=0, process_count=1, batch_rows=None)
+  make_eval_batches(cfg, num_batches=None, *, process_index=0, process_count=1, batch_rows=None,
+                    clamp=False)
       -> list of the same dicts with `batch_rows` (default train.micro_batch) global rows each,
-         from the start of the validation split; num_batches defaults to train.eval_batches.
+         from the start of the validation split; num_batches defaults to train.eval_batches
+         (more than the split holds raises, or with clamp=True returns all it holds).
       With orbax: item handler `grain.checkpoint.CheckpointHandler()`, save with
       `grain.checkpoint.CheckpointSave(it)`, restore into a fresh iterator with
       `grain.checkpoint.CheckpointRestore(it)` (tested: the next batch matches).

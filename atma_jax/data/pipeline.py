@@ -171,11 +171,14 @@ def make_train_iterator(cfg: Config, *, process_index: int = 0, process_count: i
 
 
 def make_eval_batches(cfg: Config, num_batches: int | None = None, *, process_index: int = 0,
-                      process_count: int = 1, batch_rows: int | None = None,
+                      process_count: int = 1, batch_rows: int | None = None, clamp: bool = False,
                       log: Callable[[str], None] | None = print) -> list[Batch]:
   """The first `num_batches` (default `train.eval_batches`) validation batches of
   `batch_rows` (default `train.micro_batch`) global rows, from the start of the validation split,
-  same row semantics as training; this process's rows only. Always the same batches."""
+  same row semantics as training; this process's rows only. Always the same batches.
+
+  A request beyond what the split holds raises, unless `clamp`: then every batch the split holds
+  is returned (fewer than asked; the caller says so)."""
   num_batches = cfg.train.eval_batches if num_batches is None else num_batches
   batch_rows = cfg.train.micro_batch if batch_rows is None else batch_rows
   _, val_files = resolve_shards(cfg, log=log)
@@ -185,8 +188,10 @@ def make_eval_batches(cfg: Config, num_batches: int | None = None, *, process_in
                         row_start=start, row_count=local, vocab_size=cfg.model.vocab_size,
                         what="validation")
   if num_batches > len(windows):
-    raise shards.ShardError(
-        f"the validation split has only {len(windows)} batches of {batch_rows} x "
-        f"{cfg.train.seq_len} tokens, {num_batches} requested; lower train.eval_batches or "
-        "raise data.val_fraction.")
+    if not clamp:
+      raise shards.ShardError(
+          f"the validation split has only {len(windows)} batches of {batch_rows} x "
+          f"{cfg.train.seq_len} tokens, {num_batches} requested; lower train.eval_batches or "
+          "raise data.val_fraction.")
+    num_batches = len(windows)
   return [windows[i] for i in range(num_batches)]

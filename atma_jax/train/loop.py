@@ -1,8 +1,11 @@
 """The host training loop: data -> global arrays -> pure steps; logs, evals, checkpoints.
 
-The device is never synced per step: each step's metrics are fetched after the NEXT step has
-been dispatched (one step late). Evaluation and checkpoints happen every `train.eval_every` /
-`train.checkpoint_every` steps and at the end. SIGTERM / SIGINT finish the current step, save a
+Batches reach the devices `train.prefetch` steps ahead of the step (prefetch.py). The host never
+waits on the device per step: the metrics of every `train.log_every` steps are read in one
+transfer after the NEXT step has been dispatched (one step late), which also closes a
+device-synchronized throughput window (progress.py). Evaluation and checkpoints happen every
+`train.eval_every` / `train.checkpoint_every` steps and at the end; they end the current window
+(their time is not counted as training). SIGTERM / SIGINT finish the current step, save a
 checkpoint and return cleanly. A non-finite step stops the run or is skipped (divergence.py);
 before a checkpoint the metrics of the step being saved are read, so only finite states are
 written. Resuming picks `resume_step` or the newest intact checkpoint (checkpoint.py), moves any
@@ -25,7 +28,9 @@ from atma_jax.train import checkpoint as ckpt
 from atma_jax.train.divergence import NonFiniteGuard
 from atma_jax.train.mesh import batch_sharding, check_batch_divides, make_mesh
 from atma_jax.summary import count_params
-from atma_jax.train.metrics import MetricWriter, flops_per_token, mfu, peak_flops, peak_label
+from atma_jax.train import progress as progress_lib
+from atma_jax.train.metrics import MetricWriter, flops_per_token
+from atma_jax.train.prefetch import DevicePrefetcher
 from atma_jax.train.state import init_state, setup_state
 from atma_jax.train.step import make_eval_step, make_train_step, model_losses
 
@@ -104,7 +109,7 @@ def default_data_fn(cfg, process_index, process_count):
 def default_eval_data_fn(cfg, process_index, process_count):
   from atma_jax.data.pipeline import make_eval_batches
   return make_eval_batches(cfg, process_index=process_index, process_count=process_count,
-                           log=None)
+                           clamp=True, log=None)
 
 
 def run(cfg: Config, *, resume: bool = False, resume_step: int | None = None, model_fn=None,
@@ -163,10 +168,14 @@ def run(cfg: Config, *, resume: bool = False, resume_step: int | None = None, mo
   train_step = make_train_step(cfg, setup, mesh, losses_fn=losses_fn)
   eval_step = make_eval_step(cfg, setup, mesh, losses_fn=losses_fn)
   eval_batches = [to_global(b, bsh) for b in raw_eval]
+  if is_main and 0 < len(eval_batches) < t.eval_batches:
+    log(f"[eval] the validation split holds {len(eval_batches)} batches of {t.micro_batch} x "
+        f"{t.seq_len} tokens; evaluating on those {len(eval_batches)} "
+        f"(train.eval_batches={t.eval_batches})")
 
   n_params = count_params(cfg.model)
   fpt = flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size, t.seq_len)
-  peak = peak_flops()
+  peak = progress_lib.resolve_peak(t.mfu_peak)
   start = int(jax.device_get(state.step))
   # rows after the resumed step were logged by the run that is being replaced (kill, fallback)
   writer = MetricWriter(t.run_dir, enabled=is_main, keep_through=start if start else -1)
@@ -177,8 +186,7 @@ def run(cfg: Config, *, resume: bool = False, resume_step: int | None = None, mo
   if progress and is_main:
     from tqdm import tqdm
     bar = tqdm(total=t.steps, initial=start, desc=cfg.name, dynamic_ncols=True)
-    if peak is not None:
-      bar.write(peak_label())
+    bar.write(peak.label)
 
   def evaluate(st, step):
     if not eval_batches:
@@ -193,85 +201,102 @@ def run(cfg: Config, *, resume: bool = False, resume_step: int | None = None, mo
     return val
 
   history: dict[str, list] = {"train_loss": [], "val_loss": []}
-  pending = None  # (step, device metrics, dispatch time)
-  last_t = None
+  windows: list[dict[str, Any]] = []
+  pending: list = []  # (step, device metrics) dispatched and not yet read
   interrupted = False
 
-  def flush(p, now):
-    nonlocal last_t
-    step, m_dev = p
-    m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
-    skipped = guard.check(step, m)  # raises DivergenceError to stop
-    m.pop("finite", None)
-    dt = None if last_t is None else now - last_t
-    last_t = now
-    rec = {"step": step, **m}
-    if skipped:
+  def flush(upto: int, clock: progress_lib.WindowClock) -> None:
+    """Reads the metrics of the pending steps <= `upto` (waits for step `upto` to finish),
+    applies the non-finite policy to each, and closes the throughput window there."""
+    nonlocal pending
+    done = [p for p in pending if p[0] <= upto]
+    if not done:
+      return
+    pending = pending[len(done):]
+    ms = [{k: float(v) for k, v in m.items()}
+          for m in jax.device_get([m for _, m in done])]  # one transfer
+    seconds = clock.lap()
+    last_step = done[-1][0]
+    last_skipped = False
+    for (step_i, _), m in zip(done, ms):
+      skipped = guard.check(step_i, m)  # raises DivergenceError to stop
+      history["train_loss"].append((step_i, m["loss"]))
+      if skipped:
+        if bar is not None:
+          bar.write(f"step {step_i}: non-finite loss or gradient, update skipped "
+                    f"({guard.skipped} so far)")
+        if step_i == last_step:
+          last_skipped = True
+        else:
+          writer.write({"step": step_i, "loss": m["loss"], "skipped_nonfinite": True})
+    m = {k: v for k, v in ms[-1].items() if k != "finite"}
+    rec = {"step": last_step, **m}
+    if last_skipped:
       rec["skipped_nonfinite"] = True
-      if bar is not None:
-        bar.write(f"step {step}: non-finite loss or gradient, update skipped "
-                  f"({guard.skipped} so far)")
-    if dt:
-      rec["tokens_per_s"] = m["tokens"] / dt
-      u = mfu(rec["tokens_per_s"], fpt, jax.device_count(), peak)
-      if u is not None:
-        rec["mfu"] = u
-        rec["mfu_peak_flops"] = peak
-    history["train_loss"].append((step, m["loss"]))
-    if step % t.log_every == 0 or step == t.steps:
-      writer.write(rec)
+    if last_step == start + 1:  # the first step of this process: compile + run
+      rates = None
+      rec["first_step_s"] = seconds
+    else:
+      rates = progress_lib.window_rates(
+          len(done), sum(int(x["tokens"]) for x in ms), seconds, flops_per_token=fpt,
+          num_devices=jax.device_count(), peak=peak)
+      rec.update(rates)
+    windows.append({"step": last_step, **({"first_step_s": seconds} if rates is None
+                                           else rates)})
+    writer.write(rec)
     if bar is not None:
-      post = {"loss": f"{m['loss']:.3f}"}
-      if "tokens_per_s" in rec:
-        post["tok/s"] = f"{rec['tokens_per_s']:.0f}"
-      if "mfu" in rec:
-        post["mfu"] = f"{100 * rec['mfu']:.1f}%"
-      bar.set_postfix(post, refresh=False)
-      bar.update(1)
+      bar.set_postfix(progress_lib.postfix(m["loss"], rates), refresh=False)
+      bar.update(len(done))
+
+  feed = DevicePrefetcher(data_it, lambda b: to_global(b, bsh), depth=t.prefetch)
+  clock = progress_lib.WindowClock()
 
   def save(step, force=False):
-    nonlocal pending
-    if pending is not None:  # the metrics (finite flag) of the step about to be saved
-      flush(pending, time.time())
-      pending = None
-    ckpt.save(mngr, step, state, data_it, cfg, force=force)
+    flush(step, clock)  # the metrics (finite flag) of the step about to be saved
+    ckpt.save(mngr, step, state, feed, cfg, force=force)
 
   t0 = time.time()
-  with _StopFlag() as stop, _closing(mngr, writer, bar):
+  with _StopFlag() as stop, _closing(mngr, writer, bar), feed:
     if start == 0:
       v = evaluate(state, 0)
       if v is not None:
         history["val_loss"].append((0, v))
     step = start
+    clock.restart()
     while step < t.steps:
-      batch = to_global(next(data_it), bsh)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, next(feed))
       step += 1
-      if pending is not None:
-        flush(pending, time.time())
-      pending = (step, metrics)
-      if step % t.eval_every == 0 or step == t.steps:
-        flush(pending, time.time())
-        pending = None
-        history["val_loss"].append((step, evaluate(state, step)))
+      pending.append((step, metrics))
+      # a log window that ended at the previous step is read now that this step is queued
+      if step - 1 > start and (step - 1) % t.log_every == 0:
+        flush(step - 1, clock)
       signalled = stop.requested
       if pcount > 1:  # all processes must agree; ask only every log_every steps
         signalled = _any_process(signalled) if step % t.log_every == 0 else False
       want_stop = signalled or (stop_after is not None and step >= stop_after)
+      is_eval = step % t.eval_every == 0 or step == t.steps
+      is_ckpt = t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.steps
+      if is_eval or is_ckpt or (want_stop and step < t.steps) or step == start + 1:
+        flush(step, clock)  # the first step (compile) or a pause: the window ends here
+      if is_eval:
+        history["val_loss"].append((step, evaluate(state, step)))
       if want_stop and step < t.steps:
         interrupted = True
         break
-      if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.steps:
+      if is_ckpt:
         save(step)
-    if pending is not None:
-      flush(pending, time.time())
-      pending = None
+      if is_eval or is_ckpt:
+        clock.restart()
+    flush(step, clock)
+    feed.close()  # (also on an exception: the with block)
     if mngr.latest_step() != step:
       save(step, force=True)
   wall = time.time() - t0
   vals = [v for _, v in history["val_loss"] if v is not None]
   summary = {
       "steps": step, "interrupted": interrupted, "wall_s": wall, "num_params": n_params,
+      "throughput_windows": windows, "throughput": progress_lib.steady_rate(windows),
+      "mfu_peak": peak.label,
       "first_val_loss": vals[0] if vals else None, "last_val_loss": vals[-1] if vals else None,
       "last_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
       "train_losses": history["train_loss"], "val_losses": history["val_loss"],

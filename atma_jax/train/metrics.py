@@ -3,8 +3,8 @@
     flops/token = 6 * N_params + 12 * L * D * seq_len
     MFU = tokens/s * flops/token / (peak FLOP/s per device * devices)
 
-Two peaks: `peak_flops` is the spec's datasheet table (what the live progress bar divides by;
-`peak_label` names it), `measure_matmul_peak` times the device's own bf16 matmul (the count of
+Two peaks: `peak_flops` is the spec's datasheet table (the progress bar's default; progress.py
+labels the peak it uses), `measure_matmul_peak` times the device's own bf16 matmul (the count of
 issue #3: the PyTorch trainer's 24.7% MFU is against a measured 718 TFLOP/s on an H100).
 """
 
@@ -41,14 +41,6 @@ def peak_flops(device=None) -> float | None:
     if key.lower() in kind.lower():
       return val
   return None
-
-
-def peak_label(device=None) -> str:
-  """Which peak `peak_flops` divides by, for progress bars and summaries."""
-  peak = peak_flops(device)
-  if peak is None:
-    return "no MFU (device not in the spec peak table)"
-  return f"MFU vs spec table peak {peak / 1e12:.0f} TFLOP/s"
 
 
 def matmul_chain(a_NN, b_NN, chain: int, out_dtype):

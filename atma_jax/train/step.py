@@ -13,9 +13,11 @@ with CE the token SUM (`optim.loss_reduction="sum"`, the reference: gradients of
 accumulated over micro-batches with `lax.scan`) or the token MEAN of the whole step ("mean":
 CE_micro / tokens_per_step and the aux terms / N, so the accumulated gradient is that of the
 step mean). The optimizer then clips ALL gradients to global norm `clip_norm` (always active for
-"sum") and steps. Randomness: `fold_in(fold_in(state.rng, step), micro)`. `metrics["finite"]`
-says whether the loss terms and the gradient norm are finite; with `train.on_nonfinite="skip"`
-a non-finite step leaves parameters and optimizer state as they were (the step count advances).
+"sum") and steps. Randomness: `fold_in(fold_in(state.rng, step), micro)`. Where the micro-step
+gradients are summed over devices (every micro-step or once per step): accumulate.py.
+`metrics["finite"]` says whether the loss terms and the gradient norm are finite; with
+`train.on_nonfinite="skip"` a non-finite step leaves parameters and optimizer state as they were
+(the step count advances).
 
 Micro-batch k holds rows {i * N + k}: a [B, T] batch sharded over data x fsdp in contiguous row
 blocks is reshaped to [M, N, T] (sharding of dim 0 kept) and swapped to [N, M, T], so every
@@ -34,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atma_jax.config import Config
 from atma_jax.sharding import logical_to_spec, use_mesh
+from atma_jax.train.accumulate import make_accumulate
 from atma_jax.train.mesh import BATCH_AXES, batch_sharding, replicated
 from atma_jax.train.state import StateSetup, TrainState
 
@@ -76,6 +79,7 @@ def make_train_step(cfg: Config, setup: StateSetup, mesh: Mesh, *,
     return loss, (ce, reg, align)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  accumulate = make_accumulate(cfg, mesh, grad_fn, setup.shardings.params)
 
   def split_micro(x_BT):
     if x_BT.shape != (B, T):
@@ -87,21 +91,7 @@ def make_train_step(cfg: Config, setup: StateSetup, mesh: Mesh, *,
   def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
     inputs, targets = split_micro(batch["inputs"]), split_micro(batch["targets"])
     rng_step = jax.random.fold_in(state.rng, state.step)
-    # the fp32 gradient accumulator is sharded like the parameters (never replicated)
-    zeros = jax.lax.with_sharding_constraint(
-        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
-        setup.shardings.params)
-
-    def body(carry, xs):
-      acc, ce_acc, reg_acc, align_acc = carry
-      k, inp, tgt = xs
-      (_, (ce, reg, align)), g = grad_fn(state.params, inp, tgt, jax.random.fold_in(rng_step, k))
-      acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
-      return (acc, ce_acc + ce, reg_acc + reg, align_acc + align), None
-
-    init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32),
-            jnp.zeros([], jnp.float32))
-    (grads, ce, reg, align), _ = jax.lax.scan(body, init, (jnp.arange(N), inputs, targets))
+    grads, ce, reg, align = accumulate(state.params, inputs, targets, rng_step)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     params, opt_state, stats = opt.apply(state.params, grads, state.opt_state)
     finite = (jnp.isfinite(ce) & jnp.isfinite(reg) & jnp.isfinite(align)
