@@ -198,5 +198,5 @@ def test_a_kernel_missing_on_this_platform_is_one_line(capsys):
   assert issubclass(KernelUnavailable, ValueError)
   assert main() == 2
   err = capsys.readouterr().err
-  assert err.startswith("error: impl='pallas': no Pallas Polar kernel for platform 'cpu'")
+  assert err.startswith("error: impl='pallas': no Pallas Polar attention backend for platform 'cpu'")
   assert "model.kernel_impl" in err and err.count("\n") == 1
