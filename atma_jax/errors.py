@@ -70,7 +70,7 @@ def report(err: BaseException) -> int:
 
 def handled_errors() -> tuple[type, ...]:
   """The exception types the boundary reports in one line (imported once one is raised)."""
-  from pallas_kernels.dispatch import KernelUnavailable  # kernel_impl=pallas where none exists
+  from pallas_kernels.polar_attention import KernelUnavailable  # kernel_impl=pallas, none here
   return (AtmaError, OSError, KernelUnavailable)
 
 

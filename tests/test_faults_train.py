@@ -48,7 +48,9 @@ def _worker(run_dir):
   get_state = ckpt.IteratorAdapter.get_state
 
   def dying_get_state(self):
-    if self.it.pos == KILL_AT_SAVE:
+    # the loop hands the checkpoint the device prefetcher, whose state is the host iterator's
+    # after the last batch the step consumed
+    if self.it.get_state()["pos"] == KILL_AT_SAVE:
       os.kill(os.getpid(), signal.SIGKILL)
     return get_state(self)
 

@@ -10,6 +10,7 @@ and gpu_backward are private (tests/test_kernel_library.py). The model imports o
 package, through atma_jax/model/ops.py. The ops are mesh-free: a caller that shards wraps them.
 """
 
+from pallas_kernels.dispatch import KernelUnavailable
 from pallas_kernels.polar_attention.api import (BACKENDS, IMPLS, attention_stats, polar_core,
                                                 polar_stats, select_backend, softmax_attention)
 from pallas_kernels.polar_attention.cached import (INVALID_POS, attention_stats_at,
@@ -17,7 +18,7 @@ from pallas_kernels.polar_attention.cached import (INVALID_POS, attention_stats_
 from pallas_kernels.polar_attention.reference import (check_attention_shapes,
                                                       polar_temperature_null, stats_dtype)
 
-__all__ = ["BACKENDS", "IMPLS", "INVALID_POS", "attention_stats", "attention_stats_at",
+__all__ = ["BACKENDS", "IMPLS", "INVALID_POS", "KernelUnavailable", "attention_stats", "attention_stats_at",
            "check_attention_shapes", "polar_core", "polar_core_at", "polar_stats",
            "polar_temperature_null", "select_backend", "softmax_attention",
            "softmax_attention_at", "stats_dtype"]
