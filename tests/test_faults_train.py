@@ -140,7 +140,8 @@ def test_flipped_bytes_are_caught_and_fall_back(full, tmp_path, monkeypatch):
   with pytest.raises(ckpt.CorruptCheckpointError) as e:
     _params(run_dir, 6)
   # raw (incompressible) float bytes decode without complaint: only the digests see the change
-  # (16 of 16 random positions tried by hand); bytes in a compressed block fail to decode
+  # (16 of 16 random positions tried by hand, not recorded); bytes in a compressed block fail to
+  # decode
   silent = "digest mismatch" in str(e.value)
   assert silent or "cannot be read" in str(e.value)
   if silent:
