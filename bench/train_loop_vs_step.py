@@ -19,7 +19,7 @@ its tokens over its seconds summed over windows; every window is recorded. The g
 phases load the step compiled by the first (same program); evaluation is off (`--eval` keeps the
 default). Peak memory is the device's running peak after each phase.
 
-    python3 bench/train_loop_vs_step.py --out $OUT/loop_vs_step.json          # GPU, ~5 min
+    python3 bench/train_loop_vs_step.py --out $OUT/loop_vs_step.json          # GPU, est. ~5 min
     JAX_PLATFORMS=cpu python3 bench/train_loop_vs_step.py --smoke             # CPU, tiny model
 """
 

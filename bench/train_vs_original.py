@@ -23,7 +23,9 @@ sequences of 2048 tokens, micro-batch 16. The original is timed over `--reps` re
 `--reps` windows of `--steps` steps. Peak memory: torch.cuda.max_memory_allocated (and reserved)
 for the original, XLA's peak_bytes_in_use for ours.
 
-GPU (one call, ~6-8 min; the fla-core wheel travels in .whl/, the checkout in ref_atma/):
+GPU (one call, estimated ~6-8 min; in bench/results/train_vs_original_h200.json the original
+took 225 s and our side was stopped by --ours-timeout (240 s) after its bare-step phase; the
+fla-core wheel travels in .whl/, the checkout in ref_atma/):
 
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
       .whl/fla_core-*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 \

@@ -140,7 +140,8 @@ def test_flipped_bytes_are_caught_and_fall_back(full, tmp_path, monkeypatch):
   with pytest.raises(ckpt.CorruptCheckpointError) as e:
     _params(run_dir, 6)
   # raw (incompressible) float bytes decode without complaint: only the digests see the change
-  # (16 of 16 random positions tried by hand); bytes in a compressed block fail to decode
+  # (16 of 16 random positions tried by hand, not recorded); bytes in a compressed block fail to
+  # decode
   silent = "digest mismatch" in str(e.value)
   assert silent or "cannot be read" in str(e.value)
   if silent:
@@ -269,20 +270,24 @@ def poison_losses(cfg, model, inputs, targets, rng, *, train):
   return ce * jnp.where(bad, jnp.nan, 1.0), reg, align
 
 
-def test_nonfinite_step_stops_and_keeps_the_last_finite_checkpoint(tmp_path):
+# log_every=4: steps 3 and 4 are read together, by the checkpoint of step 4 (not a log window)
+@pytest.mark.parametrize("log_every,logged", [(1, [1, 2, 3]), (4, [1, 2])])
+def test_nonfinite_step_stops_and_keeps_the_last_finite_checkpoint(tmp_path, log_every, logged):
   run_dir = tmp_path / "diverged"
-  cfg = _cfg(run_dir, "train.keep_checkpoints=1")
+  cfg = _cfg(run_dir, "train.keep_checkpoints=1", f"train.log_every={log_every}")
   # step 4 is a checkpoint step: its metrics are read before the save, so it is never written
   with pytest.raises(DivergenceError, match=r"at step 4 \(loss nan.*checkpoints/2, is finite"):
     _train(cfg, data_fn=lambda c, i, n: PoisonAt(c, 4), losses_fn=poison_losses)
   assert sorted(os.listdir(run_dir / "checkpoints")) == ["2"]
-  assert _metric_steps(run_dir) == [1, 2, 3]
+  assert _metric_steps(run_dir) == logged
   assert all(np.isfinite(a).all() for a in _params(run_dir, 2))
 
 
-def test_nonfinite_step_skipped_when_configured(tmp_path):
+# log_every=4: the skipped step 3 is read inside the window ending at step 4 (its own row)
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_nonfinite_step_skipped_when_configured(tmp_path, log_every):
   run_dir = tmp_path / "skipped"
-  cfg = _cfg(run_dir, "train.on_nonfinite=skip")
+  cfg = _cfg(run_dir, "train.on_nonfinite=skip", f"train.log_every={log_every}")
   logs = []
   summary = _train(cfg, data_fn=lambda c, i, n: PoisonAt(c, 3), losses_fn=poison_losses,
                    logs=logs)

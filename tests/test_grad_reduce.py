@@ -28,7 +28,7 @@ def _setup(*extra):
   return cfg, mesh, setup, init_state(cfg, setup)
 
 
-def _accumulated(cfg, mesh, setup, state, mode, inputs_NMT, targets_NMT):
+def _accumulated(mesh, setup, state, mode, inputs_NMT, targets_NMT):
   cfg = resolve("tiny", SETS + [f"train.grad_reduce={mode}"])
 
   def micro_loss(params, inp, tgt, rng):
@@ -54,14 +54,13 @@ def _while_bodies(hlo: str) -> list[str]:
 
 @pytest.mark.slow
 def test_step_reduce_matches_micro_reduce_and_leaves_the_loop_free_of_all_reduce():
-  cfg, mesh, setup, state = _setup()
+  _, mesh, setup, state = _setup()
   rng = np.random.default_rng(0)
   toks = rng.integers(0, 50257, size=(B // M, M, T + 1)).astype(np.int32)
   sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
   inp, tgt = jax.device_put(toks[..., :-1], sh), jax.device_put(toks[..., 1:], sh)
-  (g_micro, ce_micro, _, _), hlo_micro = _accumulated(cfg, mesh, setup, state, "micro", inp, tgt)
-  (g_step, ce_step, reg, align), hlo_step = _accumulated(cfg, mesh, setup, state, "step", inp,
-                                                         tgt)
+  (g_micro, ce_micro, _, _), hlo_micro = _accumulated(mesh, setup, state, "micro", inp, tgt)
+  (g_step, ce_step, reg, align), hlo_step = _accumulated(mesh, setup, state, "step", inp, tgt)
   np.testing.assert_allclose(float(ce_step), float(ce_micro), rtol=1e-6)
   assert float(reg) == 0.0 and float(align) == 0.0
   leaves_m, leaves_s = jax.tree.leaves(g_micro), jax.tree.leaves(g_step)

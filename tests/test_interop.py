@@ -384,6 +384,10 @@ def test_cli_import_then_export_round_trip(tmp_path, capsys):
   cfg = small_cfg("polar", True, attn_window=8, embed_dtype="bfloat16")
   sd = convert.state_dict_from_params(cfg, random_params(cfg, seed=7))
   d = _write_ref(tmp_path, cfg, sd)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  assert cli.main(["import", "--weights", str(d), "--out", str(blocker / "run")]) == 2
+  assert "cannot write to --out" in capsys.readouterr().err  # before the weights are read
   run = tmp_path / "run"
   assert cli.main(["import", "--weights", str(d), "--out", str(run), "--preset", "tiny",
                    "--set", "model.kernel_impl=xla"]) == 0

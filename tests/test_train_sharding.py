@@ -187,8 +187,9 @@ def _train_real(cfg, devices, steps=2):
 def test_real_model_sharded_step_matches_single_device():
   """Two train steps of the real model on data=2 x fsdp=2 x tensor=2 equal the one-device steps:
   the loss and gradient norm to fp32 reduction-order noise, every parameter to one bf16 ulp of
-  how far the steps moved it (measured: loss within 1.6e-6, grad norm equal, parameters within
-  1.02e-3 of their movement, most leaves bitwise equal). ~100 s of CPU, nearly all compilation.
+  how far the steps moved it (seen on CPU when written, not recorded in a file: loss within
+  1.6e-6, grad norm equal, parameters within 1.02e-3 of their movement, most leaves bitwise
+  equal). Roughly 100 s of CPU (estimated), nearly all compilation.
 
   Adam's first step is lr * sign(g): with eps 1e-10 a gradient entry that is zero up to
   reduction-order noise steps by +lr on one mesh and -lr on the other; eps 1e-3 makes those

@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from atma_jax.errors import check_writable_dir, cli_boundary
+from atma_jax.errors import cli_boundary
 
 
 def _export(args) -> int:
@@ -58,7 +58,6 @@ def _import(args) -> int:
   config_path = args.config or os.path.join(os.path.dirname(os.path.abspath(weights)),
                                             "config.json")
   check_out_dir(args.out)
-  check_writable_dir(args.out, "--out")
   base = load_preset(args.preset)
   model_cfg = model_config_from_reference(read_json(config_path, "reference config"),
                                           base=base.model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from atma_jax.errors import check_writable_dir
 from atma_jax.interop.convert import InteropError
 
 
@@ -31,7 +32,9 @@ def load_run(path: str, step: int | None = None):
 
 
 def check_out_dir(run_dir: str) -> None:
-  """An import must not overwrite a run: refuse a directory that already holds checkpoints."""
+  """An import must not overwrite a run: refuse a directory that already holds checkpoints, or
+  one that cannot be written."""
+  check_writable_dir(run_dir, "--out")
   ck = os.path.join(run_dir, "checkpoints")
   if os.path.isdir(ck) and os.listdir(ck):
     raise InteropError(f"{run_dir} already holds checkpoints; import into a new run directory "

@@ -20,9 +20,9 @@ import threading
 import jax
 
 from atma_jax.config import ConfigError
+from atma_jax.errors import EXIT_USAGE
 
 DEFAULT_TIMEOUT_S = 300.0
-EXIT_CODE = 2  # the command-line convention for a user-facing error
 
 
 def _host_port(coordinator: str) -> tuple[str, int]:
@@ -114,7 +114,7 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
       return
     print(f"error: {timeout_message(coordinator, num_processes, process_id, timeout_s)}",
           file=sys.stderr, flush=True)
-    os._exit(EXIT_CODE)  # the main thread is blocked inside JAX's C++ connect
+    os._exit(EXIT_USAGE)  # the main thread is blocked inside JAX's C++ connect
 
   threading.Thread(target=watchdog, name="atma-init-watchdog", daemon=True).start()
   # JAX's own limit (which aborts the process) only as a backstop behind the watchdog
