@@ -62,17 +62,12 @@ DEFAULT_CONFIG = BlockConfig()
 
 def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
   """None when these kernels can run this call, else why not (dispatch then falls back to XLA)."""
-  if q.ndim != 4 or k.shape != v.shape or k.shape[-1] != q.shape[-1]:
-    return f"q [B,T,H,D], k/v [B,T,G,D] expected, got {q.shape}, {k.shape}, {v.shape}"
+  why = reference.layout_reason(q, k, v, window=window, q_offset=q_offset)
+  if why is not None:
+    return why
   D = q.shape[-1]
   if not (D >= 16 and D & (D - 1) == 0):
     return f"head dim {D}: the TPU kernels need a power of 2 >= 16"
-  if q.shape[2] % k.shape[2]:
-    return f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}"
-  if not (isinstance(q_offset, int) or jnp.ndim(q_offset) == 0):
-    return f"q_offset must be an int or a scalar (got shape {jnp.shape(q_offset)})"
-  if not (window is None or isinstance(window, int)):
-    return f"window must be None or an int (got {window!r})"
   return None
 
 
