@@ -33,6 +33,12 @@ def stats_dtype(dtype) -> jnp.dtype:
   return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
+def xla_precision(dtype):
+  """Precision of the XLA paths' dots (`xla_streaming`, `cached`): HIGHEST for every dtype but
+  bf16 (bf16 operands: the default dot, fp32 accumulation through preferred_element_type)."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) != jnp.bfloat16 else None
+
+
 def check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window, q_offset) -> None:
   """Raises ValueError naming the problem (and the fix) for inputs no backend can take."""
   if q_BTHD.ndim != 4 or k_BTGD.ndim != 4 or v_BTGD.ndim != 4:
