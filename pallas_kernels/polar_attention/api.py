@@ -39,7 +39,7 @@ IMPLS = dispatch.IMPLS
 _P = "pallas_kernels.polar_attention."
 # platform -> Pallas candidates, preferred first (dispatch takes the first that this hardware has
 # and that takes the call). Hopper: the Mosaic-GPU forward (+ the Triton backward); measured on
-# an H100 (bench/results/polar_mosaic_h100.json): forward 0.63 vs 0.69 ms at (16, 2K), 1.36 vs
+# an H100 (bench/results/polar_mosaic_h100.json): forward 0.62 vs 0.69 ms at (16, 2K), 1.36 vs
 # 1.66 at (4, 8K), 16.8 vs 19.9 at (1, 64K); fwd+bwd 5.78 vs 6.37 at (4, 8K).
 BACKENDS = dispatch.Backends(
     op="Polar attention", xla=_P + "xla_streaming",
