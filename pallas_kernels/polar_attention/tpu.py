@@ -11,9 +11,8 @@ last two dims by (8, 128)); per-row vectors travel as `[B, heads, T, 1]` fp32 (`
   query heads and the query blocks, so dK/dV are summed over the group in VMEM.
 
 Blocks wholly outside the causal/window band (`bands.py`) are skipped with `pl.when`, and their
-index_map
-clamps the block index into the band so the pipeline re-uses the resident block (no DMA). Blocks
-inside the band split into unmasked interior blocks and masked edge blocks. Logits of
+index_map clamps the block index into the band so the pipeline re-uses the resident block (no
+DMA). Blocks inside the band split into unmasked interior blocks and masked edge blocks. Logits of
 invisible keys take a finite sentinel and p is zeroed explicitly (spec §3.4). Lengths are padded
 to the block; padded query rows get lse = +1e30 so that they add nothing to dK/dV.
 
