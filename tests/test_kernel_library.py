@@ -1,5 +1,5 @@
-"""The kernel library's structure: a leaf package (nothing under `pallas_kernels` imports
-`atma_jax`; dependencies point one way: pallas_kernels <- atma_jax.model <- train / eval /
+"""The kernel library's structure: a leaf package (nothing under `pallas_kernels` imports or
+names `atma_jax`; dependencies point one way: pallas_kernels <- atma_jax.model <- train / eval /
 generate) with one backend dispatch (`pallas_kernels.dispatch`) both ops use."""
 
 import ast
@@ -36,6 +36,27 @@ def test_kernel_library_never_imports_the_model_package():
   offenders = [f"{f.relative_to(ROOT)}: {m}" for f in files for m in _imported_modules(f)
                if m == "atma_jax" or m.startswith("atma_jax.")]
   assert not offenders, offenders
+
+
+def test_kernel_library_never_names_the_model_package():
+  """A leaf library does not know its caller: no file under pallas_kernels mentions `atma_jax`
+  (code, strings or docstrings), so no dynamic import can be built from a name written there."""
+  files = sorted(p for p in (ROOT / "pallas_kernels").rglob("*") if p.is_file()
+                 and "__pycache__" not in p.parts)
+  assert any(f.name == "dispatch.py" for f in files), files  # the walk found the library
+  offenders = [f"{f.relative_to(ROOT)}:{i}" for f in files
+               for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1)
+               if "atma_jax" in line]
+  assert not offenders, offenders
+
+
+def test_dispatch_tables_name_only_library_modules():
+  # the modules dispatch imports at run time (importlib, from the BACKENDS strings) are the
+  # library's own
+  for pkg in (polar_attention, gated_delta):
+    t = pkg.BACKENDS
+    modules = {t.xla} | {c.module for cs in t.pallas.values() for c in cs}
+    assert all(m.startswith(pkg.__name__ + ".") for m in modules), modules
 
 
 def test_import_scan_sees_model_imports():

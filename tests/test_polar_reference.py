@@ -196,21 +196,30 @@ def test_dispatch_and_input_errors():
                    *_polar_params(4, 16, 0, jnp.float32)[3:])
 
 
+def _core_value_and_grad(polar_core, window):
+  """f(q_offset, q, k, v, *params) -> ((loss, (c, mag)), grads in q, k, v and the params)."""
+  def loss(off, q, k, v, *p):
+    c, mag = polar_core(q, k, v, *p, window=window, q_offset=off, impl="xla")
+    return jnp.sum(c * jnp.sin(c)) + jnp.sum(mag), (c, mag)
+  return jax.value_and_grad(loss, argnums=range(1, 9), has_aux=True)
+
+
+def _assert_outputs_and_grads_close(got, want, tol):
+  (_, got_out), got_g = got
+  (_, want_out), want_g = want
+  for g, w in zip(tuple(got_out) + got_g, tuple(want_out) + want_g):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=tol, rtol=tol)
+
+
 def test_traced_q_offset_matches_static():
   # Decode / chunked prefill inside a jitted loop passes the offset as a traced int32.
   case = Case(Tq=5, Tk=40, q_offset=35, H=4, G=2, window=16)
   q, k, v, _ = random_inputs(case, jnp.float32, seed=12)
   params = _polar_params(4, 16, 4, jnp.float32)
-
-  def loss(off, q, k, v, *p):
-    c, mag = api.polar_core(q, k, v, *p, window=case.window, q_offset=off, impl="xla")
-    return jnp.sum(c * jnp.sin(c)) + jnp.sum(mag), (c, mag)
-
-  f = jax.value_and_grad(loss, argnums=range(1, 9), has_aux=True)
-  (_, got), got_g = fast_jit(f)(jnp.int32(case.q_offset), q, k, v, *params)
-  (_, want), want_g = fast_jit(functools.partial(f, case.q_offset))(q, k, v, *params)
-  for g, w in zip(tuple(got) + got_g, tuple(want) + want_g):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=1e-6)
+  f = _core_value_and_grad(api.polar_core, case.window)
+  got = fast_jit(f)(jnp.int32(case.q_offset), q, k, v, *params)
+  want = fast_jit(functools.partial(f, case.q_offset))(q, k, v, *params)
+  _assert_outputs_and_grads_close(got, want, tol=1e-6)
 
 
 def test_sharded_traced_offset_equals_unsharded():
@@ -219,15 +228,9 @@ def test_sharded_traced_offset_equals_unsharded():
   case = Case(Tq=3, Tk=30, q_offset=27, B=4, H=4, G=2, window=9)
   q, k, v, _ = random_inputs(case, jnp.float32, seed=13)
   params = _polar_params(4, 16, 5, jnp.float32)
-
-  def loss(off, q, k, v, *p):
-    c, mag = ops.polar_core(q, k, v, *p, window=case.window, q_offset=off, impl="xla")
-    return jnp.sum(c * jnp.sin(c)) + jnp.sum(mag), (c, mag)
-
-  f = jax.value_and_grad(loss, argnums=range(1, 9), has_aux=True)
-  (_, want), want_g = fast_jit(f)(jnp.int32(case.q_offset), q, k, v, *params)
+  f = _core_value_and_grad(ops.polar_core, case.window)
+  want = fast_jit(f)(jnp.int32(case.q_offset), q, k, v, *params)
   with sharding.use_mesh(Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)):
     assert "shard_map" in str(jax.make_jaxpr(f)(jnp.int32(case.q_offset), q, k, v, *params))
-    (_, got), got_g = fast_jit(f)(jnp.int32(case.q_offset), q, k, v, *params)
-  for g, w in zip(tuple(got) + got_g, tuple(want) + want_g):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-5)
+    got = fast_jit(f)(jnp.int32(case.q_offset), q, k, v, *params)
+  _assert_outputs_and_grads_close(got, want, tol=2e-5)

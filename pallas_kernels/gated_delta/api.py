@@ -23,8 +23,8 @@ gets the XLA path's recompute-and-differentiate backward. A backend that also ex
 residuals and gets them back as `gated_delta_bwd(..., prepass=...)`: no prepass rerun in the
 backward, for B*Tp*H*((K + V)*itemsize + 4*C) more bytes per layer (gpu_triton docstring).
 
-Mesh-free: batch rows and heads are independent, so a caller that shards (the model's ops seam,
-`atma_jax/model/ops.py`) wraps `gated_delta_rule` in `jax.shard_map` over batch and heads.
+Mesh-free: batch rows and heads are independent, so a caller that shards wraps
+`gated_delta_rule` in `jax.shard_map` over batch and heads.
 
 Dimension glossary: B batch, T tokens, H heads, K key/query dim, V value dim.
 """

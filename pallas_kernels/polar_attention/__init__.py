@@ -6,8 +6,8 @@ prologue shares, the `BACKENDS` table); the modules `api`, `reference` (oracles)
 (band arithmetic), the decode ops over a cache at per-row positions (`cached`: the
 `*_at` functions, exported here) and the backend modules `BACKENDS` names (xla_streaming, gpu_mosaic,
 gpu_triton, tpu: each one's fwd / bwd / unsupported_reason / config). gpu_tiles, gpu_forward
-and gpu_backward are private (tests/test_kernel_library.py). The model imports only this
-package, through atma_jax/model/ops.py. The ops are mesh-free: a caller that shards wraps them.
+and gpu_backward are private (tests/test_kernel_library.py). The ops are mesh-free: a caller
+that shards wraps them in shard_map.
 """
 
 from pallas_kernels.dispatch import KernelUnavailable

@@ -13,9 +13,8 @@ decided at trace time). On a Hopper GPU both Pallas choices take the Mosaic-GPU 
 q_offset 0, bf16/f16, D 64 or 128) and `gpu_triton` for the rest (decode, f32, other head dims,
 other GPUs).
 
-Mesh-free: every function here works on the arrays it is given. A caller that shards (the
-model's ops seam, `atma_jax/model/ops.py`) wraps `attention_stats` in `jax.shard_map` over batch
-and heads and hands that wrapper to `polar_stats` / `polar_core` / `softmax_attention` as
+Mesh-free: every function here works on the arrays it is given. A caller that shards wraps
+`attention_stats` in `jax.shard_map` over batch and heads and hands that wrapper to `polar_stats` / `polar_core` / `softmax_attention` as
 `stats_fn`, so the jnp prologue and epilogue stay outside the shard_map.
 
 Dimension glossary: B batch, Tq query rows, Tk key rows, H query heads, G KV heads (head h uses
@@ -40,7 +39,7 @@ IMPLS = dispatch.IMPLS
 _P = "pallas_kernels.polar_attention."
 # platform -> Pallas candidates, preferred first (dispatch takes the first that this hardware has
 # and that takes the call). Hopper: the Mosaic-GPU forward (+ the Triton backward); measured on
-# an H100 (bench/results/polar_mosaic_h100.json): forward 0.63 vs 0.69 ms at (16, 2K), 1.36 vs
+# an H100 (bench/results/polar_mosaic_h100.json): forward 0.62 vs 0.69 ms at (16, 2K), 1.36 vs
 # 1.66 at (4, 8K), 16.8 vs 19.9 at (1, 64K); fwd+bwd 5.78 vs 6.37 at (4, 8K).
 BACKENDS = dispatch.Backends(
     op="Polar attention", xla=_P + "xla_streaming",
@@ -131,8 +130,8 @@ def polar_stats(q_BTHD, k_BTGD, v_BTGD, v_null_HD, len_gain_raw_H, null_base_H,
   Epilogue (null fold in the log domain): w_N = sigmoid(t nu - lse),
   c = normalize((1 - w_N) o + w_N v_null), m_eff = (1 - w_N) / p2,
   mag = tanh(softplus(mag_beta_raw) log1p(m_eff)). Differentiated by autodiff.
-  `stats_fn` (default `attention_stats`, same signature) runs the attention in the middle; the
-  model's ops seam passes its shard_map-wrapped `attention_stats` here.
+  `stats_fn` (default `attention_stats`, same signature) runs the attention in the middle; a
+  caller that shards passes its shard_map-wrapped `attention_stats` here.
   """
   B, Tq, H, D = q_BTHD.shape
   if v_null_HD.shape != (H, D):

@@ -77,10 +77,10 @@ def key_span(p0, p1, *, tk, window):
 
 
 def key_range(p0, p1, *, bk, tk, window):
-  """Key blocks [lo, hi) holding every key visible to some query row in [p0, p1]."""
-  hi = cdiv(p1 + 1 if tk is None else minimum(p1 + 1, tk), bk)
-  lo = _const(0, p0, p1) if window is None else div(maximum(p0 - window + 1, 0), bk)
-  return lo, hi
+  """Key blocks [lo, hi) holding every key visible to some query row in [p0, p1] (the blocks
+  of `key_span`)."""
+  first, end = key_span(p0, p1, tk=tk, window=window)
+  return div(first, bk), cdiv(end, bk)
 
 
 def key_band(p0, p1, *, bk, tk, window):

@@ -30,15 +30,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.polar_attention import reference
+from pallas_kernels.polar_attention import bands, reference
 from pallas_kernels.polar_attention.reference import MASK_SENTINEL, stats_dtype
 
 INVALID_POS = 2 ** 30  # position of an empty cache slot: after every query, so never visible
 DEFAULT_BLOCK_K = 512
-
-
-def _precision(dtype):
-  return lax.Precision.HIGHEST if jnp.dtype(dtype) != jnp.bfloat16 else None
 
 
 def _check(q_BTHD, k_BSGD, v_BSGD, q_pos_BT, k_pos_BS):
@@ -79,16 +75,14 @@ def attention_stats_at(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT, k_pos_BS, *,
   q_BTGRD = q_BTHD.reshape(B, T, G, R, D)
   scale_BTGR = scale_BTH.astype(cdt).reshape(B, T, G, R)
   q_pos_BT = q_pos_BT.astype(jnp.int32)
-  prec = _precision(q_BTHD.dtype)
+  prec = reference.xla_precision(q_BTHD.dtype)
 
   def step(carry, blk):
     m, l, q2, acc = carry
     k_BKGD, v_BKGD, kp_BK = blk
     dots = jnp.einsum("btgrd,bkgd->btgrk", q_BTGRD, k_BKGD.astype(q_BTHD.dtype),
                       preferred_element_type=cdt, precision=prec)
-    vis_BTK = kp_BK[:, None, :] <= q_pos_BT[:, :, None]
-    if window is not None:
-      vis_BTK = vis_BTK & (kp_BK[:, None, :] > q_pos_BT[:, :, None] - window)
+    vis_BTK = bands.visible(q_pos_BT[:, :, None], kp_BK[:, None, :], tk=None, window=window)
     vis = vis_BTK[:, :, None, None, :]
     a = jnp.where(vis, scale_BTGR[..., None] * dots, MASK_SENTINEL)
     m_new = jnp.maximum(m, jnp.max(a, axis=-1))

@@ -22,7 +22,7 @@ bk (padded keys lie after every real row, so causality masks them; padded rows a
 On a machine without a GPU the kernel runs in Mosaic-GPU interpret mode (tests). `api.py`
 selects it on Hopper GPUs for the calls it supports. Measured on an H100 (bf16, 8/2 heads,
 D 128, causal; bench/results/polar_mosaic_h100.json), forward vs the Triton forward vs cuDNN:
-(16, 2K) 0.63 / 0.69 / 0.47 ms, (4, 8K) 1.36 / 1.66 / 1.23, (1, 32K) 4.25 / 5.30 / 3.76,
+(16, 2K) 0.62 / 0.69 / 0.47 ms, (4, 8K) 1.36 / 1.66 / 1.23, (1, 32K) 4.24 / 5.30 / 3.76,
 (1, 64K) 16.8 / 19.9 / 15.0; with the Triton backward, fwd+bwd (4, 8K) 5.78 vs 6.37 ms.
 
 Dimension glossary

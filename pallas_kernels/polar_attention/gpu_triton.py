@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels.polar_attention import reference
 from pallas_kernels.polar_attention.gpu_backward import attention_stats_bwd
 from pallas_kernels.polar_attention.gpu_forward import attention_stats_fwd, uses_split_k_decode
 from pallas_kernels.polar_attention.gpu_tiles import DEFAULT_CONFIG, BlockConfig
@@ -40,17 +41,12 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float3
 
 def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
   """None when these kernels can run this call, else why not (dispatch then falls back to XLA)."""
-  if q.ndim != 4 or k.shape != v.shape or k.shape[-1] != q.shape[-1]:
-    return f"q [B,T,H,D], k/v [B,T,G,D] expected, got {q.shape}, {k.shape}, {v.shape}"
+  why = reference.layout_reason(q, k, v, window=window, q_offset=q_offset)
+  if why is not None:
+    return why
   D = q.shape[-1]
   if not (16 <= D <= 256 and D & (D - 1) == 0):
     return f"head dim {D}: the Triton kernels need a power of 2 in [16, 256]"
-  if q.shape[2] % k.shape[2]:
-    return f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}"
-  if not (isinstance(q_offset, int) or jnp.ndim(q_offset) == 0):
-    return f"q_offset must be an int or a scalar (got shape {jnp.shape(q_offset)})"
-  if not (window is None or isinstance(window, int)):
-    return f"window must be None or an int (got {window!r})"
   if jnp.dtype(q.dtype) not in _DTYPES:
     return f"dtype {q.dtype}: the Triton kernels take bf16, f16 or f32"
   return None

@@ -33,6 +33,12 @@ def stats_dtype(dtype) -> jnp.dtype:
   return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
+def xla_precision(dtype):
+  """Precision of the XLA paths' dots (`xla_streaming`, `cached`): HIGHEST for every dtype but
+  bf16 (bf16 operands: the default dot, fp32 accumulation through preferred_element_type)."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) != jnp.bfloat16 else None
+
+
 def check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window, q_offset) -> None:
   """Raises ValueError naming the problem (and the fix) for inputs no backend can take."""
   if q_BTHD.ndim != 4 or k_BTGD.ndim != 4 or v_BTGD.ndim != 4:
@@ -56,6 +62,20 @@ def check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window, q_offse
           f"the last query row (absolute position {q_offset + Tq - 1}) needs keys up to that "
           f"position but only Tk={Tk} keys were given; pass the whole KV prefix "
           f"(Tk >= q_offset + Tq = {q_offset + Tq})")
+
+
+def layout_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
+  """The layout every Pallas backend's `unsupported_reason` checks first (q [B,T,H,D], k/v
+  [B,T,G,D], G | H, scalar q_offset, int window): None, or what is wrong."""
+  if q.ndim != 4 or k.shape != v.shape or k.shape[-1] != q.shape[-1]:
+    return f"q [B,T,H,D], k/v [B,T,G,D] expected, got {q.shape}, {k.shape}, {v.shape}"
+  if q.shape[2] % k.shape[2]:
+    return f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}"
+  if not (isinstance(q_offset, int) or jnp.ndim(q_offset) == 0):
+    return f"q_offset must be an int or a scalar (got shape {jnp.shape(q_offset)})"
+  if not (window is None or isinstance(window, int)):
+    return f"window must be None or an int (got {window!r})"
+  return None
 
 
 def visible_mask(tq: int, tk: int, q_offset=0, window: int | None = None) -> jax.Array:

@@ -11,9 +11,8 @@ last two dims by (8, 128)); per-row vectors travel as `[B, heads, T, 1]` fp32 (`
   query heads and the query blocks, so dK/dV are summed over the group in VMEM.
 
 Blocks wholly outside the causal/window band (`bands.py`) are skipped with `pl.when`, and their
-index_map
-clamps the block index into the band so the pipeline re-uses the resident block (no DMA). Blocks
-inside the band split into unmasked interior blocks and masked edge blocks. Logits of
+index_map clamps the block index into the band so the pipeline re-uses the resident block (no
+DMA). Blocks inside the band split into unmasked interior blocks and masked edge blocks. Logits of
 invisible keys take a finite sentinel and p is zeroed explicitly (spec §3.4). Lengths are padded
 to the block; padded query rows get lse = +1e30 so that they add nothing to dK/dV.
 
@@ -62,17 +61,12 @@ DEFAULT_CONFIG = BlockConfig()
 
 def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
   """None when these kernels can run this call, else why not (dispatch then falls back to XLA)."""
-  if q.ndim != 4 or k.shape != v.shape or k.shape[-1] != q.shape[-1]:
-    return f"q [B,T,H,D], k/v [B,T,G,D] expected, got {q.shape}, {k.shape}, {v.shape}"
+  why = reference.layout_reason(q, k, v, window=window, q_offset=q_offset)
+  if why is not None:
+    return why
   D = q.shape[-1]
   if not (D >= 16 and D & (D - 1) == 0):
     return f"head dim {D}: the TPU kernels need a power of 2 >= 16"
-  if q.shape[2] % k.shape[2]:
-    return f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}"
-  if not (isinstance(q_offset, int) or jnp.ndim(q_offset) == 0):
-    return f"q_offset must be an int or a scalar (got shape {jnp.shape(q_offset)})"
-  if not (window is None or isinstance(window, int)):
-    return f"window must be None or an int (got {window!r})"
   return None
 
 

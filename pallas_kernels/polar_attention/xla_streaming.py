@@ -52,15 +52,11 @@ def _pad_to(x, axis: int, size: int):
   return jnp.pad(x, widths)
 
 
-def _precision(dtype):
-  return lax.Precision.HIGHEST if jnp.dtype(dtype) != jnp.bfloat16 else None
-
-
 def _block_logits(q_BqGRD, k_BkGD, scale_BGRq, qb, kb, bq, bk, tk, q_offset, window):
   """dots_BGRqk (q.k in fp32/fp64), a_BGRqk (masked with the sentinel) and the mask."""
   cdt = scale_BGRq.dtype
   dots = jnp.einsum("bqgrd,bkgd->bgrqk", q_BqGRD, k_BkGD, preferred_element_type=cdt,
-                    precision=_precision(q_BqGRD.dtype))
+                    precision=reference.xla_precision(q_BqGRD.dtype))
   pos_q1 = q_offset + qb * bq + jnp.arange(bq)[:, None]
   key_1k = kb * bk + jnp.arange(bk)[None, :]
   mask_qk = bands.visible(pos_q1, key_1k, tk=tk, window=window)
@@ -102,7 +98,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
       l = alpha * l + jnp.sum(p, axis=-1)
       q2 = alpha * alpha * q2 + jnp.sum(p * p, axis=-1)
       pv = jnp.einsum("bgrqk,bkgd->bgrqd", p.astype(dt), v_blk, preferred_element_type=cdt,
-                      precision=_precision(dt))
+                      precision=reference.xla_precision(dt))
       return m_new, l, q2, alpha[..., None] * acc + pv
 
     stat0 = jnp.full((B, G, R, bq), MASK_SENTINEL, cdt)
@@ -141,7 +137,7 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   scale_BGRT, lse_BGRT, delta_BGRT, cq_BGRT = map(rows, (scale_BTH, lse_BTH, delta_BTH, cq_BTH))
   q_BTGRD, do_BTGRD = _pad_to(q_BTGRD, 1, Tqp), _pad_to(do_BTGRD, 1, Tqp)
   k_BTGD, v_BTGD = _pad_to(k_BTGD, 1, Tkp), _pad_to(v_BTGD.astype(dt), 1, Tkp)
-  prec = _precision(dt)
+  prec = reference.xla_precision(dt)
 
   def one_key_block(carry, kb):
     k_blk = lax.dynamic_slice_in_dim(k_BTGD, kb * bk, bk, axis=1)
