@@ -25,3 +25,26 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory):
+  """A run directory holding one tiny step-0 checkpoint (eval.testing.save_tiny_checkpoint),
+  shared by the CLI tests: they may add report folders to it but never change checkpoints/."""
+  from atma_jax.eval.testing import save_tiny_checkpoint
+
+  d = tmp_path_factory.mktemp("tiny_run")
+  save_tiny_checkpoint(d)
+  return d
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+  """Any attempt to read a checkpoint's arrays fails the test: input errors must come first."""
+  from atma_jax.train import checkpoint
+
+  def boom(*a, **k):
+    raise AssertionError("load_model reached despite a bad argument")
+
+  monkeypatch.setattr(checkpoint, "load_model", boom)
+  monkeypatch.setattr(checkpoint, "load_checkpoint", boom)

@@ -6,26 +6,11 @@ import math
 import pytest
 
 from atma_jax.eval import cli
-from atma_jax.eval.testing import save_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tiny_run")
-  save_tiny_checkpoint(d)
-  return d
 
 
 @pytest.fixture
-def no_load(monkeypatch):
-  """Any attempt to read arrays fails the test: errors must come first."""
-  from atma_jax.train import checkpoint
-
-  def boom(*a, **k):
-    raise AssertionError("load_model reached despite a bad argument")
-
-  monkeypatch.setattr(checkpoint, "load_model", boom)
-  monkeypatch.setattr(checkpoint, "load_checkpoint", boom)
+def run_dir(tiny_run_dir):
+  return tiny_run_dir
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -6,17 +6,14 @@ import sys
 
 import pytest
 
-from atma_jax.eval.testing import save_tiny_checkpoint
 from atma_jax.generate import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tiny_gen_run")
-  save_tiny_checkpoint(d)
-  return d
+@pytest.fixture
+def run_dir(tiny_run_dir):
+  return tiny_run_dir
 
 
 def run_generate(*argv):
@@ -33,16 +30,6 @@ def test_streams_text_and_exits_0(run_dir):
   assert len(proc.stdout.strip()) > len("def fib(n):")  # 12 tokens of (random-model) text
 
 
-@pytest.fixture
-def no_load(monkeypatch):
-  from atma_jax.train import checkpoint
-
-  def boom(*a, **k):
-    raise AssertionError("load_model reached despite a bad argument")
-
-  monkeypatch.setattr(checkpoint, "load_model", boom)
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--temperature", "-1"], "temperature=-1.0 must be"),
     (["--top-p", "0"], "top_p=0.0 must lie in (0, 1]"),
@@ -50,7 +37,7 @@ def no_load(monkeypatch):
     (["--top-k", "60000"], "exceeds the vocabulary"),
     (["--max-new-tokens", "0"], "max_new_tokens=0 must be"),
     (["--max-len", "8"], "exceeds max_len=8"),
-    (["--step", "5"], "no checkpoint for step 5"),
+    (["--step", "5"], "--step 5: there is no checkpoint"),
     (["--block", "0"], "--block must be a positive integer"),
 ])
 def test_bad_inputs_fail_before_loading(run_dir, capsys, no_load, argv, message):

@@ -99,6 +99,17 @@ def test_decode_runs_in_one_dispatch(gen, monkeypatch):
   assert len(calls) == 1
 
 
+def test_no_recompile_for_a_new_seed_length_or_generator(gen):
+  """Seed and max_new_tokens are traced, and Generators of one architecture share the jits."""
+  from atma_jax.generate import loop
+  ps = prompts([5, 9], seed=6)
+  gen.generate(ps, SamplingParams(max_new_tokens=9, temperature=1.0, seed=1))
+  sizes = [f._cache_size() for f in (loop._prefill_chunk, loop._begin, loop._block)]
+  other = Generator(CFG, None, fake.fake_params(V), steps=fake.fake_steps(), prefill_chunk=64)
+  other.generate(ps, SamplingParams(max_new_tokens=30, temperature=1.0, seed=2))
+  assert [f._cache_size() for f in (loop._prefill_chunk, loop._begin, loop._block)] == sizes
+
+
 @pytest.mark.parametrize("ps, kw, message", [
     ([], {}, "no prompts"),
     ([[]], {}, "prompt 0 is empty"),

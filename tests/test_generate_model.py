@@ -76,14 +76,11 @@ def test_device_loop_equals_python_loop(setup, gen):
   assert gen.generate([p], GREEDY, max_len=MAX_LEN) == [want]
 
 
-def test_eval_retrieval_gen_end_to_end(tmp_path, capsys):
+def test_eval_retrieval_gen_end_to_end(tiny_run_dir, tmp_path, capsys):
   from atma_jax.eval import cli
-  from atma_jax.eval.testing import save_tiny_checkpoint
 
-  run = tmp_path / "run"
-  save_tiny_checkpoint(run)
   out = tmp_path / "eval"
-  assert cli.main(["--checkpoint", str(run), "--lengths", "64", "--depths", "0.5", "--trials",
+  assert cli.main(["--checkpoint", str(tiny_run_dir), "--lengths", "64", "--depths", "0.5", "--trials",
                    "2", "--docs", "2", "--tasks", "retrieval", "--generate", "--out", str(out),
                    "--no-progress", "--tokens-per-call", "256"]) == 0
   report = json.loads((out / "report.json").read_text())

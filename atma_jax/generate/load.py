@@ -17,22 +17,12 @@ from atma_jax.generate.loop import Generator
 
 
 def checkpoint_config(path: str, step: int | None = None) -> tuple[Path, Config]:
-  """(step_dir, Config) of a checkpoint; reads no arrays. `step` picks checkpoints/<step> of a
-  run directory. Raises `atma_jax.train.checkpoint.CheckpointError` naming the problem."""
+  """(step_dir, Config) of a checkpoint, as eval.py resolves it; reads no arrays. `step` picks
+  checkpoints/<step> of a run directory. Raises `atma_jax.train.checkpoint.CheckpointError`
+  naming the problem."""
   from atma_jax.train import checkpoint as ckpt
 
-  if step is not None:
-    run = Path(path)
-    if run.name.isdigit() and run.parent.name == "checkpoints":
-      run = run.parent.parent
-    where = ckpt.checkpoint_dir(run) / str(step)
-    if not where.exists():
-      have = sorted(int(p.name) for p in where.parent.iterdir() if p.name.isdigit()) \
-          if where.parent.is_dir() else []
-      raise ckpt.CheckpointError(f"no checkpoint for step {step} under {where.parent} "
-                                 f"(steps there: {have or 'none'}); pass one of those to --step")
-    path = where
-  step_dir = ckpt.resolve_step_dir(path)
+  step_dir = ckpt.resolve_step_dir(path, step=step)
   return step_dir, ckpt.read_config(step_dir)
 
 

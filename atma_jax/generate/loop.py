@@ -14,13 +14,16 @@ N tokens per decode block.
 
 `Generator.stream` yields each block's new tokens per row as soon as the block is on the host
 (the CLI prints them); `Generator.generate` decodes everything in one block. Returned tokens
-exclude the stop token that ended a row. The step functions (`Steps`) default to the model's
+exclude the stop token that ended a row. Compilations are shared by every Generator of one
+architecture and keyed on the padded shapes (prompt chunk, cache length and decode block rounded
+up to 64), not on the seed or max_new_tokens. The step functions (`Steps`) default to the model's
 (`atma_jax.generate.steps`, `atma_jax.model.cache`); tests may pass any with the same
 signatures.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -49,6 +52,7 @@ class Steps(NamedTuple):
   decode: Callable[..., Any]  # (graphdef, params, tokens_B, cache) -> (logits_BV, cache)
 
 
+@functools.cache  # the same Steps object per `mem`: it is a static key of the jitted loop
 def model_steps(mem: bool = True) -> Steps:
   """The model's steps; `mem=False` drops the memory branch (as eval's --no-mem)."""
   from atma_jax.generate import steps
@@ -108,6 +112,59 @@ def cache_length(prompts: Sequence[Sequence[int]], sampling: SamplingParams,
   return max_len
 
 
+def _static(sampling: SamplingParams) -> SamplingParams:
+  """The settings that shape the compiled code; the seed and max_new_tokens are traced
+  (`_begin`, `_block`), so changing them does not recompile."""
+  return dataclasses.replace(sampling, seed=0, max_new_tokens=1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5, 6))
+def _prefill_chunk(steps: Steps, graphdef, params, ids_BC, lengths_B, cache, last_BV):
+  """One prefill chunk; each row with real tokens in it takes its logits as `last_BV`."""
+  logits_BV, cache = steps.prefill(graphdef, params, ids_BC, lengths_B, cache)
+  last_BV = jnp.where((lengths_B > 0)[:, None], logits_BV.astype(jnp.float32), last_BV)
+  return last_BV, cache
+
+
+@functools.partial(jax.jit, static_argnums=2, donate_argnums=1)
+def _begin(last_BV, cache, sampling: SamplingParams, seed, max_new_tokens):
+  """The first new token of each row, sampled from the prompt's last logits: (state, first_B)."""
+  key = jax.random.PRNGKey(seed)
+  first_B = sample(last_BV, jax.random.fold_in(key, 0), sampling)
+  count_B = jnp.ones(first_B.shape, jnp.int32)
+  done_B = next_done(jnp.zeros(first_B.shape, bool), first_B, count_B, sampling,
+                     max_new_tokens)
+  return DecodeState(cache, first_B, done_B, count_B, jnp.ones((), jnp.int32), key), first_B
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5), donate_argnums=3)
+def _block(steps: Steps, graphdef, params, state: DecodeState, sampling: SamplingParams, n: int,
+           max_new_tokens):
+  """Up to `n` decode steps in one `lax.while_loop`: (state, tokens [B, n], PAD-filled)."""
+  B = state.last_B.shape[0]
+
+  def cond(carry):
+    i, state, _ = carry
+    return (i < n) & ~jnp.all(state.done_B)
+
+  def body(carry):
+    i, s, out_BN = carry
+    fed_B = jnp.where(s.done_B, 0, s.last_B)
+    logits_BV, cache = steps.decode(graphdef, params, fed_B, s.cache)
+    token_B = sample(logits_BV, jax.random.fold_in(s.key, s.step), sampling)
+    token_B = jnp.where(s.done_B, PAD, token_B)
+    count_B = s.count_B + (~s.done_B).astype(jnp.int32)
+    done_B = next_done(s.done_B, token_B, count_B, sampling, max_new_tokens)
+    out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], i, axis=1)
+    s = DecodeState(cache, jnp.where(s.done_B, s.last_B, token_B), done_B, count_B,
+                    s.step + 1, s.key)
+    return i + 1, s, out_BN
+
+  out_BN = jnp.full((B, n), PAD, jnp.int32)
+  _, state, out_BN = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, out_BN))
+  return state, out_BN
+
+
 class Generator:
   """Generation with one set of parameters: `generate(prompts, sampling)`, `stream(...)`.
 
@@ -124,48 +181,11 @@ class Generator:
     self.params = params
     self.steps = steps or model_steps(mem)
     self.prefill_chunk = round_up(prefill_chunk, LENGTH_MULTIPLE)
-    steps_, graphdef_ = self.steps, graphdef
-
-    def prefill_chunk_fn(params, ids_BC, lengths_B, cache, last_BV):
-      logits_BV, cache = steps_.prefill(graphdef_, params, ids_BC, lengths_B, cache)
-      last_BV = jnp.where((lengths_B > 0)[:, None], logits_BV.astype(jnp.float32), last_BV)
-      return last_BV, cache
-
-    def begin(last_BV, cache, sampling):
-      key = jax.random.PRNGKey(sampling.seed)
-      first_B = sample(last_BV, jax.random.fold_in(key, 0), sampling)
-      count_B = jnp.ones(first_B.shape, jnp.int32)
-      done_B = next_done(jnp.zeros(first_B.shape, bool), first_B, count_B, sampling)
-      return DecodeState(cache, first_B, done_B, count_B, jnp.ones((), jnp.int32), key), first_B
-
-    def block(params, state, sampling, n):
-      B = state.last_B.shape[0]
-
-      def cond(carry):
-        i, state, _ = carry
-        return (i < n) & ~jnp.all(state.done_B)
-
-      def body(carry):
-        i, s, out_BN = carry
-        fed_B = jnp.where(s.done_B, 0, s.last_B)
-        logits_BV, cache = steps_.decode(graphdef_, params, fed_B, s.cache)
-        token_B = sample(logits_BV, jax.random.fold_in(s.key, s.step), sampling)
-        token_B = jnp.where(s.done_B, PAD, token_B)
-        count_B = s.count_B + (~s.done_B).astype(jnp.int32)
-        done_B = next_done(s.done_B, token_B, count_B, sampling)
-        out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], i, axis=1)
-        s = DecodeState(cache, jnp.where(s.done_B, s.last_B, token_B), done_B, count_B,
-                        s.step + 1, s.key)
-        return i + 1, s, out_BN
-
-      out_BN = jnp.full((B, n), PAD, jnp.int32)
-      _, state, out_BN = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state,
-                                                         out_BN))
-      return state, out_BN
-
-    self._prefill_chunk = jax.jit(prefill_chunk_fn, donate_argnums=(3, 4))
-    self._begin = jax.jit(begin, static_argnums=2, donate_argnums=1)
-    self._block = jax.jit(block, static_argnums=(2, 3), donate_argnums=1)
+    # The jitted pieces live at module level, keyed on (steps, graphdef): Generators of one
+    # architecture (e.g. one per `generate(model, ...)` call) share their compilations.
+    self._prefill_chunk = functools.partial(_prefill_chunk, self.steps, graphdef)
+    self._begin = _begin
+    self._block = functools.partial(_block, self.steps, graphdef)
 
   @classmethod
   def from_model(cls, model, **kw) -> "Generator":
@@ -204,13 +224,14 @@ class Generator:
     capacity = cache_length(prompts, sampling, max_len)
     cache = self.steps.init_cache(self.cfg, len(prompts), capacity)
     last_BV, cache = self.prefill(prompts, cache, capacity)
-    return self._begin(last_BV, cache, sampling)
+    return self._begin(last_BV, cache, _static(sampling), sampling.seed,
+                       sampling.max_new_tokens)
 
   def decode_block(self, state: DecodeState, sampling: SamplingParams, n: int
                    ) -> tuple[DecodeState, jax.Array]:
     """Up to `n` decode steps on device (one dispatch; `state` is donated): (state, tokens
     [B, n] int32, PAD where a row was done or the loop stopped early)."""
-    return self._block(self.params, state, sampling, n)
+    return self._block(self.params, state, _static(sampling), n, sampling.max_new_tokens)
 
   def stream(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
              max_len: int | None = None, block: int = 16) -> Iterator[list[list[int]]]:
@@ -222,18 +243,19 @@ class Generator:
     finished = [False] * len(first_B)
     yield _emit(np.asarray(first_B)[:, None], finished, sampling.stop_token_ids)
     remaining = sampling.max_new_tokens - 1
-    n = min(block, remaining)
-    while remaining > 0 and not all(finished):
-      state, out_BN = self.decode_block(state, sampling, n)
-      remaining -= n
+    while remaining > 0 and not all(finished):  # a block past the end stops early on device
+      state, out_BN = self.decode_block(state, sampling, block)
+      remaining -= block
       yield _emit(np.asarray(out_BN), finished, sampling.stop_token_ids)
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                max_len: int | None = None) -> list[list[int]]:
     """The new tokens of each prompt (stop token excluded), decoded in one on-device block."""
     out = [[] for _ in prompts]
-    for new in self.stream(prompts, sampling, max_len=max_len,
-                           block=max(1, sampling.max_new_tokens - 1)):
+    # one block, its length rounded up (the loop stops once every row is done): one compile
+    # per 64 of max_new_tokens
+    block = round_up(max(1, sampling.max_new_tokens - 1), LENGTH_MULTIPLE)
+    for new in self.stream(prompts, sampling, max_len=max_len, block=block):
       for row, toks in zip(out, new):
         row.extend(toks)
     return out

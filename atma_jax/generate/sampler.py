@@ -10,7 +10,8 @@ Dimension glossary: B sequences, V vocabulary (padded, 50304), K top-k candidate
   vocab_limit > 0       (in every mode) ids >= vocab_limit are never picked
 
 `SamplingParams` is frozen and hashable: `sample` takes it as a static argument, so the branches
-above are chosen at trace time (greedy decoding compiles to one argmax). `next_done` is the
+above are chosen at trace time (greedy decoding compiles to one argmax); the decode loop traces
+its seed and max_new_tokens instead (no recompile when only those change). `next_done` is the
 per-sequence stop rule of the decode loop (a stop token, or `max_new_tokens` emitted).
 """
 
@@ -127,7 +128,9 @@ def is_stop(tokens_B: jax.Array, stop_token_ids: Sequence[int]) -> jax.Array:
 
 
 def next_done(done_B: jax.Array, tokens_B: jax.Array, count_B: jax.Array,
-              params: SamplingParams) -> jax.Array:
+              params: SamplingParams, max_new_tokens=None) -> jax.Array:
   """Per-sequence done flags after emitting `tokens_B` (count_B: tokens emitted so far,
-  including these): done stays done; a stop token or `max_new_tokens` emitted ends a row."""
-  return done_B | is_stop(tokens_B, params.stop_token_ids) | (count_B >= params.max_new_tokens)
+  including these): done stays done; a stop token or `max_new_tokens` emitted ends a row.
+  `max_new_tokens` (an int or a traced scalar) overrides `params.max_new_tokens`."""
+  limit = params.max_new_tokens if max_new_tokens is None else max_new_tokens
+  return done_B | is_stop(tokens_B, params.stop_token_ids) | (count_B >= limit)

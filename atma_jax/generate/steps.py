@@ -15,28 +15,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from atma_jax.model.cache import Cache, CacheError, cache_shardings, check_cache
+from atma_jax.model.cache import Cache, CacheError, cache_shardings
 from atma_jax.sharding import logical_to_spec, use_mesh
-
-
-def _check_concrete_fit(cache: Cache, lengths_B, T: int) -> None:
-  """Outside jit (concrete values): lengths in [0, T] and no row past the cache's max_len."""
-  if isinstance(lengths_B, jax.core.Tracer) or isinstance(cache.positions, jax.core.Tracer):
-    return
-  lengths = np.asarray(lengths_B)
-  if lengths.size and (lengths.min() < 0 or lengths.max() > T):
-    raise CacheError(f"lengths must be in [0, {T}] (real tokens of each right-padded row); got "
-                     f"{lengths.tolist()}")
-  end = np.asarray(cache.positions) + lengths
-  if end.size and end.max() > cache.max_len:
-    row = int(np.argmax(end))
-    raise CacheError(f"row {row} would reach position {int(end[row])} > the cache's max_len="
-                     f"{cache.max_len}; build the cache with init_cache(cfg, batch, "
-                     f"max_len>={int(end.max())}) or shorten the prompt")
 
 
 def prefill(graphdef, params, ids_BT: jax.Array, lengths_B: jax.Array, cache: Cache, *,
@@ -48,20 +31,10 @@ def prefill(graphdef, params, ids_BT: jax.Array, lengths_B: jax.Array, cache: Ca
   """
   if ids_BT.ndim != 2:
     raise CacheError(f"ids must be [B, T]; got shape {ids_BT.shape}")
-  B, T = ids_BT.shape
-  if jnp.shape(lengths_B) != (B,):
-    raise CacheError(f"lengths must be [B={B}] (real tokens per row); got shape "
-                     f"{jnp.shape(lengths_B)}")
+  T = ids_BT.shape[1]
   model = nnx.merge(graphdef, params)
-  check_cache(model.cfg, cache, B)
-  if T > cache.max_len:
-    raise CacheError(f"the prompt has {T} tokens but the cache holds at most max_len="
-                     f"{cache.max_len}; build the cache with a larger max_len or prefill in "
-                     "chunks of at most max_len tokens")
-  _check_concrete_fit(cache, lengths_B, T)
-  lengths_B = jnp.asarray(lengths_B, jnp.int32)
-  h_BTD, _, cache = model(ids_BT, cache=cache, lengths=lengths_B, mem=mem)
-  last_B = jnp.clip(lengths_B - 1, 0, T - 1)
+  h_BTD, _, cache = model(ids_BT, cache=cache, lengths=lengths_B, mem=mem)  # checks the fit
+  last_B = jnp.clip(jnp.asarray(lengths_B, jnp.int32) - 1, 0, T - 1)
   h_BD = jnp.take_along_axis(h_BTD, last_B[:, None, None], axis=1)[:, 0]
   return model.logits(h_BD), cache
 
@@ -70,11 +43,8 @@ def decode(graphdef, params, tokens_B: jax.Array, cache: Cache, *, mem: bool = T
   """One token per row at position cache.positions: (capped logits [B, V] fp32, cache + 1)."""
   if tokens_B.ndim != 1:
     raise CacheError(f"tokens must be [B] (one per sequence); got shape {tokens_B.shape}")
-  B = tokens_B.shape[0]
   model = nnx.merge(graphdef, params)
-  check_cache(model.cfg, cache, B)
-  _check_concrete_fit(cache, np.ones((B,), np.int32), 1)
-  h_B1D, _, cache = model(tokens_B[:, None], cache=cache, mem=mem)
+  h_B1D, _, cache = model(tokens_B[:, None], cache=cache, mem=mem)  # checks the fit
   return model.logits(h_B1D[:, 0]), cache
 
 

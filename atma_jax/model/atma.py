@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from atma_jax.config import ConfigError, ModelConfig
 from atma_jax.model import aux_losses
 from atma_jax.model.block import ACT_AXES, Block
-from atma_jax.model.cache import Cache, CacheError, TokenSpan, check_cache
+from atma_jax.model.cache import Cache, CacheError, TokenSpan, check_cache, check_fit
 from atma_jax.model.init import INIT_SCHEMES, apply_init_scheme
 from atma_jax.model.layers import Embed, Linear, RMSNorm, stats_dtype
 from atma_jax.sharding import constrain
@@ -121,6 +122,7 @@ class Atma(nnx.Module):
     if lengths_B is not None and lengths_B.shape != (B,):
       raise CacheError(f"lengths must be int [B={B}] (real tokens per row); got shape "
                        f"{lengths_B.shape}")
+    check_fit(cache, np.full((B,), T, np.int32) if lengths is None else lengths, T)
     span = TokenSpan(starts_B=cache.positions, lengths_B=lengths_B)
     x = x_BTD
     layers = []

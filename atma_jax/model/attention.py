@@ -106,35 +106,33 @@ class GlobalMixer(nnx.Module):
     v_BRGd = self.v(xi_BRD).reshape(B, R, G, d)
     return jax.lax.stop_gradient(k_BRGd), jax.lax.stop_gradient(v_BRGd)
 
-  def core_inputs(self, x_BTD: jax.Array, q_offset=0):
+  def core_inputs(self, x_BTD: jax.Array, q_offset=0, cache=None, span=None):
     """gate [B,T,H,d], the core's (q, k, v) and the memory's (q, k, v) (k, v not GQA-expanded).
 
     polar / nope: QK-norm then Canon, shared by core and memory. rope: rotary on the core's q, k;
     the memory takes the pre-rotary QK-normed q, k and raw v.
+    With a decode `cache` (a `GlobalLayerCache`) and `span` the Canon convs continue from the
+    cached tails and RoPE rotates at each row's start position; a fourth item, the updated
+    Canon tails {field: [B, Ka-1, F]} ({} for rope), is returned.
     """
     q_BTHd, gate_BTHd, k_BTGd, v_BTGd = self.project_qkv(x_BTD)
+    tails = {}
     if self.cfg.attn_type == "rope":
-      core = (apply_rope(q_BTHd, q_offset), apply_rope(k_BTGd, q_offset), v_BTGd)
-      return gate_BTHd, core, (q_BTHd, k_BTGd, v_BTGd)
-    core = (self._canon(self.canon_q, q_BTHd), self._canon(self.canon_k, k_BTGd),
-            self._canon(self.canon_v, v_BTGd))
-    return gate_BTHd, core, core
+      pos = q_offset if cache is None else span.starts_B
+      core = (apply_rope(q_BTHd, pos), apply_rope(k_BTGd, pos), v_BTGd)
+      mem = (q_BTHd, k_BTGd, v_BTGd)
+    else:
+      def canon(conv, x, field):
+        if cache is None:
+          return self._canon(conv, x)
+        y, tails[field] = self._canon(conv, x, getattr(cache, field), span.lengths_B)
+        return y
 
-  def core_inputs_cached(self, x_BTD: jax.Array, cache, span):
-    """`core_inputs` continuing a decode cache (Canon tails, per-row RoPE positions): the same
-    (gate, core, memory inputs) plus the updated Canon tails {field: [B, Ka-1, F]} ({} for rope).
-    """
-    q_BTHd, gate_BTHd, k_BTGd, v_BTGd = self.project_qkv(x_BTD)
-    if self.cfg.attn_type == "rope":
-      core = (apply_rope(q_BTHd, span.starts_B), apply_rope(k_BTGd, span.starts_B), v_BTGd)
-      return gate_BTHd, core, (q_BTHd, k_BTGd, v_BTGd), {}
-    lengths_B = span.lengths_B
-    q_BTHd, tail_q = self._canon(self.canon_q, q_BTHd, cache.canon_q_BKF, lengths_B)
-    k_BTGd, tail_k = self._canon(self.canon_k, k_BTGd, cache.canon_k_BKF, lengths_B)
-    v_BTGd, tail_v = self._canon(self.canon_v, v_BTGd, cache.canon_v_BKF, lengths_B)
-    core = (q_BTHd, k_BTGd, v_BTGd)
-    return gate_BTHd, core, core, {"canon_q_BKF": tail_q, "canon_k_BKF": tail_k,
-                                   "canon_v_BKF": tail_v}
+      core = (canon(self.canon_q, q_BTHd, "canon_q_BKF"),
+              canon(self.canon_k, k_BTGd, "canon_k_BKF"),
+              canon(self.canon_v, v_BTGd, "canon_v_BKF"))
+      mem = core
+    return (gate_BTHd, core, mem) if cache is None else (gate_BTHd, core, mem, tails)
 
   # -- forward -----------------------------------------------------------------------------------
 
@@ -152,14 +150,10 @@ class GlobalMixer(nnx.Module):
     H, G, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     r = H // G
     W = cfg.attn_window
-    new = {}
     with jax.named_scope("core_inputs"):
-      if cache is None:
-        gate_BTHd, (q_att, k_att, v_att), (q_mem, k_mem, v_mem) = self.core_inputs(x_BTD,
-                                                                                  q_offset)
-      else:
-        gate_BTHd, (q_att, k_att, v_att), (q_mem, k_mem, v_mem), new = self.core_inputs_cached(
-            x_BTD, cache, span)
+      inputs = self.core_inputs(x_BTD, q_offset, cache, span)
+    gate_BTHd, (q_att, k_att, v_att), (q_mem, k_mem, v_mem) = inputs[:3]
+    new = {} if cache is None else inputs[3]  # the layer cache's updated fields
 
     def run_core(core, core_at):
       """core(q, k, v, q_offset) without a cache; over the cache (kv_cache.attend_cached)."""

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -187,6 +188,23 @@ def check_cache(cfg: ModelConfig, cache: Any, batch_size: int | None = None) -> 
     extra = sorted(set(got_d) - {n for n, _, _ in want_leaves})
     raise CacheError(f"the cache does not fit this model: unexpected state {extra}; build it "
                      "with init_cache(model.cfg, batch_size, max_len)")
+
+
+def check_fit(cache: Cache, lengths_B, T: int) -> None:
+  """Raises CacheError unless lengths are in [0, T] and no row runs past the cache's max_len
+  (checked on concrete values; under jit, where they are traced, it does nothing)."""
+  if isinstance(lengths_B, jax.core.Tracer) or isinstance(cache.positions, jax.core.Tracer):
+    return
+  lengths = np.asarray(lengths_B)
+  if lengths.size and (lengths.min() < 0 or lengths.max() > T):
+    raise CacheError(f"lengths must be in [0, {T}] (real tokens of each right-padded row); got "
+                     f"{lengths.tolist()}")
+  end = np.asarray(cache.positions) + lengths
+  if end.size and end.max() > cache.max_len:
+    row = int(np.argmax(end))
+    raise CacheError(f"row {row} would reach position {int(end[row])} > the cache's max_len="
+                     f"{cache.max_len}; build the cache with init_cache(cfg, batch, "
+                     f"max_len>={int(end.max())}) or shorten the prompt")
 
 
 def _fitting_spec(names, shape, mesh) -> P:
