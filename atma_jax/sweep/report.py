@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from atma_jax.eval import scoring
-from atma_jax.eval.plots import fmt_len
+from atma_jax.eval.plots import fmt_len, length_axis
 
 FILES = ("report.json", "report.md", "retrieval.png", "loss.png", "training.png", "commands.txt")
 LOSS_TOLERANCE = 0.005  # nats: "non-increasing with length" allows this much rise per step
@@ -242,20 +242,8 @@ def markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
-def _plot_lengths(ax, lengths, train_len):
-  ax.set_xscale("log", base=2)
-  ax.set_xticks(lengths, [fmt_len(n) for n in lengths])
-  ax.minorticks_off()
-  if train_len:
-    ax.axvline(train_len, color="grey", ls="--", lw=1)
-  ax.grid(alpha=0.3)
-
-
 def plots(report: dict, out_dir: Path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # the Agg backend: atma_jax.eval.plots selected it
 
   cells, lengths, train_len = report["cells"], report["lengths"], report.get("train_seq_len")
   done = {n: c for n, c in cells.items() if c.get("series")}
@@ -267,7 +255,7 @@ def plots(report: dict, out_dir: Path) -> None:
         ns = sorted(s, key=int)
         ax.plot([int(n) for n in ns], [scale * s[n] for n in ns], marker="o", label=name,
                 color=f"C{i}")
-    _plot_lengths(ax, lengths, train_len)
+    length_axis(ax, lengths, train_len)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -294,7 +282,7 @@ def plots(report: dict, out_dir: Path) -> None:
     if pos:
       his = [int(k.split("-")[1]) for k in pos]
       b.plot(his, list(pos.values()), marker="o", label=name, color=f"C{i}")
-  _plot_lengths(b, sorted({int(k.split('-')[1]) for c in done.values()
+  length_axis(b, sorted({int(k.split('-')[1]) for c in done.values()
                            for k in (c.get('eval', {}).get('loss_by_position') or {})})
                 or lengths, train_len)
   b.set_xlabel("position in the longest context (bucket upper edge)")
