@@ -88,6 +88,17 @@ def test_bad_arguments_fail_before_running(tmp_path, capsys, argv, message):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("flag", ["--out", "--work"])
+def test_unwritable_folder_fails_before_running(tmp_path, capsys, flag):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  folders = {"--work": str(tmp_path / "w"), "--out": str(tmp_path / "o"), flag: str(blocker / "x")}
+  argv = ["--config", "sweep_small", "--smoke"] + [a for kv in folders.items() for a in kv]
+  assert cli.main(argv) == 2
+  assert f"cannot write to {flag}" in capsys.readouterr().err
+  assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
 def test_cell_overrides_and_ids():
   cell = grid_lib.Cell(core="nope", memory=False, window=256, distractor=512,
                        regularizer="zipfian", init="live_mixers")

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from atma_jax.config import ConfigError
-from atma_jax.errors import cli_boundary
+from atma_jax.errors import check_writable_dir, cli_boundary
 
 
 def parse_args(argv):
@@ -94,6 +94,9 @@ def run(args, command: list[str]) -> int:
   suffix = "_smoke" if args.smoke else ""
   work = Path(args.work or f"runs/sweep/{grid.name}{suffix}")
   out = Path(args.out or (work / "report" if args.smoke else f"reports/{grid.name}"))
+  check_writable_dir(str(out), "--out")  # before the cells train, not when the report is written
+  if not args.report_only:
+    check_writable_dir(str(work), "--work")
   jobs = runner.make_jobs(grid, cells, smoke=args.smoke, extra=args.overrides, work=work)
   merged = report_lib.load_merge(args.merge)
   run_now = [j for j in jobs if j.name not in merged]
