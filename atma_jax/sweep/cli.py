@@ -23,6 +23,7 @@ Writes report.json, report.md, retrieval.png, loss.png, training.png and command
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import signal
@@ -114,9 +115,7 @@ def run(args, command: list[str]) -> int:
       "commit": git_commit(), "command": command, "overrides_all_cells": list(args.overrides),
       "parallel": args.parallel, "deadline_s": args.deadline, "train_seq_len": seq_len,
       "lengths": plan.lengths(seq_len),
-      "plan": {"multipliers": list(plan.multipliers), "tasks": list(plan.tasks),
-               "corpus": plan.corpus, "trials": plan.trials, "docs": plan.docs,
-               "depths": list(plan.depths)},
+      "plan": dataclasses.asdict(plan),
       "primary": grid.primary_cell,
   }
 

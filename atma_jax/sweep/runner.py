@@ -136,16 +136,13 @@ def child_env(parallel: int, work: Path) -> dict[str, str]:
 
 
 class Deadline:
-  """Seconds left until the training deadline (None: no deadline)."""
+  """The training deadline, `seconds` from now (None: no deadline)."""
 
   def __init__(self, seconds: float | None):
     self.at = None if seconds is None else time.monotonic() + seconds
 
   def passed(self) -> bool:
     return self.at is not None and time.monotonic() >= self.at
-
-  def left(self) -> float | None:
-    return None if self.at is None else self.at - time.monotonic()
 
 
 def _run_stage(cmd: list[str], log_path: Path, env: dict, deadline: Deadline | None
