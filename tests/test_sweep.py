@@ -54,7 +54,10 @@ def test_smoke_sweep(tmp_path, grid_with_broken_cell, capsys):
   assert "vocab_size" in broken["error"]["tail"]
   md = (out / "report.md").read_text()
   assert "| polar+mem | done |" in md and "### broken: failed (train" in md
-  assert "model.vocab_size=1000" in (out / "commands.txt").read_text()
+  commands = (out / "commands.txt").read_text()
+  assert "model.vocab_size=1000" in commands
+  assert commands.count("\n$ python train.py --config small ") == 3  # as typed at the repo root
+  assert commands.count("\n$ python eval.py --checkpoint ") == 3
 
   # Re-run: the finished cells are skipped (their evaluations untouched), the broken one retried.
   stamp = os.path.getmtime(work / cells["polar+mem"]["id"] / "eval" / "report.json")

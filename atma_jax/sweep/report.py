@@ -26,6 +26,7 @@ import numpy as np
 from atma_jax.eval import scoring
 from atma_jax.eval.plots import fmt_len, length_axis
 
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
 FILES = ("report.json", "report.md", "retrieval.png", "loss.png", "training.png", "commands.txt")
 LOSS_TOLERANCE = 0.005  # nats: "non-increasing with length" allows this much rise per step
 NEEDLE_TARGET = 0.90  # the reference's promoted cell: 92.5% per digit at 32x
@@ -315,6 +316,11 @@ def plots(report: dict, out_dir: Path) -> None:
   plt.close(fig)
 
 
+def _repo_relative(arg: str) -> str:
+  """`<checkout>/train.py` -> `train.py`: the command as typed from the repository root."""
+  return os.path.relpath(arg, REPO_ROOT) if arg.startswith(f"{REPO_ROOT}{os.sep}") else arg
+
+
 def commands_text(report: dict) -> str:
   lines = [f"# sweep {report['grid']} at commit {report.get('commit', '?')}, {report['created']}",
            "$ " + shlex.join(report["command"]), ""]
@@ -322,8 +328,7 @@ def commands_text(report: dict) -> str:
     lines.append(f"# {name}{' (from an earlier report)' if c.get('from_earlier_report') else ''}")
     for key in ("train_cmd", "eval_cmd"):
       if c.get(key):
-        cmd = list(c[key])
-        cmd[0] = "python"
+        cmd = ["python"] + [_repo_relative(a) for a in c[key][1:]]
         lines.append("$ " + shlex.join(cmd))
     lines.append("")
   return "\n".join(lines)

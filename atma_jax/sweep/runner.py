@@ -32,6 +32,7 @@ from atma_jax.sweep.grid import Cell, EvalPlan, Grid
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO_ROOT / "train.py"
+EVAL_SCRIPT = REPO_ROOT / "eval.py"
 CELL_FILE = "sweep_cell.json"
 TAIL_LINES = 25
 TERM_GRACE_S = 90  # after SIGTERM, how long a trainer may take to checkpoint before SIGKILL
@@ -80,7 +81,7 @@ class CellJob:
             "--no-progress"]
 
   def eval_cmd(self) -> list[str]:
-    return [sys.executable, "-m", "atma_jax.eval.cli", "--checkpoint", str(self.run_dir),
+    return [sys.executable, str(EVAL_SCRIPT), "--checkpoint", str(self.run_dir),
             "--out", str(self.eval_dir), *self.plan.args(self.seq_len), "--no-progress"]
 
 
