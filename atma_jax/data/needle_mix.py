@@ -1,10 +1,11 @@
 """Needle examples mixed into the training stream: `data.needle_mix = p` (0 = off).
 
-A demonstration aid, labelled as such wherever it is on (the config, the run's config.json and
-the sweep report): with probability `p` a training row is replaced by a §7.3 retrieval example
-(`atma_jax.eval.needles.retrieval_sample`, task passkey or niah, depth uniform in [0, 1]) whose
-haystack is the row's own text, so the model sees `cue + value` planted early and the cue
-repeated at the end, within the training length. The evaluation then asks for the same skill at
+A demonstration aid, visible wherever it is on (the config field's comment, the run's
+config.json, a sweep cell's overrides in report.json and commands.txt): with probability `p` a
+training row is replaced by a §7.3 retrieval example (`atma_jax.eval.needles.retrieval_sample`,
+task passkey or niah, depth uniform in [0, 1]) whose haystack is the row's own text, so the
+model sees `cue + value` planted early and the cue repeated at the end, within the training
+length. The evaluation then asks for the same skill at
 up to 32x that length, with its own seeds (the samples never coincide by construction: a
 training draw is seeded `train:<data.seed>:<step>:<row>`, an evaluation draw `<seed>:<task>:<i>`).
 

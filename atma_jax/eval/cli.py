@@ -189,9 +189,11 @@ def run(args: argparse.Namespace) -> int:
                 tokens_per_call=args.tokens_per_call)
   os.makedirs(out_dir, exist_ok=True)
 
+  tables = [(f"{kind}_{hay_name}", kind, hay) for kind in ("passkey", "niah")
+            for hay_name, hay in (("synthetic", None), (args.corpus, docs[0]))]
   units = {"loss": len(lengths) * len(docs), "junk": len(junk) * num_docs,
-           "retrieval": 4 * len(lengths) * len(depths) * trials,
-           "retrieval_gen": 4 * len(lengths) * len(depths) * trials,
+           "retrieval": len(tables) * len(lengths) * len(depths) * trials,
+           "retrieval_gen": len(tables) * len(lengths) * len(depths) * trials,
            "induction": (len(lengths) + 1) * trials, "probe": len(lengths) * len(docs)}
   bar = tqdm(total=sum(units[t] for t in tasks), desc="eval", unit="seq", dynamic_ncols=True,
              disable=args.no_progress)
@@ -217,20 +219,16 @@ def run(args: argparse.Namespace) -> int:
     report["junk_loss_by_length"] = {str(n): table[str(n)] for n in lengths}
     report["notes"] += [f"junk at {n}: skipped ({why})" for n, why in junk_skipped.items()]
   if "retrieval" in tasks:
-    report["retrieval"] = {}
-    for kind in ("passkey", "niah"):
-      for hay_name, hay in (("synthetic", None), (args.corpus, docs[0])):
-        report["retrieval"][f"{kind}_{hay_name}"] = suite.retrieval_grid(
-            fwd, tok, kind, lengths, depths, trials, cfg.eval.seed, hay, tick)
+    report["retrieval"] = {name: suite.retrieval_grid(fwd, tok, kind, lengths, depths, trials,
+                                                      cfg.eval.seed, hay, tick)
+                           for name, kind, hay in tables}
   if "retrieval_gen" in tasks:
     from atma_jax.generate import Generator
     gen = Generator(fwd.cfg, fwd.graphdef, params, mem=not args.no_mem)
-    report["retrieval_generated"] = {}
-    for kind in ("passkey", "niah"):
-      for hay_name, hay in (("synthetic", None), (args.corpus, docs[0])):
-        report["retrieval_generated"][f"{kind}_{hay_name}"] = suite.retrieval_generated_grid(
-            gen, tok, kind, lengths, depths, trials, cfg.eval.seed, hay, tick,
-            args.tokens_per_call)
+    report["retrieval_generated"] = {
+        name: suite.retrieval_generated_grid(gen, tok, kind, lengths, depths, trials,
+                                             cfg.eval.seed, hay, tick, args.tokens_per_call)
+        for name, kind, hay in tables}
   if "induction" in tasks:
     report["induction"] = suite.induction_by_length(fwd, tok, lengths, trials, cfg.eval.seed,
                                                     haystacks, tick)

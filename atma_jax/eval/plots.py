@@ -36,7 +36,8 @@ def _title(report: dict[str, Any]) -> str:
   return f"{report.get('model_name', 'model')}{mem}"
 
 
-def _len_axis(ax, lengths, train_len):
+def length_axis(ax, lengths, train_len):
+  """A log2 context-length x axis ticked at `lengths` (1K, 2K, ...), the training length dashed."""
   ax.set_xscale("log", base=2)
   ax.set_xticks(lengths, [fmt_len(n) for n in lengths])
   ax.minorticks_off()
@@ -66,7 +67,7 @@ def plot_loss(report: dict[str, Any], path: str) -> str:
     for n, x, y in zip(ok, xs, nll):
       ax.annotate(f"{table[n]['bpb']:.2f}", (x, y), textcoords="offset points", xytext=(0, dy),
                   ha="center", fontsize=7, color=color)
-  _len_axis(ax, lengths, train_len)
+  length_axis(ax, lengths, train_len)
   ax.margins(x=0.08, y=0.15)
   ax.legend(fontsize=8, title="numbers: bits per byte", title_fontsize=7)
   ax.set_xlabel("context length (tokens)")
@@ -174,7 +175,7 @@ def plot_retrieval_by_length(report: dict[str, Any], path: str) -> str:
             color="black", ls="--", label="induction needle")
   if base and "token_acc" in base:
     ax.axhline(100 * base["token_acc"], color="grey", ls=":", label="no needle (prior)")
-  _len_axis(ax, lengths, report.get("train_seq_len"))
+  length_axis(ax, lengths, report.get("train_seq_len"))
   ax.set_ylim(-3, 103)
   ax.set_xlabel("context length (tokens)")
   ax.set_ylabel("token accuracy (%), mean over depths")
@@ -186,7 +187,7 @@ def plot_retrieval_by_length(report: dict[str, Any], path: str) -> str:
             color="black", ls="--", label="induction needle (needle, then the cue)")
     bx.axhline(base["nll"], color="grey", ls=":",
                label=f"no needle: prior on the value ({base['nll']:.2f})")
-    _len_axis(bx, lengths, report.get("train_seq_len"))
+    length_axis(bx, lengths, report.get("train_seq_len"))
     bx.margins(y=0.3)
     bx.set_xlabel("context length (tokens)")
     bx.set_ylabel("value NLL (nats/token), 5 digits")
@@ -209,7 +210,7 @@ def plot_probe(report: dict[str, Any], path: str) -> str:
     for layer in layers:
       ax.plot(lengths, [probe[str(n)][layer][stat] for n in lengths], marker="o",
               label=f"layer {layer}")
-    _len_axis(ax, lengths, report.get("train_seq_len"))
+    length_axis(ax, lengths, report.get("train_seq_len"))
     if stat == "n_eff":
       ax.set_yscale("log")
     ax.set_xlabel("context length")

@@ -18,6 +18,7 @@ from atma_jax.eval import needles, scoring
 from atma_jax.eval.forward import Forward, round_up
 
 Progress = Callable[[int], None]
+Scorer = Callable[[list[needles.Sample]], list[dict[str, float]]]  # samples -> metrics each
 METRICS = ("token_acc", "exact", "nll")
 GENERATED_METRICS = ("digit_acc", "exact")
 PAD_MULTIPLE = 64  # retrieval inputs (length + 4) are padded to a multiple of this
@@ -130,18 +131,44 @@ def score_samples(fwd: Forward, samples: Sequence[needles.Sample], pad_to: int
   return [scoring.target_metrics(lg, s.value) for lg, s in zip(logits_NCV, samples)]
 
 
-def _cell(fwd: Forward, samples, pad_to: int, progress: Progress) -> dict[str, float]:
+def _teacher_forced(fwd: Forward, length: int) -> Scorer:
+  """`samples -> metrics` by `score_samples`, inputs padded as for a length-`length` cell."""
+  return lambda samples: score_samples(fwd, samples, scored_length(length))
+
+
+def _cell(score: Scorer, samples: list[needles.Sample], metrics: Sequence[str],
+          progress: Progress) -> dict[str, float]:
+  """`metrics` averaged over `score(samples)` (one dict per sample), plus `trials`; a device
+  OOM is recorded as `{"error": "out of memory"}`."""
   try:
-    cells = score_samples(fwd, samples, pad_to)
-  except Exception as e:  # noqa: BLE001
+    cells = score(samples)
+  except Exception as e:  # noqa: BLE001 - only device OOM is recorded; the rest re-raises
     if not is_oom(e):
       raise
     progress(len(samples))
     return {"error": "out of memory"}
   progress(len(samples))
-  out = {k: scoring.mean_over(cells, k) for k in METRICS}
+  out = {k: scoring.mean_over(cells, k) for k in metrics}
   out["trials"] = len(cells)
   return out
+
+
+def _grid(score_at: Callable[[int], Scorer], metrics: Sequence[str], tok, kind: str,
+          lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int,
+          haystack: Sequence[int] | None, progress: Progress
+          ) -> dict[str, dict[str, dict[str, float]]]:
+  """`table[str(L)][f"{depth:g}"]`: the paired samples of each cell scored by `score_at(L)`."""
+  table: dict[str, dict[str, dict[str, float]]] = {}
+  for length in lengths:
+    score = score_at(length)
+    row = {}
+    for depth in depths:
+      samples = [needles.retrieval_sample(tok, kind, length, depth,
+                                          needles.sample_rng(seed, kind, i), haystack)
+                 for i in range(trials)]
+      row[f"{depth:g}"] = _cell(score, samples, metrics, progress)
+    table[str(length)] = row
+  return table
 
 
 def retrieval_grid(fwd: Forward, tok, kind: str, lengths: Sequence[int], depths: Sequence[float],
@@ -152,16 +179,8 @@ def retrieval_grid(fwd: Forward, tok, kind: str, lengths: Sequence[int], depths:
   `haystack=None` is the synthetic filler; otherwise a real token list (same prefix for every
   sample).
   """
-  table: dict[str, dict[str, dict[str, float]]] = {}
-  for length in lengths:
-    row = {}
-    for depth in depths:
-      samples = [needles.retrieval_sample(tok, kind, length, depth,
-                                          needles.sample_rng(seed, kind, i), haystack)
-                 for i in range(trials)]
-      row[f"{depth:g}"] = _cell(fwd, samples, scored_length(length), progress)
-    table[str(length)] = row
-  return table
+  return _grid(lambda length: _teacher_forced(fwd, length), METRICS, tok, kind, lengths, depths,
+               trials, seed, haystack, progress)
 
 
 def generate_values(gen, samples: Sequence[needles.Sample], rows: int) -> list[list[int]]:
@@ -185,29 +204,14 @@ def retrieval_generated_grid(gen, tok, kind: str, lengths: Sequence[int],
   """The samples of `retrieval_grid` (same seeds: paired with the teacher-forced cells), scored
   by greedy decoding of the value after the cue: `table[str(L)][f"{depth:g}"] = {digit_acc,
   exact, trials}` (per-digit accuracy of the five generated tokens; all five right)."""
-  table: dict[str, dict[str, dict[str, float]]] = {}
-  for length in lengths:
-    row = {}
-    for depth in depths:
-      samples = [needles.retrieval_sample(tok, kind, length, depth,
-                                          needles.sample_rng(seed, kind, i), haystack)
-                 for i in range(trials)]
-      rows = min(len(samples), max(1, tokens_per_call // length))
-      try:
-        values = generate_values(gen, samples, rows)
-      except Exception as e:  # noqa: BLE001 - only device OOM is recorded; the rest re-raises
-        if not is_oom(e):
-          raise
-        row[f"{depth:g}"] = {"error": "out of memory"}
-        progress(len(samples))
-        continue
-      progress(len(samples))
-      cells = [scoring.generated_metrics(v, s.value) for v, s in zip(values, samples)]
-      cell = {k: scoring.mean_over(cells, k) for k in GENERATED_METRICS}
-      cell["trials"] = len(cells)
-      row[f"{depth:g}"] = cell
-    table[str(length)] = row
-  return table
+
+  def score_at(length: int) -> Scorer:
+    rows = min(trials, max(1, tokens_per_call // length))
+    return lambda samples: [scoring.generated_metrics(v, s.value) for v, s in
+                            zip(generate_values(gen, samples, rows), samples)]
+
+  return _grid(score_at, GENERATED_METRICS, tok, kind, lengths, depths, trials, seed, haystack,
+               progress)
 
 
 def induction_by_length(fwd: Forward, tok, lengths: Sequence[int], trials: int, seed: int,
@@ -222,7 +226,7 @@ def induction_by_length(fwd: Forward, tok, lengths: Sequence[int], trials: int, 
     samples = [needles.induction_sample(tok, distance, needles.sample_rng(seed, "induction", i),
                                         haystacks[i % len(haystacks)])
                for i in range(trials)]
-    cell = _cell(fwd, samples, scored_length(length), progress)
+    cell = _cell(_teacher_forced(fwd, length), samples, METRICS, progress)
     cell["distance"] = distance
     out[str(length)] = cell
   return out
@@ -239,6 +243,6 @@ def induction_baseline(fwd: Forward, tok, lengths: Sequence[int], trials: int, s
   samples = [needles.baseline_sample(tok, d_min, needles.sample_rng(seed, "induction", i),
                                      haystacks[i % len(haystacks)])
              for i in range(trials)]
-  cell = _cell(fwd, samples, scored_length(min(lengths)), progress)
+  cell = _cell(_teacher_forced(fwd, min(lengths)), samples, METRICS, progress)
   cell["distance"] = d_min
   return cell

@@ -23,6 +23,7 @@ Writes report.json, report.md, retrieval.png, loss.png, training.png and command
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import signal
@@ -31,7 +32,7 @@ import sys
 from pathlib import Path
 
 from atma_jax.config import ConfigError
-from atma_jax.errors import cli_boundary
+from atma_jax.errors import check_writable_dir, cli_boundary
 
 
 def parse_args(argv):
@@ -94,6 +95,9 @@ def run(args, command: list[str]) -> int:
   suffix = "_smoke" if args.smoke else ""
   work = Path(args.work or f"runs/sweep/{grid.name}{suffix}")
   out = Path(args.out or (work / "report" if args.smoke else f"reports/{grid.name}"))
+  check_writable_dir(str(out), "--out")  # before the cells train, not when the report is written
+  if not args.report_only:
+    check_writable_dir(str(work), "--work")
   jobs = runner.make_jobs(grid, cells, smoke=args.smoke, extra=args.overrides, work=work)
   merged = report_lib.load_merge(args.merge)
   run_now = [j for j in jobs if j.name not in merged]
@@ -111,9 +115,7 @@ def run(args, command: list[str]) -> int:
       "commit": git_commit(), "command": command, "overrides_all_cells": list(args.overrides),
       "parallel": args.parallel, "deadline_s": args.deadline, "train_seq_len": seq_len,
       "lengths": plan.lengths(seq_len),
-      "plan": {"multipliers": list(plan.multipliers), "tasks": list(plan.tasks),
-               "corpus": plan.corpus, "trials": plan.trials, "docs": plan.docs,
-               "depths": list(plan.depths)},
+      "plan": dataclasses.asdict(plan),
       "primary": grid.primary_cell,
   }
 

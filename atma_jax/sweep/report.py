@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from atma_jax.eval import scoring
-from atma_jax.eval.plots import fmt_len
+from atma_jax.eval.plots import fmt_len, length_axis
 
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
 FILES = ("report.json", "report.md", "retrieval.png", "loss.png", "training.png", "commands.txt")
 LOSS_TOLERANCE = 0.005  # nats: "non-increasing with length" allows this much rise per step
 NEEDLE_TARGET = 0.90  # the reference's promoted cell: 92.5% per digit at 32x
@@ -242,20 +243,8 @@ def markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
-def _plot_lengths(ax, lengths, train_len):
-  ax.set_xscale("log", base=2)
-  ax.set_xticks(lengths, [fmt_len(n) for n in lengths])
-  ax.minorticks_off()
-  if train_len:
-    ax.axvline(train_len, color="grey", ls="--", lw=1)
-  ax.grid(alpha=0.3)
-
-
 def plots(report: dict, out_dir: Path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # the Agg backend: atma_jax.eval.plots selected it
 
   cells, lengths, train_len = report["cells"], report["lengths"], report.get("train_seq_len")
   done = {n: c for n, c in cells.items() if c.get("series")}
@@ -267,7 +256,7 @@ def plots(report: dict, out_dir: Path) -> None:
         ns = sorted(s, key=int)
         ax.plot([int(n) for n in ns], [scale * s[n] for n in ns], marker="o", label=name,
                 color=f"C{i}")
-    _plot_lengths(ax, lengths, train_len)
+    length_axis(ax, lengths, train_len)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -294,7 +283,7 @@ def plots(report: dict, out_dir: Path) -> None:
     if pos:
       his = [int(k.split("-")[1]) for k in pos]
       b.plot(his, list(pos.values()), marker="o", label=name, color=f"C{i}")
-  _plot_lengths(b, sorted({int(k.split('-')[1]) for c in done.values()
+  length_axis(b, sorted({int(k.split('-')[1]) for c in done.values()
                            for k in (c.get('eval', {}).get('loss_by_position') or {})})
                 or lengths, train_len)
   b.set_xlabel("position in the longest context (bucket upper edge)")
@@ -327,6 +316,11 @@ def plots(report: dict, out_dir: Path) -> None:
   plt.close(fig)
 
 
+def _repo_relative(arg: str) -> str:
+  """`<checkout>/train.py` -> `train.py`: the command as typed from the repository root."""
+  return os.path.relpath(arg, REPO_ROOT) if arg.startswith(f"{REPO_ROOT}{os.sep}") else arg
+
+
 def commands_text(report: dict) -> str:
   lines = [f"# sweep {report['grid']} at commit {report.get('commit', '?')}, {report['created']}",
            "$ " + shlex.join(report["command"]), ""]
@@ -334,8 +328,7 @@ def commands_text(report: dict) -> str:
     lines.append(f"# {name}{' (from an earlier report)' if c.get('from_earlier_report') else ''}")
     for key in ("train_cmd", "eval_cmd"):
       if c.get(key):
-        cmd = list(c[key])
-        cmd[0] = "python"
+        cmd = ["python"] + [_repo_relative(a) for a in c[key][1:]]
         lines.append("$ " + shlex.join(cmd))
     lines.append("")
   return "\n".join(lines)

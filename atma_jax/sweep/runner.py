@@ -32,6 +32,7 @@ from atma_jax.sweep.grid import Cell, EvalPlan, Grid
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO_ROOT / "train.py"
+EVAL_SCRIPT = REPO_ROOT / "eval.py"
 CELL_FILE = "sweep_cell.json"
 TAIL_LINES = 25
 TERM_GRACE_S = 90  # after SIGTERM, how long a trainer may take to checkpoint before SIGKILL
@@ -80,7 +81,7 @@ class CellJob:
             "--no-progress"]
 
   def eval_cmd(self) -> list[str]:
-    return [sys.executable, "-m", "atma_jax.eval.cli", "--checkpoint", str(self.run_dir),
+    return [sys.executable, str(EVAL_SCRIPT), "--checkpoint", str(self.run_dir),
             "--out", str(self.eval_dir), *self.plan.args(self.seq_len), "--no-progress"]
 
 
@@ -136,16 +137,13 @@ def child_env(parallel: int, work: Path) -> dict[str, str]:
 
 
 class Deadline:
-  """Seconds left until the training deadline (None: no deadline)."""
+  """The training deadline, `seconds` from now (None: no deadline)."""
 
   def __init__(self, seconds: float | None):
     self.at = None if seconds is None else time.monotonic() + seconds
 
   def passed(self) -> bool:
     return self.at is not None and time.monotonic() >= self.at
-
-  def left(self) -> float | None:
-    return None if self.at is None else self.at - time.monotonic()
 
 
 def _run_stage(cmd: list[str], log_path: Path, env: dict, deadline: Deadline | None
