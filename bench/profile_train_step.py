@@ -126,6 +126,12 @@ def scope_of(op_name: str) -> str:
   return s.replace("while/body/eval_jaxpr/", "").replace("while/body/", "")
 
 
+def family(name: str) -> str:
+  """A kernel name without its instance number (`wrapped_slice.15` -> `wrapped_slice`): the
+  same op in every layer becomes one row."""
+  return re.sub(r"(?:[._]\d+)+$", "", name)
+
+
 def category(name: str, kind: str = "") -> str:
   key = f"{name} {kind}".lower()
   for cat, words in CATEGORY_RULES:
@@ -236,8 +242,8 @@ def summarize(events: list[dict], hlo_ops: dict | None = None, top: int = 40) ->
   out["busy_ms_per_device_mean"] = round(sum(d["busy_ms"] for d in per_dev.values()) / n_dev, 4)
   total = float(sum(e["dur"] for e in kern))
   out["kernel_ms_summed"] = round(total / 1e3, 4)
-  by_name, by_cat, by_op, by_phase, by_scope = (collections.defaultdict(lambda: [0, 0.0])
-                                                for _ in range(5))
+  by_name, by_family, by_cat, by_op, by_phase, by_scope = (
+      collections.defaultdict(lambda: [0, 0.0]) for _ in range(6))
   cat_of, matched = {}, 0
   for e in kern:
     name = str(e.get("name", ""))
@@ -247,7 +253,7 @@ def summarize(events: list[dict], hlo_ops: dict | None = None, top: int = 40) ->
     info = hlo_ops.get(op)
     cat = category(name, info["kind"] if info else "")
     cat_of.setdefault(name, cat)
-    for table, key in ((by_name, name), (by_cat, cat)):
+    for table, key in ((by_name, name), (by_family, family(name)), (by_cat, cat)):
       table[key][0] += 1
       table[key][1] += e["dur"]
     if hop:
@@ -261,6 +267,7 @@ def summarize(events: list[dict], hlo_ops: dict | None = None, top: int = 40) ->
       table[key][1] += e["dur"]
   out["categories"] = _table(by_cat, total, 100)
   out["top_kernels"] = _table(by_name, total, top, lambda k: {"category": cat_of[k]})
+  out["top_kernel_families"] = _table(by_family, total, top)
   if by_op:
     out["top_hlo_ops"] = _table(by_op, total, top)
   out["kernels_matched_to_hlo"] = matched

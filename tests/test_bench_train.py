@@ -149,6 +149,11 @@ def test_summarize_synthetic_gpu_trace_matches_oracle(tmp_path):
   assert sum(r["share"] for r in s["categories"]) == pytest.approx(1.0, abs=1e-3)
   assert s["kernels_matched_to_hlo"] == len(kern)
   assert s["top_kernels"][0]["total_ms"] == max(r["total_ms"] for r in s["top_kernels"])
+  want_fam = {}
+  for e in kern:
+    want_fam[prof.family(e["name"])] = want_fam.get(prof.family(e["name"]), 0) + e["dur"]
+  assert {r["name"]: r["total_ms"] for r in s["top_kernel_families"]} == pytest.approx(
+      {k: v / 1e3 for k, v in want_fam.items()})
   assert len(json.dumps(s)) < 2_000_000
 
 
@@ -161,6 +166,8 @@ def test_phase_and_category_rules():
   assert prof.category("polar_attention_bwd_dkv_3") == "pallas:polar_attention_bwd_dkv"
   assert prof.category("input_reduce_fusion") == "fusion"
   assert prof.category("all-reduce-start") == "collective"
+  assert prof.family("wrapped_slice.15") == prof.family("wrapped_slice") == "wrapped_slice"
+  assert prof.family("loop_add_fusion_3") == "loop_add_fusion"
   assert prof.hlo_op_of({"hlo_op": "fusion.2"}) == "fusion.2"
   assert prof.hlo_op_of({"kernel_annotation": "x:#hlo_op=loop_add_fusion.7,hlo_module=m#",
                          "n": 3}) == "loop_add_fusion.7"
