@@ -111,7 +111,11 @@ def step_profile(summary: dict, steps: int, wall_s_per_step: float,
                  traced_wall_s_per_step: float) -> dict:
   """Per-step view of a parsed trace of one block of `steps` decode steps."""
   out = {"kernel_source": summary.get("kernel_source"), "kernel_events": summary["kernel_events"],
-         "launches_per_step": summary["kernel_events"] / steps}
+         "launches_per_step": summary["kernel_events"] / steps,
+         "from_device_kernels": summary.get("kernel_source") == "device streams"}
+  if not out["from_device_kernels"]:
+    out["note"] = ("no device kernel events in the trace (CPU, or kernels not reported): "
+                   "'gpu_busy' and 'launches' below count the host's leaf XLA-op events")
   if summary.get("per_device"):
     busy_ms = summary["busy_ms_per_device_mean"]
     dev = next(iter(summary["per_device"].values()))
@@ -322,7 +326,8 @@ def summarize_variants(report: dict) -> dict:
           "wall_us_per_step": row["wall_us_per_step"], "tok_per_s": row["tok_per_s"],
           "gpu_busy_us_per_step": p.get("gpu_busy_us_per_step"),
           "launches_per_step": p.get("launches_per_step"),
-          "gap_us_per_step": p.get("gap_us_per_step")}
+          "gap_us_per_step": p.get("gap_us_per_step"),
+          "from_device_kernels": p.get("from_device_kernels")}
   return out
 
 
@@ -341,7 +346,8 @@ def print_table(report: dict) -> None:
         continue
       print(f"{name:<17s} {vname:<13s} {fmt(s['wall_us_per_step']):>9s} "
             f"{fmt(s['gpu_busy_us_per_step']):>9s} {fmt(s['gap_us_per_step']):>9s} "
-            f"{fmt(s['launches_per_step']):>9s} {fmt(s['tok_per_s'], ',.0f'):>11s}")
+            f"{fmt(s['launches_per_step']):>9s} {fmt(s['tok_per_s'], ',.0f'):>11s}"
+            + ("" if s["from_device_kernels"] in (True, None) else "  (host events)"))
   for vname, v in report["variants"].items():
     for name, row in v.get("result", {}).get("rows", {}).items():
       p = row.get("profile")

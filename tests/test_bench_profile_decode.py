@@ -36,7 +36,7 @@ def test_step_profile_divides_by_steps():
              "top_kernel_families": [{"name": "dot", "count": 32, "total_ms": 1.5,
                                       "share": 0.6}]}
   p = pd.step_profile(summary, steps=16, wall_s_per_step=250e-6, traced_wall_s_per_step=300e-6)
-  assert p["launches_per_step"] == 4
+  assert p["launches_per_step"] == 4 and p["from_device_kernels"]
   assert p["gpu_busy_us_per_step"] == pytest.approx(125.0)
   assert p["gap_us_per_step"] == pytest.approx(125.0)
   assert p["gpu_busy_fraction_of_wall"] == pytest.approx(0.5)
