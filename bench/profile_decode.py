@@ -60,7 +60,10 @@ VARIANTS = {
     "default": [],
     "off": ["--xla_gpu_enable_command_buffer="],
     "while": [f"--xla_gpu_enable_command_buffer={CB_ALL}", "--xla_gpu_graph_min_graph_size=1"],
+    # the model as it was before single-row matmuls were padded (atma_jax.model.layers)
+    "gemv_reduce": ["atma:min_gemm_rows=1"],
 }
+MODEL_PATCH = "atma:min_gemm_rows="  # a variant token that is not an XLA flag
 SMOKE_VARIANTS = {"unknown_flag": ["--xla_atma_no_such_flag=1"]}  # must fail, and be recorded
 CB_FLAG_PREFIXES = ("--xla_gpu_enable_command_buffer", "--xla_gpu_graph_min_graph_size")
 TOP = 15
@@ -95,7 +98,7 @@ def all_rows(smoke: bool) -> list[tuple[str, int, int]]:
 def child_xla_flags(base: str, variant: list[str]) -> str:
   """`base` without command-buffer flags, plus the variant's."""
   kept = [f for f in base.split() if not f.startswith(CB_FLAG_PREFIXES)]
-  return " ".join(kept + variant)
+  return " ".join(kept + [f for f in variant if not f.startswith(MODEL_PATCH)])
 
 
 # ----------------------------------------------------------------------------- per-step tables
@@ -213,6 +216,10 @@ def profile_row(gen, cfg, name, batch, context, steps, reps, trace_dir, hlo_map:
 def run_variant(args) -> int:
   """Internal mode: every row under this process's XLA_FLAGS; JSON to --child-out."""
   import jax
+  from atma_jax.model import layers
+  for token in VARIANTS.get(args.flags_variant, []):
+    if token.startswith(MODEL_PATCH):
+      layers.MIN_GEMM_ROWS = int(token[len(MODEL_PATCH):])
   bg = bench_generate()
   res = {"variant": args.flags_variant, "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "pid": os.getpid(), "rows": {}}

@@ -14,6 +14,7 @@ GEMMs, which took a third of an H100 train step (bench/results/train_step_profil
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -72,11 +73,25 @@ class Linear(nnx.Module):
                  for i in range(parts))
 
 
+# XLA's GPU simplifier rewrites a dot whose left operand is one row (a vector, once the unit
+# axes are dropped) into multiply + reduce when the weight has < 10M elements: at batch-1 decode
+# every projection of the 378M model went that way and ran at 0.3-0.6 TB/s, 60% of the step
+# (bench/results/profile_decode_b1_2k_h200.json). A single row is therefore padded to this many
+# rows, which keeps the dot a GEMM (the extra row is zeros, sliced off; results are unchanged).
+MIN_GEMM_ROWS = 2
+
+
 @jax.custom_vjp
 def linear(x_BI: jax.Array, kernel_IO: jax.Array, bias_O: jax.Array) -> jax.Array:
   """round_to_x_dtype(x @ kernel + bias), accumulated in fp32 (`...` leading axes allowed)."""
   acc = stats_dtype(x_BI.dtype)
-  y = jnp.einsum("...i,io->...o", x_BI, kernel_IO.astype(x_BI.dtype), preferred_element_type=acc)
+  lead, rows = x_BI.shape[:-1], math.prod(x_BI.shape[:-1])
+  if rows < MIN_GEMM_ROWS:
+    x_RI = jnp.pad(x_BI.reshape(rows, -1), ((0, MIN_GEMM_ROWS - rows), (0, 0)))
+    y_RO = jnp.einsum("ri,io->ro", x_RI, kernel_IO.astype(x_BI.dtype), preferred_element_type=acc)
+    y = y_RO[:rows].reshape(*lead, kernel_IO.shape[-1])
+  else:
+    y = jnp.einsum("...i,io->...o", x_BI, kernel_IO.astype(x_BI.dtype), preferred_element_type=acc)
   return (y + bias_O.astype(acc)).astype(x_BI.dtype)
 
 
