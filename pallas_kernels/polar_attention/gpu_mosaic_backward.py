@@ -84,16 +84,25 @@ def _bcast(x, shape, dim):
   return lax.broadcast_in_dim(x, shape, [dim])
 
 
-def _matmul(acc, lhs, rhs, *, fresh, shape):
-  """acc + lhs @ rhs by wgmma. `fresh`: into a new accumulator added after (interpret mode
-  models no run_state); else in place on `acc`. `acc` None: the product alone."""
-  if acc is None or fresh:
-    def run(acc_ref):
+def _wgmmas(*ops, fresh):
+  """acc + lhs @ rhs for each (acc, lhs, rhs, shape) in `ops`, issued together and waited once.
+  acc None: the product alone. `fresh`: every product into a new accumulator, added after
+  (interpret mode models no run_state); else in place on the running accumulators."""
+  if fresh or all(acc is None for acc, *_ in ops):
+    def run(*acc_refs):
+      for acc_ref, (_, lhs, rhs, _) in zip(acc_refs, ops):
+        plgpu.wgmma(acc_ref, lhs, rhs)
+      return tuple(acc_ref[...] for acc_ref in acc_refs)
+    outs = pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32) for *_, shape in ops])
+    return [out if acc is None else acc + out for out, (acc, *_) in zip(outs, ops)]
+
+  def run(acc_refs):
+    for acc_ref, (_, lhs, rhs, _) in zip(acc_refs, ops):
       plgpu.wgmma(acc_ref, lhs, rhs)
-      return acc_ref[...]
-    out = pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
-    return out if acc is None else acc + out
-  return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, lhs, rhs))(plgpu.ACC.init(acc))
+
+  zeros = lambda shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+  inits = tuple(plgpu.ACC.init(zeros(shape) if acc is None else acc) for acc, *_, shape in ops)
+  return list(pl.run_state(run)(inits))
 
 
 def _operand(x16, smem, via_smem):
@@ -164,7 +173,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
     def step(i, acc_qd, masked):
       slot = lax.rem(i, stages)
       plgpu.barrier_wait(k_bars.at[slot])
-      s_qk = _matmul(None, q_smem, k_smem.at[slot].T, fresh=True, shape=shape)
+      plgpu.barrier_wait(v_bars.at[slot])
+      s_qk, dp_qk = _wgmmas((None, q_smem, k_smem.at[slot].T, shape),
+                            (None, do_smem, v_smem.at[slot].T, shape), fresh=True)
       s_qk = s_qk * _bcast(scale2_q, shape, 0)
       if masked:
         r_qk = r0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
@@ -172,11 +183,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
                                                          layout=wgmma_layout)
         s_qk = jnp.where(bands.visible(r_qk, c_qk, tk=None, window=window), s_qk, NEG)
       p_qk = jnp.exp2(s_qk - _bcast(lse2_q, shape, 0))
-      plgpu.barrier_wait(v_bars.at[slot])
-      dp_qk = _matmul(None, do_smem, v_smem.at[slot].T, fresh=True, shape=shape)
       ds_qk = p_qk * (dp_qk - _bcast(delta_q, shape, 0) + _bcast(cq_q, shape, 0) * p_qk)
       ds = _operand(ds_qk.astype(q_ref.dtype), ds_smem2.at[wg] if via_smem else None, via_smem)
-      acc_qd = _matmul(acc_qd, ds, k_smem.at[slot], fresh=via_smem, shape=(bq, D))
+      acc_qd, = _wgmmas((acc_qd, ds, k_smem.at[slot], (bq, D)), fresh=via_smem)
       plgpu.barrier_arrive(used.at[slot])
       return acc_qd
 
@@ -185,7 +194,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
     u_hi = jnp.clip(u_hi, u_lo + kv_lo, kv_hi) - kv_lo
     acc0 = plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), wgmma_layout)
     acc_qd = _three_phases(step, u_lo, u_hi, n_steps, acc0)
-    q_qd = plgpu.load(q_smem, (), layout=wgmma_layout).astype(jnp.float32)
+    q_qd = plgpu.load(q_smem, layout=wgmma_layout).astype(jnp.float32)
     dsc_smem = dsc_smem2.at[wg]
     dsc_smem[...] = (acc_qd * q_qd).sum(axis=1)
     q_smem[...] = (acc_qd * _bcast(scale_q, (bq, D), 0)).astype(q_smem.dtype)  # dq
@@ -239,7 +248,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dk_ref, dv_ref, scoped, *
       slot = lax.rem(r * n_q + j, stages)
       plgpu.barrier_wait(q_bars.at[slot])
       plgpu.barrier_wait(rows_bars.at[slot])
-      s_kq = _matmul(None, k_smem, q_smem.at[slot].T, fresh=True, shape=shape)
+      s_kq, = _wgmmas((None, k_smem, q_smem.at[slot].T, shape), fresh=True)
       scale_q = _row(rows_smem.at[slot, _SCALE], 0)
       s_kq = s_kq * _bcast(scale_q * LOG2E, shape, 1)
       if masked:
@@ -251,14 +260,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dk_ref, dv_ref, scoped, *
       ds_smem = ds_smem2.at[wg] if via_smem else None
       plgpu.barrier_wait(do_bars.at[slot])
       p16 = _operand(p_kq.astype(q_ref.dtype), ds_smem, via_smem)
-      dv_kd = _matmul(dv_kd, p16, do_smem.at[slot], fresh=via_smem, shape=(bk, D))
-      dp_kq = _matmul(None, v_smem, do_smem.at[slot].T, fresh=True, shape=shape)
+      dv_kd, dp_kq = _wgmmas((dv_kd, p16, do_smem.at[slot], (bk, D)),
+                             (None, v_smem, do_smem.at[slot].T, shape), fresh=via_smem)
       delta_q = _row(rows_smem.at[slot, _DELTA], 0)
       cq_q = _row(rows_smem.at[slot, _CQ], 0)
       ds_kq = p_kq * (dp_kq - _bcast(delta_q, shape, 1) + _bcast(cq_q, shape, 1) * p_kq)
       ds_kq = ds_kq * _bcast(scale_q, shape, 1)
       ds16 = _operand(ds_kq.astype(q_ref.dtype), ds_smem, via_smem)
-      dk_kd = _matmul(dk_kd, ds16, q_smem.at[slot], fresh=via_smem, shape=(bk, D))
+      dk_kd, = _wgmmas((dk_kd, ds16, q_smem.at[slot], (bk, D)), fresh=via_smem)
       plgpu.barrier_arrive(used.at[slot])
       return dk_kd, dv_kd
 
