@@ -445,68 +445,77 @@ def mosaic_bwd_checks(mosaic, bwds, small=False, tol=1e-2):
 
 
 def mosaic_bwd_table(mosaic, bwds, reps, shapes, save, cudnn="cudnn", budget_s=200.0):
-  """--mosaic-bwd rows per (B, T): cuDNN fwd+bwd; the Mosaic forward; its fwd+bwd with the
-  Triton backward and with each Mosaic backward config; each backward alone (given the Mosaic
-  forward's residuals; the Mosaic ones also compared with the Triton one on these inputs).
+  """--mosaic-bwd rows, in two passes over the shapes so that a budget cut drops details first:
+    goal:   cuDNN fwd+bwd; the Mosaic forward + the Triton backward; + each Mosaic backward
+            config (fwd+bwd, with `throughput_vs_cudnn` = cuDNN ms / ours);
+    detail: the Mosaic forward alone; each backward alone (given the Mosaic forward's residuals;
+            the Mosaic ones compared with the Triton one on these inputs); at the second shape
+            (4, 8K; the only one with --smoke) each backward kernel alone (mode "bwd_part",
+            `impl:dq` / `impl:dkv`; TF/s counted as 3 and 4 causal matmuls).
   Rows past `budget_s` seconds are recorded as skipped."""
   t_start = time.perf_counter()
   rows = []
   _, cud_fb = cudnn_fns(cudnn)
   kw = dict(window=None, q_offset=0)
   names = ("dq", "dk", "dv", "dscale")
-  for (B, T) in shapes:
-    q, k, v, scale, do = inputs(B, T)
-    o, lse, p2 = jax.jit(functools.partial(gpu_mosaic.attention_stats_fwd, config=mosaic, **kw))(
-        q, k, v, scale)
-    dl = jnp.full_like(lse, 0.1)
-    delta, cq = reference.stats_vjp_prologue(o, p2, do, dl, dl)
-    res = (q, k, v, scale, lse, do, delta, cq)
-    cfgs = [(bwd_name(b), dataclasses.replace(mosaic, backward="mosaic", bwd=b)) for b in bwds]
-    impls = [("cudnn" if cudnn == "cudnn" else cudnn, "fwd+bwd", cud_fb, (q, k, v, do)),
-             ("mosaic_fwd", "fwd", jax.jit(functools.partial(
-                 gpu_mosaic.attention_stats_fwd, config=mosaic, **kw)), (q, k, v, scale)),
-             ("mosaic_fwd+triton_bwd", "fwd+bwd", jax.jit(fwd_bwd_fn(
-                 gpu_mosaic, config=mosaic, **kw)), (q, k, v, scale, do)),
-             ("triton_bwd", "bwd", jax.jit(functools.partial(
-                 gpu_mosaic.attention_stats_bwd, config=mosaic, **kw)), res)]
-    for name, cfg in cfgs:
-      impls += [(name, "bwd", jax.jit(functools.partial(gpu_mosaic.attention_stats_bwd,
-                                                        config=cfg, **kw)), res),
-                ("mosaic_fwd+" + name, "fwd+bwd", jax.jit(fwd_bwd_fn(gpu_mosaic, config=cfg,
-                                                                      **kw)),
-                 (q, k, v, scale, do))]
-    ref = None
-    for name, mode, fn, args in impls:
-      row = {"B": B, "T": T, "impl": name, "mode": mode}
-      if time.perf_counter() - t_start > budget_s:
-        rows.append(dict(row, skipped=True))
-        continue
-      try:
-        out = jax.block_until_ready(fn(*args))
-        ms, n = timeit(fn, *args, reps=reps)
-      except Exception as e:  # noqa: BLE001 - record and keep going
-        print(f"B{B} T{T} {name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-        rows.append(dict(row, error=str(e)[:300]))
-        continue
-      tf = causal_tflops(B, T, ms, {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode])
-      row.update(median_ms=ms, runs=n, causal_tflops=tf)
-      if name == "triton_bwd":
-        ref = out
-      elif mode == "bwd" and ref is not None:
-        row["rel_err_vs_triton_bwd"] = {n_: rel_err(a, b) for n_, a, b in zip(names, out, ref)}
-      cud = [r for r in rows if r["B"] == B and r["T"] == T and r["mode"] == "fwd+bwd"
-             and r["impl"] == cudnn and "median_ms" in r]
-      if mode == "fwd+bwd" and cud:
-        row["throughput_vs_cudnn"] = cud[0]["median_ms"] / ms
-      rows.append(row)
-      print(f"B{B:>2} T{T:>6} {name:>34} {mode:>8}: {ms:8.3f} ms ({tf:6.1f} TF/s, n={n})"
-            + (f" {row['throughput_vs_cudnn']:.2f}x cuDNN" if "throughput_vs_cudnn" in row
-               else "")
-            + ("" if "rel_err_vs_triton_bwd" not in row else " vs triton " + " ".join(
-                f"{k_}={e:.1e}" for k_, e in row["rel_err_vs_triton_bwd"].items()))
-            + f" [{time.perf_counter() - t_start:.0f} s]", flush=True)
-      save(rows)
-    del q, k, v, scale, do, o, lse, p2, delta, cq, res, ref
+  cfgs = [(bwd_name(b), dataclasses.replace(mosaic, backward="mosaic", bwd=b)) for b in bwds]
+  fb = lambda cfg: jax.jit(fwd_bwd_fn(gpu_mosaic, config=cfg, **kw))
+  bwd = lambda cfg, parts=("dq", "dkv"): jax.jit(functools.partial(
+      gpu_mosaic.attention_stats_bwd, config=cfg, parts=parts, **kw))
+  for stage in ("goal", "detail"):
+    for (B, T) in shapes:
+      q, k, v, scale, do = inputs(B, T)
+      if stage == "goal":
+        impls = [(cudnn, "fwd+bwd", cud_fb, (q, k, v, do)),
+                 ("mosaic_fwd+triton_bwd", "fwd+bwd", fb(mosaic), (q, k, v, scale, do))]
+        impls += [("mosaic_fwd+" + name, "fwd+bwd", fb(cfg), (q, k, v, scale, do))
+                  for name, cfg in cfgs]
+      else:
+        o, lse, p2 = jax.jit(functools.partial(gpu_mosaic.attention_stats_fwd, config=mosaic,
+                                               **kw))(q, k, v, scale)
+        dl = jnp.full_like(lse, 0.1)
+        delta, cq = reference.stats_vjp_prologue(o, p2, do, dl, dl)
+        res = (q, k, v, scale, lse, do, delta, cq)
+        impls = [("mosaic_fwd", "fwd", jax.jit(functools.partial(
+                     gpu_mosaic.attention_stats_fwd, config=mosaic, **kw)), (q, k, v, scale)),
+                 ("triton_bwd", "bwd", bwd(mosaic), res)]
+        impls += [(name, "bwd", bwd(cfg), res) for name, cfg in cfgs]
+        if (B, T) == shapes[min(1, len(shapes) - 1)]:
+          impls += [(f"{name}:{part}", "bwd_part", bwd(cfg, (part,)), res)
+                    for part in ("dq", "dkv") for name, cfg in [("triton_bwd", mosaic)] + cfgs]
+      ref = None
+      for name, mode, fn, args in impls:
+        row = {"B": B, "T": T, "impl": name, "mode": mode}
+        if time.perf_counter() - t_start > budget_s:
+          rows.append(dict(row, skipped=True))
+          continue
+        try:
+          out = jax.block_until_ready(fn(*args))
+          ms, n = timeit(fn, *args, reps=reps)
+        except Exception as e:  # noqa: BLE001 - record and keep going
+          print(f"B{B} T{T} {name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}",
+                flush=True)
+          rows.append(dict(row, error=str(e)[:300]))
+          continue
+        tf = causal_tflops(B, T, ms, {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5,
+                                      "bwd_part": 1.5 if name.endswith(":dq") else 2.0}[mode])
+        row.update(median_ms=ms, runs=n, causal_tflops=tf)
+        if name == "triton_bwd":
+          ref = out
+        elif mode == "bwd" and ref is not None:
+          row["rel_err_vs_triton_bwd"] = {n_: rel_err(a, b) for n_, a, b in zip(names, out, ref)}
+        cud = [r for r in rows if (r["B"], r["T"], r["impl"]) == (B, T, cudnn) and "median_ms" in r]
+        if mode == "fwd+bwd" and cud:
+          row["throughput_vs_cudnn"] = cud[0]["median_ms"] / ms
+        rows.append(row)
+        print(f"B{B:>2} T{T:>6} {name:>34} {mode:>8}: {ms:8.3f} ms ({tf:6.1f} TF/s, n={n})"
+              + (f" {row['throughput_vs_cudnn']:.2f}x cuDNN" if "throughput_vs_cudnn" in row
+                 else "")
+              + ("" if "rel_err_vs_triton_bwd" not in row else " vs triton " + " ".join(
+                  f"{k_}={e:.1e}" for k_, e in row["rel_err_vs_triton_bwd"].items()))
+              + f" [{time.perf_counter() - t_start:.0f} s]", flush=True)
+        save(rows)
+      del q, k, v, scale, do, impls, ref
   save(rows)
   return rows
 

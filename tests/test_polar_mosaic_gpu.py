@@ -113,10 +113,9 @@ def test_compiled_on_gpu_bf16(case, config):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bwd", [gpu_mosaic.BwdConfig(),
-                                 gpu_mosaic.BwdConfig(dq_block_k=128, dkv_block_q=128),
-                                 gpu_mosaic.BwdConfig(stages=3),
-                                 gpu_mosaic.BwdConfig(ds_via_smem=True)],
-                         ids=["default", "b128", "s3", "ds_smem"])
+                                 gpu_mosaic.BwdConfig(dq_block_k=128, stages=3),
+                                 gpu_mosaic.BwdConfig(dkv_block_q=128, ds_via_smem=True)],
+                         ids=["default", "dq128_s3", "kv128_ds_smem"])
 @pytest.mark.parametrize("case", [
     Case(Tq=333, H=8, G=2, D=128, window=100),
     Case(Tq=1000, H=8, G=2, D=128, B=2),

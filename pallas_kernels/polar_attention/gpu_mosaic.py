@@ -95,8 +95,8 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
 
   `config` None or a MosaicConfig (the forward's, when a caller binds one config for the pair):
   its `backward` picks the Triton backward (gpu_backward.attention_stats_bwd, any call it takes;
-  `kw` goes to it) or the Mosaic one (this forward's scope only). A Triton BlockConfig `config`
-  runs the Triton backward with it."""
+  `kw` goes to it) or the Mosaic one (this forward's scope only; of `kw` it takes `parts`, as
+  benchmarks use it). A Triton BlockConfig `config` runs the Triton backward with it."""
   if config is not None and not isinstance(config, MosaicConfig):
     kw["config"] = config
   mcfg = config if isinstance(config, MosaicConfig) else DEFAULT_CONFIG
@@ -107,8 +107,8 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
                                    q_offset=q_offset)
   why = unsupported_reason(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset)
-  if why is None and kw:
-    why = f"the Mosaic backward takes no Triton options (got {sorted(kw)})"
+  if why is None and set(kw) - {"parts"}:
+    why = f"the Mosaic backward takes no Triton options (got {sorted(set(kw) - {'parts'})})"
   if why is not None:
     raise ValueError(f"gpu_mosaic.attention_stats_bwd (backward='mosaic'): {why}. Use "
                      "backward='triton' (or gpu_triton) for this call.")
@@ -117,7 +117,7 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
     bwd = dataclasses.replace(bwd, interpret=mcfg.interpret)
   return gpu_mosaic_backward.attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH,
                                                  do_BTHD, delta_BTH, cq_BTH, window=window,
-                                                 config=bwd)
+                                                 config=bwd, **kw)
 
 
 def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:

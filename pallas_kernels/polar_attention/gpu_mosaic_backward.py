@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.polar_attention import bands, reference
+from pallas_kernels.polar_attention import bands
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, PAD_LSE, _pad_axis1
 
 _COMPUTE_WGS = 2
@@ -324,11 +323,12 @@ def _launch(body, name, smem, bars, args, out_type, grid, grid_names, params):
 
 
 def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, delta_BTH, cq_BTH,
-                        *, window=None, config: BwdConfig = DEFAULT_BWD_CONFIG):
+                        *, window=None, config: BwdConfig = DEFAULT_BWD_CONFIG,
+                        parts=("dq", "dkv")):
   """Backward kernels: (dq, dk, dv in the input dtype, dscale f32), dK/dV summed over GQA.
-  The caller (`gpu_mosaic`) has checked the scope; see the module docstring."""
-  B, T, H, D = q_BTHD.shape
-  G = k_BTGD.shape[2]
+  The caller (`gpu_mosaic`) has checked the scope; see the module docstring. `parts`
+  (benchmarks only) runs just one of the two kernels; the other outputs are None."""
+  T, H, G = q_BTHD.shape[1], q_BTHD.shape[2], k_BTGD.shape[2]
   dtype = q_BTHD.dtype
   interpret = (jax.default_backend() != "gpu") if config.interpret is None else config.interpret
   params = interpret if isinstance(interpret, plgpu.InterpretGPUParams) else (
@@ -344,7 +344,20 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   stages = config.stages
   args = (q, k, v, do, rows_BH4T)
 
-  # dQ (+ dscale): grid (H, query tiles, B)
+  dq = dk = dv = dsc = None
+  if "dq" in parts:
+    dq, dsc = _bwd_dq(args, bk_q, stages, via_smem, window, H // G, params)
+    dq, dsc = dq[:, :T], jnp.swapaxes(dsc, 1, 2)[:, :T]
+  if "dkv" in parts:
+    dk, dv = _bwd_dkv(args, G, bq_kv, stages, via_smem, window, H // G, params)
+    dk, dv = dk[:, :T], dv[:, :T]
+  return dq, dk, dv, dsc
+
+
+def _bwd_dq(args, bk_q, stages, via_smem, window, R, params):
+  """dQ (+ dscale) kernel on padded inputs: grid (H, query tiles, B)."""
+  B, t_pad, H, D = args[0].shape
+  dtype = args[0].dtype
   stages_q = min(stages, t_pad // bk_q)
   smem = (_tiled((_COMPUTE_WGS, _ROWS, D), dtype), _tiled((_COMPUTE_WGS, _ROWS, D), dtype),
           plgpu.SMEM((_COMPUTE_WGS, 4, _ROWS), jnp.float32),
@@ -354,15 +367,19 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   bars = (plgpu.Barrier(num_barriers=3 * _COMPUTE_WGS),  # q, dO, rows of each consumer
           plgpu.Barrier(num_barriers=stages_q), plgpu.Barrier(num_barriers=stages_q),
           plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages_q))
-  body = functools.partial(_dq_kernel, bk=bk_q, D=D, R=H // G, n_q_tiles=t_pad // (2 * _ROWS),
+  body = functools.partial(_dq_kernel, bk=bk_q, D=D, R=R, n_q_tiles=t_pad // (2 * _ROWS),
                            stages=stages_q, window=window, via_smem=via_smem)
-  dq, dsc_BHT = _launch(
+  return _launch(
       body, "polar_attention_bwd_dq_mosaic", smem, bars, args,
       (jax.ShapeDtypeStruct((B, t_pad, H, D), dtype),
        jax.ShapeDtypeStruct((B, H, t_pad), jnp.float32)),
       (H, t_pad // (2 * _ROWS), B), ("heads", "q_seq", "batch"), params)
 
-  # dK / dV: grid (G, key tiles, B)
+
+def _bwd_dkv(args, G, bq_kv, stages, via_smem, window, R, params):
+  """dK/dV kernel on padded inputs: grid (G, key tiles, B); sums over the GQA group."""
+  B, t_pad, H, D = args[0].shape
+  dtype = args[0].dtype
   stages_kv = min(stages, t_pad // bq_kv)
   smem = (_tiled((_COMPUTE_WGS, _ROWS, D), dtype), _tiled((_COMPUTE_WGS, _ROWS, D), dtype),
           _tiled((stages_kv, bq_kv, D), dtype), _tiled((stages_kv, bq_kv, D), dtype),
@@ -372,11 +389,10 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
           plgpu.Barrier(num_barriers=stages_kv), plgpu.Barrier(num_barriers=stages_kv),
           plgpu.Barrier(num_barriers=stages_kv),
           plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages_kv))
-  body = functools.partial(_dkv_kernel, bq=bq_kv, D=D, R=H // G, nq=t_pad // bq_kv,
+  body = functools.partial(_dkv_kernel, bq=bq_kv, D=D, R=R, nq=t_pad // bq_kv,
                            stages=stages_kv, window=window, via_smem=via_smem)
-  dk, dv = _launch(
+  return _launch(
       body, "polar_attention_bwd_dkv_mosaic", smem, bars, args,
       (jax.ShapeDtypeStruct((B, t_pad, G, D), dtype),
        jax.ShapeDtypeStruct((B, t_pad, G, D), dtype)),
       (G, t_pad // (2 * _ROWS), B), ("heads", "kv_seq", "batch"), params)
-  return dq[:, :T], dk[:, :T], dv[:, :T], jnp.swapaxes(dsc_BHT, 1, 2)[:, :T]
