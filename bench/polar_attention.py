@@ -4,6 +4,7 @@ streaming path, forward and forward+backward, bf16, 8 query / 2 KV heads, head d
   python3 bench/polar_attention.py --out bench/results/polar_attention_h100.json [--sweep]
   python3 bench/polar_attention.py --bwd-variants all --out $OUT/polar_bwd_variants.json
   python3 bench/polar_attention.py --mosaic --quick-checks --out $OUT/polar_mosaic.json
+  python3 bench/polar_attention.py --mosaic-bwd 64,64,2 128,64,2 --out $OUT/polar_mosaic_bwd.json
 
 Order: (1) correctness of the Pallas kernels vs the XLA streaming path (and the materialized
 oracle) at small shapes, (2) an optional block-size sweep at (B, T) = (4, 8K), (3) the table.
@@ -392,7 +393,135 @@ def bwd_variants(variants, reps, save, budget_s, small=False):
   return res
 
 
+def mosaic_bwd_spec(spec: str) -> gpu_mosaic.BwdConfig:
+  """'DQ_BK,DKV_BQ,STAGES' -> the Mosaic backward's BwdConfig."""
+  dq_bk, dkv_bq, stages = (int(x) for x in spec.split(","))
+  return gpu_mosaic.BwdConfig(dq_block_k=dq_bk, dkv_block_q=dkv_bq, stages=stages)
+
+
+def bwd_name(bwd: gpu_mosaic.BwdConfig) -> str:
+  return f"mosaic_bwd[dq{bwd.dq_block_k},kv{bwd.dkv_block_q},s{bwd.stages}]"
+
+
+def oracle_vjp(q, k, v, scale, do, window):
+  """fp32 materialized oracle (on the bf16 values) and its autodiff VJP for the cotangents the
+  benchmark uses (do, dlse = dp2 = 0.1): (dq, dk, dv, dscale)."""
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  f = functools.partial(reference.attention_stats_materialized, window=window, q_offset=0)
+  (o, lse, p2), vjp = jax.vjp(f, *f32, scale)
+  return vjp((do.astype(jnp.float32), jnp.full_like(lse, 0.1), jnp.full_like(p2, 0.1)))
+
+
+def mosaic_bwd_checks(mosaic, bwds, small=False, tol=1e-2):
+  """--mosaic-bwd, before any timing: dq / dk / dv / dscale of the Mosaic forward + each Mosaic
+  backward config, and of the Mosaic forward + the Triton backward, vs the oracle's VJP (errors
+  relative to each output's max); `ok` when every error is <= tol or <= twice the Triton
+  backward's on the same case (bf16 rounding of ds grows with T)."""
+  out = []
+  cases = ((1, 200, 40),) if small else ((2, 1000, None), (1, 1000, 256), (1, 333, 100))
+  names = ("dq", "dk", "dv", "dscale")
+  for (B, T, win) in cases:
+    kw = dict(window=win, q_offset=0)
+    q, k, v, scale, do = inputs(B, T, seed=3)
+    want = jax.jit(functools.partial(oracle_vjp, window=win))(q, k, v, scale, do)
+    triton_errs = {}
+    for name, cfg in [("triton_bwd", mosaic)] + [
+        (bwd_name(b), dataclasses.replace(mosaic, backward="mosaic", bwd=b)) for b in bwds]:
+      row = {"B": B, "T": T, "window": win, "impl": "mosaic_fwd+" + name}
+      try:
+        got = jax.jit(fwd_bwd_fn(gpu_mosaic, config=cfg, **kw))(q, k, v, scale, do)
+        errs = row["rel_err_vs_oracle"] = {n: rel_err(a, b) for n, a, b in zip(names, got, want)}
+        if name == "triton_bwd":
+          triton_errs = errs
+        row["ok"] = all(e <= max(tol, 2 * triton_errs.get(n, 0.0)) for n, e in errs.items())
+      except Exception as e:  # noqa: BLE001 - record and keep going
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["ok"] = False
+      out.append(row)
+      print(f"bwd check B{B} T{T} w{win} {row['impl']}: " + (
+          row.get("error") or " ".join(f"{n}={e:.1e}" for n, e in row["rel_err_vs_oracle"].items())
+          + ("" if row["ok"] else f"  FAILED (tol {tol})")), flush=True)
+  return out
+
+
+def mosaic_bwd_table(mosaic, bwds, reps, shapes, save, cudnn="cudnn", budget_s=200.0):
+  """--mosaic-bwd rows, in two passes over the shapes so that a budget cut drops details first:
+    goal:   cuDNN fwd+bwd; the Mosaic forward + the Triton backward; + each Mosaic backward
+            config (fwd+bwd, with `throughput_vs_cudnn` = cuDNN ms / ours);
+    detail: the Mosaic forward alone; each backward alone (given the Mosaic forward's residuals;
+            the Mosaic ones compared with the Triton one on these inputs); at the second shape
+            (4, 8K; the only one with --smoke) each backward kernel alone (mode "bwd_part",
+            `impl:dq` / `impl:dkv`; TF/s counted as 3 and 4 causal matmuls).
+  Rows past `budget_s` seconds are recorded as skipped."""
+  t_start = time.perf_counter()
+  rows = []
+  _, cud_fb = cudnn_fns(cudnn)
+  kw = dict(window=None, q_offset=0)
+  names = ("dq", "dk", "dv", "dscale")
+  cfgs = [(bwd_name(b), dataclasses.replace(mosaic, backward="mosaic", bwd=b)) for b in bwds]
+  fb = lambda cfg: jax.jit(fwd_bwd_fn(gpu_mosaic, config=cfg, **kw))
+  bwd = lambda cfg, parts=("dq", "dkv"): jax.jit(functools.partial(
+      gpu_mosaic.attention_stats_bwd, config=cfg, parts=parts, **kw))
+  for stage in ("goal", "detail"):
+    for (B, T) in shapes:
+      q, k, v, scale, do = inputs(B, T)
+      if stage == "goal":
+        impls = [(cudnn, "fwd+bwd", cud_fb, (q, k, v, do)),
+                 ("mosaic_fwd+triton_bwd", "fwd+bwd", fb(mosaic), (q, k, v, scale, do))]
+        impls += [("mosaic_fwd+" + name, "fwd+bwd", fb(cfg), (q, k, v, scale, do))
+                  for name, cfg in cfgs]
+      else:
+        o, lse, p2 = jax.jit(functools.partial(gpu_mosaic.attention_stats_fwd, config=mosaic,
+                                               **kw))(q, k, v, scale)
+        dl = jnp.full_like(lse, 0.1)
+        delta, cq = reference.stats_vjp_prologue(o, p2, do, dl, dl)
+        res = (q, k, v, scale, lse, do, delta, cq)
+        impls = [("mosaic_fwd", "fwd", jax.jit(functools.partial(
+                     gpu_mosaic.attention_stats_fwd, config=mosaic, **kw)), (q, k, v, scale)),
+                 ("triton_bwd", "bwd", bwd(mosaic), res)]
+        impls += [(name, "bwd", bwd(cfg), res) for name, cfg in cfgs]
+        if (B, T) == shapes[min(1, len(shapes) - 1)]:
+          impls += [(f"{name}:{part}", "bwd_part", bwd(cfg, (part,)), res)
+                    for part in ("dq", "dkv") for name, cfg in [("triton_bwd", mosaic)] + cfgs]
+      ref = None
+      for name, mode, fn, args in impls:
+        row = {"B": B, "T": T, "impl": name, "mode": mode}
+        if time.perf_counter() - t_start > budget_s:
+          rows.append(dict(row, skipped=True))
+          continue
+        try:
+          out = jax.block_until_ready(fn(*args))
+          ms, n = timeit(fn, *args, reps=reps)
+        except Exception as e:  # noqa: BLE001 - record and keep going
+          print(f"B{B} T{T} {name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}",
+                flush=True)
+          rows.append(dict(row, error=str(e)[:300]))
+          continue
+        tf = causal_tflops(B, T, ms, {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5,
+                                      "bwd_part": 1.5 if name.endswith(":dq") else 2.0}[mode])
+        row.update(median_ms=ms, runs=n, causal_tflops=tf)
+        if name == "triton_bwd":
+          ref = out
+        elif mode == "bwd" and ref is not None:
+          row["rel_err_vs_triton_bwd"] = {n_: rel_err(a, b) for n_, a, b in zip(names, out, ref)}
+        cud = [r for r in rows if (r["B"], r["T"], r["impl"]) == (B, T, cudnn) and "median_ms" in r]
+        if mode == "fwd+bwd" and cud:
+          row["throughput_vs_cudnn"] = cud[0]["median_ms"] / ms
+        rows.append(row)
+        print(f"B{B:>2} T{T:>6} {name:>34} {mode:>8}: {ms:8.3f} ms ({tf:6.1f} TF/s, n={n})"
+              + (f" {row['throughput_vs_cudnn']:.2f}x cuDNN" if "throughput_vs_cudnn" in row
+                 else "")
+              + ("" if "rel_err_vs_triton_bwd" not in row else " vs triton " + " ".join(
+                  f"{k_}={e:.1e}" for k_, e in row["rel_err_vs_triton_bwd"].items()))
+              + f" [{time.perf_counter() - t_start:.0f} s]", flush=True)
+        save(rows)
+      del q, k, v, scale, do, impls, ref
+  save(rows)
+  return rows
+
+
 def main():
+  t_start = time.perf_counter()
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="bench/results/polar_attention.json")
   ap.add_argument("--reps", type=int, default=10)
@@ -405,14 +534,20 @@ def main():
                   help="comma-separated backward variants to check and time (or 'all': "
                   + ",".join(BWD_VARIANTS) + "), then exit; see --budget-s")
   ap.add_argument("--budget-s", type=float, default=330.0,
-                  help="--bwd-variants: skip (and record) what is left after this many seconds")
+                  help="--bwd-variants / --mosaic-bwd: skip (and record) what is left after this "
+                  "many seconds (--mosaic-bwd: counted from the start, checks included)")
   ap.add_argument("--mosaic", nargs="?", const="128,2", default=None, metavar="BK,STAGES",
                   help="also check and time the Mosaic-GPU forward (gpu_mosaic; key block, "
                   "ring slots; default 128,2): rows mosaic_fwd and mosaic_fwd+triton_bwd")
+  ap.add_argument("--mosaic-bwd", nargs="+", default=None, metavar="DQ_BK,DKV_BQ,STAGES",
+                  help="check (vs the oracle's VJP) and time the Mosaic-GPU backward with these "
+                  "configs next to the Triton backward and cuDNN (Mosaic forward as in --mosaic), "
+                  "at the fwd+bwd shapes only (no Triton-forward, XLA, 64K or decode rows), "
+                  "then exit; rows past --budget-s are skipped")
   args = ap.parse_args()
   mosaic = None
-  if args.mosaic:
-    bk, stages = (int(x) for x in args.mosaic.split(","))
+  if args.mosaic or args.mosaic_bwd:
+    bk, stages = (int(x) for x in (args.mosaic or "128,2").split(","))
     mosaic = gpu_mosaic.MosaicConfig(block_k=bk, stages=stages)
   shapes, fwd_only, sweep_shape, n_cfg, cudnn = SHAPES, FWD_ONLY_SHAPES, (4, 8192), None, "cudnn"
   if args.smoke:
@@ -431,6 +566,17 @@ def main():
       json.dump(result, f, indent=1)
 
   cfg = gpu_triton.DEFAULT_CONFIG
+  if args.mosaic_bwd:
+    bwds = [mosaic_bwd_spec(x) for x in args.mosaic_bwd]
+    result["mosaic_config"] = {"block_k": mosaic.block_k, "stages": mosaic.stages}
+    result["mosaic_bwd_configs"] = [dataclasses.asdict(b) for b in bwds]
+    if not args.skip_checks:
+      result["mosaic_bwd_checks"] = mosaic_bwd_checks(mosaic, bwds, small=args.smoke)
+      save()
+    mosaic_bwd_table(mosaic, bwds, args.reps, shapes, save, cudnn,
+                     args.budget_s - (time.perf_counter() - t_start))
+    print("wrote", args.out)
+    return
   if args.bwd_variants:
     names = list(BWD_VARIANTS) if args.bwd_variants == "all" else args.bwd_variants.split(",")
     unknown = [n for n in names if n not in BWD_VARIANTS]

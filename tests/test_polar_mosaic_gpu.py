@@ -6,7 +6,8 @@ checks the `mosaic_fwd + triton_bwd` pairing end to end. Shapes span several que
 key blocks (T=200 pads to 256: masked diagonal / window blocks and an unmasked middle), GQA,
 windows, ring depths 2 and 3. A race-detection run checks the producer / consumer barriers; a
 lowering test lowers the kernel for an abstract H100 (no GPU needed). The `gpu` tests run it
-compiled.
+compiled, with the Triton backward and with the Mosaic backward (`backward="mosaic"`, whose
+interpret-mode tests are in test_polar_mosaic_bwd.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is dep
 BF16_TOL = dict(atol=3e-2, rtol=3e-2)  # as the bf16 Triton tests
 
 
-def _backend(config):  # one config bound to both: the bwd ignores a MosaicConfig
+def _backend(config):  # one config bound to both: its `backward` picks the bwd kernels
   return (functools.partial(gpu_mosaic.attention_stats_fwd, config=config),
           functools.partial(gpu_mosaic.attention_stats_bwd, config=config))
 
@@ -108,6 +109,22 @@ def test_lowers_for_h100(shape, window, config):
 ], ids=str)
 def test_compiled_on_gpu_bf16(case, config):
   check_backend(*_backend(config), case, jnp.bfloat16, **BF16_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bwd", [gpu_mosaic.BwdConfig(),
+                                 gpu_mosaic.BwdConfig(dq_block_k=128, stages=3),
+                                 gpu_mosaic.BwdConfig(dkv_block_q=128, ds_via_smem=True)],
+                         ids=["default", "dq128_s3", "kv128_ds_smem"])
+@pytest.mark.parametrize("case", [
+    Case(Tq=333, H=8, G=2, D=128, window=100),
+    Case(Tq=1000, H=8, G=2, D=128, B=2),
+    Case(Tq=200, H=4, G=1, D=64),
+], ids=str)
+def test_compiled_mosaic_backward_on_gpu_bf16(case, bwd):
+  """The Mosaic forward paired with the Mosaic backward (gpu_mosaic_backward), compiled."""
+  cfg = gpu_mosaic.MosaicConfig(backward="mosaic", bwd=bwd)
+  check_backend(*_backend(cfg), case, jnp.bfloat16, **BF16_TOL)
 
 
 def test_hopper_dispatch(monkeypatch):

@@ -5,8 +5,13 @@
 the contract of `gpu_forward.attention_stats_fwd` / `reference.attention_stats_materialized`
 for the training / evaluation scope: q_offset = 0 (Tq == Tk), bf16 / f16 inputs, D in
 {64, 128}, causal, window None or int. Anything else raises ValueError (`unsupported_reason` says
-False). The backward is the Triton one (`attention_stats_bwd` wraps it: it takes lse, not
-how the forward ran), so this module has the backend contract of `gpu_triton`.
+why). `attention_stats_bwd` (it takes lse, not how the forward ran) runs the Triton backward by
+default (`MosaicConfig.backward="triton"`, the measured-faster pair until a GPU run of the Mosaic
+backward says otherwise) or, with `backward="mosaic"`, the Mosaic-GPU backward of
+`gpu_mosaic_backward` (same scope as this forward; `MosaicConfig.bwd` holds its launch config).
+A config passed to neither function means `DEFAULT_CONFIG`, read at call time, so assigning
+`gpu_mosaic.DEFAULT_CONFIG = dataclasses.replace(DEFAULT_CONFIG, backward="mosaic")` switches
+every call the api dispatches here. This module has the backend contract of `gpu_triton`.
 
 Kernel layout (one program per (head, query tile of 2*bq rows, batch)): three warpgroups.
 Warpgroup 2 is the producer: it TMA-copies the K / V blocks of the tile's causal / window band
@@ -44,14 +49,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.polar_attention import bands, reference
-from pallas_kernels.polar_attention import gpu_backward
+from pallas_kernels.polar_attention import gpu_backward, gpu_mosaic_backward
+from pallas_kernels.polar_attention.gpu_mosaic_backward import BwdConfig
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
 
-__all__ = ["MosaicConfig", "DEFAULT_CONFIG", "attention_stats_bwd", "attention_stats_fwd",
-           "unsupported_reason"]
+__all__ = ["BACKWARDS", "BwdConfig", "MosaicConfig", "DEFAULT_CONFIG", "attention_stats_bwd",
+           "attention_stats_fwd", "unsupported_reason"]
 
 _COMPUTE_WGS = 2
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+BACKWARDS = ("triton", "mosaic")  # what attention_stats_bwd runs (MosaicConfig.backward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +71,12 @@ class MosaicConfig:
   # None: interpret when the default backend is not a GPU; or explicit InterpretGPUParams
   # (e.g. detect_races=True in tests).
   interpret: bool | plgpu.InterpretGPUParams | None = None
+  backward: str = "triton"  # one of BACKWARDS
+  bwd: BwdConfig = BwdConfig()  # the Mosaic backward's launch (its interpret None: as above)
 
   def __post_init__(self):
+    if self.backward not in BACKWARDS:
+      raise ValueError(f"backward={self.backward!r} must be one of {BACKWARDS}")
     if self.block_k % 64 or self.block_k <= 0:
       raise ValueError(f"block_k={self.block_k} must be a positive multiple of 64")
     if self.o_splits not in (1, 2, 4):
@@ -80,14 +91,33 @@ BLOCK_Q = 64
 
 def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, delta_BTH, cq_BTH,
                         *, window=None, q_offset=0, config=None, **kw):
-  """The Triton backward (gpu_backward.attention_stats_bwd). A MosaicConfig `config` (the
-  forward's, when a caller binds one config for the pair) is ignored; a Triton BlockConfig is
-  passed on."""
+  """(dq, dk, dv in the input dtype, dscale f32), dK/dV summed over GQA.
+
+  `config` None or a MosaicConfig (the forward's, when a caller binds one config for the pair):
+  its `backward` picks the Triton backward (gpu_backward.attention_stats_bwd, any call it takes;
+  `kw` goes to it) or the Mosaic one (this forward's scope only; of `kw` it takes `parts`, as
+  benchmarks use it). A Triton BlockConfig `config` runs the Triton backward with it."""
   if config is not None and not isinstance(config, MosaicConfig):
     kw["config"] = config
-  return gpu_backward.attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD,
-                                          delta_BTH, cq_BTH, window=window, q_offset=q_offset,
-                                          **kw)
+  mcfg = config if isinstance(config, MosaicConfig) else DEFAULT_CONFIG
+  if "config" in kw or mcfg.backward == "triton":
+    return gpu_backward.attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD,
+                                            delta_BTH, cq_BTH, window=window, q_offset=q_offset,
+                                            **kw)
+  reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
+                                   q_offset=q_offset)
+  why = unsupported_reason(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset)
+  if why is None and set(kw) - {"parts"}:
+    why = f"the Mosaic backward takes no Triton options (got {sorted(set(kw) - {'parts'})})"
+  if why is not None:
+    raise ValueError(f"gpu_mosaic.attention_stats_bwd (backward='mosaic'): {why}. Use "
+                     "backward='triton' (or gpu_triton) for this call.")
+  bwd = mcfg.bwd
+  if bwd.interpret is None and mcfg.interpret is not None:
+    bwd = dataclasses.replace(bwd, interpret=mcfg.interpret)
+  return gpu_mosaic_backward.attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH,
+                                                 do_BTHD, delta_BTH, cq_BTH, window=window,
+                                                 config=bwd, **kw)
 
 
 def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
@@ -243,8 +273,9 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
 
 
 def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_offset=0,
-                        config: MosaicConfig = DEFAULT_CONFIG):
+                        config: MosaicConfig | None = None):
   """Forward kernel: (o_BTHD f32, lse_BTH f32, p2_BTH f32); see the module docstring."""
+  config = DEFAULT_CONFIG if config is None else config
   reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
                                    q_offset=q_offset)
   why = unsupported_reason(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset)
