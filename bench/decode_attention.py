@@ -8,10 +8,16 @@ Rows (bf16, 8 query / 2 KV heads, head dim 128, one query row per sequence):
   pallas_offset the kernel op `attention_stats` with a traced uniform q_offset (the Triton
                 split-K decode kernel on GPU; usable only when every row sits at one position);
   xla_offset    the same op on the XLA streaming backend.
-plus `gated_delta_step` on the memory state [B, 8, 128, 128] fp32, beside a two-pass form of
-the same step (state read twice, written once) that would replace it if faster. Each timing is the median
-over `--reps` runs of one jit holding `--inner` calls in a fori_loop (device time per call, no
-Python dispatch), divided by `--inner`. The numbers decide whether decode should route uniform
+plus the gated-delta decode step on the memory state [B, 8, 128, 128] fp32 (q/k/v in the
+activation dtype, gates fp32), the state carried through the loop as decode carries it:
+  gd_xla        `gated_delta_step(impl="xla")`, the oracle's step (what decode ran before);
+  gd_two_pass   a two-pass XLA form (state read twice, written once);
+  gd_fused_bvN  the fused in-place kernel `gpu_step` (state read once, written once), V block N
+                (GPU only; `gd_fused` = the op's `impl="pallas"` with its automatic block);
+each with its max abs difference to the oracle on random inputs and state in the same run (the
+kernel in interpret mode under `--smoke`), and the state bytes moved per call (read + write).
+Each timing is the median over `--reps` runs of one jit holding `--inner` calls in a fori_loop
+(device time per call, no Python dispatch), divided by `--inner`. The numbers decide whether decode should route uniform
 positions to the kernel ("measure before fusing", issue 11); the cache bytes read per call are
 printed beside them (their ratio to the time is the achieved bandwidth).
 """
@@ -30,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels.gated_delta import gated_delta_step  # noqa: E402
+from pallas_kernels.gated_delta import gated_delta_step, gpu_step, reference  # noqa: E402
 from pallas_kernels.polar_attention import attention_stats, attention_stats_at  # noqa: E402
 
 H, G, D = 8, 2, 128
@@ -79,13 +85,79 @@ def _timed(fn, args, inner, reps):
   return statistics.median(times)
 
 
+def _timed_carry(step, s0, inner, reps):
+  """Median seconds per call of `(o, s) = step(s)` with the state carried through a jitted
+  loop of `inner` calls (updated in place where the form allows, as in the decode loop); every
+  o is consumed (summed), so no form skips its output read."""
+
+  @jax.jit
+  def loop(s):
+    def body(i, carry):
+      o, s = step(carry[0])
+      return s, carry[1] + jnp.sum(o)
+    return jax.lax.fori_loop(0, inner, body, (s, jnp.zeros((), jnp.float32)))
+
+  jax.block_until_ready(loop(s0))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop(s0))
+    times.append((time.perf_counter() - t0) / inner)
+  return statistics.median(times)
+
+
+def _gd_inputs(B, Kd, dtype):
+  """Random step inputs: q, k unit-norm and v in `dtype` [B, H, Kd]; gates fp32; state fp32."""
+  ks = jax.random.split(jax.random.key(1), 6)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  q = unit(jax.random.normal(ks[0], (B, H, Kd))).astype(dtype)
+  k = unit(jax.random.normal(ks[1], (B, H, Kd))).astype(dtype)
+  v = jax.random.normal(ks[2], (B, H, Kd)).astype(dtype)
+  log_gamma = jnp.log(jax.random.uniform(ks[3], (B, H), minval=0.5, maxval=1.0))
+  beta = jax.random.uniform(ks[4], (B, H))
+  state = jax.random.normal(ks[5], (B, H, Kd, Kd), jnp.float32)
+  return (q, k, v, log_gamma, beta), state
+
+
+def gated_delta_forms(smoke: bool):
+  """name -> step(q, k, v, log_gamma, beta, state) -> (o, state)."""
+  forms = {"gd_xla": lambda *a: gated_delta_step(*a, impl="xla"),
+           "gd_two_pass": lambda *a: _step_two_pass(*(x.astype(jnp.float32) for x in a))}
+  if smoke:
+    forms["gd_fused"] = lambda *a: gpu_step.gated_delta_step(*a, interpret=True)
+  else:
+    forms["gd_fused"] = lambda *a: gated_delta_step(*a, impl="pallas")
+    for bv in (16, 32, 64, 128):
+      forms[f"gd_fused_bv{bv}"] = lambda *a, bv=bv: gpu_step.gated_delta_step(*a, block_v=bv)
+  return forms
+
+
+def gated_delta_row(B, smoke, dtype, inner, reps) -> dict:
+  Kd = 16 if smoke else 128
+  xs, state = _gd_inputs(B, Kd, dtype)
+  o_ref, s_ref = reference.gated_delta_step(*xs, state)
+  row = {"gd_state_bytes_per_call": 2 * B * H * Kd * Kd * 4, "gd_inputs_dtype":
+         str(jnp.dtype(dtype)), "gd_auto_block_v": gpu_step.block_v_for(B, H, Kd)}
+  for name, step in gated_delta_forms(smoke).items():
+    o, s_new = jax.jit(step)(*xs, state)
+    row[f"{name}_max_abs_diff"] = float(max(jnp.max(jnp.abs(o - o_ref)),
+                                            jnp.max(jnp.abs(s_new - s_ref))))
+    t = _timed_carry(lambda s, step=step: step(*xs, s), state, inner, reps)
+    row[f"{name}_us"] = 1e6 * t
+    row[f"{name}_state_gb_per_s"] = row["gd_state_bytes_per_call"] / t / 1e9
+  return row
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", required=True)
-  p.add_argument("--smoke", action="store_true", help="tiny shapes, XLA only (CPU)")
-  p.add_argument("--reps", type=int, default=5)
-  p.add_argument("--inner", type=int, default=50)
+  p.add_argument("--smoke", action="store_true", help="tiny shapes, XLA forms and the step "
+                 "kernel in interpret mode (CPU)")
+  p.add_argument("--reps", type=int, default=None, help="timed runs (default 5; smoke 2)")
+  p.add_argument("--inner", type=int, default=None, help="calls per run (default 50; smoke 4)")
   args = p.parse_args(argv)
+  args.reps = args.reps or (2 if args.smoke else 5)
+  args.inner = args.inner or (4 if args.smoke else 50)
   shapes = SMOKE_SHAPES if args.smoke else SHAPES
   dtype = jnp.float32 if args.smoke else jnp.bfloat16
   forms = ["xla_at", "xla_offset"] + ([] if args.smoke else ["pallas_offset"])
@@ -111,20 +183,7 @@ def main(argv=None) -> int:
       got = fns[form](q, k, v, scale, 0)
       row[f"{form}_max_abs_diff"] = float(jnp.max(jnp.abs(got - want)))
       row[f"{form}_us"] = 1e6 * _timed(fns[form], (q, k, v, scale), args.inner, args.reps)
-    Kd = 16 if args.smoke else 128
-    st = jnp.zeros((B, H, Kd, Kd), jnp.float32)
-    qk = jax.random.normal(jax.random.key(1), (B, H, Kd), jnp.float32)
-    gates = jnp.full((B, H), -0.02, jnp.float32), jnp.full((B, H), 0.5, jnp.float32)
-    row["gated_delta_step_us"] = 1e6 * _timed(
-        lambda st, qk, i: gated_delta_step(qk, qk, qk, *gates, st)[1], (st, qk), args.inner,
-        args.reps)
-    row["gated_delta_step_two_pass_us"] = 1e6 * _timed(
-        lambda st, qk, i: _step_two_pass(qk, qk, qk, *gates, st)[1], (st, qk), args.inner,
-        args.reps)
-    o_ref, s_ref = gated_delta_step(qk, qk, qk, *gates, st + 0.01)
-    o_two, s_two = _step_two_pass(qk, qk, qk, *gates, st + 0.01)
-    row["two_pass_max_abs_diff"] = float(max(jnp.max(jnp.abs(o_ref - o_two)),
-                                             jnp.max(jnp.abs(s_ref - s_two))))
+    row.update(gated_delta_row(B, args.smoke, dtype, args.inner, args.reps))
     rows.append(row)
     print(json.dumps(row), flush=True)
   result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
