@@ -12,8 +12,8 @@ plus the gated-delta decode step on the memory state [B, 8, 128, 128] fp32 (q/k/
 activation dtype, gates fp32), the state carried through the loop as decode carries it:
   gd_xla        `gated_delta_step(impl="xla")`, the oracle's step (what decode ran before);
   gd_two_pass   a two-pass XLA form (state read twice, written once);
-  gd_fused_bvN  the fused in-place kernel `gpu_step` (state read once, written once), V block N
-                (GPU only; `gd_fused` = the op's `impl="pallas"` with its automatic block);
+  gd_fused_bvN_wW the fused in-place kernel `gpu_step` (state read once, written once), V block
+                N, W warps (GPU only; `gd_fused` = the op's `impl="pallas"`, automatic block);
 each with its max abs difference to the oracle on random inputs and state in the same run (the
 kernel in interpret mode under `--smoke`), and the state bytes moved per call (read + write).
 Each timing is the median over `--reps` runs of one jit holding `--inner` calls in a fori_loop
@@ -127,8 +127,9 @@ def gated_delta_forms(smoke: bool):
     forms["gd_fused"] = lambda *a: gpu_step.gated_delta_step(*a, interpret=True)
   else:
     forms["gd_fused"] = lambda *a: gated_delta_step(*a, impl="pallas")
-    for bv in (16, 32, 64, 128):
-      forms[f"gd_fused_bv{bv}"] = lambda *a, bv=bv: gpu_step.gated_delta_step(*a, block_v=bv)
+    for bv, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)):
+      forms[f"gd_fused_bv{bv}_w{warps}"] = lambda *a, bv=bv, w=warps: gpu_step.gated_delta_step(
+          *a, block_v=bv, num_warps=w)
   return forms
 
 
@@ -139,10 +140,14 @@ def gated_delta_row(B, smoke, dtype, inner, reps) -> dict:
   row = {"gd_state_bytes_per_call": 2 * B * H * Kd * Kd * 4, "gd_inputs_dtype":
          str(jnp.dtype(dtype)), "gd_auto_block_v": gpu_step.block_v_for(B, H, Kd)}
   for name, step in gated_delta_forms(smoke).items():
-    o, s_new = jax.jit(step)(*xs, state)
-    row[f"{name}_max_abs_diff"] = float(max(jnp.max(jnp.abs(o - o_ref)),
-                                            jnp.max(jnp.abs(s_new - s_ref))))
-    t = _timed_carry(lambda s, step=step: step(*xs, s), state, inner, reps)
+    try:
+      o, s_new = jax.jit(step)(*xs, state)
+      row[f"{name}_max_abs_diff"] = float(max(jnp.max(jnp.abs(o - o_ref)),
+                                              jnp.max(jnp.abs(s_new - s_ref))))
+      t = _timed_carry(lambda s, step=step: step(*xs, s), state, inner, reps)
+    except Exception as e:  # noqa: BLE001 - a form that fails to compile is recorded, not fatal
+      row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      continue
     row[f"{name}_us"] = 1e6 * t
     row[f"{name}_state_gb_per_s"] = row["gd_state_bytes_per_call"] / t / 1e9
   return row
