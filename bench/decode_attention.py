@@ -2,6 +2,7 @@
 
   python3 bench/decode_attention.py --out $OUT/decode_attention.json          (GPU, ~2 min)
   python3 bench/decode_attention.py --smoke --out /tmp/decode_attention.json  (CPU check)
+  --parts gated_delta (or attention): only those rows
 
 Rows (bf16, 8 query / 2 KV heads, head dim 128, one query row per sequence):
   xla_at        `cached.attention_stats_at` at per-row positions (what decode runs today);
@@ -160,13 +161,22 @@ def main(argv=None) -> int:
                  "kernel in interpret mode (CPU)")
   p.add_argument("--reps", type=int, default=None, help="timed runs (default 5; smoke 2)")
   p.add_argument("--inner", type=int, default=None, help="calls per run (default 50; smoke 4)")
+  p.add_argument("--parts", default="attention,gated_delta", help="which rows: attention, "
+                 "gated_delta or both (comma-separated)")
   args = p.parse_args(argv)
+  parts = set(args.parts.split(","))
+  if not parts or parts - {"attention", "gated_delta"}:
+    p.error(f"--parts {args.parts!r}: pick attention, gated_delta or attention,gated_delta")
   args.reps = args.reps or (2 if args.smoke else 5)
   args.inner = args.inner or (4 if args.smoke else 50)
   shapes = SMOKE_SHAPES if args.smoke else SHAPES
   dtype = jnp.float32 if args.smoke else jnp.bfloat16
   forms = ["xla_at", "xla_offset"] + ([] if args.smoke else ["pallas_offset"])
+  if "attention" not in parts:
+    forms = []
   rows = []
+  result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+            "heads": [H, G, D], "dtype": str(jnp.dtype(dtype)), "rows": rows}
   for B, S in shapes:
     q, k, v, scale = _inputs(B, S, dtype)
     pos = S - 1  # the new token sits at the last cached position
@@ -183,18 +193,17 @@ def main(argv=None) -> int:
     fns = {"xla_at": xla_at, "xla_offset": by_offset("xla"), "pallas_offset": by_offset("pallas")}
     kv_bytes = 2 * B * S * G * D * jnp.dtype(dtype).itemsize
     row = {"batch": B, "cached": S, "kv_bytes": kv_bytes}
-    want = fns["xla_at"](q, k, v, scale, 0)
+    want = fns["xla_at"](q, k, v, scale, 0) if forms else None
     for form in forms:
       got = fns[form](q, k, v, scale, 0)
       row[f"{form}_max_abs_diff"] = float(jnp.max(jnp.abs(got - want)))
       row[f"{form}_us"] = 1e6 * _timed(fns[form], (q, k, v, scale), args.inner, args.reps)
-    row.update(gated_delta_row(B, args.smoke, dtype, args.inner, args.reps))
+    if "gated_delta" in parts:
+      row.update(gated_delta_row(B, args.smoke, dtype, args.inner, args.reps))
     rows.append(row)
     print(json.dumps(row), flush=True)
-  result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "heads": [H, G, D], "dtype": str(jnp.dtype(dtype)), "rows": rows}
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+    with open(args.out, "w") as f:  # after every row: a run cut short keeps what it measured
+      json.dump(result, f, indent=1)
   return 0
 
 
