@@ -5,6 +5,7 @@
   python3 bench/generate.py --skip-ref --rows decode_b512_512 \
       --variant step_xla=model.mem_step_impl=xla --variant step_fused=model.mem_step_impl=pallas
                                       # the decode rows once per model variant, ROW[NAME]
+                                      # (each decodes from the base config's prefill)
 
 Ours: `configs/atma_378m` with bf16 parameters, embedding and activations, no window, random
 weights (reference init + small noise: speed does not depend on the values), random prompt
@@ -96,6 +97,21 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
   return name, [o for o in rest.split(",") if o]
 
 
+# the model fields a --variant may change: how one-token decode runs, nothing in the prefill's
+# results or the cache layout, so a variant decodes from the base config's prefill
+DECODE_FIELDS = ("mem_step_impl", "decode_attn_kernel", "kernel_impl")
+
+
+def check_variant(name: str, base, cfg) -> None:
+  changed = [f.name for f in dataclasses.fields(base)
+             if getattr(base, f.name) != getattr(cfg, f.name)]
+  bad = [f for f in changed if f not in DECODE_FIELDS]
+  if bad:
+    raise SystemExit(f"--variant {name}: changes model.{', model.'.join(bad)}; a variant may "
+                     f"change only model.{', model.'.join(DECODE_FIELDS)} (it decodes from the "
+                     "base config's prefill)")
+
+
 def variant_graphdef(cfg):
   """The graphdef of a config that differs from the built one only in how it runs (kernel
   backends, routing): the same parameter tree, so the built parameters serve it."""
@@ -172,13 +188,16 @@ def prompts_of(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[
   return rng.integers(0, min(vocab, 50257), size=(batch, length)).tolist()
 
 
-def decode_row(gen: Generator, cfg, name, batch, context, steps, reps, ceilings, pbytes, mm):
+def decode_row(gen: Generator, cfg, name, batch, context, steps, reps, ceilings, pbytes, mm,
+               prefill_gen: Generator | None = None):
+  """One decode row; `prefill_gen` (default `gen`) runs the prompt's prefill (a variant that
+  changes only how decode runs shares the base's compiled prefill)."""
   # greedy, no stop token; the rows are done only at the last step of the last block
   sampling = SamplingParams(temperature=0.0, max_new_tokens=steps * (reps + 1) + 1)
   max_len = context + sampling.max_new_tokens
   t0 = time.perf_counter()
-  state, first = gen.start(prompts_of(batch, context, cfg.vocab_size), sampling,
-                           max_len=max_len)
+  state, first = (prefill_gen or gen).start(prompts_of(batch, context, cfg.vocab_size),
+                                            sampling, max_len=max_len)
   first.block_until_ready()
   prefill_s = time.perf_counter() - t0
   cache_bytes = tree_bytes(state.cache)
@@ -358,7 +377,9 @@ def main(argv=None) -> int:
   ap.add_argument("--variant", action="append", default=[], help="decode rows again under "
                   "NAME=model.key=value[,...] (repeatable; rows named ROW[NAME]), e.g. "
                   "step_xla=model.mem_step_impl=xla, attn_kernel=model.decode_attn_kernel=true; "
-                  "NAME= is the base config. Given, the decode rows run once per variant")
+                  "NAME= is the base config. Given, the decode rows run once per variant, each "
+                  "from the base config's prefill (so a variant may change only "
+                  f"{', '.join(DECODE_FIELDS)})")
   ap.add_argument("--rows", default=None, help="only these rows (comma-separated names, e.g. "
                   "decode_b512_512,decode_b1_2k; default all)")
   ap.add_argument("--ref", default="ref_atma", help="checkout of the original repository")
@@ -370,6 +391,10 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   shapes = SMOKE if args.smoke else FULL
   variants = [parse_variant(v) for v in args.variant] or [(None, [])]
+  for name, overrides in variants:  # before any compute: a bad variant is a one-line error
+    if name is not None:
+      check_variant(name, model_config(args.smoke, args.impl),
+                    model_config(args.smoke, args.impl, overrides))
   if args.rows:
     keep = set(args.rows.split(","))
     unknown = keep - {r[0] for rs in shapes.values() for r in rs}
@@ -431,7 +456,7 @@ def main(argv=None) -> int:
       for name, batch, context in shapes["decode"]:
         key = name if variant is None else f"{name}[{variant}]"
         ours["rows"][key] = decode_row(gen_for(4096, variant), cfg, key, batch, context, steps,
-                                       reps, ceilings, pbytes, mm)
+                                       reps, ceilings, pbytes, mm, prefill_gen=gen_for(4096))
         print(json.dumps({k: v for k, v in ours["rows"][key].items() if k in (
             "name", "tok_per_s", "ms_per_step", "cache_bytes_per_sequence")}), flush=True)
         write()

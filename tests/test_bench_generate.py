@@ -23,6 +23,8 @@ def test_variant_names_and_overrides():
 
 @pytest.mark.parametrize("argv,says", [(["--variant", "no_equals"], "--variant"),
                                        (["--variant", "=model.remat=true"], "--variant"),
+                                       (["--variant", "w=model.attn_window=64"],
+                                        "model.attn_window"),
                                        (["--rows", "decode_b9"], "unknown rows")])
 def test_bad_variant_or_rows_is_a_one_line_error(argv, says):
   with pytest.raises(SystemExit) as e:
