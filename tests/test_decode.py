@@ -224,14 +224,16 @@ def test_bad_inputs_raise_before_compute():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,window,tol", [("float32", None, 2e-3), ("float32", 24, 2e-3),
-                                              ("bfloat16", None, 0.1)])
-def test_gpu_kernels_prefill_and_decode_match_full_forward(dtype, window, tol):
+@pytest.mark.parametrize("dtype,window,tol,attn_kernel", [
+    ("float32", None, 2e-3, False), ("float32", 24, 2e-3, False), ("bfloat16", None, 0.1, False),
+    ("float32", None, 2e-3, True), ("float32", 24, 2e-3, True)])
+def test_gpu_kernels_prefill_and_decode_match_full_forward(dtype, window, tol, attn_kernel):
   """kernel_impl="auto" on a GPU: the fresh and same-start prefill forms run the Pallas kernels
-  (head_dim 16, memory chunk 16), ragged starts and decode the XLA path; all match the full
-  forward (fp32: TF32-level dots; bf16: activation rounding)."""
+  (head_dim 16, memory chunk 16), ragged starts the XLA path, decode the fused gated-delta step
+  kernel and (model.decode_attn_kernel) the attention kernel op once the rows line up; all
+  match the full forward (fp32: TF32-level dots; bf16: activation rounding)."""
   cfg = tiny_config(kernel_impl="auto", hidden_size=64, head_dim=16, mem_chunk=16,
-                    attn_window=window, compute_dtype=dtype)
+                    attn_window=window, compute_dtype=dtype, decode_attn_kernel=attn_kernel)
   graphdef, params = init_model(cfg)
   params = perturb(params, jax.random.key(1))
   n = 56
@@ -240,7 +242,8 @@ def test_gpu_kernels_prefill_and_decode_match_full_forward(dtype, window, tol):
   run_prefill, run_decode = _steps(graphdef)
   cache = init_cache(cfg, 2, 64)
   done = np.zeros(2, int)
-  for lengths in ((20, 20), (17, 9), (3, 14)):  # fresh, same start, ragged starts
+  for lengths in ((20, 20), (17, 9), (3, 11)):  # fresh, same start, ragged starts; then the
+    # rows line up (40, 40) for decode
     lengths = np.array(lengths)
     take = np.minimum(done[:, None] + np.arange(20)[None, :], n - 1)
     logits, cache = run_prefill(params, ids[np.arange(2)[:, None], take], jnp.asarray(lengths),
