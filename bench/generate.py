@@ -2,6 +2,10 @@
 
   python3 bench/generate.py --out $OUT/generate.json            # one H200: both sides
   python3 bench/generate.py --smoke                              # CPU: tiny model, seconds
+  python3 bench/generate.py --skip-ref --rows decode_b512_512 \
+      --variant step_xla=model.mem_step_impl=xla --variant step_fused=model.mem_step_impl=pallas
+                                      # the decode rows once per model variant, ROW[NAME]
+                                      # (each decodes from the base config's prefill)
 
 Ours: `configs/atma_378m` with bf16 parameters, embedding and activations, no window, random
 weights (reference init + small noise: speed does not depend on the values), random prompt
@@ -77,11 +81,45 @@ BF16 = ["model.param_dtype=bfloat16", "model.embed_dtype=bfloat16",
 # ----------------------------------------------------------------------------- ours
 
 
-def build(smoke: bool, impl: str | None):
+def model_config(smoke: bool, impl: str | None, extra=()):
   overrides = list(BF16) + ([f"model.kernel_impl={impl}"] if impl else [])
   if smoke:
     overrides = [o for o in overrides if "dtype" not in o]  # tiny preset: fp32 on CPU
-  cfg = resolve("tiny" if smoke else "atma_378m", overrides).model
+  return resolve("tiny" if smoke else "atma_378m", overrides + list(extra)).model
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+  """"NAME=model.a=x,model.b=y" -> (NAME, ["model.a=x", "model.b=y"]); "NAME=" = no change."""
+  name, sep, rest = text.partition("=")
+  if not sep or not name or "[" in name:
+    raise SystemExit(f"--variant {text!r}: write NAME=model.key=value[,model.key=value] (e.g. "
+                     "step_xla=model.mem_step_impl=xla), or NAME= for the base config")
+  return name, [o for o in rest.split(",") if o]
+
+
+# the model fields a --variant may change: how one-token decode runs, nothing in the prefill's
+# results or the cache layout, so a variant decodes from the base config's prefill
+DECODE_FIELDS = ("mem_step_impl", "decode_attn_kernel", "kernel_impl")
+
+
+def check_variant(name: str, base, cfg) -> None:
+  changed = [f.name for f in dataclasses.fields(base)
+             if getattr(base, f.name) != getattr(cfg, f.name)]
+  bad = [f for f in changed if f not in DECODE_FIELDS]
+  if bad:
+    raise SystemExit(f"--variant {name}: changes model.{', model.'.join(bad)}; a variant may "
+                     f"change only model.{', model.'.join(DECODE_FIELDS)} (it decodes from the "
+                     "base config's prefill)")
+
+
+def variant_graphdef(cfg):
+  """The graphdef of a config that differs from the built one only in how it runs (kernel
+  backends, routing): the same parameter tree, so the built parameters serve it."""
+  return nnx.split(nnx.eval_shape(lambda: Atma(cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
+
+
+def build(smoke: bool, impl: str | None):
+  cfg = model_config(smoke, impl)
 
   @jax.jit
   def make():
@@ -89,8 +127,7 @@ def build(smoke: bool, impl: str | None):
     return noisy(params, jax.random.PRNGKey(1), 0.1)
 
   params = make()
-  graphdef = nnx.split(nnx.eval_shape(lambda: Atma(cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
-  return cfg, graphdef, params
+  return cfg, variant_graphdef(cfg), params
 
 
 def tree_bytes(tree) -> int:
@@ -151,13 +188,16 @@ def prompts_of(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[
   return rng.integers(0, min(vocab, 50257), size=(batch, length)).tolist()
 
 
-def decode_row(gen: Generator, cfg, name, batch, context, steps, reps, ceilings, pbytes, mm):
+def decode_row(gen: Generator, cfg, name, batch, context, steps, reps, ceilings, pbytes, mm,
+               prefill_gen: Generator | None = None):
+  """One decode row; `prefill_gen` (default `gen`) runs the prompt's prefill (a variant that
+  changes only how decode runs shares the base's compiled prefill)."""
   # greedy, no stop token; the rows are done only at the last step of the last block
   sampling = SamplingParams(temperature=0.0, max_new_tokens=steps * (reps + 1) + 1)
   max_len = context + sampling.max_new_tokens
   t0 = time.perf_counter()
-  state, first = gen.start(prompts_of(batch, context, cfg.vocab_size), sampling,
-                           max_len=max_len)
+  state, first = (prefill_gen or gen).start(prompts_of(batch, context, cfg.vocab_size),
+                                            sampling, max_len=max_len)
   first.block_until_ready()
   prefill_s = time.perf_counter() - t0
   cache_bytes = tree_bytes(state.cache)
@@ -334,6 +374,14 @@ def main(argv=None) -> int:
   ap.add_argument("--chunks", default=None, help="prefill chunk sizes (default: the whole "
                   "prompt in one chunk), comma-separated, e.g. 65536,8192")
   ap.add_argument("--impl", default=None, help="model.kernel_impl (default: the config's)")
+  ap.add_argument("--variant", action="append", default=[], help="decode rows again under "
+                  "NAME=model.key=value[,...] (repeatable; rows named ROW[NAME]), e.g. "
+                  "step_xla=model.mem_step_impl=xla, attn_kernel=model.decode_attn_kernel=true; "
+                  "NAME= is the base config. Given, the decode rows run once per variant, each "
+                  "from the base config's prefill (so a variant may change only "
+                  f"{', '.join(DECODE_FIELDS)})")
+  ap.add_argument("--rows", default=None, help="only these rows (comma-separated names, e.g. "
+                  "decode_b512_512,decode_b1_2k; default all)")
   ap.add_argument("--ref", default="ref_atma", help="checkout of the original repository")
   ap.add_argument("--ref-python", default=None, help="Python with torch for the original "
                   "(default: $ATMA_TORCH_PYTHON, else this Python)")
@@ -342,6 +390,18 @@ def main(argv=None) -> int:
   ap.add_argument("--skip-ref", action="store_true")
   args = ap.parse_args(argv)
   shapes = SMOKE if args.smoke else FULL
+  variants = [parse_variant(v) for v in args.variant] or [(None, [])]
+  for name, overrides in variants:  # before any compute: a bad variant is a one-line error
+    if name is not None:
+      check_variant(name, model_config(args.smoke, args.impl),
+                    model_config(args.smoke, args.impl, overrides))
+  if args.rows:
+    keep = set(args.rows.split(","))
+    unknown = keep - {r[0] for rs in shapes.values() for r in rs}
+    if unknown:
+      raise SystemExit(f"--rows: unknown rows {sorted(unknown)}; pick from "
+                       f"{[r[0] for rs in shapes.values() for r in rs]}")
+    shapes = {k: [r for r in rs if r[0] in keep] for k, rs in shapes.items()}
   steps = args.steps or (8 if args.smoke else 128)
   reps = 2 if args.smoke and args.reps == 5 else args.reps
   report = {"benchmark": "generate", "smoke": args.smoke,
@@ -381,18 +441,25 @@ def main(argv=None) -> int:
     report["ours"] = ours
     gens = {}
 
-    def gen_for(chunk):
-      if chunk not in gens:
-        gens[chunk] = Generator(cfg, graphdef, params, prefill_chunk=chunk)
-      return gens[chunk]
+    def gen_for(chunk, variant=None):
+      if (chunk, variant) not in gens:
+        v_cfg, v_graphdef = cfg, graphdef
+        if variant is not None:
+          v_cfg = model_config(args.smoke, args.impl, dict(variants)[variant])
+          v_graphdef = variant_graphdef(v_cfg)
+        gens[chunk, variant] = Generator(v_cfg, v_graphdef, params, prefill_chunk=chunk)
+      return gens[chunk, variant]
 
-    for name, batch, context in shapes["decode"]:
-      ours["rows"][name] = decode_row(gen_for(4096), cfg, name, batch, context, steps, reps,
-                                      ceilings, pbytes, mm)
-      print(json.dumps({k: v for k, v in ours["rows"][name].items()
-                        if k in ("name", "tok_per_s", "ms_per_step", "cache_bytes_per_sequence")}),
-            flush=True)
-      write()
+    if variants[0][0] is not None:
+      ours["variants"] = {name: overrides for name, overrides in variants}
+    for variant, _ in variants:
+      for name, batch, context in shapes["decode"]:
+        key = name if variant is None else f"{name}[{variant}]"
+        ours["rows"][key] = decode_row(gen_for(4096, variant), cfg, key, batch, context, steps,
+                                       reps, ceilings, pbytes, mm, prefill_gen=gen_for(4096))
+        print(json.dumps({k: v for k, v in ours["rows"][key].items() if k in (
+            "name", "tok_per_s", "ms_per_step", "cache_bytes_per_sequence")}), flush=True)
+        write()
     for name, length in shapes["prefill"]:
       chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else [length]
       for chunk in chunks:
@@ -414,7 +481,7 @@ def summarize(report: dict) -> dict:
   ours = report.get("ours", {}).get("rows", {})
   ref = report.get("original", {}).get("rows", {})
   for name in list(ours) + [n for n in ref if n not in ours]:
-    o, r = ours.get(name, {}), ref.get(name, {}).get("result", {})
+    o, r = ours.get(name, {}), ref.get(name.split("[")[0], {}).get("result", {})
     if name.startswith("decode"):
       out[name] = {"ours_tok_per_s": o.get("tok_per_s"),
                    "original_tok_per_s": r.get("throughput_tok_s"),

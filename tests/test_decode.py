@@ -128,6 +128,50 @@ def test_ragged_rows_equal_each_prompt_alone():
     np.testing.assert_allclose(got, ref, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize("attn_type,window", [("polar", None), ("rope", 5)])
+def test_decode_attn_kernel_matches_full_forward(attn_type, window):
+  """model.decode_attn_kernel=True: one-token decode of rows at one position (batch 1; batch 2
+  prefilled alike) runs the attention op at a traced offset, ragged rows the per-position form
+  (lax.cond): every logit equals the full forward's."""
+  cfg, graphdef, params = _setup(attn_type=attn_type, attn_window=window,
+                                 decode_attn_kernel=True)
+  ids = jax.random.randint(jax.random.key(6), (2, T), 0, cfg.vocab_size)
+  want = _full_logits(graphdef, params, ids)
+  run_prefill, run_decode = _steps(graphdef)
+  for rows, lengths in (([0], [4]), ([0, 1], [5, 5]), ([0, 1], [6, 3])):
+    rows, pos = np.array(rows), np.array(lengths)
+    prompt = jnp.where(jnp.arange(6)[None, :] < pos[:, None], ids[rows, :6], 0)
+    _, cache = run_prefill(params, prompt, jnp.asarray(pos), init_cache(cfg, len(rows), MAX_LEN))
+    for _ in range(T - 6):
+      logits, cache = run_decode(params, ids[rows, pos], cache)
+      np.testing.assert_allclose(logits, want[rows, pos], atol=TOL, rtol=TOL,
+                                 err_msg=f"rows {rows} at positions {pos}")
+      pos += 1
+
+
+def test_decode_attn_kernel_routes_uniform_rows_to_the_kernel_op():
+  """`attend_cached(uniform_kernel=True)` on one token: batch 1 traces only the kernel op (at a
+  traced offset, over the written full cache); a batch traces both behind a lax.cond; off, only
+  the per-position op."""
+  from atma_jax.model.cache import TokenSpan
+  from atma_jax.model.kv_cache import attend_cached
+
+  def traced(B, uniform_kernel):
+    calls = []
+    core = lambda q, k, v, off: calls.append(("core", k.shape[1], off.shape)) or q
+    core_at = lambda q, k, v, qp, kp: calls.append(("core_at",)) or q
+    x = jnp.zeros((B, 1, 2, 4))
+    cache = jnp.zeros((B, MAX_LEN, 2, 4))
+    span = TokenSpan(starts_B=jnp.full((B,), 3, jnp.int32), lengths_B=None)
+    jax.make_jaxpr(lambda: attend_cached(x, x, x, cache, cache, span, None, core=core,
+                                         core_at=core_at, uniform_kernel=uniform_kernel))()
+    return calls
+
+  assert traced(1, True) == [("core", MAX_LEN, ())]
+  assert sorted(traced(2, True)) == [("core", MAX_LEN, ()), ("core_at",)]
+  assert traced(1, False) == traced(2, False) == [("core_at",)]
+
+
 def test_sharded_decode_matches_unsharded():
   cfg, graphdef, params = _setup(attn_window=5)
   ids = jax.random.randint(jax.random.key(5), (4, 8), 0, cfg.vocab_size)
@@ -180,14 +224,16 @@ def test_bad_inputs_raise_before_compute():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,window,tol", [("float32", None, 2e-3), ("float32", 24, 2e-3),
-                                              ("bfloat16", None, 0.1)])
-def test_gpu_kernels_prefill_and_decode_match_full_forward(dtype, window, tol):
+@pytest.mark.parametrize("dtype,window,tol,attn_kernel", [
+    ("float32", None, 2e-3, False), ("float32", 24, 2e-3, False), ("bfloat16", None, 0.1, False),
+    ("float32", None, 2e-3, True), ("float32", 24, 2e-3, True)])
+def test_gpu_kernels_prefill_and_decode_match_full_forward(dtype, window, tol, attn_kernel):
   """kernel_impl="auto" on a GPU: the fresh and same-start prefill forms run the Pallas kernels
-  (head_dim 16, memory chunk 16), ragged starts and decode the XLA path; all match the full
-  forward (fp32: TF32-level dots; bf16: activation rounding)."""
+  (head_dim 16, memory chunk 16), ragged starts the XLA path, decode the fused gated-delta step
+  kernel and (model.decode_attn_kernel) the attention kernel op once the rows line up; all
+  match the full forward (fp32: TF32-level dots; bf16: activation rounding)."""
   cfg = tiny_config(kernel_impl="auto", hidden_size=64, head_dim=16, mem_chunk=16,
-                    attn_window=window, compute_dtype=dtype)
+                    attn_window=window, compute_dtype=dtype, decode_attn_kernel=attn_kernel)
   graphdef, params = init_model(cfg)
   params = perturb(params, jax.random.key(1))
   n = 56
@@ -196,7 +242,8 @@ def test_gpu_kernels_prefill_and_decode_match_full_forward(dtype, window, tol):
   run_prefill, run_decode = _steps(graphdef)
   cache = init_cache(cfg, 2, 64)
   done = np.zeros(2, int)
-  for lengths in ((20, 20), (17, 9), (3, 14)):  # fresh, same start, ragged starts
+  for lengths in ((20, 20), (17, 9), (3, 11)):  # fresh, same start, ragged starts; then the
+    # rows line up (40, 40) for decode
     lengths = np.array(lengths)
     take = np.minimum(done[:, None] + np.arange(20)[None, :], n - 1)
     logits, cache = run_prefill(params, ids[np.arange(2)[:, None], take], jnp.asarray(lengths),

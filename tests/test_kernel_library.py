@@ -53,10 +53,15 @@ def test_kernel_library_never_names_the_model_package():
 def test_dispatch_tables_name_only_library_modules():
   # the modules dispatch imports at run time (importlib, from the BACKENDS strings) are the
   # library's own
-  for pkg in (polar_attention, gated_delta):
-    t = pkg.BACKENDS
+  for pkg, t in _tables():
     modules = {t.xla} | {c.module for cs in t.pallas.values() for c in cs}
     assert all(m.startswith(pkg.__name__ + ".") for m in modules), modules
+
+
+def _tables():
+  """(op package, dispatch table) for every kernel op of the library."""
+  return ((polar_attention, polar_attention.BACKENDS), (gated_delta, gated_delta.BACKENDS),
+          (gated_delta, gated_delta.STEP_BACKENDS))
 
 
 def test_import_scan_sees_model_imports():
@@ -77,7 +82,8 @@ def _public_modules():
   out = {"pallas_kernels", "pallas_kernels.dispatch"}
   for pkg, extra in ((polar_attention, ("bands",)), (gated_delta, ("chunk_math",))):
     out |= {pkg.__name__} | {f"{pkg.__name__}.{m}" for m in ("api", "reference") + extra}
-    out |= {pkg.BACKENDS.xla} | {c.module for cs in pkg.BACKENDS.pallas.values() for c in cs}
+  for _, t in _tables():
+    out |= {t.xla} | {c.module for cs in t.pallas.values() for c in cs}
   return out
 
 

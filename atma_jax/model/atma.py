@@ -44,7 +44,8 @@ def check_model_config(cfg: ModelConfig) -> None:
   """cfg.validate() plus the constraints the modules themselves rely on."""
   cfg.validate()
   choices = {"attn_type": ("polar", "nope", "rope"), "init_scheme": INIT_SCHEMES,
-             "kernel_impl": ("auto", "pallas", "xla")}
+             "kernel_impl": ("auto", "pallas", "xla"),
+             "mem_step_impl": (None, "auto", "pallas", "xla")}
   for name, allowed in choices.items():
     if getattr(cfg, name) not in allowed:
       raise ConfigError(f"model.{name}={getattr(cfg, name)!r} is not supported; choose one of "

@@ -160,7 +160,8 @@ class GlobalMixer(nnx.Module):
       if cache is None:
         return core(q_att, k_att, v_att, q_offset)
       out, new["k_BSGd"], new["v_BSGd"] = attend_cached(
-          q_att, k_att, v_att, cache.k_BSGd, cache.v_BSGd, span, W, core=core, core_at=core_at)
+          q_att, k_att, v_att, cache.k_BSGd, cache.v_BSGd, span, W, core=core, core_at=core_at,
+          uniform_kernel=cfg.decode_attn_kernel)
       return out
 
     distract = rng is not None and cfg.num_random_keys > 0 and cache is None

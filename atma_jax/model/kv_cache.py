@@ -8,7 +8,8 @@ one is a ring of S slots, position p in slot p % S. Padded tokens (t >= lengths[
 written.
 
 `attend_cached` picks, per call, the cheapest exact form of the core (lax.switch on the rows'
-start positions; a one-token call always takes the last):
+start positions; a one-token call takes the last, or with `uniform_kernel` form 1 when every row
+sits at one position, e.g. batch 1 — see below):
   0. every row starts at 0 (a fresh prompt): the training op on the new tokens alone, q_offset 0
      (the Pallas kernels' prefill path);
   1. every row starts at the same position p: the training op with the traced q_offset on the
@@ -17,6 +18,12 @@ start positions; a one-token call always takes the last):
      (`ops.polar_core_at` / `ops.softmax_attention_at`, XLA).
 A padded query row never sees a real key of a later position, so right padding does not need a
 mask in forms 0 and 1; its outputs are meaningless and dropped by the caller.
+
+One-token decode with `uniform_kernel` (model.decode_attn_kernel; off until measured on a GPU,
+bench/decode_attention.py): when every row sits at the same position p (statically at batch 1,
+else a lax.cond on the positions) the training op runs with the traced q_offset p (the Triton
+split-K decode kernel on GPU) over the written full cache as it is (slot = position, p < S), or
+over `keys_in_order` for a ring; otherwise form 2.
 """
 
 from __future__ import annotations
@@ -107,12 +114,14 @@ def keys_in_order(k_old_BSGd, v_old_BSGd, k_written_BSGd, v_written_BSGd, k_new_
 
 
 def attend_cached(q_BTHd, k_new_BTGd, v_new_BTGd, k_cache_BSGd, v_cache_BSGd, span: TokenSpan,
-                  window: int | None, *, core: Callable, core_at: Callable):
+                  window: int | None, *, core: Callable, core_at: Callable,
+                  uniform_kernel: bool = False):
   """Attention core of this call's queries over the cache plus the new keys.
 
   `core(q, k, v, q_offset)`: the training op (keys from local position 0, int or traced offset).
   `core_at(q, keys, values, q_pos_BT, key_pos_BS)`: the per-position op.
-  Returns (core output, new k cache, new v cache).
+  `uniform_kernel`: a one-token call whose rows all sit at one position runs `core` (module
+  docstring). Returns (core output, new k cache, new v cache).
   """
   T = q_BTHd.shape[1]
   old = (k_cache_BSGd, v_cache_BSGd)
@@ -123,17 +132,23 @@ def attend_cached(q_BTHd, k_new_BTGd, v_new_BTGd, k_cache_BSGd, v_cache_BSGd, sp
     keys, values, key_pos_BS = keys_at_positions(*old, *written, *new, span, window)
     return core_at(q_BTHd, keys, values, span.positions_BT(T), key_pos_BS)
 
-  if T == 1:
-    return at_positions(), *written
-
   def fresh():
     return core(q_BTHd, k_new_BTGd, v_new_BTGd, 0)
 
   def same_start():
+    if T == 1 and window is None:  # the written cache: slot = position, start < S (check_fit)
+      return core(q_BTHd, *written, span.starts_B[0])
     keys, values, offset = keys_in_order(*old, *written, *new, span.starts_B[0], window)
     return core(q_BTHd, keys, values, offset)
 
   starts_B = span.starts_B
+  if T == 1:
+    if not uniform_kernel:
+      return at_positions(), *written
+    if starts_B.shape[0] == 1:
+      return same_start(), *written
+    out = jax.lax.cond(jnp.all(starts_B == starts_B[0]), same_start, at_positions)
+    return out, *written
   branch = jnp.where(jnp.all(starts_B == 0), 0, jnp.where(jnp.all(starts_B == starts_B[0]), 1, 2))
   out = jax.lax.switch(branch, (fresh, same_start, at_positions))
   return out, *written

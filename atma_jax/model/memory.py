@@ -77,7 +77,8 @@ class Memory(nnx.Module):
       v_BTHd = jnp.where(keep[..., None], v_BTHd, 0)
     if q_BTHd.shape[1] == 1:
       r_BHd, state_BHKV = gated_delta_step(q_BTHd[:, 0], k_BTHd[:, 0], v_BTHd[:, 0],
-                                           log_gamma_BTH[:, 0], beta_BTH[:, 0], state_BHKV)
+                                           log_gamma_BTH[:, 0], beta_BTH[:, 0], state_BHKV,
+                                           impl=self.cfg.mem_step_impl or self.cfg.kernel_impl)
       return r_BHd[:, None], state_BHKV
     return gated_delta_rule(q_BTHd, k_BTHd, v_BTHd, log_gamma_BTH, beta_BTH,
                             initial_state=state_BHKV, output_final_state=True,

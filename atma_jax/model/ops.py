@@ -8,7 +8,7 @@
       the same cores over a decode cache, every query row and key at its own absolute position
   gated_delta_rule(q, k, v, log_gamma, beta, *, initial_state, output_final_state, chunk_size,
                    impl) -> (o_BTHV f32, final_state_BHKV f32 | None)
-  gated_delta_step(q, k, v, log_gamma, beta, state) -> (o_BHV f32, state_BHKV f32)
+  gated_delta_step(q, k, v, log_gamma, beta, state, *, impl) -> (o_BHV f32, state_BHKV f32)
 
 Same names, signatures and math as the kernel ops in `pallas_kernels.polar_attention` and
 `pallas_kernels.gated_delta` (docs/DESIGN.md, "Kernel op contracts"); this module adds the one
@@ -147,7 +147,16 @@ def gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, *, initial
   return o_BTHV, (sT_BHKV if output_final_state else None)
 
 
-def gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV):
-  """`pallas_kernels.gated_delta.gated_delta_step`: one decode token (plain jnp; GSPMD shards
-  it like any other elementwise-and-contraction code)."""
-  return gd.gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV)
+def gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV, *,
+                     impl: str = "auto"):
+  """`pallas_kernels.gated_delta.gated_delta_step` (one decode token; the fused in-place kernel
+  on GPU), split over the active mesh like `gated_delta_rule`."""
+  run = functools.partial(gd.gated_delta_step, impl=impl)
+  args = (q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV)
+  mesh = sharding.current_mesh()
+  if mesh is None or q_BHK.ndim != 3:  # (a wrong rank: the op's own error, unsharded)
+    return run(*args)
+  batch, heads = _batch_head_axes(mesh, q_BHK.shape[0], (q_BHK.shape[1],))
+  x_spec, g_spec, s_spec = P(batch, heads, None), P(batch, heads), P(batch, heads, None, None)
+  return _shard_map(run, mesh, (x_spec,) * 3 + (g_spec,) * 2 + (s_spec,),
+                    (x_spec, s_spec))(*args)

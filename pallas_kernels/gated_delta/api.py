@@ -3,7 +3,7 @@
   gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, *, initial_state=None,
                    output_final_state=False, chunk_size=64, impl="auto")
       -> (o_BTHV f32, final_state_BHKV f32 | None)
-  gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV)
+  gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV, *, impl="auto")
       -> (o_BHV f32, state_BHKV f32)
 
 Convention and math: `reference.py` (ATMA_SPEC §4.4): per token `S <- gamma S;
@@ -22,6 +22,11 @@ gets the XLA path's recompute-and-differentiate backward. A backend that also ex
 `gated_delta_fwd_residuals` (GPU-Triton) saves its forward's prepass (w, u, T0) as extra
 residuals and gets them back as `gated_delta_bwd(..., prepass=...)`: no prepass rerun in the
 backward, for B*Tp*H*((K + V)*itemsize + 4*C) more bytes per layer (gpu_triton docstring).
+
+`gated_delta_step` (one decode token) has its own table, `STEP_BACKENDS`: the oracle's step
+(`reference.gated_delta_step`) is its XLA backend and CPU path, the fused in-place kernel
+`gpu_step` its GPU one. Decode never differentiates the step; under autodiff the kernel is not
+used: the op's JVP (and so its VJP) is the oracle's, on the oracle's primal output.
 
 Mesh-free: batch rows and heads are independent, so a caller that shards wraps
 `gated_delta_rule` in `jax.shard_map` over batch and heads.
@@ -47,6 +52,11 @@ BACKENDS = dispatch.Backends(
             "tpu": (dispatch.Candidate(_P + "tpu"),)},
     exports=("gated_delta_fwd",),
     arg_names=("q", "k", "v", "log_gamma", "beta", "initial_state"))
+STEP_BACKENDS = dispatch.Backends(
+    op="gated delta step", xla=_P + "reference",
+    pallas={"gpu": (dispatch.Candidate(_P + "gpu_step"),)},
+    exports=("gated_delta_step",),
+    arg_names=("q", "k", "v", "log_gamma", "beta", "state"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -107,14 +117,33 @@ def gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH, *, initial
   return o_BTHV, (sT_BHKV if output_final_state else None)
 
 
-def gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV):
-  """One decode token (same math as the oracle's step): `(o_BHV, new_state_BHKV)`, fp32."""
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _pallas_step(mod, q, k, v, log_gamma, beta, state):
+  return mod.gated_delta_step(q, k, v, log_gamma, beta, state)
+
+
+@_pallas_step.defjvp
+def _pallas_step_jvp(mod, primals, tangents):
+  """Differentiated, the step falls back to the oracle (primal and JVP; its VJP by transpose)."""
+  del mod
+  return jax.jvp(reference.gated_delta_step, primals, tangents)
+
+
+def gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV, *,
+                     impl: str = "auto"):
+  """One decode token (the oracle's step math): `(o_BHV, new_state_BHKV)`, fp32 (fp64 when an
+  input is). `impl` picks the backend from `STEP_BACKENDS` (the fused in-place kernel on GPU);
+  under autodiff the oracle runs whatever `impl` says (see the module docstring)."""
   B, H, K = q_BHK.shape if q_BHK.ndim == 3 else (None,) * 3
-  if (q_BHK.ndim != 3 or k_BHK.shape != q_BHK.shape or v_BHV.shape[:2] != (B, H)
-      or log_gamma_BH.shape != (B, H) or beta_BH.shape != (B, H)
+  if (q_BHK.ndim != 3 or k_BHK.shape != q_BHK.shape or v_BHV.ndim != 3
+      or v_BHV.shape[:2] != (B, H) or log_gamma_BH.shape != (B, H) or beta_BH.shape != (B, H)
       or state_BHKV.shape != (B, H, K, v_BHV.shape[-1])):
     raise ValueError(
         "gated_delta_step expects q, k [B, H, K], v [B, H, V], log_gamma, beta [B, H] and state "
         f"[B, H, K, V]; got q {q_BHK.shape}, k {k_BHK.shape}, v {v_BHV.shape}, log_gamma "
         f"{log_gamma_BH.shape}, beta {beta_BH.shape}, state {state_BHKV.shape}")
-  return reference.gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV)
+  args = (q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV)
+  mod = dispatch.select(STEP_BACKENDS, impl, args)
+  if mod.__name__ == STEP_BACKENDS.xla:
+    return mod.gated_delta_step(*args)
+  return _pallas_step(mod, *args)

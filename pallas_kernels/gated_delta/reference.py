@@ -19,7 +19,8 @@ Dimension glossary
   K   key / query dim                V   value dim
 
 Shared helpers used by `xla_chunked.py` and `api.py` (one copy): `state_dtype`,
-`check_gated_delta_shapes`.
+`check_gated_delta_shapes`. `gated_delta_step` is also the XLA backend (and CPU path) of the
+step op (`api.STEP_BACKENDS`); `unsupported_reason` is that contract's.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def check_gated_delta_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH,
   if initial_state_BHKV is not None and initial_state_BHKV.shape != (B, H, K, V):
     raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)} (the [K, V] layout; "
                      f"transpose a torch (V, K) state); got {initial_state_BHKV.shape}")
+
+
+def unsupported_reason(*args, **static) -> None:
+  """None: as the XLA backend of the step op (`api.STEP_BACKENDS`) the oracle takes every input
+  the op's shape check accepts (the dispatch contract)."""
+  del args, static
 
 
 def gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV):
