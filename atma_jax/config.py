@@ -59,7 +59,9 @@ class ModelConfig:
   embed_dtype: DType = "bfloat16"  # the reference stores the embedding table in bf16
   compute_dtype: DType = "bfloat16"  # activation dtype
   kernel_impl: KernelImpl = "auto"  # polar / gated-delta backend
-  mem_step_impl: Optional[KernelImpl] = None  # the gated-delta decode step's (None: kernel_impl)
+  # the gated-delta decode step's backend (None: kernel_impl). "xla" until the fused Pallas step
+  # (compiled-correct on an H200: bench/results/gpu_tests_new_kernels_h200.txt) is timed.
+  mem_step_impl: Optional[KernelImpl] = "xla"
   decode_attn_kernel: bool = False  # one-token decode with every row at one position: the
   # attention kernel op at a traced q_offset instead of XLA at per-row positions (kv_cache.py)
   remat: bool = False  # rematerialize each block in the backward pass

@@ -548,7 +548,8 @@ def main():
   mosaic = None
   if args.mosaic or args.mosaic_bwd:
     bk, stages = (int(x) for x in (args.mosaic or "128,2").split(","))
-    mosaic = gpu_mosaic.MosaicConfig(block_k=bk, stages=stages)
+    # the Triton backward here: the "mosaic_fwd+triton_bwd" rows; --mosaic-bwd rows set "mosaic"
+    mosaic = gpu_mosaic.MosaicConfig(block_k=bk, stages=stages, backward="triton")
   shapes, fwd_only, sweep_shape, n_cfg, cudnn = SHAPES, FWD_ONLY_SHAPES, (4, 8192), None, "cudnn"
   if args.smoke:
     shapes, fwd_only, sweep_shape, n_cfg, cudnn = ((1, 128),), ((1, 256),), (1, 128), 2, "xla"

@@ -60,8 +60,8 @@ VARIANTS = {
     "default": [],
     "off": ["--xla_gpu_enable_command_buffer="],
     "while": [f"--xla_gpu_enable_command_buffer={CB_ALL}", "--xla_gpu_graph_min_graph_size=1"],
-    # the model as it was before single-row matmuls were padded (atma_jax.model.layers)
-    "gemv_reduce": ["atma:min_gemm_rows=1"],
+    # single-row matmuls padded to two rows (atma_jax.model.layers.MIN_GEMM_ROWS; default 1)
+    "gemm_padded": ["atma:min_gemm_rows=2"],
 }
 MODEL_PATCH = "atma:min_gemm_rows="  # a variant token that is not an XLA flag
 SMOKE_VARIANTS = {"unknown_flag": ["--xla_atma_no_such_flag=1"]}  # must fail, and be recorded

@@ -167,6 +167,23 @@ def test_linear_vjp_keeps_the_activation_dtype(dtype):
     assert all(ln.count("bf16>") >= 2 for ln in dots), dots
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 24), (24,), (1, 24)])
+def test_linear_pads_a_single_row_to_a_gemm(monkeypatch, shape):
+  """With MIN_GEMM_ROWS = 2 a one-row input runs as a two-row matmul (the padding row sliced
+  off): same values as the unpadded form, and the dot in the HLO has two rows."""
+  from atma_jax.model import layers
+  kx, kw, kb = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, shape)
+  w, b = jax.random.normal(kw, (24, 40)) * 0.2, jax.random.normal(kb, (40,)) * 0.1
+  want = layers.linear(x, w, b)
+  monkeypatch.setattr(layers, "MIN_GEMM_ROWS", 2)
+  got = layers.linear(x, w, b)
+  assert got.shape == want.shape == shape[:-1] + (40,)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  hlo = jax.jit(layers.linear).lower(x, w, b).as_text()
+  assert any("tensor<2x24xf32>" in ln for ln in hlo.splitlines() if "dot_general" in ln), hlo
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_capped_nll_matches_autodiff_of_logsumexp(dtype):
   """The fused cap + cross-entropy (no max shift, hand-written backward) equals

@@ -55,8 +55,9 @@ def test_no_races_in_barrier_protocol():
 
 
 def test_backward_switch(monkeypatch):
-  """Triton by default (and for a Triton BlockConfig); the Mosaic kernels with backward='mosaic'
-  (per call, or for every call through DEFAULT_CONFIG); out-of-scope calls name the fix."""
+  """Mosaic by default (and with backward='mosaic'); Triton for a Triton BlockConfig or with
+  backward='triton' (per call, or for every call through DEFAULT_CONFIG); out-of-scope calls
+  name the fix."""
   from pallas_kernels.polar_attention import gpu_triton
   calls = []
   monkeypatch.setattr(gpu_mosaic.gpu_backward, "attention_stats_bwd",
@@ -66,12 +67,15 @@ def test_backward_switch(monkeypatch):
   q, k, v, s = random_inputs(Case(Tq=64, H=4, G=2, D=64), jnp.bfloat16)
   args = (q, k, v, s, s, q, s, s)
   mosaic = gpu_mosaic.MosaicConfig(backward="mosaic")
+  triton = gpu_mosaic.MosaicConfig(backward="triton")
   gpu_mosaic.attention_stats_bwd(*args)
   gpu_mosaic.attention_stats_bwd(*args, config=gpu_triton.BlockConfig())
   gpu_mosaic.attention_stats_bwd(*args, config=mosaic)
-  monkeypatch.setattr(gpu_mosaic, "DEFAULT_CONFIG", mosaic)
+  gpu_mosaic.attention_stats_bwd(*args, config=triton)
+  monkeypatch.setattr(gpu_mosaic, "DEFAULT_CONFIG", triton)
   gpu_mosaic.attention_stats_bwd(*args)
-  assert calls == ["triton", "triton", "mosaic", "mosaic"]
+  assert calls == ["mosaic", "triton", "mosaic", "triton", "triton"]
+  monkeypatch.setattr(gpu_mosaic, "DEFAULT_CONFIG", mosaic)
   f32 = [x.astype(jnp.float32) for x in args]
   with pytest.raises(ValueError, match="bf16 / f16.*backward='triton'"):
     gpu_mosaic.attention_stats_bwd(*f32)
