@@ -50,12 +50,15 @@ def train_summary(run_dir: Path) -> dict[str, Any]:
   tokens_per_step = t["global_batch"] * t["seq_len"]
   steps = max((r["step"] for r in rows), default=0)
   speeds = [r["tokens_per_s"] for r in train if "tokens_per_s" in r][1:]  # first: compile
+  first = [r["first_step_s"] for r in train if "first_step_s" in r]
   out.update({
       "steps": steps, "target_steps": t["steps"], "tokens_per_step": tokens_per_step,
       "tokens_seen": steps * tokens_per_step, "seq_len": t["seq_len"],
       "final_train_loss": float(np.mean([r["loss"] for r in train[-3:]])) if train else None,
       "final_val_loss": val[-1]["val_loss"] if val else None,
       "tokens_per_s_median": float(np.median(speeds)) if speeds else None,
+      # compile + first step of the (last) training process: the fixed cost a time plan needs
+      "first_step_s": first[-1] if first else None,
       "train_curve": [[r["step"] * tokens_per_step, r["loss"]] for r in train],
       "val_curve": [[r["step"] * tokens_per_step, r["val_loss"]] for r in val],
   })
@@ -79,9 +82,10 @@ def eval_series(ev: dict) -> dict[str, dict[str, float]]:
     s["retrieval_acc"] = {n: scoring.mean_over([c for t in ev["retrieval"].values()
                                                 for c in t[n].values()], "token_acc")
                           for n in lengths}
-  for key, name in (("loss_by_length", "clean_nll"), ("junk_loss_by_length", "junk_nll")):
+  for key, name in (("loss_by_length", "clean"), ("junk_loss_by_length", "junk")):
     if key in ev:
-      s[name] = {n: ev[key].get(n, {}).get("nll", math.nan) for n in lengths}
+      for unit in ("nll", "bpb"):
+        s[f"{name}_{unit}"] = {n: ev[key].get(n, {}).get(unit, math.nan) for n in lengths}
   return s
 
 
@@ -210,7 +214,10 @@ def markdown(report: dict) -> str:
        "retrieval_acc", _pct),
       (f"Clean NLL (nats/token) on held-out `{report['plan']['corpus']}` documents",
        "clean_nll", _num),
-      ("Junk NLL (nats/token): the validation stream across documents", "junk_nll", _num)):
+      ("Junk NLL (nats/token): the validation stream across documents", "junk_nll", _num),
+      (f"Bits per byte, held-out `{report['plan']['corpus']}` documents (nats/token do not "
+       "compare across corpora: their tokens differ in bytes)", "clean_bpb", _num),
+      ("Bits per byte, the validation stream across documents", "junk_bpb", _num)):
     table = _by_length_table(cells, key, lengths, fmt)
     if len(table) > 2:
       lines += ["", f"## {title}", "", *table]
