@@ -139,8 +139,10 @@ def checks(cells: dict[str, dict], primary: str) -> dict[str, Any]:
   out: dict[str, Any] = {"primary": primary}
   if "needle_acc" in ps:
     top = _last(ps["needle_acc"])
+    # matched cells only: a cell with extra overrides (e.g. data.needle_mix) is not matched
     others = {n: _last(c["series"]["needle_acc"]) for n, c in cells.items()
-              if n != primary and c.get("status") == "done" and "needle_acc" in c["series"]}
+              if n != primary and c.get("status") == "done" and "needle_acc" in c["series"]
+              and not c.get("axes", {}).get("extra")}
     out["needle_acc_longest"] = top
     out["needle_acc_longest_ge_target"] = bool(top >= NEEDLE_TARGET)
     out["needle_target"] = NEEDLE_TARGET
@@ -231,7 +233,7 @@ def markdown(report: dict) -> str:
                    f"{_pct(ch['needle_acc_longest'])}% (target >= {100 * NEEDLE_TARGET:.0f}%): "
                    f"{'yes' if ch['needle_acc_longest_ge_target'] else 'no'}")
       others = ", ".join(f"{n} {_pct(v)}%" for n, v in ch["needle_acc_longest_others"].items())
-      lines.append(f"- above every other cell ({others or 'none evaluated'}): "
+      lines.append(f"- above every other matched cell ({others or 'none evaluated'}): "
                    f"{'yes' if ch['needle_above_every_other_cell'] else 'no'}")
     if "clean_nll_non_increasing" in ch:
       lines.append(f"- clean NLL non-increasing with length (rise <= {LOSS_TOLERANCE} nats per "
