@@ -123,3 +123,25 @@ def test_probe_block_by_block(setup, fwd, monkeypatch):
   assert rep["48"]["0"]["n_eff"] == pytest.approx(float(s["n_eff"].mean()), rel=1e-5)
   assert rep["16"]["0"]["n_eff"] < rep["48"]["0"]["n_eff"]
   assert len(rep["16"]["0"]["per_head"]["mag"]) == H
+
+
+def test_loss_by_length_scores_each_document_after_one_eot(setup, fwd):
+  """The clean-NLL path (`suite.loss_by_length`) equals one direct forward per document:
+  input `[EOT] + doc[:L-1]`, targets `doc[:L]`, mean NLL over all of them (issue #12 audit: a
+  shifted target or a dropped EOT would move this by far more than the tolerance)."""
+  from atma_jax.eval import suite
+
+  cfg, params = setup
+  eot = 50256
+  docs = np.random.default_rng(1).integers(0, 50256, size=(2, 64)).tolist()
+  table, nll_ND = suite.loss_by_length(fwd, docs, [32, 64], eot, lambda ids: 4 * len(ids))
+  for length in (32, 64):
+    want = [_nll(_direct_logits(cfg, params, [eot] + d[:length - 1]), d[:length]) for d in docs]
+    np.testing.assert_allclose(table[str(length)]["nll"], np.mean(want), rtol=1e-5)
+    assert table[str(length)]["tokens"] == 2 * length
+  np.testing.assert_allclose(nll_ND, want, rtol=2e-5, atol=2e-5)
+  compiled = fwd._nll._cache_size()
+  suite.loss_by_length(fwd, docs, [16, 24, 40, 64], eot, len)
+  assert fwd._nll._cache_size() == compiled  # every length runs the padded 64-token program
+  with pytest.raises(ValueError, match="pad_to=8 is shorter"):
+    fwd.token_nll(docs, pad_to=8)

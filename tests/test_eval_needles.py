@@ -262,12 +262,15 @@ def test_induction_baseline_scores_the_prior(tok):
 
 
 class ConstNll:
-  """A fake Forward whose every token costs 1 nat."""
+  """A fake Forward whose every token costs 1 nat (optionally out of memory when padded)."""
 
-  def __init__(self):
-    self.seqs = []
+  def __init__(self, oom_when_padded=False):
+    self.seqs, self.pads, self.oom_when_padded = [], [], oom_when_padded
 
-  def token_nll(self, seqs):
+  def token_nll(self, seqs, pad_to=None):
+    self.pads.append(pad_to)
+    if self.oom_when_padded and pad_to is not None and pad_to > len(seqs[0]):
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
     self.seqs += [list(s) for s in seqs]
     return np.ones((len(seqs), len(seqs[0]) - 1))
 
@@ -282,8 +285,13 @@ def test_junk_loss_bytes_of_the_targets(tok):
     nbytes = sum(len(tok.decode_bytes(s[1:])) for s in seqs)
     assert cell["tokens"] == 2 * n and cell["bytes"] == nbytes
     assert cell["bpb"] == pytest.approx(2 * n / math.log(2) / nbytes)
+  assert fake.pads == [17, 17]  # every length padded to the longest: one compile
   with pytest.raises(ValueError, match="junk_windows"):
     suite.junk_loss_by_length(fake, {8: [text[:8]]}, len)
+  # Out of memory at the padded length: each length retries at its own length.
+  fake = ConstNll(oom_when_padded=True)
+  table = suite.junk_loss_by_length(fake, windows, len)
+  assert fake.pads == [17, None, 17] and table["8"]["tokens"] == 16 and table["16"]["nll"] == 1
 
 
 def test_junk_windows_consecutive_across_documents(tok):

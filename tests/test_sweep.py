@@ -114,3 +114,20 @@ def test_cell_overrides_and_ids():
     grid_lib.Cell(core="wall").validate()
   with pytest.raises(ConfigError, match="needs a label"):
     _ = grid_lib.Cell(extra=("data.needle_mix=0.25",)).name
+
+
+def test_checks_compare_the_primary_with_matched_cells_only():
+  """A cell with extra overrides (needle examples in its data) is reported, but the primary
+  cell's "above every other cell" check is about the matched cells."""
+  def cell(needle_16k, extra=()):
+    return {"status": "done", "axes": {"extra": list(extra)},
+            "series": {"needle_acc": {"512": 0.5, "16384": needle_16k},
+                       "clean_nll": {"512": 3.0, "16384": 2.9}}}
+
+  cells = {"polar+mem": cell(0.4), "rope+mem": cell(0.1),
+           "polar+mem+needle": cell(0.9, extra=("data.needle_mix=0.5",))}
+  ch = report_lib.checks(cells, "polar+mem")
+  assert ch["needle_acc_longest_others"] == {"rope+mem": 0.1}
+  assert ch["needle_above_every_other_cell"] and ch["clean_nll_non_increasing"]
+  cells["rope+mem"] = cell(0.6)
+  assert not report_lib.checks(cells, "polar+mem")["needle_above_every_other_cell"]

@@ -10,7 +10,9 @@ the C scored positions for retrieval, so a 64K context never holds `[T, V]` logi
 the streaming Polar core and the chunked memory scan, any `[T, T]` matrix).
 
 Shapes are bucketed so each ladder length compiles once per function: a batch is padded to a
-fixed number of rows, and retrieval inputs are right-padded to a common length. Right padding
+fixed number of rows, and retrieval inputs are right-padded to a common length; perplexity
+inputs can be right-padded to the longest ladder length (`token_nll(pad_to=...)`), so one
+compile serves the whole ladder (each compile is seconds to tens of seconds on a GPU). Right padding
 is exact because every mixer is causal (Polar / softmax attention, Canon and LFM2 convs, the
 memory scan): positions before the padding never see it.
 """
@@ -96,17 +98,27 @@ class Forward:
   def rows(self, length: int) -> int:
     return rows_per_call(length, self.tokens_per_call)
 
-  def token_nll(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
-    """NLL (nats, float64) [N, T-1] of `seq[1:]` given `seq[:-1]`; all seqs of length T."""
+  def token_nll(self, seqs: Sequence[Sequence[int]], pad_to: int | None = None) -> np.ndarray:
+    """NLL (nats, float64) [N, T-1] of `seq[1:]` given `seq[:-1]`; all seqs of length T.
+
+    `pad_to` (>= T): the sequences are right-padded to that many tokens first, so every length
+    up to it runs the same compiled function (exact: the model is causal; the padded positions
+    are dropped from the result).
+    """
     tokens_NT = np.asarray(seqs, dtype=np.int32)
     if tokens_NT.ndim != 2 or tokens_NT.shape[1] < 2:
       raise ValueError(f"token_nll needs equal-length sequences of >= 2 tokens; got "
                        f"{tokens_NT.shape}")
+    T = tokens_NT.shape[1]
+    if pad_to is not None:
+      if pad_to < T:
+        raise ValueError(f"pad_to={pad_to} is shorter than the sequences ({T} tokens)")
+      tokens_NT = np.pad(tokens_NT, ((0, 0), (0, pad_to - T)), constant_values=PAD_ID)
     # Dispatch every call before reading any result back: the host builds the next batch while
     # the device runs, and the device->host copies happen once, at the end.
     out = [self._nll(self.params, jnp.asarray(chunk_NT[:, :-1]), jnp.asarray(chunk_NT[:, 1:]))
            for chunk_NT in _batches(tokens_NT, self.rows(tokens_NT.shape[1] - 1))]
-    return np.concatenate([np.asarray(x, np.float64) for x in out])[:len(tokens_NT)]
+    return np.concatenate([np.asarray(x, np.float64) for x in out])[:len(seqs), :T - 1]
 
   def logits_at(self, inputs: Sequence[Sequence[int]], starts: Sequence[int], count: int,
                 pad_to: int | None = None) -> np.ndarray:

@@ -42,12 +42,18 @@ def scored_length(length: int) -> int:
 
 
 def _loss_cell(fwd: Forward, seqs: Sequence[Sequence[int]],
-               byte_count: Callable[[Sequence[int]], int], progress: Progress):
+               byte_count: Callable[[Sequence[int]], int], progress: Progress, pad_to: int):
   """`({nll, ppl, bpb, tokens, bytes}, nll_NT)` of `seq[1:]` given `seq[:-1]` for equal-length
-  sequences; bits per byte over the bytes of the predicted tokens (EOT counts 0 bytes).
+  sequences, right-padded to `pad_to` tokens (one compile for every length of a ladder); bits
+  per byte over the bytes of the predicted tokens (EOT counts 0 bytes).
   A device OOM gives `({"error": "out of memory"}, None)`."""
   try:
-    nll_NT = fwd.token_nll(seqs)
+    try:
+      nll_NT = fwd.token_nll(seqs, pad_to=pad_to)
+    except Exception as e:  # noqa: BLE001 - a padded OOM retries at the sequences' own length
+      if not is_oom(e) or pad_to <= len(seqs[0]):
+        raise
+      nll_NT = fwd.token_nll(seqs)
   except Exception as e:  # noqa: BLE001 - only device OOM is recorded; the rest re-raises
     if not is_oom(e):
       raise
@@ -79,7 +85,7 @@ def loss_by_length(fwd: Forward, docs: Sequence[Sequence[int]], lengths: Sequenc
       raise ValueError(f"a held-out document has {short[0]} tokens, fewer than length {length}; "
                        "fetch documents of at least max(lengths) tokens or drop that length")
     cell, nll_ND = _loss_cell(fwd, [[eot_id] + list(d[:length]) for d in docs], byte_count,
-                              progress)
+                              progress, pad_to=max(lengths) + 1)
     table[str(length)] = cell
     if nll_ND is not None:
       longest_nll = nll_ND
@@ -99,7 +105,7 @@ def junk_loss_by_length(fwd: Forward, windows: dict[int, Sequence[Sequence[int]]
     if bad:
       raise ValueError(f"junk windows at length {length} must hold {length + 1} tokens, one has "
                        f"{bad[0]}; build them with atma_jax.eval.junk.junk_windows")
-    cell, _ = _loss_cell(fwd, seqs, byte_count, progress)
+    cell, _ = _loss_cell(fwd, seqs, byte_count, progress, pad_to=max(windows) + 1)
     table[str(length)] = cell
   return table
 

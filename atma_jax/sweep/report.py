@@ -50,12 +50,15 @@ def train_summary(run_dir: Path) -> dict[str, Any]:
   tokens_per_step = t["global_batch"] * t["seq_len"]
   steps = max((r["step"] for r in rows), default=0)
   speeds = [r["tokens_per_s"] for r in train if "tokens_per_s" in r][1:]  # first: compile
+  first = [r["first_step_s"] for r in train if "first_step_s" in r]
   out.update({
       "steps": steps, "target_steps": t["steps"], "tokens_per_step": tokens_per_step,
       "tokens_seen": steps * tokens_per_step, "seq_len": t["seq_len"],
       "final_train_loss": float(np.mean([r["loss"] for r in train[-3:]])) if train else None,
       "final_val_loss": val[-1]["val_loss"] if val else None,
       "tokens_per_s_median": float(np.median(speeds)) if speeds else None,
+      # compile + first step of the (last) training process: the fixed cost a time plan needs
+      "first_step_s": first[-1] if first else None,
       "train_curve": [[r["step"] * tokens_per_step, r["loss"]] for r in train],
       "val_curve": [[r["step"] * tokens_per_step, r["val_loss"]] for r in val],
   })
@@ -79,9 +82,10 @@ def eval_series(ev: dict) -> dict[str, dict[str, float]]:
     s["retrieval_acc"] = {n: scoring.mean_over([c for t in ev["retrieval"].values()
                                                 for c in t[n].values()], "token_acc")
                           for n in lengths}
-  for key, name in (("loss_by_length", "clean_nll"), ("junk_loss_by_length", "junk_nll")):
+  for key, name in (("loss_by_length", "clean"), ("junk_loss_by_length", "junk")):
     if key in ev:
-      s[name] = {n: ev[key].get(n, {}).get("nll", math.nan) for n in lengths}
+      for unit in ("nll", "bpb"):
+        s[f"{name}_{unit}"] = {n: ev[key].get(n, {}).get(unit, math.nan) for n in lengths}
   return s
 
 
@@ -135,8 +139,10 @@ def checks(cells: dict[str, dict], primary: str) -> dict[str, Any]:
   out: dict[str, Any] = {"primary": primary}
   if "needle_acc" in ps:
     top = _last(ps["needle_acc"])
+    # matched cells only: a cell with extra overrides (e.g. data.needle_mix) is not matched
     others = {n: _last(c["series"]["needle_acc"]) for n, c in cells.items()
-              if n != primary and c.get("status") == "done" and "needle_acc" in c["series"]}
+              if n != primary and c.get("status") == "done" and "needle_acc" in c["series"]
+              and not c.get("axes", {}).get("extra")}
     out["needle_acc_longest"] = top
     out["needle_acc_longest_ge_target"] = bool(top >= NEEDLE_TARGET)
     out["needle_target"] = NEEDLE_TARGET
@@ -210,7 +216,10 @@ def markdown(report: dict) -> str:
        "retrieval_acc", _pct),
       (f"Clean NLL (nats/token) on held-out `{report['plan']['corpus']}` documents",
        "clean_nll", _num),
-      ("Junk NLL (nats/token): the validation stream across documents", "junk_nll", _num)):
+      ("Junk NLL (nats/token): the validation stream across documents", "junk_nll", _num),
+      (f"Bits per byte, held-out `{report['plan']['corpus']}` documents (nats/token do not "
+       "compare across corpora: their tokens differ in bytes)", "clean_bpb", _num),
+      ("Bits per byte, the validation stream across documents", "junk_bpb", _num)):
     table = _by_length_table(cells, key, lengths, fmt)
     if len(table) > 2:
       lines += ["", f"## {title}", "", *table]
@@ -224,7 +233,7 @@ def markdown(report: dict) -> str:
                    f"{_pct(ch['needle_acc_longest'])}% (target >= {100 * NEEDLE_TARGET:.0f}%): "
                    f"{'yes' if ch['needle_acc_longest_ge_target'] else 'no'}")
       others = ", ".join(f"{n} {_pct(v)}%" for n, v in ch["needle_acc_longest_others"].items())
-      lines.append(f"- above every other cell ({others or 'none evaluated'}): "
+      lines.append(f"- above every other matched cell ({others or 'none evaluated'}): "
                    f"{'yes' if ch['needle_above_every_other_cell'] else 'no'}")
     if "clean_nll_non_increasing" in ch:
       lines.append(f"- clean NLL non-increasing with length (rise <= {LOSS_TOLERANCE} nats per "
