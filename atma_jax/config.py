@@ -65,6 +65,9 @@ class ModelConfig:
   decode_attn_kernel: bool = False  # one-token decode with every row at one position: the
   # attention kernel op at a traced q_offset instead of XLA at per-row positions (kv_cache.py)
   remat: bool = False  # rematerialize each block in the backward pass
+  # the training / eval forward runs the repeating groups of global_every blocks as one
+  # lax.scan (compile time; same numbers, same parameter layout; atma_jax/model/scan.py)
+  scan_layers: bool = False
 
   @property
   def num_heads(self) -> int:

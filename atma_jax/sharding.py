@@ -40,6 +40,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "conv_taps": None,
     "norm": None,
     "mixer": "tensor",  # LFM2 in_proj outputs / out_proj inputs
+    "layers": None,  # the stacked-blocks axis of model.scan_layers (model/scan.py)
 }
 
 _state = threading.local()

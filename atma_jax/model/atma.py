@@ -3,7 +3,9 @@
 Dimension glossary: B batch, T time, D hidden, V vocab.
 
   h0 = E[ids]                          embedding stored in cfg.embed_dtype (bf16 in the reference)
-  h_{l+1} = Block_l(h_l)               global (attention + memory) iff cfg.is_global(l)
+  h_{l+1} = Block_l(h_l)               global (attention + memory) iff cfg.is_global(l); with
+                                       cfg.scan_layers the whole groups of global_every blocks
+                                       run as one lax.scan (scan.py), same numbers
   h = RMSNorm(h_L)                     returned by __call__ (compute dtype)
   logits = cap(proj(h)) in fp32        cap(z) = 15 z / sqrt(z^2 + 225) (rational, not tanh)
 
@@ -25,6 +27,7 @@ from atma_jax.model.block import ACT_AXES, Block
 from atma_jax.model.cache import Cache, CacheError, TokenSpan, check_cache, check_fit
 from atma_jax.model.init import INIT_SCHEMES, apply_init_scheme
 from atma_jax.model.layers import Embed, Linear, RMSNorm, stats_dtype
+from atma_jax.model.scan import scan_groups, scanned_layers
 from atma_jax.sharding import constrain
 
 SOFT_CAP = 15.0
@@ -99,13 +102,20 @@ class Atma(nnx.Module):
           f"q_offset={q_offset!r}: without a cache Atma.__call__ recomputes the whole context, "
           "so its rows must start at position 0; pass the full sequence, or continue a sequence "
           "with cache=init_cache(...) (atma_jax.generate.prefill / decode).")
+    def run(block, x, rng_l):
+      return self._run_block(block, x, rng_l, q_offset=q_offset, mem=mem,
+                             sigreg_mode=sigreg_mode)
+
     reg = jnp.zeros((), jnp.float32)
     align = jnp.zeros((), jnp.float32)
     x = x_BTD
-    for l, block in enumerate(self.blocks):
+    blocks = list(self.blocks)
+    first = scanned_layers(len(blocks), self.cfg.global_every) if self.cfg.scan_layers else 0
+    if first:  # the whole groups of global_every blocks as one lax.scan (model/scan.py)
+      x, reg, align = scan_groups(blocks[:first], self.cfg.global_every, run, x, rng)
+    for l in range(first, len(blocks)):  # the rest (all blocks without scan_layers) unrolled
       rng_l = None if rng is None else jax.random.fold_in(rng, l)
-      x, reg_l, align_l = self._run_block(block, x, rng_l, q_offset=q_offset, mem=mem,
-                                          sigreg_mode=sigreg_mode)
+      x, reg_l, align_l = run(blocks[l], x, rng_l)
       reg = reg + reg_l
       align = align + align_l
     h_BTD = self.norm(x)

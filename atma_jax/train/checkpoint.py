@@ -254,7 +254,7 @@ def read_config(step_dir: Path) -> Config:
 
 def check_same_model(saved: Config, requested: Config, where) -> None:
   """Raises CheckpointError if the architectures differ (fields that change parameters)."""
-  shape_free = {"kernel_impl", "remat", "mem_chunk", "compute_dtype"}
+  shape_free = {"kernel_impl", "remat", "scan_layers", "mem_chunk", "compute_dtype"}
   diffs = [f"model.{f.name}: checkpoint {getattr(saved.model, f.name)!r} vs requested "
            f"{getattr(requested.model, f.name)!r}"
            for f in dataclasses.fields(saved.model)
