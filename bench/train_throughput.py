@@ -19,9 +19,21 @@ Variants (micro-batch, remat, kernel impl) are tried in order; a failing one (OO
 recorded and the next is tried; by default the first variant that runs on every N ends the run
 (`--all` times all). No new run starts after `--budget-s`. The JSON is rewritten after every run.
 
+Every variant is compiled ahead of time (`lower` then `compile`, timed apart: `lower_s`,
+`compile_s`) and its executable's `memory_analysis` recorded (arguments + temporaries + outputs -
+aliased = the step's static peak). `--scan false,true` times each variant with
+`model.scan_layers` off and on (the blocks unrolled vs the repeating group under `lax.scan`);
+`--fresh-process` runs each scan setting in its own process, so compile caches and the device's
+running peak (`peak_bytes_in_use`) of one do not leak into the other, and `scan_vs_unrolled`
+pairs them (compile time, tok/s, memory):
+
     python3 bench/train_throughput.py --devices 1,2 --out $OUT/train_dp.json
+    python3 bench/train_throughput.py --devices 1 --micro 16 --impls auto --remat false \\
+      --n-micro 4 --reps 3 --peak-n 0 --scan false,true --fresh-process \\
+      --out $OUT/train_scan_layers.json                               # scan on vs off
     XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
       python3 bench/train_throughput.py --smoke --devices 1,2      # CPU check (tiny preset)
+    JAX_PLATFORMS=cpu python3 bench/train_throughput.py --smoke --scan false,true --fresh-process
 """
 
 from __future__ import annotations
@@ -32,7 +44,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -43,6 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from atma_jax.config import resolve  # noqa: E402
+from atma_jax.sharding import use_mesh  # noqa: E402
 from atma_jax.summary import count_params  # noqa: E402
 from atma_jax.train.mesh import batch_sharding, make_mesh  # noqa: E402
 from atma_jax.train.metrics import (flops_per_token, measure_matmul_peak, mfu,  # noqa: E402
@@ -52,17 +67,18 @@ from atma_jax.train.step import make_train_step  # noqa: E402
 
 REFERENCE = {"tokens_per_s": 66.3e3, "matmul_peak_flops": 718e12, "mfu": 0.247,
              "what": "PyTorch trainer, atma_378m at 2K on one H100 (issue #3)"}
-SMOKE_SETS = ["model.num_layers=2", "model.global_offset=1", "model.hidden_size=64",
-              "model.head_dim=16"]
+# tiny preset, 5 blocks of period 2: two scanned groups and one unrolled block with scan on
+SMOKE_SETS = ["model.num_layers=5", "model.global_every=2", "model.global_offset=1",
+              "model.hidden_size=64", "model.head_dim=16"]
 
 
-def variant_sets(micro_per_device, n_devices, n_micro, remat, impl, seq_len):
+def variant_sets(micro_per_device, n_devices, n_micro, remat, impl, seq_len, scan=False):
   """Config overrides of one variant: micro-batch `micro_per_device * n_devices` (global)."""
   micro = micro_per_device * n_devices
   return [f"train.seq_len={seq_len}", f"train.micro_batch={micro}",
           f"train.global_batch={micro * n_micro}", f"model.remat={str(remat).lower()}",
-          f"model.kernel_impl={impl}", "train.steps=1000", "mesh.data=-1", "mesh.fsdp=1",
-          "mesh.tensor=1"]
+          f"model.kernel_impl={impl}", f"model.scan_layers={str(scan).lower()}",
+          "train.steps=1000", "mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1"]
 
 
 def first_devices(n):
@@ -98,18 +114,72 @@ def _median_time(fn, reps):
   return statistics.median(ts), ts
 
 
+def memory_summary(compiled) -> dict:
+  """The executable's static memory (`memory_analysis`, bytes); {} where the backend has none."""
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - optional on some backends
+    return {}
+  if ma is None:
+    return {}
+  out = {k: getattr(ma, k) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                     "alias_size_in_bytes", "temp_size_in_bytes")
+         if isinstance(getattr(ma, k, None), int)}
+  if len(out) == 4:
+    out["static_peak_bytes"] = (out["argument_size_in_bytes"] + out["temp_size_in_bytes"]
+                                + out["output_size_in_bytes"] - out["alias_size_in_bytes"])
+  return out
+
+
+def compile_step(step, mesh, state, batch):
+  """(compiled step, lower_s, compile_s): the train step compiled ahead of time."""
+  t0 = time.perf_counter()
+  with use_mesh(mesh):
+    lowered = step.jitted.lower(state, batch)
+  t_lower = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, t_lower, time.perf_counter() - t0
+
+
+def compile_only_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq_len,
+                         extra=(), scan=False):
+  """Lower + compile of the train step on abstract inputs (nothing allocated, nothing run)."""
+  from atma_jax.train.state import setup_state
+  from atma_jax.train.step import make_train_step
+  sets = (variant_sets(micro_per_device, n_devices, n_micro, remat, impl, seq_len, scan)
+          + list(extra))
+  cfg = resolve(preset, sets)
+  mesh = make_mesh(cfg.mesh, devices=first_devices(n_devices))
+  setup = setup_state(cfg, mesh)
+  step = make_train_step(cfg, setup, mesh)
+  B, T = cfg.train.global_batch, cfg.train.seq_len
+  bsh = batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bsh)
+           for k in ("inputs", "targets")}
+  compiled, t_lower, t_xla = compile_step(step, mesh, setup.abstract, batch)
+  return {"devices": n_devices, "micro_batch_per_device": micro_per_device,
+          "micro_batch": cfg.train.micro_batch, "n_micro": n_micro, "global_batch": B,
+          "seq_len": T, "remat": remat, "kernel_impl": impl, "scan_layers": scan,
+          "overrides": sets, "lower_s": t_lower, "compile_s": t_xla,
+          "lower_plus_compile_s": t_lower + t_xla, "memory_analysis": memory_summary(compiled)}
+
+
 def bench_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq_len, reps,
-                  extra=(), ref_global=256):
-  sets = variant_sets(micro_per_device, n_devices, n_micro, remat, impl, seq_len) + list(extra)
+                  extra=(), ref_global=256, scan=False):
+  sets = (variant_sets(micro_per_device, n_devices, n_micro, remat, impl, seq_len, scan)
+          + list(extra))
   t0 = time.perf_counter()
   cfg, mesh, setup, state, step, batch = build(preset, sets, n_devices)
   jax.block_until_ready(state)
   t_init = time.perf_counter() - t0
   B, M, T = cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seq_len
+  step, t_lower, t_xla = compile_step(step, mesh, state, batch)
   t0 = time.perf_counter()
   state, m = step(state, batch)
   jax.block_until_ready(m)
-  t_compile = time.perf_counter() - t0
+  t_first = time.perf_counter() - t0
+  t_compile = t_lower + t_xla + t_first
   losses = [float(m["loss"])]
   holder = {"state": state}
 
@@ -141,8 +211,10 @@ def bench_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq
   res = {
       "devices": n_devices, "micro_batch_per_device": micro_per_device, "micro_batch": M,
       "n_micro": n_micro, "global_batch": B, "seq_len": T, "remat": remat, "kernel_impl": impl,
-      "overrides": sets, "num_params": n_par, "flops_per_token": fpt, "init_s": t_init,
-      "compile_plus_first_step_s": t_compile, "step_s_median": t_step, "step_s_all": all_steps,
+      "scan_layers": scan, "overrides": sets, "num_params": n_par, "flops_per_token": fpt,
+      "init_s": t_init, "lower_s": t_lower, "compile_s": t_xla, "first_step_s": t_first,
+      "compile_plus_first_step_s": t_compile, "memory_analysis": memory_summary(step),
+      "step_s_median": t_step, "step_s_all": all_steps,
       "opt_update_s_median": t_opt, "micro_step_s": t_micro,
       "tokens_per_s_measured": B * T / t_step,
       "tokens_per_s_forward_backward_only": M * T / t_micro,
@@ -166,18 +238,22 @@ def add_mfu(res, spec_peak, measured_peak):
       res[f"mfu_ref_step_vs_{key}"] = mfu(res["tokens_per_s_ref_step"], fpt, n, peak)
 
 
+def _key(r):
+  return r["kernel_impl"], r["remat"], r["micro_batch_per_device"], r.get("scan_layers", False)
+
+
 def scaling(variants):
-  """Per variant (impl, remat, micro per device): tok/s(N) / (N * tok/s(1)) for every N > 1."""
-  ok = [r for r in variants if r.get("ok")]
+  """Per variant (impl, remat, micro per device, scan): tok/s(N) / (N * tok/s(1)), N > 1."""
+  ok = [r for r in variants if r.get("ok") and "tokens_per_s_measured" in r]
   out = []
   for base in (r for r in ok if r["devices"] == 1):
-    key = (base["kernel_impl"], base["remat"], base["micro_batch_per_device"])
+    key = _key(base)
     for r in ok:
-      if r["devices"] > 1 and (r["kernel_impl"], r["remat"], r["micro_batch_per_device"]) == key:
+      if r["devices"] > 1 and _key(r) == key:
         n = r["devices"]
         out.append({
             "kernel_impl": key[0], "remat": key[1], "micro_batch_per_device": key[2],
-            "devices": n, "tokens_per_s_1": base["tokens_per_s_measured"],
+            "scan_layers": key[3], "devices": n, "tokens_per_s_1": base["tokens_per_s_measured"],
             "tokens_per_s_n": r["tokens_per_s_measured"],
             "efficiency": r["tokens_per_s_measured"] / (n * base["tokens_per_s_measured"]),
             "efficiency_ref_step": r["tokens_per_s_ref_step"] / (
@@ -186,6 +262,77 @@ def scaling(variants):
             "opt_update_s_1": base["opt_update_s_median"],
             "opt_update_s_n": r["opt_update_s_median"]})
   return out
+
+
+def scan_vs_unrolled(variants):
+  """Pairs of the same variant with model.scan_layers on and off: compile, tok/s, memory."""
+  ok = [r for r in variants if r.get("ok")]
+  out = []
+  for off in (r for r in ok if not r.get("scan_layers")):
+    for on in (r for r in ok if r.get("scan_layers") and r["devices"] == off["devices"]
+               and _key(r)[:3] == _key(off)[:3]):
+      pair = {"devices": off["devices"], "kernel_impl": off["kernel_impl"],
+              "remat": off["remat"], "micro_batch_per_device": off["micro_batch_per_device"]}
+      for name in ("compile_s", "lower_s", "compile_plus_first_step_s", "step_s_median",
+                   "tokens_per_s_measured", "peak_bytes_in_use"):
+        pair[f"{name}_unrolled"], pair[f"{name}_scan"] = off.get(name), on.get(name)
+      pair["static_peak_bytes_unrolled"] = off["memory_analysis"].get("static_peak_bytes")
+      pair["static_peak_bytes_scan"] = on["memory_analysis"].get("static_peak_bytes")
+      if "tokens_per_s_measured" in on and "tokens_per_s_measured" in off:  # not compile-only
+        pair["tokens_per_s_scan_over_unrolled"] = (on["tokens_per_s_measured"]
+                                                   / off["tokens_per_s_measured"])
+      out.append(pair)
+  return out
+
+
+def run_fresh_processes(args, scans, name):
+  """Each `--scan` value in a child process of this script; their variants into one JSON."""
+  child, skip = [], False
+  for a in sys.argv[1:]:
+    if skip:
+      skip = False
+    elif a in ("--scan", "--out"):
+      skip = True
+    elif a != "--fresh-process" and not a.startswith(("--scan=", "--out=")):
+      child.append(a)
+  merged = None
+  with tempfile.TemporaryDirectory() as tmp:
+    for scan in scans:
+      part = os.path.join(tmp, f"scan_{scan}.json")
+      cmd = [sys.executable, os.path.abspath(__file__), *child, "--scan", scan, "--out", part]
+      print("$", " ".join(cmd), flush=True)
+      rc = subprocess.run(cmd).returncode
+      if not os.path.exists(part):
+        raise SystemExit(f"the child for --scan {scan} wrote no JSON (exit {rc})")
+      with open(part) as f:
+        res = json.load(f)
+      if merged is None:
+        merged = res
+      else:
+        merged["variants"] += res["variants"]
+      merged.setdefault("child_exit_codes", {})[scan] = rc
+  merged["scaling"] = scaling(merged["variants"])
+  merged["scan_vs_unrolled"] = scan_vs_unrolled(merged["variants"])
+  merged["note"] += "; each --scan value ran in its own process (--fresh-process)"
+  with open(name, "w") as f:
+    json.dump(merged, f, indent=2)
+  for p in merged["scan_vs_unrolled"]:
+    print_pair(p)
+  print("wrote", name)
+
+
+def print_pair(p):
+  def num(x, scale=1.0):
+    return float("nan") if x is None else x / scale
+
+  print(f"scan_layers off -> on (devices={p['devices']} impl={p['kernel_impl']} remat="
+        f"{p['remat']} micro/device={p['micro_batch_per_device']}): lower "
+        f"{num(p['lower_s_unrolled']):.1f} -> {num(p['lower_s_scan']):.1f} s, compile "
+        f"{num(p['compile_s_unrolled']):.1f} -> {num(p['compile_s_scan']):.1f} s, tok/s "
+        f"{num(p['tokens_per_s_measured_unrolled']):.0f} -> "
+        f"{num(p['tokens_per_s_measured_scan']):.0f}, static peak "
+        f"{num(p['static_peak_bytes_unrolled'], 2**20):.0f} -> "
+        f"{num(p['static_peak_bytes_scan'], 2**20):.0f} MiB", flush=True)
 
 
 def measure_peaks(n, out):
@@ -216,6 +363,12 @@ def main():
   ap.add_argument("--devices", default="1", help="device counts to run, e.g. 1,2 (first N)")
   ap.add_argument("--impls", default="auto,xla")
   ap.add_argument("--remat", default="false,true")
+  ap.add_argument("--scan", default="false", help="model.scan_layers values, e.g. false,true")
+  ap.add_argument("--compile-only", action="store_true",
+                  help="only lower + compile each variant on abstract inputs (compile-time proxy "
+                  "on CPU: no parameters allocated, no step run)")
+  ap.add_argument("--fresh-process", action="store_true",
+                  help="run each --scan value in its own process (clean compile and peak memory)")
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--peak-n", type=int, default=8192, help="matmul size of the peak (0: skip)")
   ap.add_argument("--set", dest="extra", action="append", default=[])
@@ -234,6 +387,9 @@ def main():
     args.preset, args.seq_len, args.micro, args.n_micro = "tiny", 64, "2", 2
     args.impls, args.remat, args.peak_n, args.reps = "auto", "false", 256, 2
     args.extra = SMOKE_SETS + args.extra
+  scans = args.scan.split(",")
+  if any(s not in ("false", "true") for s in scans):
+    raise SystemExit(f"--scan {args.scan}: give false, true or false,true")
   n_devs = _ints(args.devices)
   for n in n_devs:
     first_devices(n)  # a clear error before any compute
@@ -248,9 +404,12 @@ def main():
       os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")),
       f"train_{kind.replace(' ', '_').lower()}_dp{'-'.join(map(str, n_devs))}.json")
   os.makedirs(os.path.dirname(os.path.abspath(name)), exist_ok=True)
+  if args.fresh_process and len(scans) > 1:
+    return run_fresh_processes(args, scans, name)
 
   def save():
     out["scaling"] = scaling(out["variants"])
+    out["scan_vs_unrolled"] = scan_vs_unrolled(out["variants"])
     with open(name, "w") as f:
       json.dump(out, f, indent=2)
 
@@ -267,17 +426,27 @@ def main():
         if done:
           continue
         all_ok = True
-        for n in n_devs:
+        for scan, n in [(s == "true", n) for s in scans for n in n_devs]:
           if time.perf_counter() - t_start > args.budget_s:
             print(f"budget {args.budget_s:.0f}s spent: skipping impl={impl} remat={remat} "
-                  f"micro/device={micro} on {n} device(s)", flush=True)
+                  f"micro/device={micro} scan={scan} on {n} device(s)", flush=True)
             all_ok = False
             continue
-          tag = f"devices={n} impl={impl} remat={remat} micro/device={micro}"
+          tag = f"devices={n} impl={impl} remat={remat} micro/device={micro} scan={scan}"
           t0 = time.perf_counter()
           try:
+            if args.compile_only:
+              r = compile_only_variant(args.preset, micro, n, args.n_micro, remat, impl,
+                                       args.seq_len, args.extra, scan=scan)
+              r["ok"] = True
+              print(f"{tag}: lower {r['lower_s']:.1f}s + compile {r['compile_s']:.1f}s",
+                    flush=True)
+              r["wall_s"] = time.perf_counter() - t0
+              out["variants"].append(r)
+              save()
+              continue
             r = bench_variant(args.preset, micro, n, args.n_micro, remat, impl, args.seq_len,
-                              args.reps, args.extra)
+                              args.reps, args.extra, scan=scan)
             r["ok"] = True
             add_mfu(r, out["spec_peak_flops"], measured)
             print(f"{tag}: {r['tokens_per_s_measured']:.0f} tok/s measured "
@@ -285,11 +454,12 @@ def main():
                   f"{r.get('mfu_vs_measured_peak', float('nan')):.3f} vs measured peak, "
                   f"{r.get('mfu_vs_spec_table', float('nan')):.3f} vs spec table; step "
                   f"{r['step_s_median']:.3f}s opt {r['opt_update_s_median']:.3f}s compile "
-                  f"{r['compile_plus_first_step_s']:.1f}s", flush=True)
+                  f"{r['compile_s']:.1f}s (lower {r['lower_s']:.1f}s, first step "
+                  f"{r['first_step_s']:.2f}s)", flush=True)
           except Exception as e:  # noqa: BLE001 - record OOM / kernel failures and go on
             all_ok = False
             r = {"ok": False, "devices": n, "micro_batch_per_device": micro, "remat": remat,
-                 "kernel_impl": impl, "error": f"{type(e).__name__}: {str(e)[:600]}"}
+                 "kernel_impl": impl, "scan_layers": scan, "error": f"{type(e).__name__}: {str(e)[:600]}"}
             print(f"{tag}: FAILED {r['error'][:300]}", flush=True)
             traceback.print_exc(limit=3)
           r["wall_s"] = time.perf_counter() - t0
@@ -304,6 +474,8 @@ def main():
           f"{s['micro_batch_per_device']}: {s['tokens_per_s_1']:.0f} tok/s on 1 -> "
           f"{s['tokens_per_s_n']:.0f} on {s['devices']}: efficiency {s['efficiency']:.3f} "
           f"(at the reference step {s['efficiency_ref_step']:.3f})", flush=True)
+  for p in out["scan_vs_unrolled"]:
+    print_pair(p)
   print("wrote", name)
 
 

@@ -59,6 +59,21 @@ def test_scaling_pairs_same_variant_only():
   assert tt.scaling([_variant(2, t2)]) == []
 
 
+def test_scan_vs_unrolled_pairs_same_variant_only():
+  rng = np.random.default_rng()
+  t_off, t_on, t_other = rng.uniform(5e4, 1e5, 3)
+  mem = {"static_peak_bytes": 10}
+  vs = [dict(_variant(1, t_off), scan_layers=False, compile_s=80.0, memory_analysis=mem),
+        dict(_variant(1, t_on), scan_layers=True, compile_s=15.0, memory_analysis=mem),
+        dict(_variant(1, t_other, impl="xla"), scan_layers=True, compile_s=9.0,
+             memory_analysis=mem)]
+  (p,) = tt.scan_vs_unrolled(vs)
+  assert p["compile_s_unrolled"] == 80.0 and p["compile_s_scan"] == 15.0
+  assert p["tokens_per_s_scan_over_unrolled"] == pytest.approx(t_on / t_off)
+  assert "model.scan_layers=true" in tt.variant_sets(1, 1, 1, False, "xla", 32, scan=True)
+  assert tt.scaling(vs) == []
+
+
 def test_add_mfu_both_counts():
   r = {"flops_per_token": 2.67e9, "devices": 2, "tokens_per_s_measured": 1.9e5,
        "tokens_per_s_ref_step": 2.0e5}
