@@ -131,15 +131,17 @@ def memory_summary(compiled) -> dict:
   return out
 
 
-def compile_step(step, mesh, state, batch):
-  """(compiled step, lower_s, compile_s): the train step compiled ahead of time."""
-  t0 = time.perf_counter()
+def compile_step(step, mesh, state, batch, times: dict):
+  """The train step compiled ahead of time; `times` gets lower_s / compile_s (wall) and
+  lower_cpu_s / compile_cpu_s (this process's CPU time, all threads: steadier on a shared host)."""
+  t0, c0 = time.perf_counter(), time.process_time()
   with use_mesh(mesh):
     lowered = step.jitted.lower(state, batch)
-  t_lower = time.perf_counter() - t0
-  t0 = time.perf_counter()
+  t1, c1 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
-  return compiled, t_lower, time.perf_counter() - t0
+  times.update(lower_s=t1 - t0, compile_s=time.perf_counter() - t1, lower_cpu_s=c1 - c0,
+               compile_cpu_s=time.process_time() - c1)
+  return compiled
 
 
 def compile_only_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq_len,
@@ -157,12 +159,13 @@ def compile_only_variant(preset, micro_per_device, n_devices, n_micro, remat, im
   bsh = batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bsh)
            for k in ("inputs", "targets")}
-  compiled, t_lower, t_xla = compile_step(step, mesh, setup.abstract, batch)
+  times = {}
+  compiled = compile_step(step, mesh, setup.abstract, batch, times)
   return {"devices": n_devices, "micro_batch_per_device": micro_per_device,
           "micro_batch": cfg.train.micro_batch, "n_micro": n_micro, "global_batch": B,
           "seq_len": T, "remat": remat, "kernel_impl": impl, "scan_layers": scan,
-          "overrides": sets, "lower_s": t_lower, "compile_s": t_xla,
-          "lower_plus_compile_s": t_lower + t_xla, "memory_analysis": memory_summary(compiled)}
+          "overrides": sets, **times, "lower_plus_compile_s": times["lower_s"] + times["compile_s"],
+          "memory_analysis": memory_summary(compiled)}
 
 
 def bench_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq_len, reps,
@@ -174,12 +177,13 @@ def bench_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq
   jax.block_until_ready(state)
   t_init = time.perf_counter() - t0
   B, M, T = cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seq_len
-  step, t_lower, t_xla = compile_step(step, mesh, state, batch)
+  times = {}
+  step = compile_step(step, mesh, state, batch, times)
   t0 = time.perf_counter()
   state, m = step(state, batch)
   jax.block_until_ready(m)
   t_first = time.perf_counter() - t0
-  t_compile = t_lower + t_xla + t_first
+  t_compile = times["lower_s"] + times["compile_s"] + t_first
   losses = [float(m["loss"])]
   holder = {"state": state}
 
@@ -212,7 +216,7 @@ def bench_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq
       "devices": n_devices, "micro_batch_per_device": micro_per_device, "micro_batch": M,
       "n_micro": n_micro, "global_batch": B, "seq_len": T, "remat": remat, "kernel_impl": impl,
       "scan_layers": scan, "overrides": sets, "num_params": n_par, "flops_per_token": fpt,
-      "init_s": t_init, "lower_s": t_lower, "compile_s": t_xla, "first_step_s": t_first,
+      "init_s": t_init, **times, "first_step_s": t_first,
       "compile_plus_first_step_s": t_compile, "memory_analysis": memory_summary(step),
       "step_s_median": t_step, "step_s_all": all_steps,
       "opt_update_s_median": t_opt, "micro_step_s": t_micro,
@@ -273,7 +277,8 @@ def scan_vs_unrolled(variants):
                and _key(r)[:3] == _key(off)[:3]):
       pair = {"devices": off["devices"], "kernel_impl": off["kernel_impl"],
               "remat": off["remat"], "micro_batch_per_device": off["micro_batch_per_device"]}
-      for name in ("compile_s", "lower_s", "compile_plus_first_step_s", "step_s_median",
+      for name in ("compile_s", "lower_s", "compile_cpu_s", "lower_cpu_s",
+                   "compile_plus_first_step_s", "step_s_median",
                    "tokens_per_s_measured", "peak_bytes_in_use"):
         pair[f"{name}_unrolled"], pair[f"{name}_scan"] = off.get(name), on.get(name)
       pair["static_peak_bytes_unrolled"] = off["memory_analysis"].get("static_peak_bytes")
@@ -328,7 +333,8 @@ def print_pair(p):
   print(f"scan_layers off -> on (devices={p['devices']} impl={p['kernel_impl']} remat="
         f"{p['remat']} micro/device={p['micro_batch_per_device']}): lower "
         f"{num(p['lower_s_unrolled']):.1f} -> {num(p['lower_s_scan']):.1f} s, compile "
-        f"{num(p['compile_s_unrolled']):.1f} -> {num(p['compile_s_scan']):.1f} s, tok/s "
+        f"{num(p['compile_s_unrolled']):.1f} -> {num(p['compile_s_scan']):.1f} s (CPU time "
+        f"{num(p['compile_cpu_s_unrolled']):.1f} -> {num(p['compile_cpu_s_scan']):.1f} s), tok/s "
         f"{num(p['tokens_per_s_measured_unrolled']):.0f} -> "
         f"{num(p['tokens_per_s_measured_scan']):.0f}, static peak "
         f"{num(p['static_peak_bytes_unrolled'], 2**20):.0f} -> "
@@ -439,8 +445,8 @@ def main():
               r = compile_only_variant(args.preset, micro, n, args.n_micro, remat, impl,
                                        args.seq_len, args.extra, scan=scan)
               r["ok"] = True
-              print(f"{tag}: lower {r['lower_s']:.1f}s + compile {r['compile_s']:.1f}s",
-                    flush=True)
+              print(f"{tag}: lower {r['lower_s']:.1f}s + compile {r['compile_s']:.1f}s wall "
+                    f"({r['lower_cpu_s']:.1f}s + {r['compile_cpu_s']:.1f}s CPU)", flush=True)
               r["wall_s"] = time.perf_counter() - t0
               out["variants"].append(r)
               save()

@@ -41,8 +41,8 @@ def test_groups_cover_whole_periods_only():
 
 
 def test_scan_matches_unrolled_loss_logits_grads():
-  """fp32: loss, aux terms, logits and every gradient of the scanned forward equal the unrolled
-  loop's."""
+  """fp32: loss, aux terms, logits and every gradient of the scanned forward (with remat: each
+  block of the group in jax.checkpoint, as Atma._run_block decides) equal the unrolled loop's."""
   cfg = tiny_config(**GROUPS)
   graphdef, params = init_model(cfg, seed=0)
   params = perturb(params, jax.random.key(1))
@@ -56,7 +56,7 @@ def test_scan_matches_unrolled_loss_logits_grads():
     return jit(jax.value_and_grad(loss, has_aux=True))(params)
 
   (l0, (aux0, logits0)), g0 = value_grad(graphdef)
-  gd_scan = _graphdef(dataclasses.replace(cfg, scan_layers=True))
+  gd_scan = _graphdef(dataclasses.replace(cfg, scan_layers=True, remat=True))
   (l1, (aux1, logits1)), g1 = value_grad(gd_scan)
   assert float(aux0["reg"]) > 0 and float(aux0["align"]) > 0  # the rng streams are exercised
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
@@ -71,26 +71,27 @@ def test_scan_matches_unrolled_loss_logits_grads():
 
 
 def test_train_step_on_8_devices_scan_equals_unrolled():
-  """One sharded train step (data 2 x fsdp 2 x tensor 2, two micro-steps, aux losses on):
-  scan_layers on (with remat: each block of the scanned group in jax.checkpoint) and off give
-  the same metrics and the same updated parameters."""
-  sets = ["model.num_layers=5", "model.global_every=2", "model.global_offset=1",
+  """One sharded train step (data 2 x fsdp 2 x tensor 2, two micro-steps, SigReg on; 4 blocks of
+  period 2: two scanned groups) with scan_layers on and off: same metrics and same updated
+  parameters."""
+  sets = ["model.num_layers=4", "model.global_every=2", "model.global_offset=1",
           "model.hidden_size=32", "model.head_dim=8", "model.gqa_ratio=2", "model.vocab_size=64",
-          "model.mem_chunk=4", "model.num_random_keys=3", "optim.sigreg_mode=weak",
-          "optim.sigreg_alpha=0.1", "optim.distractor_weight=0.1", "train.seq_len=16",
+          "model.mem_chunk=4", "optim.sigreg_mode=weak", "optim.sigreg_alpha=0.1",
+          "train.seq_len=16",
           "train.global_batch=8", "train.micro_batch=4", "train.steps=10", "mesh.data=2",
           "mesh.fsdp=2", "mesh.tensor=2"]
   toks = np.random.default_rng(0).integers(0, 64, size=(8, 17)).astype(np.int32)
   batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
   out = []
-  for flags in (["model.scan_layers=false"], ["model.scan_layers=true", "model.remat=true"]):
-    cfg = resolve("tiny", sets + flags)
+  for scan in ("false", "true"):
+    cfg = resolve("tiny", sets + [f"model.scan_layers={scan}"])
     mesh = make_mesh(cfg.mesh)
     setup = setup_state(cfg, mesh)
     state, metrics = make_train_step(cfg, setup, mesh)(init_state(cfg, setup), batch)
     out.append((jax.device_get(metrics), jax.device_get(state.params)))
   (m0, p0), (m1, p1) = out
-  for k in ("loss", "grad_norm", "reg", "align"):
+  assert float(m0["reg"]) > 0
+  for k in ("loss", "grad_norm", "reg"):
     np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, err_msg=k)
   for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

@@ -5,7 +5,8 @@ polar / nope / rope x memory on / off x window none / 40) and the config each wa
 the weights are not stored but rebuilt here by the fixtures' numpy recipe (see the README
 there). They are loaded through the interop import path (`model_config_from_reference`,
 `model_from_state_dict`), so the test covers the layout map as well as the model's math, and run
-in fp32 with the XLA kernels at the highest matmul precision.
+in fp32 with the XLA kernels at the highest matmul precision, with the blocks unrolled and with
+`model.scan_layers` (the fixtures' 4 blocks are one group of period 4, run as a scan of length 1).
 """
 
 from __future__ import annotations
@@ -54,15 +55,16 @@ def test_every_variant_is_present():
   assert {v.split("_")[0] for v in VARIANTS} == {"polar", "nope", "rope"}
 
 
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_logits_match_the_original(variant):
+def test_logits_match_the_original(variant, scan_layers):
   fx = np.load(FIXTURES / f"{variant}.npz")
   keys = [str(k) for k in fx["keys"]]
   sd = recipe_state_dict(keys, json.loads(str(fx["shapes"])), int(fx["seed"]))
   sd.update({k[len("buffer/"):]: fx[k] for k in fx.files if k.startswith("buffer/")})
   assert set(sd) == set(keys)
   base = ModelConfig(param_dtype="float32", embed_dtype="float32", compute_dtype="float32",
-                     kernel_impl="xla")
+                     kernel_impl="xla", scan_layers=scan_layers)
   cfg = model_config_from_reference(str(FIXTURES / f"{variant}.json"), base=base)
   graphdef, params = model_from_state_dict(cfg, sd, source=f"parity fixture {variant}")
 
