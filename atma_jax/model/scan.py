@@ -12,9 +12,10 @@ Where the stacked layout lives: inside the traced forward only. The model, the t
 the optimizer (Muon orthogonalizes each 2-D kernel), checkpoints, interop, eval and generate
 all keep the per-layer layout `blocks.<l>.…`; the P position-j parameter trees of the G groups
 are stacked along a new leading axis ("layers", mapped to no mesh axis) at every forward, and
-autodiff slices the stacked gradient back to the per-layer tree. That costs one copy of the
-block parameters per forward and one of their gradients per backward (measured in the commit
-that added this file), in exchange for no second layout anywhere else.
+autodiff slices the stacked gradient back to the per-layer tree. That costs a copy of the block
+parameters, alive from the forward to the backward, and of their gradients (the executable's
+static peak grows by about one parameter-sized buffer; `bench/train_throughput.py --scan
+false,true` measures it), in exchange for no second layout anywhere else.
 
 Numerics equal the unrolled loop: block l draws `fold_in(rng, l)` with l = gP + j (the same
 uint32 data, traced instead of constant), and the aux terms are summed in block order.
