@@ -30,6 +30,11 @@ KernelImpl = Literal["auto", "pallas", "xla"]
 InitScheme = Literal["reference", "live_mixers"]
 SigRegMode = Literal["baseline", "weak", "discrete", "strong", "zipfian"]
 DType = Literal["float32", "bfloat16", "float16", "float64"]
+# model.remat: what each block keeps for the backward pass (atma_jax/model/remat.py says what
+# each name saves). true / false are accepted as the old boolean spelling: true = block,
+# false = none.
+REMAT_POLICIES = ("none", "block", "dots", "dots_no_mlp_fc", "kernels")
+REMAT_ALIASES = {"true": "block", "false": "none"}
 
 
 @dataclass(frozen=True)
@@ -64,10 +69,15 @@ class ModelConfig:
   mem_step_impl: Optional[KernelImpl] = "xla"
   decode_attn_kernel: bool = False  # one-token decode with every row at one position: the
   # attention kernel op at a traced q_offset instead of XLA at per-row positions (kv_cache.py)
-  remat: bool = False  # rematerialize each block in the backward pass
+  remat: str | bool = "none"  # a REMAT_POLICIES name (true = "block", false = "none")
   # the training / eval forward runs the repeating groups of global_every blocks as one
   # lax.scan (compile time; same numbers, same parameter layout; atma_jax/model/scan.py)
   scan_layers: bool = False
+
+  def __post_init__(self):
+    # the boolean spelling (old configs, --set model.remat=true) becomes its policy name
+    spelled = str(self.remat).lower() if isinstance(self.remat, bool) else self.remat
+    object.__setattr__(self, "remat", REMAT_ALIASES.get(spelled, spelled))
 
   @property
   def num_heads(self) -> int:
@@ -105,6 +115,9 @@ class ModelConfig:
       raise ConfigError(f"model.rope_scale={self.rope_scale} must be > 0 (the reference uses 0.12).")
     if self.num_random_keys < 0:
       raise ConfigError("model.num_random_keys must be >= 0 (0 disables the distractor loss).")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"model.remat={self.remat!r} is not a remat policy; choose one of "
+                        f"{', '.join(REMAT_POLICIES)} (true = block, false = none).")
 
 
 @dataclass(frozen=True)
@@ -390,7 +403,13 @@ def _check_json_value(v: Any, tp: Any, key: str) -> Any:
   if origin in (typing.Union, types.UnionType):
     if v is None and type(None) in args:
       return None
-    tp = next(a for a in args if a is not type(None))
+    members = [a for a in args if a is not type(None)]
+    for member in members[:-1]:  # the first member the value fits; the last one reports
+      try:
+        return _check_json_value(v, member, key)
+      except ConfigError:
+        pass
+    tp = members[-1]
     origin, args = get_origin(tp), get_args(tp)
   if origin is Literal:
     ok = v in args

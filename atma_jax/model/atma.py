@@ -27,6 +27,7 @@ from atma_jax.model.block import ACT_AXES, Block
 from atma_jax.model.cache import Cache, CacheError, TokenSpan, check_cache, check_fit
 from atma_jax.model.init import INIT_SCHEMES, apply_init_scheme
 from atma_jax.model.layers import Embed, Linear, RMSNorm, stats_dtype
+from atma_jax.model.remat import checkpoint_block
 from atma_jax.model.scan import scan_groups, scanned_layers
 from atma_jax.sharding import constrain
 
@@ -145,14 +146,15 @@ class Atma(nnx.Module):
     return self.norm(x), {"reg": zero, "align": zero}, new_cache
 
   def _run_block(self, block: Block, x, rng, **kw):
-    if not self.cfg.remat:
+    """block(x, rng=rng, **kw) under the remat policy cfg.remat (atma_jax/model/remat.py)."""
+    if self.cfg.remat == "none":
       return block(x, rng=rng, **kw)
     graphdef, state = nnx.split(block)
 
     def run(state, x, rng):
       return nnx.merge(graphdef, state)(x, rng=rng, **kw)
 
-    return jax.checkpoint(run)(state, x, rng)
+    return checkpoint_block(run, self.cfg.remat)(state, x, rng)
 
   def __call__(self, ids_BT: jax.Array, *, rng: jax.Array | None = None, q_offset=0,
                mem: bool = True, sigreg_mode: str = "baseline", cache=None, lengths=None):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atma_jax.config import ModelConfig
-from atma_jax.model import aux_losses, init
+from atma_jax.model import aux_losses, init, remat
 from atma_jax.model.kv_cache import attend_cached
 from atma_jax.model.layers import DepthwiseConv, Linear, rms_norm, stats_dtype
 from atma_jax.model.memory import Memory
@@ -88,10 +88,11 @@ class GlobalMixer(nnx.Module):
     cfg = self.cfg
     B, T, _ = x_BTD.shape
     H, G, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qg_BTH2d = self.q(x_BTD).reshape(B, T, H, 2 * d)
+    qg, k, v = remat.tag((self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)), remat.MIXER_PROJ)
+    qg_BTH2d = qg.reshape(B, T, H, 2 * d)
     q_BTHd, gate_BTHd = qg_BTH2d[..., :d], qg_BTH2d[..., d:]
-    k_BTGd = self.k(x_BTD).reshape(B, T, G, d)
-    v_BTGd = self.v(x_BTD).reshape(B, T, G, d)
+    k_BTGd = k.reshape(B, T, G, d)
+    v_BTGd = v.reshape(B, T, G, d)
     return rms_norm(q_BTHd), gate_BTHd, rms_norm(k_BTGd), v_BTGd
 
   def _random_kv(self, x_BTD: jax.Array, rng: jax.Array, normed: bool):
@@ -181,6 +182,7 @@ class GlobalMixer(nnx.Module):
                                             impl=cfg.kernel_impl),
             lambda q, k, v, q_pos, k_pos: polar_core_at(q, k, v, *polar_params, q_pos, k_pos,
                                                         window=W))
+      c_BTHd, mag_BTH = remat.tag((c_BTHd, mag_BTH), remat.ATTN_CORE)
       chex.assert_shape([c_BTHd, mag_BTH], [(B, T, H, d), (B, T, H)])  # at trace time
       out_BTD = self.proj(c_BTHd.reshape(B, T, H * d) * gate_BTF)
       out_BTD = out_BTD + self.mu_proj(mag_BTH.astype(x_BTD.dtype))
@@ -195,6 +197,7 @@ class GlobalMixer(nnx.Module):
                                                  impl=cfg.kernel_impl),
           lambda q, k, v, q_pos, k_pos: softmax_attention_at(q, k, v, q_pos, k_pos, scale=scale,
                                                              window=W))
+      y_BTHd = remat.tag(y_BTHd, remat.ATTN_CORE)
       chex.assert_shape(y_BTHd, (B, T, H, d))
       out_BTD = self.proj(y_BTHd.reshape(B, T, H * d) * gate_BTF)
       if distract:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atma_jax.config import ModelConfig
-from atma_jax.model import aux_losses
+from atma_jax.model import aux_losses, remat
 from atma_jax.model.attention import GlobalMixer
 from atma_jax.model.layers import MLP, RMSNorm
 from atma_jax.model.lfm2 import LFM2Conv
@@ -58,9 +58,10 @@ class Block(nnx.Module):
       mix_BTD, new_cache = mix if cache is not None else (mix, None)
       align = jnp.zeros((), jnp.float32)
     chex.assert_equal_shape([x_BTD, mix_BTD])  # at trace time: a mixer must not broadcast
-    y_BTD = constrain(x_BTD + mix_BTD, ACT_AXES)
+    y_BTD = constrain(x_BTD + remat.tag(mix_BTD, remat.MIXER_OUT), ACT_AXES)
     with jax.named_scope("mlp"):
-      out_BTD = constrain(y_BTD + self.mlp(self.norm2(y_BTD)), ACT_AXES)
+      mlp_BTD = remat.tag(self.mlp(self.norm2(y_BTD)), remat.MLP_OUT)
+      out_BTD = constrain(y_BTD + mlp_BTD, ACT_AXES)
     with jax.named_scope("sigreg"):
       reg = aux_losses.sigreg(out_BTD, sigreg_mode, rng_reg)
     if cache is None:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from atma_jax.model import init
+from atma_jax.model import init, remat
 # fp32 for half/single activations (statistics, gates, accumulation), fp64 stays fp64: the one
 # copy lives beside the Polar oracle and is re-exported here for the model modules.
 from pallas_kernels.polar_attention import stats_dtype  # noqa: F401
@@ -199,6 +199,6 @@ class MLP(nnx.Module):
     self.proj = Linear(hidden, dim, axes=("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    a_BTF, g_BTF = self.fc.column_blocks(x_BTD, 2)
+    a_BTF, g_BTF = remat.tag(self.fc.column_blocks(x_BTD, 2), remat.MLP_FC)
     r_BTF = jax.nn.relu(a_BTF)
     return self.proj(g_BTF * (r_BTF * r_BTF))

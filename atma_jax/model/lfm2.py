@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atma_jax.config import ModelConfig
+from atma_jax.model import remat
 from atma_jax.model.layers import DepthwiseConv, Linear
 
 
@@ -35,7 +36,7 @@ class LFM2Conv(nnx.Module):
   def __call__(self, x_BTD: jax.Array, *, cache=None, span=None):
     """out [B, T, D]; with `cache` (a `ConvLayerCache`) and `span` (a `TokenSpan`) the conv
     continues from the cached tail and the result is (out, new cache)."""
-    b_BTD, c_BTD, u_BTD = self.in_proj.column_blocks(x_BTD, 3)
+    b_BTD, c_BTD, u_BTD = remat.tag(self.in_proj.column_blocks(x_BTD, 3), remat.MIXER_PROJ)
     if cache is None:
       return self.out_proj(c_BTD * self.conv(b_BTD * u_BTD))
     w_BTD, tail_BKD = self.conv.cached(b_BTD * u_BTD, cache.tail_BKD, span.lengths_B)

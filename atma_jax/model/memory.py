@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atma_jax.config import ModelConfig
+from atma_jax.model import remat
 from atma_jax.model.layers import Linear, l2_normalize, rms_norm, stats_dtype
 from atma_jax.model.ops import gated_delta_rule, gated_delta_step
 
@@ -51,8 +52,10 @@ class Memory(nnx.Module):
     cfg = self.cfg
     B, T, H, d = q_BTHd.shape
     sd = stats_dtype(x_BTD.dtype)
-    log_gamma_BTH = jax.nn.log_sigmoid(self.w_gamma(x_BTD).astype(sd) + cfg.mem_gamma_bias)
-    beta_BTH = jax.nn.sigmoid(self.w_beta(x_BTD).astype(sd) + cfg.mem_beta_bias)
+    wg_BTH, wb_BTH, gate_BTF = remat.tag(
+        (self.w_gamma(x_BTD), self.w_beta(x_BTD), self.gate(x_BTD)), remat.MIXER_PROJ)
+    log_gamma_BTH = jax.nn.log_sigmoid(wg_BTH.astype(sd) + cfg.mem_gamma_bias)
+    beta_BTH = jax.nn.sigmoid(wb_BTH.astype(sd) + cfg.mem_beta_bias)
     qn_BTHd = l2_normalize(q_BTHd.astype(sd), L2_FLOOR).astype(x_BTD.dtype)
     kn_BTHd = l2_normalize(k_BTHd.astype(sd), L2_FLOOR).astype(x_BTD.dtype)
     v_BTHd = v_BTHd.astype(x_BTD.dtype)
@@ -62,8 +65,8 @@ class Memory(nnx.Module):
     else:
       r_BTHd, state_BHKV = self._continue(qn_BTHd, kn_BTHd, v_BTHd, log_gamma_BTH, beta_BTH,
                                           state_BHKV, valid_BT)
-    r_BTF = rms_norm(r_BTHd).reshape(B, T, H * d).astype(x_BTD.dtype)
-    gate_BTF = jax.nn.sigmoid(self.gate(x_BTD).astype(sd)).astype(x_BTD.dtype)
+    r_BTF = rms_norm(remat.tag(r_BTHd, remat.MEM_CORE)).reshape(B, T, H * d).astype(x_BTD.dtype)
+    gate_BTF = jax.nn.sigmoid(gate_BTF.astype(sd)).astype(x_BTD.dtype)
     out_BTD = self.proj(r_BTF * gate_BTF)
     return out_BTD if state_BHKV is None else (out_BTD, state_BHKV)
 
