@@ -423,7 +423,7 @@ def main():
   if not args.command_buffers:  # before jax is imported (profile_step imports it)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_gpu_enable_command_buffer=").strip()
-  args.remat = args.remat.lower() == "true"
+  args.remat = args.remat.lower()  # a policy name (or true / false), checked by the config
   if args.smoke:
     args.preset, args.seq_len, args.micro, args.n_micro, args.warmup = "tiny", 64, 2, 2, 1
   os.makedirs(args.out_dir, exist_ok=True)

@@ -3,14 +3,15 @@
 For every policy: the compiled train step's `memory_analysis()` (XLA's buffer assignment:
 arguments, outputs, aliased = donated state, temporaries; peak ~ arguments + outputs - aliased +
 temporaries), and the residuals one conv block and one global block keep for their backward
-(`jax.ad_checkpoint.saved_residuals`), grouped by the source line that makes them, largest first.
+(what `jax.ad_checkpoint.print_saved_residuals` lists), grouped by tag or source line, largest
+first; they include batch-independent ones (e.g. kernel column slices) and values XLA fuses away.
 
 On a CPU this is a PROXY for the GPU: the same program, but the XLA:CPU buffer assignment and
 fusion decisions, and the XLA fallback kernels (`kernel_impl=auto` picks them on a CPU) instead
 of the Pallas ones; the residual ranking (a property of the jaxpr) is the same on both.
 
     python3 bench/remat_memory.py --micro 1 --out $OUT/remat_memory_cpu.json   # 378M, T=2048
-    python3 bench/remat_memory.py --smoke                                        # tiny, seconds
+    python3 bench/remat_memory.py --smoke                          # tiny (CPU: ~1 min a policy)
 """
 
 from __future__ import annotations
@@ -32,45 +33,34 @@ from flax import nnx  # noqa: E402
 # the list print_saved_residuals prints; public only as that printer in this jax
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
 
-from atma_jax.config import REMAT_POLICIES, ConfigError, resolve  # noqa: E402
+from atma_jax.config import REMAT_POLICIES, resolve  # noqa: E402
 from atma_jax.model.block import Block  # noqa: E402
 from atma_jax.model.remat import checkpoint_block  # noqa: E402
+from atma_jax.model.testing import FAST_COMPILE  # noqa: E402
 from atma_jax.train.mesh import batch_sharding, make_mesh  # noqa: E402
 from atma_jax.train.state import setup_state  # noqa: E402
 from atma_jax.train.step import make_train_step  # noqa: E402
+from atma_jax.sharding import use_mesh  # noqa: E402
+from train_throughput import memory_summary, remat_policies  # noqa: E402  (this directory)
 
 SMOKE_SETS = ["model.num_layers=4", "model.hidden_size=64", "model.head_dim=16"]
 GIB = 2.0 ** 30
 
 
-def parse_policies(text: str) -> list[str]:
-  """`--policies a,b` -> names; ConfigError (before any compute) for an unknown one."""
-  names = [s.strip() for s in text.split(",") if s.strip()]
-  bad = [n for n in names if n not in REMAT_POLICIES]
-  if bad or not names:
-    raise ConfigError(f"--policies {text!r}: {', '.join(bad) or 'none given'} not a remat "
-                      f"policy; choose from {', '.join(REMAT_POLICIES)}.")
-  return names
-
-
-def step_memory(cfg) -> dict:
-  """memory_analysis() of the compiled train step on one device, in bytes, + compile time."""
+def compiled_step_memory(cfg) -> dict:
+  """memory_analysis() of the train step compiled (not run) on one device + its compile time."""
   mesh = make_mesh(cfg.mesh, devices=jax.devices()[:1])
   setup = setup_state(cfg, mesh)
-  step = make_train_step(cfg, setup, mesh)
   B, T = cfg.train.global_batch, cfg.train.seq_len
   tok = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding(mesh))
   t0 = time.perf_counter()
-  from atma_jax.sharding import use_mesh
+  # on a CPU, LLVM at -O0: compile time halves; buffer assignment (HLO level) is unchanged
+  options = FAST_COMPILE if jax.devices()[0].platform == "cpu" else None
   with use_mesh(mesh):
-    compiled = step.jitted.lower(setup.abstract, {"inputs": tok, "targets": tok}).compile()
-  t_compile = time.perf_counter() - t0
-  ma = compiled.memory_analysis()
-  out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in
-         ("argument", "output", "alias", "temp", "generated_code")}
-  out["peak_estimate"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  out["compile_s"] = t_compile
-  return out
+    lowered = make_train_step(cfg, setup, mesh).jitted.lower(setup.abstract,
+                                                             {"inputs": tok, "targets": tok})
+  compiled = lowered.compile(options)
+  return {**memory_summary(compiled), "compile_s": time.perf_counter() - t0}
 
 
 def block_residuals(cfg, layer: int, micro: int, policy: str, top: int) -> dict:
@@ -118,7 +108,7 @@ def main(argv=None):
   ap.add_argument("--out", default=None)
   ap.add_argument("--smoke", action="store_true", help="tiny preset, seq 64: a CPU check")
   args = ap.parse_args(argv)
-  policies = parse_policies(args.policies)
+  policies = remat_policies(args.policies)  # errors before any compute
   if args.smoke:
     args.preset, args.seq_len = "tiny", 64
     args.extra = SMOKE_SETS + args.extra
@@ -131,8 +121,8 @@ def main(argv=None):
          "jax": jax.__version__, "python": platform.python_version(), "preset": args.preset,
          "micro_batch": args.micro, "n_micro": args.n_micro, "seq_len": args.seq_len,
          "overrides": base, "policies": {},
-         "note": ("memory_analysis of the compiled step (bytes); peak_estimate = argument + "
-                  "output - alias + temp. " + ("CPU PROXY: XLA:CPU buffer assignment and the XLA "
+         "note": ("memory_analysis of the compiled step (bytes); static_peak_bytes = "
+                  "argument + output - alias + temp. " + ("CPU PROXY: XLA:CPU buffer assignment and the XLA "
                   "fallback kernels, not the GPU's." if dev.platform == "cpu" else ""))}
   name = args.out or os.path.join(os.environ.get("OUT", "."), f"remat_memory_{dev.platform}.json")
   os.makedirs(os.path.dirname(os.path.abspath(name)) or ".", exist_ok=True)
@@ -143,16 +133,17 @@ def main(argv=None):
     res = {"blocks": [block_residuals(cfg, l, args.micro, policy, args.top)
                       for l in (conv, glob) if l is not None]}
     if not args.no_step:
-      res["step"] = step_memory(cfg)
+      res["step"] = compiled_step_memory(cfg)
     out["policies"][policy] = res
     with open(name, "w") as f:
       json.dump(out, f, indent=2)
     s = res.get("step", {})
     blocks = "  ".join(f"{'global' if b['is_global'] else 'conv'} block keeps "
                        f"{b['activation_bytes'] / 2**20:.1f} MiB" for b in res["blocks"])
-    step = (f"step temp {s['temp'] / GIB:.2f} GiB args {s['argument'] / GIB:.2f} out "
-            f"{s['output'] / GIB:.2f} alias {s['alias'] / GIB:.2f} peak~ "
-            f"{s['peak_estimate'] / GIB:.2f} GiB (compile {s['compile_s']:.0f}s)" if s else "")
+    step = (f"step: temp {s['temp_size_in_bytes'] / GIB:.2f} GiB, arguments "
+            f"{s['argument_size_in_bytes'] / GIB:.2f}, outputs {s['output_size_in_bytes'] / GIB:.2f}"
+            f", aliased {s['alias_size_in_bytes'] / GIB:.2f}, static peak "
+            f"{s['static_peak_bytes'] / GIB:.2f} GiB (compile {s['compile_s']:.0f}s)" if s else "")
     print(f"{policy:12s} {blocks}  {step}", flush=True)
   print("wrote", name)
   return out

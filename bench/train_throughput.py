@@ -15,7 +15,7 @@ datasheet peak (H100/H200: 989 TFLOP/s), `mfu_vs_measured_peak` by this device's
 peak measured here (8192^3, bf16 operands, fp32 accumulation, bf16 output as torch's `a @ b`;
 the issue's count: the PyTorch trainer's 24.7% is 66.3K tok/s against a measured 718 TFLOP/s).
 
-Variants (micro-batch, remat, kernel impl) are tried in order; a failing one (OOM, kernel) is
+Variants (micro-batch, remat policy, kernel impl) are tried in order; a failing one (OOM, kernel) is
 recorded and the next is tried; by default the first variant that runs on every N ends the run
 (`--all` times all). No new run starts after `--budget-s`. The JSON is rewritten after every run.
 
@@ -28,6 +28,16 @@ running peak (`peak_bytes_in_use`) of one do not leak into the other, and `scan_
 pairs them (compile time, tok/s, memory):
 
     python3 bench/train_throughput.py --devices 1,2 --out $OUT/train_dp.json
+
+Remat policies (`model.remat`, atma_jax/model/remat.py): `--remat block,dots,none --all` times
+each; its `memory_analysis` is the step's own static peak, while the device's running
+`peak_bytes_in_use` is the process's maximum so far (list the policies from least to most memory
+so that each reading is its own). `--fit-micro M` also compiles each variant at micro-batch M
+(no run) and fits the static peak linearly in the micro-batch: `fit.micro_within_budget` is the
+largest micro-batch whose fitted peak is <= `--budget-gib` (default: the original trainer's 33.1):
+
+    python3 bench/train_throughput.py --micro 16 --impls auto --remat block,dots,none --all \\
+      --n-micro 2 --reps 3 --peak-n 0 --fit-micro 8 --out $OUT/train_remat.json
     python3 bench/train_throughput.py --devices 1 --micro 16 --impls auto --remat false \\
       --n-micro 4 --reps 3 --peak-n 0 --scan false,true --fresh-process \\
       --out $OUT/train_scan_layers.json                               # scan on vs off
@@ -56,7 +66,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from atma_jax.config import resolve  # noqa: E402
+from atma_jax.config import REMAT_ALIASES, REMAT_POLICIES, ConfigError, resolve  # noqa: E402
 from atma_jax.sharding import use_mesh  # noqa: E402
 from atma_jax.summary import count_params  # noqa: E402
 from atma_jax.train.mesh import batch_sharding, make_mesh  # noqa: E402
@@ -70,6 +80,27 @@ REFERENCE = {"tokens_per_s": 66.3e3, "matmul_peak_flops": 718e12, "mfu": 0.247,
 # tiny preset, 5 blocks of period 2: two scanned groups and one unrolled block with scan on
 SMOKE_SETS = ["model.num_layers=5", "model.global_every=2", "model.global_offset=1",
               "model.hidden_size=64", "model.head_dim=16"]
+
+
+def remat_policies(text: str) -> list[str]:
+  """`--remat` "a,b" -> policy names (true / false -> block / none); ConfigError for a bad one."""
+  names = [REMAT_ALIASES.get(s.strip().lower(), s.strip().lower()) for s in text.split(",")
+           if s.strip()]
+  bad = [n for n in names if n not in REMAT_POLICIES]
+  if bad or not names:
+    raise ConfigError(f"--remat {text!r}: {', '.join(bad) or 'nothing given'} is not a remat "
+                      f"policy; choose from {', '.join(REMAT_POLICIES)} (true = block, "
+                      "false = none).")
+  return names
+
+
+def micro_within_budget(points: dict, budget_bytes: float) -> int | None:
+  """Largest micro-batch whose peak, linear through the two {micro: bytes} points, fits."""
+  (m1, p1), (m2, p2) = sorted(points.items())
+  slope = (p2 - p1) / (m2 - m1)
+  if slope <= 0:
+    return None
+  return int((budget_bytes - (p1 - slope * m1)) // slope)
 
 
 def variant_sets(micro_per_device, n_devices, n_micro, remat, impl, seq_len, scan=False):
@@ -232,6 +263,19 @@ def bench_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq
   return res
 
 
+def fit_micro(res, preset, micro_per_device, n_micro, extra, budget_gib):
+  """Compiles (no run) the variant `res` at `micro_per_device` too; adds to `res` the two static
+  peaks and the largest micro-batch whose linear fit stays within `budget_gib`."""
+  other = compile_only_variant(preset, micro_per_device, res["devices"], n_micro, res["remat"],
+                               res["kernel_impl"], res["seq_len"], extra,
+                               scan=res.get("scan_layers", False))
+  points = {res["micro_batch_per_device"]: res["memory_analysis"].get("static_peak_bytes"),
+            micro_per_device: other["memory_analysis"].get("static_peak_bytes")}
+  fits = None if None in points.values() else micro_within_budget(points, budget_gib * 2 ** 30)
+  res["fit"] = {"static_peak_bytes_by_micro": points, "budget_gib": budget_gib,
+                "micro_within_budget": fits, "compile_s": other["compile_s"]}
+
+
 def add_mfu(res, spec_peak, measured_peak):
   """MFU of the measured and the reference-step throughput by both peak counts."""
   fpt, n = res["flops_per_token"], res["devices"]
@@ -341,6 +385,16 @@ def print_pair(p):
         f"{num(p['static_peak_bytes_scan'], 2**20):.0f} MiB", flush=True)
 
 
+def memory_line(r) -> str:
+  """Static peak, the device's running peak and the budget fit of a variant, in GiB."""
+  gib = lambda b: "n/a" if b is None else f"{b / 2 ** 30:.2f} GiB"  # noqa: E731
+  text = (f"static peak {gib(r['memory_analysis'].get('static_peak_bytes'))}, device peak so "
+          f"far {gib(r.get('peak_bytes_in_use'))}")
+  if "fit" in r:
+    text += f"; within {r['fit']['budget_gib']} GiB up to micro {r['fit']['micro_within_budget']}"
+  return text
+
+
 def measure_peaks(n, out):
   """bf16-output (the MFU peak) and fp32-output matmul peaks of device 0, into `out`."""
   for name, dt in (("bf16_out", jnp.bfloat16), ("f32_out", jnp.float32)):
@@ -368,7 +422,9 @@ def main():
   ap.add_argument("--n-micro", type=int, default=4, help="micro-steps per timed train step")
   ap.add_argument("--devices", default="1", help="device counts to run, e.g. 1,2 (first N)")
   ap.add_argument("--impls", default="auto,xla")
-  ap.add_argument("--remat", default="false,true")
+  ap.add_argument("--remat", default="none,block",
+                  help=f"remat policies, tried in order: {', '.join(REMAT_POLICIES)} "
+                       "(true = block, false = none)")
   ap.add_argument("--scan", default="false", help="model.scan_layers values, e.g. false,true")
   ap.add_argument("--compile-only", action="store_true",
                   help="only lower + compile each variant on abstract inputs (compile-time proxy "
@@ -378,6 +434,11 @@ def main():
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--peak-n", type=int, default=8192, help="matmul size of the peak (0: skip)")
   ap.add_argument("--set", dest="extra", action="append", default=[])
+  ap.add_argument("--fit-micro", type=int, default=0,
+                  help="also compile each variant at this micro-batch per device (no run) and "
+                       "fit its static peak linearly in the micro-batch (0: off)")
+  ap.add_argument("--budget-gib", type=float, default=33.1,
+                  help="memory budget of fit.micro_within_budget (the original trainer's peak)")
   ap.add_argument("--out", default=None)
   ap.add_argument("--cache-dir", default=None, help="persistent XLA compilation cache")
   ap.add_argument("--smoke", action="store_true",
@@ -391,8 +452,9 @@ def main():
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
   if args.smoke:
     args.preset, args.seq_len, args.micro, args.n_micro = "tiny", 64, "2", 2
-    args.impls, args.remat, args.peak_n, args.reps = "auto", "false", 256, 2
+    args.impls, args.peak_n, args.reps = "auto", 256, 2
     args.extra = SMOKE_SETS + args.extra
+  policies = remat_policies(args.remat)  # a clear error before any compute
   scans = args.scan.split(",")
   if any(s not in ("false", "true") for s in scans):
     raise SystemExit(f"--scan {args.scan}: give false, true or false,true")
@@ -427,7 +489,7 @@ def main():
   save()
   done = False
   for impl in args.impls.split(","):
-    for remat in [s == "true" for s in args.remat.split(",")]:
+    for remat in policies:
       for micro in _ints(args.micro):
         if done:
           continue
@@ -455,13 +517,16 @@ def main():
                               args.reps, args.extra, scan=scan)
             r["ok"] = True
             add_mfu(r, out["spec_peak_flops"], measured)
+            if args.fit_micro:
+              fit_micro(r, args.preset, args.fit_micro, args.n_micro, args.extra,
+                        args.budget_gib)
             print(f"{tag}: {r['tokens_per_s_measured']:.0f} tok/s measured "
                   f"({r['tokens_per_s_ref_step']:.0f} at the 256x{args.seq_len} step); MFU "
                   f"{r.get('mfu_vs_measured_peak', float('nan')):.3f} vs measured peak, "
                   f"{r.get('mfu_vs_spec_table', float('nan')):.3f} vs spec table; step "
                   f"{r['step_s_median']:.3f}s opt {r['opt_update_s_median']:.3f}s compile "
                   f"{r['compile_s']:.1f}s (lower {r['lower_s']:.1f}s, first step "
-                  f"{r['first_step_s']:.2f}s)", flush=True)
+                  f"{r['first_step_s']:.2f}s); {memory_line(r)}", flush=True)
           except Exception as e:  # noqa: BLE001 - record OOM / kernel failures and go on
             all_ok = False
             r = {"ok": False, "devices": n, "micro_batch_per_device": micro, "remat": remat,

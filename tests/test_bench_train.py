@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
 
 import profile_train_step as prof  # noqa: E402
+from atma_jax.config import ConfigError  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
 TINY = tt.SMOKE_SETS
@@ -28,6 +29,18 @@ def test_variant_sets_fix_the_per_device_micro_batch():
   assert "mesh.data=-1" in sets and "model.remat=false" in sets
   with pytest.raises(ValueError, match="--devices asks for 99"):
     tt.first_devices(99)
+
+
+def test_remat_policies_and_the_budget_fit():
+  assert tt.remat_policies("true,dots, false") == ["block", "dots", "none"]
+  assert "model.remat=dots" in tt.variant_sets(16, 1, 4, "dots", "auto", 2048)
+  with pytest.raises(ConfigError, match="dotz is not a remat policy; choose from none, block"):
+    tt.remat_policies("none,dotz")
+  gib = 2 ** 30
+  # peak = 10 GiB + 1.5 GiB per sequence: 33.1 GiB holds 15 sequences, not 16
+  assert tt.micro_within_budget({16: 34 * gib, 8: 22 * gib}, 33.1 * gib) == 15
+  assert tt.micro_within_budget({16: 34 * gib, 8: 22 * gib}, 34 * gib) == 16
+  assert tt.micro_within_budget({16: 5 * gib, 8: 5 * gib}, 33.1 * gib) is None
 
 
 def test_build_shards_over_the_first_n_devices():
