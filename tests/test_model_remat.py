@@ -86,6 +86,40 @@ def test_policies_keep_what_they_name(layer):
     assert any("'mem_core'" in w for w in dots)  # not: its backward needs its internals)
 
 
+def test_kernel_policies_keep_pallas_outputs():
+  """dots and kernels keep a Pallas kernel's outputs, its forward residuals included (so the
+  backward does not rerun the kernel); block keeps nothing. A toy custom-VJP kernel, interpret
+  mode."""
+  from jax.experimental import pallas as pl
+
+  def kernel(x_ref, o_ref, r_ref):
+    o_ref[...] = jnp.sin(x_ref[...])
+    r_ref[...] = jnp.cos(x_ref[...])
+
+  def run(x):
+    return pl.pallas_call(kernel, out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),) * 2,
+                          interpret=True)(x)
+
+  @jax.custom_vjp
+  def op(x):
+    return run(x)[0]
+
+  def op_fwd(x):
+    sin_x, cos_x = run(x)
+    return sin_x, cos_x
+
+  op.defvjp(op_fwd, lambda cos_x, g: (g * cos_x,))
+
+  def f(w, x):
+    return jnp.sum(op(jnp.tanh(x @ w)) ** 2)
+
+  w, x = jnp.ones((8, 8)), jnp.ones((4, 8))
+  for policy, kept in (("dots", 2), ("kernels", 2), ("block", 0)):
+    res = [what for _, what in saved_residuals(checkpoint_block(f, policy), w, x)
+           if "from the argument" not in what]
+    assert len(res) == kept and all("pallas_call" in what for what in res), (policy, res)
+
+
 def test_checkpoint_block_is_the_function_itself_for_none():
   fn = lambda x: x  # noqa: E731
   assert checkpoint_block(fn, "none") is fn
