@@ -36,8 +36,8 @@ so that each reading is its own). `--fit-micro M` also compiles each variant at 
 (no run) and fits the static peak linearly in the micro-batch: `fit.micro_within_budget` is the
 largest micro-batch whose fitted peak is <= `--budget-gib` (default: the original trainer's 33.1):
 
-    python3 bench/train_throughput.py --micro 16 --impls auto --remat block,dots,none --all \\
-      --n-micro 2 --reps 3 --peak-n 0 --fit-micro 8 --out $OUT/train_remat.json
+    python3 bench/train_throughput.py --micro 16 --impls auto --remat dots_no_mlp_fc,dots,none \\
+      --all --n-micro 4 --reps 3 --peak-n 0 --out $OUT/train_remat.json
     python3 bench/train_throughput.py --devices 1 --micro 16 --impls auto --remat false \\
       --n-micro 4 --reps 3 --peak-n 0 --scan false,true --fresh-process \\
       --out $OUT/train_scan_layers.json                               # scan on vs off
