@@ -141,7 +141,10 @@ def test_loss_by_length_scores_each_document_after_one_eot(setup, fwd):
     assert table[str(length)]["tokens"] == 2 * length
   np.testing.assert_allclose(nll_ND, want, rtol=2e-5, atol=2e-5)
   compiled = fwd._nll._cache_size()
-  suite.loss_by_length(fwd, docs, [16, 24, 40, 64], eot, len)
+  table, _ = suite.loss_by_length(fwd, docs, [16, 24, 40, 64], eot, len)
   assert fwd._nll._cache_size() == compiled  # every length runs the padded 64-token program
+  for length in (24, 40):  # padding that starts inside a memory chunk (mem_chunk=16)
+    want = [_nll(_direct_logits(cfg, params, [eot] + d[:length - 1]), d[:length]) for d in docs]
+    np.testing.assert_allclose(table[str(length)]["nll"], np.mean(want), rtol=1e-5)
   with pytest.raises(ValueError, match="pad_to=8 is shorter"):
     fwd.token_nll(docs, pad_to=8)
