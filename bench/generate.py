@@ -188,12 +188,15 @@ def prompts_of(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[
   return rng.integers(0, min(vocab, 50257), size=(batch, length)).tolist()
 
 
-def decode_row(gen: Generator, cfg, name, batch, context, steps, reps, ceilings, pbytes, mm,
-               prefill_gen: Generator | None = None):
-  """One decode row; `prefill_gen` (default `gen`) runs the prompt's prefill (a variant that
-  changes only how decode runs shares the base's compiled prefill)."""
-  # greedy, no stop token; the rows are done only at the last step of the last block
-  sampling = SamplingParams(temperature=0.0, max_new_tokens=steps * (reps + 1) + 1)
+def timed_decode(gen: Generator, cfg, batch, context, steps, reps, spare_blocks=0,
+                 prefill_gen: Generator | None = None):
+  """Prefills `batch` random prompts of `context` tokens, decodes one block of `steps` tokens
+  (compile and warm-up), then `reps` timed blocks; greedy, no stop token, the cache sized for
+  `spare_blocks` more blocks after those. `prefill_gen` (default `gen`) runs the prefill (a
+  variant that changes only how decode runs shares the base's compiled prefill).
+  Returns (state, the last block's tokens [batch, steps], sampling, row fields)."""
+  sampling = SamplingParams(temperature=0.0,
+                            max_new_tokens=steps * (reps + 1 + spare_blocks) + 1)
   max_len = context + sampling.max_new_tokens
   t0 = time.perf_counter()
   state, first = (prefill_gen or gen).start(prompts_of(batch, context, cfg.vocab_size),
@@ -211,8 +214,23 @@ def decode_row(gen: Generator, cfg, name, batch, context, steps, reps, ceilings,
     state, out = gen.decode_block(state, sampling, steps)
     out.block_until_ready()
     times.append(time.perf_counter() - t0)
-  toks = np.asarray(out)
   med = statistics.median(times)
+  return state, out, sampling, {
+      "batch": batch, "context": context, "steps_per_block": steps,
+      "cache_capacity_tokens": max_len, "prefill_incl_compile_s": prefill_s,
+      "cache_bytes": cache_bytes, "first_block_incl_compile_s": compile_s,
+      "block_seconds": times, "median_block_s": med, "tok_per_s": batch * steps / med,
+      "device_peak_bytes": device_peak()}
+
+
+def decode_row(gen: Generator, cfg, name, batch, context, steps, reps, ceilings, pbytes, mm,
+               prefill_gen: Generator | None = None):
+  """One decode row (`timed_decode`) with its memory and compute bounds."""
+  # the rows are done only at the last step of the last block
+  _, out, _, timed = timed_decode(gen, cfg, batch, context, steps, reps,
+                                  prefill_gen=prefill_gen)
+  times, med = timed["block_seconds"], timed["median_block_s"]
+  toks = np.asarray(out)
   at_context = jax.eval_shape(lambda: gen.steps.init_cache(gen.cfg, 1, context))
   per_seq = state_bytes_per_seq(cfg, context + steps * reps // 2)
   step_bytes = pbytes + batch * sum(per_seq.values())
@@ -222,15 +240,11 @@ def decode_row(gen: Generator, cfg, name, batch, context, steps, reps, ceilings,
                    * cfg.head_dim)  # matmuls + QK^T and PV over the context
   flop_s = flops / ceilings["matmul_flops_per_s"]
   return {
-      "name": name, "batch": batch, "context": context, "steps_per_block": steps,
-      "block_seconds": times, "median_block_s": med,
-      "tok_per_s": batch * steps / med, "tok_per_s_each_rep": [batch * steps / t for t in times],
+      "name": name, **timed,
+      "tok_per_s_each_rep": [batch * steps / t for t in times],
       "ms_per_step": 1e3 * med / steps,
-      "first_block_incl_compile_s": compile_s, "prefill_incl_compile_s": prefill_s,
-      "cache_capacity_tokens": max_len, "cache_bytes": cache_bytes,
-      "cache_bytes_per_sequence": cache_bytes // batch,
+      "cache_bytes_per_sequence": timed["cache_bytes"] // batch,
       "state_bytes_per_sequence_at_context": tree_bytes(at_context),
-      "device_peak_bytes": device_peak(),
       "all_tokens_in_vocab": bool(((toks >= 0) & (toks < cfg.vocab_size)).all()),
       "bound": {
           "bytes_per_step": step_bytes, "param_bytes": pbytes, "per_sequence_bytes": per_seq,

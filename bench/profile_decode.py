@@ -142,39 +142,17 @@ def step_profile(summary: dict, steps: int, wall_s_per_step: float,
 
 def profile_row(gen, cfg, name, batch, context, steps, reps, trace_dir, hlo_map: bool,
                 save_to: str | None) -> dict:
-  import statistics
   import jax
   import numpy as np
-  from atma_jax.generate import SamplingParams
   from atma_jax.generate.loop import _static
   bg = bench_generate()
 
-  blocks = reps + 2 + (1 if trace_dir else 0)  # warm-up, timed, traced, and one spare
-  sampling = SamplingParams(temperature=0.0, max_new_tokens=steps * blocks + 1)
-  max_len = context + sampling.max_new_tokens
-  row = {"name": name, "batch": batch, "context": context, "steps_per_block": steps,
-         "cache_capacity_tokens": max_len}
-  t0 = time.perf_counter()
-  state, first = gen.start(bg.prompts_of(batch, context, cfg.vocab_size), sampling,
-                           max_len=max_len)
-  first.block_until_ready()
-  row["prefill_incl_compile_s"] = time.perf_counter() - t0
-  row["cache_bytes"] = bg.tree_bytes(state.cache)
-  t0 = time.perf_counter()
-  state, out = gen.decode_block(state, sampling, steps)
-  out.block_until_ready()
-  row["first_block_incl_compile_s"] = time.perf_counter() - t0
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    state, out = gen.decode_block(state, sampling, steps)
-    out.block_until_ready()
-    times.append(time.perf_counter() - t0)
-  med = statistics.median(times)
-  row.update({"block_seconds": times, "median_block_s": med,
-              "wall_us_per_step": 1e6 * med / steps,
-              "wall_us_per_step_each_rep": [1e6 * t / steps for t in times],
-              "tok_per_s": batch * steps / med, "device_peak_bytes": bg.device_peak()})
+  # generate.py's decode timing; the cache holds a spare block and the traced one after it
+  state, _, sampling, timed = bg.timed_decode(gen, cfg, batch, context, steps, reps,
+                                              spare_blocks=1 + (1 if trace_dir else 0))
+  med = timed["median_block_s"]
+  row = {"name": name, **timed, "wall_us_per_step": 1e6 * med / steps,
+         "wall_us_per_step_each_rep": [1e6 * t / steps for t in timed["block_seconds"]]}
   if not trace_dir:
     return row
   hlo = {}
