@@ -1,6 +1,6 @@
 """Benchmark: one decode token's attention over a KV cache, the forms `kv_cache` can take.
 
-  python3 bench/decode_attention.py --out $OUT/decode_attention.json          (GPU, ~2 min)
+  python3 bench/decode_attention.py --out $OUT/decode_attention.json          (GPU, est. ~2 min)
   python3 bench/decode_attention.py --smoke --out /tmp/decode_attention.json  (CPU check)
   --parts gated_delta (or attention): only those rows
 
@@ -11,16 +11,18 @@ Rows (bf16, 8 query / 2 KV heads, head dim 128, one query row per sequence):
   xla_offset    the same op on the XLA streaming backend.
 plus the gated-delta decode step on the memory state [B, 8, 128, 128] fp32 (q/k/v in the
 activation dtype, gates fp32), the state carried through the loop as decode carries it:
-  gd_xla        `gated_delta_step(impl="xla")`, the oracle's step (what decode ran before);
+  gd_xla        `gated_delta_step(impl="xla")`, the oracle's step (what decode runs by default);
   gd_two_pass   a two-pass XLA form (state read twice, written once);
   gd_fused_bvN_wW the fused in-place kernel `gpu_step` (state read once, written once), V block
                 N, W warps (GPU only; `gd_fused` = the op's `impl="pallas"`, automatic block);
 each with its max abs difference to the oracle on random inputs and state in the same run (the
-kernel in interpret mode under `--smoke`), and the state bytes moved per call (read + write).
-Each timing is the median over `--reps` runs of one jit holding `--inner` calls in a fori_loop
-(device time per call, no Python dispatch), divided by `--inner`. The numbers decide whether decode should route uniform
-positions to the kernel ("measure before fusing", issue 11); the cache bytes read per call are
-printed beside them (their ratio to the time is the achieved bandwidth).
+kernel in interpret mode under `--smoke`), and the state bytes moved per call (read + write);
+the step does not depend on the cached length, so its rows sit on the first shape of each batch
+size. Each timing is the median over `--reps` runs of one jit holding `--inner` calls in a
+fori_loop (device time per call, no Python dispatch), divided by `--inner`. The numbers decide
+whether decode should route uniform positions to the kernel ("measure before fusing", issue 11);
+the cache bytes read per call are printed beside them (their ratio to the time is the achieved
+bandwidth).
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
       got = fns[form](q, k, v, scale, 0)
       row[f"{form}_max_abs_diff"] = float(jnp.max(jnp.abs(got - want)))
       row[f"{form}_us"] = 1e6 * _timed(fns[form], (q, k, v, scale), args.inner, args.reps)
-    if "gated_delta" in parts:
+    if "gated_delta" in parts and all(r["batch"] != B for r in rows):
       row.update(gated_delta_row(B, args.smoke, dtype, args.inner, args.reps))
     rows.append(row)
     print(json.dumps(row), flush=True)
