@@ -1,8 +1,8 @@
 """Benchmark: one batch-1 decode step's projections, as `layers.linear` runs them with a single
-row left as is (MIN_GEMM_ROWS=1: XLA's GPU simplifier turns each into multiply + reduce) and
-padded to two rows (MIN_GEMM_ROWS=2, the default: the dot stays a GEMM).
+row left as is (MIN_GEMM_ROWS=1, the default: XLA's GPU simplifier turns each into multiply +
+reduce) and padded to two rows (MIN_GEMM_ROWS=2: the dot should stay a GEMM).
 
-  python3 bench/gemv_rows.py --out $OUT/gemv_rows.json         (GPU, ~1 min)
+  python3 bench/gemv_rows.py --out $OUT/gemv_rows.json         (GPU, est. ~1 min)
   python3 bench/gemv_rows.py --smoke --out /tmp/gemv_rows.json  (CPU check)
 
 The weights are every Linear kernel of the model (atma_378m in bf16; `tiny` with --smoke),
@@ -102,11 +102,11 @@ def main(argv=None) -> int:
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 1, max(s[0] for s in shapes)), jnp.float32)
   x = x.astype(dtype)
   weight_bytes = sum(w.size * w.dtype.itemsize for w in weights)
-  forms = {}
+  forms, default_rows = {}, layers.MIN_GEMM_ROWS
   for name, rows in (("reduce_1row", 1), ("gemm_padded_2rows", 2)):
     forms[name] = time_form(rows, weights, biases, x, inner, reps)
     forms[name]["weight_GB_per_s"] = weight_bytes / forms[name]["us_per_pass"] / 1e3
-  layers.MIN_GEMM_ROWS = 2
+  layers.MIN_GEMM_ROWS = default_rows
   diff = float(jnp.max(jnp.abs(forms["reduce_1row"].pop("probe").astype(jnp.float32)
                                - forms["gemm_padded_2rows"].pop("probe").astype(jnp.float32))))
   report = {"benchmark": "gemv_rows", "smoke": args.smoke, "preset": preset,
