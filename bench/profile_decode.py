@@ -1,7 +1,9 @@
 """Where one decode step's device time goes: the 378M model's on-device decode block, profiled.
 
-  python3 bench/profile_decode.py --out $OUT/profile_decode.json          # one GPU, ~4 min
-  JAX_PLATFORMS=cpu python3 bench/profile_decode.py --smoke --out /tmp/pd.json   # CPU, seconds
+  python3 bench/profile_decode.py --rows decode_b1_2k --out $OUT/profile_decode_b1_2k.json
+      # one GPU, one row per call: 108 s (default) and 117 s (off) per variant process on the
+      # H200 at b1/2K (bench/results/profile_decode_b1_2k_h200.json)
+  JAX_PLATFORMS=cpu python3 bench/profile_decode.py --smoke --out /tmp/pd.json   # CPU, minutes
 
 The model, cache and decode loop are `bench/generate.py`'s (imported, not copied): atma_378m,
 bf16, random weights, no window, random prompt ids; `Generator.start` prefills to the context,
@@ -22,10 +24,11 @@ XLA command buffers (CUDA graphs) change the launch overhead, and XLA_FLAGS is r
 the backend starts, so each flag variant runs in its own subprocess of this script
 (`--flags-variant NAME`, internal) whose JSON the parent gathers:
 
-  default  XLA_FLAGS without any command-buffer flag (jax's own defaults)
-  off      --xla_gpu_enable_command_buffer=            (no CUDA graphs: kernels name their HLO op)
-  while    FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL, graph min size 1
-           (the whole while loop can become one graph)
+  default      XLA_FLAGS without any command-buffer flag (jax's own defaults)
+  off          --xla_gpu_enable_command_buffer=        (no CUDA graphs: kernels name their HLO op)
+  while        FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL, graph min size 1
+               (the whole while loop can become one graph)
+  gemm_padded  jax's defaults, single-row matmuls padded to two rows (layers.MIN_GEMM_ROWS = 2)
 
 Every variant times every row; `--profile-in` says which also capture a trace (all by default:
 the HLO map and the trace add seconds, the compiles dominate). A
