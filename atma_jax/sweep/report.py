@@ -25,8 +25,8 @@ import numpy as np
 
 from atma_jax.eval import scoring
 from atma_jax.eval.plots import fmt_len, length_axis
+from atma_jax.sweep.runner import REPO_ROOT
 
-REPO_ROOT = str(Path(__file__).resolve().parents[2])
 FILES = ("report.json", "report.md", "retrieval.png", "loss.png", "training.png", "commands.txt")
 LOSS_TOLERANCE = 0.005  # nats: "non-increasing with length" allows this much rise per step
 NEEDLE_TARGET = 0.90  # the reference's promoted cell: 92.5% per digit at 32x
@@ -327,7 +327,8 @@ def plots(report: dict, out_dir: Path) -> None:
 
 def _repo_relative(arg: str) -> str:
   """`<checkout>/train.py` -> `train.py`: the command as typed from the repository root."""
-  return os.path.relpath(arg, REPO_ROOT) if arg.startswith(f"{REPO_ROOT}{os.sep}") else arg
+  root = f"{REPO_ROOT}{os.sep}"
+  return os.path.relpath(arg, REPO_ROOT) if arg.startswith(root) else arg
 
 
 def commands_text(report: dict) -> str:
