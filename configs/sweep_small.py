@@ -28,16 +28,16 @@ began stepping ~115-145 s after the start and the Polar cell ~66 s (start-up and
 evaluations 165-181 s with 12 compiles each, now 7 since the loss ladder runs one padded
 program):
   - D=256 (34.4M) instead of 512 (86.0M): 142 vs 387 MFLOP per token (head included), so about
-    2x the tokens per second per cell (plan: 0.34 s per step of 32K tokens with 6 cells at
-    once; 0.5 s is the slow case);
+    2x the tokens per second per cell, expected, not measured (plan: 0.34 s per step of 32K
+    tokens with 6 cells at once; 0.5 s is the slow case);
   - 448 steps of 64 x 512 = 32,768 tokens (14.7M tokens per cell, 1.4 epochs of the 10.2M-token
     english train split); eval_every = steps: validation at the start and at the end only;
-  - time line of a memory cell: ~130 s start and compiles, 448 x 0.34 s = 152 s (slow case
-    224 s), ~5 s final validation + checkpoint, ~110 s evaluation, ~5 s report: ~400 s (slow
-    case ~475 s); `--deadline 370` only stops trainings slower than the slow case, and leaves
-    the evaluations time to finish inside the call. Without the needle cell (`--cells
-    polar+mem,polar,nope+mem,rope+mem,polar+mem+live --parallel 5`) the same time holds
-    `--set train.steps=512 --set train.eval_every=512` (16.8M tokens per cell).
+  - time line of a memory cell, estimated: ~130 s start and compiles, 448 x 0.34 s = 152 s
+    (slow case 224 s), ~5 s final validation + checkpoint, ~110 s evaluation, ~5 s report:
+    ~400 s (slow case ~475 s); `--deadline 370` only stops trainings slower than the slow
+    case, and leaves the evaluations time to finish inside the call. Without the needle cell
+    (`--cells polar+mem,polar,nope+mem,rope+mem,polar+mem+live --parallel 5`) the same time
+    holds `--set train.steps=512 --set train.eval_every=512` (16.8M tokens per cell).
 
   mkdir -p $OUT/sweep_small && python3 -m pip install -q --no-index --no-deps --no-compile \\
     --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 540 \\
