@@ -38,8 +38,8 @@ The original runs first, before JAX initializes (and preallocates) the GPU.
 Bounds: each decode row records the bytes it must move per step (parameters once, plus per
 sequence: the K/V read up to the context, the fp32 gated-delta state read and written) against
 the device copy bandwidth measured here, and the FLOPs (2 x matmul parameters per token, plus
-the attention over the context) against the bf16 matmul rate measured here; the prefill row its FLOPs (matmuls + causal
-attention) against that rate. JSON is rewritten after every row.
+the attention over the context) against the bf16 matmul rate measured here; the prefill row
+its FLOPs (matmuls + causal attention) against that rate. JSON is rewritten after every row.
 """
 
 from __future__ import annotations

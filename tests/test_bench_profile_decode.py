@@ -19,7 +19,8 @@ def test_rows_are_generate_py_decode_rows():
 
 
 def test_variant_flags_replace_only_command_buffer_flags():
-  base = "--xla_gpu_enable_command_buffer=FUSION --xla_dump_to=/tmp/d --xla_gpu_graph_min_graph_size=5"
+  base = ("--xla_gpu_enable_command_buffer=FUSION --xla_dump_to=/tmp/d "
+          "--xla_gpu_graph_min_graph_size=5")
   assert pd.child_xla_flags(base, []) == "--xla_dump_to=/tmp/d"
   assert pd.child_xla_flags(base, pd.VARIANTS["off"]) == (
       "--xla_dump_to=/tmp/d --xla_gpu_enable_command_buffer=")

@@ -80,9 +80,9 @@ def test_eval_retrieval_gen_end_to_end(tiny_run_dir, tmp_path, capsys):
   from atma_jax.eval import cli
 
   out = tmp_path / "eval"
-  assert cli.main(["--checkpoint", str(tiny_run_dir), "--lengths", "64", "--depths", "0.5", "--trials",
-                   "2", "--docs", "2", "--tasks", "retrieval", "--generate", "--out", str(out),
-                   "--no-progress", "--tokens-per-call", "256"]) == 0
+  assert cli.main(["--checkpoint", str(tiny_run_dir), "--lengths", "64", "--depths", "0.5",
+                   "--trials", "2", "--docs", "2", "--tasks", "retrieval", "--generate",
+                   "--out", str(out), "--no-progress", "--tokens-per-call", "256"]) == 0
   report = json.loads((out / "report.json").read_text())
   for name in ("passkey_synthetic", "passkey_code", "niah_synthetic", "niah_code"):
     gen_cell = report["retrieval_generated"][name]["64"]["0.5"]
