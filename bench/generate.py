@@ -63,6 +63,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from atma_jax.config import resolve  # noqa: E402
+from atma_jax.eval.forward import eval_graphdef  # noqa: E402
 from atma_jax.eval.testing import noisy  # noqa: E402
 from atma_jax.generate import Generator, SamplingParams  # noqa: E402
 from atma_jax.model import Atma  # noqa: E402
@@ -112,12 +113,6 @@ def check_variant(name: str, base, cfg) -> None:
                      "base config's prefill)")
 
 
-def variant_graphdef(cfg):
-  """The graphdef of a config that differs from the built one only in how it runs (kernel
-  backends, routing): the same parameter tree, so the built parameters serve it."""
-  return nnx.split(nnx.eval_shape(lambda: Atma(cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
-
-
 def build(smoke: bool, impl: str | None):
   cfg = model_config(smoke, impl)
 
@@ -127,7 +122,7 @@ def build(smoke: bool, impl: str | None):
     return noisy(params, jax.random.PRNGKey(1), 0.1)
 
   params = make()
-  return cfg, variant_graphdef(cfg), params
+  return cfg, eval_graphdef(cfg), params
 
 
 def tree_bytes(tree) -> int:
@@ -460,7 +455,8 @@ def main(argv=None) -> int:
         v_cfg, v_graphdef = cfg, graphdef
         if variant is not None:
           v_cfg = model_config(args.smoke, args.impl, dict(variants)[variant])
-          v_graphdef = variant_graphdef(v_cfg)
+          # only how it runs differs: the same parameter tree, the built params serve it
+          v_graphdef = eval_graphdef(v_cfg)
         gens[chunk, variant] = Generator(v_cfg, v_graphdef, params, prefill_chunk=chunk)
       return gens[chunk, variant]
 
