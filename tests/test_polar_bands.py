@@ -66,6 +66,20 @@ def test_key_bands_without_a_key_bound():  # Mosaic: Tq == Tk padded alike
       _check_band(band, 12, lambda b: _visible_np(rows, b * bk + np.arange(bk), None, w))
 
 
+def test_unmasked_steps_of_a_warpgroup_in_its_tile():  # Mosaic: 2 warpgroups share a band
+  for bq, bk, w in itertools.product((4, 8), (4, 8, 16), WINDOWS):
+    for t0 in range(0, 40, 2 * bq):
+      lo, hi = bands.key_range(t0, t0 + 2 * bq - 1, bk=bk, tk=None, window=w)
+      for r0 in (t0, t0 + bq):
+        rows = r0 + np.arange(bq)
+        s_lo, s_hi = bands.unmasked_steps(
+            bands.key_band(r0, r0 + bq - 1, bk=bk, tk=None, window=w), lo, hi)
+        assert 0 <= s_lo <= s_hi <= hi - lo
+        for s in range(hi - lo):
+          vis = _visible_np(rows, (lo + s) * bk + np.arange(bk), None, w)
+          assert vis.all() == (s_lo <= s < s_hi), (bq, bk, w, r0, s)
+
+
 def test_query_bands_of_key_blocks():
   for bq, bk, tk, off, w in itertools.product((4, 8), (4, 8), (5, 23, 40), OFFSETS, WINDOWS):
     nq = 5

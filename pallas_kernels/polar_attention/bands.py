@@ -111,6 +111,15 @@ def query_band(k0, k1, *, bq, nq, q_offset, tk_block_ok, window):
   return lo, full_lo, full_hi, hi
 
 
+def unmasked_steps(band, lo, hi):
+  """The unmasked blocks of `band` (e.g. one warpgroup's rows) as steps of a loop over the blocks
+  [lo, hi) of an enclosing band (the whole tile's rows), counted from lo -> (s_lo, s_hi): the
+  loop runs steps [0, s_lo) masked, [s_lo, s_hi) unmasked and [s_hi, hi - lo) masked."""
+  _, full_lo, full_hi, _ = band
+  full_lo = clip(full_lo, lo, hi)
+  return full_lo - lo, clip(full_hi, full_lo, hi) - lo
+
+
 def keys_of_query_block(i, *, bq, bk, tk, q_offset, window):
   """`key_band` of query block i (rows q_offset + i*bq ... + bq - 1)."""
   p0 = q_offset + i * bq

@@ -218,9 +218,8 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
 
     # Blocks fully visible to this warpgroup's bq rows run unmasked; the rest of the tile's
     # band is masked. Steps count from kv_lo.
-    _, u_lo, u_hi, _ = bands.key_band(r0, r0 + bq - 1, bk=bk, tk=None, window=window)
-    u_lo = jnp.clip(u_lo, kv_lo, kv_hi) - kv_lo
-    u_hi = jnp.clip(u_hi, u_lo + kv_lo, kv_hi) - kv_lo
+    u_lo, u_hi = bands.unmasked_steps(
+        bands.key_band(r0, r0 + bq - 1, bk=bk, tk=None, window=window), kv_lo, kv_hi)
     wgmma_row = plgpu.Layout.WGMMA.reduce(1)
     carry = (plgpu.layout_cast(jnp.full((bq,), NEG, jnp.float32), wgmma_row),
              plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), wgmma_row),

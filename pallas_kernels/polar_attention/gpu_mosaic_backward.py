@@ -188,9 +188,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
       plgpu.barrier_arrive(used.at[slot])
       return acc_qd
 
-    _, u_lo, u_hi, _ = bands.key_band(r0, r0 + bq - 1, bk=bk, tk=None, window=window)
-    u_lo = jnp.clip(u_lo, kv_lo, kv_hi) - kv_lo
-    u_hi = jnp.clip(u_hi, u_lo + kv_lo, kv_hi) - kv_lo
+    u_lo, u_hi = bands.unmasked_steps(
+        bands.key_band(r0, r0 + bq - 1, bk=bk, tk=None, window=window), kv_lo, kv_hi)
     acc0 = plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), wgmma_layout)
     acc_qd = _three_phases(step, u_lo, u_hi, n_steps, acc0)
     q_qd = plgpu.load(q_smem, layout=wgmma_layout).astype(jnp.float32)
@@ -270,10 +269,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dk_ref, dv_ref, scoped, *
       plgpu.barrier_arrive(used.at[slot])
       return dk_kd, dv_kd
 
-    _, u_lo, u_hi, _ = bands.query_band(c0, c0 + bk - 1, bq=bq, nq=nq, q_offset=0,
-                                        tk_block_ok=True, window=window)
-    u_lo = jnp.clip(u_lo, q_lo, q_hi) - q_lo
-    u_hi = jnp.clip(u_hi, u_lo + q_lo, q_hi) - q_lo
+    u_lo, u_hi = bands.unmasked_steps(
+        bands.query_band(c0, c0 + bk - 1, bq=bq, nq=nq, q_offset=0, tk_block_ok=True,
+                         window=window), q_lo, q_hi)
     zeros = plgpu.layout_cast(jnp.zeros((bk, D), jnp.float32), wgmma_layout)
 
     def head(r, carry):
