@@ -12,6 +12,7 @@ interpret-mode tests are in test_polar_mosaic_bwd.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -34,6 +35,10 @@ def _backend(config):  # one config bound to both: its `backward` picks the bwd 
           functools.partial(gpu_mosaic.attention_stats_bwd, config=config))
 
 
+def _with_triton_bwd(config):  # the Mosaic backward is the default; these tests pair Triton's
+  return _backend(dataclasses.replace(config, backward="triton"))
+
+
 @pytest.mark.parametrize("case,config", [
     (Case(Tq=128, H=4, G=2, D=64), gpu_mosaic.MosaicConfig(block_k=64, stages=3)),  # > blocks
     (Case(Tq=200, H=4, G=1, D=64), gpu_mosaic.MosaicConfig(block_k=64)),
@@ -41,7 +46,7 @@ def _backend(config):  # one config bound to both: its `backward` picks the bwd 
     (Case(Tq=150, H=2, G=1, D=128, window=100), gpu_mosaic.MosaicConfig(block_k=128)),
 ], ids=lambda x: str(x) if isinstance(x, Case) else f"bk{x.block_k}s{x.stages}")
 def test_bf16_matches_oracle(case, config):
-  check_backend(*_backend(config), case, jnp.bfloat16, **BF16_TOL)
+  check_backend(*_with_triton_bwd(config), case, jnp.bfloat16, **BF16_TOL)
 
 
 def test_no_races_in_barrier_protocol():
@@ -108,7 +113,7 @@ def test_lowers_for_h100(shape, window, config):
     Case(Tq=200, H=4, G=1, D=64),
 ], ids=str)
 def test_compiled_on_gpu_bf16(case, config):
-  check_backend(*_backend(config), case, jnp.bfloat16, **BF16_TOL)
+  check_backend(*_with_triton_bwd(config), case, jnp.bfloat16, **BF16_TOL)
 
 
 @pytest.mark.gpu
