@@ -9,9 +9,9 @@ Backends are modules with `attention_stats_fwd`, `attention_stats_bwd` and `unsu
 (`xla_streaming`; Pallas `gpu_mosaic` on Hopper, `gpu_triton` on GPU and `tpu` on TPU), chosen
 by `pallas_kernels.dispatch` from the `BACKENDS` table (`impl` = "auto" | "pallas" | "xla",
 decided at trace time). On a Hopper GPU both Pallas choices take the Mosaic-GPU forward
-`gpu_mosaic` (paired with the Triton backward) for the calls it supports (training / prefill:
-q_offset 0, bf16/f16, D 64 or 128) and `gpu_triton` for the rest (decode, f32, other head dims,
-other GPUs).
+`gpu_mosaic` (with its Mosaic-GPU backward, same scope) for the calls it supports (training /
+prefill: q_offset 0, bf16/f16, D 64 or 128) and `gpu_triton` for the rest (decode, f32, other head
+dims, other GPUs).
 
 Mesh-free: every function here works on the arrays it is given. A caller that shards wraps
 `attention_stats` in `jax.shard_map` over batch and heads and hands that wrapper to `polar_stats` / `polar_core` / `softmax_attention` as
@@ -38,9 +38,10 @@ IMPLS = dispatch.IMPLS
 
 _P = "pallas_kernels.polar_attention."
 # platform -> Pallas candidates, preferred first (dispatch takes the first that this hardware has
-# and that takes the call). Hopper: the Mosaic-GPU forward (+ the Triton backward); measured on
-# an H100 (bench/results/polar_mosaic_h100.json): forward 0.62 vs 0.69 ms at (16, 2K), 1.36 vs
-# 1.66 at (4, 8K), 16.8 vs 19.9 at (1, 64K); fwd+bwd 5.78 vs 6.37 at (4, 8K).
+# and that takes the call). Hopper: the Mosaic-GPU forward and backward (gpu_mosaic docstring);
+# forward measured on an H100 (bench/results/polar_mosaic_h100.json): 0.62 vs 0.69 ms (Triton) at
+# (16, 2K), 1.36 vs 1.66 at (4, 8K), 16.8 vs 19.9 at (1, 64K); fwd+bwd on an H200
+# (bench/results/polar_mosaic_bwd_h200.json): 4.65 ms vs 5.95 with the Triton backward at (4, 8K).
 BACKENDS = dispatch.Backends(
     op="Polar attention", xla=_P + "xla_streaming",
     pallas={"gpu": (dispatch.Candidate(_P + "gpu_mosaic", needs="hopper"),

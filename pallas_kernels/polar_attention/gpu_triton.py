@@ -16,7 +16,7 @@ Pallas-Triton vs cuDNN (plain softmax, no p2 / per-row scale):
   (4, 8K)   1.66 vs 1.23   6.37 vs 4.25
   (1, 32K)  5.30 vs 3.76   22.4 vs 14.8
   (1, 64K)  19.9 vs 15.0   -
-On Hopper the api pairs this backward with the faster Mosaic-GPU forward (`gpu_mosaic`).
+On Hopper the api takes `gpu_mosaic` (Mosaic-GPU forward and backward) for the calls it supports.
 The launch defaults (blocks, warps, stages) come from a sweep on an H200
 (bench/results/polar_attention_h200_run2_sweep.json).
 
