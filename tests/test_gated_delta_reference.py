@@ -147,6 +147,20 @@ def test_sharded_replicates_indivisible_batch_and_heads():
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
+def test_sharded_step_equals_unsharded_and_checks_global_shapes():
+  """ops.gated_delta_step under the 8-device mesh (B=4, H=2 split) == the unsharded step; a bad
+  shape is the op's own error, raised before the shard_map."""
+  q, k, v, lg, beta, s0 = random_inputs(Case(T=1, B=4, H=2, K=16, V=16), jnp.float32, seed=9)
+  args = (q[:, 0], k[:, 0], v[:, 0], lg[:, 0], beta[:, 0], s0)
+  want = ops.gated_delta_step(*args, impl="xla")
+  with sharding.use_mesh(_mesh8()):
+    got = jax.jit(functools.partial(ops.gated_delta_step, impl="xla"))(*args)
+    with pytest.raises(ValueError, match="gated_delta_step expects"):
+      ops.gated_delta_step(*args[:3], args[3][:, 0], *args[4:], impl="xla")  # log_gamma [B]
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+
+
 @pytest.fixture
 def fake_pallas(monkeypatch):
   """Routes impl='pallas' on CPU to a module with the backend contract (xla_chunked, or a copy

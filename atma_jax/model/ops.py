@@ -154,8 +154,9 @@ def gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV, *,
   run = functools.partial(gd.gated_delta_step, impl=impl)
   args = (q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV)
   mesh = sharding.current_mesh()
-  if mesh is None or q_BHK.ndim != 3:  # (a wrong rank: the op's own error, unsharded)
+  if mesh is None:
     return run(*args)
+  gd.check_gated_delta_step_shapes(*args)  # errors in global shapes, before shard_map
   batch, heads = _batch_head_axes(mesh, q_BHK.shape[0], (q_BHK.shape[1],))
   x_spec, g_spec, s_spec = P(batch, heads, None), P(batch, heads), P(batch, heads, None, None)
   return _shard_map(run, mesh, (x_spec,) * 3 + (g_spec,) * 2 + (s_spec,),

@@ -134,15 +134,8 @@ def gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV, *,
   """One decode token (the oracle's step math): `(o_BHV, new_state_BHKV)`, fp32 (fp64 when an
   input is). `impl` picks the backend from `STEP_BACKENDS` (the fused in-place kernel on GPU);
   under autodiff the oracle runs whatever `impl` says (see the module docstring)."""
-  B, H, K = q_BHK.shape if q_BHK.ndim == 3 else (None,) * 3
-  if (q_BHK.ndim != 3 or k_BHK.shape != q_BHK.shape or v_BHV.ndim != 3
-      or v_BHV.shape[:2] != (B, H) or log_gamma_BH.shape != (B, H) or beta_BH.shape != (B, H)
-      or state_BHKV.shape != (B, H, K, v_BHV.shape[-1])):
-    raise ValueError(
-        "gated_delta_step expects q, k [B, H, K], v [B, H, V], log_gamma, beta [B, H] and state "
-        f"[B, H, K, V]; got q {q_BHK.shape}, k {k_BHK.shape}, v {v_BHV.shape}, log_gamma "
-        f"{log_gamma_BH.shape}, beta {beta_BH.shape}, state {state_BHKV.shape}")
   args = (q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV)
+  reference.check_gated_delta_step_shapes(*args)
   mod = dispatch.select(STEP_BACKENDS, impl, args)
   if mod.__name__ == STEP_BACKENDS.xla:
     return mod.gated_delta_step(*args)

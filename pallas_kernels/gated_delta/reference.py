@@ -19,7 +19,7 @@ Dimension glossary
   K   key / query dim                V   value dim
 
 Shared helpers used by `xla_chunked.py` and `api.py` (one copy): `state_dtype`,
-`check_gated_delta_shapes`. `gated_delta_step` is also the XLA backend (and CPU path) of the
+`check_gated_delta_shapes`, `check_gated_delta_step_shapes`. `gated_delta_step` is also the XLA backend (and CPU path) of the
 step op (`api.STEP_BACKENDS`); `unsupported_reason` is that contract's.
 """
 
@@ -65,6 +65,19 @@ def check_gated_delta_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_BTH, beta_BTH,
   if initial_state_BHKV is not None and initial_state_BHKV.shape != (B, H, K, V):
     raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)} (the [K, V] layout; "
                      f"transpose a torch (V, K) state); got {initial_state_BHKV.shape}")
+
+
+def check_gated_delta_step_shapes(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV):
+  """Raises ValueError (naming every shape) unless q, k [B, H, K], v [B, H, V], log_gamma,
+  beta [B, H] and state [B, H, K, V] (one decode token)."""
+  B, H, K = q_BHK.shape if q_BHK.ndim == 3 else (None,) * 3
+  if (q_BHK.ndim != 3 or k_BHK.shape != q_BHK.shape or v_BHV.ndim != 3
+      or v_BHV.shape[:2] != (B, H) or log_gamma_BH.shape != (B, H) or beta_BH.shape != (B, H)
+      or state_BHKV.shape != (B, H, K, v_BHV.shape[-1])):
+    raise ValueError(
+        "gated_delta_step expects q, k [B, H, K], v [B, H, V], log_gamma, beta [B, H] and state "
+        f"[B, H, K, V]; got q {q_BHK.shape}, k {k_BHK.shape}, v {v_BHV.shape}, log_gamma "
+        f"{log_gamma_BH.shape}, beta {beta_BH.shape}, state {state_BHKV.shape}")
 
 
 def unsupported_reason(*args, **static) -> None:
