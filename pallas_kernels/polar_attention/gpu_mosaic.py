@@ -53,12 +53,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.polar_attention import bands, reference
 from pallas_kernels.polar_attention import gpu_backward, gpu_mosaic_backward
 from pallas_kernels.polar_attention.gpu_mosaic_backward import BwdConfig
+from pallas_kernels.polar_attention.gpu_mosaic_common import (
+    COMPUTE_WGS, interpret_params, launch, operand, ring_producer, three_phases, tiled_smem,
+    wgmmas)
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
 
 __all__ = ["BACKWARDS", "BwdConfig", "MosaicConfig", "DEFAULT_CONFIG", "attention_stats_bwd",
            "attention_stats_fwd", "unsupported_reason"]
 
-_COMPUTE_WGS = 2
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 BACKWARDS = ("triton", "mosaic")  # what attention_stats_bwd runs (MosaicConfig.backward)
 
@@ -156,7 +158,7 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
   kv_lo, kv_hi = bands.key_range(t0, t0 + 2 * bq - 1, bk=bk, tk=None, window=window)
   n_steps = kv_hi - kv_lo
 
-  @pl.when(wg < _COMPUTE_WGS)
+  @pl.when(wg < COMPUTE_WGS)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
     q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
@@ -172,12 +174,7 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
       m_q, l_q, q2_q, acc_qd = carry
       slot = lax.rem(i, stages)
       plgpu.barrier_wait(k_bars.at[slot])
-
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-        return acc_ref[...]
-
-      s_qk = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+      s_qk, = wgmmas((None, q_smem, k_smem.at[slot].T, (bq, bk)), fresh=True)
       plgpu.barrier_arrive(k_used.at[slot])
       s_qk = s_qk * lax.broadcast_in_dim(scale2_q, (bq, bk), [0])
       if masked:
@@ -196,23 +193,10 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
       acc_qd = acc_qd * lax.broadcast_in_dim(alpha, (bq, D), [0])
       p16 = p_qk.astype(q_ref.dtype)
       plgpu.barrier_wait(v_bars.at[slot])
-      if p_via_smem:
-        p_smem = p_smem2.at[wg]
-        p_smem[...] = p16
-        plgpu.commit_smem()
-        p_operand = p_smem
-      else:
-        p_operand = p16
-
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
-        if p_via_smem:
-          return acc_ref[...]
-
-      if p_via_smem:  # interpret mode models no run_state: P V into a fresh accumulator
-        acc_qd = acc_qd + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
-      else:  # accumulate in place (wgmma on the running accumulator)
-        acc_qd = pl.run_state(pv)(plgpu.ACC.init(acc_qd))
+      p_operand = operand(p16, p_smem2.at[wg] if p_via_smem else None, p_via_smem)
+      # in place on the running accumulator; P V into a fresh one with P in SMEM (interpret
+      # mode models no run_state)
+      acc_qd, = wgmmas((acc_qd, p_operand, v_smem.at[slot], (bq, D)), fresh=p_via_smem)
       plgpu.barrier_arrive(v_used.at[slot])
       return m_new, l_q, q2_q, acc_qd
 
@@ -225,10 +209,7 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
              plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), wgmma_row),
              plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), wgmma_row),
              plgpu.layout_cast(jnp.full((bq, D), 0.0, jnp.float32), plgpu.Layout.WGMMA))
-    carry = lax.fori_loop(0, u_lo, functools.partial(step, masked=True), carry)
-    carry = lax.fori_loop(u_lo, u_hi, functools.partial(step, masked=False), carry)
-    m_q, l_q, q2_q, acc_qd = lax.fori_loop(u_hi, n_steps, functools.partial(step, masked=True),
-                                           carry)
+    m_q, l_q, q2_q, acc_qd = three_phases(step, u_lo, u_hi, n_steps, carry)
     l_safe = jnp.where(l_q > 0.0, l_q, 1.0)
     o_qd = acc_qd / lax.broadcast_in_dim(l_safe, (bq, D), [0])
     lse_smem[...] = (m_q + jnp.log2(l_safe)) * (1.0 / LOG2E)
@@ -245,7 +226,7 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
     plgpu.copy_smem_to_gmem(p2_smem, p2_ref.at[b, h, pl.ds(r0, bq)])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == _COMPUTE_WGS)
+  @pl.when(wg == COMPUTE_WGS)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
     g = lax.div(h, R)
@@ -255,22 +236,7 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
       plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bars.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bars.at[slot])
 
-    for i in range(stages):
-      pl.when(i < n_steps)(functools.partial(issue, i, i))
-
-    @pl.loop(stages, jnp.maximum(n_steps, stages))
-    def _(i):
-      slot = lax.rem(i, stages)
-      plgpu.barrier_wait(k_used.at[slot])
-      plgpu.barrier_wait(v_used.at[slot])
-      issue(i, slot)
-
-    # Drain: observe the last consumed phases before the barriers go out of scope.
-    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-    def _(i):
-      slot = lax.rem(i, stages)
-      plgpu.barrier_wait(k_used.at[slot])
-      plgpu.barrier_wait(v_used.at[slot])
+    ring_producer(n_steps, stages, issue, k_used, v_used)
 
 
 def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_offset=0,
@@ -286,9 +252,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   B, T, H, D = q_BTHD.shape
   G = k_BTGD.shape[2]
   bq, bk = BLOCK_Q, config.block_k
-  interpret = (jax.default_backend() != "gpu") if config.interpret is None else config.interpret
-  params = interpret if isinstance(interpret, plgpu.InterpretGPUParams) else (
-      plgpu.InterpretGPUParams() if interpret else None)
+  params = interpret_params(config.interpret)
   p_via_smem = config.p_via_smem or params is not None
   t_pad = pl.cdiv(T, math.lcm(2 * bq, bk)) * math.lcm(2 * bq, bk)
   q = _pad_axis1(q_BTHD, t_pad)
@@ -296,40 +260,24 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   scale_BHT = jnp.swapaxes(_pad_axis1(scale_BTH.astype(jnp.float32), t_pad, 1.0), 1, 2)
   nq = t_pad // (2 * bq)
   dtype = q.dtype
-  swz = plgpu.SwizzleTransform(128)
-  tiled = lambda shape, dt: plgpu.SMEM(
-      shape, dt, transforms=(plgpu.TilingTransform((8, 128 // jnp.dtype(dt).itemsize)), swz))
   stages = min(config.stages, t_pad // bk)  # static prefetch slices stay inside the keys
-  smem = (tiled((_COMPUTE_WGS, bq, D), dtype),
-          tiled((stages, bk, D), dtype), tiled((stages, bk, D), dtype),
-          plgpu.SMEM((_COMPUTE_WGS, bq, D // config.o_splits), jnp.float32),
-          plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
-          plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
-          plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
-          tiled((_COMPUTE_WGS, bq, bk), dtype) if p_via_smem else None)
-  bars = (plgpu.Barrier(num_barriers=_COMPUTE_WGS), plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+  smem = (tiled_smem((COMPUTE_WGS, bq, D), dtype),
+          tiled_smem((stages, bk, D), dtype), tiled_smem((stages, bk, D), dtype),
+          plgpu.SMEM((COMPUTE_WGS, bq, D // config.o_splits), jnp.float32),
+          plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
+          plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
+          plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
+          tiled_smem((COMPUTE_WGS, bq, bk), dtype) if p_via_smem else None)
+  bars = (plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS),
           plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
-          plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages))
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
   body = functools.partial(_kernel, bk=bk, D=D, R=H // G, n_q_tiles=nq, stages=stages,
                            window=window, p_via_smem=p_via_smem, o_splits=config.o_splits)
-
-  def polar_attention_fwd_mosaic(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref):
-    pl.run_scoped(lambda smem_refs, bar_refs: body(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref,
-                                                   p2_ref, (smem_refs, bar_refs)),
-                  smem, bars, collective_axes="wg")
-
-  kwargs = {} if params is None else {"interpret": params}
-  o, lse_BHT, p2_BHT = plgpu.kernel(
-      polar_attention_fwd_mosaic,  # the name profiles show
-      out_type=(jax.ShapeDtypeStruct((B, t_pad, H, D), jnp.float32),
-                jax.ShapeDtypeStruct((B, H, t_pad), jnp.float32),
-                jax.ShapeDtypeStruct((B, H, t_pad), jnp.float32)),
-      grid=(H, nq, B),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=_COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      **kwargs,
-  )(q, k, v, scale_BHT)
+  o, lse_BHT, p2_BHT = launch(
+      body, "polar_attention_fwd_mosaic", smem, bars, (q, k, v, scale_BHT),
+      (jax.ShapeDtypeStruct((B, t_pad, H, D), jnp.float32),
+       jax.ShapeDtypeStruct((B, H, t_pad), jnp.float32),
+       jax.ShapeDtypeStruct((B, H, t_pad), jnp.float32)),
+      (H, nq, B), ("heads", "q_seq", "batch"), params)
   return (o[:, :T], jnp.swapaxes(lse_BHT, 1, 2)[:, :T], jnp.swapaxes(p2_BHT, 1, 2)[:, :T])

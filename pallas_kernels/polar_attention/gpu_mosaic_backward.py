@@ -46,9 +46,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.polar_attention import bands
+from pallas_kernels.polar_attention.gpu_mosaic_common import (
+    COMPUTE_WGS, interpret_params, launch, operand, ring_producer, three_phases, tiled_smem,
+    wgmmas)
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, PAD_LSE, _pad_axis1
 
-_COMPUTE_WGS = 2
 _ROWS = 64  # rows per consumer warpgroup (one wgmma M tile): query rows in dQ, keys in dK/dV
 # Per-row vectors, packed [B, H, 4, T] so one TMA brings all four for a block.
 _SCALE, _LSE2, _DELTA, _CQ = range(4)
@@ -83,60 +85,6 @@ def _bcast(x, shape, dim):
   return lax.broadcast_in_dim(x, shape, [dim])
 
 
-def _wgmmas(*ops, fresh):
-  """acc + lhs @ rhs for each (acc, lhs, rhs, shape) in `ops`, issued together and waited once.
-  acc None: the product alone. `fresh`: every product into a new accumulator, added after
-  (interpret mode models no run_state); else in place on the running accumulators."""
-  if fresh or all(acc is None for acc, *_ in ops):
-    def run(*acc_refs):
-      for acc_ref, (_, lhs, rhs, _) in zip(acc_refs, ops):
-        plgpu.wgmma(acc_ref, lhs, rhs)
-      return tuple(acc_ref[...] for acc_ref in acc_refs)
-    outs = pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32) for *_, shape in ops])
-    return [out if acc is None else acc + out for out, (acc, *_) in zip(outs, ops)]
-
-  def run(acc_refs):
-    for acc_ref, (_, lhs, rhs, _) in zip(acc_refs, ops):
-      plgpu.wgmma(acc_ref, lhs, rhs)
-
-  zeros = lambda shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-  inits = tuple(plgpu.ACC.init(zeros(shape) if acc is None else acc) for acc, *_, shape in ops)
-  return list(pl.run_state(run)(inits))
-
-
-def _operand(x16, smem, via_smem):
-  """A register operand for wgmma, or the same values staged in `smem`."""
-  if not via_smem:
-    return x16
-  smem[...] = x16
-  plgpu.commit_smem()
-  return smem
-
-
-def _ring_producer(n_steps, stages, issue, used):
-  """Producer loop: fills `stages` slots, then refills slot i % S once both consumers have
-  arrived on `used[slot]`; drains the last phases before the barriers leave scope."""
-  for i in range(stages):
-    pl.when(i < n_steps)(functools.partial(issue, i, i))
-
-  @pl.loop(stages, jnp.maximum(n_steps, stages))
-  def _(i):
-    slot = lax.rem(i, stages)
-    plgpu.barrier_wait(used.at[slot])
-    issue(i, slot)
-
-  @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-  def _(i):
-    plgpu.barrier_wait(used.at[lax.rem(i, stages)])
-
-
-def _three_phases(step, lo_full, hi_full, n, carry):
-  """step(i, carry, masked) over [0, lo_full) masked, [lo_full, hi_full) not, [hi_full, n)."""
-  carry = lax.fori_loop(0, lo_full, functools.partial(step, masked=True), carry)
-  carry = lax.fori_loop(lo_full, hi_full, functools.partial(step, masked=False), carry)
-  return lax.fori_loop(hi_full, n, functools.partial(step, masked=True), carry)
-
-
 # ----------------------------------------------------------------------------- dQ (+ dscale)
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *, bk, D, R,
@@ -150,7 +98,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
   n_steps = kv_hi - kv_lo
   wgmma_layout = plgpu.Layout.WGMMA
 
-  @pl.when(wg < _COMPUTE_WGS)
+  @pl.when(wg < COMPUTE_WGS)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
     q_smem, do_smem, rows_smem = q_smem2.at[wg], do_smem2.at[wg], rows_smem2.at[wg]
@@ -173,7 +121,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
       slot = lax.rem(i, stages)
       plgpu.barrier_wait(k_bars.at[slot])
       plgpu.barrier_wait(v_bars.at[slot])
-      s_qk, dp_qk = _wgmmas((None, q_smem, k_smem.at[slot].T, shape),
+      s_qk, dp_qk = wgmmas((None, q_smem, k_smem.at[slot].T, shape),
                             (None, do_smem, v_smem.at[slot].T, shape), fresh=True)
       s_qk = s_qk * _bcast(scale2_q, shape, 0)
       if masked:
@@ -183,15 +131,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
         s_qk = jnp.where(bands.visible(r_qk, c_qk, tk=None, window=window), s_qk, NEG)
       p_qk = jnp.exp2(s_qk - _bcast(lse2_q, shape, 0))
       ds_qk = p_qk * (dp_qk - _bcast(delta_q, shape, 0) + _bcast(cq_q, shape, 0) * p_qk)
-      ds = _operand(ds_qk.astype(q_ref.dtype), ds_smem2.at[wg] if via_smem else None, via_smem)
-      acc_qd, = _wgmmas((acc_qd, ds, k_smem.at[slot], (bq, D)), fresh=via_smem)
+      ds = operand(ds_qk.astype(q_ref.dtype), ds_smem2.at[wg] if via_smem else None, via_smem)
+      acc_qd, = wgmmas((acc_qd, ds, k_smem.at[slot], (bq, D)), fresh=via_smem)
       plgpu.barrier_arrive(used.at[slot])
       return acc_qd
 
     u_lo, u_hi = bands.unmasked_steps(
         bands.key_band(r0, r0 + bq - 1, bk=bk, tk=None, window=window), kv_lo, kv_hi)
     acc0 = plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), wgmma_layout)
-    acc_qd = _three_phases(step, u_lo, u_hi, n_steps, acc0)
+    acc_qd = three_phases(step, u_lo, u_hi, n_steps, acc0)
     q_qd = plgpu.load(q_smem, layout=wgmma_layout).astype(jnp.float32)
     dsc_smem = dsc_smem2.at[wg]
     dsc_smem[...] = (acc_qd * q_qd).sum(axis=1)
@@ -201,7 +149,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
     plgpu.copy_smem_to_gmem(dsc_smem, dsc_ref.at[b, h, rows])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == _COMPUTE_WGS)
+  @pl.when(wg == COMPUTE_WGS)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
     g = lax.div(h, R)
@@ -211,7 +159,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
       plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bars.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bars.at[slot])
 
-    _ring_producer(n_steps, stages, issue, used)
+    ring_producer(n_steps, stages, issue, used)
 
 
 # ----------------------------------------------------------------------------- dK / dV
@@ -229,7 +177,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dk_ref, dv_ref, scoped, *
   n_steps = R * n_q
   wgmma_layout = plgpu.Layout.WGMMA
 
-  @pl.when(wg < _COMPUTE_WGS)
+  @pl.when(wg < COMPUTE_WGS)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
     k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
@@ -246,7 +194,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dk_ref, dv_ref, scoped, *
       slot = lax.rem(r * n_q + j, stages)
       plgpu.barrier_wait(q_bars.at[slot])
       plgpu.barrier_wait(rows_bars.at[slot])
-      s_kq, = _wgmmas((None, k_smem, q_smem.at[slot].T, shape), fresh=True)
+      s_kq, = wgmmas((None, k_smem, q_smem.at[slot].T, shape), fresh=True)
       scale_q = _row(rows_smem.at[slot, _SCALE], 0)
       s_kq = s_kq * _bcast(scale_q * LOG2E, shape, 1)
       if masked:
@@ -257,15 +205,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dk_ref, dv_ref, scoped, *
       p_kq = jnp.exp2(s_kq - _bcast(_row(rows_smem.at[slot, _LSE2], 0), shape, 1))
       ds_smem = ds_smem2.at[wg] if via_smem else None
       plgpu.barrier_wait(do_bars.at[slot])
-      p16 = _operand(p_kq.astype(q_ref.dtype), ds_smem, via_smem)
-      dv_kd, dp_kq = _wgmmas((dv_kd, p16, do_smem.at[slot], (bk, D)),
+      p16 = operand(p_kq.astype(q_ref.dtype), ds_smem, via_smem)
+      dv_kd, dp_kq = wgmmas((dv_kd, p16, do_smem.at[slot], (bk, D)),
                              (None, v_smem, do_smem.at[slot].T, shape), fresh=via_smem)
       delta_q = _row(rows_smem.at[slot, _DELTA], 0)
       cq_q = _row(rows_smem.at[slot, _CQ], 0)
       ds_kq = p_kq * (dp_kq - _bcast(delta_q, shape, 1) + _bcast(cq_q, shape, 1) * p_kq)
       ds_kq = ds_kq * _bcast(scale_q, shape, 1)
-      ds16 = _operand(ds_kq.astype(q_ref.dtype), ds_smem, via_smem)
-      dk_kd, = _wgmmas((dk_kd, ds16, q_smem.at[slot], (bk, D)), fresh=via_smem)
+      ds16 = operand(ds_kq.astype(q_ref.dtype), ds_smem, via_smem)
+      dk_kd, = wgmmas((dk_kd, ds16, q_smem.at[slot], (bk, D)), fresh=via_smem)
       plgpu.barrier_arrive(used.at[slot])
       return dk_kd, dv_kd
 
@@ -275,7 +223,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dk_ref, dv_ref, scoped, *
     zeros = plgpu.layout_cast(jnp.zeros((bk, D), jnp.float32), wgmma_layout)
 
     def head(r, carry):
-      return _three_phases(functools.partial(step, r=r), u_lo, u_hi, n_q, carry)
+      return three_phases(functools.partial(step, r=r), u_lo, u_hi, n_q, carry)
 
     dk_kd, dv_kd = lax.fori_loop(0, R, head, (zeros, zeros))
     k_smem[...] = dk_kd.astype(k_smem.dtype)
@@ -285,7 +233,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dk_ref, dv_ref, scoped, *
     plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[keys])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == _COMPUTE_WGS)
+  @pl.when(wg == COMPUTE_WGS)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
 
@@ -297,28 +245,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dk_ref, dv_ref, scoped, *
                               rows_bars.at[slot])
       plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bars.at[slot])
 
-    _ring_producer(n_steps, stages, issue, used)
+    ring_producer(n_steps, stages, issue, used)
 
 
 # ----------------------------------------------------------------------------- launch
-
-def _tiled(shape, dtype):
-  swz = plgpu.SwizzleTransform(128)
-  return plgpu.SMEM(shape, dtype, transforms=(
-      plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), swz))
-
-
-def _launch(body, name, smem, bars, args, out_type, grid, grid_names, params):
-  def kernel(*refs):
-    pl.run_scoped(lambda smem_refs, bar_refs: body(*refs, (smem_refs, bar_refs)),
-                  smem, bars, collective_axes="wg")
-
-  kernel.__name__ = name  # the name profiles show
-  kwargs = {} if params is None else {"interpret": params}
-  return plgpu.kernel(kernel, out_type=out_type, grid=grid, grid_names=grid_names,
-                      num_threads=_COMPUTE_WGS + 1, thread_name="wg",
-                      compiler_params=plgpu.CompilerParams(approx_math=True), **kwargs)(*args)
-
 
 def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, delta_BTH, cq_BTH,
                         *, window=None, config: BwdConfig = DEFAULT_BWD_CONFIG,
@@ -328,9 +258,7 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   (benchmarks only) runs just one of the two kernels; the other outputs are None."""
   T, H, G = q_BTHD.shape[1], q_BTHD.shape[2], k_BTGD.shape[2]
   dtype = q_BTHD.dtype
-  interpret = (jax.default_backend() != "gpu") if config.interpret is None else config.interpret
-  params = interpret if isinstance(interpret, plgpu.InterpretGPUParams) else (
-      plgpu.InterpretGPUParams() if interpret else None)
+  params = interpret_params(config.interpret)
   via_smem = config.ds_via_smem or params is not None
   bq_kv, bk_q = config.dkv_block_q, config.dq_block_k
   t_pad = pl.cdiv(T, 2 * _ROWS) * (2 * _ROWS)  # 64 / 128 blocks divide 128
@@ -357,17 +285,17 @@ def _bwd_dq(args, bk_q, stages, via_smem, window, R, params):
   B, t_pad, H, D = args[0].shape
   dtype = args[0].dtype
   stages_q = min(stages, t_pad // bk_q)
-  smem = (_tiled((_COMPUTE_WGS, _ROWS, D), dtype), _tiled((_COMPUTE_WGS, _ROWS, D), dtype),
-          plgpu.SMEM((_COMPUTE_WGS, 4, _ROWS), jnp.float32),
-          plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
-          _tiled((stages_q, bk_q, D), dtype), _tiled((stages_q, bk_q, D), dtype),
-          _tiled((_COMPUTE_WGS, _ROWS, bk_q), dtype) if via_smem else None)
-  bars = (plgpu.Barrier(num_barriers=3 * _COMPUTE_WGS),  # q, dO, rows of each consumer
+  smem = (tiled_smem((COMPUTE_WGS, _ROWS, D), dtype), tiled_smem((COMPUTE_WGS, _ROWS, D), dtype),
+          plgpu.SMEM((COMPUTE_WGS, 4, _ROWS), jnp.float32),
+          plgpu.SMEM((COMPUTE_WGS, _ROWS), jnp.float32),
+          tiled_smem((stages_q, bk_q, D), dtype), tiled_smem((stages_q, bk_q, D), dtype),
+          tiled_smem((COMPUTE_WGS, _ROWS, bk_q), dtype) if via_smem else None)
+  bars = (plgpu.Barrier(num_barriers=3 * COMPUTE_WGS),  # q, dO, rows of each consumer
           plgpu.Barrier(num_barriers=stages_q), plgpu.Barrier(num_barriers=stages_q),
-          plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages_q))
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages_q))
   body = functools.partial(_dq_kernel, bk=bk_q, D=D, R=R, n_q_tiles=t_pad // (2 * _ROWS),
                            stages=stages_q, window=window, via_smem=via_smem)
-  return _launch(
+  return launch(
       body, "polar_attention_bwd_dq_mosaic", smem, bars, args,
       (jax.ShapeDtypeStruct((B, t_pad, H, D), dtype),
        jax.ShapeDtypeStruct((B, H, t_pad), jnp.float32)),
@@ -379,17 +307,17 @@ def _bwd_dkv(args, G, bq_kv, stages, via_smem, window, R, params):
   B, t_pad, H, D = args[0].shape
   dtype = args[0].dtype
   stages_kv = min(stages, t_pad // bq_kv)
-  smem = (_tiled((_COMPUTE_WGS, _ROWS, D), dtype), _tiled((_COMPUTE_WGS, _ROWS, D), dtype),
-          _tiled((stages_kv, bq_kv, D), dtype), _tiled((stages_kv, bq_kv, D), dtype),
+  smem = (tiled_smem((COMPUTE_WGS, _ROWS, D), dtype), tiled_smem((COMPUTE_WGS, _ROWS, D), dtype),
+          tiled_smem((stages_kv, bq_kv, D), dtype), tiled_smem((stages_kv, bq_kv, D), dtype),
           plgpu.SMEM((stages_kv, 4, bq_kv), jnp.float32),
-          _tiled((_COMPUTE_WGS, _ROWS, bq_kv), dtype) if via_smem else None)
-  bars = (plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS),
+          tiled_smem((COMPUTE_WGS, _ROWS, bq_kv), dtype) if via_smem else None)
+  bars = (plgpu.Barrier(num_barriers=2 * COMPUTE_WGS),
           plgpu.Barrier(num_barriers=stages_kv), plgpu.Barrier(num_barriers=stages_kv),
           plgpu.Barrier(num_barriers=stages_kv),
-          plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages_kv))
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages_kv))
   body = functools.partial(_dkv_kernel, bq=bq_kv, D=D, R=R, nq=t_pad // bq_kv,
                            stages=stages_kv, window=window, via_smem=via_smem)
-  return _launch(
+  return launch(
       body, "polar_attention_bwd_dkv_mosaic", smem, bars, args,
       (jax.ShapeDtypeStruct((B, t_pad, G, D), dtype),
        jax.ShapeDtypeStruct((B, t_pad, G, D), dtype)),

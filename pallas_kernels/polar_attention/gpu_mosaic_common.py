@@ -1,0 +1,112 @@
+"""Warp-specialized Mosaic-GPU scaffolding shared by the Polar forward (`gpu_mosaic`) and
+backward (`gpu_mosaic_backward`) kernels; package-internal.
+
+Each kernel runs `COMPUTE_WGS` consumer warpgroups of 64 rows and one TMA producer warpgroup
+that streams blocks through a ring of `stages` SMEM slots:
+  launch         the kernel with its scoped SMEM / barriers, three warpgroups, a profile name
+  ring_producer  the producer's loop: fill the slots, refill each once the consumers free it
+  three_phases   a consumer's loop over the band: masked, unmasked, masked blocks
+  wgmmas         several wgmma products issued together, into fresh or running accumulators
+  operand        a register wgmma operand, or the same values staged in SMEM
+  tiled_smem     a swizzled, tiled SMEM buffer (a TMA / wgmma operand)
+  interpret_params  a config's `interpret` field -> InterpretGPUParams or None (compiled)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+COMPUTE_WGS = 2
+
+
+def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
+  """None (compiled) or the interpreter's params: `interpret` None means interpret when the
+  default backend is not a GPU; True / False; or explicit InterpretGPUParams."""
+  interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
+  if isinstance(interpret, plgpu.InterpretGPUParams):
+    return interpret
+  return plgpu.InterpretGPUParams() if interpret else None
+
+
+def tiled_smem(shape, dtype):
+  return plgpu.SMEM(shape, dtype, transforms=(
+      plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)))
+
+
+def wgmmas(*ops, fresh):
+  """acc + lhs @ rhs for each (acc, lhs, rhs, shape) in `ops`, issued together and waited once.
+  acc None: the product alone. `fresh`: every product into a new accumulator, added after
+  (interpret mode models no run_state); else in place on the running accumulators."""
+  if fresh or all(acc is None for acc, *_ in ops):
+    def run(*acc_refs):
+      for acc_ref, (_, lhs, rhs, _) in zip(acc_refs, ops):
+        plgpu.wgmma(acc_ref, lhs, rhs)
+      return tuple(acc_ref[...] for acc_ref in acc_refs)
+    outs = pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32) for *_, shape in ops])
+    return [out if acc is None else acc + out for out, (acc, *_) in zip(outs, ops)]
+
+  def run(acc_refs):
+    for acc_ref, (_, lhs, rhs, _) in zip(acc_refs, ops):
+      plgpu.wgmma(acc_ref, lhs, rhs)
+
+  zeros = lambda shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+  inits = tuple(plgpu.ACC.init(zeros(shape) if acc is None else acc) for acc, *_, shape in ops)
+  return list(pl.run_state(run)(inits))
+
+
+def operand(x16, smem, via_smem):
+  """A register operand for wgmma, or the same values staged in `smem`."""
+  if not via_smem:
+    return x16
+  smem[...] = x16
+  plgpu.commit_smem()
+  return smem
+
+
+def ring_producer(n_steps, stages, issue, *used):
+  """Producer loop: fills `stages` slots, then refills slot i % S once the consumers have
+  arrived on every barrier of `used` at that slot; drains the last phases before the barriers
+  leave scope."""
+  def wait_used(slot):
+    for barrier in used:
+      plgpu.barrier_wait(barrier.at[slot])
+
+  for i in range(stages):
+    pl.when(i < n_steps)(functools.partial(issue, i, i))
+
+  @pl.loop(stages, jnp.maximum(n_steps, stages))
+  def _(i):
+    slot = lax.rem(i, stages)
+    wait_used(slot)
+    issue(i, slot)
+
+  @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+  def _(i):
+    wait_used(lax.rem(i, stages))
+
+
+def three_phases(step, lo_full, hi_full, n, carry):
+  """step(i, carry, masked) over [0, lo_full) masked, [lo_full, hi_full) not, [hi_full, n)."""
+  carry = lax.fori_loop(0, lo_full, functools.partial(step, masked=True), carry)
+  carry = lax.fori_loop(lo_full, hi_full, functools.partial(step, masked=False), carry)
+  return lax.fori_loop(hi_full, n, functools.partial(step, masked=True), carry)
+
+
+def launch(body, name, smem, bars, args, out_type, grid, grid_names, params):
+  """Runs body(*in_refs, *out_refs, (smem_refs, barrier_refs)) on `grid` with COMPUTE_WGS + 1
+  warpgroups (axis "wg"); `name` is what profiles show; `params` from `interpret_params`."""
+  def kernel(*refs):
+    pl.run_scoped(lambda smem_refs, bar_refs: body(*refs, (smem_refs, bar_refs)),
+                  smem, bars, collective_axes="wg")
+
+  kernel.__name__ = name
+  kwargs = {} if params is None else {"interpret": params}
+  return plgpu.kernel(kernel, out_type=out_type, grid=grid, grid_names=grid_names,
+                      num_threads=COMPUTE_WGS + 1, thread_name="wg",
+                      compiler_params=plgpu.CompilerParams(approx_math=True), **kwargs)(*args)
