@@ -161,6 +161,14 @@ def test_linear_pads_a_single_row_to_a_gemm(monkeypatch, shape):
   assert any("tensor<2x24xf32>" in ln for ln in hlo.splitlines() if "dot_general" in ln), hlo
 
 
+@pytest.mark.parametrize("min_rows", [1, 2])
+def test_linear_takes_an_empty_batch(monkeypatch, min_rows):
+  from atma_jax.model import layers
+  monkeypatch.setattr(layers, "MIN_GEMM_ROWS", min_rows)
+  y = layers.linear(jnp.zeros((0, 3, 24)), jnp.ones((24, 40)), jnp.zeros((40,)))
+  assert y.shape == (0, 3, 40)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_capped_nll_matches_autodiff_of_logsumexp(dtype):
   """The fused cap + cross-entropy (no max shift, hand-written backward) equals

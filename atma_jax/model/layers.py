@@ -88,7 +88,7 @@ def linear(x_BI: jax.Array, kernel_IO: jax.Array, bias_O: jax.Array) -> jax.Arra
   """round_to_x_dtype(x @ kernel + bias), accumulated in fp32 (`...` leading axes allowed)."""
   acc = stats_dtype(x_BI.dtype)
   lead, rows = x_BI.shape[:-1], math.prod(x_BI.shape[:-1])
-  if rows < MIN_GEMM_ROWS:
+  if 0 < rows < MIN_GEMM_ROWS:  # (an empty batch stays empty)
     x_RI = jnp.pad(x_BI.reshape(rows, -1), ((0, MIN_GEMM_ROWS - rows), (0, 0)))
     y_RO = jnp.einsum("ri,io->ro", x_RI, kernel_IO.astype(x_BI.dtype), preferred_element_type=acc)
     y = y_RO[:rows].reshape(*lead, kernel_IO.shape[-1])
