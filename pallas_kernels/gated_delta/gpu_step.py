@@ -9,8 +9,9 @@ decays it, forms `S^T k` for its BV columns (the contraction runs over K, all of
 tile), writes `k u^T` into the tile, reads `o = S'^T q` from the updated tile, and stores the
 tile once, in place (`input_output_aliases`: the state output IS the state input buffer, so a
 donated decode cache is updated without a copy). State traffic: one read and one write of
-B*H*K*V*4 bytes; the XLA form reads the state several times. Everything is fp32 elementwise
-work and reductions over K (no tensor-core dots: a [K] x [K, BV] product per program).
+B*H*K*V*4 bytes (what the XLA step costs depends on XLA's fusion; neither form is timed yet, so
+`model.mem_step_impl` defaults to "xla"). Everything is fp32 elementwise work and reductions
+over K (no tensor-core dots: a [K] x [K, BV] product per program).
 
 Public (the backend contract of `api.STEP_BACKENDS`): `gated_delta_step`,
 `unsupported_reason`. Pass `interpret=True` to run on CPU.
@@ -32,6 +33,7 @@ __all__ = ["block_v_for", "gated_delta_step", "unsupported_reason"]
 
 _IN_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MIN_PROGRAMS = 1024  # the automatic V block shrinks (down to 16) until the grid has this many
+# (a guess at filling a GPU, not tuned)
 
 
 def _pow2(n: int) -> bool:
