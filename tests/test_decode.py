@@ -233,7 +233,8 @@ def test_gpu_kernels_prefill_and_decode_match_full_forward(dtype, window, tol, a
   kernel and (model.decode_attn_kernel) the attention kernel op once the rows line up; all
   match the full forward (fp32: TF32-level dots; bf16: activation rounding)."""
   cfg = tiny_config(kernel_impl="auto", hidden_size=64, head_dim=16, mem_chunk=16,
-                    attn_window=window, compute_dtype=dtype, decode_attn_kernel=attn_kernel)
+                    attn_window=window, compute_dtype=dtype, decode_attn_kernel=attn_kernel,
+                    mem_step_impl=None)  # the step follows kernel_impl (default "xla": opt-in)
   graphdef, params = init_model(cfg)
   params = perturb(params, jax.random.key(1))
   n = 56
