@@ -15,12 +15,15 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.polar_attention import gpu_mosaic, reference
-from tests.polar_cases import Case, check_backend, random_inputs
+from tests.oracle_check import assert_close
+from tests.polar_cases import (Case, check_backend, oracle_fwd_vjp, random_cotangents,
+                               random_inputs)
 
 BF16_TOL = dict(atol=3e-2, rtol=3e-2)  # as the bf16 Triton tests
 
@@ -52,6 +55,31 @@ def test_no_races_in_barrier_protocol():
   jax.block_until_ready(gpu_mosaic.attention_stats_bwd(
       q, k, v, s, lse, o.astype(q.dtype), delta, cq, window=case.window, config=cfg))
   assert not gpu_callbacks.get_races().races_found
+
+
+def test_api_vjp_on_hopper_runs_the_mosaic_pair(monkeypatch):
+  """Through the api's custom VJP on a (pretend) Hopper GPU, the call the api routes to the Mosaic
+  forward reaches the Mosaic backward in scope (no raise) and its gradients match the fp64
+  oracle's (both kernels in interpret mode; GQA 2:1, a window, T padded to 128)."""
+  from pallas_kernels import dispatch
+  from pallas_kernels.polar_attention import api
+  monkeypatch.setattr(dispatch, "platform_of", lambda x: "gpu")
+  monkeypatch.setattr(dispatch, "is_hopper", lambda: True)
+  ran = []
+  mosaic_bwd = gpu_mosaic.gpu_mosaic_backward.attention_stats_bwd
+  monkeypatch.setattr(gpu_mosaic.gpu_mosaic_backward, "attention_stats_bwd",
+                      lambda *a, **kw: ran.append("mosaic_bwd") or mosaic_bwd(*a, **kw))
+  case = Case(Tq=70, H=4, G=2, D=64, window=24)
+  q, k, v, s = random_inputs(case, jnp.bfloat16, seed=4)
+  cot = random_cotangents(case, seed=4)
+  _, want = oracle_fwd_vjp(case, q, k, v, s, cot)
+  assert api.select_backend(q, k, v, window=case.window) is gpu_mosaic
+  _, vjp = jax.vjp(lambda *a: api.attention_stats(*a, window=case.window), q, k, v, s)
+  got = vjp(tuple(jnp.asarray(c, jnp.float32) for c in cot))
+  assert ran == ["mosaic_bwd"]
+  for name, g, w in zip(("dq", "dk", "dv", "dscale"), got, want, strict=True):
+    atol = BF16_TOL["atol"] * max(1.0, float(np.max(np.abs(w))))  # as check_backend's grads
+    assert_close(name, np.asarray(g, np.float64), w, atol, BF16_TOL["rtol"], case)
 
 
 def test_backward_switch(monkeypatch):
