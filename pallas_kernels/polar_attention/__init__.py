@@ -5,9 +5,10 @@ The public API: what this package exports (the op, its shape check, the helpers 
 prologue shares, the `BACKENDS` table); the modules `api`, `reference` (oracles), `bands`
 (band arithmetic), the decode ops over a cache at per-row positions (`cached`: the
 `*_at` functions, exported here) and the backend modules `BACKENDS` names (xla_streaming, gpu_mosaic,
-gpu_triton, tpu: each one's fwd / bwd / unsupported_reason / config). gpu_tiles, gpu_forward
-and gpu_backward are private (tests/test_kernel_library.py). The ops are mesh-free: a caller
-that shards wraps them in shard_map.
+gpu_triton, tpu: each one's fwd / bwd / unsupported_reason / config). gpu_tiles, gpu_forward,
+gpu_backward (Triton) and gpu_mosaic_backward, gpu_mosaic_common (Mosaic-GPU) are private
+(tests/test_kernel_library.py). The ops are mesh-free: a caller that shards wraps them in
+shard_map.
 """
 
 from pallas_kernels.dispatch import KernelUnavailable
