@@ -22,8 +22,8 @@ mask in forms 0 and 1; its outputs are meaningless and dropped by the caller.
 One-token decode with `uniform_kernel` (model.decode_attn_kernel; off until measured on a GPU,
 bench/decode_attention.py): when every row sits at the same position p (statically at batch 1,
 else a lax.cond on the positions) the training op runs with the traced q_offset p (the Triton
-split-K decode kernel on GPU) over the written full cache as it is (slot = position, p < S), or
-over `keys_in_order` for a ring; otherwise form 2.
+split-K decode kernel on GPU) over `keys_in_order` (a full cache as written, no copy; a ring
+laid out in order); otherwise form 2.
 """
 
 from __future__ import annotations
@@ -93,8 +93,9 @@ def keys_in_order(k_old_BSGd, v_old_BSGd, k_written_BSGd, v_written_BSGd, k_new_
   """Keys laid out from a local position 0 for rows that all start at `start` (traced scalar):
   (keys [B, S + T, G, d], values, local offset of the first new token).
 
-  Full cache: the written cache (slot = position), local offset = start; T zero slots are
-  appended so a padded row's keys never run past the array. Ring: the last L0 = min(start, S)
+  Full cache: the written cache (slot = position), local offset = start; for T > 1, T zero
+  slots are appended so a padded row's keys never run past the array (one token sits at
+  start < S: `check_fit`). Ring: the last L0 = min(start, S)
   old positions in order, then the new tokens at local L0. With S = W the capped Polar count
   min(L0 + i + 1, W) equals the absolute min(start + i + 1, W).
   """
@@ -102,6 +103,8 @@ def keys_in_order(k_old_BSGd, v_old_BSGd, k_written_BSGd, v_written_BSGd, k_new_
   T = k_new_BTGd.shape[1]
   pad = lambda x: jnp.concatenate([x, jnp.zeros((B, T, G, d), x.dtype)], axis=1)
   if window is None:
+    if T == 1:
+      return k_written_BSGd, v_written_BSGd, start
     return pad(k_written_BSGd), pad(v_written_BSGd), start
   L0 = jnp.minimum(start, S)
   slot_S = jnp.mod(start - L0 + jnp.arange(S), S)
@@ -136,8 +139,6 @@ def attend_cached(q_BTHd, k_new_BTGd, v_new_BTGd, k_cache_BSGd, v_cache_BSGd, sp
     return core(q_BTHd, k_new_BTGd, v_new_BTGd, 0)
 
   def same_start():
-    if T == 1 and window is None:  # the written cache: slot = position, start < S (check_fit)
-      return core(q_BTHd, *written, span.starts_B[0])
     keys, values, offset = keys_in_order(*old, *written, *new, span.starts_B[0], window)
     return core(q_BTHd, keys, values, offset)
 
