@@ -55,7 +55,7 @@ from pallas_kernels.polar_attention import gpu_backward, gpu_mosaic_backward
 from pallas_kernels.polar_attention.gpu_mosaic_backward import BwdConfig
 from pallas_kernels.polar_attention.gpu_mosaic_common import (
     COMPUTE_WGS, interpret_params, launch, operand, ring_producer, three_phases, tiled_smem,
-    wgmmas)
+    visible_tile, wgmmas)
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
 
 __all__ = ["BACKWARDS", "BwdConfig", "MosaicConfig", "DEFAULT_CONFIG", "attention_stats_bwd",
@@ -178,10 +178,7 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
       plgpu.barrier_arrive(k_used.at[slot])
       s_qk = s_qk * lax.broadcast_in_dim(scale2_q, (bq, bk), [0])
       if masked:
-        rows = r0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
-        cols = (kv_lo + i) * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1,
-                                                         layout=plgpu.Layout.WGMMA)
-        valid = bands.visible(rows, cols, tk=None, window=window)
+        valid = visible_tile(r0, (kv_lo + i) * bk, (bq, bk), window=window)
         s_qk = jnp.where(valid, s_qk, NEG)
       m_new = jnp.maximum(m_q, s_qk.max(axis=1))
       alpha = jnp.exp2(m_q - m_new)

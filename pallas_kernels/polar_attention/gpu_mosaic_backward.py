@@ -48,7 +48,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.polar_attention import bands
 from pallas_kernels.polar_attention.gpu_mosaic_common import (
     COMPUTE_WGS, interpret_params, launch, operand, ring_producer, three_phases, tiled_smem,
-    wgmmas)
+    visible_tile, wgmmas)
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, PAD_LSE, _pad_axis1
 
 _ROWS = 64  # rows per consumer warpgroup (one wgmma M tile): query rows in dQ, keys in dK/dV
@@ -125,10 +125,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
                             (None, do_smem, v_smem.at[slot].T, shape), fresh=True)
       s_qk = s_qk * _bcast(scale2_q, shape, 0)
       if masked:
-        r_qk = r0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
-        c_qk = (kv_lo + i) * bk + plgpu.broadcasted_iota(jnp.int32, shape, 1,
-                                                         layout=wgmma_layout)
-        s_qk = jnp.where(bands.visible(r_qk, c_qk, tk=None, window=window), s_qk, NEG)
+        s_qk = jnp.where(visible_tile(r0, (kv_lo + i) * bk, shape, window=window), s_qk, NEG)
       p_qk = jnp.exp2(s_qk - _bcast(lse2_q, shape, 0))
       ds_qk = p_qk * (dp_qk - _bcast(delta_q, shape, 0) + _bcast(cq_q, shape, 0) * p_qk)
       ds = operand(ds_qk.astype(q_ref.dtype), ds_smem2.at[wg] if via_smem else None, via_smem)
@@ -198,10 +195,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dk_ref, dv_ref, scoped, *
       scale_q = _row(rows_smem.at[slot, _SCALE], 0)
       s_kq = s_kq * _bcast(scale_q * LOG2E, shape, 1)
       if masked:
-        c_kq = c0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
-        r_kq = (q_lo + j) * bq + plgpu.broadcasted_iota(jnp.int32, shape, 1,
-                                                        layout=wgmma_layout)
-        s_kq = jnp.where(bands.visible(r_kq, c_kq, tk=None, window=window), s_kq, NEG)
+        valid = visible_tile((q_lo + j) * bq, c0, shape, window=window, query_axis=1)
+        s_kq = jnp.where(valid, s_kq, NEG)
       p_kq = jnp.exp2(s_kq - _bcast(_row(rows_smem.at[slot, _LSE2], 0), shape, 1))
       ds_smem = ds_smem2.at[wg] if via_smem else None
       plgpu.barrier_wait(do_bars.at[slot])

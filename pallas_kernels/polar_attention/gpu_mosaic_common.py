@@ -6,6 +6,7 @@ that streams blocks through a ring of `stages` SMEM slots:
   launch         the kernel with its scoped SMEM / barriers, three warpgroups, a profile name
   ring_producer  the producer's loop: fill the slots, refill each once the consumers free it
   three_phases   a consumer's loop over the band: masked, unmasked, masked blocks
+  visible_tile   the causal / window mask of one block (`bands.visible` in the WGMMA layout)
   wgmmas         several wgmma products issued together, into fresh or running accumulators
   operand        a register wgmma operand, or the same values staged in SMEM
   tiled_smem     a swizzled, tiled SMEM buffer (a TMA / wgmma operand)
@@ -21,6 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.polar_attention import bands
 
 COMPUTE_WGS = 2
 
@@ -96,6 +99,14 @@ def three_phases(step, lo_full, hi_full, n, carry):
   carry = lax.fori_loop(0, lo_full, functools.partial(step, masked=True), carry)
   carry = lax.fori_loop(lo_full, hi_full, functools.partial(step, masked=False), carry)
   return lax.fori_loop(hi_full, n, functools.partial(step, masked=True), carry)
+
+
+def visible_tile(q0, k0, shape, *, window, query_axis=0):
+  """`bands.visible` over a `shape` tile in the WGMMA layout: query positions q0 + index along
+  `query_axis`, keys k0 + index along the other axis (Tq == Tk padded alike: no key bound)."""
+  pos = lambda start, axis: start + plgpu.broadcasted_iota(jnp.int32, shape, axis,
+                                                           layout=plgpu.Layout.WGMMA)
+  return bands.visible(pos(q0, query_axis), pos(k0, 1 - query_axis), tk=None, window=window)
 
 
 def launch(body, name, smem, bars, args, out_type, grid, grid_names, params):
