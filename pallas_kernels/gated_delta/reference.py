@@ -19,8 +19,9 @@ Dimension glossary
   K   key / query dim                V   value dim
 
 Shared helpers used by `xla_chunked.py` and `api.py` (one copy): `state_dtype`,
-`check_gated_delta_shapes`, `check_gated_delta_step_shapes`. `gated_delta_step` is also the XLA backend (and CPU path) of the
-step op (`api.STEP_BACKENDS`); `unsupported_reason` is that contract's.
+`check_gated_delta_shapes`, `check_gated_delta_step_shapes`. `gated_delta_step` is also the XLA
+backend (and CPU path) of the step op (`api.STEP_BACKENDS`); `unsupported_reason` is that
+contract's.
 """
 
 from __future__ import annotations
