@@ -75,8 +75,9 @@ class Linear(nnx.Module):
 
 # XLA's GPU simplifier rewrites a dot whose left operand is one row (a vector, once the unit
 # axes are dropped) into multiply + reduce when the weight has < 10M elements: at batch-1 decode
-# every projection of the 378M model went that way: 1.06 of the step's 1.41 ms of GPU time, the
-# 653 MB of weights read at 0.6 TB/s (bench/results/profile_decode_b1_2k_h200.json, "off").
+# every projection of the 378M model went that way: 1.06 of the step's 1.41 ms of GPU time
+# (bench/results/profile_decode_b1_2k_h200.json, "off"), i.e. ~0.6 TB/s derived from the 653 MB
+# of Linear weights (bench/gemv_rows.py counts them).
 # With MIN_GEMM_ROWS = 2 a single row is padded to two (zeros, sliced off; results unchanged),
 # which should keep the dot a GEMM. Off (1) until bench/gemv_rows.py has timed both forms on a
 # GPU (not yet run).
