@@ -192,11 +192,37 @@ def compile_only_variant(preset, micro_per_device, n_devices, n_micro, remat, im
            for k in ("inputs", "targets")}
   times = {}
   compiled = compile_step(step, mesh, setup.abstract, batch, times)
-  return {"devices": n_devices, "micro_batch_per_device": micro_per_device,
-          "micro_batch": cfg.train.micro_batch, "n_micro": n_micro, "global_batch": B,
-          "seq_len": T, "remat": remat, "kernel_impl": impl, "scan_layers": scan,
-          "overrides": sets, **times, "lower_plus_compile_s": times["lower_s"] + times["compile_s"],
-          "memory_analysis": memory_summary(compiled)}
+  res = {"devices": n_devices, "micro_batch_per_device": micro_per_device,
+         "micro_batch": cfg.train.micro_batch, "n_micro": n_micro, "global_batch": B,
+         "seq_len": T, "remat": remat, "kernel_impl": impl, "scan_layers": scan,
+         "muon_batch": cfg.optim.muon_batch, "overrides": sets, **times,
+         "lower_plus_compile_s": times["lower_s"] + times["compile_s"],
+         "memory_analysis": memory_summary(compiled)}
+  del compiled
+  res["optimizer_update"] = compile_optimizer_update(setup, mesh)
+  return res
+
+
+def compile_optimizer_update(setup, mesh) -> dict:
+  """Lower + compile of the optimizer update alone (clip + Muon + AdamW) on abstract params,
+  gradients and state in their shardings, after the train step (its own program): wall and CPU
+  seconds, static memory and the all-gather / all-reduce counts of the compiled HLO."""
+  opt, st = setup.optimizer, setup.abstract
+  apply = jax.jit(lambda p, g, s: opt.apply(p, g, s)[:2], donate_argnums=(2,))
+  t0, c0 = time.perf_counter(), time.process_time()
+  with use_mesh(mesh):
+    lowered = apply.lower(st.params, st.params, st.opt_state)
+  t1, c1 = time.perf_counter(), time.process_time()
+  compiled = lowered.compile()
+  res = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1, "lower_cpu_s": c1 - c0,
+         "compile_cpu_s": time.process_time() - c1, "memory_analysis": memory_summary(compiled)}
+  try:
+    hlo = compiled.as_text()
+    res["hlo_ops"] = {op: hlo.count(f" {op}(") for op in ("all-gather", "all-reduce",
+                                                           "reduce-scatter", "all-to-all")}
+  except Exception:  # noqa: BLE001 - optional text dump
+    pass
+  return res
 
 
 def bench_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq_len, reps,
@@ -246,7 +272,7 @@ def bench_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq
   res = {
       "devices": n_devices, "micro_batch_per_device": micro_per_device, "micro_batch": M,
       "n_micro": n_micro, "global_batch": B, "seq_len": T, "remat": remat, "kernel_impl": impl,
-      "scan_layers": scan, "overrides": sets, "num_params": n_par, "flops_per_token": fpt,
+      "scan_layers": scan, "muon_batch": cfg.optim.muon_batch, "overrides": sets, "num_params": n_par, "flops_per_token": fpt,
       "init_s": t_init, **times, "first_step_s": t_first,
       "compile_plus_first_step_s": t_compile, "memory_analysis": memory_summary(step),
       "step_s_median": t_step, "step_s_all": all_steps,
@@ -507,8 +533,12 @@ def main():
               r = compile_only_variant(args.preset, micro, n, args.n_micro, remat, impl,
                                        args.seq_len, args.extra, scan=scan)
               r["ok"] = True
-              print(f"{tag}: lower {r['lower_s']:.1f}s + compile {r['compile_s']:.1f}s wall "
-                    f"({r['lower_cpu_s']:.1f}s + {r['compile_cpu_s']:.1f}s CPU)", flush=True)
+              o = r["optimizer_update"]
+              print(f"{tag} muon_batch={r['muon_batch']}: lower {r['lower_s']:.1f}s + compile "
+                    f"{r['compile_s']:.1f}s wall ({r['lower_cpu_s']:.1f}s + "
+                    f"{r['compile_cpu_s']:.1f}s CPU); optimizer update alone: lower "
+                    f"{o['lower_cpu_s']:.1f}s + compile {o['compile_cpu_s']:.1f}s CPU, "
+                    f"collectives {o.get('hlo_ops')}", flush=True)
               r["wall_s"] = time.perf_counter() - t0
               out["variants"].append(r)
               save()

@@ -15,6 +15,9 @@ Step order (§6.5): global-norm clip of ALL gradients to `clip_norm` (torch's
 
 The optimizer works on the flattened leaves of the params pytree (any pytree: an `nnx.State`
 or plain dicts); group assignment is static Python data computed once from the leaf paths.
+With `optim.muon_batch` the Muon leaves that share (kind, shape, dtype, sharding) run one
+batched Newton-Schulz (`muon_batches`, muon.orthogonalized_updates); the state is per leaf
+either way, so checkpoints do not depend on the switch.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import jax.numpy as jnp
 
 from atma_jax.config import OptimConfig
 from atma_jax.errors import AtmaError
-from atma_jax.train.muon import muon_leaf_update
+from atma_jax.train.muon import (decayed_update, momentum_direction, muon_leaf_update,
+                                 orthogonalized_updates)
 from atma_jax.train.schedule import lr_multiplier
 
 GROUPS = ("muon", "embed", "head", "scalar")
@@ -119,13 +123,42 @@ class OptState(NamedTuple):
   slots: list  # per leaf: (momentum_f32,) for Muon, (m, v) in the param dtype for AdamW
 
 
-class AtmaOptimizer:
-  """`init(params) -> OptState`; `apply(params, grads, state) -> (params, state, stats)`."""
+def flat_shardings(param_shardings) -> list:
+  """The Sharding leaves of a shardings tree (nnx.State of Variables or plain pytree)."""
+  return jax.tree.leaves(param_shardings,
+                         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
-  def __init__(self, cfg: OptimConfig, specs: list[LeafSpec], total_steps: int):
+
+def muon_batches(specs: list[LeafSpec], dtypes: list, shardings: list | None = None
+                 ) -> list[list[int]]:
+  """Indices of the Muon leaves grouped by (kind, shape, dtype, sharding spec), in first-seen
+  order; each group is orthogonalized by one batched Newton-Schulz."""
+  groups: dict[tuple, list[int]] = {}
+  for i, spec in enumerate(specs):
+    if spec.group != "muon":
+      continue
+    sh = None if shardings is None else shardings[i]
+    sh_key = (tuple(sh.spec), sh.mesh) if isinstance(sh, jax.sharding.NamedSharding) else sh
+    groups.setdefault((spec.kind, spec.shape, str(dtypes[i]), sh_key), []).append(i)
+  return list(groups.values())
+
+
+class AtmaOptimizer:
+  """`init(params) -> OptState`; `apply(params, grads, state) -> (params, state, stats)`.
+
+  `shardings`: the parameters' shardings as a flat list (optional); with `cfg.muon_batch` a
+  stacked Newton-Schulz batch is held at the shared sharding of its leaves.
+  """
+
+  def __init__(self, cfg: OptimConfig, specs: list[LeafSpec], total_steps: int,
+               shardings: list | None = None):
     self.cfg = cfg
     self.specs = specs
     self.total_steps = total_steps
+    if shardings is not None and len(shardings) != len(specs):
+      raise OptimizerError(f"{len(shardings)} shardings for {len(specs)} parameters; pass the "
+                           "shardings tree of the same params the optimizer is built for.")
+    self.shardings = shardings
 
   def _check(self, params):
     paths = leaf_paths(params)
@@ -155,10 +188,14 @@ class AtmaOptimizer:
     bc2 = 1.0 - jnp.float32(cfg.adam_b2) ** t
     p_leaves, treedef = jax.tree.flatten(params)
     g_leaves = jax.tree.leaves(grads)
+    muon_out = self._batched_muon(p_leaves, g_leaves, state.slots, eta) if cfg.muon_batch else {}
     new_p, new_slots = [], []
-    for spec, p, g, slot in zip(self.specs, p_leaves, g_leaves, state.slots):
+    for i, (spec, p, g, slot) in enumerate(zip(self.specs, p_leaves, g_leaves, state.slots)):
       lr_t = group_lr(spec, cfg) * eta
-      if spec.group == "muon":
+      if i in muon_out:
+        upd, mb = muon_out[i]
+        new_slots.append((mb,))
+      elif spec.group == "muon":
         upd, mb = muon_leaf_update(
             g, slot[0], p, spec.kind, lr_t, momentum=cfg.muon_momentum,
             weight_decay=cfg.muon_weight_decay, ns_steps=cfg.muon_ns_steps,
@@ -178,16 +215,34 @@ class AtmaOptimizer:
     new_state = OptState(count=state.count + 1, slots=new_slots)
     return jax.tree.unflatten(treedef, new_p), new_state, stats
 
+  def _batched_muon(self, p_leaves, g_leaves, slots, eta) -> dict[int, tuple]:
+    """{leaf index: (update, new momentum)} of every Muon leaf, NS batched per `muon_batches`."""
+    cfg = self.cfg
+    out = {}
+    for idx in muon_batches(self.specs, [p.dtype for p in p_leaves], self.shardings):
+      dirs = [momentum_direction(g_leaves[i], slots[i][0], cfg.muon_momentum) for i in idx]
+      ortho = orthogonalized_updates(
+          [u for u, _ in dirs], self.specs[idx[0]].kind, ns_steps=cfg.muon_ns_steps,
+          ns_coeffs=cfg.muon_ns_coeffs,
+          sharding=None if self.shardings is None else self.shardings[idx[0]])
+      for i, (_, mb), o in zip(idx, dirs, ortho):
+        lr_t = group_lr(self.specs[i], cfg) * eta
+        out[i] = (decayed_update(o, p_leaves[i], lr_t, cfg.muon_weight_decay), mb)
+    return out
+
   def state_shardings(self, param_shardings, scalar_sharding) -> OptState:
     """Shardings of the OptState: every slot follows its parameter."""
-    sh = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    sh = flat_shardings(param_shardings)
     slots = [tuple(s for _ in range(1 if spec.group == "muon" else 2))
              for spec, s in zip(self.specs, sh)]
     return OptState(count=scalar_sharding, slots=slots)
 
 
-def build_optimizer(cfg: OptimConfig, params, total_steps: int) -> AtmaOptimizer:
-  return AtmaOptimizer(cfg, classify(params), total_steps)
+def build_optimizer(cfg: OptimConfig, params, total_steps: int,
+                    param_shardings=None) -> AtmaOptimizer:
+  """The optimizer for `params`; `param_shardings` (same tree, Sharding leaves) is optional."""
+  sh = None if param_shardings is None else flat_shardings(param_shardings)
+  return AtmaOptimizer(cfg, classify(params), total_steps, sh)
 
 
 def group_summary(specs: list[LeafSpec]) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def setup_state(cfg: Config, mesh: Mesh, model_fn=None) -> StateSetup:
   graphdef, abs_params = abstract_model(cfg, model_fn)
   notes: list[str] = []
   p_sh = param_shardings(mesh, abs_params, notes)
-  opt = build_optimizer(cfg.optim, abs_params, cfg.train.steps)
+  opt = build_optimizer(cfg.optim, abs_params, cfg.train.steps, p_sh)
   rep = replicated(mesh)
   sh = TrainState(step=rep, params=p_sh, opt_state=opt.state_shardings(p_sh, rep), rng=rep)
   abs_state = jax.eval_shape(lambda p: _fresh(p, opt, cfg.train.seed), abs_params)
