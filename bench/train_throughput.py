@@ -23,7 +23,9 @@ Every variant is compiled ahead of time (`lower` then `compile`, timed apart: `l
 `compile_s`) and its executable's `memory_analysis` recorded (arguments + temporaries + outputs -
 aliased = the step's static peak). `--scan false,true` times each variant with
 `model.scan_layers` off and on (the blocks unrolled vs the repeating group under `lax.scan`);
-`--fresh-process` runs each scan setting in its own process, so compile caches and the device's
+Compile-only runs also compile the optimizer update alone (`optimizer_update`: CPU seconds,
+static memory, collective counts and all-gathered bytes); timed runs record its first call
+(`opt_update_first_call_s`: compile + one run). `--fresh-process` runs each scan setting in its own process, so compile caches and the device's
 running peak (`peak_bytes_in_use`) of one do not leak into the other, and `scan_vs_unrolled`
 pairs them (compile time, tok/s, memory):
 
@@ -41,6 +43,9 @@ largest micro-batch whose fitted peak is <= `--budget-gib` (default: the origina
     python3 bench/train_throughput.py --devices 1 --micro 16 --impls auto --remat false \\
       --n-micro 4 --reps 3 --peak-n 0 --scan false,true --fresh-process \\
       --out $OUT/train_scan_layers.json                               # scan on vs off
+    for mb in false true; do python3 bench/train_throughput.py --devices 1 --micro 16 \
+      --impls auto --remat false --n-micro 2 --reps 2 --peak-n 0 --set optim.muon_batch=$mb \
+      --out $OUT/train_muon_batch_$mb.json; done          # batched Newton-Schulz off vs on
     XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
       python3 bench/train_throughput.py --smoke --devices 1,2      # CPU check (tiny preset)
     JAX_PLATFORMS=cpu python3 bench/train_throughput.py --smoke --scan false,true --fresh-process
@@ -51,8 +56,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -203,6 +210,16 @@ def compile_only_variant(preset, micro_per_device, n_devices, n_micro, remat, im
   return res
 
 
+def gathered_bytes(hlo_text: str) -> int:
+  """Total bytes of the all-gather outputs in a compiled HLO module's text."""
+  size = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1,
+          "pred": 1}
+  total = 0
+  for dt, dims in re.findall(r"= (\w+)\[([\d,]*)\][^ ]* all-gather\(", hlo_text):
+    total += size.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
 def compile_optimizer_update(setup, mesh) -> dict:
   """Lower + compile of the optimizer update alone (clip + Muon + AdamW) on abstract params,
   gradients and state in their shardings, after the train step (its own program): wall and CPU
@@ -220,6 +237,7 @@ def compile_optimizer_update(setup, mesh) -> dict:
     hlo = compiled.as_text()
     res["hlo_ops"] = {op: hlo.count(f" {op}(") for op in ("all-gather", "all-reduce",
                                                            "reduce-scatter", "all-to-all")}
+    res["all_gather_output_bytes"] = gathered_bytes(hlo)
   except Exception:  # noqa: BLE001 - optional text dump
     pass
   return res
@@ -261,7 +279,9 @@ def bench_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq
     out, opt_state["s"] = apply(st.params, grads, opt_state["s"])
     return out
 
+  t0 = time.perf_counter()
   jax.block_until_ready(opt_once())
+  t_opt_first = time.perf_counter() - t0  # its compile (a program of its own) + one run
   t_opt, _ = _median_time(opt_once, reps)
 
   n_par = count_params(cfg.model)
@@ -276,7 +296,8 @@ def bench_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq
       "init_s": t_init, **times, "first_step_s": t_first,
       "compile_plus_first_step_s": t_compile, "memory_analysis": memory_summary(step),
       "step_s_median": t_step, "step_s_all": all_steps,
-      "opt_update_s_median": t_opt, "micro_step_s": t_micro,
+      "opt_update_s_median": t_opt, "opt_update_first_call_s": t_opt_first,
+      "micro_step_s": t_micro,
       "tokens_per_s_measured": B * T / t_step,
       "tokens_per_s_forward_backward_only": M * T / t_micro,
       "ref_step_tokens": ref_tokens, "ref_step_s_extrapolated": t_ref,
@@ -554,7 +575,8 @@ def main():
                   f"({r['tokens_per_s_ref_step']:.0f} at the 256x{args.seq_len} step); MFU "
                   f"{r.get('mfu_vs_measured_peak', float('nan')):.3f} vs measured peak, "
                   f"{r.get('mfu_vs_spec_table', float('nan')):.3f} vs spec table; step "
-                  f"{r['step_s_median']:.3f}s opt {r['opt_update_s_median']:.3f}s compile "
+                  f"{r['step_s_median']:.3f}s opt {r['opt_update_s_median']:.3f}s (first call "
+                  f"{r['opt_update_first_call_s']:.1f}s) muon_batch={r['muon_batch']} compile "
                   f"{r['compile_s']:.1f}s (lower {r['lower_s']:.1f}s, first step "
                   f"{r['first_step_s']:.2f}s); {memory_line(r)}", flush=True)
           except Exception as e:  # noqa: BLE001 - record OOM / kernel failures and go on
