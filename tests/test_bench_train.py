@@ -31,6 +31,14 @@ def test_variant_sets_fix_the_per_device_micro_batch():
     tt.first_devices(99)
 
 
+def test_gathered_bytes_sums_all_gather_outputs():
+  hlo = ("  %all-gather.1 = f32[2,16,64]{2,1,0} all-gather(f32[2,8,64]{2,1,0} %p), dims={1}\n"
+         "  %ag = bf16[8]{0} all-gather(bf16[4]{0} %q), dimensions={0}\n"
+         "  %all-reduce.2 = f32[4,4]{1,0} all-reduce(f32[4,4]{1,0} %r)\n")
+  assert tt.gathered_bytes(hlo) == 2 * 16 * 64 * 4 + 8 * 2
+  assert tt.gathered_bytes("") == 0
+
+
 def test_remat_policies_and_the_budget_fit():
   assert tt.remat_policies("true,dots, false") == ["block", "dots", "none"]
   assert "model.remat=dots" in tt.variant_sets(16, 1, 4, "dots", "auto", 2048)

@@ -2,7 +2,8 @@
 shardings kept on the 8-device mesh, and the optimizer state (so checkpoints) unchanged."""
 
 import dataclasses
-import re
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,9 @@ from atma_jax.train.optimizer import build_optimizer, classify, muon_batches
 from atma_jax.train.state import init_state, setup_state
 from atma_jax.train.step import make_train_step
 from test_train_standin import ToyData, standin_losses, standin_model_fn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+import train_throughput as tt  # noqa: E402
 
 STANDIN = ["model.vocab_size=64", "model.hidden_size=16", "model.head_dim=4",
            "model.gqa_ratio=1", "model.num_layers=3", "train.seq_len=16",
@@ -90,15 +94,6 @@ def _setup(cfg):
   return mesh, mf, setup
 
 
-def _gathered_bytes(hlo: str) -> int:
-  """Total bytes of all-gather outputs in an HLO module text."""
-  size = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "f16": 2}
-  total = 0
-  for dt, dims in re.findall(r"= (\w+)\[([\d,]*)\][^ ]* all-gather\(", hlo):
-    total += size.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
-  return total
-
-
 def test_sharded_update_keeps_shardings_and_gathers_no_more():
   """On data 2 x fsdp 2 x tensor 2: the batched update's outputs keep every parameter's
   sharding, it all-gathers no more bytes than the per-matrix update, and the step is equal."""
@@ -118,7 +113,7 @@ def test_sharded_update_keeps_shardings_and_gathers_no_more():
     for got, exp, p in zip(out_p_sh, want, jax.tree.leaves(state.params)):
       assert got.is_equivalent_to(exp, p.ndim), (got, exp)
     new_p, new_s, _ = compiled(state.params, grads, state.opt_state)
-    res[b] = (_gathered_bytes(compiled.as_text()), jax.device_get((new_p, new_s)))
+    res[b] = (tt.gathered_bytes(compiled.as_text()), jax.device_get((new_p, new_s)))
   assert res[True][0] <= res[False][0], (res[True][0], res[False][0])
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float32),
                                                        np.asarray(y, np.float32),
