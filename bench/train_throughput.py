@@ -183,8 +183,9 @@ def compile_step(step, mesh, state, batch, times: dict):
 
 
 def compile_only_variant(preset, micro_per_device, n_devices, n_micro, remat, impl, seq_len,
-                         extra=(), scan=False):
-  """Lower + compile of the train step on abstract inputs (nothing allocated, nothing run)."""
+                         extra=(), scan=False, optimizer_only=False):
+  """Lower + compile of the train step on abstract inputs (nothing allocated, nothing run), then
+  of the optimizer update alone; `optimizer_only` skips the train step."""
   from atma_jax.train.state import setup_state
   from atma_jax.train.step import make_train_step
   sets = (variant_sets(micro_per_device, n_devices, n_micro, remat, impl, seq_len, scan)
@@ -197,14 +198,14 @@ def compile_only_variant(preset, micro_per_device, n_devices, n_micro, remat, im
   bsh = batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bsh)
            for k in ("inputs", "targets")}
-  times = {}
-  compiled = compile_step(step, mesh, setup.abstract, batch, times)
+  times = {k: None for k in ("lower_s", "compile_s", "lower_cpu_s", "compile_cpu_s")}
+  compiled = None if optimizer_only else compile_step(step, mesh, setup.abstract, batch, times)
   res = {"devices": n_devices, "micro_batch_per_device": micro_per_device,
          "micro_batch": cfg.train.micro_batch, "n_micro": n_micro, "global_batch": B,
          "seq_len": T, "remat": remat, "kernel_impl": impl, "scan_layers": scan,
          "muon_batch": cfg.optim.muon_batch, "overrides": sets, **times,
-         "lower_plus_compile_s": times["lower_s"] + times["compile_s"],
-         "memory_analysis": memory_summary(compiled)}
+         "lower_plus_compile_s": None if optimizer_only else times["lower_s"] + times["compile_s"],
+         "memory_analysis": {} if optimizer_only else memory_summary(compiled)}
   del compiled
   res["optimizer_update"] = compile_optimizer_update(setup, mesh)
   return res
@@ -476,6 +477,8 @@ def main():
   ap.add_argument("--compile-only", action="store_true",
                   help="only lower + compile each variant on abstract inputs (compile-time proxy "
                   "on CPU: no parameters allocated, no step run)")
+  ap.add_argument("--optimizer-only", action="store_true",
+                  help="with --compile-only: compile only the optimizer update, not the step")
   ap.add_argument("--fresh-process", action="store_true",
                   help="run each --scan value in its own process (clean compile and peak memory)")
   ap.add_argument("--reps", type=int, default=3)
@@ -552,12 +555,14 @@ def main():
           try:
             if args.compile_only:
               r = compile_only_variant(args.preset, micro, n, args.n_micro, remat, impl,
-                                       args.seq_len, args.extra, scan=scan)
+                                       args.seq_len, args.extra, scan=scan,
+                                       optimizer_only=args.optimizer_only)
               r["ok"] = True
               o = r["optimizer_update"]
-              print(f"{tag} muon_batch={r['muon_batch']}: lower {r['lower_s']:.1f}s + compile "
-                    f"{r['compile_s']:.1f}s wall ({r['lower_cpu_s']:.1f}s + "
-                    f"{r['compile_cpu_s']:.1f}s CPU); optimizer update alone: lower "
+              step_text = "" if args.optimizer_only else (
+                  f": lower {r['lower_s']:.1f}s + compile {r['compile_s']:.1f}s wall "
+                  f"({r['lower_cpu_s']:.1f}s + {r['compile_cpu_s']:.1f}s CPU)")
+              print(f"{tag} muon_batch={r['muon_batch']}{step_text}; optimizer update alone: lower "
                     f"{o['lower_cpu_s']:.1f}s + compile {o['compile_cpu_s']:.1f}s CPU, "
                     f"collectives {o.get('hlo_ops')}", flush=True)
               r["wall_s"] = time.perf_counter() - t0
