@@ -54,8 +54,8 @@ from pallas_kernels.polar_attention import bands, reference
 from pallas_kernels.polar_attention import gpu_backward, gpu_mosaic_backward
 from pallas_kernels.polar_attention.gpu_mosaic_backward import BwdConfig
 from pallas_kernels.polar_attention.gpu_mosaic_common import (
-    COMPUTE_WGS, interpret_params, launch, operand, ring_producer, three_phases, tiled_smem,
-    visible_tile, wgmmas)
+    COMPUTE_WGS, interpret_params, kv_block_issue, launch, operand, ring_producer, three_phases,
+    tiled_smem, visible_tile, wgmmas)
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
 
 __all__ = ["BACKWARDS", "BwdConfig", "MosaicConfig", "DEFAULT_CONFIG", "attention_stats_bwd",
@@ -226,13 +226,8 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
   @pl.when(wg == COMPUTE_WGS)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
-    g = lax.div(h, R)
-
-    def issue(i, slot):
-      rows = (b, pl.ds((kv_lo + i) * bk, bk), g)
-      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bars.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bars.at[slot])
-
+    issue = kv_block_issue(k_ref, v_ref, k_smem, v_smem, k_bars, v_bars, b, lax.div(h, R),
+                           kv_lo, bk)
     ring_producer(n_steps, stages, issue, k_used, v_used)
 
 

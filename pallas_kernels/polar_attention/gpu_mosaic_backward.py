@@ -47,8 +47,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.polar_attention import bands
 from pallas_kernels.polar_attention.gpu_mosaic_common import (
-    COMPUTE_WGS, interpret_params, launch, operand, ring_producer, three_phases, tiled_smem,
-    visible_tile, wgmmas)
+    COMPUTE_WGS, interpret_params, kv_block_issue, launch, operand, ring_producer, three_phases,
+    tiled_smem, visible_tile, wgmmas)
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, PAD_LSE, _pad_axis1
 
 _ROWS = 64  # rows per consumer warpgroup (one wgmma M tile): query rows in dQ, keys in dK/dV
@@ -149,13 +149,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
   @pl.when(wg == COMPUTE_WGS)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
-    g = lax.div(h, R)
-
-    def issue(i, slot):
-      keys = (b, pl.ds((kv_lo + i) * bk, bk), g)
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bars.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bars.at[slot])
-
+    issue = kv_block_issue(k_ref, v_ref, k_smem, v_smem, k_bars, v_bars, b, lax.div(h, R),
+                           kv_lo, bk)
     ring_producer(n_steps, stages, issue, used)
 
 

@@ -72,6 +72,17 @@ def operand(x16, smem, via_smem):
   return smem
 
 
+def kv_block_issue(k_ref, v_ref, k_smem, v_smem, k_bars, v_bars, b, g, kv_lo, bk):
+  """A `ring_producer` issue for the K / V blocks of KV head g, batch row b: step i TMA-copies
+  key block kv_lo + i (bk rows) of both into ring slot `slot` (forward and dQ kernels)."""
+  def issue(i, slot):
+    keys = (b, pl.ds((kv_lo + i) * bk, bk), g)
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bars.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bars.at[slot])
+
+  return issue
+
+
 def ring_producer(n_steps, stages, issue, *used):
   """Producer loop: fills `stages` slots, then refills slot i % S once the consumers have
   arrived on every barrier of `used` at that slot; drains the last phases before the barriers
