@@ -101,6 +101,20 @@ SMALL_CASES = (
 )
 
 
+def export_for_h100(fn, shape, *args_spec: str):
+  """jax.export of `fn` for CUDA under an abstract H100 (no GPU needed: traces and lowers
+  Mosaic-GPU kernels, checking SMEM fit and layouts). shape = (B, T, H, G, D); args_spec names
+  each argument's kind: "q" [B,T,H,D] / "kv" [B,T,G,D] bf16, "row" [B,T,H] f32."""
+  B, T, H, G, D = shape
+  kinds = {"q": jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16),
+           "kv": jax.ShapeDtypeStruct((B, T, G, D), jnp.bfloat16),
+           "row": jax.ShapeDtypeStruct((B, T, H), jnp.float32)}
+  mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
+      device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132))
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.export.export(jax.jit(fn), platforms=["cuda"])(*(kinds[a] for a in args_spec))
+
+
 def random_inputs(case: Case, dtype=jnp.float32, seed: int = 0):
   """Fresh q, k (unit RMS, like post-QK-norm), v and a positive per-row scale in [0.1, 0.5].
 

@@ -22,8 +22,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.polar_attention import gpu_mosaic, reference
 from tests.oracle_check import assert_close
-from tests.polar_cases import (Case, check_backend, oracle_fwd_vjp, random_cotangents,
-                               random_inputs)
+from tests.polar_cases import (Case, check_backend, export_for_h100, oracle_fwd_vjp,
+                               random_cotangents, random_inputs)
 
 BF16_TOL = dict(atol=3e-2, rtol=3e-2)  # as the bf16 Triton tests
 
@@ -121,15 +121,8 @@ def test_backward_switch(monkeypatch):
 ], ids=["D128_default", "D64_b128_s3", "D128_ds_smem"])
 def test_lowers_for_h100(shape, window, bwd):
   """Traces and lowers both backward kernels for an abstract H100 (checks SMEM fit, layouts)."""
-  mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
-      device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132))
-  B, T, H, G, D = shape
-  q = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((B, T, G, D), jnp.bfloat16)
-  row = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
   cfg = gpu_mosaic.MosaicConfig(backward="mosaic", bwd=bwd)
   f = functools.partial(gpu_mosaic.attention_stats_bwd, window=window, config=cfg)
-  with jax.sharding.use_abstract_mesh(mesh):
-    exported = jax.export.export(jax.jit(f), platforms=["cuda"])(q, kv, kv, row, row, q, row, row)
+  exported = export_for_h100(f, shape, "q", "kv", "kv", "row", "row", "q", "row", "row")
   text = exported.mlir_module()
   assert len(re.findall("mosaic_gpu", text)) >= 2

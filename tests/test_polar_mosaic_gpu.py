@@ -23,7 +23,7 @@ from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.polar_attention import gpu_mosaic
-from tests.polar_cases import Case, check_backend, random_inputs
+from tests.polar_cases import Case, check_backend, export_for_h100, random_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
@@ -90,15 +90,8 @@ def test_out_of_scope_inputs_raise(change, match):
 ], ids=["D128_default", "D64_bk64_s3_psmem", "D128_psmem_o4"])
 def test_lowers_for_h100(shape, window, config):
   """Traces and lowers the kernel through Mosaic GPU for an abstract H100 (checks SMEM fit)."""
-  mesh = jax.sharding.AbstractMesh((), (), abstract_device=jax.sharding.AbstractDevice(
-      device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132))
-  B, T, H, G, D = shape
-  q = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((B, T, G, D), jnp.bfloat16)
-  row = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
   fwd = functools.partial(gpu_mosaic.attention_stats_fwd, window=window, config=config)
-  with jax.sharding.use_abstract_mesh(mesh):
-    exported = jax.export.export(jax.jit(fwd), platforms=["cuda"])(q, kv, kv, row)
+  exported = export_for_h100(fwd, shape, "q", "kv", "kv", "row")
   assert exported.mlir_module().count("mosaic_gpu") >= 1
 
 
