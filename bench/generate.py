@@ -140,32 +140,29 @@ def device_peak() -> int | None:
   return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
 
 
+def median_call_s(f, x, reps: int) -> float:
+  """Median wall seconds of f(x) to ready over `reps` calls, after one warm-up (compile) call."""
+  f(x).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
 def measure_copy_bandwidth(smoke: bool) -> float:
   """Bytes read + written per second of a large on-device copy (the HBM ceiling we can see)."""
   n = (1 << 20) if smoke else (1 << 30)  # 4 GiB of fp32 on the GPU
   x = jnp.ones((n,), jnp.float32)
-  f = jax.jit(lambda a: a * 1.0001)
-  f(x).block_until_ready()
-  times = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    f(x).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * 4 * n / statistics.median(times)
+  return 2 * 4 * n / median_call_s(jax.jit(lambda a: a * 1.0001), x, reps=5)
 
 
 def measure_matmul_flops(smoke: bool) -> float:
   """bf16 matmul FLOP/s (8192^3 on the GPU) after warm-up: the compute ceiling we can see."""
   n = 512 if smoke else 8192
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(10):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / statistics.median(times)
+  return 2 * n ** 3 / median_call_s(jax.jit(lambda a: a @ a), a, reps=10)
 
 
 def state_bytes_per_seq(cfg, context: int) -> dict[str, int]:

@@ -346,14 +346,12 @@ def print_table(report: dict) -> None:
       for c in p["categories"]:
         print(f"  {100 * c['share']:6.2f}%  {c['us_per_step']:9.2f} us  "
               f"x{c['count_per_step']:<7.1f} {c['name']}")
-      print("  top kernel families (instance numbers dropped):")
-      for k in p["top_kernel_families"][:10]:
-        print(f"  {100 * k['share']:6.2f}%  {k['us_per_step']:9.2f} us  "
-              f"x{k['count_per_step']:<7.1f} {k['category']:<20s} {k['name'][:70]}")
-      print("  top kernels:")
-      for k in p["top_kernels"][:10]:
-        print(f"  {100 * k['share']:6.2f}%  {k['us_per_step']:9.2f} us  "
-              f"x{k['count_per_step']:<7.1f} {k['category']:<20s} {k['name'][:70]}")
+      for title, key in (("top kernel families (instance numbers dropped)", "top_kernel_families"),
+                         ("top kernels", "top_kernels")):
+        print(f"  {title}:")
+        for k in p[key][:10]:
+          print(f"  {100 * k['share']:6.2f}%  {k['us_per_step']:9.2f} us  "
+                f"x{k['count_per_step']:<7.1f} {k['category']:<20s} {k['name'][:70]}")
 
 
 def parse_args(argv=None):
