@@ -25,7 +25,7 @@ Batching (`optim.muon_batch`, on by default): the leaves that share (kind, shape
 sharding) are stacked along a new leading axis `N` and orthogonalized by ONE Newton-Schulz chain
 (`orthogonalized_updates`), then unstacked. Every step of NS acts on the last two axes only (the
 Frobenius norm too), so each matrix is treated exactly as alone; the program holds one NS chain
-per distinct shape instead of one per matrix (16 layers x ~8 matrices -> ~8 chains at 378M).
+per distinct shape instead of one per matrix (atma_378m: 12 chains instead of 120).
 The stack keeps the leaves' sharding on its trailing axes (leading axis unsharded), so no leaf is
 gathered to one device that would not be without batching.
 
