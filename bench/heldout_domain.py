@@ -1,6 +1,6 @@
 """How far a held-out corpus lies from the training split: n-gram cross-entropies and coverage.
 
-Issue #12's first report (reports/sweep_small/report.json) scored the held-out Austen novels at
+Issue #12's first report (reports/sweep_small_86m/report.json) scored the held-out Austen novels at
 7.0-8.0 nats/token while the validation split sat at 3.5-3.8. This measures, with no model, how much of that gap the data alone
 explain: a unigram and an interpolated bigram fitted on the train split of a prepared corpus,
 scored on its validation split and on the held-out documents (the first `--docs` of

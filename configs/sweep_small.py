@@ -22,7 +22,7 @@ metric), §7.3 passkey / NIAH grids, loss by length and by position, junk loss.
   python -m atma_jax.sweep --config sweep_small --smoke            # CPU, minutes
 
 The GPU plan (one call of at most 9.5 min on a fresh H200, 16 CPU cores; the numbers it rests
-on are the first call's, reports/sweep_small at 86M: 54K-61K tok/s per cell with 5 cells at
+on are the first call's, reports/sweep_small_86m: 54K-61K tok/s per cell with 5 cells at
 once, i.e. ~290K tok/s together; inferred from each cell's steps and median tok/s, memory cells
 began stepping ~115-145 s after the start and the Polar cell ~66 s (start-up and compiles);
 evaluations 165-181 s with 12 compiles each, now 7 since the loss ladder runs one padded
@@ -66,7 +66,10 @@ from atma_jax.sweep.grid import Cell, EvalPlan, Grid, Smoke
 
 STEPS = 448
 # Every cell, before its own axes: the `small` preset narrowed for the one-call GPU plan above.
-NARROW = ("model.hidden_size=256", "train.global_batch=64", "train.micro_batch=64",
+# micro_batch 16: at 64 (one micro-step) five of six cells died on the first call (2026-12-03,
+# reports/sweep_small/first_call): the step asked for 13.4 GiB at once (the LM head's
+# backward over 32K tokens) inside its 0.15 share of the H200.
+NARROW = ("model.hidden_size=256", "train.global_batch=64", "train.micro_batch=16",
           f"train.steps={STEPS}", f"train.eval_every={STEPS}")
 
 TINY = ("model.num_layers=2", "model.global_every=2", "model.global_offset=1",
