@@ -1,7 +1,9 @@
 """The project's user-facing errors and the boundary every entry point runs behind.
 
 `AtmaError` is the base of every error whose message names the problem and the fix (a bad
-config, shard, checkpoint, weights file or argument). `cli_boundary` wraps a `main(argv) -> int`:
+config, shard, checkpoint, weights file or argument); `UsageError` is the one every entry point
+(generate.py, eval.py, `python -m atma_jax.interop`, ...) raises for a bad command-line value.
+`cli_boundary` wraps a `main(argv) -> int`:
 
   * an `AtmaError`, or an `OSError` (a missing, unreadable or unwritable file, a full disk, a
     refused connection: the environment, not the code), prints `error: <message>` to stderr
@@ -27,6 +29,11 @@ EXIT_USAGE = 2  # argparse's exit status for a bad command line; ours for every 
 
 class AtmaError(Exception):
   """A problem with the user's input or files; the message says what is wrong and how to fix it."""
+
+
+class UsageError(AtmaError, ValueError):
+  """A bad command-line value (or an input it names) of an entry point; the message names the
+  option and the fix."""
 
 
 def check_writable_dir(path: str, what: str) -> None:
@@ -63,7 +70,7 @@ def report(err: BaseException) -> int:
   """Prints the one-line form of a handled error to stderr; returns the exit status."""
   text = describe_os_error(err) if isinstance(err, OSError) else str(err)
   if not isinstance(err, (AtmaError, OSError)):  # a kernel backend missing on this platform
-    text += " (the backend is model.kernel_impl; eval.py --impl overrides it)"
+    text += " (the backend is model.kernel_impl; eval.py / generate.py --impl override it)"
   print(f"error: {text}", file=sys.stderr)
   return EXIT_USAGE
 

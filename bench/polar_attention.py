@@ -93,6 +93,24 @@ def timeit(f, *args, reps=10, warmup=2, max_s=20.0):
   return 1e3 * statistics.median(ts), len(ts)
 
 
+def time_call(row, fn, args, *, reps, label, mult=None):
+  """The one timing path of every table: fn(*args) once (compiles; its outputs are returned; the
+  first of the 2 warm-up calls), then `timeit`. Returns (row with median_ms, runs and, given
+  `mult` causal matmuls, causal_tflops; outputs). On an exception (e.g. a config that does not
+  compile) prints `label: FAILED ...` and returns (row with `error`, None), so the table records
+  the row and goes on."""
+  try:
+    out = jax.block_until_ready(fn(*args))
+    ms, n = timeit(fn, *args, reps=reps, warmup=1)
+  except Exception as e:  # noqa: BLE001 - record and keep going
+    print(f"{label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    return dict(row, error=str(e)[:300]), None
+  row = dict(row, median_ms=ms, runs=n)
+  if mult is not None:
+    row["causal_tflops"] = causal_tflops(row["B"], row["T"], ms, mult)
+  return row, out
+
+
 def rel_err(a, b):
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   return float(np.max(np.abs(a - b)) / max(1e-6, float(np.max(np.abs(b)))))
@@ -194,11 +212,8 @@ def sweep(reps, shape, n_cfg, result, save):
     for cand in cands[:n_cfg]:
       upd = dict(zip(fields, cand))
       fn, args = make(dataclasses.replace(gpu_triton.DEFAULT_CONFIG, **upd))
-      try:
-        ms, _ = timeit(fn, *args, reps=reps)
-      except Exception as e:  # noqa: BLE001 - a config that does not compile is recorded
-        ms = None
-        print(f"{kind} {cand}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+      timed, _ = time_call({}, fn, args, reps=reps, label=f"{kind} {cand}")
+      ms = timed.get("median_ms")  # None: a config that does not compile (printed)
       res[kind].append(dict(upd, ms=ms))
       save()
       if ms is not None:
@@ -241,15 +256,12 @@ def table(cfg, reps, xla_max_t, shapes, fwd_only_shapes, save, cudnn="cudnn", mo
         if fn is None:
           continue
         a = args if mode == "fwd" else args + (do,)
-        try:
-          ms, n = timeit(fn, *a, reps=reps)
-        except Exception as e:  # noqa: BLE001 - record and keep going
-          print(f"B{B} T{T} {name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}")
-          rows.append({"B": B, "T": T, "impl": name, "mode": mode, "error": str(e)[:300]})
+        row, _ = time_call({"B": B, "T": T, "impl": name, "mode": mode}, fn, a, reps=reps,
+                           label=f"B{B} T{T} {name} {mode}", mult=1.0 if mode == "fwd" else 3.5)
+        rows.append(row)
+        if "error" in row:
           continue
-        tf = causal_tflops(B, T, ms, 1.0 if mode == "fwd" else 3.5)
-        rows.append({"B": B, "T": T, "impl": name, "mode": mode, "median_ms": ms, "runs": n,
-                     "causal_tflops": tf})
+        ms, n, tf = row["median_ms"], row["runs"], row["causal_tflops"]
         print(f"B{B:>2} T{T:>6} {name:>14} {mode:>8}: {ms:9.3f} ms  ({tf:6.1f} TF/s, n={n})",
               flush=True)
       save(rows)
@@ -271,19 +283,17 @@ def decode_table(cfg, reps, save, rows, cases=((1, 65536), (8, 65536), (8, 8192)
              "xla_streaming": functools.partial(xla_streaming.attention_stats_fwd, **kw)}
     ref = None
     for name, fn in impls.items():
-      try:
-        fn = jax.jit(fn)
-        out = fn(q, k, v, scale)
-        ref = out if ref is None else ref
-        err = max(rel_err(a, b) for a, b in zip(out, ref))
-        ms, n = timeit(fn, q, k, v, scale, reps=reps)
-      except Exception as e:  # noqa: BLE001
-        print(f"decode B{B} Tk{Tk} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
-        rows.append({"B": B, "T": Tk, "impl": name, "mode": "decode", "error": str(e)[:300]})
+      row, out = time_call({"B": B, "T": Tk, "Tq": 1, "impl": name, "mode": "decode"},
+                           jax.jit(fn), (q, k, v, scale), reps=reps,
+                           label=f"decode B{B} Tk{Tk} {name}")
+      if out is None:
+        rows.append(row)
         continue
+      ref = out if ref is None else ref
+      err = max(rel_err(a, b) for a, b in zip(out, ref))
+      ms, n = row["median_ms"], row["runs"]
       gbs = 2 * B * Tk * G * D * 2 / (ms * 1e-3) / 1e9
-      rows.append({"B": B, "T": Tk, "Tq": 1, "impl": name, "mode": "decode", "median_ms": ms,
-                   "runs": n, "kv_read_GBps": gbs, "max_rel_err_vs_splitk": err})
+      rows.append(dict(row, kv_read_GBps=gbs, max_rel_err_vs_splitk=err))
       print(f"decode B{B:>2} Tk{Tk:>6} {name:>14}: {ms:9.3f} ms  ({gbs:7.1f} GB/s KV read, "
             f"rel err vs split-K {err:.1e})", flush=True)
       save(rows)
@@ -321,17 +331,12 @@ def bwd_variants(variants, reps, save, budget_s, small=False):
     if over():
       res["timings"].append({"B": B, "T": T, "variant": name, "mode": mode, "skipped": True})
       return None
-    try:
-      out = jax.block_until_ready(fn(*args))
-      ms, n = timeit(fn, *args, reps=reps)
-    except Exception as e:  # noqa: BLE001 - a variant that does not compile is recorded
-      print(f"B{B} T{T} {name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-      res["timings"].append({"B": B, "T": T, "variant": name, "mode": mode,
-                             "error": str(e)[:300]})
+    row, out = time_call({"B": B, "T": T, "variant": name, "mode": mode}, fn, args, reps=reps,
+                         label=f"B{B} T{T} {name} {mode}", mult=2.5 if mode == "bwd" else 3.5)
+    if out is None:
+      res["timings"].append(row)
       return None
-    tf = causal_tflops(B, T, ms, 2.5 if mode == "bwd" else 3.5)
-    row = {"B": B, "T": T, "variant": name, "mode": mode, "median_ms": ms, "runs": n,
-           "causal_tflops": tf}
+    ms, n, tf = row["median_ms"], row["runs"], row["causal_tflops"]
     if ref is not None:
       row["rel_err_vs_split"] = {k: rel_err(a, b) for k, a, b in zip(names4, out, ref)}
     res["timings"].append(row)
@@ -489,17 +494,14 @@ def mosaic_bwd_table(mosaic, bwds, reps, shapes, save, cudnn="cudnn", budget_s=2
         if time.perf_counter() - t_start > budget_s:
           rows.append(dict(row, skipped=True))
           continue
-        try:
-          out = jax.block_until_ready(fn(*args))
-          ms, n = timeit(fn, *args, reps=reps)
-        except Exception as e:  # noqa: BLE001 - record and keep going
-          print(f"B{B} T{T} {name} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}",
-                flush=True)
-          rows.append(dict(row, error=str(e)[:300]))
+        mult = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5,
+                "bwd_part": 1.5 if name.endswith(":dq") else 2.0}[mode]
+        row, out = time_call(row, fn, args, reps=reps, label=f"B{B} T{T} {name} {mode}",
+                             mult=mult)
+        if out is None:
+          rows.append(row)
           continue
-        tf = causal_tflops(B, T, ms, {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5,
-                                      "bwd_part": 1.5 if name.endswith(":dq") else 2.0}[mode])
-        row.update(median_ms=ms, runs=n, causal_tflops=tf)
+        ms, n, tf = row["median_ms"], row["runs"], row["causal_tflops"]
         if name == "triton_bwd":
           ref = out
         elif mode == "bwd" and ref is not None:

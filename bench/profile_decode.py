@@ -147,7 +147,6 @@ def profile_row(gen, cfg, name, batch, context, steps, reps, trace_dir, hlo_map:
                 save_to: str | None) -> dict:
   import jax
   import numpy as np
-  from atma_jax.generate.loop import _static
   bg = bench_generate()
 
   # generate.py's decode timing; the cache holds a spare block and the traced one after it
@@ -162,9 +161,8 @@ def profile_row(gen, cfg, name, batch, context, steps, reps, trace_dir, hlo_map:
   if hlo_map:  # kernels -> HLO instruction -> JAX op_name (source scopes)
     t0 = time.perf_counter()
     try:
-      lowered = gen._block.func.lower(*gen._block.args, gen.params, state, _static(sampling),
-                                      steps, sampling.max_new_tokens)
-      hlo = ptrace.hlo_op_names(lowered.compile().as_text())
+      hlo = ptrace.hlo_op_names(
+          gen.lower_decode_block(state, sampling, steps).compile().as_text())
     except Exception as e:  # noqa: BLE001 - the map only adds scopes
       row["hlo_text_error"] = f"{type(e).__name__}: {e}"[:300]
     row["hlo_map_s"] = time.perf_counter() - t0

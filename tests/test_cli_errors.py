@@ -1,13 +1,15 @@
 """The error boundary of every entry point (atma_jax/errors.py).
 
-Bad input to `train.py`, `eval.py`, `python -m atma_jax.interop` and `python -m atma_jax.summary`
-ends as one `error: ...` line on stderr and exit status 2, without a traceback and without
-leaving directories behind; a bug (any other exception) keeps its traceback. The subprocess
-cases fail before any compute, so each costs only the interpreter's start-up.
+Bad input to `train.py`, `eval.py`, `generate.py`, `python -m atma_jax.interop` and
+`python -m atma_jax.summary` ends as one `error: ...` line on stderr and exit status 2, without a
+traceback and without leaving directories behind; a bug (any other exception) keeps its
+traceback. A bad command-line value is the one shared `UsageError` in every entry point. The
+subprocess cases fail before any compute, so each costs only the interpreter's start-up.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -16,14 +18,14 @@ from pathlib import Path
 import pytest
 
 from atma_jax.config import ConfigError
-from atma_jax.errors import AtmaError, cli_boundary
+from atma_jax.errors import AtmaError, UsageError, cli_boundary
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
   """`python train.py ...` / `python -m atma_jax.interop ...` from `cwd` with this checkout."""
-  if args[0] in ("train.py", "eval.py"):
+  if args[0] in ("train.py", "eval.py", "generate.py"):
     args = [str(ROOT / args[0])] + args[1:]
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
   env.pop("ATMA_TRACEBACK", None)
@@ -72,6 +74,42 @@ def test_train_unwritable_run_dir(tmp_path):
 def test_eval_missing_checkpoint(tmp_path):
   proc = run_cli(["eval.py", "--checkpoint", str(tmp_path / "nothing")], tmp_path)
   assert_one_line_error(proc, "does not exist")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["eval.py", "--checkpoint", ".", "--lengths", "abc"],
+     ["--lengths must be comma-separated integers"]),
+    (["generate.py", "--checkpoint", "nothing", "--prompt", "x"],
+     ["checkpoint path 'nothing' does not exist"]),
+    (["generate.py", "--checkpoint", ".", "--prompt", "x", "--block", "0"],
+     ["--block must be a positive integer, got 0"]),
+    (["-m", "atma_jax.interop", "verify", "--reference-repo", ".", "--torch-python",
+      sys.executable, "--variants", "no_such_variant"],
+     ["--variants 'no_such_variant' matches no variant", "polar-mem1-win0"]),
+])
+def test_usage_errors(tmp_path, args, needles):
+  """A bad command-line value of each entry point: the shared UsageError, one line."""
+  assert_one_line_error(run_cli(args, tmp_path), *needles)
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_entry_points_define_no_error_classes_of_their_own():
+  """The command-line modules raise atma_jax.errors' classes (UsageError for a bad value) and
+  print through `cli_boundary`; none defines its own exception class."""
+  files = [ROOT / "train.py", ROOT / "eval.py", ROOT / "generate.py",
+           *sorted((ROOT / "atma_jax").rglob("cli.py"))]
+  base_name = lambda b: getattr(b, "id", getattr(b, "attr", ""))
+  own = [f"{f.relative_to(ROOT)}: {node.name}" for f in files
+         for node in ast.walk(ast.parse(f.read_text())) if isinstance(node, ast.ClassDef)
+         and any(base_name(b).endswith(("Error", "Exception")) for b in node.bases)]
+  assert not own, own
+  from atma_jax.eval import cli as eval_cli
+  from atma_jax.generate import cli as generate_cli
+  with pytest.raises(UsageError, match="--lengths is empty"):
+    eval_cli.parse_lengths("")
+  with pytest.raises(UsageError, match="--max-len must be a positive integer"):
+    generate_cli.check_args(generate_cli.parse_args(["--checkpoint", ".", "--prompt", "x",
+                                                     "--max-len", "0"]))
 
 
 def test_interop_errors(tmp_path):
@@ -199,4 +237,4 @@ def test_a_kernel_missing_on_this_platform_is_one_line(capsys):
   assert main() == 2
   err = capsys.readouterr().err
   assert err.startswith("error: impl='pallas': no Pallas Polar attention backend for platform 'cpu'")
-  assert "model.kernel_impl" in err and err.count("\n") == 1
+  assert "model.kernel_impl" in err and "generate.py --impl" in err and err.count("\n") == 1

@@ -99,6 +99,20 @@ def test_decode_runs_in_one_dispatch(gen, monkeypatch):
   assert len(calls) == 1
 
 
+def test_lower_decode_block_is_the_block_decode_block_runs(gen):
+  """The public lowering (bench/profile_decode.py maps kernels with it) is `decode_block`'s:
+  its HLO holds the on-device while loop, and run on a fresh state it gives the same tokens."""
+  sampling = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)
+  ps = prompts([4, 7], seed=3)
+  state, _ = gen.start(ps, sampling)
+  compiled = gen.lower_decode_block(state, sampling, 8).compile()
+  assert "while" in compiled.as_text()
+  _, want_BN = gen.decode_block(state, sampling, 8)
+  state, _ = gen.start(ps, sampling)
+  _, got_BN = compiled(gen.params, state, sampling.max_new_tokens)
+  np.testing.assert_array_equal(np.asarray(got_BN), np.asarray(want_BN))
+
+
 def test_no_recompile_for_a_new_seed_length_or_generator(gen):
   """Seed and max_new_tokens are traced, and Generators of one architecture share the jits."""
   from atma_jax.generate import loop

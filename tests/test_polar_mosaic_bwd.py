@@ -10,6 +10,7 @@ The compiled runs are the `gpu` tests in test_polar_mosaic_gpu.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -126,3 +127,70 @@ def test_lowers_for_h100(shape, window, bwd):
   exported = export_for_h100(f, shape, "q", "kv", "kv", "row", "row", "q", "row", "row")
   text = exported.mlir_module()
   assert len(re.findall("mosaic_gpu", text)) >= 2
+
+
+D128_OVER = [(gpu_mosaic.BwdConfig(dq_block_k=128, stages=3), "dq", 267384),
+             (gpu_mosaic.BwdConfig(dkv_block_q=128, ds_via_smem=True), "dkv", 233568)]
+
+
+@pytest.mark.parametrize("bwd,kernel,mosaic_bytes", D128_OVER, ids=["dq128_s3", "kv128_ds_smem"])
+def test_smem_count_refuses_what_mosaic_refused(bwd, kernel, mosaic_bytes):
+  """The integer SMEM count reproduces the bytes Mosaic counted on an H200 for the two 128-block
+  configs at D=128 (bench/results/gpu_tests_new_kernels_h200.txt), and the compiled backward
+  refuses them before any trace with one line: the bytes, the limit and a config that fits."""
+  mb = gpu_mosaic.gpu_mosaic_backward
+  assert mb.smem_bytes(bwd, 128, jnp.bfloat16, 1000)[kernel] == mosaic_bytes
+  fit = mb.fitting_config(bwd, 128, jnp.bfloat16, 1000)
+  assert fit != bwd and max(mb.smem_bytes(fit, 128, jnp.bfloat16, 1000).values()) <= 232448
+  q, k, v, s = random_inputs(Case(Tq=1000, H=4, G=2, D=128), jnp.bfloat16)
+  cfg = gpu_mosaic.MosaicConfig(backward="mosaic", bwd=dataclasses.replace(bwd, interpret=False))
+  want = (rf"needs {mosaic_bytes} bytes of shared memory in its {kernel} kernel at D=128 "
+          rf"bfloat16, over the 232448 a Hopper block can use; "
+          rf"use {re.escape(mb.config_repr(fit))}")
+  with pytest.raises(ValueError, match=want) as err:
+    gpu_mosaic.attention_stats_bwd(q, k, v, s, s, q, s, s, config=cfg)
+  assert "\n" not in str(err.value)
+
+
+def test_smem_default_configs_fit_and_dispatch_names_the_refusal(monkeypatch):
+  """The default forward and backward fit Hopper's SMEM at D 64 / 128 (short and long T); a
+  DEFAULT_CONFIG whose backward does not fit is a dispatch refusal naming the bytes, so `auto`
+  on a (pretend) Hopper GPU takes the Triton kernels instead of failing in Mosaic's compile."""
+  from pallas_kernels import dispatch
+  from pallas_kernels.polar_attention import api, gpu_triton
+  mb = gpu_mosaic.gpu_mosaic_backward
+  for D in (64, 128):
+    for T in (64, 333, 8192):
+      assert gpu_mosaic.smem_bytes(gpu_mosaic.DEFAULT_CONFIG, D, jnp.bfloat16, T) <= 232448
+      assert max(mb.smem_bytes(mb.DEFAULT_BWD_CONFIG, D, jnp.bfloat16, T).values()) <= 232448
+  monkeypatch.setattr(dispatch, "platform_of", lambda x: "gpu")
+  monkeypatch.setattr(dispatch, "is_hopper", lambda: True)
+  q, k, v, _ = random_inputs(Case(Tq=300, H=4, G=2, D=128), jnp.bfloat16)
+  compiled = gpu_mosaic.MosaicConfig(interpret=False)
+  assert gpu_mosaic.unsupported_reason(q, k, v, config=compiled) is None
+  monkeypatch.setattr(gpu_mosaic, "DEFAULT_CONFIG",
+                      dataclasses.replace(compiled, bwd=D128_OVER[0][0]))
+  assert "needs 267384 bytes" in gpu_mosaic.unsupported_reason(q, k, v)
+  assert api.select_backend(q, k, v, impl="auto") is gpu_triton
+
+
+def test_smem_count_matches_mosaic_lowering(monkeypatch):
+  """The count equals what Mosaic's own lowering counts (it reports the bytes when they exceed
+  its bound; the bound is lowered to 1000 here so every kernel reports), for the forward and
+  both backward kernels of a non-default config (no SMEM-fit refusal on our side)."""
+  from jax.experimental.mosaic.gpu import core as mosaic_core
+  mb = gpu_mosaic.gpu_mosaic_backward
+  monkeypatch.setattr(mosaic_core, "_SMEM_SIZE_BOUND", 1000)
+  shape, D, T = (1, 300, 8, 2, 128), 128, 300
+  cfg = gpu_mosaic.MosaicConfig(interpret=False, block_k=64, stages=3, p_via_smem=True,
+                                bwd=gpu_mosaic.BwdConfig(dq_block_k=128, dkv_block_q=128))
+  want = {"fwd": gpu_mosaic.smem_bytes(cfg, D, jnp.bfloat16, T),
+          **mb.smem_bytes(cfg.bwd, D, jnp.bfloat16, T)}
+  calls = {"fwd": (functools.partial(gpu_mosaic.attention_stats_fwd, config=cfg),
+                   ("q", "kv", "kv", "row"))}
+  for part in ("dq", "dkv"):
+    calls[part] = (functools.partial(gpu_mosaic.attention_stats_bwd, config=cfg, parts=(part,)),
+                   ("q", "kv", "kv", "row", "row", "q", "row", "row"))
+  for name, (fn, spec) in calls.items():
+    with pytest.raises(Exception, match=rf"smem_bytes={want[name]} > max_smem_bytes=1000"):
+      export_for_h100(fn, shape, *spec)

@@ -27,16 +27,12 @@ import os
 import sys
 import time
 
-from atma_jax.errors import AtmaError, check_writable_dir, cli_boundary
+from atma_jax.errors import UsageError, check_writable_dir, cli_boundary
 
 TASKS = ("loss", "junk", "retrieval", "retrieval_gen", "induction", "probe")
 DEFAULT_TASKS = ("loss", "junk", "retrieval", "induction")
 LADDER = (1, 2, 4, 8, 16, 32)
 MIN_LENGTH = 64  # the retrieval scaffold (EOT, needle, cue) needs ~30 tokens
-
-
-class EvalError(AtmaError, ValueError):
-  """A bad command line or input, with a message that says how to fix it."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,14 +68,14 @@ def parse_lengths(text: str) -> list[int]:
   try:
     vals = [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
   except ValueError:
-    raise EvalError(f"--lengths must be comma-separated integers (e.g. 2048,4096), got "
-                    f"{text!r}") from None
+    raise UsageError(f"--lengths must be comma-separated integers (e.g. 2048,4096), got "
+                     f"{text!r}") from None
   if not vals:
-    raise EvalError("--lengths is empty; give at least one context length")
+    raise UsageError("--lengths is empty; give at least one context length")
   bad = [v for v in vals if v < MIN_LENGTH]
   if bad:
-    raise EvalError(f"--lengths {bad}: every length must be >= {MIN_LENGTH} tokens (the needle "
-                    "scaffold alone takes ~30)")
+    raise UsageError(f"--lengths {bad}: every length must be >= {MIN_LENGTH} tokens (the needle "
+                     "scaffold alone takes ~30)")
   return sorted(set(vals))
 
 
@@ -87,9 +83,9 @@ def parse_depths(text: str) -> list[float]:
   try:
     vals = [float(x) for x in text.split(",") if x.strip()]
   except ValueError:
-    raise EvalError(f"--depths must be comma-separated numbers in [0, 1], got {text!r}") from None
+    raise UsageError(f"--depths must be comma-separated numbers in [0, 1], got {text!r}") from None
   if not vals or any(not 0.0 <= v <= 1.0 for v in vals):
-    raise EvalError(f"--depths {text!r}: give at least one depth, each in [0, 1]")
+    raise UsageError(f"--depths {text!r}: give at least one depth, each in [0, 1]")
   return vals
 
 
@@ -97,7 +93,7 @@ def parse_tasks(text: str, probe: bool, generate: bool = False) -> list[str]:
   tasks = [t.strip() for t in text.split(",") if t.strip()]
   unknown = sorted(set(tasks) - set(TASKS))
   if unknown or not tasks:
-    raise EvalError(f"unknown --tasks {unknown}; choose from {','.join(TASKS)}")
+    raise UsageError(f"unknown --tasks {unknown}; choose from {','.join(TASKS)}")
   for flag, task in ((probe, "probe"), (generate, "retrieval_gen")):
     if flag and task not in tasks:
       tasks.append(task)
@@ -114,13 +110,13 @@ def check_args(args: argparse.Namespace) -> dict:
   for name in ("trials", "docs", "tokens_per_call"):
     value = getattr(args, name)
     if value is not None and value < 1:
-      raise EvalError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+      raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
   if args.corpus not in KINDS:
-    raise EvalError(f"--corpus {args.corpus!r} is unknown; choose one of {', '.join(KINDS)}")
+    raise UsageError(f"--corpus {args.corpus!r} is unknown; choose one of {', '.join(KINDS)}")
   if not os.path.exists(args.checkpoint):
-    raise EvalError(f"checkpoint path {args.checkpoint!r} does not exist; pass the run directory "
-                    "written by train.py (e.g. runs/tiny) or one of its checkpoints/<step> "
-                    "folders")
+    raise UsageError(f"checkpoint path {args.checkpoint!r} does not exist; pass the run "
+                     "directory written by train.py (e.g. runs/tiny) or one of its "
+                     "checkpoints/<step> folders")
   return out
 
 
@@ -135,18 +131,16 @@ def run(args: argparse.Namespace) -> int:
 
   from atma_jax.train import checkpoint as ckpt
 
-  try:  # config and integrity only: no arrays are read yet
-    step_dir = ckpt.resolve_step_dir(args.checkpoint, step=args.step)
-    cfg = ckpt.read_config(step_dir)
-  except ckpt.CheckpointError as e:
-    raise EvalError(str(e)) from None
+  # config and integrity only: no arrays are read yet (a CheckpointError names the problem)
+  step_dir = ckpt.resolve_step_dir(args.checkpoint, step=args.step)
+  cfg = ckpt.read_config(step_dir)
   run_dir = step_dir.parent.parent
   out_dir = args.out or os.path.join(run_dir, "eval_nomem" if args.no_mem else "eval")
   check_writable_dir(out_dir, "--out")  # before the evaluation, not after it
   lengths = checked["lengths"] or [cfg.train.seq_len * m for m in LADDER]
   if "probe" in tasks and cfg.model.attn_type != "polar":
-    raise EvalError(f"--probe reports Polar internals, but this checkpoint's attn_type is "
-                    f"{cfg.model.attn_type!r}; drop --probe")
+    raise UsageError(f"--probe reports Polar internals, but this checkpoint's attn_type is "
+                     f"{cfg.model.attn_type!r}; drop --probe")
   if args.no_mem and not cfg.model.mem_enabled:
     print("note: --no-mem has no effect, this model has no memory branch", file=sys.stderr)
   depths = checked["depths"] or list(cfg.eval.depths)
@@ -162,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     docs = eval_docs.long_documents(args.corpus, longest, tok, limit=num_docs,
                                     cache_dir=cfg.data.cache_dir)
   except Exception as e:  # noqa: BLE001 - missing package or too short: a user-facing problem
-    raise EvalError(f"held-out {args.corpus!r} documents of {longest:,} tokens: {e}") from None
+    raise UsageError(f"held-out {args.corpus!r} documents of {longest:,} tokens: {e}") from None
   if len(docs) < num_docs:
     print(f"note: only {len(docs)} held-out {args.corpus!r} document(s) reach {longest:,} tokens "
           f"(asked for {num_docs}); the loss uses those", file=sys.stderr)
@@ -261,7 +255,7 @@ def _junk_windows(cfg, lengths: list[int], num_docs: int, only: bool):
     except JunkError as e:
       skipped[n] = str(e)
   if skipped and not windows and only:
-    raise EvalError(skipped[min(skipped)])
+    raise UsageError(skipped[min(skipped)])
   if skipped:
     print(f"note: junk task skipped at length(s) {sorted(skipped)}: {skipped[min(skipped)]}",
           file=sys.stderr)

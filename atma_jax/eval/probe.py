@@ -38,7 +38,7 @@ def probe_fn(fwd: Forward):
     for layer, block in enumerate(model.blocks):
       if block.is_global:
         attn = block.attn
-        _, (q_BTHd, k_BTGd, v_BTGd), _ = attn.core_inputs(block.norm1(x_BTD))
+        q_BTHd, k_BTGd, v_BTGd = attn.core_inputs(block.norm1(x_BTD)).core
         st = polar_stats(q_BTHd, k_BTGd, v_BTGd, attn.v_null.get_value(),
                          attn.len_gain_raw.get_value(), attn.null_base.get_value(),
                          attn.null_slope_raw.get_value(), attn.mag_beta_raw.get_value(),

@@ -15,11 +15,7 @@ import os
 import sys
 import time
 
-from atma_jax.errors import AtmaError, cli_boundary
-
-
-class CliError(AtmaError, ValueError):
-  """A bad command line or input, with a message that says how to fix it."""
+from atma_jax.errors import UsageError, cli_boundary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,11 +54,12 @@ def check_args(args: argparse.Namespace):
   for name in ("block", "max_len"):
     value = getattr(args, name)
     if value is not None and value < 1:
-      raise CliError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+      raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
   if not os.path.exists(args.checkpoint):
-    raise CliError(f"checkpoint path {args.checkpoint!r} does not exist; pass the run directory "
-                   "written by train.py (e.g. runs/tiny), one of its checkpoints/<step> folders, "
-                   "or a directory made by `python -m atma_jax.interop import`")
+    raise UsageError(f"checkpoint path {args.checkpoint!r} does not exist; pass the run "
+                     "directory written by train.py (e.g. runs/tiny), one of its "
+                     "checkpoints/<step> folders, or a directory made by "
+                     "`python -m atma_jax.interop import`")
   step_dir, cfg = checkpoint_config(args.checkpoint, args.step)  # CheckpointError: one line
   sampling.validate(cfg.model.vocab_size)
   return sampling, step_dir, cfg

@@ -233,6 +233,14 @@ class Generator:
     [B, n] int32, PAD where a row was done or the loop stopped early)."""
     return self._block(self.params, state, _static(sampling), n, sampling.max_new_tokens)
 
+  def lower_decode_block(self, state: DecodeState, sampling: SamplingParams, n: int
+                         ) -> jax.stages.Lowered:
+    """The lowering of `decode_block(state, sampling, n)`: the same jitted function and
+    arguments, nothing run and nothing donated. `.compile().as_text()` is the HLO that call
+    runs (profilers map its kernels to source scopes with it)."""
+    return _block.lower(self.steps, self.graphdef, self.params, state, _static(sampling), n,
+                        sampling.max_new_tokens)
+
   def stream(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
              max_len: int | None = None, block: int = 16) -> Iterator[list[list[int]]]:
     """Yields, per decode block, each row's new tokens (possibly empty); the first yield is

@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from atma_jax.errors import cli_boundary
+from atma_jax.errors import UsageError, cli_boundary
 
 
 def _export(args) -> int:
@@ -94,18 +94,15 @@ def _verify(args) -> int:
   from atma_jax.interop import verify as V
   torch_python = args.torch_python or V.default_torch_python()
   if not torch_python:
-    print("verify needs a Python with torch: pass --torch-python PATH (or set "
-          "ATMA_TORCH_PYTHON), e.g. a venv with `pip install torch numpy safetensors`.",
-          file=sys.stderr)
-    return 2
+    raise UsageError("verify needs a Python with torch: pass --torch-python PATH (or set "
+                     "ATMA_TORCH_PYTHON), e.g. a venv with `pip install torch numpy safetensors`.")
   variants = V.all_variants()
   if args.variants:
     want = set(args.variants.split(","))
     variants = [v for v in variants if v.name in want]
     if not variants:
-      print(f"no variant matches {args.variants!r}; names: "
-            f"{', '.join(v.name for v in V.all_variants())}", file=sys.stderr)
-      return 2
+      raise UsageError(f"--variants {args.variants!r} matches no variant; choose from "
+                       f"{', '.join(v.name for v in V.all_variants())}")
   result = V.verify(args.reference_repo, torch_python, variants=variants, seed=args.seed,
                     batch=args.batch, seq=args.seq, impl=args.impl,
                     precision=args.matmul_precision, head_dim=args.head_dim,

@@ -26,6 +26,7 @@ continues from its state; the new layer cache is returned beside the output.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import chex
 import jax
@@ -40,6 +41,14 @@ from atma_jax.model.memory import Memory
 from atma_jax.model.rope import apply_rope
 from atma_jax.model.ops import (polar_core, polar_core_at, softmax_attention,
                                 softmax_attention_at)
+
+
+class CoreInputs(NamedTuple):
+  """What `GlobalMixer.core_inputs` returns (k, v not GQA-expanded)."""
+  gate_BTHd: jax.Array  # the output gate, before its sigmoid
+  core: tuple[jax.Array, jax.Array, jax.Array]  # the core's q [B,T,H,d], k, v [B,T,G,d]
+  mem: tuple[jax.Array, jax.Array, jax.Array]   # the memory's q, k, v (same shapes)
+  tails: dict  # with a decode cache: the updated Canon tails {field: [B, Ka-1, F]}; else {}
 
 
 class GlobalMixer(nnx.Module):
@@ -107,14 +116,15 @@ class GlobalMixer(nnx.Module):
     v_BRGd = self.v(xi_BRD).reshape(B, R, G, d)
     return jax.lax.stop_gradient(k_BRGd), jax.lax.stop_gradient(v_BRGd)
 
-  def core_inputs(self, x_BTD: jax.Array, q_offset=0, cache=None, span=None):
-    """gate [B,T,H,d], the core's (q, k, v) and the memory's (q, k, v) (k, v not GQA-expanded).
+  def core_inputs(self, x_BTD: jax.Array, q_offset=0, cache=None, span=None) -> CoreInputs:
+    """`CoreInputs`: gate [B,T,H,d], the core's (q, k, v), the memory's (q, k, v) (k, v not
+    GQA-expanded) and the updated Canon tails.
 
     polar / nope: QK-norm then Canon, shared by core and memory. rope: rotary on the core's q, k;
     the memory takes the pre-rotary QK-normed q, k and raw v.
     With a decode `cache` (a `GlobalLayerCache`) and `span` the Canon convs continue from the
-    cached tails and RoPE rotates at each row's start position; a fourth item, the updated
-    Canon tails {field: [B, Ka-1, F]} ({} for rope), is returned.
+    cached tails and RoPE rotates at each row's start position; `tails` holds the updated Canon
+    tails {field: [B, Ka-1, F]} ({} for rope, and without a cache).
     """
     q_BTHd, gate_BTHd, k_BTGd, v_BTGd = self.project_qkv(x_BTD)
     tails = {}
@@ -133,7 +143,7 @@ class GlobalMixer(nnx.Module):
               canon(self.canon_k, k_BTGd, "canon_k_BKF"),
               canon(self.canon_v, v_BTGd, "canon_v_BKF"))
       mem = core
-    return (gate_BTHd, core, mem) if cache is None else (gate_BTHd, core, mem, tails)
+    return CoreInputs(gate_BTHd, core, mem, tails)
 
   # -- forward -----------------------------------------------------------------------------------
 
@@ -152,9 +162,9 @@ class GlobalMixer(nnx.Module):
     r = H // G
     W = cfg.attn_window
     with jax.named_scope("core_inputs"):
-      inputs = self.core_inputs(x_BTD, q_offset, cache, span)
-    gate_BTHd, (q_att, k_att, v_att), (q_mem, k_mem, v_mem) = inputs[:3]
-    new = {} if cache is None else inputs[3]  # the layer cache's updated fields
+      gate_BTHd, (q_att, k_att, v_att), (q_mem, k_mem, v_mem), tails = self.core_inputs(
+          x_BTD, q_offset, cache, span)
+    new = dict(tails)  # the layer cache's updated fields
 
     def run_core(core, core_at):
       """core(q, k, v, q_offset) without a cache; over the cache (kv_cache.attend_cached)."""

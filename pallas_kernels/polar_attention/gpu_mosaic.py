@@ -14,6 +14,10 @@ heads, D 128, causal), fwd+bwd with the Mosaic vs the Triton backward vs cuDNN: 
 A config passed to neither function means `DEFAULT_CONFIG`, read at call time, so assigning
 `gpu_mosaic.DEFAULT_CONFIG = dataclasses.replace(DEFAULT_CONFIG, backward="triton")` switches
 every call the api dispatches here. This module has the backend contract of `gpu_triton`.
+A compiled call whose config does not fit Hopper's SMEM (227 KiB a block) at its shape is refused
+before Mosaic compiles, in one line naming the bytes, the limit and a config that fits
+(`smem_refusal`, from the integer count `smem_bytes`; the backward's in `gpu_mosaic_backward`);
+`unsupported_reason` gives dispatch that refusal for `DEFAULT_CONFIG`.
 
 Kernel layout (one program per (head, query tile of 2*bq rows, batch)): three warpgroups.
 Warpgroup 2 is the producer: it TMA-copies the K / V blocks of the tile's causal / window band
@@ -53,13 +57,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.polar_attention import bands, reference
 from pallas_kernels.polar_attention import gpu_backward, gpu_mosaic_backward
 from pallas_kernels.polar_attention.gpu_mosaic_backward import BwdConfig
+from pallas_kernels.polar_attention import gpu_mosaic_common
 from pallas_kernels.polar_attention.gpu_mosaic_common import (
-    COMPUTE_WGS, interpret_params, kv_block_issue, launch, operand, ring_producer, three_phases,
-    tiled_smem, visible_tile, wgmmas)
+    COMPUTE_WGS, SMEM_LIMIT, config_repr, interpret_params, kv_block_issue, launch, operand,
+    ring_producer, three_phases, tiled_smem, visible_tile, wgmmas)
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
 
 __all__ = ["BACKWARDS", "BwdConfig", "MosaicConfig", "DEFAULT_CONFIG", "attention_stats_bwd",
-           "attention_stats_fwd", "unsupported_reason"]
+           "attention_stats_fwd", "smem_bytes", "smem_refusal", "unsupported_reason"]
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 BACKWARDS = ("triton", "mosaic")  # what attention_stats_bwd runs (MosaicConfig.backward)
@@ -110,22 +115,45 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
                                             **kw)
   reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
                                    q_offset=q_offset)
-  why = unsupported_reason(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset)
+  why = _scope_reason(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset)
   if why is None and set(kw) - {"parts"}:
     why = f"the Mosaic backward takes no Triton options (got {sorted(set(kw) - {'parts'})})"
   if why is not None:
     raise ValueError(f"gpu_mosaic.attention_stats_bwd (backward='mosaic'): {why}. Use "
                      "backward='triton' (or gpu_triton) for this call.")
-  bwd = mcfg.bwd
-  if bwd.interpret is None and mcfg.interpret is not None:
-    bwd = dataclasses.replace(bwd, interpret=mcfg.interpret)
   return gpu_mosaic_backward.attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH,
                                                  do_BTHD, delta_BTH, cq_BTH, window=window,
-                                                 config=bwd, **kw)
+                                                 config=_bwd_config(mcfg), **kw)
 
 
-def unsupported_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
-  """None when this kernel can run this call (training / prefill scope only), else why not."""
+def unsupported_reason(q, k, v, *, window=None, q_offset=0,
+                       config: MosaicConfig | None = None) -> str | None:
+  """None when this kernel can run this call (training / prefill scope only) with `config`
+  (None: `DEFAULT_CONFIG`, read now), else why not: out of scope, or, when compiled, the
+  forward's or the Mosaic backward's kernels do not fit Hopper's SMEM at this shape."""
+  why = _scope_reason(q, k, v, window=window, q_offset=q_offset)
+  if why is not None:
+    return why
+  config = DEFAULT_CONFIG if config is None else config
+  D, T = q.shape[-1], q.shape[1]
+  if interpret_params(config.interpret) is None:
+    why = smem_refusal(config, D, q.dtype, T)
+  bwd = _bwd_config(config)
+  if why is None and config.backward == "mosaic" and interpret_params(bwd.interpret) is None:
+    why = gpu_mosaic_backward.smem_refusal(bwd, D, q.dtype, T)
+  return why
+
+
+def _bwd_config(config: MosaicConfig) -> BwdConfig:
+  """The Mosaic backward's launch config; its `interpret` None inherits the forward's."""
+  bwd = config.bwd
+  if bwd.interpret is None and config.interpret is not None:
+    bwd = dataclasses.replace(bwd, interpret=config.interpret)
+  return bwd
+
+
+def _scope_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
+  """None when the call is in the kernels' scope (shapes, dtypes, offsets, window)."""
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     return f"q [B,T,H,D], k/v [B,T,G,D] expected, got {q.shape}, {k.shape}, {v.shape}"
   if not (isinstance(q_offset, int) and q_offset == 0):
@@ -237,7 +265,7 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   config = DEFAULT_CONFIG if config is None else config
   reference.check_attention_shapes(q_BTHD, k_BTGD, v_BTGD, scale_BTH, window=window,
                                    q_offset=q_offset)
-  why = unsupported_reason(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset)
+  why = _scope_reason(q_BTHD, k_BTGD, v_BTGD, window=window, q_offset=q_offset)
   if why is not None:
     raise ValueError(f"gpu_mosaic.attention_stats_fwd: {why}. Use gpu_triton (or the xla "
                      "backend) for this call.")
@@ -245,25 +273,17 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   G = k_BTGD.shape[2]
   bq, bk = BLOCK_Q, config.block_k
   params = interpret_params(config.interpret)
+  if params is None and (why := smem_refusal(config, D, q_BTHD.dtype, T)) is not None:
+    raise ValueError(f"gpu_mosaic.attention_stats_fwd: {why}")
   p_via_smem = config.p_via_smem or params is not None
-  t_pad = pl.cdiv(T, math.lcm(2 * bq, bk)) * math.lcm(2 * bq, bk)
+  t_pad = _padded(T, bk)
   q = _pad_axis1(q_BTHD, t_pad)
   k, v = _pad_axis1(k_BTGD, t_pad), _pad_axis1(v_BTGD, t_pad)
   scale_BHT = jnp.swapaxes(_pad_axis1(scale_BTH.astype(jnp.float32), t_pad, 1.0), 1, 2)
   nq = t_pad // (2 * bq)
   dtype = q.dtype
   stages = min(config.stages, t_pad // bk)  # static prefetch slices stay inside the keys
-  smem = (tiled_smem((COMPUTE_WGS, bq, D), dtype),
-          tiled_smem((stages, bk, D), dtype), tiled_smem((stages, bk, D), dtype),
-          plgpu.SMEM((COMPUTE_WGS, bq, D // config.o_splits), jnp.float32),
-          plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
-          plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
-          plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
-          tiled_smem((COMPUTE_WGS, bq, bk), dtype) if p_via_smem else None)
-  bars = (plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS),
-          plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
+  smem, bars = _scratch(D, dtype, bk, stages, p_via_smem, config.o_splits)
   body = functools.partial(_kernel, bk=bk, D=D, R=H // G, n_q_tiles=nq, stages=stages,
                            window=window, p_via_smem=p_via_smem, o_splits=config.o_splits)
   o, lse_BHT, p2_BHT = launch(
@@ -273,3 +293,66 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
        jax.ShapeDtypeStruct((B, H, t_pad), jnp.float32)),
       (H, nq, B), ("heads", "q_seq", "batch"), params)
   return (o[:, :T], jnp.swapaxes(lse_BHT, 1, 2)[:, :T], jnp.swapaxes(p2_BHT, 1, 2)[:, :T])
+
+
+def _padded(T, bk):
+  return pl.cdiv(T, math.lcm(2 * BLOCK_Q, bk)) * math.lcm(2 * BLOCK_Q, bk)
+
+
+def _scratch(D, dtype, bk, stages, p_via_smem, o_splits):
+  """The forward kernel's scoped (SMEM buffers, barriers)."""
+  bq = BLOCK_Q
+  smem = (tiled_smem((COMPUTE_WGS, bq, D), dtype),
+          tiled_smem((stages, bk, D), dtype), tiled_smem((stages, bk, D), dtype),
+          plgpu.SMEM((COMPUTE_WGS, bq, D // o_splits), jnp.float32),
+          plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
+          plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
+          plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
+          tiled_smem((COMPUTE_WGS, bq, bk), dtype) if p_via_smem else None)
+  bars = (plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS),
+          plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
+  return smem, bars
+
+
+# ----------------------------------------------------------------------------- SMEM fit
+
+def smem_bytes(config: MosaicConfig, D: int, dtype, T: int) -> int:
+  """SMEM bytes the compiled forward kernel asks for at head dim D, input `dtype` and T rows,
+  by `gpu_mosaic_common.smem_bytes` over the buffers the launch allocates (ring stages clipped
+  to the padded length, as the launch does; the online softmax reduces). The backward's count
+  is `gpu_mosaic_backward.smem_bytes`."""
+  stages = min(config.stages, _padded(T, config.block_k) // config.block_k)
+  return gpu_mosaic_common.smem_bytes(
+      *_scratch(D, dtype, config.block_k, stages, config.p_via_smem, config.o_splits),
+      reduces=True)
+
+
+def fitting_config(config: MosaicConfig, D: int, dtype, T: int) -> MosaicConfig | None:
+  """`config` when its forward fits Hopper's SMEM, else the nearest that does (P in registers
+  first, then o in more slabs, smaller key blocks, fewer stages), None when none does."""
+  if smem_bytes(config, D, dtype, T) <= SMEM_LIMIT:
+    return config
+  for p_via_smem in dict.fromkeys((False, config.p_via_smem)):
+    for o_splits in (o for o in (1, 2, 4) if o >= config.o_splits):
+      for block_k in range(config.block_k, 0, -64):
+        for stages in range(config.stages, 0, -1):
+          cand = dataclasses.replace(config, p_via_smem=p_via_smem, o_splits=o_splits,
+                                     block_k=block_k, stages=stages)
+          if smem_bytes(cand, D, dtype, T) <= SMEM_LIMIT:
+            return cand
+  return None
+
+
+def smem_refusal(config: MosaicConfig, D: int, dtype, T: int) -> str | None:
+  """None when the compiled forward of `config` fits Hopper's SMEM (`SMEM_LIMIT`) at this call's
+  D, dtype and T; else one line with the bytes needed, the limit and a config that fits."""
+  need = smem_bytes(config, D, dtype, T)
+  if need <= SMEM_LIMIT:
+    return None
+  fit = fitting_config(config, D, dtype, T)
+  fix = ("no MosaicConfig fits; use gpu_triton" if fit is None else
+         f"use {config_repr(fit)} ({smem_bytes(fit, D, dtype, T)} bytes)")
+  return (f"{config_repr(config)} needs {need} bytes of shared memory in its forward kernel at "
+          f"D={D} {jnp.dtype(dtype).name}, over the {SMEM_LIMIT} a Hopper block can use; {fix}")

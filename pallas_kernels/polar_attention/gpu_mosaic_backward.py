@@ -24,6 +24,9 @@ tile band, so blocks outside one consumer's own band are masked to zero).
 P / dS feed the second wgmma from registers (through SMEM in interpret mode, which only models
 SMEM operands, or with `ds_via_smem=True`). Lengths are padded to a multiple of 128 (padded keys
 lie after every real row, so causality masks them; padded rows get lse = +1e30, so pi = 0).
+A compiled config whose kernels exceed Hopper's SMEM at the call's D / T is refused before
+Mosaic compiles (`smem_refusal`; `smem_bytes` counts both kernels, `fitting_config` finds one
+that fits).
 
 Not (yet) FA3-complete: no ping-pong schedule between the consumers, no intra-warpgroup overlap
 of the softmax with the next block's wgmma, dQ and dK/dV are separate passes that each recompute
@@ -46,9 +49,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.polar_attention import bands
+from pallas_kernels.polar_attention import gpu_mosaic_common
 from pallas_kernels.polar_attention.gpu_mosaic_common import (
-    COMPUTE_WGS, interpret_params, kv_block_issue, launch, operand, ring_producer, three_phases,
-    tiled_smem, visible_tile, wgmmas)
+    COMPUTE_WGS, SMEM_LIMIT, config_repr, interpret_params, kv_block_issue, launch, operand,
+    ring_producer, three_phases, tiled_smem, visible_tile, wgmmas)
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, PAD_LSE, _pad_axis1
 
 _ROWS = 64  # rows per consumer warpgroup (one wgmma M tile): query rows in dQ, keys in dK/dV
@@ -246,12 +250,14 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   """Backward kernels: (dq, dk, dv in the input dtype, dscale f32), dK/dV summed over GQA.
   The caller (`gpu_mosaic`) has checked the scope; see the module docstring. `parts`
   (benchmarks only) runs just one of the two kernels; the other outputs are None."""
-  T, H, G = q_BTHD.shape[1], q_BTHD.shape[2], k_BTGD.shape[2]
+  T, H, G, D = q_BTHD.shape[1], q_BTHD.shape[2], k_BTGD.shape[2], q_BTHD.shape[3]
   dtype = q_BTHD.dtype
   params = interpret_params(config.interpret)
+  if params is None and (why := smem_refusal(config, D, dtype, T)) is not None:
+    raise ValueError(f"gpu_mosaic_backward.attention_stats_bwd: {why}")
   via_smem = config.ds_via_smem or params is not None
   bq_kv, bk_q = config.dkv_block_q, config.dq_block_k
-  t_pad = pl.cdiv(T, 2 * _ROWS) * (2 * _ROWS)  # 64 / 128 blocks divide 128
+  t_pad = _padded(T)
   q, do = _pad_axis1(q_BTHD, t_pad), _pad_axis1(do_BTHD.astype(dtype), t_pad)
   k, v = _pad_axis1(k_BTGD, t_pad), _pad_axis1(v_BTGD, t_pad)
   f32 = lambda x, pad: _pad_axis1(x.astype(jnp.float32), t_pad, pad)
@@ -270,11 +276,8 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   return dq, dk, dv, dsc
 
 
-def _bwd_dq(args, bk_q, stages, via_smem, window, R, params):
-  """dQ (+ dscale) kernel on padded inputs: grid (H, query tiles, B)."""
-  B, t_pad, H, D = args[0].shape
-  dtype = args[0].dtype
-  stages_q = min(stages, t_pad // bk_q)
+def _dq_scratch(D, dtype, bk_q, stages_q, via_smem):
+  """The dQ kernel's scoped (SMEM buffers, barriers)."""
   smem = (tiled_smem((COMPUTE_WGS, _ROWS, D), dtype), tiled_smem((COMPUTE_WGS, _ROWS, D), dtype),
           plgpu.SMEM((COMPUTE_WGS, 4, _ROWS), jnp.float32),
           plgpu.SMEM((COMPUTE_WGS, _ROWS), jnp.float32),
@@ -283,6 +286,85 @@ def _bwd_dq(args, bk_q, stages, via_smem, window, R, params):
   bars = (plgpu.Barrier(num_barriers=3 * COMPUTE_WGS),  # q, dO, rows of each consumer
           plgpu.Barrier(num_barriers=stages_q), plgpu.Barrier(num_barriers=stages_q),
           plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages_q))
+  return smem, bars
+
+
+def _dkv_scratch(D, dtype, bq_kv, stages_kv, via_smem):
+  """The dK/dV kernel's scoped (SMEM buffers, barriers)."""
+  smem = (tiled_smem((COMPUTE_WGS, _ROWS, D), dtype), tiled_smem((COMPUTE_WGS, _ROWS, D), dtype),
+          tiled_smem((stages_kv, bq_kv, D), dtype), tiled_smem((stages_kv, bq_kv, D), dtype),
+          plgpu.SMEM((stages_kv, 4, bq_kv), jnp.float32),
+          tiled_smem((COMPUTE_WGS, _ROWS, bq_kv), dtype) if via_smem else None)
+  bars = (plgpu.Barrier(num_barriers=2 * COMPUTE_WGS),
+          plgpu.Barrier(num_barriers=stages_kv), plgpu.Barrier(num_barriers=stages_kv),
+          plgpu.Barrier(num_barriers=stages_kv),
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages_kv))
+  return smem, bars
+
+
+def _padded(T):
+  return pl.cdiv(T, 2 * _ROWS) * (2 * _ROWS)  # 64 / 128 blocks divide 128
+
+
+def smem_bytes(config: BwdConfig, D: int, dtype, T: int) -> dict[str, int]:
+  """SMEM bytes each compiled kernel asks for at head dim D, input `dtype` and T rows:
+  {"dq": ..., "dkv": ...}, by `gpu_mosaic_common.smem_bytes` over the buffers the launch
+  allocates (ring stages clipped to the padded length, as the launch does; the dQ kernel
+  reduces, for dscale, the dK/dV kernel does not). Mosaic counted 267384 bytes for
+  BwdConfig(dq_block_k=128, stages=3)'s dQ kernel and 233568 for
+  BwdConfig(dkv_block_q=128, ds_via_smem=True)'s dK/dV kernel at D=128 bf16 on an H200
+  (bench/results/gpu_tests_new_kernels_h200.txt); this count gives the same two numbers."""
+  t_pad = _padded(T)
+  bk_q, bq_kv, stages = config.dq_block_k, config.dkv_block_q, config.stages
+  count = gpu_mosaic_common.smem_bytes
+  return {"dq": count(*_dq_scratch(D, dtype, bk_q, min(stages, t_pad // bk_q),
+                                   config.ds_via_smem), reduces=True),
+          "dkv": count(*_dkv_scratch(D, dtype, bq_kv, min(stages, t_pad // bq_kv),
+                                     config.ds_via_smem), reduces=False)}
+
+
+def _fits(config, D, dtype, T) -> bool:
+  return max(smem_bytes(config, D, dtype, T).values()) <= SMEM_LIMIT
+
+
+def fitting_config(config: BwdConfig, D: int, dtype, T: int) -> BwdConfig | None:
+  """`config` when its kernels fit Hopper's SMEM, else the nearest that does (P / dS staged
+  in registers first, then 64-row blocks, then fewer stages), None when none does."""
+  if _fits(config, D, dtype, T):
+    return config
+  blocks = dict.fromkeys([(config.dq_block_k, config.dkv_block_q), (config.dq_block_k, 64),
+                          (64, config.dkv_block_q), (64, 64)])
+  for via_smem in dict.fromkeys((False, config.ds_via_smem)):
+    for dq_bk, dkv_bq in blocks:
+      for stages in range(config.stages, 0, -1):
+        cand = dataclasses.replace(config, ds_via_smem=via_smem, dq_block_k=dq_bk,
+                                   dkv_block_q=dkv_bq, stages=stages)
+        if _fits(cand, D, dtype, T):
+          return cand
+  return None
+
+
+def smem_refusal(config: BwdConfig, D: int, dtype, T: int) -> str | None:
+  """None when both compiled kernels of `config` fit Hopper's SMEM (`SMEM_LIMIT`) at this
+  call's D, dtype and T; else one line with the bytes needed, the limit and a config that fits."""
+  need = smem_bytes(config, D, dtype, T)
+  kernel = max(need, key=need.get)
+  if need[kernel] <= SMEM_LIMIT:
+    return None
+  fit = fitting_config(config, D, dtype, T)
+  fix = ("no BwdConfig fits; use backward='triton'" if fit is None else
+         f"use {config_repr(fit)} ({max(smem_bytes(fit, D, dtype, T).values())} bytes)")
+  return (f"{config_repr(config)} needs {need[kernel]} bytes of shared memory in its {kernel} "
+          f"kernel at D={D} {jnp.dtype(dtype).name}, over the {SMEM_LIMIT} a Hopper block can "
+          f"use; {fix}")
+
+
+def _bwd_dq(args, bk_q, stages, via_smem, window, R, params):
+  """dQ (+ dscale) kernel on padded inputs: grid (H, query tiles, B)."""
+  B, t_pad, H, D = args[0].shape
+  dtype = args[0].dtype
+  stages_q = min(stages, t_pad // bk_q)
+  smem, bars = _dq_scratch(D, dtype, bk_q, stages_q, via_smem)
   body = functools.partial(_dq_kernel, bk=bk_q, D=D, R=R, n_q_tiles=t_pad // (2 * _ROWS),
                            stages=stages_q, window=window, via_smem=via_smem)
   return launch(
@@ -297,14 +379,7 @@ def _bwd_dkv(args, G, bq_kv, stages, via_smem, window, R, params):
   B, t_pad, H, D = args[0].shape
   dtype = args[0].dtype
   stages_kv = min(stages, t_pad // bq_kv)
-  smem = (tiled_smem((COMPUTE_WGS, _ROWS, D), dtype), tiled_smem((COMPUTE_WGS, _ROWS, D), dtype),
-          tiled_smem((stages_kv, bq_kv, D), dtype), tiled_smem((stages_kv, bq_kv, D), dtype),
-          plgpu.SMEM((stages_kv, 4, bq_kv), jnp.float32),
-          tiled_smem((COMPUTE_WGS, _ROWS, bq_kv), dtype) if via_smem else None)
-  bars = (plgpu.Barrier(num_barriers=2 * COMPUTE_WGS),
-          plgpu.Barrier(num_barriers=stages_kv), plgpu.Barrier(num_barriers=stages_kv),
-          plgpu.Barrier(num_barriers=stages_kv),
-          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages_kv))
+  smem, bars = _dkv_scratch(D, dtype, bq_kv, stages_kv, via_smem)
   body = functools.partial(_dkv_kernel, bq=bq_kv, D=D, R=R, nq=t_pad // bq_kv,
                            stages=stages_kv, window=window, via_smem=via_smem)
   return launch(

@@ -10,12 +10,17 @@ that streams blocks through a ring of `stages` SMEM slots:
   wgmmas         several wgmma products issued together, into fresh or running accumulators
   operand        a register wgmma operand, or the same values staged in SMEM
   tiled_smem     a swizzled, tiled SMEM buffer (a TMA / wgmma operand)
+  smem_bytes     the SMEM bytes Mosaic allocates for a kernel's buffers and barriers (integer
+                 arithmetic, no trace), checked against `SMEM_LIMIT` before any compile
   interpret_params  a config's `interpret` field -> InterpretGPUParams or None (compiled)
+  config_repr    a launch config as its non-default fields, for messages
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +31,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.polar_attention import bands
 
 COMPUTE_WGS = 2
+# Dynamic SMEM one Hopper (sm_90) block can opt into: 227 KiB, Mosaic's `max_smem_bytes`.
+SMEM_LIMIT = 227 * 1024
+_SMEM_ALIGN = 1024  # Pallas Mosaic GPU rounds every scoped SMEM buffer up to this
+_BARRIER_BYTES = 8  # one mbarrier
 
 
 def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
@@ -37,9 +46,36 @@ def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
   return plgpu.InterpretGPUParams() if interpret else None
 
 
+def config_repr(config) -> str:
+  """`Name(field=value, ...)` with only the fields that differ from the defaults (nested configs
+  alike; `interpret` left out)."""
+  diff = []
+  for f in dataclasses.fields(config):
+    value = getattr(config, f.name)
+    if f.name == "interpret" or value == f.default:
+      continue
+    text = config_repr(value) if dataclasses.is_dataclass(value) else repr(value)
+    diff.append(f"{f.name}={text}")
+  return f"{type(config).__name__}({', '.join(diff)})"
+
+
 def tiled_smem(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=(
       plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)))
+
+
+def smem_bytes(smem, bars, *, reduces: bool) -> int:
+  """The dynamic SMEM a kernel launched by `launch` with these scoped `smem` buffers (None
+  entries allowed) and `bars` barriers asks for, by the rule of the Pallas Mosaic-GPU lowering:
+  each buffer rounded up to 1024 bytes, 8 bytes per barrier, and, when the kernel body `reduces`
+  a register array along an axis (a .sum / .max), the compiler's reduction scratch
+  (CompilerParams.reduction_scratch_bytes). Matches Mosaic's own count on an H200 (module
+  docstring of gpu_mosaic_backward)."""
+  total = sum(-(-math.prod(b.shape) * jnp.dtype(b.dtype).itemsize // _SMEM_ALIGN) * _SMEM_ALIGN
+              for b in smem if b is not None)
+  if reduces:
+    total += plgpu.CompilerParams().reduction_scratch_bytes
+  return total + _BARRIER_BYTES * sum(math.prod(b.num_barriers) for b in bars)
 
 
 def wgmmas(*ops, fresh):
