@@ -234,6 +234,18 @@ def test_split_ns_equals_single_device_and_splits_the_work(kind, shape, spec, n)
     assert min(per_device[False][0]) > share, per_device
 
 
+def test_split_is_a_no_op_on_one_device():
+  """A one-device mesh (or no NamedSharding) has nothing to split over: no walk, no padding,
+  so the single-GPU program is the unsplit one."""
+  one = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  assert muon_lib.split_stack_shardings(NamedSharding(one, P("fsdp", "tensor")), 5) == ([], 5)
+  assert muon_lib.split_stack_shardings(None, 5) == ([], 5)
+  two = make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), devices=jax.devices()[:2])
+  walk, n_pad = muon_lib.split_stack_shardings(NamedSharding(two, P("fsdp", "tensor")), 5)
+  assert [w.spec for w in walk] == [P(None, ("fsdp",), None), P(("fsdp",), None, None)]
+  assert n_pad == 6
+
+
 def test_split_optimizer_equals_unsharded_optimizer():
   """The optimizer on the 8-device mesh with the split stacks (the default) gives the same Muon
   parameters and momenta as the optimizer with no shardings on one device: bit-equal on
