@@ -147,6 +147,7 @@ class OptimConfig:
   muon_ns_steps: int = 12
   muon_ns_coeffs: Literal["reference", "optax"] = "reference"  # (2,-1.5,0.5) or optax's quintic
   muon_batch: bool = True  # one batched Newton-Schulz per (kind, shape, dtype, sharding) group
+  muon_batch_split: bool = True  # with muon_batch: each NS stack split over the mesh's devices
   embed_lr: float = 0.3
   head_lr: float = 1.0 / 320.0
   scalar_lr: float = 0.01

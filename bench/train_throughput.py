@@ -203,7 +203,8 @@ def compile_only_variant(preset, micro_per_device, n_devices, n_micro, remat, im
   res = {"devices": n_devices, "micro_batch_per_device": micro_per_device,
          "micro_batch": cfg.train.micro_batch, "n_micro": n_micro, "global_batch": B,
          "seq_len": T, "remat": remat, "kernel_impl": impl, "scan_layers": scan,
-         "muon_batch": cfg.optim.muon_batch, "overrides": sets, **times,
+         "muon_batch": cfg.optim.muon_batch,
+         "muon_batch_split": cfg.optim.muon_batch_split, "overrides": sets, **times,
          "lower_plus_compile_s": None if optimizer_only else times["lower_s"] + times["compile_s"],
          "memory_analysis": {} if optimizer_only else memory_summary(compiled)}
   del compiled

@@ -1,16 +1,21 @@
 """Batched Newton-Schulz (`optim.muon_batch`): same update as one NS per matrix, the parameters'
-shardings kept on the 8-device mesh, and the optimizer state (so checkpoints) unchanged."""
+shardings kept on the 8-device mesh, and the optimizer state (so checkpoints) unchanged. Split
+over the mesh (`optim.muon_batch_split`): equal to the single-device NS, each device running
+its share of the matrices."""
 
 import dataclasses
+import math
 import os
+import re
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from atma_jax.config import OptimConfig, resolve
+from atma_jax.config import MeshConfig, OptimConfig, resolve
 from atma_jax.train import checkpoint as ckpt
 from atma_jax.train import muon as muon_lib
 from atma_jax.train.mesh import make_mesh
@@ -94,12 +99,22 @@ def _setup(cfg):
   return mesh, mf, setup
 
 
-def test_sharded_update_keeps_shardings_and_gathers_no_more():
-  """On data 2 x fsdp 2 x tensor 2: the batched update's outputs keep every parameter's
-  sharding, it all-gathers no more bytes than the per-matrix update, and the step is equal."""
+# Muon leaves of the sharded step, one NS path against another: one bf16 ulp of an NS output
+# entry (|entry| < 1: 2^-8) times sqrt(max(1, R / C)) (2 for the 64 x 16 kernels) times lr 0.02.
+# The per-matrix and unsplit paths split NS's matmuls over fsdp / tensor and sum partial products
+# in another order than the split (= single-device) path, so they may round one ulp apart.
+SHARDED_NS_ATOL = 0.02 * 2.0 ** -8 * 2.0
+
+
+@pytest.mark.parametrize("batch,split", [(True, False), (True, True)])
+def test_sharded_update_keeps_shardings_and_gathers_no_more(batch, split):
+  """On data 2 x fsdp 2 x tensor 2: the batched update's outputs (stack split over the devices
+  or not) keep every parameter's sharding, it all-gathers no more bytes than the per-matrix
+  update (split: less), and the step is equal."""
   res = {}
-  for b in (False, True):
-    cfg = resolve("tiny", STANDIN + [f"optim.muon_batch={str(b).lower()}"])
+  for b, sp in ((False, False), (batch, split)):
+    cfg = resolve("tiny", STANDIN + [f"optim.muon_batch={str(b).lower()}",
+                                     f"optim.muon_batch_split={str(sp).lower()}"])
     mesh, mf, setup = _setup(cfg)
     state = init_state(cfg, setup, mf)
     opt = setup.optimizer
@@ -113,12 +128,13 @@ def test_sharded_update_keeps_shardings_and_gathers_no_more():
     for got, exp, p in zip(out_p_sh, want, jax.tree.leaves(state.params)):
       assert got.is_equivalent_to(exp, p.ndim), (got, exp)
     new_p, new_s, _ = compiled(state.params, grads, state.opt_state)
-    res[b] = (tt.gathered_bytes(compiled.as_text()), jax.device_get((new_p, new_s)))
-  assert res[True][0] <= res[False][0], (res[True][0], res[False][0])
+    res[b, sp] = (tt.gathered_bytes(compiled.as_text()), jax.device_get((new_p, new_s)))
+  base, new = res[False, False], res[batch, split]
+  assert new[0] < base[0] if split else new[0] <= base[0], (new[0], base[0])
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float32),
                                                        np.asarray(y, np.float32),
-                                                       atol=0.02 * 2.0 ** -8, rtol=0),
-               res[False][1], res[True][1])
+                                                       atol=SHARDED_NS_ATOL, rtol=0),
+               base[1], new[1])
 
 
 def test_checkpoint_from_unbatched_resumes_batched(tmp_path):
@@ -147,5 +163,122 @@ def test_checkpoint_from_unbatched_resumes_batched(tmp_path):
   assert float(m_new["loss"]) == float(m_ref["loss"])
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float32),
                                                        np.asarray(y, np.float32),
-                                                       atol=0.02 * 2.0 ** -8, rtol=0),
+                                                       atol=SHARDED_NS_ATOL, rtol=0),
                jax.device_get(ref.params), jax.device_get(new.params))
+
+
+def _matrices_per_dot(hlo: str) -> set[int]:
+  """The batch sizes (product of all but the last two dims) of the dots of a compiled
+  (per-device) HLO module."""
+  shapes = [[int(d) for d in dims.split(",") if d]
+            for dims in re.findall(r"= \w+\[([\d,]*)\][^ ]* dot\(", hlo)]
+  return {math.prod(d[:-2]) for d in shapes}
+
+
+def _largest_bf16_elements(hlo: str) -> int:
+  """Elements of the largest bf16 array of a compiled (per-device) HLO module: NS's working
+  set (the leaves are fp32; NS runs in bf16)."""
+  return max(math.prod(int(d) for d in dims.split(",") if d)
+             for dims in re.findall(r"bf16\[([\d,]*)\]", hlo))
+
+
+def _largest_gather_bytes(hlo: str) -> int:
+  return max([tt.gathered_bytes(line) for line in hlo.splitlines()] + [0])
+
+
+@pytest.mark.parametrize("kind,shape,spec,n", [
+    ("linear", (16, 24), P("fsdp", "tensor"), 16),  # 2 matrices per device
+    ("linear", (24, 8), P("tensor", "fsdp"), 5),  # padded 5 -> 8: 1 per device
+    ("linear", (16, 8), P("fsdp", None), 3),
+    ("conv", (3, 8), P(None, "tensor"), 12),  # padded 12 -> 16
+    ("matrix", (4, 16), P(None, None), 8)])
+def test_split_ns_equals_single_device_and_splits_the_work(kind, shape, spec, n):
+  """On data 2 x fsdp 2 x tensor 2: the split stack's NS equals the single-device batched NS
+  (bit-equal on XLA:CPU: every matrix is computed whole on one device), the outputs keep the
+  leaves' sharding, each device's NS works on Np / 8 whole matrices (its largest bf16 array and
+  the batch of every dot; without the split: more), and no all-gather is larger than the
+  result's own per-device stack."""
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  sh = NamedSharding(mesh, spec)
+  rng = np.random.default_rng(3)
+  host = [rng.normal(size=shape).astype(np.float32) * s for s in np.geomspace(1e-3, 1e3, n)]
+  us = [jax.device_put(u, sh) for u in host]
+  one_dev = jax.devices()[0]
+  ref = jax.jit(lambda *u: muon_lib.orthogonalized_updates(list(u), kind))(
+      *[jax.device_put(u, one_dev) for u in host])
+  walk, n_pad = muon_lib.split_stack_shardings(sh, n)
+  assert n_pad % 8 == 0 and n <= n_pad < n + 8
+  assert set(walk[-1].spec[0]) == {"data", "fsdp", "tensor"}
+  assert all(e is None for e in walk[-1].spec[1:])
+  per_device = {}
+  for split in (False, True):
+    f = jax.jit(lambda *u: muon_lib.orthogonalized_updates(list(u), kind, sharding=sh,
+                                                           split=split))
+    compiled = f.lower(*us).compile()
+    hlo = compiled.as_text()
+    per_device[split] = (_matrices_per_dot(hlo), _largest_bf16_elements(hlo))
+    if split:
+      out = compiled(*us)
+      for o, r in zip(out, ref):
+        assert o.sharding.is_equivalent_to(sh, o.ndim), (o.sharding, sh)
+        np.testing.assert_allclose(np.asarray(o), np.asarray(r), atol=2.0 ** -8, rtol=0)
+        if jax.default_backend() == "cpu":
+          np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
+      stack_bytes = n_pad * 4 * math.prod(sh.shard_shape(shape))
+      assert _largest_gather_bytes(hlo) <= stack_bytes, (_largest_gather_bytes(hlo), stack_bytes)
+  share = n_pad // 8  # whole matrices per device
+  assert per_device[True][1] == share * math.prod(shape), per_device
+  assert per_device[False][1] > share * math.prod(shape), per_device
+  if kind != "conv":  # a conv leaf's 1 x K rows compile to no dot on XLA:CPU
+    assert per_device[True][0] == {share}, per_device
+    assert min(per_device[False][0]) > share, per_device
+
+
+def test_split_is_a_no_op_on_one_device():
+  """A one-device mesh (or no NamedSharding) has nothing to split over: no walk, no padding,
+  so the single-GPU program is the unsplit one."""
+  one = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  assert muon_lib.split_stack_shardings(NamedSharding(one, P("fsdp", "tensor")), 5) == ([], 5)
+  assert muon_lib.split_stack_shardings(None, 5) == ([], 5)
+  two = make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), devices=jax.devices()[:2])
+  walk, n_pad = muon_lib.split_stack_shardings(NamedSharding(two, P("fsdp", "tensor")), 5)
+  assert [w.spec for w in walk] == [P(None, ("fsdp",), None), P(("fsdp",), None, None)]
+  assert n_pad == 6
+
+
+def test_split_optimizer_equals_unsharded_optimizer():
+  """The optimizer on the 8-device mesh with the split stacks (the default) gives the same Muon
+  parameters and momenta as the optimizer with no shardings on one device: bit-equal on
+  XLA:CPU (the gradients' norm is below clip_norm, so clipping multiplies by exactly 1 on
+  both). The AdamW leaves are elementwise fp32 and agree to fp32 rounding (the sharded program
+  may fuse their arithmetic differently; the split does not touch them)."""
+  cfg = resolve("tiny", STANDIN)
+  assert cfg.optim.muon_batch and cfg.optim.muon_batch_split  # the defaults
+  mesh, mf, setup = _setup(cfg)
+  state = init_state(cfg, setup, mf)
+  rng = np.random.default_rng(5)
+  grads = jax.tree.map(lambda p: jax.device_put(
+      jnp.asarray(rng.normal(size=p.shape) * 1e-3, p.dtype), p.sharding), state.params)
+  new_p, new_s, stats = jax.jit(setup.optimizer.apply)(state.params, grads, state.opt_state)
+  assert float(stats["grad_norm"]) < cfg.optim.clip_norm
+  one_dev = jax.devices()[0]
+  host = jax.tree.map(lambda x: jax.device_put(jax.device_get(x), one_dev),
+                      (state.params, grads, state.opt_state))
+  plain = build_optimizer(cfg.optim, host[0], setup.optimizer.total_steps)
+  assert plain.shardings is None
+  ref_p, ref_s, _ = jax.jit(plain.apply)(*host)
+  got_p, want_p = jax.device_get(jax.tree.leaves(new_p)), jax.device_get(jax.tree.leaves(ref_p))
+  n_muon = 0
+  for spec, a, b, sa, sb in zip(plain.specs, got_p, want_p, new_s.slots, ref_s.slots):
+    pairs = [(a, b)] + list(zip(jax.device_get(sa), jax.device_get(sb)))
+    for x, y in pairs:
+      x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+      if spec.group == "muon":
+        np.testing.assert_allclose(x, y, atol=0.02 * 2.0 ** -8, rtol=0, err_msg=spec.path)
+        if jax.default_backend() == "cpu":
+          np.testing.assert_array_equal(x, y, err_msg=spec.path)
+      else:
+        # two fp32 ulps of an AdamW step, whose size is up to embed_lr = 0.3
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=0.3 * 2.0 ** -22, err_msg=spec.path)
+    n_muon += spec.group == "muon"
+  assert n_muon >= 6

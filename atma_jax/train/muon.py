@@ -26,11 +26,20 @@ sharding) are stacked along a new leading axis `N` and orthogonalized by ONE New
 (`orthogonalized_updates`), then unstacked. Every step of NS acts on the last two axes only (the
 Frobenius norm too), so each matrix is treated exactly as alone; the program holds one NS chain
 per distinct shape instead of one per matrix (atma_378m: 12 chains instead of 120).
-The stack keeps the leaves' sharding on its trailing axes (leading axis unsharded), so no leaf is
-gathered to one device that would not be without batching.
+
+Splitting the stack over the mesh (`optim.muon_batch_split`, on by default): on a mesh of more
+than one device, the stack `[N, ...]` (zero-padded to `Np`, the next multiple of the device
+count D) is re-sharded so that its leading axis is split over every mesh axis and each matrix is
+whole on one device: each device runs NS on its `Np / D` matrices with no collective inside the
+chain, and the result is re-sharded back to the leaves' own shardings (`P(None, *spec)`) before
+it is unstacked. A zero matrix stays zero through NS (`0 / (0 + eps)`), and every matrix is
+computed alone on one device, so the result equals the single-device batched NS (bit-equal on
+XLA:CPU). With the split off, the stack keeps the leaves' sharding on its trailing axes
+(leading axis unsharded) and every device runs every chain.
 
 Dimension glossary: R, C = rows, columns of the torch-orientation matrix; K = conv taps;
-Ch = conv channels; N = matrices stacked into one batched NS.
+Ch = conv channels; N = matrices stacked into one batched NS; Np = N padded to a multiple of D,
+the number of devices of the mesh.
 """
 
 from __future__ import annotations
@@ -110,26 +119,84 @@ def orthogonalized_update(u, kind: str, *, ns_steps: int = 12, ns_coeffs: str = 
   return from_torch_view(o, kind)
 
 
+def _axes_of(entry) -> tuple:
+  """Mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def split_stack_shardings(sharding, n: int):
+  """(shardings that walk a stack of `n` leaves onto every device, padded length `Np`).
+
+  `sharding` is the leaves' `NamedSharding` (spec `S` over the trailing axes). The walk starts
+  at `P(None, *S)` and ends at `P(axes, None, ...)` with `axes` every mesh axis of size > 1, so
+  each matrix is whole on one device; each stage moves one group of mesh axes to the leading
+  axis (first the axes the leaves are replicated over: a local slice; then each sharded trailing
+  axis in turn: one all-to-all over its mesh axes), so that no stage gathers the whole stack.
+  `Np` = `n` rounded up to a multiple of the number of devices along `axes`. `([], n)` where
+  there is nothing to split over (one device, no `NamedSharding`).
+  """
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return [], n
+  mesh = sharding.mesh
+  spec = list(sharding.spec)
+  big = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)
+  used = {a for e in spec for a in _axes_of(e)}
+  lead = big(a for a in mesh.axis_names if a not in used)
+  trailing = [big(_axes_of(e)) or None for e in spec]
+  stages = [P(None, *trailing)]
+  if lead:
+    stages.append(P(lead, *trailing))
+  for i, axes in enumerate(trailing):
+    if axes:
+      lead = lead + axes
+      trailing[i] = None
+      stages.append(P(lead, *trailing))
+  if not lead:
+    return [], n
+  d = 1
+  for a in lead:
+    d *= mesh.shape[a]
+  return [jax.sharding.NamedSharding(mesh, st) for st in stages], -(-n // d) * d
+
+
 def orthogonalized_updates(us: list, kind: str, *, ns_steps: int = 12,
-                           ns_coeffs: str = "reference", sharding=None) -> list:
+                           ns_coeffs: str = "reference", sharding=None,
+                           split: bool = False) -> list:
   """`orthogonalized_update` of every leaf in `us` (same kind, shape and dtype) by one batched NS.
 
-  The leaves are stacked to `[N, *shape]`; with a `NamedSharding` of the leaves, the stack and the
-  result are held at `P(None, *spec)` (the leaves' own sharding, leading axis unsharded).
+  The leaves are stacked to `[N, *shape]`. With a `NamedSharding` of the leaves, the stack and
+  the result are held at `P(None, *spec)` (the leaves' own sharding, leading axis unsharded);
+  with `split` as well, NS runs on the stack padded to `[Np, *shape]` and split over the mesh
+  (`split_stack_shardings`: each device orthogonalizes `Np / D` whole matrices), and the result
+  is re-sharded to `P(None, *spec)` before it is unstacked.
   """
-  if len(us) == 1:
-    return [orthogonalized_update(us[0], kind, ns_steps=ns_steps, ns_coeffs=ns_coeffs)]
   if len({(u.shape, u.dtype) for u in us}) != 1:
     raise ValueError("orthogonalized_updates stacks leaves of one shape and dtype; got "
                      f"{sorted({(tuple(u.shape), str(u.dtype)) for u in us})}.")
-  stacked_sh = None
+  n = len(us)
+  leaf_sh = None
+  walk, n_pad = [], n
   if isinstance(sharding, jax.sharding.NamedSharding):
-    stacked_sh = jax.sharding.NamedSharding(sharding.mesh, P(None, *sharding.spec))
-  hold = (lambda x: jax.lax.with_sharding_constraint(x, stacked_sh)) if stacked_sh else (
-      lambda x: x)
-  u_N = hold(jnp.stack(us))
-  o_N = hold(orthogonalized_update(u_N, kind, ns_steps=ns_steps, ns_coeffs=ns_coeffs))
-  return [o_N[i] for i in range(len(us))]
+    leaf_sh = jax.sharding.NamedSharding(sharding.mesh, P(None, *sharding.spec))
+    if split:
+      walk, n_pad = split_stack_shardings(sharding, n)
+  if n == 1 and not walk:
+    return [orthogonalized_update(us[0], kind, ns_steps=ns_steps, ns_coeffs=ns_coeffs)]
+  hold = lambda x, sh: jax.lax.with_sharding_constraint(x, sh) if sh is not None else x
+  u_N = hold(jnp.stack(us), leaf_sh)
+  if walk:
+    u_N = jnp.pad(u_N, [(0, n_pad - n)] + [(0, 0)] * (u_N.ndim - 1))
+    for sh in walk:
+      u_N = hold(u_N, sh)
+  o_N = orthogonalized_update(u_N, kind, ns_steps=ns_steps, ns_coeffs=ns_coeffs)
+  if walk:
+    for sh in walk[::-1]:
+      o_N = hold(o_N, sh)
+    o_N = o_N[:n]
+  o_N = hold(o_N, leaf_sh)
+  return [o_N[i] for i in range(n)]
 
 
 def momentum_direction(g, mb, momentum: float):

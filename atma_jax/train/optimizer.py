@@ -16,8 +16,9 @@ Step order (§6.5): global-norm clip of ALL gradients to `clip_norm` (torch's
 The optimizer works on the flattened leaves of the params pytree (any pytree: an `nnx.State`
 or plain dicts); group assignment is static Python data computed once from the leaf paths.
 With `optim.muon_batch` the Muon leaves that share (kind, shape, dtype, sharding) run one
-batched Newton-Schulz (`muon_batches`, muon.orthogonalized_updates); the state is per leaf
-either way, so checkpoints do not depend on the switch.
+batched Newton-Schulz (`muon_batches`, muon.orthogonalized_updates), and with
+`optim.muon_batch_split` each batch is split over the mesh's devices (one share of the matrices
+per device); the state is per leaf either way, so checkpoints depend on neither switch.
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ class AtmaOptimizer:
       ortho = orthogonalized_updates(
           [u for u, _ in dirs], self.specs[idx[0]].kind, ns_steps=cfg.muon_ns_steps,
           ns_coeffs=cfg.muon_ns_coeffs,
-          sharding=None if self.shardings is None else self.shardings[idx[0]])
+          sharding=None if self.shardings is None else self.shardings[idx[0]],
+          split=cfg.muon_batch_split)
       for i, (_, mb), o in zip(idx, dirs, ortho):
         lr_t = group_lr(self.specs[i], cfg) * eta
         out[i] = (decayed_update(o, p_leaves[i], lr_t, cfg.muon_weight_decay), mb)
