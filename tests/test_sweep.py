@@ -169,3 +169,19 @@ def test_needle_grid_is_the_natural_grid_with_needles_in_every_cell():
       assert cfg_a.data.needle_mix == 0 and cfg_b.data.needle_mix == 0.5
       assert cfg_a == dataclasses.replace(cfg_b, data=dataclasses.replace(
           cfg_b.data, needle_mix=cfg_a.data.needle_mix))
+
+
+def test_decide_grid_is_the_needle_grid_trained_longer():
+  """sweep_small_decide: cells of sweep_small_needle, only the token budget differs."""
+  from atma_jax.config import resolve
+
+  needle, decide = grid_lib.load_grid("sweep_small_needle"), grid_lib.load_grid(
+      "sweep_small_decide")
+  by_name = {c.name: c for c in needle.cells}
+  for cell in decide.cells:
+    cfg_n = resolve(needle.base, needle.cell_overrides(by_name[cell.name], False))
+    cfg_d = resolve(decide.base, decide.cell_overrides(cell, False))
+    assert cfg_d.train.steps == 4096 and cfg_d.train.steps > cfg_n.train.steps
+    same_budget = dataclasses.replace(cfg_d.train, steps=cfg_n.train.steps,
+                                      eval_every=cfg_n.train.eval_every)
+    assert dataclasses.replace(cfg_d, train=same_budget) == cfg_n
