@@ -73,6 +73,12 @@ def test_smoke_sweep(tmp_path, grid_with_broken_cell, capsys):
   err = capsys.readouterr().err
   assert "holds a run with other overrides" in err and "now: train.log_every=2" in err
   assert os.path.getmtime(work / cells["polar+mem"]["id"] / "eval" / "report.json") == stamp
+  # ... but not for cells merged from a report: their folders are neither run nor read.
+  assert cli.main(["--config", "sweep_small", "--smoke", "--cells", "polar+mem,polar+mem+live",
+                   "--work", str(work), "--out", str(tmp_path / "merged_here"), *FAST,
+                   "--set", "train.log_every=2", "--merge", str(out / "report.json")]) == 0
+  assert "2 cell(s), 0 to run here" in capsys.readouterr().out
+  assert os.path.getmtime(work / cells["polar+mem"]["id"] / "eval" / "report.json") == stamp
 
   # Another call's report merged in: nothing runs, both cells are reported, also the one that
   # --cells does not name.

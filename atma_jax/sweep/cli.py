@@ -14,8 +14,8 @@ exists and resumes interrupted trainings. `--set` applies to every cell (e.g. th
 `--set train.steps=N`). `--deadline S` stops trainings still running S seconds after the start
 (each saves a checkpoint and is evaluated where it stopped). `--merge` (repeatable) adds the
 finished cells of earlier report.json files (from other calls) to this report without rerunning
-them, whether or not `--cells` names them. A cell whose run folder holds a run made with other
-overrides is refused before anything runs (pass another `--work`).
+them, whether or not `--cells` names them. A cell to run (or report) here whose run folder
+holds a run made with other overrides is refused before anything runs (pass another `--work`).
 `--train-only` skips the evaluations (a throughput probe: the report's tok/s column).
 
 Writes report.json, report.md, retrieval.png, loss.png, training.png and commands.txt to --out
@@ -103,9 +103,9 @@ def run(args, command: list[str]) -> int:
   if not args.report_only:
     check_writable_dir(str(work), "--work")
   jobs = runner.make_jobs(grid, cells, smoke=args.smoke, extra=args.overrides, work=work)
-  runner.check_reuse(jobs)
   merged = report_lib.load_merge(args.merge)
   run_now = [j for j in jobs if j.name not in merged]
+  runner.check_reuse(run_now)  # a merged cell's folder is neither run nor read
   print(f"[sweep] {grid.name}{' (smoke)' if args.smoke else ''}: {len(jobs)} cell(s), "
         f"{len(run_now)} to run here, {args.parallel} at a time; work {work}, report {out}",
         flush=True)
