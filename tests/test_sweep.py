@@ -191,3 +191,24 @@ def test_decide_grid_is_the_needle_grid_trained_longer():
     same_budget = dataclasses.replace(cfg_d.train, steps=cfg_n.train.steps,
                                       eval_every=cfg_n.train.eval_every)
     assert dataclasses.replace(cfg_d, train=same_budget) == cfg_n
+
+
+def test_check_reuse_compares_the_settings_not_the_folder_spelling(tmp_path, monkeypatch):
+  """A run folder's recorded overrides against this call's: other settings refused; the same
+  settings with the folder spelled relative instead of absolute accepted; no record: nothing to
+  compare."""
+  from atma_jax.sweep import runner
+
+  grid = grid_lib.load_grid("sweep_small")
+  monkeypatch.chdir(tmp_path)
+  job, = runner.make_jobs(grid, grid.select(["polar+mem"], True), smoke=True, extra=[],
+                          work=tmp_path / "work")
+  runner.check_reuse([job])
+  relative = [f"train.run_dir={os.path.relpath(job.run_dir)}" if o.startswith("train.run_dir=")
+              else o for o in job.overrides]
+  assert relative != list(job.overrides)
+  runner._write_record(job, {"overrides": relative})
+  runner.check_reuse([job])
+  runner._write_record(job, {"overrides": relative + ["train.log_every=2"]})
+  with pytest.raises(ConfigError, match=r"other overrides \(there: train.log_every=2; now: -\)"):
+    runner.check_reuse([job])

@@ -104,6 +104,12 @@ def is_finished(job: CellJob) -> bool:
   return job.eval_report.is_file()
 
 
+def _settings(overrides) -> list[str]:
+  """A run's overrides less its `train.run_dir`: the folder itself, however --work was spelled
+  (relative or absolute) or wherever it was moved."""
+  return [o for o in overrides if not o.startswith("train.run_dir=")]
+
+
 def check_reuse(jobs: list[CellJob]) -> None:
   """Refuses (before anything runs) a cell whose run folder holds a run made with other
   overrides: skipping or resuming it would report that run under this command's settings."""
@@ -111,10 +117,10 @@ def check_reuse(jobs: list[CellJob]) -> None:
 
   for job in jobs:
     before = read_record(job).get("overrides")
-    if before is None or list(before) == list(job.overrides):
+    if before is None or _settings(before) == _settings(job.overrides):
       continue
-    now_only = sorted(set(job.overrides) - set(before))
-    then_only = sorted(set(before) - set(job.overrides))
+    now_only = sorted(set(_settings(job.overrides)) - set(before))
+    then_only = sorted(set(_settings(before)) - set(job.overrides))
     raise ConfigError(
         f"cell {job.name}: its run folder {job.run_dir} holds a run with other overrides "
         f"(there: {', '.join(then_only) or '-'}; now: {', '.join(now_only) or '-'}); pass "
