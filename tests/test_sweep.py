@@ -212,3 +212,26 @@ def test_check_reuse_compares_the_settings_not_the_folder_spelling(tmp_path, mon
   runner._write_record(job, {"overrides": relative + ["train.log_every=2"]})
   with pytest.raises(ConfigError, match=r"other overrides \(there: train.log_every=2; now: -\)"):
     runner.check_reuse([job])
+
+
+def test_a_training_killed_midway_leaves_its_overrides_for_check_reuse(tmp_path, monkeypatch):
+  """run_cell records the overrides before the training starts: a sweep killed during a cell's
+  first training (no record written after it) still has its resumed run refused under other
+  overrides."""
+  from atma_jax.sweep import runner
+
+  grid = grid_lib.load_grid("sweep_small")
+  job, = runner.make_jobs(grid, grid.select(["polar+mem"], True), smoke=True, extra=[],
+                          work=tmp_path / "work")
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(runner, "_run_stage", killed)
+  with pytest.raises(KeyboardInterrupt):
+    runner.run_cell(job, {}, runner.Deadline(None), lambda msg: None)
+  assert runner.read_record(job)["overrides"] == list(job.overrides)
+  other, = runner.make_jobs(grid, grid.select(["polar+mem"], True), smoke=True,
+                            extra=["train.log_every=2"], work=tmp_path / "work")
+  with pytest.raises(ConfigError, match="holds a run with other overrides"):
+    runner.check_reuse([other])

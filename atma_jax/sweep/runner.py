@@ -112,7 +112,9 @@ def _settings(overrides) -> list[str]:
 
 def check_reuse(jobs: list[CellJob]) -> None:
   """Refuses (before anything runs) a cell whose run folder holds a run made with other
-  overrides: skipping or resuming it would report that run under this command's settings."""
+  overrides: skipping or resuming it would report that run under this command's settings.
+  `run_cell` records the overrides before the training starts, so a run killed mid-training
+  is covered too."""
   from atma_jax.config import ConfigError
 
   for job in jobs:
@@ -227,6 +229,8 @@ def run_cell(job: CellJob, env: dict, deadline: Deadline, say: Callable[[str], N
     say(f"{job.name}: skipped (deadline passed before it started)")
     return record
   say(f"{job.name}: training")
+  record["status"] = "pending"
+  _write_record(job, record)  # the overrides, for check_reuse, even if the sweep is killed now
   train_log = job.run_dir / "train.log"
   rc, secs, stopped = _run_stage(job.train_cmd(), train_log, env, deadline)
   record["train_seconds"] = round(record.get("train_seconds", 0.0) + secs, 1)
