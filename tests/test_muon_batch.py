@@ -236,10 +236,15 @@ def test_split_ns_equals_single_device_and_splits_the_work(kind, shape, spec, n)
 
 def test_split_is_a_no_op_on_one_device():
   """A one-device mesh (or no NamedSharding) has nothing to split over: no walk, no padding,
-  so the single-GPU program is the unsplit one."""
+  so the single-GPU program is the unsplit one (the same lowered text)."""
   one = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-  assert muon_lib.split_stack_shardings(NamedSharding(one, P("fsdp", "tensor")), 5) == ([], 5)
+  sh = NamedSharding(one, P("fsdp", "tensor"))
+  assert muon_lib.split_stack_shardings(sh, 5) == ([], 5)
   assert muon_lib.split_stack_shardings(None, 5) == ([], 5)
+  us = [jax.device_put(np.ones((16, 24), np.float32), sh) for _ in range(3)]
+  lowered = {split: jax.jit(lambda *u, split=split: muon_lib.orthogonalized_updates(
+      list(u), "linear", sharding=sh, split=split)).lower(*us).as_text() for split in (False, True)}
+  assert lowered[True] == lowered[False]
   two = make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), devices=jax.devices()[:2])
   walk, n_pad = muon_lib.split_stack_shardings(NamedSharding(two, P("fsdp", "tensor")), 5)
   assert [w.spec for w in walk] == [P(None, ("fsdp",), None), P(("fsdp",), None, None)]
