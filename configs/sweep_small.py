@@ -25,8 +25,9 @@ The GPU plan: one call of at most 9.5 min on a fresh H200 (16 CPU cores), every 
 448 steps of 64 x 512 = 32,768 tokens (14.7M tokens per cell, 1.4 epochs of the 10.2M-token
 english train split; eval_every = steps: validation at the start and the end only). Measured
 on 2026-12-03 (reports/sweep_small*/): with five or six cells at once each trains at
-107K-126K tok/s (median) and finishes in 222-312 s including ~80 s of start-up and compiles; the
-evaluations take 96-142 s; one cell alone trains at ~385K tok/s. The command:
+107K-126K tok/s (median) and finishes its training stage in 222-312 s, of which the first
+step's compile and run take 77-132 s (`first_step_s`); the evaluations take 96-142 s; one cell
+alone trains at ~385K tok/s. The command:
 
   mkdir -p $OUT/sweep_small && python3 -m pip install -q --no-index --no-deps --no-compile \\
     --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 540 \\
