@@ -12,7 +12,7 @@ alone on the GPU, the calls' reports merged:
   # one call per cell (carry .whl and data_cache/sweep_small; at most 8 files come back):
   mkdir -p $OUT/decide && python3 -m pip install -q --no-index --no-deps --no-compile \\
     --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 560 \\
-    python3 -m atma_jax.sweep --config sweep_small_decide --cells polar+mem --deadline 450 \\
+    python3 -m atma_jax.sweep --config sweep_small_decide --cells polar+mem --deadline 400 \\
     --out $OUT/decide 2>&1 | tee $OUT/decide/sweep_log.txt
   # then the same with --cells nope+mem (and polar), and here:
   python -m atma_jax.sweep --config sweep_small_decide --cells polar+mem,nope+mem \\
@@ -20,9 +20,14 @@ alone on the GPU, the calls' reports merged:
 
 Time per call, estimated from the 2026-12-03 calls (not measured at this length): ~385K tok/s
 for one cell alone (the median of the one cell left running in the first call) gives ~350 s of
-training plus ~40 s of compiles, ~60-100 s of evaluation; `--deadline 450` stops a slower
-training in time for its evaluation (the cell is then evaluated at the step it reached, and the
-report says so).
+steps, plus ~55 s of start-up and compiles (the long Polar+mem cell's 1024-step training stage
+took 143 s alone, 87 s of it steps at that rate: reports/sweep_small_needle_polar_long/
+sweep_log.txt). The evaluation took 96-142 s in those calls (`eval_seconds` in
+reports/sweep_small*/report.json; alone, the long cell's had not finished after 106 s when its
+call ended). So `--deadline 400` (400 s + ~145 s of evaluation inside the 560 s `timeout`)
+stops the training in time for its evaluation, possibly a few dozen steps before 4096 (the cell
+is then evaluated at the step it reached, and the report says so); at 450 a training the
+deadline stops would lose its evaluation to the `timeout`.
 """
 
 from atma_jax.sweep.grid import Cell, Grid, Smoke
