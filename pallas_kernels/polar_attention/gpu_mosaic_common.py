@@ -65,8 +65,8 @@ def tiled_smem(shape, dtype):
 
 
 def smem_bytes(smem, bars, *, reduces: bool) -> int:
-  """The dynamic SMEM a kernel launched by `launch` with these scoped `smem` buffers (None
-  entries allowed) and `bars` barriers asks for, by the rule of the Pallas Mosaic-GPU lowering:
+  """The dynamic SMEM a kernel launched by `launch` with these scoped `smem` buffers and `bars`
+  barriers (None entries allowed in both) asks for, by the rule of the Pallas Mosaic-GPU lowering:
   each buffer rounded up to 1024 bytes, 8 bytes per barrier, and, when the kernel body `reduces`
   a register array along an axis (a .sum / .max), the compiler's reduction scratch
   (CompilerParams.reduction_scratch_bytes). Matches Mosaic's own count on an H200 (module
@@ -75,7 +75,7 @@ def smem_bytes(smem, bars, *, reduces: bool) -> int:
               for b in smem if b is not None)
   if reduces:
     total += plgpu.CompilerParams().reduction_scratch_bytes
-  return total + _BARRIER_BYTES * sum(math.prod(b.num_barriers) for b in bars)
+  return total + _BARRIER_BYTES * sum(math.prod(b.num_barriers) for b in bars if b is not None)
 
 
 def wgmmas(*ops, fresh):
