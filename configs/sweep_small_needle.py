@@ -10,9 +10,9 @@ cell of `sweep_small` retrieves at 1x (reports/sweep_small; the first 86M attemp
 
   python -m atma_jax.sweep --config sweep_small_needle --smoke            # CPU, minutes
 
-GPU: the same one-call plan as sweep_small (carry `.whl` and `data_cache/sweep_small`), run
-beside the natural-text `polar+mem` cell of sweep_small with every process at a 0.15 share of
-the GPU's memory; the exact command is in reports/sweep_small_needle/commands.txt.
+GPU: the same one-call plan as sweep_small (carry `.whl` and `data_cache/sweep_small`), five
+cells at once (`--parallel 5`: each process gets 0.18 of the GPU's memory); the exact command is
+in reports/sweep_small_needle/commands.txt.
 """
 
 from atma_jax.sweep.grid import Cell, Grid, Smoke
