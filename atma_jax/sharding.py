@@ -67,6 +67,21 @@ def use_mesh(mesh: Mesh | None):
     _state.mesh = prev
 
 
+def entry_axes(entry) -> tuple[str, ...]:
+  """Mesh axes of one PartitionSpec entry (None, one axis name, or a tuple of names)."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def entry_size(mesh: Mesh, entry) -> int:
+  """Devices one PartitionSpec entry splits its dimension over on `mesh`."""
+  size = 1
+  for a in entry_axes(entry):
+    size *= mesh.shape[a]
+  return size
+
+
 def logical_to_spec(names: Sequence[str | None], mesh: Mesh | None = None) -> P:
   """PartitionSpec for logical axis `names`; mesh axes of size 1 or absent are dropped."""
   mesh = mesh if mesh is not None else current_mesh()
@@ -76,7 +91,7 @@ def logical_to_spec(names: Sequence[str | None], mesh: Mesh | None = None) -> P:
     target = LOGICAL_RULES.get(name) if name is not None else None
     if name is not None and name not in LOGICAL_RULES:
       raise KeyError(f"logical axis {name!r} has no rule in atma_jax.sharding.LOGICAL_RULES")
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = entry_axes(target)
     keep = tuple(a for a in axes
                  if a not in used and (mesh is None or (a in mesh.shape and mesh.shape[a] > 1)))
     used.update(keep)

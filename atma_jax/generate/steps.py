@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from atma_jax.model.cache import Cache, CacheError, cache_shardings
-from atma_jax.sharding import logical_to_spec, use_mesh
+from atma_jax.sharding import entry_size, logical_to_spec, use_mesh
 
 
 def prefill(graphdef, params, ids_BT: jax.Array, lengths_B: jax.Array, cache: Cache, *,
@@ -50,12 +50,7 @@ def decode(graphdef, params, tokens_B: jax.Array, cache: Cache, *, mem: bool = T
 
 def _batch_sharding(mesh, ndim: int, B: int):
   spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh)
-  axes = spec[0] if spec[0] is not None else ()
-  axes = (axes,) if isinstance(axes, str) else tuple(axes)
-  size = 1
-  for a in axes:
-    size *= mesh.shape[a]
-  if B % size:
+  if B % entry_size(mesh, spec[0]):
     spec = jax.sharding.PartitionSpec()
   return NamedSharding(mesh, spec)
 

@@ -21,7 +21,6 @@ continues the recurrence token by token.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -33,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from atma_jax.config import ModelConfig
 from atma_jax.errors import AtmaError
 from atma_jax.model.layers import stats_dtype
-from atma_jax.sharding import current_mesh, logical_to_spec
+from atma_jax.sharding import current_mesh, entry_size, logical_to_spec
 
 
 class CacheError(AtmaError, ValueError):
@@ -212,8 +211,7 @@ def _fitting_spec(names, shape, mesh) -> P:
   spec = logical_to_spec(names, mesh)
   out = []
   for entry, n in zip(spec, shape):
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    size = math.prod(mesh.shape[a] for a in axes) if mesh is not None else 1
+    size = entry_size(mesh, entry) if mesh is not None else 1
     out.append(entry if n % size == 0 else None)
   return P(*out)
 

@@ -29,7 +29,6 @@ K key dim, V value dim of the memory state.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -40,8 +39,7 @@ from pallas_kernels import polar_attention as pa
 
 
 def _axes_size(mesh, entry) -> int:
-  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-  return math.prod(mesh.shape[a] for a in axes)
+  return sharding.entry_size(mesh, entry)
 
 
 def _batch_head_axes(mesh, B: int, head_counts: tuple[int, ...]):

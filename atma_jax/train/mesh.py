@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atma_jax.config import ConfigError, MeshConfig, TrainConfig
-from atma_jax.sharding import MESH_AXES, logical_to_spec
+from atma_jax.sharding import MESH_AXES, entry_axes, entry_size, logical_to_spec
 from atma_jax.train.optimizer import dotted_path
 
 BATCH_AXES = ("batch", "seq")  # logical names of a token batch [B, T]
@@ -93,10 +93,9 @@ def _fit_spec(spec: P, shape, mesh: Mesh, path: str, notes: list[str]) -> P:
   entries = list(spec) + [None] * (len(shape) - len(spec))
   out = []
   for dim, (size, entry) in enumerate(zip(shape, entries)):
-    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-    n = math.prod(mesh.shape[a] for a in axes)
+    n = entry_size(mesh, entry)
     if n > 1 and size % n:
-      notes.append(f"{path}: dim {dim} (size {size}) not divisible by mesh axes {axes} "
+      notes.append(f"{path}: dim {dim} (size {size}) not divisible by mesh axes {entry_axes(entry)} "
                    f"(size {n}); replicated")
       entry = None
     out.append(entry)
@@ -130,5 +129,4 @@ def param_shardings(mesh: Mesh, params, notes: list[str] | None = None):
 
 def sharded_fraction(sharding: NamedSharding) -> int:
   """Number of devices one copy of the array is split over (1 = replicated)."""
-  return math.prod(sharding.mesh.shape[a] for e in sharding.spec if e is not None
-                   for a in ((e,) if isinstance(e, str) else e))
+  return math.prod(entry_size(sharding.mesh, e) for e in sharding.spec)

@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from atma_jax.sharding import entry_axes
+
 REFERENCE_NS_COEFFS = (2.0, -1.5, 0.5)
 MUON_KINDS = ("linear", "conv", "matrix")
 
@@ -119,13 +121,6 @@ def orthogonalized_update(u, kind: str, *, ns_steps: int = 12, ns_coeffs: str = 
   return from_torch_view(o, kind)
 
 
-def _axes_of(entry) -> tuple:
-  """Mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def split_stack_shardings(sharding, n: int):
   """(shardings that walk a stack of `n` leaves onto every device, padded length `Np`).
 
@@ -142,9 +137,9 @@ def split_stack_shardings(sharding, n: int):
   mesh = sharding.mesh
   spec = list(sharding.spec)
   big = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)
-  used = {a for e in spec for a in _axes_of(e)}
+  used = {a for e in spec for a in entry_axes(e)}
   lead = big(a for a in mesh.axis_names if a not in used)
-  trailing = [big(_axes_of(e)) or None for e in spec]
+  trailing = [big(entry_axes(e)) or None for e in spec]
   stages = [P(None, *trailing)]
   if lead:
     stages.append(P(lead, *trailing))
