@@ -15,7 +15,7 @@ cells at once (`--parallel 5`: each process gets 0.18 of the GPU's memory); the 
 in reports/sweep_small_needle/commands.txt.
 """
 
-from atma_jax.sweep.grid import Cell, Grid, Smoke
+from atma_jax.sweep.grid import Grid, Smoke
 from configs import sweep_small
 
 NEEDLE_MIX = "data.needle_mix=0.5"
@@ -27,13 +27,7 @@ def grid() -> Grid:
       name="sweep_small_needle",
       base=base.base,
       base_overrides=(*sweep_small.NARROW, NEEDLE_MIX),
-      cells=(
-          Cell(core="polar", memory=True, label="polar+mem"),
-          Cell(core="polar", memory=False, label="polar"),
-          Cell(core="nope", memory=True, label="nope+mem"),
-          Cell(core="rope", memory=True, label="rope+mem"),
-          Cell(core="polar", memory=True, init="live_mixers", label="polar+mem+live"),
-      ),
+      cells=tuple(c for c in base.cells if not c.extra),  # sweep_small's five matched cells
       eval=base.eval,
       smoke=Smoke(overrides=(*sweep_small.TINY, NEEDLE_MIX), cells=("polar+mem", "rope+mem")),
       primary="polar+mem",
