@@ -71,7 +71,7 @@ def test_smoke_sweep(tmp_path, grid_with_broken_cell, capsys):
   # Other overrides on the same run folders: refused before anything runs, nothing touched.
   assert cli.main(argv + ["--set", "train.log_every=2"]) == 2
   err = capsys.readouterr().err
-  assert "holds a run with other overrides" in err and "now: train.log_every=2" in err
+  assert "holds a run of another config (train.log_every=1 there, 2 now)" in err
   assert os.path.getmtime(work / cells["polar+mem"]["id"] / "eval" / "report.json") == stamp
   # ... but not for cells merged from a report: their folders are neither run nor read.
   assert cli.main(["--config", "sweep_small", "--smoke", "--cells", "polar+mem,polar+mem+live",
@@ -193,7 +193,7 @@ def test_decide_grid_is_the_needle_grid_trained_longer():
     assert dataclasses.replace(cfg_d, train=same_budget) == cfg_n
 
 
-def test_check_reuse_compares_the_settings_not_the_folder_spelling(tmp_path, monkeypatch):
+def test_check_reuse_compares_the_configs_not_the_spelling(tmp_path, monkeypatch):
   """A run folder's recorded overrides against this call's: other settings refused; the same
   settings with the folder spelled relative instead of absolute accepted; no record: nothing to
   compare."""
@@ -209,8 +209,12 @@ def test_check_reuse_compares_the_settings_not_the_folder_spelling(tmp_path, mon
   assert relative != list(job.overrides)
   runner._write_record(job, {"overrides": relative})
   runner.check_reuse([job])
+  moved = [relative[-1], *relative[:-1]]  # run_dir first: another order, the same config
+  assert moved != relative and relative[-1].startswith("train.run_dir=")
+  runner._write_record(job, {"overrides": moved})
+  runner.check_reuse([job])
   runner._write_record(job, {"overrides": relative + ["train.log_every=2"]})
-  with pytest.raises(ConfigError, match=r"other overrides \(there: train.log_every=2; now: -\)"):
+  with pytest.raises(ConfigError, match=r"another config \(train.log_every=2 there, 1 now\)"):
     runner.check_reuse([job])
 
 
@@ -233,5 +237,5 @@ def test_a_training_killed_midway_leaves_its_overrides_for_check_reuse(tmp_path,
   assert runner.read_record(job)["overrides"] == list(job.overrides)
   other, = runner.make_jobs(grid, grid.select(["polar+mem"], True), smoke=True,
                             extra=["train.log_every=2"], work=tmp_path / "work")
-  with pytest.raises(ConfigError, match="holds a run with other overrides"):
+  with pytest.raises(ConfigError, match="holds a run of another config"):
     runner.check_reuse([other])

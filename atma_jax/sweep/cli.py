@@ -15,7 +15,7 @@ exists and resumes interrupted trainings. `--set` applies to every cell (e.g. th
 (each saves a checkpoint and is evaluated where it stopped). `--merge` (repeatable) adds the
 finished cells of earlier report.json files (from other calls) to this report without rerunning
 them, whether or not `--cells` names them. A cell to run (or report) here whose run folder
-holds a run made with other overrides is refused before anything runs (pass another `--work`).
+holds a run of another config (its overrides resolved) is refused before anything runs (pass another `--work`).
 `--train-only` skips the evaluations (a throughput probe: the report's tok/s column).
 
 Writes report.json, report.md, retrieval.png, loss.png, training.png and commands.txt to --out

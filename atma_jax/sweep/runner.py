@@ -104,29 +104,37 @@ def is_finished(job: CellJob) -> bool:
   return job.eval_report.is_file()
 
 
-def _settings(overrides) -> list[str]:
-  """A run's overrides less its `train.run_dir`: the folder itself, however --work was spelled
-  (relative or absolute) or wherever it was moved."""
-  return [o for o in overrides if not o.startswith("train.run_dir=")]
+def _resolved(base: str, overrides) -> dict[str, object]:
+  """The flat config (`section.key: value`) a run's overrides give, less its `train.run_dir`
+  (the folder itself, however --work was spelled or wherever it was moved)."""
+  from atma_jax.config import resolve, to_dict
+
+  flat = {f"{sec}.{k}": v for sec, d in to_dict(resolve(base, list(overrides))).items()
+          if isinstance(d, dict) for k, v in d.items()}
+  flat.pop("train.run_dir", None)
+  return flat
 
 
 def check_reuse(jobs: list[CellJob]) -> None:
-  """Refuses (before anything runs) a cell whose run folder holds a run made with other
-  overrides: skipping or resuming it would report that run under this command's settings.
-  `run_cell` records the overrides before the training starts, so a run killed mid-training
-  is covered too."""
+  """Refuses (before anything runs) a cell whose run folder holds a run of another config:
+  skipping or resuming it would report that run under this command's settings. The configs the
+  two override lists resolve to are compared, so spelling and order do not matter. `run_cell`
+  records the overrides before the training starts, so a run killed mid-training is covered
+  too."""
   from atma_jax.config import ConfigError
 
   for job in jobs:
     before = read_record(job).get("overrides")
-    if before is None or _settings(before) == _settings(job.overrides):
+    if before is None:
       continue
-    now_only = sorted(set(_settings(job.overrides)) - set(before))
-    then_only = sorted(set(_settings(before)) - set(job.overrides))
-    raise ConfigError(
-        f"cell {job.name}: its run folder {job.run_dir} holds a run with other overrides "
-        f"(there: {', '.join(then_only) or '-'}; now: {', '.join(now_only) or '-'}); pass "
-        f"another --work, or remove that folder to start the cell again.")
+    then, now = _resolved(job.base, before), _resolved(job.base, job.overrides)
+    diff = [f"{k}={then.get(k)} there, {now.get(k)} now" for k in sorted(set(then) | set(now))
+            if then.get(k) != now.get(k)]
+    if diff:
+      raise ConfigError(
+          f"cell {job.name}: its run folder {job.run_dir} holds a run of another config "
+          f"({'; '.join(diff)}); pass another --work, or remove that folder to start the cell "
+          "again.")
 
 
 def read_record(job: CellJob) -> dict:
