@@ -61,7 +61,7 @@ from pallas_kernels.polar_attention.gpu_mosaic_backward import FUSED_DQ, BwdConf
 from pallas_kernels.polar_attention import gpu_mosaic_common
 from pallas_kernels.polar_attention.gpu_mosaic_common import (
     COMPUTE_WGS, SMEM_LIMIT, config_repr, interpret_params, kv_block_issue, launch, operand,
-    ring_producer, three_phases, tiled_smem, visible_tile, wgmmas)
+    producer_warpgroup, three_phases, tiled_smem, visible_tile, wgmmas)
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
 
 __all__ = ["BACKWARDS", "BwdConfig", "FUSED_DQ", "MosaicConfig", "DEFAULT_CONFIG",
@@ -253,12 +253,8 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
     plgpu.copy_smem_to_gmem(p2_smem, p2_ref.at[b, h, pl.ds(r0, bq)])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == COMPUTE_WGS)
-  def _producer():
-    plgpu.set_max_registers(40, action="decrease")
-    issue = kv_block_issue(k_ref, v_ref, k_smem, v_smem, k_bars, v_bars, b, lax.div(h, R),
-                           kv_lo, bk)
-    ring_producer(n_steps, stages, issue, k_used, v_used)
+  producer_warpgroup(wg, n_steps, stages, lambda: kv_block_issue(
+      k_ref, v_ref, k_smem, v_smem, k_bars, v_bars, b, lax.div(h, R), kv_lo, bk), k_used, v_used)
 
 
 def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_offset=0,

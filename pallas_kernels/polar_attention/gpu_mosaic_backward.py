@@ -67,7 +67,7 @@ from pallas_kernels.polar_attention import bands
 from pallas_kernels.polar_attention import gpu_mosaic_common
 from pallas_kernels.polar_attention.gpu_mosaic_common import (
     COMPUTE_WGS, SMEM_LIMIT, config_repr, interpret_params, kv_block_issue, launch, operand,
-    ring_producer, three_phases, tiled_smem, visible_tile, wgmmas)
+    producer_warpgroup, three_phases, tiled_smem, visible_tile, wgmmas)
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, PAD_LSE, _pad_axis1
 
 _ROWS = 64  # rows per consumer warpgroup (one wgmma M tile): query rows in dQ, keys in dK/dV
@@ -172,12 +172,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
     plgpu.copy_smem_to_gmem(dsc_smem, dsc_ref.at[b, h, rows])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == COMPUTE_WGS)
-  def _producer():
-    plgpu.set_max_registers(40, action="decrease")
-    issue = kv_block_issue(k_ref, v_ref, k_smem, v_smem, k_bars, v_bars, b, lax.div(h, R),
-                           kv_lo, bk)
-    ring_producer(n_steps, stages, issue, used)
+  producer_warpgroup(wg, n_steps, stages, lambda: kv_block_issue(
+      k_ref, v_ref, k_smem, v_smem, k_bars, v_bars, b, lax.div(h, R), kv_lo, bk), used)
 
 
 # ----------------------------------------------------------------------------- dK / dV
@@ -280,19 +276,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, *refs, bq, D, R, nq, stag
     plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[keys])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == COMPUTE_WGS)
-  def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+  def issue(i, slot):
+    h = g * R + lax.div(i, n_q)
+    rows = pl.ds((q_lo + lax.rem(i, n_q)) * bq, bq)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bars.at[slot])
+    plgpu.copy_gmem_to_smem(rows_ref.at[b, h, :, rows], rows_smem.at[slot], rows_bars.at[slot])
+    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bars.at[slot])
 
-    def issue(i, slot):
-      h = g * R + lax.div(i, n_q)
-      rows = pl.ds((q_lo + lax.rem(i, n_q)) * bq, bq)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bars.at[slot])
-      plgpu.copy_gmem_to_smem(rows_ref.at[b, h, :, rows], rows_smem.at[slot],
-                              rows_bars.at[slot])
-      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bars.at[slot])
-
-    ring_producer(n_steps, stages, issue, used)
+  producer_warpgroup(wg, n_steps, stages, lambda: issue, used)
 
 
 def _dq_part_out(dq_qd, dq_smem, *, dq_ref, b, h, row0, part, reduce):

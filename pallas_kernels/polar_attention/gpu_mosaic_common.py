@@ -4,6 +4,7 @@ backward (`gpu_mosaic_backward`) kernels; package-internal.
 Each kernel runs `COMPUTE_WGS` consumer warpgroups of 64 rows and one TMA producer warpgroup
 that streams blocks through a ring of `stages` SMEM slots:
   launch         the kernel with its scoped SMEM / barriers, three warpgroups, a profile name
+  producer_warpgroup  the producer warpgroup: fewer registers, then `ring_producer`
   ring_producer  the producer's loop: fill the slots, refill each once the consumers free it
   three_phases   a consumer's loop over the band: masked, unmasked, masked blocks
   visible_tile   the causal / window mask of one block (`bands.visible` in the WGMMA layout)
@@ -139,6 +140,16 @@ def ring_producer(n_steps, stages, issue, *used):
   @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
   def _(i):
     wait_used(lax.rem(i, stages))
+
+
+def producer_warpgroup(wg, n_steps, stages, make_issue, *used):
+  """The last warpgroup (`wg == COMPUTE_WGS`) gives registers back to the consumers and runs
+  `ring_producer(n_steps, stages, make_issue(), *used)` (`make_issue` is called inside the
+  branch, so what it computes runs on the producer only)."""
+  @pl.when(wg == COMPUTE_WGS)
+  def _():
+    plgpu.set_max_registers(40, action="decrease")
+    ring_producer(n_steps, stages, make_issue(), *used)
 
 
 def three_phases(step, lo_full, hi_full, n, carry):
