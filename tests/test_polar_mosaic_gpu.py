@@ -95,16 +95,20 @@ def test_lowers_for_h100(shape, window, config):
   assert exported.mlir_module().count("mosaic_gpu") >= 1
 
 
+# The compiled-GPU cases of the forward and the backward: a window, a batch of 2, D=64 GQA 4:1.
+COMPILED_CASES = [
+    Case(Tq=333, H=8, G=2, D=128, window=100),
+    Case(Tq=1000, H=8, G=2, D=128, B=2),
+    Case(Tq=200, H=4, G=1, D=64),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [gpu_mosaic.DEFAULT_CONFIG,
                                     gpu_mosaic.MosaicConfig(block_k=64, stages=3),
                                     gpu_mosaic.MosaicConfig(p_via_smem=True, o_splits=4)],
                          ids=["default", "bk64s3", "psmem"])
-@pytest.mark.parametrize("case", [
-    Case(Tq=333, H=8, G=2, D=128, window=100),
-    Case(Tq=1000, H=8, G=2, D=128, B=2),
-    Case(Tq=200, H=4, G=1, D=64),
-], ids=str)
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=str)
 def test_compiled_on_gpu_bf16(case, config):
   check_backend(*_with_triton_bwd(config), case, jnp.bfloat16, **BF16_TOL)
 
@@ -118,11 +122,7 @@ def test_compiled_on_gpu_bf16(case, config):
                                  gpu_mosaic.BwdConfig(fused_dq="wg", ds_via_smem=True)],
                          ids=["default", "dq128_s3", "kv128_ds_smem", "fused_wg", "fused_tile",
                               "fused_wg_ds_smem"])
-@pytest.mark.parametrize("case", [
-    Case(Tq=333, H=8, G=2, D=128, window=100),
-    Case(Tq=1000, H=8, G=2, D=128, B=2),
-    Case(Tq=200, H=4, G=1, D=64),
-], ids=str)
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=str)
 def test_compiled_mosaic_backward_on_gpu_bf16(case, bwd):
   """The Mosaic forward paired with the Mosaic backward (gpu_mosaic_backward), compiled; the
   fused configs add dQ with the TMA reduce-add (which interpret mode cannot run)."""
