@@ -1,8 +1,9 @@
 """Benchmark: one batch-1 decode step's projections, as `layers.linear` runs them with a single
-row left as is (MIN_GEMM_ROWS=1, the default: XLA's GPU simplifier turns each into multiply +
-reduce) and padded to two rows (MIN_GEMM_ROWS=2: the dot should stay a GEMM).
+row left as is (MIN_GEMM_ROWS=1: XLA's GPU simplifier turns each into multiply + reduce) and
+padded to two rows (MIN_GEMM_ROWS=2, the default since the H200 run in
+bench/results/gemv_rows_h200.json: the dot stays a GEMM, 4.96x faster there).
 
-  python3 bench/gemv_rows.py --out $OUT/gemv_rows.json         (GPU, est. ~1 min)
+  python3 bench/gemv_rows.py --out $OUT/gemv_rows.json         (GPU, 2.5 s of work; the call ~1 min)
   python3 bench/gemv_rows.py --smoke --out /tmp/gemv_rows.json  (CPU check)
 
 The weights are every Linear kernel of the model (atma_378m in bf16; `tiny` with --smoke),

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -66,7 +67,8 @@ from atma_jax.config import resolve  # noqa: E402
 from atma_jax.eval.forward import eval_graphdef  # noqa: E402
 from atma_jax.eval.testing import noisy  # noqa: E402
 from atma_jax.generate import Generator, SamplingParams  # noqa: E402
-from atma_jax.model import Atma  # noqa: E402
+from atma_jax.generate.loop import model_steps  # noqa: E402
+from atma_jax.model import Atma, layers  # noqa: E402
 
 FULL = dict(decode=[("decode_b1_2k", 1, 2048), ("decode_b1_64k", 1, 65536),
                     ("decode_b512_512", 512, 512)],
@@ -89,13 +91,28 @@ def model_config(smoke: bool, impl: str | None, extra=()):
   return resolve("tiny" if smoke else "atma_378m", overrides + list(extra)).model
 
 
+GEMM_ROWS = "layers.MIN_GEMM_ROWS="  # a variant token that sets atma_jax.model.layers' constant
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
-  """"NAME=model.a=x,model.b=y" -> (NAME, ["model.a=x", "model.b=y"]); "NAME=" = no change."""
+  """"NAME=model.a=x,model.b=y" -> (NAME, ["model.a=x", "model.b=y"]); "NAME=" = no change.
+  A token `layers.MIN_GEMM_ROWS=N` sets that constant while the variant's decode compiles."""
   name, sep, rest = text.partition("=")
   if not sep or not name or "[" in name:
     raise SystemExit(f"--variant {text!r}: write NAME=model.key=value[,model.key=value] (e.g. "
-                     "step_xla=model.mem_step_impl=xla), or NAME= for the base config")
-  return name, [o for o in rest.split(",") if o]
+                     "step_xla=model.mem_step_impl=xla, gemv=layers.MIN_GEMM_ROWS=1), or NAME= "
+                     "for the base config")
+  tokens = [o for o in rest.split(",") if o]
+  for o in tokens:
+    if o.startswith(GEMM_ROWS) and not o[len(GEMM_ROWS):].isdigit():
+      raise SystemExit(f"--variant {text!r}: {GEMM_ROWS}N takes a positive integer N")
+  return name, tokens
+
+
+def split_variant(tokens: list[str]) -> tuple[list[str], int | None]:
+  """(the model overrides, the MIN_GEMM_ROWS the variant sets or None)."""
+  rows = [int(o[len(GEMM_ROWS):]) for o in tokens if o.startswith(GEMM_ROWS)]
+  return [o for o in tokens if not o.startswith(GEMM_ROWS)], (rows[-1] if rows else None)
 
 
 # the model fields a --variant may change: how one-token decode runs, nothing in the prefill's
@@ -397,10 +414,10 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   shapes = SMOKE if args.smoke else FULL
   variants = [parse_variant(v) for v in args.variant] or [(None, [])]
-  for name, overrides in variants:  # before any compute: a bad variant is a one-line error
+  for name, tokens in variants:  # before any compute: a bad variant is a one-line error
     if name is not None:
       check_variant(name, model_config(args.smoke, args.impl),
-                    model_config(args.smoke, args.impl, overrides))
+                    model_config(args.smoke, args.impl, split_variant(tokens)[0]))
   if args.rows:
     keep = set(args.rows.split(","))
     unknown = keep - {r[0] for rs in shapes.values() for r in rs}
@@ -451,19 +468,35 @@ def main(argv=None) -> int:
       if (chunk, variant) not in gens:
         v_cfg, v_graphdef = cfg, graphdef
         if variant is not None:
-          v_cfg = model_config(args.smoke, args.impl, dict(variants)[variant])
+          v_cfg = model_config(args.smoke, args.impl, split_variant(dict(variants)[variant])[0])
           # only how it runs differs: the same parameter tree, the built params serve it
           v_graphdef = eval_graphdef(v_cfg)
-        gens[chunk, variant] = Generator(v_cfg, v_graphdef, params, prefill_chunk=chunk)
+        steps = None
+        if variant is not None and split_variant(dict(variants)[variant])[1] is not None:
+          # the decode loop's jit is keyed on (steps, graphdef), not on layers' constant: a
+          # decode function of its own makes this variant trace (and compile) its own loop
+          base = model_steps()
+          steps = base._replace(decode=functools.partial(base.decode))
+        gens[chunk, variant] = Generator(v_cfg, v_graphdef, params, prefill_chunk=chunk,
+                                         steps=steps)
       return gens[chunk, variant]
 
     if variants[0][0] is not None:
       ours["variants"] = {name: overrides for name, overrides in variants}
-    for variant, _ in variants:
+    for variant, tokens in variants:
+      gemm_rows = split_variant(tokens)[1]
       for name, batch, context in shapes["decode"]:
         key = name if variant is None else f"{name}[{variant}]"
-        ours["rows"][key] = decode_row(gen_for(4096, variant), cfg, key, batch, context, steps,
-                                       reps, ceilings, pbytes, mm, prefill_gen=gen_for(4096))
+        default_rows = layers.MIN_GEMM_ROWS
+        if gemm_rows is not None:  # read when the decode block traces, inside decode_row
+          layers.MIN_GEMM_ROWS = gemm_rows
+        try:
+          ours["rows"][key] = decode_row(gen_for(4096, variant), cfg, key, batch, context, steps,
+                                         reps, ceilings, pbytes, mm, prefill_gen=gen_for(4096))
+        finally:
+          layers.MIN_GEMM_ROWS = default_rows
+        if gemm_rows is not None:
+          ours["rows"][key]["min_gemm_rows"] = gemm_rows
         print(json.dumps({k: v for k, v in ours["rows"][key].items() if k in (
             "name", "tok_per_s", "ms_per_step", "cache_bytes_per_sequence")}), flush=True)
         write()

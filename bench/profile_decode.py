@@ -28,7 +28,8 @@ the backend starts, so each flag variant runs in its own subprocess of this scri
   off          --xla_gpu_enable_command_buffer=        (no CUDA graphs: kernels name their HLO op)
   while        FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL, graph min size 1
                (the whole while loop can become one graph)
-  gemm_padded  jax's defaults, single-row matmuls padded to two rows (layers.MIN_GEMM_ROWS = 2)
+  gemv_1row    jax's defaults, single-row matmuls left as one row (layers.MIN_GEMM_ROWS = 1, the
+               old form XLA turns into multiply + reduce; the default pads them to two rows)
 
 Every variant times every row; `--profile-in` says which also capture a trace (all by default:
 the HLO map and the trace add seconds, the compiles dominate). A
@@ -63,8 +64,8 @@ VARIANTS = {
     "default": [],
     "off": ["--xla_gpu_enable_command_buffer="],
     "while": [f"--xla_gpu_enable_command_buffer={CB_ALL}", "--xla_gpu_graph_min_graph_size=1"],
-    # single-row matmuls padded to two rows (atma_jax.model.layers.MIN_GEMM_ROWS; default 1)
-    "gemm_padded": ["atma:min_gemm_rows=2"],
+    # single-row matmuls left as one row (atma_jax.model.layers.MIN_GEMM_ROWS; default 2)
+    "gemv_1row": ["atma:min_gemm_rows=1"],
 }
 MODEL_PATCH = "atma:min_gemm_rows="  # a variant token that is not an XLA flag
 SMOKE_VARIANTS = {"unknown_flag": ["--xla_atma_no_such_flag=1"]}  # must fail, and be recorded

@@ -30,3 +30,33 @@ def test_bad_variant_or_rows_is_a_one_line_error(argv, says):
   with pytest.raises(SystemExit) as e:
     bg.main(argv + ["--skip-ref", "--skip-ours"])
   assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gemm_rows_variant_is_checked_and_split():
+  assert bg.split_variant(["model.mem_step_impl=xla", "layers.MIN_GEMM_ROWS=1"]) == (
+      ["model.mem_step_impl=xla"], 1)
+  assert bg.split_variant([]) == ([], None)
+  with pytest.raises(SystemExit, match="positive integer"):
+    bg.parse_variant("gemv=layers.MIN_GEMM_ROWS=one")
+
+
+def test_gemm_rows_variant_decodes_under_its_constant_with_its_own_loop(monkeypatch):
+  """The variant's decode row runs with layers.MIN_GEMM_ROWS set (restored after) and with a
+  Steps of its own, so the module-level decode loop (keyed on steps, graphdef) traces anew."""
+  from atma_jax.model import layers
+  seen = {}
+
+  def fake_decode_row(gen, cfg, key, *args, **kw):
+    seen[key] = (layers.MIN_GEMM_ROWS, gen.steps)
+    return {"name": key, "tok_per_s": 1.0, "ms_per_step": 1.0, "cache_bytes_per_sequence": 1}
+
+  monkeypatch.setattr(bg, "decode_row", fake_decode_row)
+  monkeypatch.setattr(bg, "measure_copy_bandwidth", lambda smoke: 1.0)
+  monkeypatch.setattr(bg, "measure_matmul_flops", lambda smoke: 1.0)
+  default = layers.MIN_GEMM_ROWS
+  bg.main(["--smoke", "--skip-ref", "--rows", "decode_b1_2k", "--variant", "base=",
+           "--variant", "gemv=layers.MIN_GEMM_ROWS=1"])
+  (base_rows, base_steps), (gemv_rows, gemv_steps) = (seen["decode_b1_2k[base]"],
+                                                       seen["decode_b1_2k[gemv]"])
+  assert (base_rows, gemv_rows, layers.MIN_GEMM_ROWS) == (default, 1, default)
+  assert hash(base_steps) != hash(gemv_steps) and base_steps != gemv_steps

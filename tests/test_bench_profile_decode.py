@@ -26,7 +26,7 @@ def test_variant_flags_replace_only_command_buffer_flags():
       "--xla_dump_to=/tmp/d --xla_gpu_enable_command_buffer=")
   assert "WHILE" in pd.child_xla_flags("", pd.VARIANTS["while"])
   # the model patch is applied in the child, never passed to XLA (an unknown flag aborts it)
-  assert pd.child_xla_flags(base, pd.VARIANTS["gemm_padded"]) == "--xla_dump_to=/tmp/d"
+  assert pd.child_xla_flags(base, pd.VARIANTS["gemv_1row"]) == "--xla_dump_to=/tmp/d"
 
 
 def test_step_profile_divides_by_steps():

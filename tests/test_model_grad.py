@@ -146,12 +146,14 @@ def test_linear_vjp_keeps_the_activation_dtype(dtype):
 
 @pytest.mark.parametrize("shape", [(1, 1, 24), (24,), (1, 24)])
 def test_linear_pads_a_single_row_to_a_gemm(monkeypatch, shape):
-  """With MIN_GEMM_ROWS = 2 a one-row input runs as a two-row matmul (the padding row sliced
-  off): same values as the unpadded form, and the dot in the HLO has two rows."""
+  """With MIN_GEMM_ROWS = 2 (the default) a one-row input runs as a two-row matmul (the padding
+  row sliced off): same values as the unpadded form (MIN_GEMM_ROWS = 1), and the dot in the HLO
+  has two rows."""
   from atma_jax.model import layers
   kx, kw, kb = jax.random.split(jax.random.key(1), 3)
   x = jax.random.normal(kx, shape)
   w, b = jax.random.normal(kw, (24, 40)) * 0.2, jax.random.normal(kb, (40,)) * 0.1
+  monkeypatch.setattr(layers, "MIN_GEMM_ROWS", 1)
   want = layers.linear(x, w, b)
   monkeypatch.setattr(layers, "MIN_GEMM_ROWS", 2)
   got = layers.linear(x, w, b)
