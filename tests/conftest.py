@@ -21,6 +21,10 @@ def _has_gpu() -> bool:
 def pytest_collection_modifyitems(config, items):
   if _has_gpu():
     return
+  if config.option.markexpr.strip() == "gpu":  # asked for the GPU tests only: skipping all is a
+    raise pytest.UsageError(  # mistake, not a result (one GPU call was lost to it)
+        "-m gpu selects the GPU tests, but JAX sees no GPU (this conftest defaults "
+        "JAX_PLATFORMS=cpu): run JAX_PLATFORMS=cuda XLA_FLAGS= python3 -m pytest -m gpu ...")
   skip = pytest.mark.skip(reason="needs a CUDA GPU")
   for item in items:
     if "gpu" in item.keywords:
