@@ -18,7 +18,7 @@ import pytest
 from pallas_kernels import dispatch
 from pallas_kernels import gated_delta as gd
 from pallas_kernels.gated_delta import chunk_math as cm
-from pallas_kernels.gated_delta import gpu_triton, reference
+from pallas_kernels.gated_delta import gpu_common, gpu_triton, reference
 from tests.gated_delta_cases import Case, check_backend
 from tests.oracle_check import assert_close
 
@@ -81,6 +81,41 @@ def test_interpret_sequence_split_is_exact():
   check_backend(fwd, case, jnp.float32, atol=2e-5, rtol=2e-5, seed=4, bwd=bwd)
 
 
+# The backward's split levers (`Tuning.bwd_split`, `Tuning.bwd_block_v`) with the split forced on
+# at small shapes: odd T, correlated keys, 4 pieces of 1 chunk each, through the plain backward
+# (the transition A taken from its own forward rerun) and through api's custom_vjp below (each
+# piece's start state and A saved by the forward). f32 inputs: exact up to f32 rounding. Gates
+# near 1 so that a piece's transition is far from 0 (a wrong composition shows).
+_SPLIT_CASES = (
+    (Case(T=61, B=2, H=1, K=16, V=16, chunk=16, gamma="near1", key_share=0.5),
+     _T(bwd_split="reuse"), 4, 2e-5, jnp.float32),
+    (Case(T=57, B=1, H=2, K=16, V=32, chunk=16, gamma="near1", key_share=0.5),
+     _T(bwd_split="reuse", block_v=16, bwd_block_v=8), 4, 2e-5, jnp.float32),
+    (Case(T=61, B=1, H=2, K=32, V=16, chunk=16, gamma="near1", key_share=0.5),
+     _T(bwd_block_v=8), 2, 2e-5, jnp.float32),
+    (Case(T=63, B=1, H=2, K=16, V=16, chunk=16, gamma="near1", key_share=0.5),
+     _T(bwd_split="reuse"), 4, 3e-2, jnp.bfloat16),
+)
+
+
+@pytest.mark.parametrize("case,tuning,pieces,tol,dtype", _SPLIT_CASES,
+                         ids=["reuse_p4_kshare", "reuse_bwdbv8_p4_near1", "bwdbv8_p2",
+                              "reuse_p4_bf16"])
+def test_interpret_bwd_split_levers_match_oracle(case, tuning, pieces, tol, dtype):
+  fwd = functools.partial(gpu_triton.gated_delta_fwd, interpret=True, pieces=pieces)
+  bwd = functools.partial(gpu_triton.gated_delta_bwd, interpret=True, pieces=pieces,
+                          tuning=tuning)
+  check_backend(fwd, case, dtype, atol=tol, rtol=tol, seed=21, bwd=bwd)
+
+
+def test_num_pieces_at_the_benchmark_shapes():
+  """The automatic piece count (one for every sequential pass of a call) at H = 8, K = V = 128,
+  C = 64 with the default tuning: the program counts the KERNELS notes quote."""
+  got = {(b, t): gpu_common.num_pieces(b, 8, t // 64, 128, 128, None, _T())
+         for b, t in ((16, 2048), (4, 8192), (1, 32768), (1, 65536))}
+  assert got == {(16, 2048): 1, (4, 8192): 4, (1, 32768): 16, (1, 65536): 16}
+
+
 # The gradients (`gdn_dqkw` per K block + `gdn_wy_bwd` per chunk) with several K and V blocks,
 # T0 from the prepass or recomputed, dv' stored in bf16 (looser tolerance), pieces split.
 _WY_CASES = (
@@ -116,7 +151,9 @@ def test_interpret_wy_grads_match_oracle(case, tuning, pieces, tol, dtype):
     (_T(), None, ("gdn_prepass", "gdn_state", "gdn_state_bwd", "gdn_dqkw", "gdn_wy_bwd")),
     (_T(wy_t0="recompute", dv_dtype="bfloat16", dqkw_warps=8), 2,
      ("gdn_state_affine", "gdn_state_bwd_affine", "gdn_dqkw", "gdn_wy_bwd")),
-], ids=["wy", "wy_recompute_bf16dv_pieces"])
+    (_T(bwd_split="reuse", bwd_block_v=32), 2,
+     ("gdn_state_affine", "gdn_state_bwd_affine", "gdn_state_bwd", "gdn_dqkw")),
+], ids=["wy", "wy_recompute_bf16dv_pieces", "reuse_bwdbv32_pieces"])
 def test_bwd_lowers_to_triton_for_h100(tuning, pieces, kernels):
   """Traces and lowers the backward to Triton IR for an abstract H100 (bf16, K = V = 128, C = 64):
   catches ops the Triton lowering rejects without a GPU (Triton's own compile runs only there)."""
@@ -142,6 +179,12 @@ def test_rejects_bad_tuning():
   with pytest.raises(ValueError, match="Tuning.wy_t0"):
     gpu_triton.gated_delta_bwd(q, q, q, q[..., 0], q[..., 0], None, q, None, chunk_size=16,
                                tuning=_T(wy_t0="fast"), interpret=True)
+  with pytest.raises(ValueError, match="Tuning.bwd_split"):
+    gpu_triton.gated_delta_bwd(q, q, q, q[..., 0], q[..., 0], None, q, None, chunk_size=16,
+                               tuning=_T(bwd_split="fast"), interpret=True)
+  with pytest.raises(ValueError, match="Tuning.bwd_block_v"):
+    gpu_triton.gated_delta_bwd(q, q, q, q[..., 0], q[..., 0], None, q, None, chunk_size=16,
+                               tuning=_T(bwd_block_v=12), interpret=True)
   with pytest.raises(ValueError, match="Tuning.inverse_block"):
     gpu_triton.gated_delta_fwd(q, q, q, q[..., 0], q[..., 0], chunk_size=16,
                                tuning=_T(inverse_block=12), interpret=True)
@@ -185,12 +228,13 @@ def _interpret_backend(monkeypatch, tuning, pieces=None):
   dispatch.load.cache_clear()
 
 
-@pytest.mark.parametrize("tuning,pieces", [(_T(), None), (_T(wy_t0="recompute"), 2)],
-                         ids=["wy_t0", "wy_recompute_pieces"])
+@pytest.mark.parametrize("tuning,pieces", [(_T(), None), (_T(wy_t0="recompute"), 2),
+                                           (_T(bwd_split="reuse", bwd_block_v=8), 4)],
+                         ids=["wy_t0", "wy_recompute_pieces", "reuse_split_pieces"])
 def test_api_vjp_reuses_forward_prepass(monkeypatch, tuning, pieces):
-  """jax.vjp through api's custom_vjp with the forward's (w, u, T0) as residuals vs the oracle;
-  and the saved-prepass backward equals the recomputing one exactly."""
-  case = Case(T=61, B=2, H=1, K=16, V=16, chunk=16)
+  """jax.vjp through api's custom_vjp with the forward's (w, u, T0[, split]) as residuals vs the
+  oracle (correlated keys); and the saved-prepass backward equals the recomputing one exactly."""
+  case = Case(T=61, B=2, H=1, K=16, V=16, chunk=16, gamma="near1", key_share=0.5)
   _interpret_backend(monkeypatch, tuning, pieces)
   fwd = lambda q, k, v, lg, b, s0, chunk_size: gd.gated_delta_rule(
       q, k, v, lg, b, initial_state=s0, output_final_state=True, chunk_size=chunk_size,
@@ -206,6 +250,7 @@ def test_api_vjp_reuses_forward_prepass(monkeypatch, tuning, pieces):
   _, _, prepass = gpu_triton.gated_delta_fwd_residuals(q, k, v, lg, beta, None, **kw)
   if not gpu_triton._needs_t0(tuning):
     assert prepass[2] is None
+  assert (prepass[3] is not None) == (tuning.bwd_split == "reuse" and (pieces or 1) > 1)
   saved = gpu_triton.gated_delta_bwd(q, k, v, lg, beta, None, do, None, prepass=prepass, **kw)
   fresh = gpu_triton.gated_delta_bwd(q, k, v, lg, beta, None, do, None, **kw)
   for g_saved, g_fresh in zip(saved, fresh, strict=True):
@@ -214,14 +259,20 @@ def test_api_vjp_reuses_forward_prepass(monkeypatch, tuning, pieces):
 
 def test_bwd_rejects_mismatched_prepass():
   q = jnp.zeros((1, 32, 1, 16), jnp.float32)
-  _, _, (w, u, t0) = gpu_triton.gated_delta_fwd_residuals(q, q, q, q[..., 0], q[..., 0],
-                                                          chunk_size=16, interpret=True)
+  _, _, (w, u, t0, split) = gpu_triton.gated_delta_fwd_residuals(
+      q, q, q, q[..., 0], q[..., 0], chunk_size=16, interpret=True)
   with pytest.raises(ValueError, match="reads T0"):
     gpu_triton.gated_delta_bwd(q, q, q, q[..., 0], q[..., 0], None, q, None, chunk_size=16,
-                               interpret=True, prepass=(w, u, None))
+                               interpret=True, prepass=(w, u, None, split))
   with pytest.raises(ValueError, match="prepass w has shape"):
     gpu_triton.gated_delta_bwd(q, q, q, q[..., 0], q[..., 0], None, q, None, chunk_size=16,
-                               interpret=True, prepass=(w[:, :16], u, t0))
+                               interpret=True, prepass=(w[:, :16], u, t0, split))
+  reuse = dict(chunk_size=16, interpret=True, tuning=_T(bwd_split="reuse"))
+  _, _, (w, u, t0, split) = gpu_triton.gated_delta_fwd_residuals(
+      q, q, q, q[..., 0], q[..., 0], pieces=2, **reuse)
+  with pytest.raises(ValueError, match="saved split has shapes"):  # 2 pieces saved, 1 asked
+    gpu_triton.gated_delta_bwd(q, q, q, q[..., 0], q[..., 0], None, q, None, pieces=1,
+                               prepass=(w, u, t0, split), **reuse)
 
 
 def test_interpret_blocked_inverse_matches_oracle():

@@ -19,9 +19,10 @@ the initial state.
 A Pallas backend's `gated_delta_fwd` and `gated_delta_bwd` are joined here into the one
 `custom_vjp` (residuals = the primal inputs, see `xla_chunked.py`); a backend without a `bwd`
 gets the XLA path's recompute-and-differentiate backward. A backend that also exports
-`gated_delta_fwd_residuals` (GPU-Triton) saves its forward's prepass (w, u, T0) as extra
-residuals and gets them back as `gated_delta_bwd(..., prepass=...)`: no prepass rerun in the
-backward, for B*Tp*H*((K + V)*itemsize + 4*C) more bytes per layer (gpu_triton docstring).
+`gated_delta_fwd_residuals` (GPU-Triton) saves its forward's prepass (w, u, T0, and each
+sequence piece's start state and transition when its tuning says so) as extra residuals and
+gets them back as `gated_delta_bwd(..., prepass=...)`: no prepass rerun in the backward, for
+B*Tp*H*((K + V)*itemsize + 4*C) more bytes per layer (gpu_triton docstring).
 
 `gated_delta_step` (one decode token) has its own table, `STEP_BACKENDS`: the oracle's step
 (`reference.gated_delta_step`) is its XLA backend and CPU path, the fused in-place kernel

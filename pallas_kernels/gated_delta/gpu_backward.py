@@ -3,10 +3,12 @@
 The gradients follow the WY decomposition (FLA's, in our convention; `chunk_math` "WY
 decomposition"): w = T (beta e K) and u = T (beta V) are intermediates of v' = u - w S.
 
-  `gdn_state_bwd` grid (B, H, P, V/BV): reverse chunk walk of dS (the forward's affine piece
-                  split: dS_in = M dS_out + F, `gdn_state_bwd_affine`); writes the cotangent dS1
-                  leaving each chunk, d(initial state) and dv' = P^T dO + (K r) dS1 per chunk
-                  (stored in `Tuning.dv_dtype`).
+  `gdn_state_bwd` grid (B, H, P, V/BV), BV = `Tuning.bwd_block_v`: reverse chunk walk of dS
+                  (the forward's affine piece split: dS_in = M dS_out + F,
+                  `gdn_state_bwd_affine`, width V + K; or width V only with M = A^T, the
+                  forward's piece transition, `Tuning.bwd_split="reuse"`); writes the
+                  cotangent dS1 leaving each chunk, d(initial state) and dv' = P^T dO + (K r) dS1
+                  per chunk (stored in `Tuning.dv_dtype`).
   `gdn_dqkw`      grid (B, H, NC, K/BK), BK = `Tuning.block_k`: V walked in blocks, accumulates
                   dO S^T, v' dS1^T, -dv' S^T (C x BK) and dO v'^T (C x C, recomputed per K
                   block); writes dq (final), dk_direct f32, dw = -dv' S^T f32 and the K block's
@@ -69,23 +71,26 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, dsout_ref, *out_refs,
   dsin_ref[...] = jax.lax.fori_loop(0, cp, body, ds_init.astype(jnp.float32))
 
 
-def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret, with_dv=False):
+def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret, with_dv=False,
+                    with_m=True):
   """ds_out [B, H, P, K, V]: cotangent leaving each piece (ignored in "affine" mode).
-  `with_dv` ("states" mode): also dv' per chunk, [B, Tp, H, V] in `tuning.dv_dtype`."""
+  `with_dv` ("states" mode): also dv' per chunk, [B, Tp, H, V] in `tuning.dv_dtype`.
+  `with_m` ("affine" mode): [F | M] (width V + K); False: F alone (width V)."""
   b, tp, h, kd = q.shape
   vd = do.shape[-1]
   npieces = ds_out.shape[2]
   nc = tp // c
-  bv = gpc.block_v(kd, vd, tuning)
+  bv = gpc.bwd_block_v(kd, vd, tuning)
   nvb = vd // bv
   clamp = (lambda n: jnp.minimum(n, nvb - 1)) if mode == "affine" else (lambda n: n)
   full = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, p, n: (i, 0, j, 0))
   piece_in = pl.BlockSpec((None, None, None, kd, bv), lambda i, j, p, n: (i, j, p, 0, clamp(n)))
   piece_out = pl.BlockSpec((None, None, None, kd, bv), lambda i, j, p, n: (i, j, p, 0, n))
   if mode == "affine":
-    nblocks = (vd + kd) // bv
+    width = vd + kd if with_m else vd
+    nblocks = width // bv
     out_specs = [piece_out]
-    out_shape = [jax.ShapeDtypeStruct((b, h, npieces, kd, vd + kd), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((b, h, npieces, kd, width), jnp.float32)]
   else:
     nblocks = nvb
     out_specs = [pl.BlockSpec((None, None, nc, kd, bv), lambda i, j, p, n: (i, j, 0, 0, n)),
@@ -111,17 +116,26 @@ def _state_bwd_pass(q, k, w, do, gc, ds_out, *, c, mode, tuning, interpret, with
   )(q, k, w, do, gc, ds_out)
 
 
-def backward_states(q, k, w, do, gc, dsT, *, c, pieces, tuning, interpret, with_dv=False):
+def backward_states(q, k, w, do, gc, dsT, *, c, pieces, tuning, interpret, with_dv=False,
+                    transition=None):
   """Reverse state pass (split into pieces when useful): (per-chunk leaving cotangents, dS0)
-  [+ dv' per chunk with `with_dv`]."""
+  [+ dv' per chunk with `with_dv`]. `transition`: the forward's piece transitions A
+  [B, H, P, K, K] (S_end = A S_start + E) for a split call: the reverse map of a piece is
+  dS_in = A^T dS_out + F, so the affine pass computes F alone (width V, not V + K)."""
   b, tp, h, kd = q.shape
   vd = do.shape[-1]
   npieces = gpc.num_pieces(b, h, tp // c, kd, vd, pieces, tuning)
   if npieces == 1:
     ds_out = dsT[:, :, None]
   else:
-    aug = _state_bwd_pass(q, k, w, do, gc, jnp.zeros((b, h, npieces, kd, vd), jnp.float32),
-                          c=c, mode="affine", tuning=tuning, interpret=interpret)[0]
+    zeros = jnp.zeros((b, h, npieces, kd, vd), jnp.float32)
+    aug = _state_bwd_pass(q, k, w, do, gc, zeros, c=c, mode="affine", tuning=tuning,
+                          interpret=interpret, with_m=transition is None)[0]
+    if transition is not None:
+      if transition.shape != (b, h, npieces, kd, kd):
+        raise ValueError(f"transition has shape {transition.shape}; expected "
+                         f"{(b, h, npieces, kd, kd)} (the forward's A at the same pieces)")
+      aug = jnp.concatenate([aug, jnp.swapaxes(transition, -1, -2)], axis=-1)
     ds_out = gpc.piece_starts(aug, dsT, reverse=True)
   dstates, ds_in, *dv = _state_bwd_pass(q, k, w, do, gc, ds_out, c=c, mode="states",
                                         tuning=tuning, interpret=interpret, with_dv=with_dv)

@@ -24,7 +24,14 @@ from pallas_kernels.gated_delta import chunk_math as cm
 
 class Tuning(NamedTuple):
   """Launch knobs (static). `min_programs`: split the sequence into pieces until the state pass
-  has at least this many programs."""
+  has at least this many programs (`num_pieces`; one piece count for every sequential pass of a
+  call). `bwd_block_v`: V block of the reverse state pass (0 = `block_v`; smaller = more programs
+  at the same piece count). `bwd_split` (only matters when the sequence is split): "recompute"
+  = the backward reruns the forward's affine pass and scan for each piece's start state and runs
+  its own reverse affine pass of width V + K; "reuse" = the residual forward saves each piece's
+  start state and transition A ([B, H, P, K, V + K] f32), so the backward's forward pass skips
+  its affine pass and scan, and the reverse affine pass runs width V only (its transition is
+  A^T, exactly)."""
   block_v: int = 64
   prepass_warps: int = 4
   state_warps: int = 4
@@ -41,9 +48,12 @@ class Tuning(NamedTuple):
   # v' is always stored in the input dtype)
   inverse_precision: str = "bf16x3"  # GPU dots of the doubling inverse: INVERSE_PRECISIONS
   inverse_block: int = 16  # blocked doubling (chunk_math.inverse_unit_lower); 0 = plain
+  bwd_block_v: int = 0
+  bwd_split: str = "recompute"
 
 
 DEFAULT_TUNING = Tuning()
+BWD_SPLITS = ("recompute", "reuse")
 
 
 def check_tuning(tuning):
@@ -52,6 +62,10 @@ def check_tuning(tuning):
     raise ValueError(f"Tuning.wy_t0={tuning.wy_t0!r}: pick 'prepass' or 'recompute'")
   if tuning.inverse_block < 0 or (tuning.inverse_block and not pow2(tuning.inverse_block)):
     raise ValueError(f"Tuning.inverse_block={tuning.inverse_block}: 0 or a power of 2")
+  if tuning.bwd_split not in BWD_SPLITS:
+    raise ValueError(f"Tuning.bwd_split={tuning.bwd_split!r}: pick one of {BWD_SPLITS}")
+  if tuning.bwd_block_v < 0 or (tuning.bwd_block_v and not pow2(tuning.bwd_block_v)):
+    raise ValueError(f"Tuning.bwd_block_v={tuning.bwd_block_v}: 0 (= block_v) or a power of 2")
   if tuning.inverse_precision not in INVERSE_PRECISIONS:
     raise ValueError(f"Tuning.inverse_precision={tuning.inverse_precision!r}: pick one of "
                      f"{tuple(INVERSE_PRECISIONS)}")
@@ -102,11 +116,19 @@ def block_v(kd, vd, tuning):
   return min(tuning.block_v, kd, vd)
 
 
+def bwd_block_v(kd, vd, tuning):
+  """V block of the reverse state pass (`Tuning.bwd_block_v`, 0 = `block_v`)."""
+  return min(tuning.bwd_block_v or tuning.block_v, kd, vd)
+
+
 def block_k(kd, tuning):
   return min(tuning.block_k, kd)
 
 
 def num_pieces(b, h, nc, kd, vd, pieces, tuning):
+  """Sequence pieces of the state passes: `pieces` if given (must divide the chunk count), else
+  the fewest (a power of 2, >= 4 chunks each) that give the forward state pass B*H*(V/BV)*P >=
+  `Tuning.min_programs` programs. The forward and both backward passes use this one count."""
   if pieces is not None:
     if nc % pieces:
       raise ValueError(f"pieces={pieces} must divide the number of chunks {nc}")

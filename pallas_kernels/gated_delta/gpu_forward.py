@@ -11,7 +11,8 @@
   affine in its start state, `S_end = A S_start + E`. `gdn_state_affine` runs every piece from
   the augmented start state [0 | I] with values [u | 0] (width V + K) and returns [E | A]; a
   P-step `lax.scan` in XLA composes the pieces exactly; then `gdn_state` reruns each piece from
-  its true start state.
+  its true start state. The backward can reuse both: each piece's start state (no affine pass in
+  its forward rerun) and A (its reverse pass's piece transition is A^T; `Tuning.bwd_split`).
 
 Dimension glossary
   B batch  T tokens (Tp padded)  H heads  K key dim (kd)  V value dim (vd)  C chunk (c)
@@ -155,25 +156,35 @@ def state_pass(q, k, w, u, gc, s_start, *, c, mode, tuning, interpret, with_v=Fa
 
 
 def forward_states(q, k, w, u, gc, s0, *, c, pieces, save_states, tuning, interpret,
-                   with_v=False):
+                   with_v=False, split=None, return_split=False):
   """Runs the state pass (split into pieces when useful).
 
   Returns (o, final state), or (None, final state, per-chunk entry states[, v' per chunk with
-  `with_v`]) with `save_states`.
+  `with_v`]) with `save_states`. `split`: each piece's start state and transition
+  (s_start [B, H, P, K, V], A [B, H, P, K, K]) saved by an earlier pass over the same inputs:
+  no affine pass and no scan here. `return_split`: also return that pair (None unsplit) last.
   """
   b, tp, h, kd = q.shape
   vd = u.shape[-1]
   npieces = gpc.num_pieces(b, h, tp // c, kd, vd, pieces, tuning)
-  if npieces == 1:
+  if split is not None:
+    s_start, a = split
+    if s_start.shape != (b, h, npieces, kd, vd) or a.shape != (b, h, npieces, kd, kd):
+      raise ValueError(f"saved split has shapes {s_start.shape}, {a.shape}; expected "
+                       f"{(b, h, npieces, kd, vd)}, {(b, h, npieces, kd, kd)} ({npieces} pieces):"
+                       " pass what gated_delta_fwd_residuals returned with the same pieces")
+  elif npieces == 1:
     s_start = s0[:, :, None]
   else:
     aug = state_pass(q, k, w, u, gc, jnp.zeros((b, h, npieces, kd, vd), jnp.float32), c=c,
                      mode="affine", tuning=tuning, interpret=interpret)[0]
     s_start = gpc.piece_starts(aug, s0)
+    split = (s_start, aug[..., vd:])
+  tail = (split,) if return_split else ()
   if save_states:
     s_end, states, *vnew = state_pass(q, k, w, u, gc, s_start, c=c, mode="states",
                                       tuning=tuning, interpret=interpret, with_v=with_v)
-    return (None, s_end[:, :, -1], states, *vnew)
+    return (None, s_end[:, :, -1], states, *vnew, *tail)
   o, s_end = state_pass(q, k, w, u, gc, s_start, c=c, mode="output", tuning=tuning,
                         interpret=interpret)
-  return o, s_end[:, :, -1]
+  return (o, s_end[:, :, -1], *tail)

@@ -14,7 +14,11 @@ transposes; T padded to a multiple of the chunk with identity tokens k = v = q =
   residuals: the six primal inputs, plus, through api's custom_vjp, the forward's prepass w, u
     (input dtype) and T0 (f32 [B, Tp, H, C]) from `gated_delta_fwd_residuals`:
     B*Tp*H*((K + V)*itemsize + 4*C) bytes per layer, 201 MB at bf16 (16, 2K, H=8, K=V=128,
-    C=64); everything else is recomputed.
+    C=64); with `Tuning.bwd_split="reuse"` and a split sequence also each piece's start state
+    and transition (f32, B*H*P*K*(V + K)*4 bytes); everything else is recomputed.
+  sequence split: one piece count per call (`gpu_common.num_pieces`: the fewest power-of-2
+    pieces giving B*H*(V/BV)*P >= `Tuning.min_programs` = 256, >= 4 chunks each) for the
+    forward's state pass, the backward's forward rerun and its reverse pass.
 
 Measured (H100, bf16, H=8, K=V=128, C=64, the defaults: blocked bf16x3 inverse, K block 32,
 bf16 storage; bench/results/gated_delta_h100.json): forward 0.74 ms at (B, T) = (16, 2K), 1.71
@@ -102,11 +106,15 @@ def gated_delta_fwd(q, k, v, log_gamma, beta, initial_state=None, *, chunk_size=
 def gated_delta_fwd_residuals(q, k, v, log_gamma, beta, initial_state=None, *, chunk_size=64,
                               pieces=None, tuning=DEFAULT_TUNING, interpret=False):
   """`gated_delta_fwd` plus the prepass outputs for `gated_delta_bwd(..., prepass=...)`:
-  (o_BTHV, final_state_BHKV, (w_BTpHK, u_BTpHV, t0_BTpHC or None)), T padded to Tp.
+  (o_BTHV, final_state_BHKV, (w_BTpHK, u_BTpHV, t0_BTpHC or None, split or None)), T padded
+  to Tp.
 
   w, u in the input dtype, T0 f32 (None with `Tuning.wy_t0="recompute"`). Per layer that is
   B*Tp*H*((K + V)*itemsize + 4*C) bytes: 201 MB at bf16 (B, T, H, K, V, C) = (16, 2K, 8, 128,
-  128, 64), against the 0.52 ms (H100) of rerunning the prepass in the backward.
+  128, 64), against the 0.52 ms (H100) of rerunning the prepass in the backward. `split`, only
+  with `Tuning.bwd_split="reuse"` and the sequence split into P > 1 pieces: each piece's start
+  state [B, H, P, K, V] and transition A [B, H, P, K, K], f32 (B*H*P*K*(V + K)*4 bytes: 4 MB at
+  (4, 8K) with P = 4).
   """
   return _forward(q, k, v, log_gamma, beta, initial_state, chunk_size=chunk_size, pieces=pieces,
                   tuning=tuning, interpret=interpret, residuals=True)
@@ -120,19 +128,24 @@ def _forward(q, k, v, log_gamma, beta, initial_state, *, chunk_size, pieces, tun
   with_t0 = residuals and _needs_t0(tuning)
   w, u, *t0 = gpu_forward.prepass(k, v, beta, gc, c=chunk_size, tuning=tuning,
                                   interpret=interpret, with_t0=with_t0)
-  o, s_final = gpu_forward.forward_states(q, k, w, u, gc, s0, c=chunk_size, pieces=pieces,
-                                          save_states=False, tuning=tuning, interpret=interpret)
-  res = (w, u, t0[0] if with_t0 else None) if residuals else None
+  save_split = residuals and tuning.bwd_split == "reuse"
+  o, s_final, *split = gpu_forward.forward_states(
+      q, k, w, u, gc, s0, c=chunk_size, pieces=pieces, save_states=False, tuning=tuning,
+      interpret=interpret, return_split=save_split)
+  res = ((w, u, t0[0] if with_t0 else None, split[0] if split else None) if residuals
+         else None)
   return o[:, :t], s_final, res
 
 
 def _check_prepass(prepass, k, v, c, tuning):
-  """The saved (w, u, t0) match the padded inputs (error naming the mismatch otherwise)."""
+  """The saved (w, u, t0, split) match the padded inputs (error naming the mismatch otherwise;
+  the split's shapes are checked where it is used, `gpu_forward.forward_states`)."""
   b, tp, h, kd = k.shape
   vd = v.shape[-1]
-  if not (isinstance(prepass, tuple) and len(prepass) == 3):
-    raise ValueError("prepass must be the (w, u, t0) tuple gated_delta_fwd_residuals returns")
-  w, u, t0 = prepass
+  if not (isinstance(prepass, tuple) and len(prepass) == 4):
+    raise ValueError("prepass must be the (w, u, t0, split) tuple gated_delta_fwd_residuals "
+                     "returns")
+  w, u, t0, _ = prepass
   want = {"w": (w, (b, tp, h, kd)), "u": (u, (b, tp, h, vd))}
   if _needs_t0(tuning):
     if t0 is None:
@@ -152,8 +165,9 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   """VJP from the primal inputs: (dq, dk, dv, dlog_gamma, dbeta, dinitial_state).
 
   dq/dk/dv in the input dtype, the rest f32. `dfinal_state=None` means a zero cotangent.
-  `prepass`: the (w, u, t0) of `gated_delta_fwd_residuals` (same inputs, chunk_size and tuning)
-  to skip rerunning the prepass; None = recompute it.
+  `prepass`: the (w, u, t0, split) of `gated_delta_fwd_residuals` (same inputs, chunk_size,
+  pieces and tuning) to skip rerunning the prepass (and, with a saved split, the forward's
+  affine pass); None = recompute it.
   """
   gpc.check_tuning(tuning)
   b, t, h, kd = q.shape
@@ -172,19 +186,22 @@ def gated_delta_bwd(q, k, v, log_gamma, beta, initial_state, do, dfinal_state, *
   do = gpc.pad_time(do.astype(jnp.float32), tp)
   dsT = (jnp.zeros((b, h, kd, vd), jnp.float32) if dfinal_state is None
          else dfinal_state.astype(jnp.float32))
+  split = None  # each piece's (start state, transition A), saved by the forward
   if prepass is None:
     w, u, *t0 = gpu_forward.prepass(k, v, beta_p, gc, c=c, tuning=tuning, interpret=interpret,
                                     with_t0=_needs_t0(tuning))
   else:
     _check_prepass(prepass, k, v, c, tuning)
-    w, u, t0 = prepass
+    w, u, t0, split = prepass
     t0 = [t0] if _needs_t0(tuning) else []
-  _, _, states, vnew = gpu_forward.forward_states(q, k, w, u, gc, s0, c=c, pieces=pieces,
-                                                  save_states=True, tuning=tuning,
-                                                  interpret=interpret, with_v=True)
+  reuse = tuning.bwd_split == "reuse"
+  _, _, states, vnew, *got = gpu_forward.forward_states(
+      q, k, w, u, gc, s0, c=c, pieces=pieces, save_states=True, tuning=tuning,
+      interpret=interpret, with_v=True, split=split, return_split=reuse)
+  transition = got[0][1] if reuse and got[0] is not None else None
   dstates, ds0, dvnew = gpu_backward.backward_states(q, k, w, do, gc, dsT, c=c, pieces=pieces,
                                                      tuning=tuning, interpret=interpret,
-                                                     with_dv=True)
+                                                     with_dv=True, transition=transition)
   dq, dkd, dw, pdgc = gpu_backward.dqkw(q, k, gc, do, vnew, dvnew, states, dstates, c=c,
                                         dq_dtype=in_dtypes[0], tuning=tuning, interpret=interpret)
   dk, dv, dbeta, dgc = gpu_backward.wy_bwd(k, v, beta_p, gc, dvnew, dw, dkd,
