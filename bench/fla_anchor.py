@@ -357,6 +357,9 @@ def main():
   ap.add_argument("--cases", default=",".join(c[0] for c in ACC_CASES),
                   help="comma-separated accuracy cases ('' for none), from: "
                   + ", ".join(c[0] for c in ACC_CASES))
+  ap.add_argument("--shapes", default=None,
+                  help="BxT,BxT to time (fwd, plus fwd+bwd at T <= 32K); default all of "
+                  "gated_delta.SHAPES")
   ap.add_argument("--cpu-check", action="store_true", help="naive FLA vs oracle on CPU")
   ap.add_argument("--torch-python", default="/tmp/fla311/bin/python",
                   help="a python with torch + einops + numpy (for --cpu-check)")
@@ -387,6 +390,12 @@ def main():
     sys.exit(f"--chunks {chunks}: FLA's gated delta rule takes chunk sizes 16, 32 or 64")
   import jax
   gd = _bench_module()
+  if args.shapes:
+    try:
+      gd.SHAPES = [(b, t, t <= 32768) for b, t in
+                   (tuple(int(x) for x in s.split("x")) for s in args.shapes.split(","))]
+    except ValueError:
+      sys.exit(f"--shapes {args.shapes!r}: expected BxT pairs separated by commas, e.g. 16x2048")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   results = {"jax_device": str(jax.devices()[0]), "heads": gd.H, "K": gd.K, "V": gd.V,
              "timing": "median of 7 x (10 back-to-back calls)/10, ms; ms_do_bench: "

@@ -25,8 +25,31 @@ fwd+bwd of the defaults, then the backward alone ("bwd", prepass saved) per back
 the forward alone ("fwd") per prepass / inverse variant (`--variants` picks a subset) at
 `--sweep-shapes` (default (16, 2K) and (4, 8K)). `--inverse-accuracy`: only the CPU emulation of
 the inverse's dot algorithms (T0 error vs a f64 solve).
-`--breakdown`: each kernel alone at (16, 2K), the new ones (`gdn_dqkw`, `gdn_wy_bwd`, the
-state passes writing v'/dv') included.
+`--breakdown`: each kernel alone at (16, 2K) (`--breakdown-shapes` for others), the new ones
+(`gdn_dqkw`, `gdn_wy_bwd`, the state passes writing v'/dv') included; where the sequence is split
+also each affine pass, the piece scan (rolled / unrolled) and the passes with the split reused.
+The sequence-split levers of the backward (`SPLIT_VARIANTS`: `split_off` = one piece,
+`split_reuse` = `Tuning.bwd_split="reuse"`, `split_bwdbv32` = `Tuning.bwd_block_v=32`, ...) are
+--sweep variants timed "fwd+bwd" and "bwd" (each row records its piece count).
+`--fla-subprocess`: FLA (`bench/fla_anchor.py`, one accuracy case, then the main-table and
+--sweep shapes) in a child process before this one takes the GPU; its rows join ours as impl
+"fla" and the JSON gets `ratios_vs_fla` (ours / FLA and FLA / ours per shape and mode); where
+FLA cannot run (no torch / CUDA / fla) `fla_subprocess` says why. `--fla-site` puts the folder
+the fla-core wheel was installed into on the child's path. `--quick-check`: the correctness
+check for the defaults and the split levers only.
+Split on vs off and FLA side by side at the three fwd+bwd shapes (one GPU call, ~4 min):
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+      .whl/fla_core-*.whl .whl/einops-*.whl; PYTHONUNBUFFERED=1 python3 bench/gated_delta.py \
+    --skip-xla --skip-main --quick-check --sweep --sweep-shapes 16x2048,4x8192,1x32768 \
+    --variants wy,split_off,split_reuse,split_reuse_bwdbv32 --fla-subprocess \
+    --fla-site /tmp/site --out $OUT/gd_split.json
+The split's parts alone (~2 min):
+  python3 bench/gated_delta.py --skip-xla --skip-main --quick-check --breakdown \
+    --breakdown-shapes 4x8192,1x32768 --out $OUT/gd_split_parts.json
+CPU smoke of both (interpret mode, FLA refused with the reason recorded):
+  python bench/gated_delta.py --smoke --skip-xla --skip-main --quick-check --sweep \
+    --sweep-shapes 2x64,1x256 --variants wy,split_off,split_reuse,split_reuse_bwdbv32 \
+    --breakdown --breakdown-shapes 1x256 --fla-subprocess --out /tmp/gd_smoke.json
 The backward check + timing in one call:
   python3 bench/gated_delta.py --skip-xla --skip-main --sweep --breakdown --out $OUT/gd_bwd.json
 Correctness of the defaults and variants, the goal shapes and the variants at (16, 2K) (~4 min):
@@ -52,12 +75,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pallas_kernels.gated_delta import gpu_triton, reference, xla_chunked  # noqa: E402
+from pallas_kernels.gated_delta import gpu_common, gpu_triton, reference, xla_chunked  # noqa: E402
 
 H, K, V, CHUNK = 8, 128, 128, 64
 SHAPES = [(16, 2048, True), (1, 65536, False), (4, 8192, True), (1, 32768, True)]
 SWEEP_SHAPES = [(16, 2048), (4, 8192)]
+BREAKDOWN_SHAPES = None  # None: the first main-table shape
 INTERPRET = False  # --smoke: tiny shapes in interpret mode on CPU (checks this script only)
+QUICK_CHECK = False  # --quick-check: correctness of the defaults and the split levers only
 
 
 def make_inputs(b, t, h=None, kd=None, vd=None, dtype=jnp.bfloat16, seed=0, shared=0.0):
@@ -285,9 +310,13 @@ def correctness(results):
       variants = {"wy": T(), "fwd_inv_plain": T(inverse_block=0)}  # not in correctness_ok)
     if pieces is not None:
       variants["wy_f32store"] = T(states_dtype="float32", dv_dtype="float32")
+      variants.update({n: SPLIT_VARIANTS[n] for n in ("split_reuse", "split_bwdbv32",
+                                                      "split_reuse_bwdbv32")})
     elif dtype != jnp.float32 and not shared:  # T0 recomputed in the backward; the inverse variants (forward)
       variants["wy_t0recompute"] = T(wy_t0="recompute")
       variants.update({f"fwd_{n}": t for n, t in INVERSE_VARIANTS.items()})
+    if QUICK_CHECK:  # --quick-check: the defaults and the split levers only
+      variants = {n: x for n, x in variants.items() if n == "wy" or n.startswith("split_")}
     for vname, tuning in variants.items():
       key = (f"B{b}_T{t}_H{H}_K{kv}V{kv}_{jnp.dtype(dtype).name}_pieces{pieces}"
              f"{f'_shared{shared}' if shared else ''}_{vname}")
@@ -321,6 +350,18 @@ FWD_VARIANTS = {"fwd_default": _T(), **INVERSE_VARIANTS,
                 "state_warps8": _T(state_warps=8)}
 
 
+# the backward's sequence-split levers ("fwd+bwd" and "bwd" rows in --sweep; correctness at the
+# forced-pieces shape): the split off (one piece: B*H*V/BV programs, chain NC chunks), more pieces
+# than the default (min_programs 512), the saved split (`Tuning.bwd_split="reuse"`), the reverse
+# pass's V block halved (twice the programs at the same piece count), both, and the piece scan
+# unrolled (`Tuning.piece_scan_unroll`).
+SPLIT_VARIANTS = {"split_off": _T(min_programs=0), "split_min512": _T(min_programs=512),
+                  "split_reuse": _T(bwd_split="reuse"), "split_bwdbv32": _T(bwd_block_v=32),
+                  "split_reuse_bwdbv32": _T(bwd_split="reuse", bwd_block_v=32),
+                  "split_reuse_min512": _T(bwd_split="reuse", min_programs=512),
+                  "split_reuse_unroll": _T(bwd_split="reuse", piece_scan_unroll=True)}
+
+
 def sweep_variants():
   """Backward variants, most informative first (a run cut short keeps the earlier rows)."""
   T = gpu_triton.Tuning
@@ -335,7 +376,7 @@ def sweep_variants():
 def sweep(results, save, names=None):
   """fwd+bwd of the defaults, then the backward alone per variant (`names`: a subset of
   `sweep_variants`), at SWEEP_SHAPES."""
-  variants = {**sweep_variants(), **FWD_VARIANTS}
+  variants = {**sweep_variants(), **SPLIT_VARIANTS, **FWD_VARIANTS}
   names = list(variants) if names is None else names
   unknown = [n for n in names if n not in variants]
   if unknown:
@@ -344,11 +385,12 @@ def sweep(results, save, names=None):
     inputs = make_inputs(b, t)
     do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)
     dsT = jax.random.normal(jax.random.key(4), (b, H, K, V), jnp.float32)
-    jobs = ([(n, "fwd+bwd") for n in ("wy",) if n in names]
+    jobs = ([(n, "fwd+bwd") for n in ("wy", *SPLIT_VARIANTS) if n in names]
             + [(n, "fwd" if n in FWD_VARIANTS else "bwd") for n in names])
     for name, mode in jobs:
       tuning = variants[name]
-      row = {"impl": f"sweep:{name}", "B": b, "T": t, "mode": mode}
+      row = {"impl": f"sweep:{name}", "B": b, "T": t, "mode": mode,
+             "pieces": gpu_common.num_pieces(b, H, -(-t // CHUNK), K, V, None, tuning)}
 
       def measure(tuning=tuning, mode=mode):
         if mode == "fwd+bwd":
@@ -359,13 +401,22 @@ def sweep(results, save, names=None):
       timed_row(results, save, row, measure)
 
 
-def breakdown(results, save):
-  """Per-kernel times at the first shape: forward pieces, the backward's state passes (plain and
-  writing v'/dv'), the prepass per inverse variant and `gdn_dqkw` / `gdn_wy_bwd`."""
+def breakdown(results, save, shapes):
+  """Per-kernel times at each of `shapes` (default: the first main shape): forward pieces, the
+  backward's state passes (plain and writing v'/dv'), the prepass per inverse variant and
+  `gdn_dqkw` / `gdn_wy_bwd`; where the sequence is split (P > 1 pieces) also the split's parts:
+  each affine pass alone, the piece scan, and the passes with the split saved / A reused /
+  the reverse pass's V block halved (`Tuning.bwd_split`, `Tuning.bwd_block_v`)."""
+  for b, t in shapes:
+    for name, (f, a) in _breakdown_parts(b, t).items():
+      row = {"impl": f"part:{name}", "B": b, "T": t, "mode": "part"}
+      timed_row(results, save, row, functools.partial(timeit, f, *a))
+
+
+def _breakdown_parts(b, t):
   from pallas_kernels.gated_delta import gpu_backward as gb
   from pallas_kernels.gated_delta import gpu_forward as gf
   from pallas_kernels.gated_delta import gpu_triton as g
-  b, t, _ = SHAPES[0]
   q, k, v, lg, beta, s0 = make_inputs(b, t)
   tun, kw = g.DEFAULT_TUNING, dict(c=CHUNK, interpret=INTERPRET)
   qp, kp, vp, gc, bp, s0p = g._prepare(q, k, v, lg, beta, s0, CHUNK)
@@ -402,6 +453,9 @@ def breakdown(results, save):
       "state_bwd": (jax.jit(lambda *a: gb.backward_states(*a, pieces=None, tuning=tun, **kw)),
                     (qp, kp, w, do, gc, dsT)),
       "state_bwd_dv": (bwd_states, (qp, kp, w, do, gc, dsT)),
+      "state_bwd_dv_bwdbv32": (jax.jit(lambda *a: gb.backward_states(
+          *a, pieces=None, tuning=tun._replace(bwd_block_v=32), with_dv=True, **kw)),
+          (qp, kp, w, do, gc, dsT)),
       "dqkw": (dqkw, (qp, kp, gc, do, vnew, dvnew, states, dstates)),
       "wy_bwd": (jax.jit(lambda *a: gb.wy_bwd(*a, out_dtypes=dts, tuning=tun, **kw)),
                  (kp, vp, bp, gc, dvnew, dw, dkd, t0)),
@@ -409,9 +463,87 @@ def breakdown(results, save):
                                                            tuning=tun, **kw)),
                               (kp, vp, bp, gc, dvnew, dw, dkd)),
   }
-  for name, (f, a) in parts.items():
-    row = {"impl": f"part:{name}", "B": b, "T": t, "mode": "part"}
-    timed_row(results, save, row, functools.partial(timeit, f, *a))
+  npieces = gpu_common.num_pieces(b, H, qp.shape[1] // CHUNK, K, V, None, tun)
+  if npieces > 1:  # the split's parts
+    zeros = jnp.zeros((b, H, npieces, K, V), jnp.float32)
+    fwd_aff = jax.jit(lambda *a: gf.state_pass(*a, zeros, mode="affine", tuning=tun, **kw)[0])
+    aug = fwd_aff(qp, kp, w, u, gc)
+    split = (jax.jit(gpu_common.piece_starts)(aug, s0p), aug[..., V:])
+    bwd_aff = lambda with_m: jax.jit(lambda *a: gb._state_bwd_pass(
+        *a, zeros, mode="affine", tuning=tun, with_m=with_m, **kw)[0])
+    parts.update({
+        "split_fwd_affine": (fwd_aff, (qp, kp, w, u, gc)),
+        "split_piece_scan": (jax.jit(gpu_common.piece_starts), (aug, s0p)),
+        "split_piece_scan_unrolled": (jax.jit(functools.partial(gpu_common.piece_starts,
+                                                                unroll=True)), (aug, s0p)),
+        "split_bwd_affine_full": (bwd_aff(True), (qp, kp, w, do, gc)),
+        "split_bwd_affine_v": (bwd_aff(False), (qp, kp, w, do, gc)),
+        "split_fwd_states_v_saved": (jax.jit(lambda *a, sp: gf.forward_states(
+            *a, pieces=None, save_states=True, tuning=tun, with_v=True, split=sp, **kw)),
+            (qp, kp, w, u, gc, s0p)),
+        "split_bwd_dv_reuse": (jax.jit(lambda *a, tr: gb.backward_states(
+            *a, pieces=None, tuning=tun, with_dv=True, transition=tr, **kw)),
+            (qp, kp, w, do, gc, dsT)),
+    })
+    f, a = parts["split_fwd_states_v_saved"]
+    parts["split_fwd_states_v_saved"] = (functools.partial(f, sp=split), a)
+    f, a = parts["split_bwd_dv_reuse"]
+    parts["split_bwd_dv_reuse"] = (functools.partial(f, tr=split[1]), a)
+  return parts
+
+
+def fla_subprocess(results, save, shapes, site=None, timeout=900):
+  """FLA through `bench/fla_anchor.py` in a child process (its own torch + Triton, the whole GPU:
+  run before this process touches it), one accuracy case (bf16, K = V = 128, chunk 64) then fwd
+  (and fwd+bwd for T <= 32K) at `shapes`; its rows join ours as impl "fla". `site`: a folder
+  (e.g. where pip put the fla-core wheel) prepended to the child's PYTHONPATH. Never raises:
+  why FLA did not run (no torch / CUDA / fla, a crash, a timeout) goes to results["fla_subprocess"]."""
+  import subprocess
+  import tempfile
+  out = os.path.join(tempfile.mkdtemp(prefix="fla_sub_"), "fla.json")
+  cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fla_anchor.py"),
+         "--out", out, "--cases", "K128_bf16_chunk64", "--chunks", "64",
+         "--shapes", ",".join(f"{b}x{t}" for b, t in shapes)]
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+  if site:
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
+  rec = {"cmd": " ".join(cmd), "site": site}
+  t0 = time.perf_counter()
+  try:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    rec["returncode"] = proc.returncode
+    rec["output_tail"] = (proc.stdout + proc.stderr)[-3000:]
+  except subprocess.TimeoutExpired as e:
+    rec["error"] = f"timed out after {timeout} s"
+    rec["output_tail"] = str((e.stdout or b"")[-3000:])
+  rec["wall_s"] = round(time.perf_counter() - t0, 1)
+  if os.path.exists(out):
+    with open(out) as f:
+      child = json.load(f)
+    rec["status"] = child.get("fla")
+    for r in child.get("rows", []):
+      results["rows"].append({**r, "source": "fla_subprocess"})
+  if not any(r.get("source") == "fla_subprocess" and "ms" in r for r in results["rows"]):
+    status = (rec.get("status") or {}).get("status") if isinstance(rec.get("status"), dict) else None
+    rec.setdefault("error", f"no FLA timings: {status or 'child wrote no JSON'}")
+  print(f"fla subprocess: {({k: v for k, v in rec.items() if k != 'output_tail'})}", flush=True)
+  results["fla_subprocess"] = rec
+  save()
+
+
+def ratios_vs_fla(rows):
+  """ours / FLA per (B, T, mode) for every timed row of ours (main table and --sweep fwd+bwd /
+  fwd rows) that has an FLA row at the same shape and mode; `fla_speedup` = FLA ms / ours ms
+  (the goal: >= 1.2)."""
+  fla = {(r["B"], r["T"], r["mode"]): r["ms"] for r in rows if r.get("impl") == "fla" and "ms" in r}
+  out = []
+  for r in rows:
+    key = (r["B"], r["T"], r["mode"])
+    if r.get("impl") != "fla" and "ms" in r and key in fla:
+      out.append({"impl": r["impl"], "B": r["B"], "T": r["T"], "mode": r["mode"], "ms": r["ms"],
+                  "fla_ms": fla[key], "ours_over_fla": r["ms"] / fla[key],
+                  "fla_speedup": fla[key] / r["ms"]})
+  return out
 
 
 def main():
@@ -429,12 +561,23 @@ def main():
                   help="only the CPU emulation of the inverse's dot algorithms (T0 error)")
   ap.add_argument("--sweep-shapes", default=None,
                   help="--sweep shapes as BxT,BxT (default 16x2048,4x8192)")
+  ap.add_argument("--breakdown-shapes", default=None,
+                  help="--breakdown shapes as BxT,BxT (default: the first main-table shape)")
   ap.add_argument("--no-pieces", action="store_true",
                   help="skip the forced sequence-split forward rows at the longest shape")
   ap.add_argument("--shapes", default=None,
                   help="main-table shapes as BxT,BxT (e.g. 16x2048,4x8192); default all")
+  ap.add_argument("--quick-check", action="store_true",
+                  help="correctness of the defaults and the split levers only (fewer compiles)")
+  ap.add_argument("--fla-subprocess", action="store_true",
+                  help="time FLA via bench/fla_anchor.py in a child process first (same call), "
+                  "at the main-table and --sweep shapes; rows 'fla' + ours/FLA ratios in the JSON")
+  ap.add_argument("--fla-site", default=None,
+                  help="--fla-subprocess: a folder prepended to the child's PYTHONPATH (where "
+                  "pip --target put the fla-core wheel)")
   args = ap.parse_args()
-  global H, K, V, CHUNK, SHAPES, SWEEP_SHAPES, INTERPRET
+  global H, K, V, CHUNK, SHAPES, SWEEP_SHAPES, BREAKDOWN_SHAPES, INTERPRET, QUICK_CHECK
+  QUICK_CHECK = args.quick_check
   if args.smoke:
     H, K, V, CHUNK, INTERPRET = 2, 16, 16, 16, True
     SHAPES = [(2, 64, True), (1, 65536 // 256, False)]
@@ -448,14 +591,25 @@ def main():
     SHAPES = [(b, t, t <= 32768) for b, t in pairs("--shapes", args.shapes)]
   if args.sweep_shapes:
     SWEEP_SHAPES = pairs("--sweep-shapes", args.sweep_shapes)
+  if args.breakdown_shapes:
+    BREAKDOWN_SHAPES = pairs("--breakdown-shapes", args.breakdown_shapes)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  pre_rows = {"rows": []}
+  if args.fla_subprocess and not args.inverse_accuracy:  # before this process takes the GPU
+    fla_shapes = ([] if args.skip_main else [x[:2] for x in SHAPES]) + (
+        SWEEP_SHAPES if args.sweep else [])
+    fla_subprocess(pre_rows, lambda: None, list(dict.fromkeys(fla_shapes)), args.fla_site)
   dev = jax.devices()[0]
   results = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
              "jax": jax.__version__, "heads": H, "K": K, "V": V, "chunk": CHUNK,
              "dtype": "bfloat16", "timing": "median of 7 x (10 back-to-back calls)/10, ms",
-             "rows": []}
+             "rows": pre_rows["rows"]}
+  if "fla_subprocess" in pre_rows:
+    results["fla_subprocess"] = pre_rows["fla_subprocess"]
 
   def save():
+    if any(r.get("impl") == "fla" for r in results["rows"]):
+      results["ratios_vs_fla"] = ratios_vs_fla(results["rows"])
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1)
 
@@ -466,15 +620,18 @@ def main():
 
   correctness(results)
   save()
-  fla_run, fla_status = fla_fns()
-  results["fla"] = fla_status
+  if args.fla_subprocess:
+    fla_run, results["fla"] = None, {"status": "timed in a child process: see fla_subprocess"}
+  else:
+    fla_run, fla_status = fla_fns()
+    results["fla"] = fla_status
   impls = {"pallas": pallas_fns()}
   if not args.skip_xla:
     impls["xla_chunked"] = xla_fns()
   if args.sweep:
     sweep(results, save, args.variants.split(",") if args.variants else None)
   if args.breakdown:
-    breakdown(results, save)
+    breakdown(results, save, BREAKDOWN_SHAPES or [SHAPES[0][:2]])
   for b, t, with_bwd in ([] if args.skip_main else SHAPES):
     inputs = make_inputs(b, t)
     do = jax.random.normal(jax.random.key(3), (b, t, H, V), jnp.float32)
@@ -505,6 +662,9 @@ def main():
     print(f"{r['impl']:<26}{r['B']:>4}{r['T']:>8}  {r['mode']:<8}{ms:>10}")
   print(f"correctness all ok: {results.get('correctness_ok')}")
   print(f"fla: {results['fla']}")
+  for r in results.get("ratios_vs_fla", []):
+    print(f"vs FLA {r['impl']:<26}{r['B']:>4}{r['T']:>8}  {r['mode']:<8} ours {r['ms']:.3f} ms, "
+          f"FLA {r['fla_ms']:.3f} ms, FLA/ours {r['fla_speedup']:.2f}x")
   save()
 
 

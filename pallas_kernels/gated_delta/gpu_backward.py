@@ -136,7 +136,7 @@ def backward_states(q, k, w, do, gc, dsT, *, c, pieces, tuning, interpret, with_
         raise ValueError(f"transition has shape {transition.shape}; expected "
                          f"{(b, h, npieces, kd, kd)} (the forward's A at the same pieces)")
       aug = jnp.concatenate([aug, jnp.swapaxes(transition, -1, -2)], axis=-1)
-    ds_out = gpc.piece_starts(aug, dsT, reverse=True)
+    ds_out = gpc.piece_starts(aug, dsT, reverse=True, unroll=tuning.piece_scan_unroll)
   dstates, ds_in, *dv = _state_bwd_pass(q, k, w, do, gc, ds_out, c=c, mode="states",
                                         tuning=tuning, interpret=interpret, with_dv=with_dv)
   return (dstates, ds_in[:, :, 0], *dv)

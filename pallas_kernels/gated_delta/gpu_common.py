@@ -31,7 +31,8 @@ class Tuning(NamedTuple):
   its own reverse affine pass of width V + K; "reuse" = the residual forward saves each piece's
   start state and transition A ([B, H, P, K, V + K] f32), so the backward's forward pass skips
   its affine pass and scan, and the reverse affine pass runs width V only (its transition is
-  A^T, exactly)."""
+  A^T, exactly). `piece_scan_unroll`: unroll the P-step XLA scan that composes the pieces
+  (same ops in the same order: straight-line code instead of a while loop)."""
   block_v: int = 64
   prepass_warps: int = 4
   state_warps: int = 4
@@ -50,6 +51,7 @@ class Tuning(NamedTuple):
   inverse_block: int = 16  # blocked doubling (chunk_math.inverse_unit_lower); 0 = plain
   bwd_block_v: int = 0
   bwd_split: str = "recompute"
+  piece_scan_unroll: bool = False
 
 
 DEFAULT_TUNING = Tuning()
@@ -140,11 +142,11 @@ def num_pieces(b, h, nc, kd, vd, pieces, tuning):
   return p
 
 
-def piece_starts(aug_BHPKW, init_BHKV, *, reverse=False):
+def piece_starts(aug_BHPKW, init_BHKV, *, reverse=False, unroll=False):
   """Exact composition of the sequence pieces' affine maps: `aug` = [E | A] per piece (width
   V + K, from a state pass in "affine" mode), x_next = A x + E. Returns the value entering each
   piece [B, H, P, K, V] (walking the pieces backwards with `reverse`, as the reverse state pass
-  does for cotangents)."""
+  does for cotangents; `unroll`: the P steps as straight-line code)."""
   vd = init_BHKV.shape[-1]
   e_PBHKV = jnp.moveaxis(aug_BHPKW[..., :vd], 2, 0)
   a_PBHKK = jnp.moveaxis(aug_BHPKW[..., vd:], 2, 0)
@@ -153,7 +155,8 @@ def piece_starts(aug_BHPKW, init_BHKV, *, reverse=False):
     e, a = ea
     return jnp.einsum("bhkj,bhjv->bhkv", a, x, precision=cm.HIGHEST) + e, x
 
-  _, entering = jax.lax.scan(step, init_BHKV, (e_PBHKV, a_PBHKK), reverse=reverse)
+  _, entering = jax.lax.scan(step, init_BHKV, (e_PBHKV, a_PBHKK), reverse=reverse,
+                             unroll=bool(unroll))
   return jnp.moveaxis(entering, 0, 2)
 
 

@@ -178,7 +178,7 @@ def forward_states(q, k, w, u, gc, s0, *, c, pieces, save_states, tuning, interp
   else:
     aug = state_pass(q, k, w, u, gc, jnp.zeros((b, h, npieces, kd, vd), jnp.float32), c=c,
                      mode="affine", tuning=tuning, interpret=interpret)[0]
-    s_start = gpc.piece_starts(aug, s0)
+    s_start = gpc.piece_starts(aug, s0, unroll=tuning.piece_scan_unroll)
     split = (s_start, aug[..., vd:])
   tail = (split,) if return_split else ()
   if save_states:
