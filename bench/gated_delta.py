@@ -492,17 +492,18 @@ def _breakdown_parts(b, t):
   return parts
 
 
-def fla_subprocess(results, save, shapes, site=None, timeout=900):
+def fla_subprocess(results, save, shapes, site=None, timeout=900, anchor=None):
   """FLA through `bench/fla_anchor.py` in a child process (its own torch + Triton, the whole GPU:
   run before this process touches it), one accuracy case (bf16, K = V = 128, chunk 64) then fwd
   (and fwd+bwd for T <= 32K) at `shapes`; its rows join ours as impl "fla". `site`: a folder
   (e.g. where pip put the fla-core wheel) prepended to the child's PYTHONPATH. Never raises:
-  why FLA did not run (no torch / CUDA / fla, a crash, a timeout) goes to results["fla_subprocess"]."""
+  why FLA did not run (no torch / CUDA / fla, a crash, a timeout) goes to results["fla_subprocess"].
+  `anchor`: the script to run (default `bench/fla_anchor.py`; tests pass a stand-in)."""
   import subprocess
   import tempfile
   out = os.path.join(tempfile.mkdtemp(prefix="fla_sub_"), "fla.json")
-  cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fla_anchor.py"),
-         "--out", out, "--cases", "K128_bf16_chunk64", "--chunks", "64",
+  anchor = anchor or os.path.join(os.path.dirname(os.path.abspath(__file__)), "fla_anchor.py")
+  cmd = [sys.executable, anchor, "--out", out, "--cases", "K128_bf16_chunk64", "--chunks", "64",
          "--shapes", ",".join(f"{b}x{t}" for b, t in shapes)]
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
   if site:
