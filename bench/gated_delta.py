@@ -37,12 +37,13 @@ The sequence-split levers of the backward (`SPLIT_VARIANTS`: `split_off` = one p
 FLA cannot run (no torch / CUDA / fla) `fla_subprocess` says why. `--fla-site` puts the folder
 the fla-core wheel was installed into on the child's path. `--quick-check`: the correctness
 check for the defaults and the split levers only.
-Split on vs off and FLA side by side at the three fwd+bwd shapes (one GPU call, ~4 min):
+Split on vs off and FLA side by side at the three fwd+bwd shapes (one GPU call, ~4 min; `.whl/`
+carried; add split_reuse to --variants for ~30 s more):
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
       .whl/fla_core-*.whl .whl/einops-*.whl; PYTHONUNBUFFERED=1 python3 bench/gated_delta.py \
     --skip-xla --skip-main --quick-check --sweep --sweep-shapes 16x2048,4x8192,1x32768 \
-    --variants wy,split_off,split_reuse,split_reuse_bwdbv32 --fla-subprocess \
-    --fla-site /tmp/site --out $OUT/gd_split.json
+    --variants wy,split_off,split_reuse_bwdbv32 --fla-subprocess --fla-site /tmp/site \
+    --out $OUT/gd_split.json
 The split's parts alone (~2 min):
   python3 bench/gated_delta.py --skip-xla --skip-main --quick-check --breakdown \
     --breakdown-shapes 4x8192,1x32768 --out $OUT/gd_split_parts.json
@@ -492,7 +493,7 @@ def _breakdown_parts(b, t):
   return parts
 
 
-def fla_subprocess(results, save, shapes, site=None, timeout=900, anchor=None):
+def fla_subprocess(results, save, shapes, site=None, timeout=300, anchor=None):
   """FLA through `bench/fla_anchor.py` in a child process (its own torch + Triton, the whole GPU:
   run before this process touches it), one accuracy case (bf16, K = V = 128, chunk 64) then fwd
   (and fwd+bwd for T <= 32K) at `shapes`; its rows join ours as impl "fla". `site`: a folder
@@ -573,6 +574,8 @@ def main():
   ap.add_argument("--fla-subprocess", action="store_true",
                   help="time FLA via bench/fla_anchor.py in a child process first (same call), "
                   "at the main-table and --sweep shapes; rows 'fla' + ours/FLA ratios in the JSON")
+  ap.add_argument("--fla-timeout", type=float, default=300,
+                  help="--fla-subprocess: seconds before the child is stopped (recorded)")
   ap.add_argument("--fla-site", default=None,
                   help="--fla-subprocess: a folder prepended to the child's PYTHONPATH (where "
                   "pip --target put the fla-core wheel)")
@@ -599,7 +602,8 @@ def main():
   if args.fla_subprocess and not args.inverse_accuracy:  # before this process takes the GPU
     fla_shapes = ([] if args.skip_main else [x[:2] for x in SHAPES]) + (
         SWEEP_SHAPES if args.sweep else [])
-    fla_subprocess(pre_rows, lambda: None, list(dict.fromkeys(fla_shapes)), args.fla_site)
+    fla_subprocess(pre_rows, lambda: None, list(dict.fromkeys(fla_shapes)), args.fla_site,
+                   timeout=args.fla_timeout)
   dev = jax.devices()[0]
   results = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
              "jax": jax.__version__, "heads": H, "K": K, "V": V, "chunk": CHUNK,
