@@ -206,6 +206,18 @@ def test_compiled_matches_oracle(dtype, kv, tol):
                 bwd=gpu_triton.gated_delta_bwd)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tuning", [_T(bwd_split="reuse"), _T(bwd_split="reuse", bwd_block_v=32),
+                                    _T(bwd_block_v=32)], ids=["reuse", "reuse_bwdbv32", "bwdbv32"])
+def test_compiled_split_levers_match_oracle(tuning):
+  """The backward's split levers compiled (bf16, K = V = 128, chunk 64, 4 pieces of 1 chunk,
+  gates near 1, correlated keys)."""
+  case = Case(T=250, B=1, H=2, K=128, V=128, chunk=64, gamma="near1", key_share=0.5)
+  fwd = functools.partial(gpu_triton.gated_delta_fwd, pieces=4, tuning=tuning)
+  bwd = functools.partial(gpu_triton.gated_delta_bwd, pieces=4, tuning=tuning)
+  check_backend(fwd, case, jnp.bfloat16, atol=3e-2, rtol=3e-2, seed=22, bwd=bwd)
+
+
 def test_rejects_f32_at_k128():
   q = jnp.zeros((1, 8, 1, 128), jnp.float32)
   assert "shared memory" in gpu_triton.unsupported_reason(q, q, q, chunk_size=64)
