@@ -13,12 +13,16 @@ directory (`runs/tiny`) then holds `checkpoints/<step>/`, `config.json` and `met
 Multi-process: pass --coordinator host:port --num-processes N --process-id i (or the JAX_*
 environment variables); every process reads its own rows of each batch. If not every process
 joins within --init-timeout seconds (default 300), each one exits with a one-line error.
+Compiled steps are kept in JAX's persistent compilation cache (train.compile_cache: auto =
+$ATMA_COMPILE_CACHE or ~/.cache/atma_jax/jax_cache; a folder; off), so a second run of the same
+config loads its first step instead of compiling it; the first step's line says which happened.
 """
 
 import argparse
 import os
 import sys
 
+from atma_jax.compile_cache import configure as configure_compile_cache
 from atma_jax.config import resolve
 from atma_jax.errors import check_writable_dir, cli_boundary
 
@@ -47,6 +51,8 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   cfg = resolve(args.config, args.overrides)
   check_writable_dir(cfg.train.run_dir, "train.run_dir")
+  configure_compile_cache(cfg.train.compile_cache, "train.compile_cache",
+                          log=lambda line: print(line, file=sys.stderr))
   import jax
 
   from atma_jax.train.distributed import init_distributed

@@ -193,6 +193,9 @@ class TrainConfig:
   # a step with a non-finite loss or gradient: "stop" the run (nothing saved after the last
   # finite checkpoint) or "skip" its update (parameters and optimizer state unchanged)
   on_nonfinite: Literal["stop", "skip"] = "stop"
+  # JAX's persistent compilation cache (atma_jax/compile_cache.py): a folder, "off", or "auto"
+  # ($ATMA_COMPILE_CACHE, else JAX's own setting, else ~/.cache/atma_jax/jax_cache)
+  compile_cache: str = "auto"
 
 
 @dataclass(frozen=True)

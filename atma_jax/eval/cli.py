@@ -27,6 +27,7 @@ import os
 import sys
 import time
 
+from atma_jax import compile_cache
 from atma_jax.errors import UsageError, check_writable_dir, cli_boundary
 
 TASKS = ("loss", "junk", "retrieval", "retrieval_gen", "induction", "probe")
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--impl", choices=("auto", "pallas", "xla"), default=None,
                  help="kernel backend (default: the checkpoint's model.kernel_impl)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--compile-cache", default="auto", metavar="DIR|off|auto",
+                 help="JAX's persistent compilation cache (default auto: $ATMA_COMPILE_CACHE or "
+                 "~/.cache/atma_jax/jax_cache)")
   return p.parse_args(argv)
 
 
@@ -137,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
   run_dir = step_dir.parent.parent
   out_dir = args.out or os.path.join(run_dir, "eval_nomem" if args.no_mem else "eval")
   check_writable_dir(out_dir, "--out")  # before the evaluation, not after it
+  compile_cache.configure(args.compile_cache, "--compile-cache",
+                          log=lambda line: print(line, file=sys.stderr))
   lengths = checked["lengths"] or [cfg.train.seq_len * m for m in LADDER]
   if "probe" in tasks and cfg.model.attn_type != "polar":
     raise UsageError(f"--probe reports Polar internals, but this checkpoint's attn_type is "

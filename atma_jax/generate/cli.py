@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+from atma_jax import compile_cache
 from atma_jax.errors import UsageError, cli_boundary
 
 
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="generate with the checkpoint's training window (default: removed)")
   p.add_argument("--impl", choices=("auto", "pallas", "xla"), default=None,
                  help="kernel backend (default: the checkpoint's model.kernel_impl)")
+  p.add_argument("--compile-cache", default="auto", metavar="DIR|off|auto",
+                 help="JAX's persistent compilation cache (default auto: $ATMA_COMPILE_CACHE or "
+                 "~/.cache/atma_jax/jax_cache)")
   return p.parse_args(argv)
 
 
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
   sampling, step_dir, cfg = check_args(args)
+  compile_cache.configure(args.compile_cache, "--compile-cache",
+                          log=lambda line: print(line, file=sys.stderr))
 
   from atma_jax.data.tokenizer import load_gpt2_tokenizer
   from atma_jax.generate.loop import cache_length
@@ -90,10 +96,14 @@ def run(args: argparse.Namespace) -> int:
   sys.stdout.write(args.prompt)
   sys.stdout.flush()
   t0 = time.perf_counter()
+  compiles = compile_cache.CompileLog.get()
+  mark = compiles.mark()
   for piece in stream_text(gen, tok, args.prompt, sampling, max_len=args.max_len,
                            block=args.block, stop_at_eot=not args.no_stop):
     sys.stdout.write(piece)
     sys.stdout.flush()
   sys.stdout.write("\n")
-  print(f"[{time.perf_counter() - t0:.1f}s including compilation]", file=sys.stderr)
+  print(f"[{time.perf_counter() - t0:.1f}s including compilation: "
+        f"{compile_cache.describe(compiles.since(mark), compile_cache.active_dir())}]",
+        file=sys.stderr)
   return 0

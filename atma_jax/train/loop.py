@@ -23,6 +23,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from atma_jax import compile_cache
 from atma_jax.config import Config, ConfigError, to_json
 from atma_jax.train import checkpoint as ckpt
 from atma_jax.train.divergence import NonFiniteGuard
@@ -235,7 +236,14 @@ def run(cfg: Config, *, resume: bool = False, resume_step: int | None = None, mo
       rec["skipped_nonfinite"] = True
     if last_step == start + 1:  # the first step of this process: compile + run
       rates = None
+      compiles = compile_log.since(first_mark)
       rec["first_step_s"] = seconds
+      first_compile.update(compile_cache.summarize(compiles))
+      rec["first_step_compile"] = first_compile
+      if is_main:
+        (bar.write if bar is not None else log)(
+            f"step {last_step}: {seconds:.1f} s (compile + run); "
+            f"{compile_cache.describe(compiles, compile_cache.active_dir())}")
     else:
       rates = progress_lib.window_rates(
           len(done), sum(int(x["tokens"]) for x in ms), seconds, flops_per_token=fpt,
@@ -250,6 +258,8 @@ def run(cfg: Config, *, resume: bool = False, resume_step: int | None = None, mo
 
   feed = DevicePrefetcher(data_it, lambda b: to_global(b, bsh), depth=t.prefetch)
   clock = progress_lib.WindowClock()
+  compile_log = compile_cache.CompileLog.get()
+  first_compile: dict[str, Any] = {}  # what compiling the first step did (summarize)
 
   def save(step, force=False):
     flush(step, clock)  # the metrics (finite flag) of the step about to be saved
@@ -263,6 +273,7 @@ def run(cfg: Config, *, resume: bool = False, resume_step: int | None = None, mo
         history["val_loss"].append((0, v))
     step = start
     clock.restart()
+    first_mark = compile_log.mark()
     while step < t.steps:
       state, metrics = train_step(state, next(feed))
       step += 1
@@ -301,7 +312,7 @@ def run(cfg: Config, *, resume: bool = False, resume_step: int | None = None, mo
       "last_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
       "train_losses": history["train_loss"], "val_losses": history["val_loss"],
       "checkpoint": str(ckpt.checkpoint_dir(t.run_dir) / str(step)),
-      "skipped_nonfinite": guard.skipped,
+      "skipped_nonfinite": guard.skipped, "first_step_compile": first_compile or None,
   }
   if is_main:
     log(f"{'interrupted' if interrupted else 'done'}: step {step}/{t.steps} in {wall:.1f}s; "
