@@ -413,7 +413,9 @@ def main():
   ap.add_argument("--set", dest="extra", action="append", default=[])
   ap.add_argument("--trace-dir", default="/tmp/atma_train_step_trace")
   ap.add_argument("--out-dir", default=os.environ.get("OUT", "/tmp/atma_profile"))
-  ap.add_argument("--cache-dir", default=None, help="persistent XLA compilation cache")
+  ap.add_argument("--compile-cache", "--cache-dir", dest="compile_cache", default="auto",
+                  metavar="DIR|off|auto", help="JAX's persistent compilation cache (default "
+                  "auto: $ATMA_COMPILE_CACHE or ~/.cache/atma_jax/jax_cache)")
   ap.add_argument("--parse", default=None, help="only parse this trace dir / file")
   ap.add_argument("--smoke", action="store_true", help="CPU check: tiny preset, seq 64, micro 2")
   ap.add_argument("--command-buffers", action="store_true",
@@ -431,9 +433,8 @@ def main():
   res, hlo = {}, {}
   if args.parse is None:
     args.trace_dir = os.path.join(args.trace_dir, time.strftime("%Y%m%d_%H%M%S"))
-    if args.cache_dir:
-      import jax
-      jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+    from atma_jax import compile_cache
+    compile_cache.configure(args.compile_cache, "--compile-cache")
     try:
       res, hlo = profile_step(args)
     except Exception as e:  # noqa: BLE001 - still write what is known

@@ -20,7 +20,9 @@ recorded and the next is tried; by default the first variant that runs on every 
 (`--all` times all). No new run starts after `--budget-s`. The JSON is rewritten after every run.
 
 Every variant is compiled ahead of time (`lower` then `compile`, timed apart: `lower_s`,
-`compile_s`) and its executable's `memory_analysis` recorded (arguments + temporaries + outputs -
+`compile_s`; `compile_cache.verdict` says whether the step was loaded from JAX's persistent
+compilation cache, on by default as in train.py: `--compile-cache off` for cold compile times)
+and its executable's `memory_analysis` recorded (arguments + temporaries + outputs -
 aliased = the step's static peak). `--scan false,true` times each variant with
 `model.scan_layers` off and on (the blocks unrolled vs the repeating group under `lax.scan`);
 Compile-only runs also compile the optimizer update alone (`optimizer_update`: CPU seconds,
@@ -73,6 +75,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from atma_jax import compile_cache  # noqa: E402
 from atma_jax.config import REMAT_ALIASES, REMAT_POLICIES, ConfigError, resolve  # noqa: E402
 from atma_jax.sharding import use_mesh  # noqa: E402
 from atma_jax.summary import count_params  # noqa: E402
@@ -176,9 +179,12 @@ def compile_step(step, mesh, state, batch, times: dict):
   with use_mesh(mesh):
     lowered = step.jitted.lower(state, batch)
   t1, c1 = time.perf_counter(), time.process_time()
+  log = compile_cache.CompileLog.get()
+  mark = log.mark()
   compiled = lowered.compile()
   times.update(lower_s=t1 - t0, compile_s=time.perf_counter() - t1, lower_cpu_s=c1 - c0,
-               compile_cpu_s=time.process_time() - c1)
+               compile_cpu_s=time.process_time() - c1,
+               compile_cache=compile_cache.summarize(log.since(mark)))
   return compiled
 
 
@@ -198,7 +204,8 @@ def compile_only_variant(preset, micro_per_device, n_devices, n_micro, remat, im
   bsh = batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bsh)
            for k in ("inputs", "targets")}
-  times = {k: None for k in ("lower_s", "compile_s", "lower_cpu_s", "compile_cpu_s")}
+  times = {k: None for k in ("lower_s", "compile_s", "lower_cpu_s", "compile_cpu_s",
+                             "compile_cache")}
   compiled = None if optimizer_only else compile_step(step, mesh, setup.abstract, batch, times)
   res = {"devices": n_devices, "micro_batch_per_device": micro_per_device,
          "micro_batch": cfg.train.micro_batch, "n_micro": n_micro, "global_batch": B,
@@ -491,7 +498,11 @@ def main():
   ap.add_argument("--budget-gib", type=float, default=33.1,
                   help="memory budget of fit.micro_within_budget (the original trainer's peak)")
   ap.add_argument("--out", default=None)
-  ap.add_argument("--cache-dir", default=None, help="persistent XLA compilation cache")
+  ap.add_argument("--compile-cache", "--cache-dir", dest="compile_cache", default="auto",
+                  metavar="DIR|off|auto",
+                  help="JAX's persistent compilation cache (default auto: $ATMA_COMPILE_CACHE or "
+                  "~/.cache/atma_jax/jax_cache); each variant records whether its step was "
+                  "loaded from it (compile_cache.verdict); off for cold compile times")
   ap.add_argument("--smoke", action="store_true",
                   help="CPU check: tiny preset, 2 layers of 64, seq 64, micro 2, peak 256")
   ap.add_argument("--all", action="store_true",
@@ -499,8 +510,7 @@ def main():
   ap.add_argument("--budget-s", type=float, default=330.0,
                   help="start no new run after this many seconds (each compiles ~100 s on GPU)")
   args = ap.parse_args()
-  if args.cache_dir:
-    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+  compile_cache.configure(args.compile_cache, "--compile-cache")
   if args.smoke:
     args.preset, args.seq_len, args.micro, args.n_micro = "tiny", 64, "2", 2
     args.impls, args.peak_n, args.reps = "auto", 256, 2
@@ -518,6 +528,7 @@ def main():
          "devices_run": n_devs, "jax": jax.__version__, "python": platform.python_version(),
          "preset": args.preset, "extra_overrides": args.extra, "reference": REFERENCE,
          "spec_peak_flops": peak_flops(dev), "matmul_peak": {}, "variants": [], "scaling": [],
+         "compile_cache_dir": compile_cache.active_dir(),
          "note": "peak_bytes_in_use is device 0's running peak since the process started"}
   name = args.out or os.path.join(
       os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")),
@@ -562,7 +573,8 @@ def main():
               o = r["optimizer_update"]
               step_text = "" if args.optimizer_only else (
                   f": lower {r['lower_s']:.1f}s + compile {r['compile_s']:.1f}s wall "
-                  f"({r['lower_cpu_s']:.1f}s + {r['compile_cpu_s']:.1f}s CPU)")
+                  f"({r['lower_cpu_s']:.1f}s + {r['compile_cpu_s']:.1f}s CPU; persistent "
+                  f"cache {r['compile_cache']['verdict']})")
               print(f"{tag} muon_batch={r['muon_batch']}{step_text}; optimizer update alone: lower "
                     f"{o['lower_cpu_s']:.1f}s + compile {o['compile_cpu_s']:.1f}s CPU, "
                     f"collectives {o.get('hlo_ops')}", flush=True)
@@ -583,8 +595,9 @@ def main():
                   f"{r.get('mfu_vs_spec_table', float('nan')):.3f} vs spec table; step "
                   f"{r['step_s_median']:.3f}s opt {r['opt_update_s_median']:.3f}s (first call "
                   f"{r['opt_update_first_call_s']:.1f}s) muon_batch={r['muon_batch']} compile "
-                  f"{r['compile_s']:.1f}s (lower {r['lower_s']:.1f}s, first step "
-                  f"{r['first_step_s']:.2f}s); {memory_line(r)}", flush=True)
+                  f"{r['compile_s']:.1f}s (persistent cache {r['compile_cache']['verdict']}; "
+                  f"lower {r['lower_s']:.1f}s, first step {r['first_step_s']:.2f}s); "
+                  f"{memory_line(r)}", flush=True)
           except Exception as e:  # noqa: BLE001 - record OOM / kernel failures and go on
             all_ok = False
             r = {"ok": False, "devices": n, "micro_batch_per_device": micro, "remat": remat,
