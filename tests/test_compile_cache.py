@@ -200,3 +200,18 @@ def test_pallas_interpret_kernel_reloads_in_a_fresh_process(tmp_path):
     res.append(json.loads(p.stdout.strip().splitlines()[-1]))
   assert res[0]["outcome"] == ["written"] and res[1]["outcome"] == ["loaded"]
   assert res[0]["bytes"] == res[1]["bytes"]
+
+
+def test_eval_and_generate_reject_an_unwritable_cache_before_loading(tmp_path, tiny_run_dir,
+                                                                      no_load, capsys, jax_cache):
+  from atma_jax.eval import cli as eval_cli
+  from atma_jax.generate import cli as generate_cli
+
+  (tmp_path / "file").write_text("in the way")
+  bad = str(tmp_path / "file" / "cache")
+  assert eval_cli.main(["--checkpoint", str(tiny_run_dir), "--out", str(tmp_path / "ev"),
+                        "--compile-cache", bad, "--no-progress"]) == 2
+  assert generate_cli.main(["--checkpoint", str(tiny_run_dir), "--prompt", "hi",
+                            "--compile-cache", bad]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2 and all(e.startswith("error: --compile-cache=") for e in err)

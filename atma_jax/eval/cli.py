@@ -15,7 +15,8 @@ with the training window removed (ATMA_SPEC §3.3, §7):
              needle-absent baseline (the model's prior on the value, once per trial)
   probe      Polar internals per global layer and length (n_eff, mag, null mass)
 `--no-mem` removes the memory branch. Writes `report.json` and PNG plots to `--out`, prints a
-short table.
+short table. Compiled programs are kept in JAX's persistent compilation cache (--compile-cache,
+default $ATMA_COMPILE_CACHE or ~/.cache/atma_jax/jax_cache; atma_jax/compile_cache.py).
 """
 
 from __future__ import annotations

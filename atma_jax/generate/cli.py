@@ -6,6 +6,9 @@ blocks of --block tokens, each printed as soon as it arrives. Sampling: by defau
 model's distribution (temperature 1); --temperature 0 is greedy; --top-k / --top-p filter the
 distribution; --seed makes a sampled run repeatable.
 Like eval.py, the model runs without its training window (ATMA_SPEC §7) unless --keep-window.
+Compiled programs are kept in JAX's persistent compilation cache (--compile-cache, default
+$ATMA_COMPILE_CACHE or ~/.cache/atma_jax/jax_cache; atma_jax/compile_cache.py): a second run with
+the same shapes loads them; the last line says how many were loaded or compiled.
 """
 
 from __future__ import annotations
