@@ -15,8 +15,11 @@ removed afterwards unless --keep-cache): the first ("cold") compiles and writes,
 
 Each run also records its process wall time and the cache folder's entries and bytes after it.
 
-    python3 bench/compile_cache.py --modes train,compile_only --config tiny \\
-        --out bench/results/compile_cache_cpu_tiny.json                          # CPU, ~3 min
+    JAX_PLATFORMS=cpu python3 bench/compile_cache.py --smoke --modes train,compile_only
+    JAX_PLATFORMS=cpu python3 bench/compile_cache.py --modes train --config tiny --steps 3 \\
+        --out bench/results/compile_cache_cpu_tiny_train.json                   # CPU, ~2 min
+    JAX_PLATFORMS=cpu python3 bench/compile_cache.py --modes compile_only \\
+        --out bench/results/compile_cache_cpu_378m_compile_only.json            # CPU, ~2 min
     python3 bench/compile_cache.py --modes train --config atma_378m \\
         --set train.eval_batches=0 --steps 2 --out $OUT/compile_cache_h200.json  # GPU
 """
@@ -35,6 +38,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE_SETS = ["model.num_layers=2", "model.global_offset=1", "model.hidden_size=64",
+              "model.head_dim=16", "train.seq_len=32", "train.eval_batches=0"]
 CC_ARGS = ("--preset atma_378m --devices 1 --micro 1 --n-micro 1 --seq-len 256 --impls auto "
            "--remat none --peak-n 0")
 
@@ -130,7 +135,13 @@ def main(argv=None) -> int:
                   "must be empty for the first run to be cold")
   ap.add_argument("--keep-cache", action="store_true", help="do not delete the cache folder")
   ap.add_argument("--out", default=None)
+  ap.add_argument("--smoke", action="store_true",
+                  help="CPU check of both modes: the tiny preset made smaller, 2 steps; "
+                  "train_throughput.py --smoke for compile_only")
   args = ap.parse_args(argv)
+  if args.smoke:
+    args.config, args.steps, args.cc_args = "tiny", 2, "--smoke"
+    args.overrides = SMOKE_SETS + args.overrides
   modes = [m for m in args.modes.split(",") if m]
   if not modes or set(modes) - {"train", "compile_only"}:
     raise SystemExit(f"--modes {args.modes!r}: give train, compile_only or both")
