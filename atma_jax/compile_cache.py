@@ -11,14 +11,16 @@
           else the per-user folder `$XDG_CACHE_HOME/atma_jax/jax_cache` (`~/.cache/...`).
 
 A DIR that was named (by the setting or `ATMA_COMPILE_CACHE`) and cannot be written is a
-UsageError before any compute; the per-user folder chosen by `auto` that cannot be written only
-turns the cache off, with a note. Where this module picks the folder it also sets JAX's
-threshold: a program is written only if compiling it took >= `MIN_COMPILE_SECS` (the train, eval
-and decode steps take seconds to minutes; the many small helper programs milliseconds), unless
-`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` says otherwise. There is no size threshold (an
-entry is the program's size; a big step is the one worth keeping) and no size cap (JAX's LRU cap
-`JAX_COMPILATION_CACHE_MAX_SIZE` needs the `filelock` package); the folder can be deleted at any
-time.
+UsageError before any compute; a folder `auto` found (JAX's or the per-user one) that cannot be
+written only turns the cache off, with a note. Where this module picks the folder it also sets
+JAX's threshold: a program is written only if compiling it took >= `MIN_COMPILE_SECS` (JAX's
+default, kept explicit: the train, eval and decode steps take seconds to minutes, the helper
+programs of eager array code milliseconds), unless `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`
+says otherwise. A tiny-preset `train.py` run writes 4 entries, 1.4 MB (init, digest, eval and
+train steps), with this threshold and with 0 alike; the 378M train step is 2 MB on CPU. There is
+no size threshold (an entry's size says little about what compiling it cost) and no size cap
+(JAX's LRU cap `JAX_COMPILATION_CACHE_MAX_SIZE` needs the `filelock` package); the folder can be
+deleted at any time. Only process 0 of a multi-process run writes (JAX's rule).
 
 `CompileLog` counts, through `jax.monitoring`, each XLA compilation and whether it was loaded
 from the persistent cache (`/jax/compilation_cache/cache_hits`), compiled and written
@@ -75,7 +77,7 @@ def choose(setting: str | None, what: str) -> Choice:
   if text.lower() != "auto":
     return Choice(os.path.abspath(os.path.expanduser(text)), source, True)
   if not jax.config.jax_enable_compilation_cache:
-    return Choice(None, "jax config (jax_enable_compilation_cache=False)", False)
+    return Choice(None, "jax config", False)
   if jax.config.jax_compilation_cache_dir:
     return Choice(jax.config.jax_compilation_cache_dir, "jax config", False)
   return Choice(default_dir(), "default", False)
@@ -99,7 +101,7 @@ def configure(setting: str | None = "auto", what: str = "--compile-cache", *,
   written. `log(line)` gets a note when the default folder is unusable. Returns the choice."""
   import jax
 
-  choice = choose(setting, what)
+  choice = chosen = choose(setting, what)
   if choice.path is not None:
     why = _unwritable(choice.path)
     if why is not None and choice.named:
@@ -111,7 +113,7 @@ def configure(setting: str | None = "auto", what: str = "--compile-cache", *,
         log(f"note: persistent compilation cache off: {choice.path} cannot be written ({why}); "
             f"set {ENV_VAR}=DIR to use another folder")
       choice = Choice(None, choice.source, False)
-  if choice.source != "jax config":  # jax's own settings stay as the caller made them
+  if choice != chosen or choice.source != "jax config":  # else JAX stays as the caller set it
     _apply(choice.path)
   CompileLog.get()  # listening from now on
   return choice

@@ -96,7 +96,7 @@ def test_unwritable_named_folder_fails_before_compute(tmp_path, capsys, jax_cach
   assert not run_dir.exists()  # nothing started
 
 
-def test_unwritable_default_folder_only_turns_the_cache_off(monkeypatch, tmp_path, jax_cache):
+def test_unwritable_folder_found_by_auto_only_turns_the_cache_off(monkeypatch, tmp_path, jax_cache):
   monkeypatch.delenv(cc.ENV_VAR, raising=False)
   jax.config.update("jax_compilation_cache_dir", None)
   (tmp_path / "file").write_text("in the way")
@@ -104,6 +104,10 @@ def test_unwritable_default_folder_only_turns_the_cache_off(monkeypatch, tmp_pat
   notes = []
   assert cc.configure("auto", "x", log=notes.append).path is None
   assert cc.active_dir() is None and len(notes) == 1 and cc.ENV_VAR in notes[0]
+  jax.config.update("jax_enable_compilation_cache", True)  # JAX's own folder, unwritable
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "file" / "jax"))
+  assert cc.configure("auto", "x", log=notes.append).path is None
+  assert cc.active_dir() is None and len(notes) == 2
 
 
 def test_summarize_verdicts():
