@@ -230,16 +230,20 @@ def summarize(entries: list[Compile]) -> dict[str, Any]:
 
 
 def describe(entries: list[Compile], cache_dir: str | None) -> str:
-  """One line: how many programs were compiled in a span, and what the persistent cache did."""
+  """One line: what compiling the programs of a span cost and what the persistent cache did,
+  e.g. "compile 1.1 s: jit(train_step) loaded (persistent compilation cache hit, DIR)"."""
   s = summarize(entries)
   if s["verdict"] == "none":
     return "no compilation (already compiled in this process)"
-  head = (f"{s['programs']} program{'s' if s['programs'] > 1 else ''} compiled in "
-          f"{s['seconds']:.1f} s (slowest {s['slowest']})")
+  programs = (s["slowest"] if s["programs"] == 1
+              else f"{s['programs']} programs (slowest {s['slowest']})")
   if s["verdict"] == "off":
-    return f"{head}; persistent compilation cache off"
+    return f"compile {s['seconds']:.1f} s: {programs} compiled (persistent compilation cache off)"
   parts = [f"{s[o]} {label}" for o, label in (
-      ("loaded", "loaded from it"), ("written", "compiled and written"),
+      ("loaded", "loaded"), ("written", "compiled and written"),
       ("compiled", "compiled, not written (under the time threshold)"),
-      ("uncached", "compiled outside it")) if s[o]]
-  return f"{head}; persistent compilation cache {s['verdict']} ({cache_dir}): {', '.join(parts)}"
+      ("uncached", "compiled outside the cache")) if s[o]]
+  what = (f"{programs} {parts[0].split(' ', 1)[1]}" if s["programs"] == 1
+          else f"{programs}: {', '.join(parts)}")
+  return (f"compile {s['seconds']:.1f} s: {what} (persistent compilation cache {s['verdict']}, "
+          f"{cache_dir})")

@@ -118,8 +118,13 @@ def test_summarize_verdicts():
   assert cc.summarize([C("a", 2.0, "written"), C("b", 0.1, "compiled")])["verdict"] == "miss"
   s = cc.summarize([C("a", 0.1, "loaded"), C("b", 3.0, "written")])
   assert (s["verdict"], s["loaded"], s["written"], s["slowest"]) == ("partial", 1, 1, "b")
-  assert "persistent compilation cache hit (/c): 1 loaded" in cc.describe([C("a", 0.1, "loaded")],
-                                                                         "/c")
+  assert cc.describe([C("jit(step)", 0.5, "loaded")], "/c") == (
+      "compile 0.5 s: jit(step) loaded (persistent compilation cache hit, /c)")
+  assert cc.describe([C("a", 0.1, "loaded"), C("b", 3.0, "written")], "/c") == (
+      "compile 3.1 s: 2 programs (slowest b): 1 loaded, 1 compiled and written (persistent "
+      "compilation cache partial, /c)")
+  assert cc.describe([C("b", 3.0, "uncached")], None) == (
+      "compile 3.0 s: b compiled (persistent compilation cache off)")
 
 
 @pytest.mark.slow
