@@ -208,20 +208,20 @@ class CompileLog:
 
 
 def summarize(entries: list[Compile]) -> dict[str, Any]:
-  """Counts and seconds of `entries` by outcome, and the verdict: "hit" (every program looked
-  up was loaded from the cache), "miss" (none was), "partial", "off" (no cache in use) or
-  "none" (nothing compiled)."""
+  """Counts and seconds of `entries` by outcome, and the verdict: "hit" (programs were loaded
+  from the cache and none had to be compiled and written: what was compiled is below the time
+  threshold, never kept), "miss" (nothing loaded), "partial" (some loaded, some written), "off"
+  (no cache in use) or "none" (nothing compiled)."""
   count = {o: sum(e.outcome == o for e in entries)
            for o in ("loaded", "written", "compiled", "uncached")}
-  looked_up = count["loaded"] + count["written"] + count["compiled"]
   if not entries:
     verdict = "none"
-  elif looked_up == 0:
+  elif count["loaded"] + count["written"] + count["compiled"] == 0:
     verdict = "off"
-  elif count["loaded"] == looked_up:
-    verdict = "hit"
   elif count["loaded"] == 0:
     verdict = "miss"
+  elif count["written"] == 0:
+    verdict = "hit"
   else:
     verdict = "partial"
   return {"verdict": verdict, "programs": len(entries), **count,

@@ -115,6 +115,7 @@ def test_summarize_verdicts():
   assert cc.summarize([])["verdict"] == "none"
   assert cc.summarize([C("a", 1.0, "uncached")])["verdict"] == "off"
   assert cc.summarize([C("a", 0.1, "loaded"), C("b", 0.0, "uncached")])["verdict"] == "hit"
+  assert cc.summarize([C("a", 0.1, "loaded"), C("b", 0.2, "compiled")])["verdict"] == "hit"
   assert cc.summarize([C("a", 2.0, "written"), C("b", 0.1, "compiled")])["verdict"] == "miss"
   s = cc.summarize([C("a", 0.1, "loaded"), C("b", 3.0, "written")])
   assert (s["verdict"], s["loaded"], s["written"], s["slowest"]) == ("partial", 1, 1, "b")
