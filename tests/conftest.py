@@ -8,9 +8,10 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CLIs keep compiled programs in a per-user folder by default (atma_jax/compile_cache.py);
 # the suite must not write into the user's home. Every CLI a test starts, in this process or as
-# a subprocess (which inherits this environment), uses the suite's own folder under /tmp instead:
-# the one test_train.py and the other training tests point JAX at, for speed. Results never
-# depend on it (test_compile_cache.py checks reloaded programs give bit-identical losses).
+# a subprocess (which inherits this environment), uses the suite's own folder under /tmp instead,
+# writing every program (threshold 0): the folder and threshold test_train.py and the other
+# training tests give JAX, for speed. Results never depend on it (test_compile_cache.py checks
+# that reloaded programs give bit-identical losses); a fresh CI machine starts it empty.
 os.environ.setdefault("ATMA_COMPILE_CACHE", "/tmp/atma_jax_test_compile_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
