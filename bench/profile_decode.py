@@ -37,6 +37,19 @@ variant whose process fails (an unknown XLA flag aborts it) is recorded with its
 others go on; `--smoke` adds a variant with a made-up flag to check exactly that. Output: one
 JSON (`--out`: device, versions, shapes, every repetition; rewritten after each variant), the
 traces beside it (`--save-traces`), and a printed table.
+
+`--cost` instead compiles (nothing allocated, nothing run: abstract parameters and cache) the
+decode block of each row on this process's backend and records, per decode step: XLA's
+`cost_analysis()` bytes accessed and FLOPs (the while body counted once: the loop's trip count
+is unknown, it stops early), the bytes an ideal step moves (derived from the config: the
+parameters once, the K/V cache read over its capacity, the fp32 gated-delta state read and
+written, the new K/V written, the logits written and read by the sampler), and the while body's
+biggest ops by naive bytes (`bench/hlo_traffic.py`: what each op reads and writes, whether it
+touches the K/V cache, the memory state or the weights, copies / transposes of either). The
+cache capacity is bench/generate.py's for its default `--steps 128 --reps 5` (context + 769):
+
+  JAX_PLATFORMS=cpu python3 bench/profile_decode.py --cost --out bench/results/decode_traffic_cpu.json
+  JAX_PLATFORMS=cpu python3 bench/profile_decode.py --cost --smoke      # tiny model, seconds
 """
 
 from __future__ import annotations
@@ -57,6 +70,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
 sys.path.insert(1, BENCH)
 
+import hlo_traffic  # noqa: E402  (imports no jax)
 import profile_train_step as ptrace  # noqa: E402  (imports no jax at module level)
 
 CB_ALL = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
@@ -240,6 +254,123 @@ def run_variant(args) -> int:
   return 0
 
 
+# ----------------------------------------------------------------------------- --cost
+
+def ideal_step_bytes(cfg, batch: int, capacity: int, context: int, param_bytes: int) -> dict:
+  """Bytes one decode step must move (derived from the config, not measured): the parameters
+  once (the tied / untied head reads its whole table; the embedding lookup B rows, not
+  counted), the K/V cache read (over `capacity` slots, as the XLA core reads it, and over the
+  `context` alone), the fp32 memory state read + written, the new K/V written, the logits
+  written and read once (sampler)."""
+  import jax.numpy as jnp
+  glob = sum(cfg.is_global(l) for l in range(cfg.num_layers))
+  act = jnp.dtype(cfg.compute_dtype).itemsize
+  kv_token = glob * 2 * cfg.num_kv_heads * cfg.head_dim * act  # K and V of one token
+  state = (glob * cfg.num_heads * cfg.head_dim * cfg.head_dim * 4) if cfg.mem_enabled else 0
+  parts = {"params": param_bytes, "kv_read_capacity": batch * capacity * kv_token,
+           "state_read_write": 2 * batch * state, "kv_append": batch * kv_token,
+           "logits_write_read": 2 * batch * cfg.vocab_size * 4}
+  total = sum(parts.values())
+  return {"parts": parts, "total": total,
+          "total_kv_at_context": total - parts["kv_read_capacity"] + batch * context * kv_token}
+
+
+def cost_row(cfg, graphdef, params, batch: int, context: int, capacity: int, steps: int,
+             top: int) -> dict:
+  """Compiles the decode block for abstract inputs; per-step traffic (see the docstring)."""
+  import jax
+  import jax.numpy as jnp
+  from atma_jax.generate import Generator, SamplingParams
+  from atma_jax.generate.loop import DecodeState
+  from atma_jax.model.cache import init_cache
+  bg = bench_generate()
+  gen = Generator(cfg, graphdef, params)
+  sampling = SamplingParams(temperature=0.0, max_new_tokens=capacity - context)
+  cache = jax.eval_shape(lambda: init_cache(cfg, batch, capacity))
+  vec = lambda dt: jax.ShapeDtypeStruct((batch,), dt)  # noqa: E731
+  state = DecodeState(cache, vec(jnp.int32), vec(jnp.bool_), vec(jnp.int32),
+                      jax.ShapeDtypeStruct((), jnp.int32),
+                      jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+  t0 = time.perf_counter()
+  compiled = gen.lower_decode_block(state, sampling, steps).compile()
+  compile_s = time.perf_counter() - t0
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  pbytes = bg.tree_bytes(params)
+  ideal = ideal_step_bytes(cfg, batch, capacity, context, pbytes)
+  S = next((l.k_BSGd.shape[1] for l in cache.layers if hasattr(l, "k_BSGd")), capacity)
+  kv_elems = {batch * S * cfg.num_kv_heads * cfg.head_dim}
+  state_elems = {batch * cfg.num_heads * cfg.head_dim ** 2}
+  weights = {tuple(x.shape) for x in jax.tree.leaves(params) if x.ndim >= 2}
+  ops = hlo_traffic.body_ops(compiled.as_text(), kv_elems=kv_elems, state_elems=state_elems,
+                             weight_shapes=weights)
+  accessed = float(ca.get("bytes accessed", float("nan")))
+  return {"batch": batch, "context": context, "cache_capacity_tokens": capacity,
+          "compile_s": compile_s, "param_bytes": pbytes,
+          "cost_analysis_per_step": {"bytes_accessed": accessed, "flops": ca.get("flops")},
+          "ideal_per_step_derived": ideal,
+          "bytes_accessed_over_ideal": accessed / ideal["total"],
+          "hlo_while_body": hlo_traffic.summarize(ops, top)}
+
+
+def run_cost(args) -> int:
+  import dataclasses
+  import jax
+  from flax import nnx
+  from atma_jax.model import Atma
+  bg = bench_generate()
+  base = bg.model_config(args.smoke, args.impl)
+  variants = [bg.parse_variant(v) for v in args.variant] or [(None, [])]
+  cfgs = {}
+  for name, overrides in variants:  # a bad variant fails before any compile
+    cfgs[name] = bg.model_config(args.smoke, args.impl, overrides)
+    if name is not None:
+      bg.check_variant(name, base, cfgs[name])
+  params = jax.eval_shape(lambda: nnx.split(Atma(base, rngs=nnx.Rngs(0)), nnx.Param)[1])
+  try:
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or None
+  except OSError:
+    commit = None
+  report = {"benchmark": "decode_traffic", "smoke": args.smoke, "backend": jax.default_backend(),
+            "versions": bg.versions(), "git_commit": commit,
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": {k: v for k, v in dataclasses.asdict(base).items()},
+            "decode_block_steps": args.steps,
+            "capacity_rule": "context + steps * (reps + 1) + 1 (bench/generate.py's decode rows)",
+            "note": ("bytes_accessed: XLA cost analysis of the compiled decode block, its while "
+                     "body (one decode step) counted once; on CPU a proxy for the GPU (the CPU "
+                     "backend upcasts / slices weights per step where the GPU fuses them). "
+                     "ideal_per_step_derived: computed from the config, not measured. "
+                     "hlo_while_body bytes: naive operand + result bytes per op."),
+            "variants": {n: o for n, o in variants}, "rows": {}}
+
+  def write():
+    if args.out:
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+
+  for vname, _ in variants:
+    graphdef = bg.eval_graphdef(cfgs[vname])
+    for name, batch, context in args.row_list:
+      key = name if vname is None else f"{name}[{vname}]"
+      capacity = context + args.steps * (args.reps + 1) + 1
+      row = cost_row(cfgs[vname], graphdef, params, batch, context, capacity, args.steps, TOP)
+      report["rows"][key] = row
+      by = row["hlo_while_body"]["by_touches"]
+      mb = lambda x: f"{x / 1e6:10.1f} MB"  # noqa: E731
+      print(f"{key:<24s} bytes accessed/step {mb(row['cost_analysis_per_step']['bytes_accessed'])}"
+            f"  ideal {mb(row['ideal_per_step_derived']['total'])}"
+            f"  ({row['bytes_accessed_over_ideal']:.2f}x)  naive by class: "
+            + ", ".join(f"{k} {v['bytes'] / 1e6:.0f} MB" for k, v in sorted(by.items())),
+            flush=True)
+      write()
+  if args.out:
+    print("wrote", args.out)
+  return 0
+
+
 # ----------------------------------------------------------------------------- parent
 
 def run_parent(args, variants: dict) -> dict:
@@ -373,11 +504,18 @@ def parse_args(argv=None):
                   "<out dir>/profile_decode_traces when --out is given; 'none' to skip)")
   ap.add_argument("--no-hlo-map", action="store_true", help="skip the HLO op_name map (one "
                   "lower+compile per profiled row) that gives source scopes")
+  ap.add_argument("--cost", action="store_true", help="compile only: per-step bytes accessed "
+                  "(XLA cost analysis) against the ideal, and the HLO's biggest ops")
+  ap.add_argument("--variant", action="append", default=[], help="--cost: the rows again under "
+                  "NAME=model.key=value[,...] (bench/generate.py's --variant)")
   ap.add_argument("--flags-variant", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.steps is not None and args.steps < 1 or args.reps is not None and args.reps < 1:
     ap.error("--steps and --reps must be >= 1")
+  if args.cost:  # bench/generate.py's defaults: the cache capacity of its decode rows
+    args.steps = args.steps or (8 if args.smoke else 128)
+    args.reps = args.reps or (2 if args.smoke else 5)
   args.steps = args.steps or (4 if args.smoke else 16)
   args.reps = args.reps or (2 if args.smoke else 5)
   rows = all_rows(args.smoke)
@@ -387,7 +525,7 @@ def parse_args(argv=None):
     if unknown:
       ap.error(f"--rows: unknown {unknown}; pick from {[n for n, _, _ in rows]}")
     rows = [r for r in rows if r[0] in wanted]
-  elif args.smoke:  # every row is the same code path; one keeps the CPU check short
+  elif args.smoke and not args.cost:  # every row is the same code path; one keeps it short
     rows = rows[:1]
   args.row_list = rows
   known = dict(VARIANTS, **(SMOKE_VARIANTS if args.smoke else {}))
@@ -415,6 +553,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.cost:
+    return run_cost(args)
   if args.flags_variant:
     return run_variant(args)
   report = run_parent(args, args.variant_flags)
