@@ -256,23 +256,24 @@ def run_variant(args) -> int:
 
 # ----------------------------------------------------------------------------- --cost
 
-def ideal_step_bytes(cfg, batch: int, capacity: int, context: int, param_bytes: int) -> dict:
+def ideal_step_bytes(cfg, batch: int, slots: int, context: int, param_bytes: int) -> dict:
   """Bytes one decode step must move (derived from the config, not measured): the parameters
   once (the tied / untied head reads its whole table; the embedding lookup B rows, not
-  counted), the K/V cache read (over `capacity` slots, as the XLA core reads it, and over the
-  `context` alone), the fp32 memory state read + written, the new K/V written, the logits
+  counted), the K/V cache read (over its `slots`, as the XLA core reads it, and over at most
+  the `context` alone), the fp32 memory state read + written, the new K/V written, the logits
   written and read once (sampler)."""
   import jax.numpy as jnp
   glob = sum(cfg.is_global(l) for l in range(cfg.num_layers))
   act = jnp.dtype(cfg.compute_dtype).itemsize
   kv_token = glob * 2 * cfg.num_kv_heads * cfg.head_dim * act  # K and V of one token
   state = (glob * cfg.num_heads * cfg.head_dim * cfg.head_dim * 4) if cfg.mem_enabled else 0
-  parts = {"params": param_bytes, "kv_read_capacity": batch * capacity * kv_token,
+  parts = {"params": param_bytes, "kv_read_slots": batch * slots * kv_token,
            "state_read_write": 2 * batch * state, "kv_append": batch * kv_token,
            "logits_write_read": 2 * batch * cfg.vocab_size * 4}
   total = sum(parts.values())
   return {"parts": parts, "total": total,
-          "total_kv_at_context": total - parts["kv_read_capacity"] + batch * context * kv_token}
+          "total_kv_at_context": (total - parts["kv_read_slots"]
+                                  + batch * min(context, slots) * kv_token)}
 
 
 def cost_row(cfg, graphdef, params, batch: int, context: int, capacity: int, steps: int,
@@ -297,15 +298,15 @@ def cost_row(cfg, graphdef, params, batch: int, context: int, capacity: int, ste
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   pbytes = bg.tree_bytes(params)
-  ideal = ideal_step_bytes(cfg, batch, capacity, context, pbytes)
   S = next((l.k_BSGd.shape[1] for l in cache.layers if hasattr(l, "k_BSGd")), capacity)
+  ideal = ideal_step_bytes(cfg, batch, S, context, pbytes)
   kv_elems = {batch * S * cfg.num_kv_heads * cfg.head_dim}
   state_elems = {batch * cfg.num_heads * cfg.head_dim ** 2}
   weights = {tuple(x.shape) for x in jax.tree.leaves(params) if x.ndim >= 2}
   ops = hlo_traffic.body_ops(compiled.as_text(), kv_elems=kv_elems, state_elems=state_elems,
                              weight_shapes=weights)
   accessed = float(ca.get("bytes accessed", float("nan")))
-  return {"batch": batch, "context": context, "cache_capacity_tokens": capacity,
+  return {"batch": batch, "context": context, "cache_capacity_tokens": capacity, "kv_slots": S,
           "compile_s": compile_s, "param_bytes": pbytes,
           "cost_analysis_per_step": {"bytes_accessed": accessed, "flops": ca.get("flops")},
           "ideal_per_step_derived": ideal,
@@ -319,14 +320,10 @@ def run_cost(args) -> int:
   from flax import nnx
   from atma_jax.model import Atma
   bg = bench_generate()
-  base = bg.model_config(args.smoke, args.impl)
-  variants = [bg.parse_variant(v) for v in args.variant] or [(None, [])]
-  cfgs = {}
-  for name, overrides in variants:  # a bad variant fails before any compile
-    cfgs[name] = bg.model_config(args.smoke, args.impl, overrides)
-    if name is not None:
-      bg.check_variant(name, base, cfgs[name])
-  params = jax.eval_shape(lambda: nnx.split(Atma(base, rngs=nnx.Rngs(0)), nnx.Param)[1])
+  variants = [(None, [])] + [bg.parse_variant(v) for v in args.variant]
+  # a bad variant fails before any compile; nothing is prefilled here, so a variant may change
+  # any model field (e.g. model.attn_window=1024: the ring-buffer cache)
+  cfgs = {name: bg.model_config(args.smoke, args.impl, overrides) for name, overrides in variants}
   try:
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or None
@@ -335,7 +332,7 @@ def run_cost(args) -> int:
   report = {"benchmark": "decode_traffic", "smoke": args.smoke, "backend": jax.default_backend(),
             "versions": bg.versions(), "git_commit": commit,
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": {k: v for k, v in dataclasses.asdict(base).items()},
+            "model": dataclasses.asdict(bg.model_config(args.smoke, args.impl)),
             "decode_block_steps": args.steps,
             "capacity_rule": "context + steps * (reps + 1) + 1 (bench/generate.py's decode rows)",
             "note": ("bytes_accessed: XLA cost analysis of the compiled decode block, its while "
@@ -352,11 +349,13 @@ def run_cost(args) -> int:
         json.dump(report, f, indent=1, default=str)
 
   for vname, _ in variants:
-    graphdef = bg.eval_graphdef(cfgs[vname])
+    cfg = cfgs[vname]
+    graphdef = bg.eval_graphdef(cfg)
+    params = jax.eval_shape(lambda c=cfg: nnx.split(Atma(c, rngs=nnx.Rngs(0)), nnx.Param)[1])
     for name, batch, context in args.row_list:
       key = name if vname is None else f"{name}[{vname}]"
       capacity = context + args.steps * (args.reps + 1) + 1
-      row = cost_row(cfgs[vname], graphdef, params, batch, context, capacity, args.steps, TOP)
+      row = cost_row(cfg, graphdef, params, batch, context, capacity, args.steps, TOP)
       report["rows"][key] = row
       by = row["hlo_while_body"]["by_touches"]
       mb = lambda x: f"{x / 1e6:10.1f} MB"  # noqa: E731
@@ -507,7 +506,7 @@ def parse_args(argv=None):
   ap.add_argument("--cost", action="store_true", help="compile only: per-step bytes accessed "
                   "(XLA cost analysis) against the ideal, and the HLO's biggest ops")
   ap.add_argument("--variant", action="append", default=[], help="--cost: the rows again under "
-                  "NAME=model.key=value[,...] (bench/generate.py's --variant)")
+                  "NAME=model.key=value[,...] (any model field, e.g. w1024=model.attn_window=1024)")
   ap.add_argument("--flags-variant", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
