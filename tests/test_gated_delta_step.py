@@ -16,7 +16,7 @@ import pytest
 
 from pallas_kernels import dispatch
 from pallas_kernels import gated_delta as gd
-from pallas_kernels.gated_delta import gpu_step, reference
+from pallas_kernels.gated_delta import gpu_step, reference, xla_step
 from tests.oracle_check import assert_close
 
 
@@ -95,11 +95,23 @@ def test_refusals_name_the_problem():
     gpu_step.gated_delta_step(*odd, interpret=True)
 
 
-def test_op_off_gpu_is_the_oracle_and_pallas_is_a_clear_error():
+@pytest.mark.parametrize("B,H,K,V,dtype", [(1, 1, 16, 16, jnp.float32),
+                                           (3, 5, 16, 32, jnp.float32),
+                                           (2, 2, 64, 16, jnp.bfloat16)])
+def test_xla_step_matches_oracle(B, H, K, V, dtype):
+  """The reordered XLA step (state read twice, written once) equals the oracle's step to fp32
+  rounding."""
+  args = _inputs(B, H, K, V, dtype, seed=7 * B + K + V)
+  _check(xla_step.gated_delta_step(*args), reference.gated_delta_step(*args), 2e-6,
+         (B, H, K, V, dtype))
+
+
+def test_op_off_gpu_is_the_xla_step_and_pallas_is_a_clear_error():
   args = _inputs(3, 1, 12, 20, jnp.float32, seed=2)  # odd K, V: the op takes any
-  want = reference.gated_delta_step(*args)
+  want = xla_step.gated_delta_step(*args)
   for impl in ("auto", "xla"):
     _check(gd.gated_delta_step(*args, impl=impl), want, 0.0, impl)
+  _check(want, reference.gated_delta_step(*args), 2e-6, "oracle")
   with pytest.raises(dispatch.KernelUnavailable, match="gated delta step"):
     gd.gated_delta_step(*args, impl="pallas")
   with pytest.raises(ValueError, match="state"):

@@ -70,15 +70,24 @@ def keys_at_positions(k_old_BSGd, v_old_BSGd, k_written_BSGd, v_written_BSGd, k_
   Full cache: the written cache, slot s at position s (later slots are masked by causality).
   Ring: the old ring (slot s holds the latest position < start congruent to s mod S, or nothing)
   followed by the new tokens, S' = S + T. Missing keys sit at INVALID_POS.
+  Ring, one token per row (decode): the written ring, S' = S (no copy of the ring per step).
+  The new token took slot start % S from position start - S, which no query sees: outside
+  the window when S = W, and before position 0 when S = max_len < W (start < max_len).
   """
   B, S = k_old_BSGd.shape[:2]
   T = k_new_BTGd.shape[1]
   if window is None:
     key_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S))
     return k_written_BSGd, v_written_BSGd, key_pos_BS
-  last_B1 = span.starts_B[:, None] - 1
-  ring_pos_BS = last_B1 - jnp.mod(last_B1 - jnp.arange(S, dtype=jnp.int32)[None, :], S)
-  ring_pos_BS = jnp.where(ring_pos_BS >= 0, ring_pos_BS, INVALID_POS)
+
+  def ring_positions(last_B1):
+    """Slot s holds the latest position <= last congruent to s mod S (INVALID_POS if < 0)."""
+    pos_BS = last_B1 - jnp.mod(last_B1 - jnp.arange(S, dtype=jnp.int32)[None, :], S)
+    return jnp.where(pos_BS >= 0, pos_BS, INVALID_POS)
+
+  if T == 1 and span.lengths_B is None:
+    return k_written_BSGd, v_written_BSGd, ring_positions(span.starts_B[:, None])
+  ring_pos_BS = ring_positions(span.starts_B[:, None] - 1)
   valid_BT = span.valid_BT(T)
   new_pos_BT = span.positions_BT(T)
   if valid_BT is not None:

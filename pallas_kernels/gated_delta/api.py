@@ -25,8 +25,8 @@ gets them back as `gated_delta_bwd(..., prepass=...)`: no prepass rerun in the b
 B*Tp*H*((K + V)*itemsize + 4*C) more bytes per layer (gpu_triton docstring).
 
 `gated_delta_step` (one decode token) has its own table, `STEP_BACKENDS`: the oracle's step
-(`reference.gated_delta_step`) is its XLA backend and CPU path, the fused in-place kernel
-`gpu_step` its GPU one. Decode never differentiates the step; under autodiff the kernel is not
+reordered to read the state twice and write it once (`xla_step.py`) is its XLA backend and CPU
+path, the fused in-place kernel `gpu_step` its GPU one. Decode never differentiates the step; under autodiff the kernel is not
 used: the op's JVP (and so its VJP) is the oracle's, on the oracle's primal output.
 
 Mesh-free: batch rows and heads are independent, so a caller that shards wraps
@@ -54,7 +54,7 @@ BACKENDS = dispatch.Backends(
     exports=("gated_delta_fwd",),
     arg_names=("q", "k", "v", "log_gamma", "beta", "initial_state"))
 STEP_BACKENDS = dispatch.Backends(
-    op="gated delta step", xla=_P + "reference",
+    op="gated delta step", xla=_P + "xla_step",
     pallas={"gpu": (dispatch.Candidate(_P + "gpu_step"),)},
     exports=("gated_delta_step",),
     arg_names=("q", "k", "v", "log_gamma", "beta", "state"))

@@ -19,9 +19,8 @@ Dimension glossary
   K   key / query dim                V   value dim
 
 Shared helpers used by `xla_chunked.py` and `api.py` (one copy): `state_dtype`,
-`check_gated_delta_shapes`, `check_gated_delta_step_shapes`. `gated_delta_step` is also the XLA
-backend (and CPU path) of the step op (`api.STEP_BACKENDS`); `unsupported_reason` is that
-contract's.
+`check_gated_delta_shapes`, `check_gated_delta_step_shapes`. `gated_delta_step` is the oracle
+of the step op's backends (`api.STEP_BACKENDS`: `xla_step.py`, `gpu_step.py`).
 """
 
 from __future__ import annotations
@@ -81,16 +80,10 @@ def check_gated_delta_step_shapes(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, st
         f"{log_gamma_BH.shape}, beta {beta_BH.shape}, state {state_BHKV.shape}")
 
 
-def unsupported_reason(*args, **static) -> None:
-  """None: as the XLA backend of the step op (`api.STEP_BACKENDS`) the oracle takes every input
-  the op's shape check accepts (the dispatch contract)."""
-  del args, static
-
-
 def gated_delta_step(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, state_BHKV):
   """One token of the recurrence: returns `(o_BHV, new_state_BHKV)`, both in the state dtype.
 
-  Used by the sequential oracle and, through `api.gated_delta_step`, by the model's decode.
+  Used by the sequential oracle; the step op's backends are checked against it.
   """
   dt = state_dtype(q_BHK.dtype, k_BHK.dtype, v_BHV.dtype, log_gamma_BH.dtype, beta_BH.dtype,
                    state_BHKV.dtype)
