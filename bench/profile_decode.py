@@ -84,7 +84,7 @@ VARIANTS = {
 MODEL_PATCH = "atma:min_gemm_rows="  # a variant token that is not an XLA flag
 SMOKE_VARIANTS = {"unknown_flag": ["--xla_atma_no_such_flag=1"]}  # must fail, and be recorded
 CB_FLAG_PREFIXES = ("--xla_gpu_enable_command_buffer", "--xla_gpu_graph_min_graph_size")
-TOP = 15
+TOP = 40
 
 
 def bench_generate():

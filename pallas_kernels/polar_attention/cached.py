@@ -18,7 +18,10 @@ as the training op with q_offset does.
   softmax_attention_at(q, k, v, q_pos, k_pos, *, scale, window) -> o_BTHD in q.dtype
 
 Plain XLA, streamed over key blocks (online softmax, fp32 statistics); a decode step (one query
-row) takes the whole cache as one block. Dimension glossary: B batch, T query rows, S key slots,
+row) takes the whole cache as one block, and (B > 1) its two products read the cache as
+[B, S, G*D] (the query block-diagonal over the KV heads; G times the FLOPs of a per-head
+product, no transpose of the whole cache to make G a batch axis: XLA's dots want batch axes
+major). Dimension glossary: B batch, T query rows, S key slots,
 H query heads, G KV heads (head h uses KV head h // (H // G)), R = H // G, D head dim.
 """
 
@@ -77,11 +80,43 @@ def attention_stats_at(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT, k_pos_BS, *,
   q_pos_BT = q_pos_BT.astype(jnp.int32)
   prec = reference.xla_precision(q_BTHD.dtype)
 
+  # One query row of a batch (decode): the GQA-folded products below. Not at B = 1, where XLA
+  # drops the batch axis: there the CPU backend copied the written cache for them (more bytes
+  # per step than the per-head form; bench/results/decode_traffic_cpu_*.json).
+  folded = T == 1 and B > 1
+
+  def qk(k_BKGD):
+    """[B, T, G, R, K] scores q . k (fp32 accumulation)."""
+    k_BKGD = k_BKGD.astype(q_BTHD.dtype)
+    if not folded:
+      return jnp.einsum("btgrd,bkgd->btgrk", q_BTGRD, k_BKGD, preferred_element_type=cdt,
+                        precision=prec)
+    # one query row: q block-diagonal over the KV heads, so the cache is read as [B, K, G*D]
+    # (batch b only; no transpose of the cache to put the G batch axis first)
+    eye_GG = jnp.eye(G, dtype=q_BTHD.dtype)
+    qbd_BNF = (q_BTGRD[:, 0, :, :, None, :] * eye_GG[None, :, None, :, None]).reshape(
+        B, G * R, G * D)
+    dots_BKN = jnp.einsum("bkf,bnf->bkn", k_BKGD.reshape(B, -1, G * D), qbd_BNF,
+                          preferred_element_type=cdt, precision=prec)
+    return jnp.moveaxis(dots_BKN.reshape(B, 1, -1, G, R), 2, -1)
+
+  def pv(p_BTGRK, v_BKGD):
+    """[B, T, G, R, D] sum_k p v (fp32 accumulation)."""
+    p_BTGRK = p_BTGRK.astype(v_BKGD.dtype)
+    if not folded:
+      return jnp.einsum("btgrk,bkgd->btgrd", p_BTGRK, v_BKGD, preferred_element_type=cdt,
+                        precision=prec)
+    # one query row: every (g, r) row against all G*D columns, then each row's own KV head
+    out_BNF = jnp.einsum("bnk,bkf->bnf", p_BTGRK.reshape(B, G * R, -1),
+                         v_BKGD.reshape(B, -1, G * D), preferred_element_type=cdt,
+                         precision=prec)
+    out_BRDG = jnp.diagonal(out_BNF.reshape(B, G, R, G, D), axis1=1, axis2=3)
+    return jnp.moveaxis(out_BRDG, -1, 1)[:, None]
+
   def step(carry, blk):
     m, l, q2, acc = carry
     k_BKGD, v_BKGD, kp_BK = blk
-    dots = jnp.einsum("btgrd,bkgd->btgrk", q_BTGRD, k_BKGD.astype(q_BTHD.dtype),
-                      preferred_element_type=cdt, precision=prec)
+    dots = qk(k_BKGD)
     vis_BTK = bands.visible(q_pos_BT[:, :, None], kp_BK[:, None, :], tk=None, window=window)
     vis = vis_BTK[:, :, None, None, :]
     a = jnp.where(vis, scale_BTGR[..., None] * dots, MASK_SENTINEL)
@@ -90,9 +125,7 @@ def attention_stats_at(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT, k_pos_BS, *,
     p = jnp.where(vis, jnp.exp(a - m_new[..., None]), 0.0)
     l = alpha * l + jnp.sum(p, axis=-1)
     q2 = alpha * alpha * q2 + jnp.sum(p * p, axis=-1)
-    pv = jnp.einsum("btgrk,bkgd->btgrd", p.astype(v_BKGD.dtype), v_BKGD,
-                    preferred_element_type=cdt, precision=prec)
-    return (m_new, l, q2, alpha[..., None] * acc + pv), None
+    return (m_new, l, q2, alpha[..., None] * acc + pv(p, v_BKGD)), None
 
   init = (jnp.full((B, T, G, R), MASK_SENTINEL, cdt), jnp.zeros((B, T, G, R), cdt),
           jnp.zeros((B, T, G, R), cdt), jnp.zeros((B, T, G, R, D), cdt))
