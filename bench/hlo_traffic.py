@@ -9,7 +9,8 @@ computation; its body is one decode step. Each top-level instruction of that bod
 with the bytes it reads (its operands, whole) and writes (its result): a naive count, which
 overstates a gather (only the gathered rows are read) and an in-place scatter /
 dynamic-update-slice (only the updated rows are touched; `in_place` marks them: a fusion whose
-root is one). `touches` names what an op reads or writes by shape: the K/V cache
+root is one; XLA's cost analysis also counts a scatter's whole operand and result:
+`in_place_scatter_full_buffer_bytes` is that count). `touches` names what an op reads or writes by shape: the K/V cache
 ([B, S, G, d] or a transpose of it), the gated-delta state ([B, H, d, d] fp32), the weights
 (a shape of a parameter), or "other". Dimension glossary: B batch, S cache slots, G KV heads,
 H heads, d head dim.
@@ -105,8 +106,8 @@ def body_ops(hlo_text: str, *, kv_elems: set[int] = frozenset(),
         "name": ins["name"], "opcode": ins["opcode"],
         "fused_ops": sorted({f["opcode"] for f in fused} - SKIP),
         "shape": ins["shape"][:120], "out_bytes": out_b, "operand_bytes": in_b,
-        "bytes": out_b + in_b, "in_place": root in IN_PLACE_ROOTS or ins["opcode"] in
-        IN_PLACE_ROOTS,
+        "bytes": out_b + in_b, "root": root,
+        "in_place": root in IN_PLACE_ROOTS or ins["opcode"] in IN_PLACE_ROOTS,
         "touches": _touches([ins["shape"]] + operand_shapes, set(kv_elems), set(state_elems),
                             set(weight_shapes)),
         "op_name": ins["op_name"]})
@@ -123,5 +124,9 @@ def summarize(ops: list[dict], top: int = 25) -> dict:
   copies = [r for r in ops if r["touches"] in ("kv_cache", "memory_state")
             and (r["opcode"] in ("copy", "transpose")
                  or (r["fused_ops"] and set(r["fused_ops"]) <= {"copy", "transpose"}))]
+  # XLA's cost analysis counts a scatter as reading and writing its whole operand; done in
+  # place (its result shares the operand's buffer) it touches only the updated rows
+  scatter = sum(2 * r["out_bytes"] for r in ops if r["in_place"] and r["root"] == "scatter")
   return {"naive_bytes_total": sum(r["bytes"] for r in ops), "by_touches": dict(by),
-          "top": ops[:top], "whole_state_copies": copies}
+          "in_place_scatter_full_buffer_bytes": scatter, "top": ops[:top],
+          "whole_state_copies": copies}
