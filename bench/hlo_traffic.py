@@ -5,7 +5,8 @@
   summarize(ops, top) -> {"by_touches": {...}, "top": [...], "copies": [...]}
 
 The decode loop (`atma_jax.generate.loop._block`) is one `lax.while_loop` in the entry
-computation; its body is one decode step. Each top-level instruction of that body is listed
+computation; its body is one decode step. Each top-level instruction of that body (a `call`'s,
+e.g. a GPU command buffer's, inlined) is listed
 with the bytes it reads (its operands, whole) and writes (its result): a naive count, which
 overstates a gather (only the gathered rows are read) and an in-place scatter /
 dynamic-update-slice (only the updated rows are touched; `in_place` marks them: a fusion whose
@@ -65,6 +66,7 @@ def parse(hlo_text: str) -> tuple[dict[str, list[dict]], str | None]:
         "name": m.group(2), "shape": m.group(3), "opcode": m.group(4),
         "operands": re.findall(r"%([\w.\-]+)", rest.split("), ")[0]),
         "calls": re.findall(r"calls=%([\w.\-]+)", rest),
+        "to_apply": re.findall(r"to_apply=%([\w.\-]+)", rest),
         "body": re.findall(r"body=%([\w.\-]+)", rest),
         "op_name": op_name.group(1) if op_name else "", "root": bool(m.group(1))})
   return comps, entry
@@ -93,9 +95,18 @@ def body_ops(hlo_text: str, *, kv_elems: set[int] = frozenset(),
   if not loops:
     raise ValueError("the entry computation has no while loop (not a decode block?)")
   body = max(loops, key=lambda i: len(comps.get(i["body"][0], [])))["body"][0]
-  shape_of = {i["name"]: i["shape"] for i in comps[body]}
+
+  def flat(comp):  # the ops of `comp`, with each `call` (e.g. a GPU command buffer) inlined
+    for ins in comps.get(comp, []):
+      if ins["opcode"] == "call" and ins["to_apply"]:
+        yield from flat(ins["to_apply"][0])
+      else:
+        yield ins
+
+  instructions = list(flat(body))
+  shape_of = {i["name"]: i["shape"] for i in instructions}
   out = []
-  for ins in comps[body]:
+  for ins in instructions:
     if ins["opcode"] in SKIP:
       continue
     fused = comps.get(ins["calls"][0], []) if ins["calls"] else []

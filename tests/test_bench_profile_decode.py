@@ -53,3 +53,62 @@ def test_bad_rows_and_variants_are_one_line_errors(capsys):
     with pytest.raises(SystemExit):
       pd.parse_args(argv)
     assert "error:" in capsys.readouterr().err
+
+
+def test_cost_mode_reports_per_step_bytes_and_the_cache_scatter(tmp_path):
+  """`--cost --smoke` on one row: XLA's bytes accessed per step, the derived ideal (its parts
+  from the config), and the while body's K/V scatters found as in-place ops on the cache."""
+  out = tmp_path / "cost.json"
+  assert pd.main(["--cost", "--smoke", "--rows", "decode_b512_512", "--out", str(out)]) == 0
+  import json
+  row = json.loads(out.read_text())["rows"]["decode_b512_512"]
+  cfg = pd.bench_generate().model_config(True, None)
+  glob = sum(cfg.is_global(l) for l in range(cfg.num_layers))
+  B, S = row["batch"], row["kv_slots"]
+  parts = row["ideal_per_step_derived"]["parts"]
+  assert parts["state_read_write"] == 2 * B * glob * cfg.num_heads * cfg.head_dim ** 2 * 4
+  assert parts["kv_read_slots"] == B * S * glob * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+  assert row["cost_analysis_per_step"]["bytes_accessed"] > parts["params"]
+  body = row["hlo_while_body"]
+  kv = 4 * B * S * cfg.num_kv_heads * cfg.head_dim  # one layer's K (fp32 tiny model)
+  scatters = [r for r in body["top"] if r["root"] == "scatter" and r["in_place"]]
+  assert len(scatters) == 2 * glob and all(r["out_bytes"] == kv for r in scatters)
+  assert all(r["touches"] == "kv_cache" for r in scatters)
+  assert body["in_place_scatter_full_buffer_bytes"] == 2 * kv * 2 * glob
+  assert row["bytes_accessed_scatters_in_place"] == pytest.approx(
+      row["cost_analysis_per_step"]["bytes_accessed"] - 2 * kv * 2 * glob)
+
+
+def test_hlo_traffic_inlines_calls_of_the_while_body():
+  """A GPU command buffer outlines body ops into a `call`: they are listed as the body's, with
+  their operands' bytes (a transpose of a [2, 8, 4, 16] bf16 cache: 2 KiB read, 2 KiB written)."""
+  import hlo_traffic
+  hlo = """HloModule m
+
+%cb (p0: bf16[2,8,4,16]) -> bf16[2,4,8,16] {
+  %p0 = bf16[2,8,4,16]{3,2,1,0} parameter(0)
+  ROOT %t = bf16[2,4,8,16]{3,2,1,0} transpose(%p0), dimensions={0,2,1,3}
+}
+
+%body (s: (s32[], bf16[2,8,4,16])) -> (s32[], bf16[2,8,4,16]) {
+  %s = (s32[], bf16[2,8,4,16]{3,2,1,0}) parameter(0)
+  %c = bf16[2,8,4,16]{3,2,1,0} get-tuple-element(%s), index=1
+  %i = s32[] get-tuple-element(%s), index=0
+  %x = bf16[2,4,8,16]{3,2,1,0} call(%c), to_apply=%cb
+  ROOT %r = (s32[], bf16[2,8,4,16]{3,2,1,0}) tuple(%i, %c)
+}
+
+%cond (s: (s32[], bf16[2,8,4,16])) -> pred[] {
+  %s = (s32[], bf16[2,8,4,16]{3,2,1,0}) parameter(0)
+  ROOT %t = pred[] constant(true)
+}
+
+ENTRY %main (a: (s32[], bf16[2,8,4,16])) -> (s32[], bf16[2,8,4,16]) {
+  %a = (s32[], bf16[2,8,4,16]{3,2,1,0}) parameter(0)
+  ROOT %w = (s32[], bf16[2,8,4,16]{3,2,1,0}) while(%a), condition=%cond, body=%body
+}
+"""
+  ops = hlo_traffic.body_ops(hlo, kv_elems={2 * 8 * 4 * 16})
+  assert [(r["name"], r["opcode"], r["bytes"], r["touches"]) for r in ops] == [
+      ("t", "transpose", 4096, "kv_cache")]
+  assert hlo_traffic.summarize(ops)["whole_state_copies"] == ops
