@@ -5,14 +5,19 @@
   --parts gated_delta (or attention): only those rows
 
 Rows (bf16, 8 query / 2 KV heads, head dim 128, one query row per sequence):
-  xla_at        `cached.attention_stats_at` at per-row positions (what decode runs today);
+  xla_at        `cached.attention_stats_at` at per-row positions (what decode runs: the cache
+                read as [B, S, G*D] at B > 1, per KV head at B = 1);
+  xla_at_per_head / xla_at_folded  the same with `fold_gqa=False` / `True` (both forms, each
+                batch size);
   pallas_offset the kernel op `attention_stats` with a traced uniform q_offset (the Triton
                 split-K decode kernel on GPU; usable only when every row sits at one position);
   xla_offset    the same op on the XLA streaming backend.
 plus the gated-delta decode step on the memory state [B, 8, 128, 128] fp32 (q/k/v in the
 activation dtype, gates fp32), the state carried through the loop as decode carries it:
-  gd_xla        `gated_delta_step(impl="xla")`, the oracle's step (what decode runs by default);
-  gd_two_pass   a two-pass XLA form (state read twice, written once);
+  gd_xla        `gated_delta_step(impl="xla")` (`xla_step.py`: the state read twice, written
+                once; what decode runs by default);
+  gd_oracle     the oracle's step in XLA (`reference.gated_delta_step`: the op's XLA backend
+                before `xla_step.py`);
   gd_fused_bvN_wW the fused in-place kernel `gpu_step` (state read once, written once), V block
                 N, W warps (GPU only; `gd_fused` = the op's `impl="pallas"`, automatic block);
 each with its max abs difference to the oracle on random inputs and state in the same run (the
@@ -54,19 +59,6 @@ def _inputs(B, S, dtype):
   v = jax.random.normal(ks[2], (B, S, G, D), jnp.float32).astype(dtype)
   scale = jnp.full((B, 1, H), 1.0 / D ** 0.5, jnp.float32)
   return q, k, v, scale
-
-
-def _step_two_pass(q_BHK, k_BHK, v_BHV, log_gamma_BH, beta_BH, s_BHKV):
-  """The decode step with the state read twice and written once (a candidate, timed beside the
-  op): [pred, r] = S^T [k, q] in one contraction, then o = gamma r + u (k.q) and
-  S' = gamma S + k u^T, since S'^T q = gamma S^T q + u (k . q)."""
-  hi = jax.lax.Precision.HIGHEST
-  gamma_BH1 = jnp.exp(log_gamma_BH)[..., None]
-  kq_BH2K = jnp.stack([k_BHK, q_BHK], axis=2)
-  both_BH2V = jnp.einsum("bhkv,bhjk->bhjv", s_BHKV, kq_BH2K, precision=hi)
-  u_BHV = beta_BH[..., None] * (v_BHV - gamma_BH1 * both_BH2V[:, :, 0])
-  o_BHV = gamma_BH1 * both_BH2V[:, :, 1] + u_BHV * jnp.sum(k_BHK * q_BHK, -1, keepdims=True)
-  return o_BHV, gamma_BH1[..., None] * s_BHKV + k_BHK[..., None] * u_BHV[..., None, :]
 
 
 def _timed(fn, args, inner, reps):
@@ -125,7 +117,7 @@ def _gd_inputs(B, Kd, dtype):
 def gated_delta_forms(smoke: bool):
   """name -> step(q, k, v, log_gamma, beta, state) -> (o, state)."""
   forms = {"gd_xla": lambda *a: gated_delta_step(*a, impl="xla"),
-           "gd_two_pass": lambda *a: _step_two_pass(*(x.astype(jnp.float32) for x in a))}
+           "gd_oracle": reference.gated_delta_step}
   if smoke:
     forms["gd_fused"] = lambda *a: gpu_step.gated_delta_step(*a, interpret=True)
   else:
@@ -173,7 +165,8 @@ def main(argv=None) -> int:
   args.inner = args.inner or (4 if args.smoke else 50)
   shapes = SMOKE_SHAPES if args.smoke else SHAPES
   dtype = jnp.float32 if args.smoke else jnp.bfloat16
-  forms = ["xla_at", "xla_offset"] + ([] if args.smoke else ["pallas_offset"])
+  forms = (["xla_at", "xla_at_per_head", "xla_at_folded", "xla_offset"]
+           + ([] if args.smoke else ["pallas_offset"]))
   if "attention" not in parts:
     forms = []
   rows = []
@@ -183,16 +176,19 @@ def main(argv=None) -> int:
     q, k, v, scale = _inputs(B, S, dtype)
     pos = S - 1  # the new token sits at the last cached position
 
-    def xla_at(q, k, v, scale, i):
-      q_pos = jnp.full((B, 1), pos, jnp.int32) - (i % 2)  # traced, as in decode
-      k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-      return attention_stats_at(q, k, v, scale, q_pos, k_pos)[0]
+    def xla_at(fold_gqa=None):
+      def run(q, k, v, scale, i):
+        q_pos = jnp.full((B, 1), pos, jnp.int32) - (i % 2)  # traced, as in decode
+        k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        return attention_stats_at(q, k, v, scale, q_pos, k_pos, fold_gqa=fold_gqa)[0]
+      return run
 
     def by_offset(impl):
       return lambda q, k, v, scale, i: attention_stats(
           q, k, v, scale, q_offset=jnp.int32(pos) - (i % 2), impl=impl)[0]
 
-    fns = {"xla_at": xla_at, "xla_offset": by_offset("xla"), "pallas_offset": by_offset("pallas")}
+    fns = {"xla_at": xla_at(), "xla_at_per_head": xla_at(False), "xla_at_folded": xla_at(True),
+           "xla_offset": by_offset("xla"), "pallas_offset": by_offset("pallas")}
     kv_bytes = 2 * B * S * G * D * jnp.dtype(dtype).itemsize
     row = {"batch": B, "cached": S, "kv_bytes": kv_bytes}
     want = fns["xla_at"](q, k, v, scale, 0) if forms else None

@@ -255,3 +255,23 @@ def test_gpu_kernels_prefill_and_decode_match_full_forward(dtype, window, tol, a
     logits, cache = run_decode(params, ids[np.arange(2), done], cache)
     np.testing.assert_allclose(logits, want[[0, 1], done], atol=tol, rtol=0)
     done += 1
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_one_row_attention_folded_over_kv_heads_equals_per_head(B):
+  """`attention_stats_at` for one query row: the cache read as [B, S, G*D] (query block-diagonal
+  over the KV heads) gives the per-head form's statistics; only one query row can fold."""
+  from pallas_kernels.polar_attention import attention_stats_at
+  S, H, G, D = 9, 4, 2, 8
+  ks = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(ks[0], (B, 1, H, D))
+  k, v = (jax.random.normal(kk, (B, S, G, D)) for kk in ks[1:])
+  scale = jnp.full((B, 1, H), 0.3)
+  q_pos = jnp.arange(B, dtype=jnp.int32)[:, None] + 5  # rows at positions 5, 6, 7
+  k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  run = lambda fold: attention_stats_at(q, k, v, scale, q_pos, k_pos, window=4, fold_gqa=fold)
+  for got, want in zip(run(True), run(False), strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+  with pytest.raises(ValueError, match="one query row"):
+    attention_stats_at(jnp.concatenate([q, q], 1), k, v, jnp.concatenate([scale, scale], 1),
+                       jnp.concatenate([q_pos, q_pos + 1], 1), k_pos, fold_gqa=True)

@@ -12,7 +12,8 @@ so empty or invalid slots are keys at position `INVALID_POS` (never visible). Po
 temperature and null floor use the absolute count q_pos + 1 of each row (capped at W), exactly
 as the training op with q_offset does.
 
-  attention_stats_at(q, k, v, scale, q_pos, k_pos, *, window, block_k) -> (o, lse, p2) fp32
+  attention_stats_at(q, k, v, scale, q_pos, k_pos, *, window, block_k, fold_gqa)
+      -> (o, lse, p2) fp32
   polar_core_at(q, k, v, v_null, len_gain_raw, null_base, null_slope_raw, mag_beta_raw,
                 q_pos, k_pos, *, window) -> (c_BTHD, mag_BTH) in q.dtype
   softmax_attention_at(q, k, v, q_pos, k_pos, *, scale, window) -> o_BTHD in q.dtype
@@ -53,15 +54,19 @@ def _check(q_BTHD, k_BSGD, v_BSGD, q_pos_BT, k_pos_BS):
 
 
 def attention_stats_at(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT, k_pos_BS, *, window=None,
-                       block_k: int | None = None):
+                       block_k: int | None = None, fold_gqa: bool | None = None):
   """Softmax over the visible keys of each row: (o_BTHD, lse_BTH, p2_BTH) in fp32.
 
   a_ij = scale_i (q_i . k_j); o = sum pi v, lse = logsumexp a, p2 = sum pi^2. A row without a
   visible key (only a padded row can be one) gets o = 0, lse = MASK_SENTINEL, p2 = 1 (finite).
   `block_k` keys per streaming step (default: all of them for one query row, else 512).
+  `fold_gqa`: the products of one query row read the cache as [B, S, G*D] (module docstring);
+  None = when T == 1 and B > 1.
   """
   _check(q_BTHD, k_BSGD, v_BSGD, q_pos_BT, k_pos_BS)
   B, T, H, D = q_BTHD.shape
+  if fold_gqa and T != 1:
+    raise ValueError(f"fold_gqa=True needs one query row (T == 1); got T={T}")
   S, G = k_BSGD.shape[1], k_BSGD.shape[2]
   R = H // G
   cdt = stats_dtype(q_BTHD.dtype)
@@ -80,10 +85,10 @@ def attention_stats_at(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT, k_pos_BS, *,
   q_pos_BT = q_pos_BT.astype(jnp.int32)
   prec = reference.xla_precision(q_BTHD.dtype)
 
-  # One query row of a batch (decode): the GQA-folded products below. Not at B = 1, where XLA
-  # drops the batch axis: there the CPU backend copied the written cache for them (more bytes
-  # per step than the per-head form; bench/results/decode_traffic_cpu_*.json).
-  folded = T == 1 and B > 1
+  # One query row of a batch (decode): the GQA-folded products below. By default not at B = 1,
+  # where XLA drops the batch axis: there the CPU backend copied the written cache for them
+  # (more bytes per step than the per-head form; bench/profile_decode.py --cost).
+  folded = (T == 1 and B > 1) if fold_gqa is None else fold_gqa
 
   def qk(k_BKGD):
     """[B, T, G, R, K] scores q . k (fp32 accumulation)."""
