@@ -356,7 +356,10 @@ FWD_VARIANTS = {"fwd_default": _T(), **INVERSE_VARIANTS,
 # than the default (min_programs 512), the saved split (`Tuning.bwd_split="reuse"`), the reverse
 # pass's V block halved (twice the programs at the same piece count), both, and the piece scan
 # unrolled (`Tuning.piece_scan_unroll`).
+# the defaults are (reuse, bwd_block_v 32) since gated_delta_split_fla_h200.json; split_recompute
+# is the backward before it (the forward rerun per piece, the reverse pass at block_v)
 SPLIT_VARIANTS = {"split_off": _T(min_programs=0), "split_min512": _T(min_programs=512),
+                  "split_recompute": _T(bwd_split="recompute", bwd_block_v=0),
                   "split_reuse": _T(bwd_split="reuse"), "split_bwdbv32": _T(bwd_block_v=32),
                   "split_reuse_bwdbv32": _T(bwd_split="reuse", bwd_block_v=32),
                   "split_reuse_min512": _T(bwd_split="reuse", min_programs=512),

@@ -93,7 +93,7 @@ _SPLIT_CASES = (
      _T(bwd_split="reuse", block_v=16, bwd_block_v=8, piece_scan_unroll=True), 4, 2e-5,
      jnp.float32),
     (Case(T=61, B=1, H=2, K=32, V=16, chunk=16, gamma="near1", key_share=0.5),
-     _T(bwd_block_v=8), 2, 2e-5, jnp.float32),
+     _T(bwd_split="recompute", bwd_block_v=8), 2, 2e-5, jnp.float32),
     (Case(T=63, B=1, H=2, K=16, V=16, chunk=16, gamma="near1", key_share=0.5),
      _T(bwd_split="reuse"), 4, 3e-2, jnp.bfloat16),
 )
@@ -150,7 +150,8 @@ def test_interpret_wy_grads_match_oracle(case, tuning, pieces, tol, dtype):
 
 @pytest.mark.parametrize("tuning,pieces,kernels", [
     (_T(), None, ("gdn_prepass", "gdn_state", "gdn_state_bwd", "gdn_dqkw", "gdn_wy_bwd")),
-    (_T(wy_t0="recompute", dv_dtype="bfloat16", dqkw_warps=8), 2,
+    (_T(wy_t0="recompute", dv_dtype="bfloat16", dqkw_warps=8, bwd_split="recompute",
+        bwd_block_v=0), 2,
      ("gdn_state_affine", "gdn_state_bwd_affine", "gdn_dqkw", "gdn_wy_bwd")),
     (_T(bwd_split="reuse", bwd_block_v=32), 2,
      ("gdn_state_affine", "gdn_state_bwd_affine", "gdn_state_bwd", "gdn_dqkw")),
@@ -241,7 +242,8 @@ def _interpret_backend(monkeypatch, tuning, pieces=None):
   dispatch.load.cache_clear()
 
 
-@pytest.mark.parametrize("tuning,pieces", [(_T(), None), (_T(wy_t0="recompute"), 2),
+@pytest.mark.parametrize("tuning,pieces", [(_T(), None),
+                                           (_T(wy_t0="recompute", bwd_split="recompute"), 2),
                                            (_T(bwd_split="reuse", bwd_block_v=8), 4)],
                          ids=["wy_t0", "wy_recompute_pieces", "reuse_split_pieces"])
 def test_api_vjp_reuses_forward_prepass(monkeypatch, tuning, pieces):

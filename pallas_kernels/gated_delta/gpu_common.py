@@ -49,8 +49,11 @@ class Tuning(NamedTuple):
   # v' is always stored in the input dtype)
   inverse_precision: str = "bf16x3"  # GPU dots of the doubling inverse: INVERSE_PRECISIONS
   inverse_block: int = 16  # blocked doubling (chunk_math.inverse_unit_lower); 0 = plain
-  bwd_block_v: int = 0
-  bwd_split: str = "recompute"
+  # defaults from one H200 call (bench/results/gated_delta_split_fla_h200.json), fwd+bwd ms with
+  # (recompute, bwd_block_v 0) -> (reuse, 32): 16x2K 2.75 -> 2.64, 4x8K 3.38 -> 3.13,
+  # 1x32K 3.59 -> 3.35
+  bwd_block_v: int = 32
+  bwd_split: str = "reuse"
   piece_scan_unroll: bool = False
 
 
