@@ -44,16 +44,22 @@ def _with_triton_bwd(config):  # the Mosaic backward is the default; these tests
     (Case(Tq=200, H=4, G=1, D=64), gpu_mosaic.MosaicConfig(block_k=64)),
     (Case(Tq=200, H=4, G=2, D=64, window=40), gpu_mosaic.MosaicConfig(block_k=64, stages=3)),
     (Case(Tq=150, H=2, G=1, D=128, window=100), gpu_mosaic.MosaicConfig(block_k=128)),
-], ids=lambda x: str(x) if isinstance(x, Case) else f"bk{x.block_k}s{x.stages}")
+    (Case(Tq=200, H=4, G=2, D=64, window=40),  # the two consumers take turns (ping-pong)
+     gpu_mosaic.MosaicConfig(block_k=64, pingpong=True)),
+], ids=lambda x: str(x) if isinstance(x, Case) else (
+    f"bk{x.block_k}s{x.stages}" + ("_pingpong" if x.pingpong else "")))
 def test_bf16_matches_oracle(case, config):
   check_backend(*_with_triton_bwd(config), case, jnp.bfloat16, **BF16_TOL)
 
 
-def test_no_races_in_barrier_protocol():
-  """The interpreter's race detector over the K/V ring (2 slots, 4 key blocks per tile)."""
+@pytest.mark.parametrize("pingpong", [False, True], ids=["plain", "pingpong"])
+def test_no_races_in_barrier_protocol(pingpong):
+  """The interpreter's race detector over the K/V ring (2 slots, 4 key blocks per tile), with
+  and without the consumers' ping-pong schedule barrier."""
   case = Case(Tq=256, H=1, G=1, D=64, window=130)
   q, k, v, s = random_inputs(case, jnp.bfloat16)
-  cfg = gpu_mosaic.MosaicConfig(block_k=64, interpret=plgpu.InterpretGPUParams(detect_races=True))
+  cfg = gpu_mosaic.MosaicConfig(block_k=64, pingpong=pingpong,
+                                interpret=plgpu.InterpretGPUParams(detect_races=True))
   jax.block_until_ready(gpu_mosaic.attention_stats_fwd(q, k, v, s, window=case.window,
                                                        config=cfg))
   assert not gpu_callbacks.get_races().races_found
@@ -87,7 +93,11 @@ def test_out_of_scope_inputs_raise(change, match):
                                                        p_via_smem=True, o_splits=1)),
     ((1, 300, 8, 2, 128), 100, gpu_mosaic.MosaicConfig(interpret=False, p_via_smem=True,
                                                        o_splits=4)),  # the psmem GPU test
-], ids=["D128_default", "D64_bk64_s3_psmem", "D128_psmem_o4"])
+    ((1, 300, 8, 2, 128), 100, gpu_mosaic.MosaicConfig(interpret=False, pingpong=True)),
+    ((2, 200, 4, 4, 64), None, gpu_mosaic.MosaicConfig(interpret=False, block_k=64, stages=3,
+                                                       p_via_smem=True, pingpong=True)),
+], ids=["D128_default", "D64_bk64_s3_psmem", "D128_psmem_o4", "D128_pingpong",
+        "D64_bk64_s3_psmem_pingpong"])
 def test_lowers_for_h100(shape, window, config):
   """Traces and lowers the kernel through Mosaic GPU for an abstract H100 (checks SMEM fit)."""
   fwd = functools.partial(gpu_mosaic.attention_stats_fwd, window=window, config=config)
@@ -106,8 +116,10 @@ COMPILED_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [gpu_mosaic.DEFAULT_CONFIG,
                                     gpu_mosaic.MosaicConfig(block_k=64, stages=3),
-                                    gpu_mosaic.MosaicConfig(p_via_smem=True, o_splits=4)],
-                         ids=["default", "bk64s3", "psmem"])
+                                    gpu_mosaic.MosaicConfig(p_via_smem=True, o_splits=4),
+                                    gpu_mosaic.MosaicConfig(pingpong=True),
+                                    gpu_mosaic.MosaicConfig(block_k=64, stages=3, pingpong=True)],
+                         ids=["default", "bk64s3", "psmem", "pingpong", "bk64s3_pingpong"])
 @pytest.mark.parametrize("case", COMPILED_CASES, ids=str)
 def test_compiled_on_gpu_bf16(case, config):
   check_backend(*_with_triton_bwd(config), case, jnp.bfloat16, **BF16_TOL)

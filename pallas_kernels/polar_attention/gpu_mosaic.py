@@ -79,6 +79,9 @@ class MosaicConfig:
   stages: int = 2
   p_via_smem: bool = False  # P V with P staged in SMEM (forced on in interpret mode)
   o_splits: int = 2  # o leaves SMEM in this many column slabs (SMEM: 2 * 64 * D * 4 / o_splits)
+  # Warpgroup ping-pong (FlashAttention-3): a schedule barrier makes the two consumers take
+  # turns, so one's elementwise block overlaps the other's S = Q K^T / O += P V wgmmas.
+  pingpong: bool = False
   # None: interpret when the default backend is not a GPU; or explicit InterpretGPUParams
   # (e.g. detect_races=True in tests).
   interpret: bool | plgpu.InterpretGPUParams | None = None
@@ -175,9 +178,9 @@ def _scope_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
 
 
 def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D, R,
-            n_q_tiles, stages, window, p_via_smem, o_splits):
+            n_q_tiles, stages, window, p_via_smem, o_splits, pingpong):
   (q_smem2, k_smem, v_smem, o_smem2, s_smem2, lse_smem2, p2_smem2, p_smem2), bars = scoped
-  q_bars, s_bars, k_bars, v_bars, k_used, v_used = bars
+  q_bars, s_bars, k_bars, v_bars, k_used, v_used, turn = bars
   bq = BLOCK_Q
   b = lax.axis_index("batch")
   h = lax.axis_index("heads")
@@ -200,11 +203,17 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
     scale2_q = plgpu.load(s_smem, layout=plgpu.Layout.WGMMA.reduce(1)) * LOG2E
     plgpu.barrier_wait(q_bars.at[wg])
 
+    def rendezvous():  # both consumers meet on the schedule barrier (ping-pong turns)
+      plgpu.barrier_arrive(turn)
+      plgpu.barrier_wait(turn)
+
     def step(i, carry, masked):
       m_q, l_q, q2_q, acc_qd = carry
       slot = lax.rem(i, stages)
       plgpu.barrier_wait(k_bars.at[slot])
-      s_qk, = wgmmas((None, q_smem, k_smem.at[slot].T, (bq, bk)), fresh=True)
+      # ping-pong: once this S wgmma is issued, the other consumer may run its elementwise block
+      s_qk, = wgmmas((None, q_smem, k_smem.at[slot].T, (bq, bk)), fresh=True,
+                     issued=rendezvous if pingpong else None)
       plgpu.barrier_arrive(k_used.at[slot])
       s_qk = s_qk * lax.broadcast_in_dim(scale2_q, (bq, bk), [0])
       if masked:
@@ -219,7 +228,16 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
       q2_q = q2_q * (alpha * alpha) + (p_qk * p_qk).sum(axis=1)
       acc_qd = acc_qd * lax.broadcast_in_dim(alpha, (bq, D), [0])
       p16 = p_qk.astype(q_ref.dtype)
-      plgpu.barrier_wait(v_bars.at[slot])
+      if pingpong:
+        # the elementwise block is done (the barrier keeps it before the arrival); P V waits
+        # until the other consumer has issued its S wgmma, so the two alternate on the tensor
+        # cores
+        m_new, l_q, q2_q, acc_qd, p16 = lax.optimization_barrier((m_new, l_q, q2_q, acc_qd, p16))
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(v_bars.at[slot])
+        plgpu.barrier_wait(turn)
+      else:
+        plgpu.barrier_wait(v_bars.at[slot])
       p_operand = operand(p16, p_smem2.at[wg] if p_via_smem else None, p_via_smem)
       # in place on the running accumulator; P V into a fresh one with P in SMEM (interpret
       # mode models no run_state)
@@ -236,7 +254,13 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
              plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), wgmma_row),
              plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), wgmma_row),
              plgpu.layout_cast(jnp.full((bq, D), 0.0, jnp.float32), plgpu.Layout.WGMMA))
+    # ping-pong: consumer 1 starts a turn behind consumer 0 and consumer 0 ends with the extra
+    # turn, so both meet the schedule barrier 2 * n_steps + 1 times (both walk the whole band)
+    if pingpong:
+      pl.when(wg == 1)(rendezvous)
     m_q, l_q, q2_q, acc_qd = three_phases(step, u_lo, u_hi, n_steps, carry)
+    if pingpong:
+      pl.when(wg == 0)(rendezvous)
     l_safe = jnp.where(l_q > 0.0, l_q, 1.0)
     o_qd = acc_qd / lax.broadcast_in_dim(l_safe, (bq, D), [0])
     lse_smem[...] = (m_q + jnp.log2(l_safe)) * (1.0 / LOG2E)
@@ -281,9 +305,10 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   nq = t_pad // (2 * bq)
   dtype = q.dtype
   stages = min(config.stages, t_pad // bk)  # static prefetch slices stay inside the keys
-  smem, bars = _scratch(D, dtype, bk, stages, p_via_smem, config.o_splits)
+  smem, bars = _scratch(D, dtype, bk, stages, p_via_smem, config.o_splits, config.pingpong)
   body = functools.partial(_kernel, bk=bk, D=D, R=H // G, n_q_tiles=nq, stages=stages,
-                           window=window, p_via_smem=p_via_smem, o_splits=config.o_splits)
+                           window=window, p_via_smem=p_via_smem, o_splits=config.o_splits,
+                           pingpong=config.pingpong)
   o, lse_BHT, p2_BHT = launch(
       body, "polar_attention_fwd_mosaic", smem, bars, (q, k, v, scale_BHT),
       (jax.ShapeDtypeStruct((B, t_pad, H, D), jnp.float32),
@@ -297,7 +322,7 @@ def _padded(T, bk):
   return pl.cdiv(T, math.lcm(2 * BLOCK_Q, bk)) * math.lcm(2 * BLOCK_Q, bk)
 
 
-def _scratch(D, dtype, bk, stages, p_via_smem, o_splits):
+def _scratch(D, dtype, bk, stages, p_via_smem, o_splits, pingpong):
   """The forward kernel's scoped (SMEM buffers, barriers)."""
   bq = BLOCK_Q
   smem = (tiled_smem((COMPUTE_WGS, bq, D), dtype),
@@ -310,7 +335,8 @@ def _scratch(D, dtype, bk, stages, p_via_smem, o_splits):
   bars = (plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS),
           plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS) if pingpong else None)
   return smem, bars
 
 
@@ -323,7 +349,8 @@ def smem_bytes(config: MosaicConfig, D: int, dtype, T: int) -> int:
   is `gpu_mosaic_backward.smem_bytes`."""
   stages = min(config.stages, _padded(T, config.block_k) // config.block_k)
   return gpu_mosaic_common.smem_bytes(
-      *_scratch(D, dtype, config.block_k, stages, config.p_via_smem, config.o_splits),
+      *_scratch(D, dtype, config.block_k, stages, config.p_via_smem, config.o_splits,
+                config.pingpong),
       reduces=True)
 
 

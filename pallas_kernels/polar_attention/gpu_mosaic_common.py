@@ -79,17 +79,24 @@ def smem_bytes(smem, bars, *, reduces: bool) -> int:
   return total + _BARRIER_BYTES * sum(math.prod(b.num_barriers) for b in bars if b is not None)
 
 
-def wgmmas(*ops, fresh):
+def wgmmas(*ops, fresh, issued=None):
   """acc + lhs @ rhs for each (acc, lhs, rhs, shape) in `ops`, issued together and waited once.
   acc None: the product alone. `fresh`: every product into a new accumulator, added after
-  (interpret mode models no run_state); else in place on the running accumulators."""
+  (interpret mode models no run_state); else in place on the running accumulators. `issued`
+  (fresh products only): called after the products are issued, before the wait (a warpgroup
+  ping-pong's schedule barrier)."""
   if fresh or all(acc is None for acc, *_ in ops):
     def run(*acc_refs):
       for acc_ref, (_, lhs, rhs, _) in zip(acc_refs, ops):
         plgpu.wgmma(acc_ref, lhs, rhs)
+      if issued is not None:
+        issued()
       return tuple(acc_ref[...] for acc_ref in acc_refs)
     outs = pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32) for *_, shape in ops])
     return [out if acc is None else acc + out for out, (acc, *_) in zip(outs, ops)]
+
+  if issued is not None:
+    raise ValueError("wgmmas: `issued` needs fresh products")
 
   def run(acc_refs):
     for acc_ref, (_, lhs, rhs, _) in zip(acc_refs, ops):
