@@ -539,7 +539,7 @@ def mosaic_bwd_table(mosaic, bwds, reps, shapes, save, cudnn="cudnn", budget_s=2
 
 
 # --mosaic-fwd: flags after BK,STAGES name boolean MosaicConfig fields
-MOSAIC_FWD_FLAGS = ("pingpong", "p_via_smem")
+MOSAIC_FWD_FLAGS = ("pingpong", "intra_overlap", "p_via_smem")
 
 
 def mosaic_fwd_spec(spec: str) -> gpu_mosaic.MosaicConfig:
