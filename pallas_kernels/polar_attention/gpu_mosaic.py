@@ -301,14 +301,19 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
     if pingpong:
       pl.when(wg == 1)(rendezvous)
     if intra_overlap:
-      # prologue: block 0's S and softmax (masked: whether it needs the mask is dynamic);
+      # prologue: block 0's S and softmax (masked unless fully visible, decided at run time);
       # the loop; epilogue: the last block's P V (n_steps >= 1: every row sees its own key)
       m_q, l_q, q2_q, acc_qd = carry
       plgpu.barrier_wait(k_bars.at[0])
       s_qk, = wgmmas((None, q_smem, k_smem.at[0].T, (bq, bk)), fresh=True)
       plgpu.barrier_arrive(k_used.at[0])
-      m_q, _, l_q, q2_q, p_qk = online_softmax(s_qk, m_q, l_q, q2_q, 0, True)
-      p16 = p_qk.astype(q_ref.dtype)
+
+      def first(masked):
+        m_new, _, l_new, q2_new, p_qk = online_softmax(s_qk, m_q, l_q, q2_q, 0, masked)
+        return m_new, l_new, q2_new, p_qk.astype(q_ref.dtype)
+
+      m_q, l_q, q2_q, p16 = lax.cond((u_lo > 0) | (u_hi <= 0), functools.partial(first, True),
+                                     functools.partial(first, False))
       m_q, l_q, q2_q, acc_qd, p16 = three_phases(overlapped_step, u_lo, u_hi, n_steps,
                                                  (m_q, l_q, q2_q, acc_qd, p16), start=1)
       last = lax.rem(n_steps - 1, stages)
