@@ -48,6 +48,8 @@ def _with_triton_bwd(config):  # the Mosaic backward is the default; these tests
      gpu_mosaic.MosaicConfig(block_k=64, pingpong=True)),
     (Case(Tq=200, H=4, G=2, D=64),  # S of block i+1 with P V of block i; tile 1's first
      gpu_mosaic.MosaicConfig(block_k=64, stages=3, intra_overlap=True)),  # block unmasked
+    (Case(Tq=200, H=4, G=1, D=64, window=100),  # both overlaps (FA3's schedule)
+     gpu_mosaic.MosaicConfig(block_k=64, pingpong=True, intra_overlap=True)),
 ], ids=lambda x: str(x) if isinstance(x, Case) else (
     f"bk{x.block_k}s{x.stages}" + ("_pingpong" if x.pingpong else "")
     + ("_overlap" if x.intra_overlap else "")))
@@ -55,8 +57,9 @@ def test_bf16_matches_oracle(case, config):
   check_backend(*_with_triton_bwd(config), case, jnp.bfloat16, **BF16_TOL)
 
 
-@pytest.mark.parametrize("overlap", [{}, dict(pingpong=True), dict(intra_overlap=True)],
-                         ids=["plain", "pingpong", "intra_overlap"])
+@pytest.mark.parametrize("overlap", [{}, dict(pingpong=True), dict(intra_overlap=True),
+                                     dict(pingpong=True, intra_overlap=True)],
+                         ids=["plain", "pingpong", "intra_overlap", "both"])
 def test_no_races_in_barrier_protocol(overlap):
   """The interpreter's race detector over the K/V ring (2 slots, 4 key blocks per tile), with
   and without the consumers' ping-pong schedule barrier or intra-warpgroup overlap (P staged
@@ -95,8 +98,6 @@ def test_out_of_scope_inputs_raise(change, match):
 def test_overlap_options_refuse_what_they_cannot_run():
   with pytest.raises(ValueError, match="stages=1 must be >= 2"):
     gpu_mosaic.MosaicConfig(intra_overlap=True, stages=1)
-  with pytest.raises(ValueError, match="set one of them"):
-    gpu_mosaic.MosaicConfig(intra_overlap=True, pingpong=True)
   # the SMEM fallback keeps the 2 slots intra_overlap needs: 2 slots of 256 keys do not fit at
   # D 128, and it takes smaller key blocks rather than one slot
   big = gpu_mosaic.MosaicConfig(block_k=256, intra_overlap=True)
@@ -116,8 +117,11 @@ def test_overlap_options_refuse_what_they_cannot_run():
     ((1, 300, 8, 2, 128), 100, gpu_mosaic.MosaicConfig(interpret=False, intra_overlap=True)),
     ((2, 200, 4, 4, 64), None, gpu_mosaic.MosaicConfig(interpret=False, block_k=64, stages=3,
                                                        p_via_smem=True, intra_overlap=True)),
+    ((1, 300, 8, 2, 128), 100, gpu_mosaic.MosaicConfig(interpret=False, pingpong=True,
+                                                       intra_overlap=True)),
 ], ids=["D128_default", "D64_bk64_s3_psmem", "D128_psmem_o4", "D128_pingpong",
-        "D64_bk64_s3_psmem_pingpong", "D128_overlap", "D64_bk64_s3_psmem_overlap"])
+        "D64_bk64_s3_psmem_pingpong", "D128_overlap", "D64_bk64_s3_psmem_overlap",
+        "D128_pingpong_overlap"])
 def test_lowers_for_h100(shape, window, config):
   """Traces and lowers the kernel through Mosaic GPU for an abstract H100 (checks SMEM fit)."""
   fwd = functools.partial(gpu_mosaic.attention_stats_fwd, window=window, config=config)
@@ -143,9 +147,10 @@ COMPILED_CASES = [
                                     gpu_mosaic.MosaicConfig(block_k=64, stages=3,
                                                             intra_overlap=True),
                                     gpu_mosaic.MosaicConfig(p_via_smem=True, o_splits=4,
-                                                            intra_overlap=True)],
+                                                            intra_overlap=True),
+                                    gpu_mosaic.MosaicConfig(pingpong=True, intra_overlap=True)],
                          ids=["default", "bk64s3", "psmem", "pingpong", "bk64s3_pingpong",
-                              "overlap", "bk64s3_overlap", "psmem_overlap"])
+                              "overlap", "bk64s3_overlap", "psmem_overlap", "pingpong_overlap"])
 @pytest.mark.parametrize("case", COMPILED_CASES, ids=str)
 def test_compiled_on_gpu_bf16(case, config):
   check_backend(*_with_triton_bwd(config), case, jnp.bfloat16, **BF16_TOL)

@@ -89,7 +89,8 @@ class MosaicConfig:
   pingpong: bool = False
   # Intra-warpgroup overlap (FlashAttention-3): each consumer issues the next block's S = Q K^T
   # with this block's O += P V and runs the softmax while the P V wgmma runs (one more S
-  # accumulator in registers; needs stages >= 2: K_{i+1} and V_i are held together).
+  # accumulator in registers; needs stages >= 2: K_{i+1} and V_i are held together). With
+  # `pingpong` too, the consumers take turns issuing those two wgmmas (FA3's schedule).
   intra_overlap: bool = False
   # None: interpret when the default backend is not a GPU; or explicit InterpretGPUParams
   # (e.g. detect_races=True in tests).
@@ -109,8 +110,7 @@ class MosaicConfig:
     if self.intra_overlap and self.stages < 2:
       raise ValueError(f"intra_overlap holds K_(i+1) and V_i at once: stages={self.stages} "
                        "must be >= 2")
-    if self.intra_overlap and self.pingpong:
-      raise ValueError("pingpong and intra_overlap are separate options; set one of them")
+
 
 
 DEFAULT_CONFIG = MosaicConfig()
@@ -221,6 +221,17 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
 
+    def my_turn(values, *data_bars):
+      """ping-pong: this consumer's elementwise work is done (`values`: its results, kept
+      before the arrival); wait for the data and for the other consumer to have issued its
+      wgmmas."""
+      values = lax.optimization_barrier(values)
+      plgpu.barrier_arrive(turn)
+      for bar in data_bars:
+        plgpu.barrier_wait(bar)
+      plgpu.barrier_wait(turn)
+      return values
+
     def online_softmax(s_qk, m_q, l_q, q2_q, i, masked):
       """Key block i's logits -> (m, alpha, l, q2, p f32): the tempered online softmax (base 2)
       and Q2 <- alpha^2 Q2 + sum p^2."""
@@ -252,13 +263,9 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
       acc_qd = acc_qd * lax.broadcast_in_dim(alpha, (bq, D), [0])
       p16 = p_qk.astype(q_ref.dtype)
       if pingpong:
-        # the elementwise block is done (the barrier keeps it before the arrival); P V waits
-        # until the other consumer has issued its S wgmma, so the two alternate on the tensor
-        # cores
-        m_new, l_q, q2_q, acc_qd, p16 = lax.optimization_barrier((m_new, l_q, q2_q, acc_qd, p16))
-        plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(v_bars.at[slot])
-        plgpu.barrier_wait(turn)
+        # P V waits until the other consumer has issued its S wgmma, so the two alternate on
+        # the tensor cores
+        m_new, l_q, q2_q, acc_qd, p16 = my_turn((m_new, l_q, q2_q, acc_qd, p16), v_bars.at[slot])
       else:
         plgpu.barrier_wait(v_bars.at[slot])
       # in place on the running accumulator; P V into a fresh one with P in SMEM (interpret
@@ -269,11 +276,15 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
 
     def overlapped_step(i, carry, masked):
       """intra_overlap, i in [1, n_steps): S_i = Q K_i^T and O += P_{i-1} V_{i-1} issued
-      together; block i's softmax runs while the P V wgmma does; then O *= alpha_i."""
-      m_q, l_q, q2_q, acc_qd, p16 = carry
+      together; block i's softmax runs while the P V wgmma does; then O *= alpha_i. With
+      pingpong: a turn before the issue and one after it."""
       slot, prev = lax.rem(i, stages), lax.rem(i - 1, stages)
-      plgpu.barrier_wait(k_bars.at[slot])
-      plgpu.barrier_wait(v_bars.at[prev])
+      if pingpong:
+        carry = my_turn(carry, k_bars.at[slot], v_bars.at[prev])
+      else:
+        plgpu.barrier_wait(k_bars.at[slot])
+        plgpu.barrier_wait(v_bars.at[prev])
+      m_q, l_q, q2_q, acc_qd, p16 = carry
 
       def between(s_qk):  # S_i landed (K_i free); P_{i-1} V_{i-1} still on the tensor cores
         plgpu.barrier_arrive(k_used.at[slot])
@@ -282,7 +293,8 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
 
       acc_qd, (m_new, alpha, l_q, q2_q, p16) = overlapped(
           (q_smem, k_smem.at[slot].T, (bq, bk)), (acc_qd, p_operand(p16), v_smem.at[prev]),
-          between, (m_q, m_q, l_q, q2_q, p16), fresh=p_via_smem)
+          between, (m_q, m_q, l_q, q2_q, p16), fresh=p_via_smem,
+          issued=rendezvous if pingpong else None)
       plgpu.barrier_arrive(v_used.at[prev])
       acc_qd = acc_qd * lax.broadcast_in_dim(alpha, (bq, D), [0])
       return m_new, l_q, q2_q, acc_qd, p16
@@ -297,7 +309,9 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
              plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), wgmma_row),
              plgpu.layout_cast(jnp.full((bq, D), 0.0, jnp.float32), plgpu.Layout.WGMMA))
     # ping-pong: consumer 1 starts a turn behind consumer 0 and consumer 0 ends with the extra
-    # turn, so both meet the schedule barrier 2 * n_steps + 1 times (both walk the whole band)
+    # turn, so both meet the schedule barrier 2 * n_steps + 1 times (both walk the whole band;
+    # with intra_overlap: once after the prologue S, twice per loop step, once before the
+    # epilogue P V)
     if pingpong:
       pl.when(wg == 1)(rendezvous)
     if intra_overlap:
@@ -305,7 +319,8 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
       # the loop; epilogue: the last block's P V (n_steps >= 1: every row sees its own key)
       m_q, l_q, q2_q, acc_qd = carry
       plgpu.barrier_wait(k_bars.at[0])
-      s_qk, = wgmmas((None, q_smem, k_smem.at[0].T, (bq, bk)), fresh=True)
+      s_qk, = wgmmas((None, q_smem, k_smem.at[0].T, (bq, bk)), fresh=True,
+                     issued=rendezvous if pingpong else None)
       plgpu.barrier_arrive(k_used.at[0])
 
       def first(masked):
@@ -317,7 +332,10 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
       m_q, l_q, q2_q, acc_qd, p16 = three_phases(overlapped_step, u_lo, u_hi, n_steps,
                                                  (m_q, l_q, q2_q, acc_qd, p16), start=1)
       last = lax.rem(n_steps - 1, stages)
-      plgpu.barrier_wait(v_bars.at[last])
+      if pingpong:
+        m_q, l_q, q2_q, acc_qd, p16 = my_turn((m_q, l_q, q2_q, acc_qd, p16), v_bars.at[last])
+      else:
+        plgpu.barrier_wait(v_bars.at[last])
       acc_qd, = wgmmas((acc_qd, p_operand(p16), v_smem.at[last], (bq, D)), fresh=p_via_smem)
       plgpu.barrier_arrive(v_used.at[last])
     else:

@@ -109,19 +109,22 @@ def wgmmas(*ops, fresh, issued=None):
   return list(pl.run_state(run)(inits))
 
 
-def overlapped(s_op, pv_op, between, results_like, *, fresh):
+def overlapped(s_op, pv_op, between, results_like, *, fresh, issued=None):
   """FlashAttention-3's intra-warpgroup overlap of one key-block step: issues the wgmma
   `s_op` = (lhs, rhs, shape) into a new accumulator, then `pv_op` = (acc, lhs, rhs), i.e.
   acc + lhs @ rhs; waits for the first only and runs `between(product)` (elementwise work that
   overlaps the second wgmma on the tensor cores), then waits for the second. Returns
   (acc + lhs @ rhs, between's results). `results_like`: arrays of the shapes, dtypes and layouts
   `between` returns (state slots of the compiled path). `fresh` as in `wgmmas` (interpret mode
-  models no run_state): the second product into a new accumulator, added after."""
+  models no run_state): the second product into a new accumulator, added after. `issued` as in
+  `wgmmas`: called once both are issued, before any wait."""
   (s_lhs, s_rhs, s_shape), (acc, lhs, rhs) = s_op, pv_op
   if fresh:
     def run(s_ref, o_ref):
       plgpu.wgmma(s_ref, s_lhs, s_rhs)
       plgpu.wgmma(o_ref, lhs, rhs)
+      if issued is not None:
+        issued()
       results = between(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
       return o_ref[...], results
 
@@ -133,6 +136,8 @@ def overlapped(s_op, pv_op, between, results_like, *, fresh):
     o_ref, s_ref, *result_refs = refs
     plgpu.wgmma(s_ref, s_lhs, s_rhs)
     plgpu.wgmma(o_ref, lhs, rhs)
+    if issued is not None:
+      issued()
     results = between(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
     for ref, x in zip(result_refs, results, strict=True):
       ref[...] = x
