@@ -33,8 +33,10 @@ default until timed on a GPU; `bench/polar_attention.py --mosaic-fwd` times them
 `pingpong=True` puts a schedule barrier between the consumers so they take turns (one's
 elementwise block while the other's wgmmas run); `intra_overlap=True` has each consumer issue
 block i+1's S = Q K^T with block i's O += P V and run block i+1's softmax while the P V wgmma
-runs (`gpu_mosaic_common.overlapped`; a prologue S / softmax and an epilogue P V). Lengths are padded to a multiple of 2*bq and
-bk (padded keys lie after every real row, so causality masks them; padded rows are dropped).
+runs (`gpu_mosaic_common.overlapped`; a prologue S / softmax and an epilogue P V); both
+together are FlashAttention-3's schedule (the consumers take turns issuing those two wgmmas).
+Lengths are padded to a multiple of 2*bq and bk (padded keys lie after every real row, so
+causality masks them; padded rows are dropped).
 
 On a machine without a GPU the kernel runs in Mosaic-GPU interpret mode (tests). `api.py`
 selects it on Hopper GPUs for the calls it supports. Measured on an H100 (bf16, 8/2 heads,
@@ -110,7 +112,6 @@ class MosaicConfig:
     if self.intra_overlap and self.stages < 2:
       raise ValueError(f"intra_overlap holds K_(i+1) and V_i at once: stages={self.stages} "
                        "must be >= 2")
-
 
 
 DEFAULT_CONFIG = MosaicConfig()
