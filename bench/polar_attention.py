@@ -6,6 +6,8 @@ streaming path, forward and forward+backward, bf16, 8 query / 2 KV heads, head d
   python3 bench/polar_attention.py --mosaic --quick-checks --out $OUT/polar_mosaic.json
   python3 bench/polar_attention.py --mosaic-bwd 64,64,2 128,64,2 --out $OUT/polar_mosaic_bwd.json
   python3 bench/polar_attention.py --mosaic-bwd 64,64,2 tile,64,2 wg,64,2 --out $OUT/fused.json
+  python3 bench/polar_attention.py --mosaic-fwd 128,2 128,2,pingpong,intra_overlap \
+      --budget-s 160 --out $OUT/polar_fwd.json
 
 Order: (1) correctness of the Pallas kernels vs the XLA streaming path (and the materialized
 oracle) at small shapes, (2) an optional block-size sweep at (B, T) = (4, 8K), (3) the table.
@@ -537,6 +539,141 @@ def mosaic_bwd_table(mosaic, bwds, reps, shapes, save, cudnn="cudnn", budget_s=2
   return rows
 
 
+# --mosaic-fwd: flags after BK,STAGES name boolean MosaicConfig fields
+MOSAIC_FWD_FLAGS = ("pingpong", "intra_overlap", "p_via_smem")
+
+
+def mosaic_fwd_spec(spec: str) -> gpu_mosaic.MosaicConfig:
+  """'BK,STAGES[,FLAG...]' (FLAG one of MOSAIC_FWD_FLAGS, switched on) -> the Mosaic forward's
+  MosaicConfig."""
+  bk, stages, *flags = spec.split(",")
+  bad = [f for f in flags if f not in MOSAIC_FWD_FLAGS]
+  if not (bk.isdigit() and stages.isdigit()) or bad:
+    raise SystemExit(f"--mosaic-fwd {spec!r}: expected BK,STAGES[,FLAG...] with FLAG one of "
+                     f"{MOSAIC_FWD_FLAGS}")
+  return gpu_mosaic.MosaicConfig(block_k=int(bk), stages=int(stages),
+                                 **{f: True for f in flags})
+
+
+def fwd_name(cfg: gpu_mosaic.MosaicConfig) -> str:
+  flags = "".join(f",{f}" for f in MOSAIC_FWD_FLAGS if getattr(cfg, f))
+  return f"mosaic_fwd[{cfg.block_k},{cfg.stages}{flags}]"
+
+
+def oracle_row_slices(T, n=256):
+  """Query-row slices [r0, r0 + n) checked against the oracle at a timed shape: the first, a
+  middle and the last rows (the last attend to every key)."""
+  n = min(n, T)
+  return sorted({0, (T // 2) // n * n, T - n})
+
+
+_oracle = jax.jit(reference.attention_stats_materialized, static_argnames=("window", "q_offset"))
+
+
+def oracle_slices(q, k, v, scale, window, rows_n=256):
+  """{(b, r0, r1): fp32 materialized oracle (o, lse, p2) of query rows [r0, r1) of batch row b}
+  on the same bf16 inputs, for the first and last batch row and the `oracle_row_slices` (each
+  slice with all its visible keys, as q_offset = r0)."""
+  T, f32 = q.shape[1], lambda x: x.astype(jnp.float32)
+  wants = {}
+  for b in sorted({0, q.shape[0] - 1}):
+    for r0 in oracle_row_slices(T, rows_n):
+      r1 = r0 + min(rows_n, T)
+      wants[b, r0, r1] = _oracle(f32(q[b:b + 1, r0:r1]), f32(k[b:b + 1, :r1]),
+                                 f32(v[b:b + 1, :r1]), scale[b:b + 1, r0:r1], window=window,
+                                 q_offset=r0)
+  return wants
+
+
+def fwd_vs_oracle(out, wants):
+  """(o, lse, p2) of a forward vs `oracle_slices`: the max error per output over the slices,
+  relative to each slice's max."""
+  errs = {n: 0.0 for n in ("o", "lse", "p2")}
+  for (b, r0, r1), want in wants.items():
+    for n, got, w in zip(errs, out, want):
+      errs[n] = max(errs[n], rel_err(got[b:b + 1, r0:r1], w))
+  return errs
+
+
+def mosaic_fwd_table(cfgs, reps, shapes, save, cudnn="cudnn", budget_s=150.0, small=False,
+                     tol=2e-2):
+  """--mosaic-fwd: the Mosaic forward with each launch config in `cfgs` next to cuDNN's forward.
+    checks: at small shapes (odd lengths, a window, a batch of 2, GQA 4:1), each config's
+            (o, lse, p2) vs the fp32 materialized oracle (all rows);
+    table:  per timed shape, cuDNN's forward, then each config's, its outputs checked against the
+            oracle on query-row slices (`fwd_vs_oracle`) and its `time_vs_cudnn` (ours / cuDNN).
+  A config's row is `ok` when every error is <= tol or <= twice the first config's on the same
+  shape. Rows past `budget_s` seconds are recorded as skipped. Returns (checks, rows)."""
+  t_start = time.perf_counter()
+  over = lambda: time.perf_counter() - t_start > budget_s
+  checks, rows = [], []
+  names = [fwd_name(c) for c in cfgs]
+
+  def judge(row, errs, base):
+    row["rel_err_vs_oracle"] = errs
+    row["ok"] = all(e <= max(tol, 2 * base.get(n, 0.0)) for n, e in errs.items())
+    return " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + (
+        "" if row["ok"] else f"  FAILED (tol {tol})")
+
+  cases = ((1, 200, 40),) if small else ((2, 1000, None), (1, 333, 100))
+  for (B, T, win) in cases:
+    q, k, v, scale, _ = inputs(B, T, seed=4)
+    want = jax.jit(functools.partial(reference.attention_stats_materialized, window=win))(
+        *[x.astype(jnp.float32) for x in (q, k, v)], scale)
+    base = {}
+    for name, cfg in zip(names, cfgs):
+      row = {"B": B, "T": T, "window": win, "impl": name}
+      try:
+        got = jax.jit(functools.partial(gpu_mosaic.attention_stats_fwd, config=cfg,
+                                        window=win))(q, k, v, scale)
+        errs = {n: rel_err(a, b) for n, a, b in zip(("o", "lse", "p2"), got, want)}
+        text = judge(row, errs, base)
+        base = base or errs
+      except Exception as e:  # noqa: BLE001 - record and keep going
+        row["error"], row["ok"] = f"{type(e).__name__}: {str(e)[:300]}", False
+        text = "FAILED " + row["error"]
+      checks.append(row)
+      print(f"fwd check B{B} T{T} w{win} {name}: {text}", flush=True)
+  save(checks, rows)
+
+  cud_f, _ = cudnn_fns(cudnn)
+  for (B, T) in shapes:
+    q, k, v, scale, _ = inputs(B, T)
+    impls = [(cudnn, cud_f, (q, k, v))] + [
+        (name, jax.jit(functools.partial(gpu_mosaic.attention_stats_fwd, config=cfg,
+                                         window=None)), (q, k, v, scale))
+        for name, cfg in zip(names, cfgs)]
+    cud_ms, base, wants = None, {}, oracle_slices(q, k, v, scale, None)
+    for name, fn, args in impls:
+      row = {"B": B, "T": T, "impl": name, "mode": "fwd"}
+      if over():
+        rows.append(dict(row, skipped=True))
+        continue
+      row, out = time_call(row, fn, args, reps=reps, label=f"B{B} T{T} {name} fwd", mult=1.0)
+      if out is None:
+        rows.append(row)
+        continue
+      text = ""
+      if name == cudnn:
+        cud_ms = row["median_ms"]
+      else:
+        errs = fwd_vs_oracle(out, wants)
+        text = " vs oracle " + judge(row, errs, base)
+        base = base or errs
+        if cud_ms is not None:
+          row["time_vs_cudnn"] = row["median_ms"] / cud_ms
+          text = f" {row['time_vs_cudnn']:.2f}x {cudnn}'s time" + text
+      rows.append(row)
+      print(f"B{B:>2} T{T:>6} {name:>34} fwd: {row['median_ms']:8.3f} ms "
+            f"({row['causal_tflops']:6.1f} TF/s, n={row['runs']}){text} "
+            f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+      del out
+      save(checks, rows)
+    del q, k, v, scale, impls, wants
+  save(checks, rows)
+  return checks, rows
+
+
 def main():
   t_start = time.perf_counter()
   ap = argparse.ArgumentParser()
@@ -562,6 +699,12 @@ def main():
                   "next to the Triton backward and cuDNN (Mosaic forward as in --mosaic), "
                   "at the fwd+bwd shapes only (no Triton-forward, XLA, 64K or decode rows), "
                   "then exit; rows past --budget-s are skipped")
+  ap.add_argument("--mosaic-fwd", nargs="+", default=None, metavar="BK,STAGES[,FLAG...]",
+                  help="time the Mosaic-GPU forward with these configs (FLAG: "
+                  + ", ".join(MOSAIC_FWD_FLAGS) + ", each a MosaicConfig field switched on) next "
+                  "to cuDNN's forward at the fwd+bwd and 64K shapes, outputs checked against the "
+                  "oracle (small shapes whole, the timed ones on row slices), then exit; rows "
+                  "past --budget-s (counted from the start) are skipped")
   args = ap.parse_args()
   mosaic = None
   if args.mosaic or args.mosaic_bwd:
@@ -585,6 +728,20 @@ def main():
       json.dump(result, f, indent=1)
 
   cfg = gpu_triton.DEFAULT_CONFIG
+  if args.mosaic_fwd:
+    fwds = [mosaic_fwd_spec(x) for x in args.mosaic_fwd]
+    result["mosaic_fwd_configs"] = [
+        {k: v for k, v in dataclasses.asdict(c).items() if k not in ("bwd", "interpret")}
+        for c in fwds]
+
+    def save_fwd(checks, rows):
+      result["mosaic_fwd_checks"] = checks
+      save(rows)
+
+    mosaic_fwd_table(fwds, args.reps, shapes + fwd_only, save_fwd, cudnn,
+                     args.budget_s - (time.perf_counter() - t_start), small=args.smoke)
+    print("wrote", args.out)
+    return
   if args.mosaic_bwd:
     bwds = [mosaic_bwd_spec(x) for x in args.mosaic_bwd]
     result["mosaic_config"] = {"block_k": mosaic.block_k, "stages": mosaic.stages}

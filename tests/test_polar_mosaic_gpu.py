@@ -44,16 +44,30 @@ def _with_triton_bwd(config):  # the Mosaic backward is the default; these tests
     (Case(Tq=200, H=4, G=1, D=64), gpu_mosaic.MosaicConfig(block_k=64)),
     (Case(Tq=200, H=4, G=2, D=64, window=40), gpu_mosaic.MosaicConfig(block_k=64, stages=3)),
     (Case(Tq=150, H=2, G=1, D=128, window=100), gpu_mosaic.MosaicConfig(block_k=128)),
-], ids=lambda x: str(x) if isinstance(x, Case) else f"bk{x.block_k}s{x.stages}")
+    (Case(Tq=200, H=4, G=2, D=64, window=40),  # the two consumers take turns (ping-pong)
+     gpu_mosaic.MosaicConfig(block_k=64, pingpong=True)),
+    (Case(Tq=200, H=4, G=2, D=64),  # S of block i+1 with P V of block i; tile 1's first
+     gpu_mosaic.MosaicConfig(block_k=64, stages=3, intra_overlap=True)),  # block unmasked
+    (Case(Tq=200, H=4, G=1, D=64, window=100),  # both overlaps (FA3's schedule)
+     gpu_mosaic.MosaicConfig(block_k=64, pingpong=True, intra_overlap=True)),
+], ids=lambda x: str(x) if isinstance(x, Case) else (
+    f"bk{x.block_k}s{x.stages}" + ("_pingpong" if x.pingpong else "")
+    + ("_overlap" if x.intra_overlap else "")))
 def test_bf16_matches_oracle(case, config):
   check_backend(*_with_triton_bwd(config), case, jnp.bfloat16, **BF16_TOL)
 
 
-def test_no_races_in_barrier_protocol():
-  """The interpreter's race detector over the K/V ring (2 slots, 4 key blocks per tile)."""
+@pytest.mark.parametrize("overlap", [{}, dict(pingpong=True), dict(intra_overlap=True),
+                                     dict(pingpong=True, intra_overlap=True)],
+                         ids=["plain", "pingpong", "intra_overlap", "both"])
+def test_no_races_in_barrier_protocol(overlap):
+  """The interpreter's race detector over the K/V ring (2 slots, 4 key blocks per tile), with
+  and without the consumers' ping-pong schedule barrier or intra-warpgroup overlap (P staged
+  in SMEM in interpret mode: the next P must not overwrite one a P V wgmma still reads)."""
   case = Case(Tq=256, H=1, G=1, D=64, window=130)
   q, k, v, s = random_inputs(case, jnp.bfloat16)
-  cfg = gpu_mosaic.MosaicConfig(block_k=64, interpret=plgpu.InterpretGPUParams(detect_races=True))
+  cfg = gpu_mosaic.MosaicConfig(block_k=64, **overlap,
+                                interpret=plgpu.InterpretGPUParams(detect_races=True))
   jax.block_until_ready(gpu_mosaic.attention_stats_fwd(q, k, v, s, window=case.window,
                                                        config=cfg))
   assert not gpu_callbacks.get_races().races_found
@@ -81,13 +95,33 @@ def test_out_of_scope_inputs_raise(change, match):
   assert gpu_mosaic.unsupported_reason(q_ok, k_ok, k_ok, window=None, q_offset=0) is None
 
 
+def test_overlap_options_refuse_what_they_cannot_run():
+  with pytest.raises(ValueError, match="stages=1 must be >= 2"):
+    gpu_mosaic.MosaicConfig(intra_overlap=True, stages=1)
+  # the SMEM fallback keeps the 2 slots intra_overlap needs: 2 slots of 256 keys do not fit at
+  # D 128, and it takes smaller key blocks rather than one slot
+  big = gpu_mosaic.MosaicConfig(block_k=256, intra_overlap=True)
+  fit = gpu_mosaic.fitting_config(big, 128, jnp.bfloat16, 8192)
+  assert fit is not None and fit.intra_overlap and fit.stages == 2 and fit.block_k < 256
+
+
 @pytest.mark.parametrize("shape,window,config", [
     ((1, 300, 8, 2, 128), 100, gpu_mosaic.MosaicConfig(interpret=False)),  # default launch
     ((2, 200, 4, 4, 64), None, gpu_mosaic.MosaicConfig(interpret=False, block_k=64, stages=3,
                                                        p_via_smem=True, o_splits=1)),
     ((1, 300, 8, 2, 128), 100, gpu_mosaic.MosaicConfig(interpret=False, p_via_smem=True,
                                                        o_splits=4)),  # the psmem GPU test
-], ids=["D128_default", "D64_bk64_s3_psmem", "D128_psmem_o4"])
+    ((1, 300, 8, 2, 128), 100, gpu_mosaic.MosaicConfig(interpret=False, pingpong=True)),
+    ((2, 200, 4, 4, 64), None, gpu_mosaic.MosaicConfig(interpret=False, block_k=64, stages=3,
+                                                       p_via_smem=True, pingpong=True)),
+    ((1, 300, 8, 2, 128), 100, gpu_mosaic.MosaicConfig(interpret=False, intra_overlap=True)),
+    ((2, 200, 4, 4, 64), None, gpu_mosaic.MosaicConfig(interpret=False, block_k=64, stages=3,
+                                                       p_via_smem=True, intra_overlap=True)),
+    ((1, 300, 8, 2, 128), 100, gpu_mosaic.MosaicConfig(interpret=False, pingpong=True,
+                                                       intra_overlap=True)),
+], ids=["D128_default", "D64_bk64_s3_psmem", "D128_psmem_o4", "D128_pingpong",
+        "D64_bk64_s3_psmem_pingpong", "D128_overlap", "D64_bk64_s3_psmem_overlap",
+        "D128_pingpong_overlap"])
 def test_lowers_for_h100(shape, window, config):
   """Traces and lowers the kernel through Mosaic GPU for an abstract H100 (checks SMEM fit)."""
   fwd = functools.partial(gpu_mosaic.attention_stats_fwd, window=window, config=config)
@@ -106,8 +140,17 @@ COMPILED_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [gpu_mosaic.DEFAULT_CONFIG,
                                     gpu_mosaic.MosaicConfig(block_k=64, stages=3),
-                                    gpu_mosaic.MosaicConfig(p_via_smem=True, o_splits=4)],
-                         ids=["default", "bk64s3", "psmem"])
+                                    gpu_mosaic.MosaicConfig(p_via_smem=True, o_splits=4),
+                                    gpu_mosaic.MosaicConfig(pingpong=True),
+                                    gpu_mosaic.MosaicConfig(block_k=64, stages=3, pingpong=True),
+                                    gpu_mosaic.MosaicConfig(intra_overlap=True),
+                                    gpu_mosaic.MosaicConfig(block_k=64, stages=3,
+                                                            intra_overlap=True),
+                                    gpu_mosaic.MosaicConfig(p_via_smem=True, o_splits=4,
+                                                            intra_overlap=True),
+                                    gpu_mosaic.MosaicConfig(pingpong=True, intra_overlap=True)],
+                         ids=["default", "bk64s3", "psmem", "pingpong", "bk64s3_pingpong",
+                              "overlap", "bk64s3_overlap", "psmem_overlap", "pingpong_overlap"])
 @pytest.mark.parametrize("case", COMPILED_CASES, ids=str)
 def test_compiled_on_gpu_bf16(case, config):
   check_backend(*_with_triton_bwd(config), case, jnp.bfloat16, **BF16_TOL)

@@ -28,8 +28,15 @@ wgmma into an f32 accumulator, the tempered online softmax with the extra statis
 Q2 <- alpha^2 Q2 + sum p^2 (base 2, finite sentinel masking; blocks fully inside the band skip
 the mask), then acc += P V by wgmma (P from registers; through SMEM in interpret mode, which
 only models SMEM operands, or with `p_via_smem=True`). Both consumers walk the whole tile band
-so every consumed barrier gets its two arrivals. Lengths are padded to a multiple of 2*bq and
-bk (padded keys lie after every real row, so causality masks them; padded rows are dropped).
+so every consumed barrier gets its two arrivals. Two opt-in FlashAttention-3 overlaps (off by
+default until timed on a GPU; `bench/polar_attention.py --mosaic-fwd` times them):
+`pingpong=True` puts a schedule barrier between the consumers so they take turns (one's
+elementwise block while the other's wgmmas run); `intra_overlap=True` has each consumer issue
+block i+1's S = Q K^T with block i's O += P V and run block i+1's softmax while the P V wgmma
+runs (`gpu_mosaic_common.overlapped`; a prologue S / softmax and an epilogue P V); both
+together are FlashAttention-3's schedule (the consumers take turns issuing those two wgmmas).
+Lengths are padded to a multiple of 2*bq and bk (padded keys lie after every real row, so
+causality masks them; padded rows are dropped).
 
 On a machine without a GPU the kernel runs in Mosaic-GPU interpret mode (tests). `api.py`
 selects it on Hopper GPUs for the calls it supports. Measured on an H100 (bf16, 8/2 heads,
@@ -61,7 +68,7 @@ from pallas_kernels.polar_attention.gpu_mosaic_backward import FUSED_DQ, BwdConf
 from pallas_kernels.polar_attention import gpu_mosaic_common
 from pallas_kernels.polar_attention.gpu_mosaic_common import (
     COMPUTE_WGS, SMEM_LIMIT, config_repr, interpret_params, kv_block_issue, launch, operand,
-    producer_warpgroup, three_phases, tiled_smem, visible_tile, wgmmas)
+    overlapped, producer_warpgroup, three_phases, tiled_smem, visible_tile, wgmmas)
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
 
 __all__ = ["BACKWARDS", "BwdConfig", "FUSED_DQ", "MosaicConfig", "DEFAULT_CONFIG",
@@ -79,6 +86,14 @@ class MosaicConfig:
   stages: int = 2
   p_via_smem: bool = False  # P V with P staged in SMEM (forced on in interpret mode)
   o_splits: int = 2  # o leaves SMEM in this many column slabs (SMEM: 2 * 64 * D * 4 / o_splits)
+  # Warpgroup ping-pong (FlashAttention-3): a schedule barrier makes the two consumers take
+  # turns, so one's elementwise block overlaps the other's S = Q K^T / O += P V wgmmas.
+  pingpong: bool = False
+  # Intra-warpgroup overlap (FlashAttention-3): each consumer issues the next block's S = Q K^T
+  # with this block's O += P V and runs the softmax while the P V wgmma runs (one more S
+  # accumulator in registers; needs stages >= 2: K_{i+1} and V_i are held together). With
+  # `pingpong` too, the consumers take turns issuing those two wgmmas (FA3's schedule).
+  intra_overlap: bool = False
   # None: interpret when the default backend is not a GPU; or explicit InterpretGPUParams
   # (e.g. detect_races=True in tests).
   interpret: bool | plgpu.InterpretGPUParams | None = None
@@ -94,6 +109,9 @@ class MosaicConfig:
       raise ValueError(f"o_splits={self.o_splits} must be 1, 2 or 4")
     if self.stages < 1:
       raise ValueError(f"stages={self.stages} must be >= 1")
+    if self.intra_overlap and self.stages < 2:
+      raise ValueError(f"intra_overlap holds K_(i+1) and V_i at once: stages={self.stages} "
+                       "must be >= 2")
 
 
 DEFAULT_CONFIG = MosaicConfig()
@@ -175,9 +193,9 @@ def _scope_reason(q, k, v, *, window=None, q_offset=0) -> str | None:
 
 
 def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D, R,
-            n_q_tiles, stages, window, p_via_smem, o_splits):
+            n_q_tiles, stages, window, p_via_smem, o_splits, pingpong, intra_overlap):
   (q_smem2, k_smem, v_smem, o_smem2, s_smem2, lse_smem2, p2_smem2, p_smem2), bars = scoped
-  q_bars, s_bars, k_bars, v_bars, k_used, v_used = bars
+  q_bars, s_bars, k_bars, v_bars, k_used, v_used, turn = bars
   bq = BLOCK_Q
   b = lax.axis_index("batch")
   h = lax.axis_index("heads")
@@ -200,12 +218,24 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
     scale2_q = plgpu.load(s_smem, layout=plgpu.Layout.WGMMA.reduce(1)) * LOG2E
     plgpu.barrier_wait(q_bars.at[wg])
 
-    def step(i, carry, masked):
-      m_q, l_q, q2_q, acc_qd = carry
-      slot = lax.rem(i, stages)
-      plgpu.barrier_wait(k_bars.at[slot])
-      s_qk, = wgmmas((None, q_smem, k_smem.at[slot].T, (bq, bk)), fresh=True)
-      plgpu.barrier_arrive(k_used.at[slot])
+    def rendezvous():  # both consumers meet on the schedule barrier (ping-pong turns)
+      plgpu.barrier_arrive(turn)
+      plgpu.barrier_wait(turn)
+
+    def my_turn(values, *data_bars):
+      """ping-pong: this consumer's elementwise work is done (`values`: its results, kept
+      before the arrival); wait for the data and for the other consumer to have issued its
+      wgmmas."""
+      values = lax.optimization_barrier(values)
+      plgpu.barrier_arrive(turn)
+      for bar in data_bars:
+        plgpu.barrier_wait(bar)
+      plgpu.barrier_wait(turn)
+      return values
+
+    def online_softmax(s_qk, m_q, l_q, q2_q, i, masked):
+      """Key block i's logits -> (m, alpha, l, q2, p f32): the tempered online softmax (base 2)
+      and Q2 <- alpha^2 Q2 + sum p^2."""
       s_qk = s_qk * lax.broadcast_in_dim(scale2_q, (bq, bk), [0])
       if masked:
         valid = visible_tile(r0, (kv_lo + i) * bk, (bq, bk), window=window)
@@ -217,15 +247,58 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
         p_qk = jnp.where(valid, p_qk, 0.0)
       l_q = l_q * alpha + p_qk.sum(axis=1)
       q2_q = q2_q * (alpha * alpha) + (p_qk * p_qk).sum(axis=1)
+      return m_new, alpha, l_q, q2_q, p_qk
+
+    def p_operand(p16):
+      return operand(p16, p_smem2.at[wg] if p_via_smem else None, p_via_smem)
+
+    def step(i, carry, masked):
+      m_q, l_q, q2_q, acc_qd = carry
+      slot = lax.rem(i, stages)
+      plgpu.barrier_wait(k_bars.at[slot])
+      # ping-pong: once this S wgmma is issued, the other consumer may run its elementwise block
+      s_qk, = wgmmas((None, q_smem, k_smem.at[slot].T, (bq, bk)), fresh=True,
+                     issued=rendezvous if pingpong else None)
+      plgpu.barrier_arrive(k_used.at[slot])
+      m_new, alpha, l_q, q2_q, p_qk = online_softmax(s_qk, m_q, l_q, q2_q, i, masked)
       acc_qd = acc_qd * lax.broadcast_in_dim(alpha, (bq, D), [0])
       p16 = p_qk.astype(q_ref.dtype)
-      plgpu.barrier_wait(v_bars.at[slot])
-      p_operand = operand(p16, p_smem2.at[wg] if p_via_smem else None, p_via_smem)
+      if pingpong:
+        # P V waits until the other consumer has issued its S wgmma, so the two alternate on
+        # the tensor cores
+        m_new, l_q, q2_q, acc_qd, p16 = my_turn((m_new, l_q, q2_q, acc_qd, p16), v_bars.at[slot])
+      else:
+        plgpu.barrier_wait(v_bars.at[slot])
       # in place on the running accumulator; P V into a fresh one with P in SMEM (interpret
       # mode models no run_state)
-      acc_qd, = wgmmas((acc_qd, p_operand, v_smem.at[slot], (bq, D)), fresh=p_via_smem)
+      acc_qd, = wgmmas((acc_qd, p_operand(p16), v_smem.at[slot], (bq, D)), fresh=p_via_smem)
       plgpu.barrier_arrive(v_used.at[slot])
       return m_new, l_q, q2_q, acc_qd
+
+    def overlapped_step(i, carry, masked):
+      """intra_overlap, i in [1, n_steps): S_i = Q K_i^T and O += P_{i-1} V_{i-1} issued
+      together; block i's softmax runs while the P V wgmma does; then O *= alpha_i. With
+      pingpong: a turn before the issue and one after it."""
+      slot, prev = lax.rem(i, stages), lax.rem(i - 1, stages)
+      if pingpong:
+        carry = my_turn(carry, k_bars.at[slot], v_bars.at[prev])
+      else:
+        plgpu.barrier_wait(k_bars.at[slot])
+        plgpu.barrier_wait(v_bars.at[prev])
+      m_q, l_q, q2_q, acc_qd, p16 = carry
+
+      def between(s_qk):  # S_i landed (K_i free); P_{i-1} V_{i-1} still on the tensor cores
+        plgpu.barrier_arrive(k_used.at[slot])
+        m_new, alpha, l_q_new, q2_q_new, p_qk = online_softmax(s_qk, m_q, l_q, q2_q, i, masked)
+        return m_new, alpha, l_q_new, q2_q_new, p_qk.astype(q_ref.dtype)
+
+      acc_qd, (m_new, alpha, l_q, q2_q, p16) = overlapped(
+          (q_smem, k_smem.at[slot].T, (bq, bk)), (acc_qd, p_operand(p16), v_smem.at[prev]),
+          between, (m_q, m_q, l_q, q2_q, p16), fresh=p_via_smem,
+          issued=rendezvous if pingpong else None)
+      plgpu.barrier_arrive(v_used.at[prev])
+      acc_qd = acc_qd * lax.broadcast_in_dim(alpha, (bq, D), [0])
+      return m_new, l_q, q2_q, acc_qd, p16
 
     # Blocks fully visible to this warpgroup's bq rows run unmasked; the rest of the tile's
     # band is masked. Steps count from kv_lo.
@@ -236,7 +309,40 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
              plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), wgmma_row),
              plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), wgmma_row),
              plgpu.layout_cast(jnp.full((bq, D), 0.0, jnp.float32), plgpu.Layout.WGMMA))
-    m_q, l_q, q2_q, acc_qd = three_phases(step, u_lo, u_hi, n_steps, carry)
+    # ping-pong: consumer 1 starts a turn behind consumer 0 and consumer 0 ends with the extra
+    # turn, so both meet the schedule barrier 2 * n_steps + 1 times (both walk the whole band;
+    # with intra_overlap: once after the prologue S, twice per loop step, once before the
+    # epilogue P V)
+    if pingpong:
+      pl.when(wg == 1)(rendezvous)
+    if intra_overlap:
+      # prologue: block 0's S and softmax (masked unless fully visible, decided at run time);
+      # the loop; epilogue: the last block's P V (n_steps >= 1: every row sees its own key)
+      m_q, l_q, q2_q, acc_qd = carry
+      plgpu.barrier_wait(k_bars.at[0])
+      s_qk, = wgmmas((None, q_smem, k_smem.at[0].T, (bq, bk)), fresh=True,
+                     issued=rendezvous if pingpong else None)
+      plgpu.barrier_arrive(k_used.at[0])
+
+      def first(masked):
+        m_new, _, l_new, q2_new, p_qk = online_softmax(s_qk, m_q, l_q, q2_q, 0, masked)
+        return m_new, l_new, q2_new, p_qk.astype(q_ref.dtype)
+
+      m_q, l_q, q2_q, p16 = lax.cond((u_lo > 0) | (u_hi <= 0), functools.partial(first, True),
+                                     functools.partial(first, False))
+      m_q, l_q, q2_q, acc_qd, p16 = three_phases(overlapped_step, u_lo, u_hi, n_steps,
+                                                 (m_q, l_q, q2_q, acc_qd, p16), start=1)
+      last = lax.rem(n_steps - 1, stages)
+      if pingpong:
+        m_q, l_q, q2_q, acc_qd, p16 = my_turn((m_q, l_q, q2_q, acc_qd, p16), v_bars.at[last])
+      else:
+        plgpu.barrier_wait(v_bars.at[last])
+      acc_qd, = wgmmas((acc_qd, p_operand(p16), v_smem.at[last], (bq, D)), fresh=p_via_smem)
+      plgpu.barrier_arrive(v_used.at[last])
+    else:
+      m_q, l_q, q2_q, acc_qd = three_phases(step, u_lo, u_hi, n_steps, carry)
+    if pingpong:
+      pl.when(wg == 0)(rendezvous)
     l_safe = jnp.where(l_q > 0.0, l_q, 1.0)
     o_qd = acc_qd / lax.broadcast_in_dim(l_safe, (bq, D), [0])
     lse_smem[...] = (m_q + jnp.log2(l_safe)) * (1.0 / LOG2E)
@@ -281,9 +387,10 @@ def attention_stats_fwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, *, window=None, q_off
   nq = t_pad // (2 * bq)
   dtype = q.dtype
   stages = min(config.stages, t_pad // bk)  # static prefetch slices stay inside the keys
-  smem, bars = _scratch(D, dtype, bk, stages, p_via_smem, config.o_splits)
+  smem, bars = _scratch(D, dtype, bk, stages, p_via_smem, config.o_splits, config.pingpong)
   body = functools.partial(_kernel, bk=bk, D=D, R=H // G, n_q_tiles=nq, stages=stages,
-                           window=window, p_via_smem=p_via_smem, o_splits=config.o_splits)
+                           window=window, p_via_smem=p_via_smem, o_splits=config.o_splits,
+                           pingpong=config.pingpong, intra_overlap=config.intra_overlap)
   o, lse_BHT, p2_BHT = launch(
       body, "polar_attention_fwd_mosaic", smem, bars, (q, k, v, scale_BHT),
       (jax.ShapeDtypeStruct((B, t_pad, H, D), jnp.float32),
@@ -297,7 +404,7 @@ def _padded(T, bk):
   return pl.cdiv(T, math.lcm(2 * BLOCK_Q, bk)) * math.lcm(2 * BLOCK_Q, bk)
 
 
-def _scratch(D, dtype, bk, stages, p_via_smem, o_splits):
+def _scratch(D, dtype, bk, stages, p_via_smem, o_splits, pingpong):
   """The forward kernel's scoped (SMEM buffers, barriers)."""
   bq = BLOCK_Q
   smem = (tiled_smem((COMPUTE_WGS, bq, D), dtype),
@@ -310,7 +417,8 @@ def _scratch(D, dtype, bk, stages, p_via_smem, o_splits):
   bars = (plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS),
           plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS) if pingpong else None)
   return smem, bars
 
 
@@ -323,7 +431,8 @@ def smem_bytes(config: MosaicConfig, D: int, dtype, T: int) -> int:
   is `gpu_mosaic_backward.smem_bytes`."""
   stages = min(config.stages, _padded(T, config.block_k) // config.block_k)
   return gpu_mosaic_common.smem_bytes(
-      *_scratch(D, dtype, config.block_k, stages, config.p_via_smem, config.o_splits),
+      *_scratch(D, dtype, config.block_k, stages, config.p_via_smem, config.o_splits,
+                config.pingpong),
       reduces=True)
 
 
@@ -335,7 +444,7 @@ def fitting_config(config: MosaicConfig, D: int, dtype, T: int) -> MosaicConfig 
   for p_via_smem in dict.fromkeys((False, config.p_via_smem)):
     for o_splits in (o for o in (1, 2, 4) if o >= config.o_splits):
       for block_k in range(config.block_k, 0, -64):
-        for stages in range(config.stages, 0, -1):
+        for stages in range(config.stages, 1 if config.intra_overlap else 0, -1):
           cand = dataclasses.replace(config, p_via_smem=p_via_smem, o_splits=o_splits,
                                      block_k=block_k, stages=stages)
           if smem_bytes(cand, D, dtype, T) <= SMEM_LIMIT:

@@ -7,6 +7,8 @@ that streams blocks through a ring of `stages` SMEM slots:
   producer_warpgroup  the producer warpgroup: fewer registers, then `ring_producer`
   ring_producer  the producer's loop: fill the slots, refill each once the consumers free it
   three_phases   a consumer's loop over the band: masked, unmasked, masked blocks
+  overlapped     one S wgmma and one P V wgmma issued together, elementwise work between their
+                 waits (FlashAttention-3's intra-warpgroup overlap)
   visible_tile   the causal / window mask of one block (`bands.visible` in the WGMMA layout)
   wgmmas         several wgmma products issued together, into fresh or running accumulators
   operand        a register wgmma operand, or the same values staged in SMEM
@@ -79,17 +81,24 @@ def smem_bytes(smem, bars, *, reduces: bool) -> int:
   return total + _BARRIER_BYTES * sum(math.prod(b.num_barriers) for b in bars if b is not None)
 
 
-def wgmmas(*ops, fresh):
+def wgmmas(*ops, fresh, issued=None):
   """acc + lhs @ rhs for each (acc, lhs, rhs, shape) in `ops`, issued together and waited once.
   acc None: the product alone. `fresh`: every product into a new accumulator, added after
-  (interpret mode models no run_state); else in place on the running accumulators."""
+  (interpret mode models no run_state); else in place on the running accumulators. `issued`
+  (fresh products only): called after the products are issued, before the wait (a warpgroup
+  ping-pong's schedule barrier)."""
   if fresh or all(acc is None for acc, *_ in ops):
     def run(*acc_refs):
       for acc_ref, (_, lhs, rhs, _) in zip(acc_refs, ops):
         plgpu.wgmma(acc_ref, lhs, rhs)
+      if issued is not None:
+        issued()
       return tuple(acc_ref[...] for acc_ref in acc_refs)
     outs = pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32) for *_, shape in ops])
     return [out if acc is None else acc + out for out, (acc, *_) in zip(outs, ops)]
+
+  if issued is not None:
+    raise ValueError("wgmmas: `issued` needs fresh products")
 
   def run(acc_refs):
     for acc_ref, (_, lhs, rhs, _) in zip(acc_refs, ops):
@@ -98,6 +107,45 @@ def wgmmas(*ops, fresh):
   zeros = lambda shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
   inits = tuple(plgpu.ACC.init(zeros(shape) if acc is None else acc) for acc, *_, shape in ops)
   return list(pl.run_state(run)(inits))
+
+
+def overlapped(s_op, pv_op, between, results_like, *, fresh, issued=None):
+  """FlashAttention-3's intra-warpgroup overlap of one key-block step: issues the wgmma
+  `s_op` = (lhs, rhs, shape) into a new accumulator, then `pv_op` = (acc, lhs, rhs), i.e.
+  acc + lhs @ rhs; waits for the first only and runs `between(product)` (elementwise work that
+  overlaps the second wgmma on the tensor cores), then waits for the second. Returns
+  (acc + lhs @ rhs, between's results). `results_like`: arrays of the shapes, dtypes and layouts
+  `between` returns (state slots of the compiled path). `fresh` as in `wgmmas` (interpret mode
+  models no run_state): the second product into a new accumulator, added after. `issued` as in
+  `wgmmas`: called once both are issued, before any wait."""
+  (s_lhs, s_rhs, s_shape), (acc, lhs, rhs) = s_op, pv_op
+  if fresh:
+    def run(s_ref, o_ref):
+      plgpu.wgmma(s_ref, s_lhs, s_rhs)
+      plgpu.wgmma(o_ref, lhs, rhs)
+      if issued is not None:
+        issued()
+      results = between(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
+      return o_ref[...], results
+
+    out, results = pl.run_scoped(run, plgpu.ACC(s_shape, jnp.float32),
+                                 plgpu.ACC(acc.shape, jnp.float32))
+    return acc + out, results
+
+  def run(refs):
+    o_ref, s_ref, *result_refs = refs
+    plgpu.wgmma(s_ref, s_lhs, s_rhs)
+    plgpu.wgmma(o_ref, lhs, rhs)
+    if issued is not None:
+      issued()
+    results = between(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
+    for ref, x in zip(result_refs, results, strict=True):
+      ref[...] = x
+
+  zeros = plgpu.layout_cast(jnp.zeros(s_shape, jnp.float32), plgpu.Layout.WGMMA)
+  acc, _, *results = pl.run_state(run)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros),
+                                        *results_like))
+  return acc, tuple(results)
 
 
 def operand(x16, smem, via_smem):
@@ -152,9 +200,12 @@ def producer_warpgroup(wg, n_steps, stages, make_issue, *used):
     ring_producer(n_steps, stages, make_issue(), *used)
 
 
-def three_phases(step, lo_full, hi_full, n, carry):
-  """step(i, carry, masked) over [0, lo_full) masked, [lo_full, hi_full) not, [hi_full, n)."""
-  carry = lax.fori_loop(0, lo_full, functools.partial(step, masked=True), carry)
+def three_phases(step, lo_full, hi_full, n, carry, start=0):
+  """step(i, carry, masked) over [start, n): i < lo_full masked, [lo_full, hi_full) not,
+  i >= hi_full masked."""
+  if start:
+    lo_full, hi_full = jnp.maximum(lo_full, start), jnp.maximum(hi_full, start)
+  carry = lax.fori_loop(start, lo_full, functools.partial(step, masked=True), carry)
   carry = lax.fori_loop(lo_full, hi_full, functools.partial(step, masked=False), carry)
   return lax.fori_loop(hi_full, n, functools.partial(step, masked=True), carry)
 
