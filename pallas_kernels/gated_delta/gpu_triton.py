@@ -44,10 +44,11 @@ import jax.numpy as jnp
 
 from pallas_kernels.gated_delta import gpu_backward, gpu_forward
 from pallas_kernels.gated_delta import gpu_common as gpc
-from pallas_kernels.gated_delta.gpu_common import DEFAULT_TUNING, INVERSE_PRECISIONS, Tuning
+from pallas_kernels.gated_delta.gpu_common import (DEFAULT_TUNING, INVERSE_PRECISIONS, Tuning,
+                                                   num_pieces)
 
 __all__ = ["DEFAULT_TUNING", "INVERSE_PRECISIONS", "Tuning", "gated_delta_bwd", "gated_delta_fwd",
-           "gated_delta_fwd_residuals", "unsupported_reason"]
+           "gated_delta_fwd_residuals", "num_pieces", "unsupported_reason"]
 
 
 def unsupported_reason(q, k, v, *unused, chunk_size: int) -> str | None:
