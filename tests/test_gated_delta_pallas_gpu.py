@@ -18,7 +18,7 @@ import pytest
 from pallas_kernels import dispatch
 from pallas_kernels import gated_delta as gd
 from pallas_kernels.gated_delta import chunk_math as cm
-from pallas_kernels.gated_delta import gpu_common, gpu_triton, reference
+from pallas_kernels.gated_delta import gpu_triton, reference
 from tests.gated_delta_cases import Case, check_backend
 from tests.oracle_check import assert_close
 
@@ -112,7 +112,7 @@ def test_interpret_bwd_split_levers_match_oracle(case, tuning, pieces, tol, dtyp
 def test_num_pieces_at_the_benchmark_shapes():
   """The automatic piece count (one for every sequential pass of a call) at H = 8, K = V = 128,
   C = 64 with the default tuning: the program counts the KERNELS notes quote."""
-  got = {(b, t): gpu_common.num_pieces(b, 8, t // 64, 128, 128, None, _T())
+  got = {(b, t): gpu_triton.num_pieces(b, 8, t // 64, 128, 128, None, _T())
          for b, t in ((16, 2048), (4, 8192), (1, 32768), (1, 65536))}
   assert got == {(16, 2048): 1, (4, 8192): 4, (1, 32768): 16, (1, 65536): 16}
 

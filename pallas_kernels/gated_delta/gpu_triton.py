@@ -28,7 +28,8 @@ gradient kernels these replaced lost at (16, 2K) fwd+bwd: one fused per-chunk ke
 
 Public: `gated_delta_fwd`, `gated_delta_fwd_residuals`, `gated_delta_bwd`,
 `unsupported_reason` (contract of `xla_chunked.py`), `Tuning` / `DEFAULT_TUNING` /
-`INVERSE_PRECISIONS` (launch knobs, `gpu_common.py`). Pass `interpret=True` to run on CPU.
+`INVERSE_PRECISIONS` (launch knobs, `gpu_common.py`), `num_pieces` (the sequence split a call
+uses). Pass `interpret=True` to run on CPU.
 f32 q/k/v are refused at K*V > 64*64 (shared memory).
 
 Dimension glossary
@@ -44,10 +45,11 @@ import jax.numpy as jnp
 
 from pallas_kernels.gated_delta import gpu_backward, gpu_forward
 from pallas_kernels.gated_delta import gpu_common as gpc
-from pallas_kernels.gated_delta.gpu_common import DEFAULT_TUNING, INVERSE_PRECISIONS, Tuning
+from pallas_kernels.gated_delta.gpu_common import (DEFAULT_TUNING, INVERSE_PRECISIONS, Tuning,
+                                                   num_pieces)
 
 __all__ = ["DEFAULT_TUNING", "INVERSE_PRECISIONS", "Tuning", "gated_delta_bwd", "gated_delta_fwd",
-           "gated_delta_fwd_residuals", "unsupported_reason"]
+           "gated_delta_fwd_residuals", "num_pieces", "unsupported_reason"]
 
 
 def unsupported_reason(q, k, v, *unused, chunk_size: int) -> str | None:
