@@ -313,8 +313,8 @@ def correctness(results):
       variants = {"wy": T(), "fwd_inv_plain": T(inverse_block=0)}  # not in correctness_ok)
     if pieces is not None:
       variants["wy_f32store"] = T(states_dtype="float32", dv_dtype="float32")
-      variants.update({n: SPLIT_VARIANTS[n] for n in ("split_recompute", "split_recompute_bwdbv32",
-                                                      "split_reuse_bwdbv0")})
+      variants.update({n: SPLIT_VARIANTS[n] for n in (
+          "split_recompute", "split_recompute_bwdbv32", "split_reuse_bwdbv0")})
     elif dtype != jnp.float32 and not shared:  # T0 recomputed in the backward; the inverse variants (forward)
       variants["wy_t0recompute"] = T(wy_t0="recompute")
       variants.update({f"fwd_{n}": t for n, t in INVERSE_VARIANTS.items()})
