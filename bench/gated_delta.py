@@ -28,9 +28,10 @@ the inverse's dot algorithms (T0 error vs a f64 solve).
 `--breakdown`: each kernel alone at (16, 2K) (`--breakdown-shapes` for others), the new ones
 (`gdn_dqkw`, `gdn_wy_bwd`, the state passes writing v'/dv') included; where the sequence is split
 also each affine pass, the piece scan (rolled / unrolled) and the passes with the split reused.
-The sequence-split levers of the backward (`SPLIT_VARIANTS`: `split_off` = one piece,
-`split_reuse` = `Tuning.bwd_split="reuse"`, `split_bwdbv32` = `Tuning.bwd_block_v=32`, ...) are
---sweep variants timed "fwd+bwd" and "bwd" (each row records its piece count).
+The sequence-split levers of the backward (`SPLIT_VARIANTS`, each against the defaults
+(`Tuning.bwd_split="reuse"`, `bwd_block_v=32`): `split_off` = one piece, `split_recompute` = the
+backward before both levers, `split_recompute_bwdbv32` / `split_reuse_bwdbv0` = one lever off,
+...) are --sweep variants timed "fwd+bwd" and "bwd" (each row records its piece count).
 `--fla-subprocess`: FLA (`bench/fla_anchor.py`, one accuracy case, then the main-table and
 --sweep shapes) in a child process before this one takes the GPU; its rows join ours as impl
 "fla" and the JSON gets `ratios_vs_fla` (ours / FLA and FLA / ours per shape and mode); where
@@ -38,18 +39,19 @@ FLA cannot run (no torch / CUDA / fla) `fla_subprocess` says why. `--fla-site` p
 the fla-core wheel was installed into on the child's path. `--quick-check`: the correctness
 check for the defaults and the split levers only.
 Split on vs off and FLA side by side at the three fwd+bwd shapes (one GPU call, ~4 min; `.whl/`
-carried; add split_reuse to --variants for ~30 s more):
+carried; add split_recompute_bwdbv32,split_reuse_bwdbv0 to --variants for each lever alone,
+~1 min more):
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
       .whl/fla_core-*.whl .whl/einops-*.whl; PYTHONUNBUFFERED=1 python3 bench/gated_delta.py \
     --skip-xla --skip-main --quick-check --sweep --sweep-shapes 16x2048,4x8192,1x32768 \
-    --variants wy,split_off,split_reuse_bwdbv32 --fla-subprocess --fla-site /tmp/site \
+    --variants wy,split_off,split_recompute --fla-subprocess --fla-site /tmp/site \
     --out $OUT/gd_split.json
 The split's parts alone (~2 min):
   python3 bench/gated_delta.py --skip-xla --skip-main --quick-check --breakdown \
     --breakdown-shapes 4x8192,1x32768 --out $OUT/gd_split_parts.json
 CPU smoke of both (interpret mode, FLA refused with the reason recorded):
   python bench/gated_delta.py --smoke --skip-xla --skip-main --quick-check --sweep \
-    --sweep-shapes 2x64,1x256 --variants wy,split_off,split_reuse,split_reuse_bwdbv32 \
+    --sweep-shapes 2x64,1x256 --variants wy,split_off,split_recompute,split_reuse_bwdbv0 \
     --breakdown --breakdown-shapes 1x256 --fla-subprocess --out /tmp/gd_smoke.json
 The backward check + timing in one call:
   python3 bench/gated_delta.py --skip-xla --skip-main --sweep --breakdown --out $OUT/gd_bwd.json
@@ -311,8 +313,8 @@ def correctness(results):
       variants = {"wy": T(), "fwd_inv_plain": T(inverse_block=0)}  # not in correctness_ok)
     if pieces is not None:
       variants["wy_f32store"] = T(states_dtype="float32", dv_dtype="float32")
-      variants.update({n: SPLIT_VARIANTS[n] for n in ("split_reuse", "split_bwdbv32",
-                                                      "split_reuse_bwdbv32")})
+      variants.update({n: SPLIT_VARIANTS[n] for n in (
+          "split_recompute", "split_recompute_bwdbv32", "split_reuse_bwdbv0")})
     elif dtype != jnp.float32 and not shared:  # T0 recomputed in the backward; the inverse variants (forward)
       variants["wy_t0recompute"] = T(wy_t0="recompute")
       variants.update({f"fwd_{n}": t for n, t in INVERSE_VARIANTS.items()})
@@ -353,17 +355,16 @@ FWD_VARIANTS = {"fwd_default": _T(), **INVERSE_VARIANTS,
 
 # the backward's sequence-split levers ("fwd+bwd" and "bwd" rows in --sweep; correctness at the
 # forced-pieces shape): the split off (one piece: B*H*V/BV programs, chain NC chunks), more pieces
-# than the default (min_programs 512), the saved split (`Tuning.bwd_split="reuse"`), the reverse
-# pass's V block halved (twice the programs at the same piece count), both, and the piece scan
-# unrolled (`Tuning.piece_scan_unroll`).
-# the defaults are (reuse, bwd_block_v 32) since gated_delta_split_fla_h200.json; split_recompute
-# is the backward before it (the forward rerun per piece, the reverse pass at block_v)
+# than the default (min_programs 512), and against the defaults (the saved split,
+# `Tuning.bwd_split="reuse"`, and the reverse pass's V block 32, `Tuning.bwd_block_v`; both since
+# gated_delta_split_fla_h200.json, where this table's "wy" was split_recompute): the backward
+# before both (split_recompute: the forward rerun per piece, the reverse pass at block_v), each
+# lever off alone, and the piece scan unrolled (`Tuning.piece_scan_unroll`).
 SPLIT_VARIANTS = {"split_off": _T(min_programs=0), "split_min512": _T(min_programs=512),
                   "split_recompute": _T(bwd_split="recompute", bwd_block_v=0),
-                  "split_reuse": _T(bwd_split="reuse"), "split_bwdbv32": _T(bwd_block_v=32),
-                  "split_reuse_bwdbv32": _T(bwd_split="reuse", bwd_block_v=32),
-                  "split_reuse_min512": _T(bwd_split="reuse", min_programs=512),
-                  "split_reuse_unroll": _T(bwd_split="reuse", piece_scan_unroll=True)}
+                  "split_recompute_bwdbv32": _T(bwd_split="recompute"),
+                  "split_reuse_bwdbv0": _T(bwd_block_v=0),
+                  "split_unroll": _T(piece_scan_unroll=True)}
 
 
 def sweep_variants():
@@ -410,7 +411,7 @@ def breakdown(results, save, shapes):
   backward's state passes (plain and writing v'/dv'), the prepass per inverse variant and
   `gdn_dqkw` / `gdn_wy_bwd`; where the sequence is split (P > 1 pieces) also the split's parts:
   each affine pass alone, the piece scan, and the passes with the split saved / A reused /
-  the reverse pass's V block halved (`Tuning.bwd_split`, `Tuning.bwd_block_v`)."""
+  the reverse pass at its V block before `Tuning.bwd_block_v` (block_v: `state_bwd_dv_bwdbv0`)."""
   for b, t in shapes:
     for name, (f, a) in _breakdown_parts(b, t).items():
       row = {"impl": f"part:{name}", "B": b, "T": t, "mode": "part"}
@@ -457,8 +458,8 @@ def _breakdown_parts(b, t):
       "state_bwd": (jax.jit(lambda *a: gb.backward_states(*a, pieces=None, tuning=tun, **kw)),
                     (qp, kp, w, do, gc, dsT)),
       "state_bwd_dv": (bwd_states, (qp, kp, w, do, gc, dsT)),
-      "state_bwd_dv_bwdbv32": (jax.jit(lambda *a: gb.backward_states(
-          *a, pieces=None, tuning=tun._replace(bwd_block_v=32), with_dv=True, **kw)),
+      "state_bwd_dv_bwdbv0": (jax.jit(lambda *a: gb.backward_states(
+          *a, pieces=None, tuning=tun._replace(bwd_block_v=0), with_dv=True, **kw)),
           (qp, kp, w, do, gc, dsT)),
       "dqkw": (dqkw, (qp, kp, gc, do, vnew, dvnew, states, dstates)),
       "wy_bwd": (jax.jit(lambda *a: gb.wy_bwd(*a, out_dtypes=dts, tuning=tun, **kw)),

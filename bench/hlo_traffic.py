@@ -2,19 +2,19 @@
 
   body_ops(hlo_text) -> [{"name", "opcode", "fused_ops", "shape", "out_bytes", "operand_bytes",
                           "bytes", "in_place", "touches", "op_name"}]  the while body's ops
-  summarize(ops, top) -> {"by_touches": {...}, "top": [...], "copies": [...]}
+  summarize(ops, top) -> {"naive_bytes_total", "by_touches", "in_place_scatter_full_buffer_bytes",
+                          "top", "whole_state_copies"}
 
 The decode loop (`atma_jax.generate.loop._block`) is one `lax.while_loop` in the entry
 computation; its body is one decode step. Each top-level instruction of that body (a `call`'s,
-e.g. a GPU command buffer's, inlined) is listed
-with the bytes it reads (its operands, whole) and writes (its result): a naive count, which
-overstates a gather (only the gathered rows are read) and an in-place scatter /
-dynamic-update-slice (only the updated rows are touched; `in_place` marks them: a fusion whose
-root is one; XLA's cost analysis also counts a scatter's whole operand and result:
-`in_place_scatter_full_buffer_bytes` is that count). `touches` names what an op reads or writes by shape: the K/V cache
-([B, S, G, d] or a transpose of it), the gated-delta state ([B, H, d, d] fp32), the weights
-(a shape of a parameter), or "other". Dimension glossary: B batch, S cache slots, G KV heads,
-H heads, d head dim.
+e.g. a GPU command buffer's, inlined) is listed with the bytes it reads (its operands, whole)
+and writes (its result): a naive count, which overstates a gather (only the gathered rows are
+read) and an in-place scatter / dynamic-update-slice (only the updated rows are touched;
+`in_place` marks them: a fusion whose root is one; XLA's cost analysis also counts a scatter's
+whole operand and result: `in_place_scatter_full_buffer_bytes` is that count). `touches` names
+what an op reads or writes by shape: the K/V cache ([B, S, G, d] or a transpose of it), the
+gated-delta state ([B, H, d, d] fp32), the weights (a shape of a parameter), or "other".
+Dimension glossary: B batch, S cache slots, G KV heads, H heads, d head dim.
 """
 
 from __future__ import annotations

@@ -326,6 +326,10 @@ def run_cost(args) -> int:
   from atma_jax.model import Atma
   bg = bench_generate()
   variants = [(None, [])] + [bg.parse_variant(v) for v in args.variant]
+  for name, tokens in variants[1:]:
+    if bg.split_variant(tokens)[1] is not None:
+      raise SystemExit(f"--variant {name}: {bg.GEMM_ROWS}N is bench/generate.py's token; a --cost "
+                       "variant changes model fields only")
   # a bad variant fails before any compile; nothing is prefilled here, so a variant may change
   # any model field (e.g. model.attn_window=1024: the ring-buffer cache)
   cfgs = {name: bg.model_config(args.smoke, args.impl, overrides) for name, overrides in variants}
@@ -520,6 +524,8 @@ def parse_args(argv=None):
   args = ap.parse_args(argv)
   if args.steps is not None and args.steps < 1 or args.reps is not None and args.reps < 1:
     ap.error("--steps and --reps must be >= 1")
+  if args.variant and not args.cost:
+    ap.error("--variant (model fields) is for --cost; --variants picks the XLA flag variants")
   if args.cost:  # bench/generate.py's defaults: the cache capacity of its decode rows
     args.steps = args.steps or (8 if args.smoke else 128)
     args.reps = args.reps or (2 if args.smoke else 5)

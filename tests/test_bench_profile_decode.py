@@ -49,10 +49,13 @@ def test_step_profile_divides_by_steps():
 
 
 def test_bad_rows_and_variants_are_one_line_errors(capsys):
-  for argv in (["--rows", "decode_b9"], ["--variants", "sometimes"], ["--steps", "0"]):
+  for argv in (["--rows", "decode_b9"], ["--variants", "sometimes"], ["--steps", "0"],
+               ["--variant", "w=model.attn_window=8"]):  # --variant without --cost
     with pytest.raises(SystemExit):
       pd.parse_args(argv)
     assert "error:" in capsys.readouterr().err
+  with pytest.raises(SystemExit, match="bench/generate.py's token"):  # before any compile
+    pd.main(["--cost", "--smoke", "--variant", "g=layers.MIN_GEMM_ROWS=1"])
 
 
 def test_cost_mode_reports_per_step_bytes_and_the_cache_scatter(tmp_path):

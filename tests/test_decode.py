@@ -275,3 +275,37 @@ def test_one_row_attention_folded_over_kv_heads_equals_per_head(B):
   with pytest.raises(ValueError, match="one query row"):
     attention_stats_at(jnp.concatenate([q, q], 1), k, v, jnp.concatenate([scale, scale], 1),
                        jnp.concatenate([q_pos, q_pos + 1], 1), k_pos, fold_gqa=True)
+
+
+def test_sharded_decode_folds_gqa_without_gathering_the_cache(monkeypatch):
+  """On a tensor-sharded mesh the one-row GQA-folded attention (the default at B > 1) runs per
+  shard: the decode step has exactly the collectives of the per-head form (under GSPMD alone
+  the folded products gathered the head-sharded K/V cache on every device, every step)."""
+  import re
+
+  import pallas_kernels.polar_attention as pa
+  from atma_jax.generate.steps import decode
+
+  cfg, graphdef, params = _setup(attn_window=5)
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+  cache = init_cache(cfg, 8, MAX_LEN)  # 2 rows per data x fsdp shard: the folded form
+  cache = jax.device_put(cache, cache_shardings(cache, mesh))
+  tokens = jnp.zeros((8,), jnp.int32)
+  original = pa.attention_stats_at
+  calls = []
+
+  def collectives(fold_gqa):
+    def stats_at(*args, **kwargs):  # the op as the model's ops seam calls it, per shard
+      calls.append(args[0].shape)
+      return original(*args, fold_gqa=fold_gqa, **kwargs)
+
+    monkeypatch.setattr(pa, "attention_stats_at", stats_at)
+    with use_mesh(mesh):
+      text = jax.jit(lambda p, t, c: decode(graphdef, p, t, c)).lower(
+          params, tokens, cache).compile().as_text()
+    return sorted(re.findall(r"= (\S+) (all-gather|all-to-all|all-reduce|collective-permute)"
+                             r"(?:-start)?\(", text))
+
+  folded = collectives(None)
+  assert calls and calls[0] == (2, 1, 2, 8)  # this shard's 2 rows and 2 of the 4 query heads
+  assert folded == collectives(False)

@@ -4,8 +4,9 @@
   polar_stats / polar_core(q, k, v, v_null, len_gain_raw, null_base, null_slope_raw,
                            mag_beta_raw, *, window, q_offset, impl)
   softmax_attention(q, k, v, *, scale, window, q_offset, impl) -> o_BTHD
+  attention_stats_at(q, k, v, scale, q_pos_BT, k_pos_BS, *, window, block_k)
   polar_core_at / softmax_attention_at(q, k, v, ..., q_pos_BT, k_pos_BS, *, window)
-      the same cores over a decode cache, every query row and key at its own absolute position
+      the same over a decode cache, every query row and key at its own absolute position
   gated_delta_rule(q, k, v, log_gamma, beta, *, initial_state, output_final_state, chunk_size,
                    impl) -> (o_BTHV f32, final_state_BHKV f32 | None)
   gated_delta_step(q, k, v, log_gamma, beta, state, *, impl) -> (o_BHV f32, state_BHKV f32)
@@ -19,8 +20,8 @@ decode on a data-parallel mesh; attention needs both H and G divisible so that e
 whole GQA groups with their KV heads). Batch rows and heads are independent in both ops, so the
 shard_map needs no communication. Without a mesh each function is the kernel op itself.
 
-For attention only `attention_stats` (the custom-VJP op) is wrapped; the Polar prologue and
-epilogue stay outside the shard_map, as the kernel op's `stats_fn` hook allows.
+For attention only `attention_stats` and `attention_stats_at` are wrapped; the Polar prologue
+and epilogue stay outside the shard_map, as the kernel ops' `stats_fn` hook allows.
 
 Dimension glossary: B batch, T / Tq / Tk rows, H query (memory) heads, G KV heads, D head dim,
 K key dim, V value dim of the memory state.
@@ -102,19 +103,36 @@ def softmax_attention(q_BTHD, k_BTGD, v_BTGD, *, scale, window=None, q_offset=0,
                               q_offset=q_offset, impl=impl, stats_fn=attention_stats)
 
 
+def attention_stats_at(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT, k_pos_BS, *, window=None,
+                       block_k=None):
+  """`pallas_kernels.polar_attention.attention_stats_at`, split over the active mesh: each
+  shard reads only its own rows and KV heads of the cache (the one-row GQA-folded products
+  contract over G*D, so GSPMD alone would gather the head-sharded cache on every device)."""
+  mesh = sharding.current_mesh()
+  stats = functools.partial(pa.attention_stats_at, window=window, block_k=block_k)
+  if mesh is None:
+    return stats(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT, k_pos_BS)
+  batch, heads = _batch_head_axes(mesh, q_BTHD.shape[0], (q_BTHD.shape[2], k_BSGD.shape[2]))
+  x_spec, row_spec, pos_spec = P(batch, None, heads, None), P(batch, None, heads), P(batch, None)
+  return _shard_map(stats, mesh, (x_spec,) * 3 + (row_spec, pos_spec, pos_spec),
+                    (x_spec, row_spec, row_spec))(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT,
+                                                  k_pos_BS)
+
+
 def polar_core_at(q_BTHD, k_BSGD, v_BSGD, v_null_HD, len_gain_raw_H, null_base_H,
                   null_slope_raw_H, mag_beta_raw_H, q_pos_BT, k_pos_BS, *, window=None):
   """`pallas_kernels.polar_attention.polar_core_at`: the Polar core over a decode cache at
-  per-row positions, (c_BTHD, mag_BTH) in q.dtype. Plain XLA: GSPMD shards it (no shard_map)."""
+  per-row positions, (c_BTHD, mag_BTH) in q.dtype, its attention sharded."""
   return pa.polar_core_at(q_BTHD, k_BSGD, v_BSGD, v_null_HD, len_gain_raw_H, null_base_H,
-                          null_slope_raw_H, mag_beta_raw_H, q_pos_BT, k_pos_BS, window=window)
+                          null_slope_raw_H, mag_beta_raw_H, q_pos_BT, k_pos_BS, window=window,
+                          stats_fn=attention_stats_at)
 
 
 def softmax_attention_at(q_BTHD, k_BSGD, v_BSGD, q_pos_BT, k_pos_BS, *, scale, window=None):
   """`pallas_kernels.polar_attention.softmax_attention_at`: the NoPE / RoPE core over a decode
-  cache at per-row positions, o_BTHD in q.dtype. Plain XLA: GSPMD shards it."""
+  cache at per-row positions, o_BTHD in q.dtype, its attention sharded."""
   return pa.softmax_attention_at(q_BTHD, k_BSGD, v_BSGD, q_pos_BT, k_pos_BS, scale=scale,
-                                 window=window)
+                                 window=window, stats_fn=attention_stats_at)
 
 
 # ----------------------------------------------------------------------------- memory

@@ -26,8 +26,9 @@ B*Tp*H*((K + V)*itemsize + 4*C) more bytes per layer (gpu_triton docstring).
 
 `gated_delta_step` (one decode token) has its own table, `STEP_BACKENDS`: the oracle's step
 reordered to read the state twice and write it once (`xla_step.py`) is its XLA backend and CPU
-path, the fused in-place kernel `gpu_step` its GPU one. Decode never differentiates the step; under autodiff the kernel is not
-used: the op's JVP (and so its VJP) is the oracle's, on the oracle's primal output.
+path, the fused in-place kernel `gpu_step` its GPU one. Decode never differentiates the step;
+under autodiff the kernel is not used: the op's JVP (and so its VJP) is the oracle's, on the
+oracle's primal output.
 
 Mesh-free: batch rows and heads are independent, so a caller that shards wraps
 `gated_delta_rule` in `jax.shard_map` over batch and heads.

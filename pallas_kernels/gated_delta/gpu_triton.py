@@ -28,7 +28,8 @@ gradient kernels these replaced lost at (16, 2K) fwd+bwd: one fused per-chunk ke
 
 Public: `gated_delta_fwd`, `gated_delta_fwd_residuals`, `gated_delta_bwd`,
 `unsupported_reason` (contract of `xla_chunked.py`), `Tuning` / `DEFAULT_TUNING` /
-`INVERSE_PRECISIONS` (launch knobs, `gpu_common.py`). Pass `interpret=True` to run on CPU.
+`INVERSE_PRECISIONS` (launch knobs, `gpu_common.py`), `num_pieces` (the sequence split a call
+uses). Pass `interpret=True` to run on CPU.
 f32 q/k/v are refused at K*V > 64*64 (shared memory).
 
 Dimension glossary

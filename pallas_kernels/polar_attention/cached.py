@@ -15,14 +15,17 @@ as the training op with q_offset does.
   attention_stats_at(q, k, v, scale, q_pos, k_pos, *, window, block_k, fold_gqa)
       -> (o, lse, p2) fp32
   polar_core_at(q, k, v, v_null, len_gain_raw, null_base, null_slope_raw, mag_beta_raw,
-                q_pos, k_pos, *, window) -> (c_BTHD, mag_BTH) in q.dtype
-  softmax_attention_at(q, k, v, q_pos, k_pos, *, scale, window) -> o_BTHD in q.dtype
+                q_pos, k_pos, *, window, stats_fn) -> (c_BTHD, mag_BTH) in q.dtype
+  softmax_attention_at(q, k, v, q_pos, k_pos, *, scale, window, stats_fn) -> o_BTHD in q.dtype
 
 Plain XLA, streamed over key blocks (online softmax, fp32 statistics); a decode step (one query
 row) takes the whole cache as one block, and (B > 1) its two products read the cache as
 [B, S, G*D] (the query block-diagonal over the KV heads; G times the FLOPs of a per-head
 product, no transpose of the whole cache to make G a batch axis: XLA's dots want batch axes
-major). Dimension glossary: B batch, T query rows, S key slots,
+major). The folded products contract over G*D, so a caller that shards the heads runs
+`attention_stats_at` per shard (the `stats_fn` hook of the cores): under
+GSPMD alone the head-sharded cache would be gathered whole on every device, every step.
+Dimension glossary: B batch, T query rows, S key slots,
 H query heads, G KV heads (head h uses KV head h // (H // G)), R = H // G, D head dim.
 """
 
@@ -145,27 +148,32 @@ def attention_stats_at(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT, k_pos_BS, *,
 
 def polar_core_at(q_BTHD, k_BSGD, v_BSGD, v_null_HD, len_gain_raw_H, null_base_H,
                   null_slope_raw_H, mag_beta_raw_H, q_pos_BT, k_pos_BS, *, window=None,
-                  block_k: int | None = None):
+                  block_k: int | None = None, stats_fn=None):
   """Polar core (spec §3.2) at absolute positions: (c_BTHD, mag_BTH) in q.dtype.
 
   Same prologue / epilogue as `api.polar_stats` (`reference.polar_length_terms`,
-  `reference.polar_fold_null`) with per-row counts n = q_pos + 1.
+  `reference.polar_fold_null`) with per-row counts n = q_pos + 1. `stats_fn` (default
+  `attention_stats_at`, same signature) runs the attention in the middle, as in `api.polar_stats`
+  (a caller that shards passes its shard_mapped one).
   """
   B, T, H, D = q_BTHD.shape
   cdt = stats_dtype(q_BTHD.dtype)
+  stats_fn = attention_stats_at if stats_fn is None else stats_fn
   t_BTH, nu_BTH = reference.polar_length_terms(len_gain_raw_H, null_base_H, null_slope_raw_H,
                                                q_pos_BT + 1, window=window, dtype=cdt)
-  o, lse, p2 = attention_stats_at(q_BTHD, k_BSGD, v_BSGD, t_BTH / math.sqrt(D), q_pos_BT,
-                                  k_pos_BS, window=window, block_k=block_k)
+  o, lse, p2 = stats_fn(q_BTHD, k_BSGD, v_BSGD, t_BTH / math.sqrt(D), q_pos_BT, k_pos_BS,
+                        window=window, block_k=block_k)
   st = reference.polar_fold_null(o, lse, p2, t_BTH, nu_BTH, v_null_HD, mag_beta_raw_H)
   return st["c"].astype(q_BTHD.dtype), st["mag"].astype(q_BTHD.dtype)
 
 
 def softmax_attention_at(q_BTHD, k_BSGD, v_BSGD, q_pos_BT, k_pos_BS, *, scale, window=None,
-                         block_k: int | None = None):
-  """Causal (optionally windowed) softmax attention at absolute positions; q.dtype out."""
+                         block_k: int | None = None, stats_fn=None):
+  """Causal (optionally windowed) softmax attention at absolute positions; q.dtype out.
+  `stats_fn` as in `polar_core_at`."""
   B, T, H, _ = q_BTHD.shape
   scale_BTH = jnp.full((B, T, H), scale, stats_dtype(q_BTHD.dtype))
-  o, _, _ = attention_stats_at(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT, k_pos_BS,
-                               window=window, block_k=block_k)
+  stats_fn = attention_stats_at if stats_fn is None else stats_fn
+  o, _, _ = stats_fn(q_BTHD, k_BSGD, v_BSGD, scale_BTH, q_pos_BT, k_pos_BS, window=window,
+                     block_k=block_k)
   return o.astype(q_BTHD.dtype)
