@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices so sharded code paths run on a laptop or CI machine."""
 
+import getpass
 import os
+import tempfile
 
 # LLVM -O0 for the CPU backend: tests are compile-bound, and this about halves compile time.
 os.environ.setdefault(
@@ -12,11 +14,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # writing every program (threshold 0): the folder and threshold test_train.py and the other
 # training tests give JAX, for speed. Results never depend on it (test_compile_cache.py checks
 # that reloaded programs give bit-identical losses); a fresh CI machine starts it empty.
-os.environ.setdefault("ATMA_COMPILE_CACHE", "/tmp/atma_jax_test_compile_cache")
+# One folder per user (another user's folder under /tmp would be unwritable: a UsageError).
+TEST_COMPILE_CACHE = os.path.join(tempfile.gettempdir(),
+                                  f"atma_jax_test_compile_cache_{getpass.getuser()}")
+os.environ.setdefault("ATMA_COMPILE_CACHE", TEST_COMPILE_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# In-process training runs (test_train*, test_faults_train) share their compilations through it.
+jax.config.update("jax_compilation_cache_dir", os.environ["ATMA_COMPILE_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _has_gpu() -> bool:

@@ -68,9 +68,6 @@ from atma_jax.train import checkpoint as ckpt  # noqa: E402
 from atma_jax.train import digest  # noqa: E402
 from atma_jax.train.divergence import DivergenceError  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", "/tmp/atma_jax_test_compile_cache")
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,6 @@ from atma_jax.config import ConfigError, resolve
 from atma_jax.train import checkpoint as ckpt
 from atma_jax.train.loop import default_data_fn, run
 
-# The three runs below compile the same programs: share compilations through the disk cache.
-jax.config.update("jax_compilation_cache_dir", "/tmp/atma_jax_test_compile_cache")
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 SMALL = ["model.num_layers=2", "model.global_offset=1", "model.hidden_size=64",
          "model.head_dim=16", "train.seq_len=32",

@@ -13,9 +13,6 @@ from atma_jax.data import shards
 from atma_jax.train.loop import run
 from atma_jax.train.prefetch import DevicePrefetcher
 
-jax.config.update("jax_compilation_cache_dir", "/tmp/atma_jax_test_compile_cache")
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class Counting:
