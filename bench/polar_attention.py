@@ -5,7 +5,6 @@ streaming path, forward and forward+backward, bf16, 8 query / 2 KV heads, head d
   python3 bench/polar_attention.py --bwd-variants all --out $OUT/polar_bwd_variants.json
   python3 bench/polar_attention.py --mosaic --quick-checks --out $OUT/polar_mosaic.json
   python3 bench/polar_attention.py --mosaic-bwd 64,64,2 128,64,2 --out $OUT/polar_mosaic_bwd.json
-  python3 bench/polar_attention.py --mosaic-bwd 64,64,2 tile,64,2 wg,64,2 --out $OUT/fused.json
   python3 bench/polar_attention.py --mosaic-fwd 128,2 128,2,pingpong,intra_overlap \
       --budget-s 160 --out $OUT/polar_fwd.json
 
@@ -32,8 +31,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "--smoke" in sys.argv:
   # The Mosaic kernels run in interpret mode on CPU, a thread per warpgroup. Seen on a 2-core
-  # machine with one host device: the fused backward hangs (consumers waiting on barriers, the
-  # third warpgroup never scheduled); with 8 host devices, as tests/conftest.py sets, it runs.
+  # machine with one host device: a Mosaic backward (the one-pass variant since removed) hung
+  # (consumers waiting on barriers, the third warpgroup never scheduled); with 8 host devices,
+  # as tests/conftest.py sets, it ran.
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
@@ -407,21 +407,20 @@ def bwd_variants(variants, reps, save, budget_s, small=False):
 
 
 def mosaic_bwd_spec(spec: str) -> gpu_mosaic.BwdConfig:
-  """'DQ_BK,DKV_BQ,STAGES' (two kernels) or 'wg|tile,DKV_BQ,STAGES' (one pass, dQ by TMA
-  reduce-add: BwdConfig.fused_dq) -> the Mosaic backward's BwdConfig."""
+  """'DQ_BK,DKV_BQ,STAGES' -> the Mosaic backward's BwdConfig."""
   first, *rest = spec.split(",")
-  if len(rest) != 2 or not (first in gpu_mosaic.FUSED_DQ or first.isdigit()):
-    raise SystemExit(f"--mosaic-bwd {spec!r}: expected DQ_BK,DKV_BQ,STAGES or "
-                     f"FUSED,DKV_BQ,STAGES with FUSED one of {gpu_mosaic.FUSED_DQ}")
-  dkv_bq, stages = (int(x) for x in rest)
-  if not first.isdigit():
-    return gpu_mosaic.BwdConfig(dkv_block_q=dkv_bq, stages=stages, fused_dq=first)
-  return gpu_mosaic.BwdConfig(dq_block_k=int(first), dkv_block_q=dkv_bq, stages=stages)
+  if first in ("wg", "tile"):
+    raise SystemExit(f"--mosaic-bwd {spec!r}: the one-pass backward ('wg' / 'tile') was removed "
+                     "after measuring slower than the two-kernel one at every shape "
+                     "(bench/results/polar_mosaic_bwd_fused_h200.json); use DQ_BK,DKV_BQ,STAGES")
+  if len(rest) != 2 or not all(x.isdigit() for x in (first, *rest)):
+    raise SystemExit(f"--mosaic-bwd {spec!r}: expected DQ_BK,DKV_BQ,STAGES (integers)")
+  dq_bk, dkv_bq, stages = (int(x) for x in (first, *rest))
+  return gpu_mosaic.BwdConfig(dq_block_k=dq_bk, dkv_block_q=dkv_bq, stages=stages)
 
 
 def bwd_name(bwd: gpu_mosaic.BwdConfig) -> str:
-  dq = f"fused_{bwd.fused_dq}" if bwd.fused_dq else f"dq{bwd.dq_block_k}"
-  return f"mosaic_bwd[{dq},kv{bwd.dkv_block_q},s{bwd.stages}]"
+  return f"mosaic_bwd[dq{bwd.dq_block_k},kv{bwd.dkv_block_q},s{bwd.stages}]"
 
 
 def oracle_vjp(q, k, v, scale, do, window):
@@ -503,8 +502,7 @@ def mosaic_bwd_table(mosaic, bwds, reps, shapes, save, cudnn="cudnn", budget_s=2
         impls += [(name, "bwd", bwd(cfg), res) for name, cfg in cfgs]
         if (B, T) == shapes[min(1, len(shapes) - 1)]:
           impls += [(f"{name}:{part}", "bwd_part", bwd(cfg, (part,)), res)
-                    for part in ("dq", "dkv") for name, cfg in [("triton_bwd", mosaic)] + cfgs
-                    if not cfg.bwd.fused_dq]  # the fused backward is one kernel: no parts
+                    for part in ("dq", "dkv") for name, cfg in [("triton_bwd", mosaic)] + cfgs]
       ref = None
       for name, mode, fn, args in impls:
         row = {"B": B, "T": T, "impl": name, "mode": mode}
@@ -693,10 +691,9 @@ def main():
   ap.add_argument("--mosaic", nargs="?", const="128,2", default=None, metavar="BK,STAGES",
                   help="also check and time the Mosaic-GPU forward (gpu_mosaic; key block, "
                   "ring slots; default 128,2): rows mosaic_fwd and mosaic_fwd+triton_bwd")
-  ap.add_argument("--mosaic-bwd", nargs="+", default=None, metavar="DQ_BK|wg|tile,DKV_BQ,STAGES",
+  ap.add_argument("--mosaic-bwd", nargs="+", default=None, metavar="DQ_BK,DKV_BQ,STAGES",
                   help="check (vs the oracle's VJP) and time the Mosaic-GPU backward with these "
-                  "configs ('wg' / 'tile' for DQ_BK: the one-pass backward, BwdConfig.fused_dq) "
-                  "next to the Triton backward and cuDNN (Mosaic forward as in --mosaic), "
+                  "configs next to the Triton backward and cuDNN (Mosaic forward as in --mosaic), "
                   "at the fwd+bwd shapes only (no Triton-forward, XLA, 64K or decode rows), "
                   "then exit; rows past --budget-s are skipped")
   ap.add_argument("--mosaic-fwd", nargs="+", default=None, metavar="BK,STAGES[,FLAG...]",

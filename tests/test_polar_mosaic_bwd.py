@@ -40,43 +40,32 @@ def mosaic_pair(**bwd):
     (Case(Tq=200, H=4, G=1, D=64), {}),                                          # GQA 4:1
     (Case(Tq=150, H=4, G=2, D=64, window=40), dict(stages=3)),                   # GQA 2:1, window
     (Case(Tq=130, H=2, G=1, D=128, window=90), dict(dq_block_k=128, dkv_block_q=128)),
-    (Case(Tq=200, H=4, G=1, D=64), dict(fused_dq="wg")),                         # fused: 4:1
-    (Case(Tq=150, H=4, G=2, D=64, window=40), dict(fused_dq="wg", stages=3)),
-    (Case(Tq=200, H=4, G=1, D=64), dict(fused_dq="tile")),
-    (Case(Tq=150, H=4, G=2, D=64, window=40), dict(fused_dq="tile", stages=3)),
-    (Case(Tq=130, H=2, G=1, D=128, window=90), dict(fused_dq="tile", dkv_block_q=128)),
 ], ids=lambda x: str(x) if isinstance(x, Case) else "-".join(f"{k}{v}" for k, v in x.items()))
 def test_bf16_matches_oracle(case, bwd):
   check_backend(*mosaic_pair(**bwd), case, jnp.bfloat16, **BF16_TOL)
 
 
-@pytest.mark.parametrize("fused_dq", [None, "wg", "tile"], ids=str)
-def test_no_races_in_barrier_protocol(fused_dq):
-  """The interpreter's race detector over both kernels' rings (2 slots, several blocks), or over
-  the fused kernel's (its dQ parts each stored once there: interpret mode has no TMA add)."""
+def test_no_races_in_barrier_protocol():
+  """The interpreter's race detector over both kernels' rings (2 slots, several blocks)."""
   case = Case(Tq=256, H=2, G=1, D=64, window=130)
   q, k, v, s = random_inputs(case, jnp.bfloat16)
   o, lse, p2 = reference.attention_stats_materialized(q, k, v, s, window=case.window)
   delta, cq = reference.stats_vjp_prologue(o, p2, o, lse, p2)
   cfg = gpu_mosaic.MosaicConfig(backward="mosaic", bwd=gpu_mosaic.BwdConfig(
-      fused_dq=fused_dq, interpret=plgpu.InterpretGPUParams(detect_races=True)))
+      interpret=plgpu.InterpretGPUParams(detect_races=True)))
   jax.block_until_ready(gpu_mosaic.attention_stats_bwd(
       q, k, v, s, lse, o.astype(q.dtype), delta, cq, window=case.window, config=cfg))
   assert not gpu_callbacks.get_races().races_found
 
 
-@pytest.mark.parametrize("fused_dq", [None, "wg", "tile"], ids=str)
-def test_api_vjp_on_hopper_runs_the_mosaic_pair(monkeypatch, fused_dq):
+def test_api_vjp_on_hopper_runs_the_mosaic_pair(monkeypatch):
   """Through the api's custom VJP on a (pretend) Hopper GPU, the call the api routes to the Mosaic
   forward reaches the Mosaic backward in scope (no raise) and its gradients match the fp64
-  oracle's (both kernels in interpret mode; GQA 2:1, a window, T padded to 128); the fused
-  backward when DEFAULT_CONFIG selects it (its dQ buffer a Ref inside the jitted VJP)."""
+  oracle's (both kernels in interpret mode; GQA 2:1, a window, T padded to 128)."""
   from pallas_kernels import dispatch
   from pallas_kernels.polar_attention import api
   monkeypatch.setattr(dispatch, "platform_of", lambda x: "gpu")
   monkeypatch.setattr(dispatch, "is_hopper", lambda: True)
-  monkeypatch.setattr(gpu_mosaic, "DEFAULT_CONFIG", dataclasses.replace(
-      gpu_mosaic.DEFAULT_CONFIG, bwd=gpu_mosaic.BwdConfig(fused_dq=fused_dq)))
   ran = []
   mosaic_bwd = gpu_mosaic.gpu_mosaic_backward.attention_stats_bwd
   monkeypatch.setattr(gpu_mosaic.gpu_mosaic_backward, "attention_stats_bwd",
@@ -123,12 +112,6 @@ def test_backward_switch(monkeypatch):
     gpu_mosaic.MosaicConfig(backward="cudnn")
   with pytest.raises(ValueError, match="dq_block_k=32 must be 64 or 128"):
     gpu_mosaic.BwdConfig(dq_block_k=32)
-  monkeypatch.undo()
-  fused = gpu_mosaic.MosaicConfig(bwd=gpu_mosaic.BwdConfig(fused_dq="tile"))
-  with pytest.raises(ValueError, match="fused backward .* is one kernel"):
-    gpu_mosaic.attention_stats_bwd(*args, config=fused, parts=("dq",))
-  with pytest.raises(ValueError, match="fused_dq=True must be None or one of"):
-    gpu_mosaic.BwdConfig(fused_dq=True)
 
 
 @pytest.mark.parametrize("shape,window,bwd", [
@@ -136,21 +119,14 @@ def test_backward_switch(monkeypatch):
     ((2, 200, 4, 4, 64), None, gpu_mosaic.BwdConfig(interpret=False, dq_block_k=128,
                                                     dkv_block_q=128, stages=3)),
     ((1, 300, 8, 2, 128), None, gpu_mosaic.BwdConfig(interpret=False, ds_via_smem=True)),
-    ((1, 300, 8, 2, 128), 100, gpu_mosaic.BwdConfig(interpret=False, fused_dq="wg")),
-    ((2, 200, 4, 4, 64), None, gpu_mosaic.BwdConfig(interpret=False, fused_dq="wg")),
-    ((1, 300, 8, 2, 128), 100, gpu_mosaic.BwdConfig(interpret=False, fused_dq="tile")),
-    ((2, 200, 4, 4, 64), None, gpu_mosaic.BwdConfig(interpret=False, fused_dq="tile")),
-    ((1, 300, 8, 2, 128), None, gpu_mosaic.BwdConfig(interpret=False, fused_dq="wg",
-                                                     ds_via_smem=True)),
-], ids=["D128_default", "D64_b128_s3", "D128_ds_smem", "D128_fused_wg", "D64_fused_wg",
-        "D128_fused_tile", "D64_fused_tile", "D128_fused_wg_ds_smem"])
+], ids=["D128_default", "D64_b128_s3", "D128_ds_smem"])
 def test_lowers_for_h100(shape, window, bwd):
   """Traces and lowers both backward kernels for an abstract H100 (checks SMEM fit, layouts)."""
   cfg = gpu_mosaic.MosaicConfig(backward="mosaic", bwd=bwd)
   f = functools.partial(gpu_mosaic.attention_stats_bwd, window=window, config=cfg)
   exported = export_for_h100(f, shape, "q", "kv", "kv", "row", "row", "q", "row", "row")
   text = exported.mlir_module()
-  assert len(re.findall("mosaic_gpu", text)) >= (1 if bwd.fused_dq else 2)
+  assert len(re.findall("mosaic_gpu", text)) >= 2
 
 
 D128_OVER = [(gpu_mosaic.BwdConfig(dq_block_k=128, stages=3), "dq", 267384),
@@ -177,8 +153,7 @@ def test_smem_count_refuses_what_mosaic_refused(bwd, kernel, mosaic_bytes):
 
 
 def test_smem_default_configs_fit_and_dispatch_names_the_refusal(monkeypatch):
-  """The default forward and backward (two kernels, or fused either way) fit Hopper's SMEM at
-  D 64 / 128 (short and long T); a
+  """The default forward and backward fit Hopper's SMEM at D 64 / 128 (short and long T); a
   DEFAULT_CONFIG whose backward does not fit is a dispatch refusal naming the bytes, so `auto`
   on a (pretend) Hopper GPU takes the Triton kernels instead of failing in Mosaic's compile."""
   from pallas_kernels import dispatch
@@ -187,9 +162,7 @@ def test_smem_default_configs_fit_and_dispatch_names_the_refusal(monkeypatch):
   for D in (64, 128):
     for T in (64, 333, 8192):
       assert gpu_mosaic.smem_bytes(gpu_mosaic.DEFAULT_CONFIG, D, jnp.bfloat16, T) <= 232448
-      for fused_dq in (None, *gpu_mosaic.FUSED_DQ):  # the default launch of each variant
-        bwd = gpu_mosaic.BwdConfig(fused_dq=fused_dq)
-        assert max(mb.smem_bytes(bwd, D, jnp.bfloat16, T).values()) <= 232448
+      assert max(mb.smem_bytes(mb.DEFAULT_BWD_CONFIG, D, jnp.bfloat16, T).values()) <= 232448
   monkeypatch.setattr(dispatch, "platform_of", lambda x: "gpu")
   monkeypatch.setattr(dispatch, "is_hopper", lambda: True)
   q, k, v, _ = random_inputs(Case(Tq=300, H=4, G=2, D=128), jnp.bfloat16)
@@ -204,8 +177,7 @@ def test_smem_default_configs_fit_and_dispatch_names_the_refusal(monkeypatch):
 def test_smem_count_matches_mosaic_lowering(monkeypatch):
   """The count equals what Mosaic's own lowering counts (it reports the bytes when they exceed
   its bound; the bound is lowered to 1000 here so every kernel reports), for the forward and
-  both backward kernels of a non-default config and the fused kernel of each variant (no
-  SMEM-fit refusal on our side)."""
+  both backward kernels of a non-default config (no SMEM-fit refusal on our side)."""
   from jax.experimental.mosaic.gpu import core as mosaic_core
   mb = gpu_mosaic.gpu_mosaic_backward
   monkeypatch.setattr(mosaic_core, "_SMEM_SIZE_BOUND", 1000)
@@ -219,27 +191,6 @@ def test_smem_count_matches_mosaic_lowering(monkeypatch):
   for part in ("dq", "dkv"):
     calls[part] = (functools.partial(gpu_mosaic.attention_stats_bwd, config=cfg, parts=(part,)),
                    ("q", "kv", "kv", "row", "row", "q", "row", "row"))
-  for fused_dq in gpu_mosaic.FUSED_DQ:  # the one fused kernel of each variant
-    fcfg = dataclasses.replace(cfg, bwd=dataclasses.replace(cfg.bwd, fused_dq=fused_dq,
-                                                            dkv_block_q=64))
-    want[fused_dq] = mb.smem_bytes(fcfg.bwd, D, jnp.bfloat16, T)["fused"]
-    calls[fused_dq] = (functools.partial(gpu_mosaic.attention_stats_bwd, config=fcfg),
-                       ("q", "kv", "kv", "row", "row", "q", "row", "row"))
   for name, (fn, spec) in calls.items():
     with pytest.raises(Exception, match=rf"smem_bytes={want[name]} > max_smem_bytes=1000"):
       export_for_h100(fn, shape, *spec)
-
-
-def test_fused_over_budget_is_refused_before_compile():
-  """A fused config past Hopper's SMEM (3 slots of 128-row Q / dO blocks at D=128) is refused
-  in one line naming its fused kernel's bytes and a config that fits."""
-  mb = gpu_mosaic.gpu_mosaic_backward
-  bwd = gpu_mosaic.BwdConfig(interpret=False, fused_dq="tile", dkv_block_q=128, stages=3)
-  need = mb.smem_bytes(bwd, 128, jnp.bfloat16, 512)["fused"]
-  fit = mb.fitting_config(bwd, 128, jnp.bfloat16, 512)
-  assert need > 232448 and fit.fused_dq == "tile"
-  assert mb.smem_bytes(fit, 128, jnp.bfloat16, 512)["fused"] <= 232448
-  f = functools.partial(gpu_mosaic.attention_stats_bwd,
-                        config=gpu_mosaic.MosaicConfig(backward="mosaic", bwd=bwd))
-  with pytest.raises(ValueError, match=rf"needs {need} bytes of shared memory in its fused kernel"):
-    export_for_h100(f, (1, 512, 8, 2, 128), "q", "kv", "kv", "row", "row", "q", "row", "row")

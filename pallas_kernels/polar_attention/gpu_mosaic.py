@@ -7,11 +7,10 @@ for the training / evaluation scope: q_offset = 0 (Tq == Tk), bf16 / f16 inputs,
 {64, 128}, causal, window None or int. Anything else raises ValueError (`unsupported_reason` says
 why). `attention_stats_bwd` (it takes lse, not how the forward ran) runs the Mosaic-GPU backward
 of `gpu_mosaic_backward` by default (`MosaicConfig.backward="mosaic"`, same scope as this
-forward; `MosaicConfig.bwd` holds its launch config, whose `fused_dq` picks the opt-in one-pass
-variant) or, with `backward="triton"`, the Triton backward. Measured on an H200 in one call
-(bench/results/polar_mosaic_bwd_h200.json; bf16, 8/2 heads, D 128, causal), fwd+bwd with the
-Mosaic vs the Triton backward vs cuDNN: (16, 2K) 1.80 / 2.20 / 2.00 ms, (4, 8K) 4.65 / 5.95 /
-3.95 ms; (1, 32K) was not reached by that call.
+forward; `MosaicConfig.bwd` holds its launch config) or, with `backward="triton"`, the Triton
+backward. Measured on an H200 in one call (bench/results/polar_mosaic_bwd_h200.json; bf16, 8/2
+heads, D 128, causal), fwd+bwd with the Mosaic vs the Triton backward vs cuDNN: (16, 2K)
+1.80 / 2.20 / 2.00 ms, (4, 8K) 4.65 / 5.95 / 3.95 ms; (1, 32K) was not reached by that call.
 A config passed to neither function means `DEFAULT_CONFIG`, read at call time, so assigning
 `gpu_mosaic.DEFAULT_CONFIG = dataclasses.replace(DEFAULT_CONFIG, backward="triton")` switches
 every call the api dispatches here. This module has the backend contract of `gpu_triton`.
@@ -64,16 +63,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.polar_attention import bands, reference
 from pallas_kernels.polar_attention import gpu_backward, gpu_mosaic_backward
-from pallas_kernels.polar_attention.gpu_mosaic_backward import FUSED_DQ, BwdConfig
+from pallas_kernels.polar_attention.gpu_mosaic_backward import BwdConfig
 from pallas_kernels.polar_attention import gpu_mosaic_common
 from pallas_kernels.polar_attention.gpu_mosaic_common import (
     COMPUTE_WGS, SMEM_LIMIT, config_repr, interpret_params, kv_block_issue, launch, operand,
     overlapped, producer_warpgroup, three_phases, tiled_smem, visible_tile, wgmmas)
 from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, _pad_axis1
 
-__all__ = ["BACKWARDS", "BwdConfig", "FUSED_DQ", "MosaicConfig", "DEFAULT_CONFIG",
-           "attention_stats_bwd", "attention_stats_fwd", "smem_bytes", "smem_refusal",
-           "unsupported_reason"]
+__all__ = ["BACKWARDS", "BwdConfig", "MosaicConfig", "DEFAULT_CONFIG", "attention_stats_bwd",
+           "attention_stats_fwd", "smem_bytes", "smem_refusal", "unsupported_reason"]
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 BACKWARDS = ("triton", "mosaic")  # what attention_stats_bwd runs (MosaicConfig.backward)

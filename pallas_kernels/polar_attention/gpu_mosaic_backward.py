@@ -8,11 +8,10 @@ with pi = exp(a - lse) and ds = pi (dp - delta') + cq pi^2 (delta', cq from the 
 prologue), dq = scale (ds K), dk = sum over the GQA group of (scale ds)^T Q, dv = the same sum of
 pi^T dO, dscale = rowsum(q * (ds K)). Logits are recomputed in base 2 (scale * log2 e folded in).
 
-Two kernels (or one, fused), each with three warpgroups: two consumers of 64 rows (one wgmma M
-tile) and one TMA producer that streams the band through a ring of `stages` SMEM slots
-("loaded" barriers per slot; one "used" barrier per slot that both consumers arrive on; both
-consumers walk the whole tile band, so blocks outside one consumer's own band are masked to
-zero).
+Two kernels, each with three warpgroups: two consumers of 64 rows (one wgmma M tile) and one
+TMA producer that streams the band through a ring of `stages` SMEM slots ("loaded" barriers per
+slot; one "used" barrier per slot that both consumers arrive on; both consumers walk the whole
+tile band, so blocks outside one consumer's own band are masked to zero).
   dQ    one program per (query head, query tile of 128 rows, batch), heaviest tiles first; the
         producer streams the K / V blocks of the tile's key band. Per block: S = Q K^T,
         dP = dO V^T (both wgmma), ds in registers, acc += ds K. Epilogue: dq = scale acc,
@@ -22,19 +21,6 @@ zero).
         tile's query band and the per-row vectors (scale, lse, delta', cq packed as [4, bq]).
         Per block: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += (scale dS)^T Q; dK / dV are
         summed over the GQA group in registers and leave once, in the input dtype.
-  fused (`BwdConfig(fused_dq="wg" | "tile")`, opt-in) the dK/dV kernel alone, 5 wgmmas per
-        block pair instead of 7: each step also stores dS (unscaled) in SMEM and issues a dQ
-        part = dS^T K (transposed SMEM lhs), which it TMA-reduce-adds in f32 into a zeroed
-        [B, T, H, D] buffer (a `jax.new_ref` the kernel writes, one per call); an XLA epilogue
-        gives dq = scale acc and dscale = rowsum(q acc). "wg": each consumer adds the part of
-        its own 64 keys (issued with its dK wgmma), so a query block gets two reduce-adds per
-        key tile. "tile": both consumers' dS of a step meet in SMEM (double-buffered by step
-        parity, a "ds ready" barrier both arrive on) and the consumers take turns (step
-        parity) computing the part over the tile's 128 keys: one reduce-add per key tile, as
-        FA3. In interpret mode (its copy_smem_to_gmem raises NotImplementedError for
-        reduction_op, jax 0.11.2 jax/_src/pallas/mosaic_gpu/interpret/gpu_callbacks.py:1619)
-        each key tile ("tile") or (key tile, consumer) ("wg") stores its parts into a buffer
-        of its own, summed after.
 P / dS feed the second wgmma from registers (through SMEM in interpret mode, which only models
 SMEM operands, or with `ds_via_smem=True`). Lengths are padded to a multiple of 128 (padded keys
 lie after every real row, so causality masks them; padded rows get lse = +1e30, so pi = 0).
@@ -43,9 +29,11 @@ Mosaic compiles (`smem_refusal`; `smem_bytes` counts both kernels, `fitting_conf
 that fits).
 
 Not (yet) FA3-complete: no ping-pong schedule between the consumers, no intra-warpgroup overlap
-of the softmax with the next block's wgmma, the default runs dQ and dK/dV as separate passes
-that each recompute the logits (the fused pass is opt-in until the GPU timing says otherwise),
-and the ring holds whole blocks (no separate K and V stages in dK/dV).
+of the softmax with the next block's wgmma, dQ and dK/dV are separate passes that each recompute
+the logits, and the ring holds whole blocks (no separate K and V stages in dK/dV). A one-pass
+variant (the dK/dV kernel also TMA-reduce-adding each dQ part in f32, as FA3) was slower than
+these two kernels at every shape timed on an H200 and was removed
+(bench/results/polar_mosaic_bwd_fused_h200.json).
 
 Dimension glossary
   B batch   T rows (Tq == Tk)   H query heads   G KV heads   R = H // G   D head dim
@@ -73,7 +61,6 @@ from pallas_kernels.polar_attention.gpu_tiles import LOG2E, NEG, PAD_LSE, _pad_a
 _ROWS = 64  # rows per consumer warpgroup (one wgmma M tile): query rows in dQ, keys in dK/dV
 # Per-row vectors, packed [B, H, 4, T] so one TMA brings all four for a block.
 _SCALE, _LSE2, _DELTA, _CQ = range(4)
-FUSED_DQ = ("wg", "tile")  # BwdConfig.fused_dq: how the one-pass backward adds dQ (see there)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +70,6 @@ class BwdConfig:
   dkv_block_q: int = 64   # query rows per Q / dO ring slot in the dK/dV kernel
   stages: int = 2
   ds_via_smem: bool = False  # P / dS through SMEM for their wgmma (forced on in interpret mode)
-  # None: two kernels. One of FUSED_DQ: one pass (the dK/dV kernel) that also TMA-reduce-adds dQ
-  # into an f32 buffer (dq_block_k unused); "wg": each consumer adds the part of its 64 keys,
-  # "tile": the consumers take turns adding the part of the tile's 128 keys (half the traffic).
-  fused_dq: str | None = None
   # None: interpret when the default backend is not a GPU; or explicit InterpretGPUParams.
   interpret: bool | plgpu.InterpretGPUParams | None = None
 
@@ -96,8 +79,6 @@ class BwdConfig:
         raise ValueError(f"{name}={getattr(self, name)} must be 64 or 128")
     if self.stages < 1:
       raise ValueError(f"stages={self.stages} must be >= 1")
-    if self.fused_dq not in (None, *FUSED_DQ):
-      raise ValueError(f"fused_dq={self.fused_dq!r} must be None or one of {FUSED_DQ}")
 
 
 DEFAULT_BWD_CONFIG = BwdConfig()
@@ -178,19 +159,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dq_ref, dsc_ref, scoped, *
 
 # ----------------------------------------------------------------------------- dK / dV
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, *refs, bq, D, R, nq, stages, window,
-                via_smem, fused_dq, dq_partials):
-  """dK/dV of one key tile; with `fused_dq` also each step's dQ part, dS K [bq, D] f32 (of this
-  warpgroup's 64 keys with "wg"; of the tile's 128 keys, from the warpgroup whose turn it is,
-  with "tile"), TMA-reduce-added into `dq_ref` [P, B, T, H, D] at P index 0 (or, with
-  `dq_partials`, stored at a P index no other program uses: interpret mode has no TMA add)."""
-  dq_ref, dk_ref, dv_ref, scoped = refs if fused_dq else (None, *refs)
-  (k_all, v_smem2, q_smem, do_smem, rows_smem, ds_smem2, dsu_smem, dq_smem2), bars = scoped
-  kv_bars, q_bars, do_bars, rows_bars, used, ds_ready = bars
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, dk_ref, dv_ref, scoped, *, bq, D, R, nq,
+                stages, window, via_smem):
+  (k_all, v_smem2, q_smem, do_smem, rows_smem, ds_smem2), bars = scoped
+  kv_bars, q_bars, do_bars, rows_bars, used = bars
   bk = _ROWS
   b, g, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-  kv_tile = lax.axis_index("kv_seq")
-  k0 = kv_tile * (2 * bk)  # early key tiles (most query rows) first
+  k0 = lax.axis_index("kv_seq") * (2 * bk)  # early key tiles (most query rows) first
   q_lo, _, _, q_hi = bands.query_band(k0, k0 + 2 * bk - 1, bq=bq, nq=nq, q_offset=0,
                                       tk_block_ok=True, window=window)
   n_q = q_hi - q_lo  # query blocks per head; steps walk (head r, block q_lo + j), r outer
@@ -207,8 +182,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, *refs, bq, D, R, nq, stag
     plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, kv_bars.at[2 * wg + 1])
     plgpu.barrier_wait(kv_bars.at[2 * wg + 0])
     plgpu.barrier_wait(kv_bars.at[2 * wg + 1])
-    if fused_dq == "tile":  # the dQ part reads the other consumer's K block too
-      plgpu.barrier_wait(kv_bars.at[2 * (COMPUTE_WGS - 1 - wg)])
     shape = (bk, bq)
 
     def step(j, carry, masked, r):
@@ -231,30 +204,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, *refs, bq, D, R, nq, stag
       delta_q = _row(rows_smem.at[slot, _DELTA], 0)
       cq_q = _row(rows_smem.at[slot, _CQ], 0)
       ds_kq = p_kq * (dp_kq - _bcast(delta_q, shape, 1) + _bcast(cq_q, shape, 1) * p_kq)
-      ops, turn = [], lax.rem(r * n_q + j, COMPUTE_WGS)
-      if fused_dq:  # dQ part = dS K: dS (unscaled) from SMEM as the transposed wgmma lhs
-        # "tile": dsu_smem [2 (turn), 128 keys, bq], this consumer's 64 keys at turn `turn`
-        dsu = dsu_smem.at[wg] if fused_dq == "wg" else dsu_smem.at[turn, pl.ds(wg * bk, bk)]
-        dsu[...] = ds_kq.astype(q_ref.dtype)
-        plgpu.commit_smem()
-        if fused_dq == "wg":
-          ops = [(None, dsu_smem.at[wg].T, k_smem, (bq, D))]
-        else:
-          plgpu.barrier_arrive(ds_ready.at[turn])
       ds_kq = ds_kq * _bcast(scale_q, shape, 1)
       ds16 = operand(ds_kq.astype(q_ref.dtype), ds_smem, via_smem)
-      dk_kd, *dq_qd = wgmmas((dk_kd, ds16, q_smem.at[slot], (bk, D)), *ops, fresh=via_smem)
+      dk_kd, = wgmmas((dk_kd, ds16, q_smem.at[slot], (bk, D)), fresh=via_smem)
       plgpu.barrier_arrive(used.at[slot])
-      dq_out = functools.partial(_dq_part_out, dq_ref=dq_ref, b=b, h=g * R + r,
-                                 row0=(q_lo + j) * bq, reduce=not dq_partials)
-      if fused_dq == "wg":
-        dq_out(dq_qd[0], dq_smem2.at[wg], part=kv_tile * COMPUTE_WGS + wg if dq_partials else 0)
-      elif fused_dq == "tile":
-        @pl.when(wg == turn)  # both halves of dS in SMEM: dQ part over the tile's 128 keys
-        def _():
-          plgpu.barrier_wait(ds_ready.at[turn])
-          dq_qd, = wgmmas((None, dsu_smem.at[turn].T, k_all, (bq, D)), fresh=True)
-          dq_out(dq_qd, dq_smem2.at[wg], part=kv_tile if dq_partials else 0)
       return dk_kd, dv_kd
 
     u_lo, u_hi = bands.unmasked_steps(
@@ -266,9 +219,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, *refs, bq, D, R, nq, stag
       return three_phases(functools.partial(step, r=r), u_lo, u_hi, n_q, carry)
 
     dk_kd, dv_kd = lax.fori_loop(0, R, head, (zeros, zeros))
-    if fused_dq == "tile":  # the other consumer's last dQ part may still read this K half
-      plgpu.barrier_arrive(ds_ready.at[COMPUTE_WGS])
-      plgpu.barrier_wait(ds_ready.at[COMPUTE_WGS])
     k_smem[...] = dk_kd.astype(k_smem.dtype)
     v_smem[...] = dv_kd.astype(v_smem.dtype)
     plgpu.commit_smem()
@@ -284,17 +234,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, *refs, bq, D, R, nq, stag
     plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bars.at[slot])
 
   producer_warpgroup(wg, n_steps, stages, lambda: issue, used)
-
-
-def _dq_part_out(dq_qd, dq_smem, *, dq_ref, b, h, row0, part, reduce):
-  """dq_ref[part, b, row0 : row0 + bq, h] += dq_qd (`reduce`: TMA reduce-add) or = dq_qd (a
-  plain store, for a `part` no other step writes), through `dq_smem` once the previous step's
-  copy has read it."""
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  dq_smem[...] = dq_qd
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[part, b, pl.ds(row0, dq_qd.shape[0]), h],
-                          reduction_op="add" if reduce else None)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -322,14 +261,6 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
   args = (q, k, v, do, rows_BH4T)
 
   dq = dk = dv = dsc = None
-  if config.fused_dq:
-    if tuple(parts) != ("dq", "dkv"):
-      raise ValueError(f"parts={parts!r}: the fused backward (fused_dq={config.fused_dq!r}) is "
-                       "one kernel; time parts with fused_dq=None")
-    dq_parts, dk, dv = _bwd_dkv(args, G, bq_kv, stages, via_smem, window, H // G, params,
-                                fused_dq=config.fused_dq)
-    dq, dsc = _dq_epilogue(dq_parts.sum(axis=0)[:, :T], q_BTHD, scale_BTH)
-    return dq, dk[:, :T], dv[:, :T], dsc
   if "dq" in parts:
     dq, dsc = _bwd_dq(args, bk_q, stages, via_smem, window, H // G, params)
     dq, dsc = dq[:, :T], jnp.swapaxes(dsc, 1, 2)[:, :T]
@@ -337,13 +268,6 @@ def attention_stats_bwd(q_BTHD, k_BTGD, v_BTGD, scale_BTH, lse_BTH, do_BTHD, del
     dk, dv = _bwd_dkv(args, G, bq_kv, stages, via_smem, window, H // G, params)
     dk, dv = dk[:, :T], dv[:, :T]
   return dq, dk, dv, dsc
-
-
-def _dq_epilogue(acc_BTHD, q_BTHD, scale_BTH):
-  """acc = dS K (f32) -> (dq = scale acc in q's dtype, dscale = rowsum(q acc) f32), as the dQ
-  kernel's epilogue computes them."""
-  dq = (acc_BTHD * scale_BTH.astype(jnp.float32)[..., None]).astype(q_BTHD.dtype)
-  return dq, (acc_BTHD * q_BTHD.astype(jnp.float32)).sum(axis=-1)
 
 
 def _dq_scratch(D, dtype, bk_q, stages_q, via_smem):
@@ -359,24 +283,17 @@ def _dq_scratch(D, dtype, bk_q, stages_q, via_smem):
   return smem, bars
 
 
-def _dkv_scratch(D, dtype, bq_kv, stages_kv, via_smem, fused_dq=None):
-  """The dK/dV kernel's scoped (SMEM buffers, barriers); with `fused_dq` also the unscaled dS
-  for dQ (per consumer with "wg", per turn over both consumers' keys with "tile"), the f32 dQ
-  part of each consumer and ("tile") the dS-ready barriers of the two turns and a final one."""
-  dsu_shape = (COMPUTE_WGS, _ROWS * (COMPUTE_WGS if fused_dq == "tile" else 1), bq_kv)
+def _dkv_scratch(D, dtype, bq_kv, stages_kv, via_smem):
+  """The dK/dV kernel's scoped (SMEM buffers, barriers)."""
   smem = (tiled_smem((COMPUTE_WGS * _ROWS, D), dtype),  # K, both consumers' blocks
           tiled_smem((COMPUTE_WGS, _ROWS, D), dtype),
           tiled_smem((stages_kv, bq_kv, D), dtype), tiled_smem((stages_kv, bq_kv, D), dtype),
           plgpu.SMEM((stages_kv, 4, bq_kv), jnp.float32),
-          tiled_smem((COMPUTE_WGS, _ROWS, bq_kv), dtype) if via_smem else None,
-          tiled_smem(dsu_shape, dtype) if fused_dq else None,
-          plgpu.SMEM((COMPUTE_WGS, bq_kv, D), jnp.float32) if fused_dq else None)
+          tiled_smem((COMPUTE_WGS, _ROWS, bq_kv), dtype) if via_smem else None)
   bars = (plgpu.Barrier(num_barriers=2 * COMPUTE_WGS),
           plgpu.Barrier(num_barriers=stages_kv), plgpu.Barrier(num_barriers=stages_kv),
           plgpu.Barrier(num_barriers=stages_kv),
-          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages_kv),
-          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=COMPUTE_WGS + 1)
-          if fused_dq == "tile" else None)
+          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages_kv))
   return smem, bars
 
 
@@ -386,8 +303,7 @@ def _padded(T):
 
 def smem_bytes(config: BwdConfig, D: int, dtype, T: int) -> dict[str, int]:
   """SMEM bytes each compiled kernel asks for at head dim D, input `dtype` and T rows:
-  {"dq": ..., "dkv": ...}, or {"fused": ...} with `fused_dq` (one kernel, no in-kernel
-  reduction), by `gpu_mosaic_common.smem_bytes` over the buffers the launch
+  {"dq": ..., "dkv": ...}, by `gpu_mosaic_common.smem_bytes` over the buffers the launch
   allocates (ring stages clipped to the padded length, as the launch does; the dQ kernel
   reduces, for dscale, the dK/dV kernel does not). Mosaic counted 267384 bytes for
   BwdConfig(dq_block_k=128, stages=3)'s dQ kernel and 233568 for
@@ -396,9 +312,6 @@ def smem_bytes(config: BwdConfig, D: int, dtype, T: int) -> dict[str, int]:
   t_pad = _padded(T)
   bk_q, bq_kv, stages = config.dq_block_k, config.dkv_block_q, config.stages
   count = gpu_mosaic_common.smem_bytes
-  if config.fused_dq:
-    return {"fused": count(*_dkv_scratch(D, dtype, bq_kv, min(stages, t_pad // bq_kv),
-                                         config.ds_via_smem, config.fused_dq), reduces=False)}
   return {"dq": count(*_dq_scratch(D, dtype, bk_q, min(stages, t_pad // bk_q),
                                    config.ds_via_smem), reduces=True),
           "dkv": count(*_dkv_scratch(D, dtype, bq_kv, min(stages, t_pad // bq_kv),
@@ -456,29 +369,16 @@ def _bwd_dq(args, bk_q, stages, via_smem, window, R, params):
       (H, t_pad // (2 * _ROWS), B), ("heads", "q_seq", "batch"), params)
 
 
-def _bwd_dkv(args, G, bq_kv, stages, via_smem, window, R, params, fused_dq=None):
-  """dK/dV kernel on padded inputs: grid (G, key tiles, B); sums over the GQA group -> (dk, dv),
-  or with `fused_dq` (dq_parts [P, B, T, H, D] f32 to sum over P, dk, dv): P = 1 compiled (every
-  step TMA-reduce-adds its dQ part into one zeroed buffer); in interpret mode (no TMA reduction
-  there) one part per key tile ("tile") or per (key tile, consumer) ("wg")."""
+def _bwd_dkv(args, G, bq_kv, stages, via_smem, window, R, params):
+  """dK/dV kernel on padded inputs: grid (G, key tiles, B); sums over the GQA group."""
   B, t_pad, H, D = args[0].shape
   dtype = args[0].dtype
   stages_kv = min(stages, t_pad // bq_kv)
-  n_kv_tiles = t_pad // (2 * _ROWS)
-  smem, bars = _dkv_scratch(D, dtype, bq_kv, stages_kv, via_smem, fused_dq)
-  dq_partials = fused_dq is not None and params is not None
+  smem, bars = _dkv_scratch(D, dtype, bq_kv, stages_kv, via_smem)
   body = functools.partial(_dkv_kernel, bq=bq_kv, D=D, R=R, nq=t_pad // bq_kv,
-                           stages=stages_kv, window=window, via_smem=via_smem,
-                           fused_dq=fused_dq, dq_partials=dq_partials)
-  dq_parts = None
-  if fused_dq:  # a zeroed Ref the kernel adds into (jax aliases it to an output)
-    n_parts = 1 if not dq_partials else n_kv_tiles * (COMPUTE_WGS if fused_dq == "wg" else 1)
-    dq_parts = jax.new_ref(jnp.zeros((n_parts, B, t_pad, H, D), jnp.float32))
-    args = (*args, dq_parts)
-  dk, dv = launch(
-      body, "polar_attention_bwd_fused_mosaic" if fused_dq else "polar_attention_bwd_dkv_mosaic",
-      smem, bars, args,
+                           stages=stages_kv, window=window, via_smem=via_smem)
+  return launch(
+      body, "polar_attention_bwd_dkv_mosaic", smem, bars, args,
       (jax.ShapeDtypeStruct((B, t_pad, G, D), dtype),
        jax.ShapeDtypeStruct((B, t_pad, G, D), dtype)),
-      (G, n_kv_tiles, B), ("heads", "kv_seq", "batch"), params)
-  return (dq_parts[...], dk, dv) if fused_dq else (dk, dv)
+      (G, t_pad // (2 * _ROWS), B), ("heads", "kv_seq", "batch"), params)
