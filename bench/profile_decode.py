@@ -79,9 +79,9 @@ VARIANTS = {
     "off": ["--xla_gpu_enable_command_buffer="],
     "while": [f"--xla_gpu_enable_command_buffer={CB_ALL}", "--xla_gpu_graph_min_graph_size=1"],
     # single-row matmuls left as one row (atma_jax.model.layers.MIN_GEMM_ROWS; default 2)
-    "gemv_1row": ["atma:min_gemm_rows=1"],
+    "gemv_1row": ["layers.MIN_GEMM_ROWS=1"],
 }
-MODEL_PATCH = "atma:min_gemm_rows="  # a variant token that is not an XLA flag
+MODEL_PATCH = "layers.MIN_GEMM_ROWS="  # not an XLA flag: bench/generate.py's --variant token
 SMOKE_VARIANTS = {"unknown_flag": ["--xla_atma_no_such_flag=1"]}  # must fail, and be recorded
 CB_FLAG_PREFIXES = ("--xla_gpu_enable_command_buffer", "--xla_gpu_graph_min_graph_size")
 TOP = 40

@@ -434,7 +434,8 @@ def main():
   if args.parse is None:
     args.trace_dir = os.path.join(args.trace_dir, time.strftime("%Y%m%d_%H%M%S"))
     from atma_jax import compile_cache
-    compile_cache.configure(args.compile_cache, "--compile-cache")
+    compile_cache.configure(args.compile_cache, "--compile-cache",
+                            log=lambda line: print(line, flush=True))
     try:
       res, hlo = profile_step(args)
     except Exception as e:  # noqa: BLE001 - still write what is known

@@ -510,7 +510,8 @@ def main():
   ap.add_argument("--budget-s", type=float, default=330.0,
                   help="start no new run after this many seconds (each compiles ~100 s on GPU)")
   args = ap.parse_args()
-  compile_cache.configure(args.compile_cache, "--compile-cache")
+  compile_cache.configure(args.compile_cache, "--compile-cache",
+                          log=lambda line: print(line, flush=True))
   if args.smoke:
     args.preset, args.seq_len, args.micro, args.n_micro = "tiny", 64, "2", 2
     args.impls, args.peak_n, args.reps = "auto", 256, 2
