@@ -400,8 +400,9 @@ def main(argv=None) -> int:
   ap.add_argument("--variant", action="append", default=[], help="decode rows again under "
                   "NAME=model.key=value[,...] (repeatable; rows named ROW[NAME]), e.g. "
                   "step_xla=model.mem_step_impl=xla, attn_kernel=model.decode_attn_kernel=true; "
-                  "NAME= is the base config. Given, the decode rows run once per variant, each "
-                  "from the base config's prefill (so a variant may change only "
+                  "NAME= names the base config. The base config's decode rows always run (first, "
+                  "unnamed unless NAME= names them), then once per variant, each from the base "
+                  "config's prefill (so a variant may change only "
                   f"{', '.join(DECODE_FIELDS)})")
   ap.add_argument("--rows", default=None, help="only these rows (comma-separated names, e.g. "
                   "decode_b512_512,decode_b1_2k; default all)")
@@ -413,7 +414,11 @@ def main(argv=None) -> int:
   ap.add_argument("--skip-ref", action="store_true")
   args = ap.parse_args(argv)
   shapes = SMOKE if args.smoke else FULL
-  variants = [parse_variant(v) for v in args.variant] or [(None, [])]
+  variants = [parse_variant(v) for v in args.variant]
+  if not any(not tokens for _, tokens in variants):
+    # the base rows always run, first: a variant row is read as a ratio against them (a call
+    # that timed only the variants could not say what they changed)
+    variants.insert(0, (None, []))
   for name, tokens in variants:  # before any compute: a bad variant is a one-line error
     if name is not None:
       check_variant(name, model_config(args.smoke, args.impl),
@@ -481,8 +486,8 @@ def main(argv=None) -> int:
                                          steps=steps)
       return gens[chunk, variant]
 
-    if variants[0][0] is not None:
-      ours["variants"] = {name: overrides for name, overrides in variants}
+    if args.variant:
+      ours["variants"] = {name: overrides for name, overrides in variants if name is not None}
     for variant, tokens in variants:
       gemm_rows = split_variant(tokens)[1]
       for name, batch, context in shapes["decode"]:

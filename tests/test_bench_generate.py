@@ -60,3 +60,22 @@ def test_gemm_rows_variant_decodes_under_its_constant_with_its_own_loop(monkeypa
                                                        seen["decode_b1_2k[gemv]"])
   assert (base_rows, gemv_rows, layers.MIN_GEMM_ROWS) == (default, 1, default)
   assert hash(base_steps) != hash(gemv_steps) and base_steps != gemv_steps
+
+
+def test_variants_always_run_beside_the_base_rows(monkeypatch):
+  """Only variants named: the base config's rows run too, first (a variant is read against
+  them); a NAME= variant names the base rows instead of adding a second copy."""
+  monkeypatch.setattr(bg, "decode_row", lambda gen, cfg, key, *a, **kw: {
+      "name": key, "tok_per_s": 1.0, "ms_per_step": 1.0, "cache_bytes_per_sequence": 1})
+  monkeypatch.setattr(bg, "measure_copy_bandwidth", lambda smoke: 1.0)
+  monkeypatch.setattr(bg, "measure_matmul_flops", lambda smoke: 1.0)
+  rows = {}
+  monkeypatch.setattr(bg.json, "dumps", lambda obj, **kw: rows.update(
+      obj.get("ours", {}).get("rows", {})) or "{}")
+  bg.main(["--smoke", "--skip-ref", "--rows", "decode_b1_2k", "--variant",
+           "fused=model.mem_step_impl=xla"])
+  assert list(rows) == ["decode_b1_2k", "decode_b1_2k[fused]"]
+  rows.clear()
+  bg.main(["--smoke", "--skip-ref", "--rows", "decode_b1_2k", "--variant", "base=",
+           "--variant", "fused=model.mem_step_impl=xla"])
+  assert list(rows) == ["decode_b1_2k[base]", "decode_b1_2k[fused]"]
