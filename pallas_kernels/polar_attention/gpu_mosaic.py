@@ -250,6 +250,21 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
     def p_operand(p16):
       return operand(p16, p_smem2.at[wg] if p_via_smem else None, p_via_smem)
 
+    def pv_block(carry, slot):
+      """O += P V of the block in `slot` (the loop step's, or intra_overlap's epilogue): waits
+      for V (with pingpong, on this consumer's turn: P V waits until the other consumer has
+      issued its S wgmma, so the two alternate on the tensor cores), then frees the slot."""
+      m_q, l_q, q2_q, acc_qd, p16 = carry
+      if pingpong:
+        m_q, l_q, q2_q, acc_qd, p16 = my_turn(carry, v_bars.at[slot])
+      else:
+        plgpu.barrier_wait(v_bars.at[slot])
+      # in place on the running accumulator; P V into a fresh one with P in SMEM (interpret
+      # mode models no run_state)
+      acc_qd, = wgmmas((acc_qd, p_operand(p16), v_smem.at[slot], (bq, D)), fresh=p_via_smem)
+      plgpu.barrier_arrive(v_used.at[slot])
+      return m_q, l_q, q2_q, acc_qd
+
     def step(i, carry, masked):
       m_q, l_q, q2_q, acc_qd = carry
       slot = lax.rem(i, stages)
@@ -260,18 +275,7 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
       plgpu.barrier_arrive(k_used.at[slot])
       m_new, alpha, l_q, q2_q, p_qk = online_softmax(s_qk, m_q, l_q, q2_q, i, masked)
       acc_qd = acc_qd * lax.broadcast_in_dim(alpha, (bq, D), [0])
-      p16 = p_qk.astype(q_ref.dtype)
-      if pingpong:
-        # P V waits until the other consumer has issued its S wgmma, so the two alternate on
-        # the tensor cores
-        m_new, l_q, q2_q, acc_qd, p16 = my_turn((m_new, l_q, q2_q, acc_qd, p16), v_bars.at[slot])
-      else:
-        plgpu.barrier_wait(v_bars.at[slot])
-      # in place on the running accumulator; P V into a fresh one with P in SMEM (interpret
-      # mode models no run_state)
-      acc_qd, = wgmmas((acc_qd, p_operand(p16), v_smem.at[slot], (bq, D)), fresh=p_via_smem)
-      plgpu.barrier_arrive(v_used.at[slot])
-      return m_new, l_q, q2_q, acc_qd
+      return pv_block((m_new, l_q, q2_q, acc_qd, p_qk.astype(q_ref.dtype)), slot)
 
     def overlapped_step(i, carry, masked):
       """intra_overlap, i in [1, n_steps): S_i = Q K_i^T and O += P_{i-1} V_{i-1} issued
@@ -330,13 +334,8 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, o_ref, lse_ref, p2_ref, scoped, *, bk, D
                                      functools.partial(first, False))
       m_q, l_q, q2_q, acc_qd, p16 = three_phases(overlapped_step, u_lo, u_hi, n_steps,
                                                  (m_q, l_q, q2_q, acc_qd, p16), start=1)
-      last = lax.rem(n_steps - 1, stages)
-      if pingpong:
-        m_q, l_q, q2_q, acc_qd, p16 = my_turn((m_q, l_q, q2_q, acc_qd, p16), v_bars.at[last])
-      else:
-        plgpu.barrier_wait(v_bars.at[last])
-      acc_qd, = wgmmas((acc_qd, p_operand(p16), v_smem.at[last], (bq, D)), fresh=p_via_smem)
-      plgpu.barrier_arrive(v_used.at[last])
+      m_q, l_q, q2_q, acc_qd = pv_block((m_q, l_q, q2_q, acc_qd, p16),
+                                        lax.rem(n_steps - 1, stages))
     else:
       m_q, l_q, q2_q, acc_qd = three_phases(step, u_lo, u_hi, n_steps, carry)
     if pingpong:
